@@ -1,0 +1,1 @@
+"""The enrollment gRPC server: transport, domain services and persistence."""

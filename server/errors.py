@@ -1,0 +1,137 @@
+"""Domain errors: each names its gRPC status code and ErrorInfo reason, and knows nothing of gRPC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+@dataclass
+class EnrollmentError(Exception):
+    """Base of every error a caller is meant to see; code is a grpc.StatusCode name."""
+
+    message: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    violations: tuple[FieldViolation, ...] = ()
+
+    code = "INTERNAL"
+    reason = "INTERNAL"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidField(EnrollmentError):
+    code, reason = "INVALID_ARGUMENT", "INVALID_FIELD"
+
+    @classmethod
+    def of(cls, violations: list[FieldViolation]) -> InvalidField:
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        return cls(message, violations=tuple(violations))
+
+
+class UnknownCourseArgument(EnrollmentError):
+    """A course named in EnrollStudent/DropCourse that does not exist: the request is wrong."""
+
+    code, reason = "INVALID_ARGUMENT", "COURSE_NOT_FOUND"
+
+    @classmethod
+    def of(cls, course_id: int) -> UnknownCourseArgument:
+        return cls(
+            f"course {course_id} does not exist",
+            metadata={"course_id": str(course_id)},
+            violations=(FieldViolation("course_id", f"course {course_id} does not exist"),),
+        )
+
+
+class StudentNotFound(EnrollmentError):
+    code, reason = "NOT_FOUND", "STUDENT_NOT_FOUND"
+
+    @classmethod
+    def of(cls, student_id: int) -> StudentNotFound:
+        return cls(f"student {student_id} does not exist", {"student_id": str(student_id)})
+
+
+class CourseNotFound(EnrollmentError):
+    code, reason = "NOT_FOUND", "COURSE_NOT_FOUND"
+
+    @classmethod
+    def of(cls, course_id: int) -> CourseNotFound:
+        return cls(f"course {course_id} does not exist", {"course_id": str(course_id)})
+
+
+def _pair(student_id: int, course_id: int) -> dict[str, str]:
+    return {"student_id": str(student_id), "course_id": str(course_id)}
+
+
+class AlreadyEnrolled(EnrollmentError):
+    code, reason = "ALREADY_EXISTS", "ALREADY_ENROLLED"
+
+    @classmethod
+    def of(cls, student_id: int, course_id: int) -> AlreadyEnrolled:
+        return cls(
+            f"student {student_id} is already enrolled in course {course_id}",
+            _pair(student_id, course_id),
+        )
+
+
+class CourseFull(EnrollmentError):
+    code, reason = "FAILED_PRECONDITION", "COURSE_FULL"
+
+    @classmethod
+    def of(cls, course_id: int, capacity: int) -> CourseFull:
+        return cls(
+            f"course {course_id} is full (capacity {capacity})",
+            {"course_id": str(course_id), "capacity": str(capacity)},
+        )
+
+
+class NotEnrolled(EnrollmentError):
+    code, reason = "NOT_FOUND", "NOT_ENROLLED"
+
+    @classmethod
+    def of(cls, student_id: int, course_id: int) -> NotEnrolled:
+        return cls(
+            f"student {student_id} is not enrolled in course {course_id}",
+            _pair(student_id, course_id),
+        )
+
+
+class EmailTaken(EnrollmentError):
+    code, reason = "ALREADY_EXISTS", "EMAIL_TAKEN"
+
+    @classmethod
+    def of(cls) -> EmailTaken:
+        return cls("a student with this email already exists")
+
+
+class CourseCodeTaken(EnrollmentError):
+    code, reason = "ALREADY_EXISTS", "COURSE_CODE_TAKEN"
+
+    @classmethod
+    def of(cls) -> CourseCodeTaken:
+        return cls("a course with this code already exists")
+
+
+class HasEnrollments(EnrollmentError):
+    code, reason = "FAILED_PRECONDITION", "HAS_ENROLLMENTS"
+
+    @classmethod
+    def of(cls, what: str, ident: int, count: int) -> HasEnrollments:
+        return cls(
+            f"{what} {ident} has {count} enrollment(s); drop them first or set force",
+            {f"{what}_id": str(ident), "enrollments": str(count)},
+        )
+
+
+class DatabaseUnavailable(EnrollmentError):
+    code, reason = "UNAVAILABLE", "DATABASE_UNAVAILABLE"
+
+    @classmethod
+    def of(cls) -> DatabaseUnavailable:
+        return cls("the database is unavailable; retry the call")

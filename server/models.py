@@ -1,0 +1,85 @@
+"""Peewee models; the schema itself is built only by the migrations in migrations/."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import peewee as pw
+
+# Bound at start-up by server.db.open_database(), never at import.
+database = pw.DatabaseProxy()
+
+# Email and code uniqueness ignores case on every database, so it is decided by a
+# unique index on a lower-cased key column computed here, not by a collation.
+KEY_LENGTH = 512
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC timestamp, as stored in every datetime column."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def casefold_key(value: str) -> str:
+    return value.lower()
+
+
+class IdField(pw.BigAutoField):
+    """64-bit id that is never handed out twice, also on SQLite (AUTOINCREMENT)."""
+
+    def ddl(self, ctx):
+        node = super().ddl(ctx)
+        db = self.model._meta.database
+        db = db.obj if isinstance(db, pw.DatabaseProxy) else db
+        if isinstance(db, pw.SqliteDatabase):
+            node = pw.NodeList((node, pw.SQL("AUTOINCREMENT")))
+        return node
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Student(BaseModel):
+    id = IdField()
+    name = pw.CharField(max_length=200)
+    email = pw.CharField(max_length=254)
+    email_key = pw.CharField(max_length=KEY_LENGTH, unique=True)
+    create_time = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "students"
+
+
+class Course(BaseModel):
+    id = IdField()
+    code = pw.CharField(max_length=32)
+    code_key = pw.CharField(max_length=KEY_LENGTH, unique=True)
+    title = pw.CharField(max_length=200)
+    capacity = pw.IntegerField(default=0, constraints=[pw.Check("capacity >= 0")])
+    enrolled_count = pw.IntegerField(default=0, constraints=[pw.Check("enrolled_count >= 0")])
+    create_time = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "courses"
+        constraints = [pw.SQL("CHECK (capacity = 0 OR enrolled_count <= capacity)")]
+
+
+class StudentCourse(BaseModel):
+    # The primary key covers lookups by student_id and the index below those by
+    # course_id, so the foreign keys need no indexes of their own.
+    student = pw.ForeignKeyField(
+        Student, column_name="student_id", on_delete="RESTRICT", index=False
+    )
+    course = pw.ForeignKeyField(Course, column_name="course_id", on_delete="RESTRICT", index=False)
+    enroll_time = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "student_courses"
+        primary_key = pw.CompositeKey("student", "course")
+        # The roster of a course, in student order: (course_id, student_id).
+        indexes = ((("course", "student"), False),)
+
+
+MODELS = (Student, Course, StudentCourse)

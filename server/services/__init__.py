@@ -1,0 +1,1 @@
+"""Domain rules and transactions; called by the servicer, calling the models, never gRPC."""

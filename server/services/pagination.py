@@ -1,0 +1,58 @@
+"""Opaque keyset page tokens (AIP-158), bound to the method and filter they were issued for."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import struct
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+_VERSION = 1
+_LAYOUT = struct.Struct(">BBqq")  # version, kind, filter id, last id returned
+
+
+class Kind(enum.IntEnum):
+    STUDENTS = 1
+    COURSES = 2
+
+
+class BadToken(ValueError):
+    """The token is not one this method issued for this filter."""
+
+
+def effective_page_size(requested: int) -> int:
+    if requested == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(requested, MAX_PAGE_SIZE)
+
+
+def encode(*, kind: Kind, filter_id: int, after_id: int) -> str:
+    raw = _LAYOUT.pack(_VERSION, kind, filter_id, after_id)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decode(token: str, *, kind: Kind, filter_id: int) -> int:
+    """The last id of the previous page; 0 for an empty token (the first page)."""
+    if not token:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        version, token_kind, token_filter, after_id = _LAYOUT.unpack(raw)
+    except (binascii.Error, ValueError, struct.error, UnicodeEncodeError):
+        raise BadToken("is not a page token issued by this method") from None
+    if version != _VERSION or token_kind != kind or after_id < 1 or token_filter < 0:
+        raise BadToken("is not a page token issued by this method")
+    if token_filter != filter_id:
+        raise BadToken("was issued for a different filter; start again without a page token")
+    return after_id
+
+
+def next_token(rows: list, page_size: int, *, kind: Kind, filter_id: int) -> tuple[list, str]:
+    """Trim a page fetched with page_size + 1 rows and say where the next one starts."""
+    if len(rows) <= page_size:
+        return rows, ""
+    rows = rows[:page_size]
+    return rows, encode(kind=kind, filter_id=filter_id, after_id=rows[-1].id)

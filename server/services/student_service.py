@@ -1,0 +1,91 @@
+"""Students: create, read, list (all or a course's roster), delete."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import peewee as pw
+
+from server.db import transactional
+from server.errors import CourseNotFound, EmailTaken, HasEnrollments, StudentNotFound
+from server.models import Course, Student, StudentCourse, casefold_key, utcnow
+from server.services import pagination
+from server.services.validation import Fields
+
+
+@dataclass(frozen=True)
+class StudentPage:
+    students: list[Student]
+    next_page_token: str
+
+
+@transactional(write=True)
+def create_student(*, name: str, email: str) -> Student:
+    fields = Fields()
+    name = fields.name("name", name)
+    email = fields.email("email", email)
+    fields.check()
+    try:
+        with Student._meta.database.atomic():  # savepoint: the transaction survives a duplicate
+            return Student.create(
+                name=name, email=email, email_key=casefold_key(email), create_time=utcnow()
+            )
+    except pw.IntegrityError:
+        raise EmailTaken.of() from None
+
+
+@transactional(write=False)
+def get_student(*, student_id: int) -> Student:
+    fields = Fields()
+    fields.required_id("student_id", student_id)
+    fields.check()
+    return find_student(student_id)
+
+
+def find_student(student_id: int) -> Student:
+    student = Student.get_or_none(Student.id == student_id)
+    if student is None:
+        raise StudentNotFound.of(student_id)
+    return student
+
+
+@transactional(write=False)
+def list_students(*, course_id: int, page_size: int, page_token: str) -> StudentPage:
+    fields = Fields()
+    course_id = fields.optional_id("course_id", course_id)
+    size = fields.page_size("page_size", page_size)
+    after_id = fields.page_token(
+        "page_token", page_token, kind=pagination.Kind.STUDENTS, filter_id=course_id
+    )
+    fields.check()
+
+    query = Student.select().where(Student.id > after_id).order_by(Student.id).limit(size + 1)
+    if course_id:
+        query = query.join(StudentCourse).where(StudentCourse.course == course_id)
+    rows = list(query)
+    # An empty roster and a missing course look alike; only then ask which it is.
+    if course_id and not rows and not Course.select().where(Course.id == course_id).exists():
+        raise CourseNotFound.of(course_id)
+    rows, token = pagination.next_token(
+        rows, size, kind=pagination.Kind.STUDENTS, filter_id=course_id
+    )
+    return StudentPage(rows, token)
+
+
+@transactional(write=True)
+def delete_student(*, student_id: int, force: bool) -> None:
+    fields = Fields()
+    fields.required_id("student_id", student_id)
+    fields.check()
+    find_student(student_id)
+    enrollments = StudentCourse.select().where(StudentCourse.student == student_id)
+    count = enrollments.count()
+    if count and not force:
+        raise HasEnrollments.of("student", student_id, count)
+    if count:
+        # Each course the student leaves loses one enrolled student.
+        Course.update(enrolled_count=Course.enrolled_count - 1).where(
+            Course.id.in_(enrollments.select(StudentCourse.course))
+        ).execute()
+        StudentCourse.delete().where(StudentCourse.student == student_id).execute()
+    Student.delete().where(Student.id == student_id).execute()

@@ -1,0 +1,110 @@
+"""Field rules of the contract; every malformed field of a request is reported at once."""
+
+from __future__ import annotations
+
+import re
+
+from server.errors import FieldViolation, InvalidField
+from server.services import pagination
+
+MAX_ID = 2**63 - 1
+NAME_MAX = 200
+EMAIL_MAX = 254
+CODE_MAX = 32
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CODE = re.compile(r"[A-Za-z0-9._-]+")
+_WHITESPACE = re.compile(r"\s")
+
+
+class Fields:
+    """Collects violations while cleaning values; `check()` raises them together."""
+
+    def __init__(self) -> None:
+        self.violations: list[FieldViolation] = []
+
+    def invalid(self, field: str, description: str) -> None:
+        self.violations.append(FieldViolation(field, description))
+
+    def check(self) -> None:
+        if self.violations:
+            raise InvalidField.of(self.violations)
+
+    def required_id(self, field: str, value: int) -> int:
+        if value <= 0:
+            self.invalid(field, "must be 1 or more")
+        return value
+
+    def optional_id(self, field: str, value: int) -> int:
+        """An id where 0 means 'no filter'."""
+        if value < 0:
+            self.invalid(field, "must be 0 (no filter) or an id of 1 or more")
+        return value
+
+    def _text(self, field: str, value: str) -> str | None:
+        if _CONTROL.search(value):
+            self.invalid(field, "must not contain control characters")
+            return None
+        return value.strip()
+
+    def name(self, field: str, value: str) -> str:
+        text = self._text(field, value)
+        if text is None:
+            return value
+        if not text:
+            self.invalid(field, "must not be blank")
+        elif len(text) > NAME_MAX:
+            self.invalid(field, f"must be at most {NAME_MAX} characters")
+        return text
+
+    def email(self, field: str, value: str) -> str:
+        text = self._text(field, value)
+        if text is None:
+            return value
+        if not text:
+            self.invalid(field, "must not be blank")
+        elif len(text) > EMAIL_MAX:
+            self.invalid(field, f"must be at most {EMAIL_MAX} characters")
+        elif not _is_email(text):
+            self.invalid(field, "must be an email address such as name@example.com")
+        return text
+
+    def code(self, field: str, value: str) -> str:
+        text = self._text(field, value)
+        if text is None:
+            return value
+        if not text:
+            self.invalid(field, "must not be blank")
+        elif len(text) > CODE_MAX:
+            self.invalid(field, f"must be at most {CODE_MAX} characters")
+        elif not _CODE.fullmatch(text):
+            self.invalid(field, "may hold only A-Z a-z 0-9 . _ -")
+        return text
+
+    def capacity(self, field: str, value: int) -> int:
+        if value < 0:
+            self.invalid(field, "must be 0 (unlimited) or more")
+        return value
+
+    def page_size(self, field: str, value: int) -> int:
+        if value < 0:
+            self.invalid(field, "must be 0 (the default) or more")
+            return 0
+        return pagination.effective_page_size(value)
+
+    def page_token(
+        self, field: str, value: str, *, kind: pagination.Kind, filter_id: int
+    ) -> int:
+        """The id after which the page starts (0 for the first page)."""
+        try:
+            return pagination.decode(value, kind=kind, filter_id=filter_id)
+        except pagination.BadToken as exc:
+            self.invalid(field, str(exc))
+            return 0
+
+
+def _is_email(text: str) -> bool:
+    if _WHITESPACE.search(text) or text.count("@") != 1:
+        return False
+    local, domain = text.split("@")
+    labels = domain.split(".")
+    return bool(local) and len(labels) >= 2 and all(labels)

@@ -1,0 +1,40 @@
+"""The one place where errors become gRPC statuses with google.rpc details."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server.errors import EnrollmentError
+
+DOMAIN = "enrollment.v1"
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def to_status(error: EnrollmentError) -> grpc.Status:
+    """A grpc.Status carrying ErrorInfo, and BadRequest for INVALID_ARGUMENT."""
+    details = [
+        _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))
+    ]
+    if error.code == "INVALID_ARGUMENT":
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+        details.append(_pack(bad_request))
+    status = status_pb2.Status(
+        code=code_pb2.Code.Value(error.code), message=error.message, details=details
+    )
+    return rpc_status.to_status(status)
+
+
+INTERNAL = to_status(EnrollmentError("internal error; the server log has the details"))
