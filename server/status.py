@@ -21,12 +21,16 @@ def _pack(message) -> any_pb2.Any:
 def to_status(error: EnrollmentError) -> grpc.Status:
     """A grpc.Status carrying ErrorInfo, and BadRequest for INVALID_ARGUMENT."""
     details = [
-        _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))
+        _pack(
+            error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+        )
     ]
     if error.code == "INVALID_ARGUMENT":
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in error.violations
             ]
         )

@@ -91,9 +91,7 @@ class Fields:
             return 0
         return pagination.effective_page_size(value)
 
-    def page_token(
-        self, field: str, value: str, *, kind: pagination.Kind, filter_id: int
-    ) -> int:
+    def page_token(self, field: str, value: str, *, kind: pagination.Kind, filter_id: int) -> int:
         """The id after which the page starts (0 for the first page)."""
         try:
             return pagination.decode(value, kind=kind, filter_id=filter_id)
