@@ -1,4 +1,4 @@
-"""Opens the database named by a URL and runs each unit of work in one connection and transaction."""
+"""Opens the database named by a URL; runs each unit of work in one connection and transaction."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Domain errors: each names its gRPC status code and ErrorInfo reason, and knows nothing of gRPC."""
+"""Domain errors: each names its status code and ErrorInfo reason, and knows nothing of gRPC."""
 
 from __future__ import annotations
 

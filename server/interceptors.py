@@ -1,4 +1,4 @@
-"""Wraps every EnrollmentService call: domain errors to statuses, unexpected ones to INTERNAL, one log line."""
+"""Wraps each EnrollmentService call: errors to statuses, surprises to INTERNAL, one log line."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fixtures: a fresh migrated SQLite file and a real server on a free port, reached over a real channel."""
+"""Fixtures: a fresh migrated SQLite file and a real server on a free port over a real channel."""
 
 from __future__ import annotations
 
