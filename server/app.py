@@ -30,6 +30,7 @@ class ServerConfig:
     database_url: str = "sqlite:///enrollment.db"
     grace_seconds: float = 10.0
     max_workers: int = 16
+    database_timeout: float = 5.0
 
 
 class StartupError(RuntimeError):
@@ -66,7 +67,11 @@ def check_schema() -> None:
 
 def create_server(config: ServerConfig) -> RunningServer:
     """Open the database, check its schema, and start serving; returns the bound port."""
-    database.connect(config.database_url, max_connections=config.max_workers + 4)
+    database.connect(
+        config.database_url,
+        max_connections=config.max_workers + 4,
+        timeout=config.database_timeout,
+    )
     check_schema()
 
     server = grpc.server(

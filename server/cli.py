@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.max_workers,
         help="threads serving calls at once (default %(default)s)",
     )
+    run.add_argument(
+        "--database-timeout",
+        type=float,
+        default=DEFAULTS.database_timeout,
+        help="seconds a call waits for the database (a lock, a connection) before it fails "
+        "as UNAVAILABLE (default %(default)s)",
+    )
 
     for name, text in (
         ("migrate", "apply pending migrations"),
@@ -72,12 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             if args.max_workers < 1:
                 raise StartupError("--max-workers must be 1 or more")
+            if args.database_timeout <= 0 or args.grace < 0:
+                raise StartupError("--database-timeout must be above 0 and --grace 0 or more")
             serve(
                 ServerConfig(
                     address=args.address,
                     database_url=args.database_url,
                     grace_seconds=args.grace,
                     max_workers=args.max_workers,
+                    database_timeout=args.database_timeout,
                 )
             )
             return 0

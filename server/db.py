@@ -19,12 +19,9 @@ from server.models import database
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# How long a writer waits for SQLite's lock before the call fails as UNAVAILABLE.
-SQLITE_BUSY_TIMEOUT_MS = 5000
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     "foreign_keys": 1,
-    "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
     # WAL with synchronous=FULL: a committed call survives power loss.
     "synchronous": "full",
 }
@@ -45,8 +42,12 @@ class DatabaseConfigError(ValueError):
     """The database URL cannot be used; the message is meant for the operator."""
 
 
-def connect(url: str, *, max_connections: int = 32, wait_seconds: float = 5.0) -> pw.Database:
-    """Create the database for a URL (not yet connected) and bind the models to it."""
+def connect(url: str, *, max_connections: int = 32, timeout: float = 5.0) -> pw.Database:
+    """Create the database for a URL (not yet connected) and bind the models to it.
+
+    timeout: seconds a call waits for a pooled connection or for SQLite's write lock
+    before it fails as UNAVAILABLE.
+    """
     scheme = url.split(":", 1)[0].lower()
     if scheme != "sqlite":
         raise DatabaseConfigError(
@@ -59,10 +60,10 @@ def connect(url: str, *, max_connections: int = 32, wait_seconds: float = 5.0) -
         raise DatabaseConfigError(f"the directory of the SQLite file {path!r} does not exist")
     db = PooledSqliteDatabase(
         path,
-        pragmas=SQLITE_PRAGMAS,
+        pragmas={**SQLITE_PRAGMAS, "busy_timeout": int(timeout * 1000)},
         max_connections=max_connections,
         stale_timeout=None,
-        timeout=wait_seconds,
+        timeout=timeout,
         check_same_thread=False,
     )
     database.initialize(db)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,18 +35,33 @@ class LiveServer:
 
 
 @pytest.fixture
-def live(db_url: str) -> Iterator[LiveServer]:
-    """A real server on 127.0.0.1:<free port> over the fresh database, with a stub."""
-    running = create_server(ServerConfig(address="127.0.0.1:0", database_url=db_url))
-    address = f"127.0.0.1:{running.port}"
-    channel = grpc.insecure_channel(address)
-    grpc.channel_ready_future(channel).result(timeout=10)
-    try:
-        yield LiveServer(running, address, db_url, channel, pb_grpc.EnrollmentServiceStub(channel))
-    finally:
-        channel.close()
-        running.stop(None).wait(10)
-        database.close()
+def start_server(db_url: str) -> Iterator[Callable[..., LiveServer]]:
+    """Start a real server on 127.0.0.1:<free port> with ServerConfig overrides; one at a time."""
+    started: list[LiveServer] = []
+
+    def start(**overrides) -> LiveServer:
+        config = ServerConfig(address="127.0.0.1:0", database_url=db_url, **overrides)
+        running = create_server(config)
+        address = f"127.0.0.1:{running.port}"
+        channel = grpc.insecure_channel(address)
+        grpc.channel_ready_future(channel).result(timeout=10)
+        server = LiveServer(
+            running, address, db_url, channel, pb_grpc.EnrollmentServiceStub(channel)
+        )
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.channel.close()
+        server.running.stop(None).wait(10)
+    database.close()
+
+
+@pytest.fixture
+def live(start_server) -> LiveServer:
+    """A real server on a free port over the fresh database, with a stub."""
+    return start_server()
 
 
 @pytest.fixture
