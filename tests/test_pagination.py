@@ -1,0 +1,183 @@
+"""AIP-158 pagination: sizes, tokens, full walks, and rows created during a walk."""
+
+import sqlite3
+
+import grpc
+import pytest
+
+from enrollment.v1 import enrollment_pb2 as pb
+from tests.rpc import TIMEOUT, enroll, expect_error, new_course, new_student
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def bulk_students(live, count: int) -> None:
+    """Insert students straight into the SQLite file, as a bulk load would."""
+    path = live.database_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        conn.executemany(
+            "INSERT INTO students (name, email, email_key, create_time) VALUES (?, ?, ?, ?)",
+            [
+                (f"S{i}", f"bulk{i}@example.com", f"bulk{i}@example.com", "2026-01-01 00:00:00")
+                for i in range(count)
+            ],
+        )
+
+
+def walk(call, request_type, page_size, **filters):
+    ids, pages, token = [], 0, ""
+    while True:
+        page = call(request_type(page_size=page_size, page_token=token, **filters), timeout=TIMEOUT)
+        rows = page.students if request_type is pb.ListStudentsRequest else page.courses
+        ids += [r.id for r in rows]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            return ids, pages
+
+
+def test_default_page_size_is_50(stub, live):
+    bulk_students(live, 51)
+    first = stub.ListStudents(pb.ListStudentsRequest(), timeout=TIMEOUT)
+    assert len(first.students) == 50 and first.next_page_token
+    second = stub.ListStudents(
+        pb.ListStudentsRequest(page_token=first.next_page_token), timeout=TIMEOUT
+    )
+    assert len(second.students) == 1 and second.next_page_token == ""
+
+
+def test_page_size_above_1000_is_1000(stub, live):
+    bulk_students(live, 1001)
+    page = stub.ListStudents(pb.ListStudentsRequest(page_size=2**31 - 1), timeout=TIMEOUT)
+    assert len(page.students) == 1000 and page.next_page_token
+    ids = [s.id for s in page.students]
+    assert ids == sorted(ids) and len(set(ids)) == 1000
+
+
+def test_no_token_on_the_last_page_when_rows_are_an_exact_multiple(stub):
+    for _ in range(6):
+        new_course(stub)
+    ids, pages = walk(stub.ListCourses, pb.ListCoursesRequest, 3)
+    assert len(ids) == 6 and pages == 2
+    page = stub.ListCourses(pb.ListCoursesRequest(page_size=6), timeout=TIMEOUT)
+    assert len(page.courses) == 6 and page.next_page_token == ""
+
+
+def test_empty_table_gives_an_empty_page_without_token(stub):
+    page = stub.ListStudents(pb.ListStudentsRequest(), timeout=TIMEOUT)
+    assert list(page.students) == [] and page.next_page_token == ""
+
+
+def test_full_walk_returns_each_row_once_in_id_order_with_changing_page_sizes(stub, live):
+    bulk_students(live, 237)
+    ids, token, sizes = [], "", iter([1, 7, 50, 3, 100, 2, 1000])
+    while True:
+        request = pb.ListStudentsRequest(page_size=next(sizes, 13), page_token=token)
+        page = stub.ListStudents(request, timeout=TIMEOUT)
+        ids += [s.id for s in page.students]
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(ids) == 237 and ids == sorted(set(ids))
+
+
+def test_roster_and_student_courses_walks(stub):
+    course = new_course(stub)
+    student = new_student(stub)
+    enrolled = []
+    for i in range(11):
+        other = new_student(stub)
+        if i % 2 == 0:
+            enroll(stub, other.id, course.id)
+            enrolled.append(other.id)
+    courses = [new_course(stub) for _ in range(9)]
+    for c in courses[::2]:
+        enroll(stub, student.id, c.id)
+    ids, pages = walk(stub.ListStudents, pb.ListStudentsRequest, 2, course_id=course.id)
+    assert ids == enrolled and pages == 3
+    ids, pages = walk(stub.ListCourses, pb.ListCoursesRequest, 4, student_id=student.id)
+    assert ids == [c.id for c in courses[::2]] and pages == 2
+
+
+def test_rows_created_during_a_walk_are_neither_skipped_nor_repeated(stub):
+    before = [new_student(stub).id for _ in range(5)]
+    seen, created, token = [], [], ""
+    while True:
+        page = stub.ListStudents(pb.ListStudentsRequest(page_size=2, page_token=token))
+        seen += [s.id for s in page.students]
+        # Someone keeps creating students while we walk (for the first few pages).
+        if len(created) < 6:
+            created += [new_student(stub).id, new_student(stub).id]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == sorted(set(seen))
+    assert seen == before + created
+
+
+def test_a_row_deleted_during_a_walk_does_not_break_it(stub):
+    ids = [new_course(stub).id for _ in range(6)]
+    first = stub.ListCourses(pb.ListCoursesRequest(page_size=2))
+    stub.DeleteCourse(pb.DeleteCourseRequest(course_id=ids[1]))  # the token's own row
+    stub.DeleteCourse(pb.DeleteCourseRequest(course_id=ids[2]))
+    rest, _ = walk(stub.ListCourses, pb.ListCoursesRequest, 2)
+    second = stub.ListCourses(pb.ListCoursesRequest(page_size=10, page_token=first.next_page_token))
+    assert [c.id for c in second.courses] == ids[3:]
+    assert rest == [ids[0], *ids[3:]]
+
+
+def test_token_reused_with_another_filter_is_invalid(stub):
+    course_a, course_b = new_course(stub), new_course(stub)
+    for _ in range(3):
+        enroll(stub, new_student(stub).id, course_a.id)
+    page = stub.ListStudents(pb.ListStudentsRequest(course_id=course_a.id, page_size=1))
+    token = page.next_page_token
+    assert token
+    for course_id in (course_b.id, 0):
+        request = pb.ListStudentsRequest(course_id=course_id, page_token=token)
+        got = expect_error(stub.ListStudents, request, INVALID, "INVALID_FIELD", ["page_token"])
+        assert "filter" in got.message
+    # The same token with the same filter still works.
+    request = pb.ListStudentsRequest(course_id=course_a.id, page_token=token, page_size=5)
+    assert len(stub.ListStudents(request).students) == 2
+
+
+def test_token_of_another_method_is_invalid(stub):
+    for _ in range(2):
+        new_course(stub)
+        new_student(stub)
+    courses_token = stub.ListCourses(pb.ListCoursesRequest(page_size=1)).next_page_token
+    students_token = stub.ListStudents(pb.ListStudentsRequest(page_size=1)).next_page_token
+    expect_error(
+        stub.ListStudents,
+        pb.ListStudentsRequest(page_token=courses_token),
+        INVALID,
+        "INVALID_FIELD",
+        ["page_token"],
+    )
+    expect_error(
+        stub.ListCourses,
+        pb.ListCoursesRequest(page_token=students_token),
+        INVALID,
+        "INVALID_FIELD",
+        ["page_token"],
+    )
+
+
+@pytest.mark.parametrize(
+    "token", ["!", "not a token", "AQEAAAAAAAAAAAAAAAAAAAAB" * 3, "A" * 10_000, "ünï", "\x00"]
+)
+def test_garbage_tokens_are_invalid(stub, token):
+    request = pb.ListCoursesRequest(page_token=token)
+    got = expect_error(stub.ListCourses, request, INVALID, "INVALID_FIELD", ["page_token"])
+    assert token not in got.message or len(token) < 2
+
+
+def test_negative_page_size_is_invalid(stub):
+    expect_error(
+        stub.ListStudents,
+        pb.ListStudentsRequest(page_size=-1),
+        INVALID,
+        "INVALID_FIELD",
+        ["page_size"],
+    )
