@@ -12,7 +12,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+BIN = Path(sys.executable).parent
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi", ".binpb")
+# Descriptors with comments (source info) for server reflection, so that
+# `grpcurl describe` shows the API reference; the _pb2 modules drop comments.
+DESCRIPTOR_SET = Path("enrollment/v1/enrollment.binpb")
 
 
 def proto_files() -> list[Path]:
@@ -26,12 +30,19 @@ def generate(out_dir: Path) -> None:
         "-m",
         "grpc_tools.protoc",
         f"--proto_path={PROTO_ROOT}",
+        # The mypy plugins live beside this interpreter, which need not be on PATH.
+        f"--plugin=protoc-gen-mypy={BIN / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={BIN / 'protoc-gen-mypy_grpc'}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
         f"--mypy_grpc_out={out_dir}",
+        f"--descriptor_set_out={out_dir / DESCRIPTOR_SET}",
+        "--include_source_info",
+        "--include_imports",
         *files,
     ]
+    (out_dir / DESCRIPTOR_SET).parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(cmd, check=True, cwd=PROTO_ROOT)
 
 
@@ -68,10 +79,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.check:
         return check()
-    for path in generated_files(PROTO_ROOT):
-        (PROTO_ROOT / path).unlink()
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
+        for path in generated_files(PROTO_ROOT):
+            (PROTO_ROOT / path).unlink()
         for path in generated_files(Path(tmp)):
             shutil.copyfile(Path(tmp) / path, PROTO_ROOT / path)
     print(f"generated {len(generated_files(PROTO_ROOT))} files under {PROTO_ROOT.name}/")

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from server import db as database
 from server import schema
 from server.interceptors import RpcInterceptor
+from server.reflection import add_reflection
 from server.servicer import EnrollmentServicer
 
 log = logging.getLogger("enrollment.server")
@@ -87,9 +87,7 @@ def create_server(config: ServerConfig) -> RunningServer:
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    add_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
     try:
         port = server.add_insecure_port(config.address)
     except RuntimeError:
