@@ -1,0 +1,177 @@
+"""The server process: configuration, health, logging, busy ports and graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from enrollment.v1 import enrollment_pb2 as pb
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+from server.cli import build_parser
+from tests.rpc import TIMEOUT, new_student
+
+SERVER = str(Path(sys.executable).parent / "enrollment-server")
+SERVICE = "enrollment.v1.EnrollmentService"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [SERVER, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def wait_serving(address: str, timeout: float = 15) -> grpc.Channel:
+    channel = grpc.insecure_channel(address)
+    grpc.channel_ready_future(channel).result(timeout=timeout)
+    return channel
+
+
+def test_flags_win_over_environment(monkeypatch):
+    monkeypatch.setenv("ENROLLMENT_ADDRESS", "0.0.0.0:6000")
+    monkeypatch.setenv("ENROLLMENT_DATABASE_URL", "sqlite:///from-env.db")
+    args = build_parser().parse_args(["serve"])
+    assert (args.address, args.database_url) == ("0.0.0.0:6000", "sqlite:///from-env.db")
+    args = build_parser().parse_args(["serve", "--address", "127.0.0.1:7000"])
+    assert (args.address, args.database_url) == ("127.0.0.1:7000", "sqlite:///from-env.db")
+    monkeypatch.delenv("ENROLLMENT_ADDRESS")
+    monkeypatch.delenv("ENROLLMENT_DATABASE_URL")
+    args = build_parser().parse_args(["serve"])
+    assert (args.address, args.database_url) == ("127.0.0.1:50051", "sqlite:///enrollment.db")
+
+
+def test_health_is_serving_for_the_server_and_the_service(live):
+    health = health_pb2_grpc.HealthStub(live.channel)
+    for service in ("", SERVICE):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_turns_not_serving_when_shutdown_starts(live):
+    health = health_pb2_grpc.HealthStub(live.channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=TIMEOUT)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    live.running.stop(2)
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_one_log_line_per_rpc(live, caplog):
+    caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    new_student(live.stub)
+    with pytest.raises(grpc.RpcError):
+        live.stub.GetStudent(pb.GetStudentRequest(student_id=99), timeout=TIMEOUT)
+    lines = [r.getMessage() for r in caplog.records if r.name == "enrollment.rpc"]
+    assert len(lines) == 2
+    assert lines[0].startswith("rpc method=CreateStudent code=OK reason=- duration_ms=")
+    assert lines[1].startswith(
+        "rpc method=GetStudent code=NOT_FOUND reason=STUDENT_NOT_FOUND duration_ms="
+    )
+
+
+def test_serve_from_env_then_refuse_a_port_already_in_use(db_url):
+    port = free_port()
+    first = start_process(
+        "serve", env={"ENROLLMENT_ADDRESS": f"127.0.0.1:{port}", "ENROLLMENT_DATABASE_URL": db_url}
+    )
+    try:
+        channel = wait_serving(f"127.0.0.1:{port}")
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        assert new_student(stub).id == 1
+        second = start_process("serve", "--address", f"127.0.0.1:{port}", "--database-url", db_url)
+        out, _ = second.communicate(timeout=30)
+        assert second.returncode == 2, out
+        assert f"cannot listen on 127.0.0.1:{port}" in out and "Traceback" not in out
+        # The first server is unharmed.
+        stub.GetStudent(pb.GetStudentRequest(student_id=1), timeout=TIMEOUT)
+        channel.close()
+    finally:
+        first.terminate()
+        first.communicate(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://localhost/test", "unsupported database URL scheme"),
+        ("sqlite:///no/such/dir/x.db", "does not exist"),
+        ("sqlite:///:memory:", "must name a file"),
+    ],
+)
+def test_unusable_database_url_is_a_clear_error(url, expected):
+    result = subprocess.run(
+        [SERVER, "serve", "--address", "127.0.0.1:0", "--database-url", url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigterm_drains_in_flight_calls_then_exits(db_url):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    server = start_process(
+        "serve", "--address", address, "--database-url", db_url, "--grace", "20",
+        "--database-timeout", "20",
+    )  # fmt: skip
+    blocker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        channel = wait_serving(address)
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        blocker.execute("BEGIN IMMEDIATE")  # the next write waits for this lock
+        outcome = {}
+
+        def in_flight():
+            request = pb.CreateStudentRequest(name="Late", email="late@example.com")
+            outcome["student"] = stub.CreateStudent(request, timeout=30).student
+
+        caller = threading.Thread(target=in_flight)
+        caller.start()
+        time.sleep(0.5)  # the call is now inside the server, waiting for the lock
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert server.poll() is None, "the server must wait for the in-flight call"
+        blocker.execute("COMMIT")
+        caller.join(timeout=30)
+        assert outcome["student"].name == "Late"
+        out, _ = server.communicate(timeout=30)
+        assert server.returncode == 0, out
+        assert "SIGTERM: draining" in out and "stopped" in out
+        assert "rpc method=CreateStudent code=OK" in out
+        channel.close()
+    finally:
+        blocker.close()
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+
+
+def test_python_dash_m_server_is_the_same_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0
+    for command in ("serve", "migrate", "rollback", "status"):
+        assert command in result.stdout
