@@ -7,7 +7,6 @@ import re
 from server.errors import FieldViolation, InvalidField
 from server.services import pagination
 
-MAX_ID = 2**63 - 1
 NAME_MAX = 200
 EMAIL_MAX = 254
 CODE_MAX = 32

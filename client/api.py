@@ -1,0 +1,179 @@
+"""EnrollmentClient: one method per RPC, each with a deadline; failures raise ClientError."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from enrollment.v1 import enrollment_pb2 as pb
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+
+DEFAULT_TIMEOUT = 5.0
+
+
+class ClientError(Exception):
+    """A failed call: the gRPC status code name, the ErrorInfo reason and the BadRequest fields."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        reason: str = "",
+        fields: list[str] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(code, message, reason)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.fields = list(fields or [])
+        self.metadata = dict(metadata or {})
+
+    def __str__(self) -> str:
+        head = f"{self.code} {self.reason}" if self.reason else self.code
+        return f"{head}: {self.message}"
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> ClientError:
+        # Every RpcError a unary call raises is also a grpc.Call; getattr guards the
+        # odd one that is not (a bare RpcError from an interceptor, say).
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        message = (error.details() if hasattr(error, "details") else None) or ""
+        info = error_details_pb2.ErrorInfo()
+        bad = error_details_pb2.BadRequest()
+        try:
+            status = rpc_status.from_call(error)
+        except (ValueError, AttributeError):
+            # Details that contradict the status line are not trusted; code and message stand.
+            status = None
+        if status is not None:
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    detail.Unpack(info)
+                elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    detail.Unpack(bad)
+        return cls(
+            code=code.name,
+            message=message,
+            reason=info.reason,
+            fields=[v.field for v in bad.field_violations],
+            metadata=dict(info.metadata),
+        )
+
+
+class EnrollmentClient:
+    """A channel to one server; use as a context manager so the channel gets closed."""
+
+    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be more than 0 seconds")
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.EnrollmentServiceStub(self._channel)
+
+    def __enter__(self) -> EnrollmentClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., Any], request: Any) -> Any:
+        # No wait_for_ready: a server that is down should fail the call now, as
+        # UNAVAILABLE, rather than hold it until the deadline.
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+
+    # Students
+
+    def create_student(self, name: str, email: str) -> pb.Student:
+        request = pb.CreateStudentRequest(name=name, email=email)
+        return self._call(self._stub.CreateStudent, request).student
+
+    def get_student(self, student_id: int) -> pb.Student:
+        request = pb.GetStudentRequest(student_id=student_id)
+        return self._call(self._stub.GetStudent, request).student
+
+    def list_students(
+        self, course_id: int = 0, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListStudentsResponse:
+        """One page of all students (course_id 0) or of one course's roster."""
+        request = pb.ListStudentsRequest(
+            course_id=course_id, page_size=page_size, page_token=page_token
+        )
+        return self._call(self._stub.ListStudents, request)
+
+    def iter_students(
+        self, course_id: int = 0, *, page_size: int = 0, page_token: str = ""
+    ) -> Iterator[pb.Student]:
+        """Every student from page_token on (the start by default), fetching page after page."""
+        while True:
+            page = self.list_students(course_id, page_size, page_token)
+            yield from page.students
+            page_token = _next_token(page_token, page.next_page_token)
+            if not page_token:
+                return
+
+    def delete_student(self, student_id: int, force: bool = False) -> None:
+        request = pb.DeleteStudentRequest(student_id=student_id, force=force)
+        self._call(self._stub.DeleteStudent, request)
+
+    # Courses
+
+    def create_course(self, code: str, title: str, capacity: int = 0) -> pb.Course:
+        request = pb.CreateCourseRequest(code=code, title=title, capacity=capacity)
+        return self._call(self._stub.CreateCourse, request).course
+
+    def get_course(self, course_id: int) -> pb.Course:
+        request = pb.GetCourseRequest(course_id=course_id)
+        return self._call(self._stub.GetCourse, request).course
+
+    def list_courses(
+        self, student_id: int = 0, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListCoursesResponse:
+        """One page of the catalogue (student_id 0) or of the courses one student takes."""
+        request = pb.ListCoursesRequest(
+            student_id=student_id, page_size=page_size, page_token=page_token
+        )
+        return self._call(self._stub.ListCourses, request)
+
+    def iter_courses(
+        self, student_id: int = 0, *, page_size: int = 0, page_token: str = ""
+    ) -> Iterator[pb.Course]:
+        """Every course from page_token on (the start by default), fetching page after page."""
+        while True:
+            page = self.list_courses(student_id, page_size, page_token)
+            yield from page.courses
+            page_token = _next_token(page_token, page.next_page_token)
+            if not page_token:
+                return
+
+    def delete_course(self, course_id: int, force: bool = False) -> None:
+        request = pb.DeleteCourseRequest(course_id=course_id, force=force)
+        self._call(self._stub.DeleteCourse, request)
+
+    # Enrollments
+
+    def enroll(self, student_id: int, course_id: int) -> pb.Enrollment:
+        request = pb.EnrollStudentRequest(student_id=student_id, course_id=course_id)
+        return self._call(self._stub.EnrollStudent, request).enrollment
+
+    def drop(self, student_id: int, course_id: int) -> None:
+        request = pb.DropCourseRequest(student_id=student_id, course_id=course_id)
+        self._call(self._stub.DropCourse, request)
+
+
+def _next_token(current: str, following: str) -> str:
+    # A server that hands back the token it was given would keep a walk going forever.
+    if following and following == current:
+        raise ClientError("INTERNAL", "the server returned the same page token twice")
+    return following

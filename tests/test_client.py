@@ -1,0 +1,339 @@
+"""The sample client (console script and EnrollmentClient) against a live server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client.api import ClientError, EnrollmentClient
+from enrollment.v1 import enrollment_pb2 as pb
+from tests.rpc import enroll, new_course, new_student
+
+CLIENT = Path(sys.executable).parent / "enrollment-client"
+# Generous: a slow machine must not turn a passing call into DEADLINE_EXCEEDED.
+CALL_TIMEOUT = "10"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "ENROLLMENT_ADDRESS"}
+    env.update(extra)
+    return env
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(CLIENT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env if env is not None else _env(),
+    )
+
+
+def cli(live, *args: str) -> subprocess.CompletedProcess[str]:
+    return run("--address", live.address, "--timeout", CALL_TIMEOUT, *args)
+
+
+def ok(live, *args: str) -> str:
+    done = cli(live, *args)
+    assert done.returncode == 0, (args, done.stdout, done.stderr)
+    assert done.stderr == ""
+    return done.stdout
+
+
+def ok_json(live, *args: str):
+    return json.loads(ok(live, "--json", *args))
+
+
+def key_values(text: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in text.splitlines())
+
+
+def table(text: str) -> list[list[str]]:
+    """Rows of a readable list, header included, split on runs of spaces."""
+    return [line.split() for line in text.splitlines() if not line.startswith("next page: ")]
+
+
+def rpc_calls(caplog, method: str) -> int:
+    return sum(f"method={method} " in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts TCP connections but never speaks HTTP/2, so calls hang."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock.getsockname()[1]
+
+
+# The console script.
+
+
+def test_enroll_list_and_drop(live):
+    student = key_values(ok(live, "create-student", "--name", "Ada Lovelace", "--email", "a@x.io"))
+    assert student["name"] == "Ada Lovelace"
+    assert student["email"] == "a@x.io"
+    course = key_values(
+        ok(live, "create-course", "--code", "CS-101", "--title", "Intro", "--capacity", "2")
+    )
+    assert (course["code"], course["capacity"], course["enrolled_count"]) == ("CS-101", "2", "0")
+    other = new_course(live.stub, code="MA-1")
+    sid, cid = student["id"], course["id"]
+
+    enrollment = key_values(ok(live, "enroll", "--student", sid, "--course", cid))
+    assert (enrollment["student_id"], enrollment["course_id"]) == (sid, cid)
+    assert enrollment["enroll_time"].endswith("Z")
+
+    plain = ok(live, "courses", "--student", sid)
+    assert table(plain) == [
+        ["ID", "CODE", "TITLE", "CAPACITY", "ENROLLED", "CREATED"],
+        [cid, "CS-101", "Intro", "2", "1", course["create_time"]],
+    ]
+    assert "next page" not in plain
+
+    page = ok_json(live, "courses", "--student", sid)
+    assert page["next_page_token"] == ""
+    [listed] = page["courses"]
+    assert listed["id"] == cid  # int64 stays a string, as in the protobuf JSON mapping
+    assert (listed["code"], listed["title"]) == ("CS-101", "Intro")
+    assert (listed["capacity"], listed["enrolled_count"]) == (2, 1)
+    assert ok_json(live, "students", "--course", cid)["students"][0]["email"] == "a@x.io"
+    catalogue = ok_json(live, "courses")["courses"]
+    assert [c["id"] for c in catalogue] == [cid, str(other.id)]
+
+    assert ok(live, "drop", "--student", sid, "--course", cid) == (
+        f"dropped student {sid} from course {cid}\n"
+    )
+    assert ok(live, "courses", "--student", sid) == "no courses\n"
+    assert ok_json(live, "courses", "--student", sid) == {"courses": [], "next_page_token": ""}
+    assert key_values(ok(live, "course", "--id", cid))["enrolled_count"] == "0"
+
+
+def test_enrolling_in_a_missing_course_fails_with_the_details(live):
+    student = new_student(live.stub)
+    done = cli(live, "enroll", "--student", str(student.id), "--course", "424242")
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "error: INVALID_ARGUMENT COURSE_NOT_FOUND: course 424242 does not exist",
+        "  field: course_id",
+    ]
+
+    done = cli(live, "--json", "enroll", "--student", str(student.id), "--course", "424242")
+    assert done.returncode == 1
+    assert done.stderr == ""
+    assert json.loads(done.stdout) == {
+        "error": {
+            "code": "INVALID_ARGUMENT",
+            "reason": "COURSE_NOT_FOUND",
+            "message": "course 424242 does not exist",
+            "fields": ["course_id"],
+        }
+    }
+
+
+def test_every_malformed_field_is_listed(live):
+    done = cli(live, "enroll", "--student", "0", "--course", "-3")
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("error: INVALID_ARGUMENT INVALID_FIELD: ")
+    assert lines[1:] == ["  field: student_id", "  field: course_id"]
+
+
+def test_not_found_has_a_reason_and_no_fields(live):
+    done = cli(live, "--json", "student", "--id", "77")
+    assert done.returncode == 1
+    error = json.loads(done.stdout)["error"]
+    assert (error["code"], error["reason"], error["fields"]) == (
+        "NOT_FOUND",
+        "STUDENT_NOT_FOUND",
+        [],
+    )
+
+
+def test_delete_refuses_enrolled_student_unless_forced(live):
+    student = new_student(live.stub)
+    course = new_course(live.stub)
+    enroll(live.stub, student.id, course.id)
+    done = cli(live, "delete-student", "--id", str(student.id))
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: FAILED_PRECONDITION HAS_ENROLLMENTS: ")
+    assert ok_json(live, "delete-student", "--id", str(student.id), "--force") == {}
+    assert ok_json(live, "course", "--id", str(course.id))["enrolled_count"] == 0
+    assert ok(live, "delete-course", "--id", str(course.id)) == f"deleted course {course.id}\n"
+
+
+def test_students_all_walks_every_page(live, caplog):
+    caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    ids = [str(new_student(live.stub, email=f"s{i}@example.com").id) for i in range(5)]
+
+    first = ok(live, "students", "--page-size", "2")
+    assert [row[0] for row in table(first)[1:]] == ids[:2]
+    token = first.splitlines()[-1].removeprefix("next page: ")
+    assert token and token != first.splitlines()[-1]
+    second = ok(live, "students", "--page-size", "2", "--page-token", token)
+    assert [row[0] for row in table(second)[1:]] == ids[2:4]
+
+    caplog.clear()
+    everything = ok(live, "students", "--all", "--page-size", "2")
+    assert [row[0] for row in table(everything)[1:]] == ids
+    assert "next page" not in everything
+    assert rpc_calls(caplog, "ListStudents") == 3  # pages of 2, 2 and 1
+
+    page = ok_json(live, "students", "--all", "--page-size", "2")
+    assert [s["id"] for s in page["students"]] == ids
+    assert page["next_page_token"] == ""
+
+
+def test_timeout_is_honoured(silent_port):
+    started = time.monotonic()
+    done = run("--address", f"127.0.0.1:{silent_port}", "--timeout", "1", "--json", "courses")
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["error"]["code"] == "DEADLINE_EXCEEDED"
+    # At least the deadline, and well short of the 5 s default.
+    assert 1.0 <= elapsed < 4.5
+
+
+def test_nothing_listening_fails_fast(closed_port):
+    started = time.monotonic()
+    done = run("--address", f"127.0.0.1:{closed_port}", "--timeout", "3", "course", "--id", "1")
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith(("error: UNAVAILABLE: ", "error: DEADLINE_EXCEEDED: "))
+    assert time.monotonic() - started < 4.5
+
+
+def test_address_from_environment_and_options_after_the_subcommand(live):
+    course = new_course(live.stub, code="ENV-1")
+    done = run(
+        "course", "--id", str(course.id), "--json", env=_env(ENROLLMENT_ADDRESS=live.address)
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["code"] == "ENV-1"
+    # --address after the subcommand overrides the environment.
+    done = run(
+        "course", "--id", "1", "--address", "127.0.0.1:1", env=_env(ENROLLMENT_ADDRESS=live.address)
+    )
+    assert done.returncode == 1
+    assert "UNAVAILABLE" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["enroll", "--student", "1"],
+        ["student", "--id", "nine"],
+        ["student", "--id", str(2**63)],
+        ["--timeout", "0", "courses"],
+        ["courses", "--page-size", str(2**31)],
+        ["no-such-command"],
+    ],
+)
+def test_usage_errors_exit_2(args):
+    done = run("--address", "127.0.0.1:1", *args)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert "usage: enrollment-client" in done.stderr
+
+
+def test_python_dash_m_client():
+    done = subprocess.run(
+        [sys.executable, "-m", "client", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0
+    for command in ("create-student", "students", "delete-course", "enroll", "drop"):
+        assert command in done.stdout
+
+
+# The library.
+
+
+def test_client_error_attributes(live):
+    with EnrollmentClient(live.address, timeout=10) as client:
+        student = client.create_student("Grace Hopper", "grace@example.com")
+        assert student.id > 0
+        with pytest.raises(ClientError) as raised:
+            client.enroll(student.id, 424242)
+        error = raised.value
+        assert (error.code, error.reason, error.fields) == (
+            "INVALID_ARGUMENT",
+            "COURSE_NOT_FOUND",
+            ["course_id"],
+        )
+        assert error.message == "course 424242 does not exist"
+        assert str(error) == "INVALID_ARGUMENT COURSE_NOT_FOUND: course 424242 does not exist"
+
+        with pytest.raises(ClientError) as raised:
+            client.create_student("Grace Again", "GRACE@example.com")
+        assert (raised.value.code, raised.value.reason, raised.value.fields) == (
+            "ALREADY_EXISTS",
+            "EMAIL_TAKEN",
+            [],
+        )
+
+        with pytest.raises(ClientError) as raised:
+            client.create_course("bad code!", " ", capacity=-1)
+        assert raised.value.reason == "INVALID_FIELD"
+        assert sorted(raised.value.fields) == ["capacity", "code", "title"]
+
+
+def test_iter_courses_walks_pages(live, caplog):
+    caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    with EnrollmentClient(live.address, timeout=10) as client:
+        courses = [client.create_course(f"K-{i}", f"Course {i}", capacity=i) for i in range(5)]
+        student = client.get_student(new_student(live.stub).id)
+        for course in courses[1::2]:
+            assert client.enroll(student.id, course.id).course_id == course.id
+
+        page = client.list_courses(page_size=2)
+        assert [c.id for c in page.courses] == [c.id for c in courses[:2]]
+        assert page.next_page_token
+
+        caplog.clear()
+        assert [c.id for c in client.iter_courses(page_size=2)] == [c.id for c in courses]
+        assert rpc_calls(caplog, "ListCourses") == 3
+        mine = list(client.iter_courses(student.id, page_size=1))
+        assert [(c.id, c.enrolled_count) for c in mine] == [(c.id, 1) for c in courses[1::2]]
+        assert [s.id for s in client.iter_students(courses[1].id)] == [student.id]
+        assert list(client.iter_students(courses[0].id)) == []
+
+
+def test_iter_stops_on_a_token_that_repeats():
+    class LoopingStub:
+        def ListCourses(self, request, timeout):
+            return pb.ListCoursesResponse(courses=[pb.Course(id=1)], next_page_token="again")
+
+    with EnrollmentClient("127.0.0.1:1") as client:
+        client._stub = LoopingStub()
+        with pytest.raises(ClientError) as raised:
+            list(client.iter_courses())
+    assert raised.value.code == "INTERNAL"
+
+
+def test_library_connection_failure_and_close(closed_port):
+    client = EnrollmentClient(f"127.0.0.1:{closed_port}", timeout=3)
+    with client, pytest.raises(ClientError) as raised:
+        client.get_course(1)
+    assert raised.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+    assert raised.value.reason == ""
+    with pytest.raises(ValueError, match="closed channel"):
+        client.get_course(1)
