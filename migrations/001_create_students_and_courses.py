@@ -33,6 +33,7 @@ def migrate(migrator: Migrator, database: pw.Database, *, fake=False):
 
         class Meta:
             table_name = "students"
+            legacy_table_names = False
 
     @migrator.create_model
     class Course(pw.Model):
@@ -46,6 +47,7 @@ def migrate(migrator: Migrator, database: pw.Database, *, fake=False):
 
         class Meta:
             table_name = "courses"
+            legacy_table_names = False
             constraints = [pw.SQL("CHECK (capacity = 0 OR enrolled_count <= capacity)")]
 
 

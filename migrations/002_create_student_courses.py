@@ -27,6 +27,7 @@ def migrate(migrator: Migrator, database: pw.Database, *, fake=False):
 
         class Meta:
             table_name = "student_courses"
+            legacy_table_names = False
             primary_key = pw.CompositeKey("student", "course")
             indexes = ((("course", "student"), False),)
 

@@ -60,11 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     for name, text in (
-        ("migrate", "apply pending migrations"),
+        ("migrate", "apply pending migrations (creates a missing SQLite file)"),
         ("rollback", "undo the last applied migration"),
         ("status", "list applied and pending migrations"),
     ):
         _database_flag(commands.add_parser(name, help=text))
+    commands.choices["rollback"].add_argument(
+        "--allow-data-loss",
+        action="store_true",
+        help="allow a rollback that drops tables holding rows (refused otherwise)",
+    )
     return parser
 
 
@@ -91,20 +96,23 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             return 0
-        db = database.connect(args.database_url, max_connections=1)
-        return _schema_command(args.command, db)
-    except (StartupError, database.DatabaseConfigError) as exc:
+        db = database.connect(
+            args.database_url, max_connections=1, create=args.command == "migrate"
+        )
+        return _schema_command(args, db)
+    except (StartupError, database.DatabaseConfigError, schema.DataLossRefused) as exc:
         print(f"enrollment-server: {exc}", file=sys.stderr)
         return 2
 
 
-def _schema_command(command: str, db) -> int:
+def _schema_command(args: argparse.Namespace, db) -> int:
+    command = args.command
     try:
         if command == "migrate":
             applied = schema.migrate(db)
             print(f"applied {', '.join(applied)}" if applied else "schema is up to date")
         elif command == "rollback":
-            undone = schema.rollback(db)
+            undone = schema.rollback(db, allow_data_loss=args.allow_data_loss)
             print(f"rolled back {undone}" if undone else "nothing to roll back")
         else:
             with db.connection_context():

@@ -42,11 +42,14 @@ class DatabaseConfigError(ValueError):
     """The database URL cannot be used; the message is meant for the operator."""
 
 
-def connect(url: str, *, max_connections: int = 32, timeout: float = 5.0) -> pw.Database:
+def connect(
+    url: str, *, max_connections: int = 32, timeout: float = 5.0, create: bool = False
+) -> pw.Database:
     """Create the database for a URL (not yet connected) and bind the models to it.
 
     timeout: seconds a call waits for a pooled connection or for SQLite's write lock
-    before it fails as UNAVAILABLE.
+    before it fails as UNAVAILABLE. create: whether a missing SQLite file may be
+    created (only migrate does; a mistyped path elsewhere is an error, not a new file).
     """
     scheme = url.split(":", 1)[0].lower()
     if scheme != "sqlite":
@@ -56,8 +59,12 @@ def connect(url: str, *, max_connections: int = 32, timeout: float = 5.0) -> pw.
     path = parse_db_url(url).get("database") or ""
     if not path or path == ":memory:" or path.startswith("file:"):
         raise DatabaseConfigError("the SQLite URL must name a file, as in sqlite:///enrollment.db")
-    if not Path(path).parent.exists():
+    if not Path(path).parent.is_dir():
         raise DatabaseConfigError(f"the directory of the SQLite file {path!r} does not exist")
+    if not create and not Path(path).exists():
+        raise DatabaseConfigError(
+            f"the SQLite file {path!r} does not exist; `enrollment-server migrate` creates it"
+        )
     db = PooledSqliteDatabase(
         path,
         pragmas={**SQLITE_PRAGMAS, "busy_timeout": int(timeout * 1000)},

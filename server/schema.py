@@ -46,11 +46,30 @@ def migrate(db: pw.Database) -> list[str]:
         return router(db).run()
 
 
-def rollback(db: pw.Database) -> str | None:
-    """Undo the last applied migration; returns its name, or None when none is applied."""
-    with db.connection_context():
+class DataLossRefused(RuntimeError):
+    """A rollback would drop tables that hold rows."""
+
+
+def rollback(db: pw.Database, *, allow_data_loss: bool = False) -> str | None:
+    """Undo the last applied migration; returns its name, or None when none is applied.
+
+    A rollback that would drop a table holding rows is undone and refused unless
+    allow_data_loss is set (SQLite rolls DDL back with the transaction).
+    """
+    with db.connection_context(), db.atomic():
         done = applied_migrations(db)
         if not done:
             return None
+        holding_rows = [t for t in db.get_tables() if t != MIGRATE_TABLE and _has_rows(db, t)]
         router(db).rollback()
+        dropped = sorted(set(holding_rows) - set(db.get_tables()))
+        if dropped and not allow_data_loss:
+            raise DataLossRefused(
+                f"rolling back {done[-1]} would drop {', '.join(dropped)}, which hold rows; "
+                "nothing was changed (pass --allow-data-loss to drop them)"
+            )
         return done[-1]
+
+
+def _has_rows(db: pw.Database, table: str) -> bool:
+    return pw.Table(table).select(pw.SQL("1")).limit(1).bind(db).scalar() is not None

@@ -19,7 +19,7 @@ from server.app import RunningServer, ServerConfig, create_server
 def db_url(tmp_path: Path) -> str:
     """URL of a fresh SQLite file with every migration applied."""
     url = f"sqlite:///{tmp_path / 'enrollment.db'}"
-    db = database.connect(url, max_connections=2)
+    db = database.connect(url, max_connections=2, create=True)
     schema.migrate(db)
     database.close()
     return url

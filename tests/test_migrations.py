@@ -227,7 +227,7 @@ def db_at_001(open_db) -> tuple[pw.SqliteDatabase, list[tuple], list[tuple]]:
 @pytest.fixture
 def app_database(tmp_path: Path) -> Iterator[pw.Database]:
     """The app's own database object (PooledSqliteDatabase behind the proxy), closed after."""
-    db = app_db.connect(sqlite_url(tmp_path / "app.db"), max_connections=2)
+    db = app_db.connect(sqlite_url(tmp_path / "app.db"), max_connections=2, create=True)
     try:
         yield db
     finally:
@@ -245,7 +245,7 @@ def build_migrated(path: Path) -> None:
 
 def build_from_models(path: Path) -> None:
     """db.create_tables(MODELS), the models bound through the app's proxy; closed after."""
-    db = app_db.connect(sqlite_url(path), max_connections=1)
+    db = app_db.connect(sqlite_url(path), max_connections=1, create=True)
     try:
         assert server.models.database.obj is db
         with db.connection_context():
@@ -490,12 +490,6 @@ def test_indexes_match_the_models(schema_conns, table):
 
 
 @pytest.mark.parametrize("table", TABLES)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known bug: migrations 001/002 name indexes after the class (legacy_table_names); "
-    "remove this marker once their frozen models set Meta.legacy_table_names = False",
-)
 def test_index_names_match_the_models(schema_conns, table):
     migrated, modeled = schema_conns
     assert index_names(modeled, table), "the models declare a named index on every table"
@@ -616,8 +610,13 @@ def server_cli(command: str, path: Path, cwd: Path) -> subprocess.CompletedProce
 
 def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     path = tmp_path / "cli.db"
-    status = server_cli("status", path, tmp_path).stdout.splitlines()
-    assert status == [f"pending  {M001}", f"pending  {M002}"]
+    # A mistyped path is an error, not a new empty database; only migrate creates one.
+    for command in ("status", "rollback", "serve"):
+        proc = run_cli(
+            "enrollment-server", command, "--database-url", sqlite_url(path), cwd=tmp_path
+        )
+        assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr
+        assert "enrollment-server migrate" in proc.stderr and not path.exists()
 
     assert server_cli("migrate", path, tmp_path).stdout == f"applied {M001}, {M002}\n"
     assert server_cli("migrate", path, tmp_path).stdout == "schema is up to date\n"
@@ -631,7 +630,22 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     before = kept_snapshot(db)
     db.close()
 
-    assert server_cli("rollback", path, tmp_path).stdout == f"rolled back {M002}\n"
+    # Dropping student_courses would lose its rows: refused, and nothing changes.
+    refused = run_cli(
+        "enrollment-server", "rollback", "--database-url", sqlite_url(path), cwd=tmp_path
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "student_courses" in refused.stderr and "--allow-data-loss" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    db.connect()
+    assert schema.applied_migrations(db) == ALL_MIGRATIONS and table_exists(db, "student_courses")
+    db.close()
+
+    proc = run_cli(
+        "enrollment-server", "rollback", "--allow-data-loss", "--database-url", sqlite_url(path),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout == f"rolled back {M002}\n", proc.stderr
     status = server_cli("status", path, tmp_path).stdout.splitlines()
     assert status == [f"applied  {M001}", f"pending  {M002}"]
     db.connect()
