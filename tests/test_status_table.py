@@ -402,3 +402,12 @@ def test_schema_mismatch_is_internal_without_leaking_details(stub, live, caplog)
         assert leak.lower() not in got.message.lower()
     # The details are in the server log instead.
     assert "no such table" in caplog.text
+
+
+@pytest.mark.parametrize("body", [b"\x0a\x02\xff\xfe", b"\xff\xff\xff", b"\x0a\x05ab"])
+def test_undecodable_request_body_is_invalid_argument(live, body):
+    raw = live.channel.unary_unary("/enrollment.v1.EnrollmentService/CreateStudent")
+    got = expect_error(raw, body, INVALID, "INVALID_FIELD", fields=[])
+    assert "enrollment.v1.CreateStudentRequest" in got.message
+    assert table_counts(live) == (0, 0, 0)
+    new_student(live.stub)  # and the server keeps serving
