@@ -11,7 +11,7 @@ class FieldViolation:
     description: str
 
 
-@dataclass
+@dataclass(eq=False)  # exceptions compare and hash by identity
 class EnrollmentError(Exception):
     """Base of every error a caller is meant to see; code is a grpc.StatusCode name."""
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import peewee as pw
 
 from server.db import transactional
-from server.errors import CourseCodeTaken, CourseNotFound, HasEnrollments
+from server.errors import CourseCodeTaken, HasEnrollments
 from server.models import Course, StudentCourse, casefold_key, utcnow
 from server.services import pagination
-from server.services.student_service import find_student
+from server.services.lookups import find_course, find_student
 from server.services.validation import Fields
 
 
@@ -49,33 +49,24 @@ def get_course(*, course_id: int) -> Course:
     return find_course(course_id)
 
 
-def find_course(course_id: int) -> Course:
-    course = Course.get_or_none(Course.id == course_id)
-    if course is None:
-        raise CourseNotFound.of(course_id)
-    return course
-
-
 @transactional(write=False)
 def list_courses(*, student_id: int, page_size: int, page_token: str) -> CoursePage:
     fields = Fields()
-    student_id = fields.optional_id("student_id", student_id)
-    size = fields.page_size("page_size", page_size)
-    after_id = fields.page_token(
-        "page_token", page_token, kind=pagination.Kind.COURSES, filter_id=student_id
+    page = fields.page_request(
+        pagination.Kind.COURSES,
+        filter_field="student_id",
+        filter_id=student_id,
+        page_size=page_size,
+        page_token=page_token,
     )
     fields.check()
-
-    query = Course.select().where(Course.id > after_id).order_by(Course.id).limit(size + 1)
-    if student_id:
-        query = query.join(StudentCourse).where(StudentCourse.student == student_id)
-    rows = list(query)
+    query = Course.select()
+    if page.filter_id:
+        query = query.join(StudentCourse).where(StudentCourse.student == page.filter_id)
+    rows, token = page.fetch(query, Course.id)
     # No courses and a missing student look alike; only then ask which it is.
-    if student_id and not rows:
-        find_student(student_id)
-    rows, token = pagination.next_token(
-        rows, size, kind=pagination.Kind.COURSES, filter_id=student_id
-    )
+    if page.filter_id and not rows:
+        find_student(page.filter_id)
     return CoursePage(rows, token)
 
 

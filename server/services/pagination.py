@@ -6,6 +6,7 @@ import base64
 import binascii
 import enum
 import struct
+from dataclasses import dataclass
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -50,9 +51,19 @@ def decode(token: str, *, kind: Kind, filter_id: int) -> int:
     return after_id
 
 
-def next_token(rows: list, page_size: int, *, kind: Kind, filter_id: int) -> tuple[list, str]:
-    """Trim a page fetched with page_size + 1 rows and say where the next one starts."""
-    if len(rows) <= page_size:
-        return rows, ""
-    rows = rows[:page_size]
-    return rows, encode(kind=kind, filter_id=filter_id, after_id=rows[-1].id)
+@dataclass(frozen=True)
+class PageRequest:
+    """A validated List* request: which rows (kind, filter) and where the page starts."""
+
+    kind: Kind
+    filter_id: int
+    size: int
+    after_id: int
+
+    def fetch(self, query, id_field) -> tuple[list, str]:
+        """One keyset query for size + 1 rows; the extra row says whether a next page exists."""
+        rows = list(query.where(id_field > self.after_id).order_by(id_field).limit(self.size + 1))
+        if len(rows) <= self.size:
+            return rows, ""
+        rows = rows[: self.size]
+        return rows, encode(kind=self.kind, filter_id=self.filter_id, after_id=rows[-1].id)

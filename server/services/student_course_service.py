@@ -13,7 +13,7 @@ from server.errors import (
     UnknownCourseArgument,
 )
 from server.models import Course, StudentCourse, utcnow
-from server.services.student_service import find_student
+from server.services.lookups import find_student
 from server.services.validation import Fields
 
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import peewee as pw
 
 from server.db import transactional
-from server.errors import CourseNotFound, EmailTaken, HasEnrollments, StudentNotFound
+from server.errors import EmailTaken, HasEnrollments
 from server.models import Course, Student, StudentCourse, casefold_key, utcnow
 from server.services import pagination
+from server.services.lookups import find_course, find_student
 from server.services.validation import Fields
 
 
@@ -42,33 +43,24 @@ def get_student(*, student_id: int) -> Student:
     return find_student(student_id)
 
 
-def find_student(student_id: int) -> Student:
-    student = Student.get_or_none(Student.id == student_id)
-    if student is None:
-        raise StudentNotFound.of(student_id)
-    return student
-
-
 @transactional(write=False)
 def list_students(*, course_id: int, page_size: int, page_token: str) -> StudentPage:
     fields = Fields()
-    course_id = fields.optional_id("course_id", course_id)
-    size = fields.page_size("page_size", page_size)
-    after_id = fields.page_token(
-        "page_token", page_token, kind=pagination.Kind.STUDENTS, filter_id=course_id
+    page = fields.page_request(
+        pagination.Kind.STUDENTS,
+        filter_field="course_id",
+        filter_id=course_id,
+        page_size=page_size,
+        page_token=page_token,
     )
     fields.check()
-
-    query = Student.select().where(Student.id > after_id).order_by(Student.id).limit(size + 1)
-    if course_id:
-        query = query.join(StudentCourse).where(StudentCourse.course == course_id)
-    rows = list(query)
+    query = Student.select()
+    if page.filter_id:
+        query = query.join(StudentCourse).where(StudentCourse.course == page.filter_id)
+    rows, token = page.fetch(query, Student.id)
     # An empty roster and a missing course look alike; only then ask which it is.
-    if course_id and not rows and not Course.select().where(Course.id == course_id).exists():
-        raise CourseNotFound.of(course_id)
-    rows, token = pagination.next_token(
-        rows, size, kind=pagination.Kind.STUDENTS, filter_id=course_id
-    )
+    if page.filter_id and not rows:
+        find_course(page.filter_id)
     return StudentPage(rows, token)
 
 

@@ -84,19 +84,26 @@ class Fields:
             self.invalid(field, "must be 0 (unlimited) or more")
         return value
 
-    def page_size(self, field: str, value: int) -> int:
-        if value < 0:
-            self.invalid(field, "must be 0 (the default) or more")
-            return 0
-        return pagination.effective_page_size(value)
-
-    def page_token(self, field: str, value: str, *, kind: pagination.Kind, filter_id: int) -> int:
-        """The id after which the page starts (0 for the first page)."""
+    def page_request(
+        self,
+        kind: pagination.Kind,
+        *,
+        filter_field: str,
+        filter_id: int,
+        page_size: int,
+        page_token: str,
+    ) -> pagination.PageRequest:
+        """The filter id (0 = none), page size and page token of a List* request."""
+        filter_id = self.optional_id(filter_field, filter_id)
+        if page_size < 0:
+            self.invalid("page_size", "must be 0 (the default) or more")
         try:
-            return pagination.decode(value, kind=kind, filter_id=filter_id)
+            after_id = pagination.decode(page_token, kind=kind, filter_id=filter_id)
         except pagination.BadToken as exc:
-            self.invalid(field, str(exc))
-            return 0
+            self.invalid("page_token", str(exc))
+            after_id = 0
+        size = pagination.effective_page_size(max(page_size, 0))
+        return pagination.PageRequest(kind, filter_id, size, after_id)
 
 
 def _is_email(text: str) -> bool:
