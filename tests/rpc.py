@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,6 +15,13 @@ from grpc_status import rpc_status
 from enrollment.v1 import enrollment_pb2 as pb
 
 TIMEOUT = 10
+SERVER = str(Path(sys.executable).parent / "enrollment-server")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass

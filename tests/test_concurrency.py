@@ -2,13 +2,15 @@
 
 import random
 import sqlite3
+import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from enrollment.v1 import enrollment_pb2 as pb
-from tests.rpc import TIMEOUT, new_course, new_student
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+from tests.rpc import SERVER, TIMEOUT, free_port, new_course, new_student
 
 THREADS = 16
 
@@ -107,3 +109,58 @@ def test_random_enrolls_drops_and_deletes_keep_counts_exact(live):
         codes = race([one_call() for _ in range(40)])
         assert set(codes) <= expected, codes
         counts_match_rosters(live)
+
+
+def test_same_email_raced_creates_one_student(live):
+    stub = live.stub
+    request = pb.CreateStudentRequest(name="Twin", email="twin@example.com")
+    codes = race([lambda: stub.CreateStudent(request, timeout=TIMEOUT)] * THREADS)
+    assert codes.count(grpc.StatusCode.OK) == 1
+    assert codes.count(grpc.StatusCode.ALREADY_EXISTS) == THREADS - 1
+
+
+def test_two_server_processes_on_one_database_never_overfill_a_course(db_url):
+    """Two processes share the SQLite file; SQLite's write lock keeps the count exact."""
+    addresses, processes, channels = [], [], []
+    try:
+        for _ in range(2):
+            port = free_port()
+            addresses.append(f"127.0.0.1:{port}")
+            processes.append(
+                subprocess.Popen(
+                    [SERVER, "serve", "--address", addresses[-1], "--database-url", db_url],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        for address in addresses:
+            channel = grpc.insecure_channel(address)
+            grpc.channel_ready_future(channel).result(timeout=15)
+            channels.append(channel)
+        stubs = [pb_grpc.EnrollmentServiceStub(c) for c in channels]
+        capacity = 7
+        course = new_course(stubs[0], capacity=capacity)
+        students = [new_student(stubs[i % 2]) for i in range(30)]
+        calls = [
+            (
+                lambda s=s, stub=stubs[i % 2]: stub.EnrollStudent(
+                    pb.EnrollStudentRequest(student_id=s.id, course_id=course.id), timeout=TIMEOUT
+                )
+            )
+            for i, s in enumerate(students)
+        ]
+        codes = race(calls)
+        assert codes.count(grpc.StatusCode.OK) == capacity
+        assert codes.count(grpc.StatusCode.FAILED_PRECONDITION) == len(students) - capacity
+        # Both processes see the same, exact count.
+        for stub in stubs:
+            got = stub.GetCourse(pb.GetCourseRequest(course_id=course.id), timeout=TIMEOUT)
+            assert got.course.enrolled_count == capacity
+        roster = stubs[1].ListStudents(pb.ListStudentsRequest(course_id=course.id))
+        assert len(roster.students) == capacity
+    finally:
+        for channel in channels:
+            channel.close()
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -20,16 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from server.cli import build_parser
-from tests.rpc import TIMEOUT, new_student
+from tests.rpc import SERVER, TIMEOUT, free_port, new_student
 
-SERVER = str(Path(sys.executable).parent / "enrollment-server")
 SERVICE = "enrollment.v1.EnrollmentService"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
