@@ -9,6 +9,7 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+import peewee as pw
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from enrollment.v1 import enrollment_pb2 as pb
@@ -72,7 +73,14 @@ def create_server(config: ServerConfig) -> RunningServer:
         max_connections=config.max_workers + 4,
         timeout=config.database_timeout,
     )
-    check_schema()
+    try:
+        check_schema()
+    except pw.DatabaseError as exc:
+        database.close()
+        raise StartupError(f"cannot read the database schema: {exc}") from exc
+    except StartupError:
+        database.close()
+        raise
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),

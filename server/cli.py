@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+import peewee as pw
+
 from server import db as database
 from server import schema
 from server.app import ServerConfig, StartupError, serve
@@ -103,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, database.DatabaseConfigError, schema.DataLossRefused) as exc:
         print(f"enrollment-server: {exc}", file=sys.stderr)
         return 2
+    except pw.DatabaseError as exc:
+        # Operators see the database's own words; the migration (if any) was rolled back.
+        print(f"enrollment-server: {args.command} failed: {exc}", file=sys.stderr)
+        return 1
 
 
 def _schema_command(args: argparse.Namespace, db) -> int:

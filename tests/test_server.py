@@ -120,6 +120,30 @@ def test_unusable_database_url_is_a_clear_error(url, expected):
     assert expected in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
+    path = tmp_path / "notes.db"
+    path.write_text("this is not SQLite\n" * 100)
+    result = subprocess.run(
+        [SERVER, "serve", "--address", "127.0.0.1:0", "--database-url", f"sqlite:///{path}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "cannot read the database schema" in result.stderr
+    assert "Traceback" not in result.stderr
+    for command in ("migrate", "status"):
+        result = subprocess.run(
+            [SERVER, command, "--database-url", f"sqlite:///{path}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 1, result.stderr
+        assert f"{command} failed: file is not a database" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_sigterm_drains_in_flight_calls_then_exits(db_url):
     port = free_port()
     address = f"127.0.0.1:{port}"
