@@ -74,13 +74,17 @@ def create_server(config: ServerConfig) -> RunningServer:
         timeout=config.database_timeout,
     )
     try:
-        check_schema()
-    except pw.DatabaseError as exc:
-        database.close()
-        raise StartupError(f"cannot read the database schema: {exc}") from exc
-    except StartupError:
+        return _start(config)
+    except BaseException:
         database.close()
         raise
+
+
+def _start(config: ServerConfig) -> RunningServer:
+    try:
+        check_schema()
+    except pw.DatabaseError as exc:
+        raise StartupError(f"cannot read the database schema: {exc}") from exc
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
@@ -101,7 +105,6 @@ def create_server(config: ServerConfig) -> RunningServer:
     except RuntimeError:
         port = 0
     if not port:
-        database.close()
         raise StartupError(f"cannot listen on {config.address}: in use or not a local address")
     server.start()
     return RunningServer(server, port, health_servicer)

@@ -101,6 +101,11 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
         raise
 
 
+def savepoint():
+    """A nested transaction: a constraint error inside it leaves the outer one usable."""
+    return database.atomic()
+
+
 def transactional(*, write: bool) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Run the decorated service function as one unit of work."""
 

@@ -19,7 +19,7 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
-def casefold_key(value: str) -> str:
+def lowercase_key(value: str) -> str:
     return value.lower()
 
 

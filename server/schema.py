@@ -17,7 +17,7 @@ def router(db: pw.Database) -> Router:
     return Router(db, migrate_dir=MIGRATIONS_DIR, logger=log)
 
 
-def router_names() -> list[str]:
+def known_migrations() -> list[str]:
     return sorted(p.stem for p in MIGRATIONS_DIR.glob("[0-9][0-9][0-9]_*.py"))
 
 
@@ -31,12 +31,12 @@ def applied_migrations(db: pw.Database) -> list[str]:
 
 def pending_migrations(db: pw.Database) -> list[str]:
     done = set(applied_migrations(db))
-    return [name for name in router_names() if name not in done]
+    return [name for name in known_migrations() if name not in done]
 
 
 def unknown_migrations(db: pw.Database) -> list[str]:
     """Applied migrations this code does not know: the schema is newer than the code."""
-    known = set(router_names())
+    known = set(known_migrations())
     return [name for name in applied_migrations(db) if name not in known]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import sys
 from dataclasses import dataclass
@@ -71,17 +72,18 @@ def expect_error(call, request, code: grpc.StatusCode, reason: str, fields=None)
     return got
 
 
-def new_student(stub, name="Ada Lovelace", email=None, n=[0]) -> pb.Student:  # noqa: B006
-    n[0] += 1
-    email = email or f"student{n[0]}@example.com"
+_serial = itertools.count(1)
+
+
+def new_student(stub, name="Ada Lovelace", email=None) -> pb.Student:
+    email = email or f"student{next(_serial)}@example.com"
     return stub.CreateStudent(
         pb.CreateStudentRequest(name=name, email=email), timeout=TIMEOUT
     ).student
 
 
-def new_course(stub, code=None, title="Introduction", capacity=0, n=[0]) -> pb.Course:  # noqa: B006
-    n[0] += 1
-    code = code or f"C-{n[0]}"
+def new_course(stub, code=None, title="Introduction", capacity=0) -> pb.Course:
+    code = code or f"C-{next(_serial)}"
     request = pb.CreateCourseRequest(code=code, title=title, capacity=capacity)
     return stub.CreateCourse(request, timeout=TIMEOUT).course
 

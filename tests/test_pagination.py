@@ -170,7 +170,7 @@ def test_token_of_another_method_is_invalid(stub):
 def test_garbage_tokens_are_invalid(stub, token):
     request = pb.ListCoursesRequest(page_token=token)
     got = expect_error(stub.ListCourses, request, INVALID, "INVALID_FIELD", ["page_token"])
-    assert token not in got.message or len(token) < 2
+    assert got.message == "page_token: is not a page token issued by this method"
 
 
 def test_negative_page_size_is_invalid(stub):

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from server.db import transactional
+from server.db import savepoint, transactional
 from server.errors import CourseCodeTaken, HasEnrollments
-from server.models import Course, StudentCourse, casefold_key, utcnow
+from server.models import Course, StudentCourse, lowercase_key, utcnow
 from server.services import pagination
 from server.services.lookups import find_course, find_student
 from server.services.validation import Fields
@@ -28,10 +28,10 @@ def create_course(*, code: str, title: str, capacity: int) -> Course:
     capacity = fields.capacity("capacity", capacity)
     fields.check()
     try:
-        with Course._meta.database.atomic():  # savepoint: the transaction survives a duplicate
+        with savepoint():
             return Course.create(
                 code=code,
-                code_key=casefold_key(code),
+                code_key=lowercase_key(code),
                 title=title,
                 capacity=capacity,
                 enrolled_count=0,

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from server.db import transactional
+from server.db import savepoint, transactional
 from server.errors import EmailTaken, HasEnrollments
-from server.models import Course, Student, StudentCourse, casefold_key, utcnow
+from server.models import Course, Student, StudentCourse, lowercase_key, utcnow
 from server.services import pagination
 from server.services.lookups import find_course, find_student
 from server.services.validation import Fields
@@ -27,9 +27,9 @@ def create_student(*, name: str, email: str) -> Student:
     email = fields.email("email", email)
     fields.check()
     try:
-        with Student._meta.database.atomic():  # savepoint: the transaction survives a duplicate
+        with savepoint():
             return Student.create(
-                name=name, email=email, email_key=casefold_key(email), create_time=utcnow()
+                name=name, email=email, email_key=lowercase_key(email), create_time=utcnow()
             )
     except pw.IntegrityError:
         raise EmailTaken.of() from None

@@ -39,45 +39,36 @@ class Fields:
             self.invalid(field, "must be 0 (no filter) or an id of 1 or more")
         return value
 
-    def _text(self, field: str, value: str) -> str | None:
+    def _text(self, field: str, value: str, max_length: int, rule=None, rule_text="") -> str:
+        """The trimmed value; a violation when it holds control characters, is blank,
+        is too long, or fails rule (a predicate on the trimmed text)."""
         if _CONTROL.search(value):
-            self.invalid(field, "must not contain control characters")
-            return None
-        return value.strip()
+            problem = "must not contain control characters"
+        else:
+            value = value.strip()
+            if not value:
+                problem = "must not be blank"
+            elif len(value) > max_length:
+                problem = f"must be at most {max_length} characters"
+            elif rule is not None and not rule(value):
+                problem = rule_text
+            else:
+                return value
+        self.invalid(field, problem)
+        return value
 
     def name(self, field: str, value: str) -> str:
-        text = self._text(field, value)
-        if text is None:
-            return value
-        if not text:
-            self.invalid(field, "must not be blank")
-        elif len(text) > NAME_MAX:
-            self.invalid(field, f"must be at most {NAME_MAX} characters")
-        return text
+        return self._text(field, value, NAME_MAX)
 
     def email(self, field: str, value: str) -> str:
-        text = self._text(field, value)
-        if text is None:
-            return value
-        if not text:
-            self.invalid(field, "must not be blank")
-        elif len(text) > EMAIL_MAX:
-            self.invalid(field, f"must be at most {EMAIL_MAX} characters")
-        elif not _is_email(text):
-            self.invalid(field, "must be an email address such as name@example.com")
-        return text
+        return self._text(
+            field, value, EMAIL_MAX, _is_email, "must be an email address such as name@example.com"
+        )
 
     def code(self, field: str, value: str) -> str:
-        text = self._text(field, value)
-        if text is None:
-            return value
-        if not text:
-            self.invalid(field, "must not be blank")
-        elif len(text) > CODE_MAX:
-            self.invalid(field, f"must be at most {CODE_MAX} characters")
-        elif not _CODE.fullmatch(text):
-            self.invalid(field, "may hold only A-Z a-z 0-9 . _ -")
-        return text
+        return self._text(
+            field, value, CODE_MAX, _CODE.fullmatch, "may hold only A-Z a-z 0-9 . _ -"
+        )
 
     def capacity(self, field: str, value: int) -> int:
         if value < 0:
