@@ -57,8 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--database-timeout",
         type=float,
         default=DEFAULTS.database_timeout,
-        help="seconds a call waits for the database (a lock, a connection) before it fails "
-        "as UNAVAILABLE (default %(default)s)",
+        help="seconds a call waits for a lock or a new connection, and a statement may run, "
+        "before the call fails as UNAVAILABLE (default %(default)s)",
+    )
+    run.add_argument(
+        "--pool-size",
+        type=int,
+        default=DEFAULTS.pool_size,
+        help="database connections per process; at least --max-workers (default: --max-workers)",
+    )
+    run.add_argument(
+        "--pool-timeout",
+        type=float,
+        default=DEFAULTS.pool_timeout,
+        help="seconds a call waits for a free pooled connection before it fails as "
+        "UNAVAILABLE (default %(default)s)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("ENROLLMENT_WORKERS", DEFAULTS.workers)),
+        help="server processes sharing the port with SO_REUSEPORT "
+        "(env ENROLLMENT_WORKERS; default %(default)s)",
     )
 
     for name, text in (
@@ -84,10 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("peewee_migrate").setLevel(logging.WARNING)
     try:
         if args.command == "serve":
-            if args.max_workers < 1:
-                raise StartupError("--max-workers must be 1 or more")
-            if args.database_timeout <= 0 or args.grace < 0:
-                raise StartupError("--database-timeout must be above 0 and --grace 0 or more")
             serve(
                 ServerConfig(
                     address=args.address,
@@ -95,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                     grace_seconds=args.grace,
                     max_workers=args.max_workers,
                     database_timeout=args.database_timeout,
+                    pool_size=args.pool_size,
+                    pool_timeout=args.pool_timeout,
+                    workers=args.workers,
                 )
             )
             return 0
@@ -102,10 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             args.database_url, max_connections=1, create=args.command == "migrate"
         )
         return _schema_command(args, db)
-    except (StartupError, database.DatabaseConfigError, schema.DataLossRefused) as exc:
+    except (
+        StartupError,
+        database.DatabaseConfigError,
+        schema.DataLossRefused,
+        schema.MigrationLockTimeout,
+    ) as exc:
         print(f"enrollment-server: {exc}", file=sys.stderr)
         return 2
-    except pw.DatabaseError as exc:
+    except (pw.DatabaseError, pw.InterfaceError) as exc:
         # Operators see the database's own words; the migration (if any) was rolled back.
         print(f"enrollment-server: {args.command} failed: {exc}", file=sys.stderr)
         return 1

@@ -35,6 +35,21 @@ class IdField(pw.BigAutoField):
         return node
 
 
+class TimestampField(pw.DateTimeField):
+    """Naive UTC time to the microsecond on every database (MySQL's DATETIME alone keeps
+    whole seconds, so there it is DATETIME(6))."""
+
+    def ddl_datatype(self, ctx):
+        if _is_mysql(self.model._meta.database):
+            return pw.SQL("DATETIME(6)")
+        return super().ddl_datatype(ctx)
+
+
+def _is_mysql(db) -> bool:
+    db = db.obj if isinstance(db, pw.DatabaseProxy) else db
+    return isinstance(db, pw.MySQLDatabase)
+
+
 class BaseModel(pw.Model):
     class Meta:
         database = database
@@ -46,7 +61,7 @@ class Student(BaseModel):
     name = pw.CharField(max_length=200)
     email = pw.CharField(max_length=254)
     email_key = pw.CharField(max_length=KEY_LENGTH, unique=True)
-    create_time = pw.DateTimeField(default=utcnow)
+    create_time = TimestampField(default=utcnow)
 
     class Meta:
         table_name = "students"
@@ -59,7 +74,7 @@ class Course(BaseModel):
     title = pw.CharField(max_length=200)
     capacity = pw.IntegerField(default=0, constraints=[pw.Check("capacity >= 0")])
     enrolled_count = pw.IntegerField(default=0, constraints=[pw.Check("enrolled_count >= 0")])
-    create_time = pw.DateTimeField(default=utcnow)
+    create_time = TimestampField(default=utcnow)
 
     class Meta:
         table_name = "courses"
@@ -73,7 +88,7 @@ class StudentCourse(BaseModel):
         Student, column_name="student_id", on_delete="RESTRICT", index=False
     )
     course = pw.ForeignKeyField(Course, column_name="course_id", on_delete="RESTRICT", index=False)
-    enroll_time = pw.DateTimeField(default=utcnow)
+    enroll_time = TimestampField(default=utcnow)
 
     class Meta:
         table_name = "student_courses"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+from collections.abc import Iterator
 
 import peewee as pw
 from peewee_migrate import Router
 from peewee_migrate.models import MIGRATE_TABLE
+from playhouse.migrate import Operation
 
 from migrations import MIGRATIONS_DIR
 
@@ -40,10 +44,70 @@ def unknown_migrations(db: pw.Database) -> list[str]:
     return [name for name in applied_migrations(db) if name not in known]
 
 
+# One schema change at a time per database: a second migrate started at the same
+# moment waits for the first, then finds nothing left to do.
+LOCK_NAME = "enrollment.v1.schema"
+LOCK_KEY = 0x656E726F6C6C  # PostgreSQL advisory lock key ("enroll")
+LOCK_WAIT_SECONDS = 600
+
+
+class MigrationLockTimeout(RuntimeError):
+    """Another schema change held the database for longer than LOCK_WAIT_SECONDS."""
+
+
+@contextlib.contextmanager
+def schema_lock(db: pw.Database) -> Iterator[None]:
+    """Hold the database's schema lock on the current connection."""
+    if isinstance(db, pw.PostgresqlDatabase):
+        # Polled rather than waited on, so the session's lock_timeout does not apply.
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while not db.execute_sql("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise MigrationLockTimeout("another schema change holds the database")
+            time.sleep(0.1)
+        try:
+            yield
+        finally:
+            db.execute_sql("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+    elif isinstance(db, pw.MySQLDatabase):
+        got = db.execute_sql("SELECT GET_LOCK(%s, %s)", (LOCK_NAME, LOCK_WAIT_SECONDS))
+        if got.fetchone()[0] != 1:
+            raise MigrationLockTimeout("another schema change holds the database")
+        try:
+            yield
+        finally:
+            db.execute_sql("SELECT RELEASE_LOCK(%s)", (LOCK_NAME,))
+    else:
+        # SQLite: the whole run in one exclusive transaction (DDL rolls back with it).
+        with db.atomic("EXCLUSIVE"):
+            yield
+
+
 def migrate(db: pw.Database) -> list[str]:
     """Apply every pending migration; returns their names (empty when up to date)."""
-    with db.connection_context():
-        return router(db).run()
+    with db.connection_context(), schema_lock(db):
+        applied = router(db).run()
+        if isinstance(db, pw.PostgresqlDatabase):
+            sync_sequences(db)
+        return applied
+
+
+def sync_sequences(db: pw.PostgresqlDatabase) -> None:
+    """Move each id sequence past the largest id in its table.
+
+    Rows loaded with explicit ids (a restore, a copy from another database) do not
+    advance PostgreSQL's sequences; the next insert would then collide. A sequence
+    only moves forward, so ids are never handed out twice.
+    """
+    for table in ("students", "courses"):
+        if not db.table_exists(table):
+            continue
+        (sequence,) = db.execute_sql("SELECT pg_get_serial_sequence(%s, 'id')", (table,)).fetchone()
+        last, called = db.execute_sql(f"SELECT last_value, is_called FROM {sequence}").fetchone()
+        (largest,) = db.execute_sql(f"SELECT MAX(id) FROM {table}").fetchone()
+        next_free = last + 1 if called else last
+        if largest is not None and largest >= next_free:
+            db.execute_sql("SELECT setval(%s, %s)", (sequence, largest))
 
 
 class DataLossRefused(RuntimeError):
@@ -53,22 +117,38 @@ class DataLossRefused(RuntimeError):
 def rollback(db: pw.Database, *, allow_data_loss: bool = False) -> str | None:
     """Undo the last applied migration; returns its name, or None when none is applied.
 
-    A rollback that would drop a table holding rows is undone and refused unless
-    allow_data_loss is set (SQLite rolls DDL back with the transaction).
+    A rollback that would drop a table holding rows is refused unless allow_data_loss
+    is set. The tables a rollback drops are read from its planned operations before
+    anything runs, because MySQL commits DDL at once; on SQLite and PostgreSQL the
+    result is checked again inside the transaction, which undoes everything if needed.
     """
-    with db.connection_context(), db.atomic():
+    with db.connection_context(), schema_lock(db), db.atomic():
         done = applied_migrations(db)
         if not done:
             return None
-        holding_rows = [t for t in db.get_tables() if t != MIGRATE_TABLE and _has_rows(db, t)]
+        holding_rows = {t for t in db.get_tables() if t != MIGRATE_TABLE and _has_rows(db, t)}
+        planned = _tables_dropped_by_rollback(router(db), done[-1])
         router(db).rollback()
-        dropped = sorted(set(holding_rows) - set(db.get_tables()))
+        dropped = sorted(holding_rows & (planned | (holding_rows - set(db.get_tables()))))
         if dropped and not allow_data_loss:
             raise DataLossRefused(
                 f"rolling back {done[-1]} would drop {', '.join(dropped)}, which hold rows; "
                 "nothing was changed (pass --allow-data-loss to drop them)"
             )
         return done[-1]
+
+
+def _tables_dropped_by_rollback(migrations: Router, name: str) -> set[str]:
+    """The tables the rollback of one migration drops, read from its plan, not run."""
+    migrator = migrations.migrator
+    _, undo = migrations.read(name)
+    undo(migrator, migrations.database, fake=False)
+    planned, migrator.__ops__ = migrator.__ops__, []
+    return {
+        op.args[0]
+        for op in planned
+        if isinstance(op, Operation) and op.fn.__name__ == "drop_table" and op.args
+    }
 
 
 def _has_rows(db: pw.Database, table: str) -> bool:

@@ -1,10 +1,16 @@
-"""Fixtures: a fresh migrated SQLite file and a real server on a free port over a real channel."""
+"""Fixtures: a fresh migrated database on each selected kind (SQLite, PostgreSQL, MariaDB)
+and a real server on a free port over a real channel.
+
+Which databases: `pytest --databases sqlite,postgresql` or TEST_DATABASES (default all
+three), with TEST_POSTGRESQL_URL / TEST_MYSQL_URL naming the servers. A server that
+cannot be reached skips its tests with the reason, except under CI=true, where it fails.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
@@ -13,16 +19,118 @@ from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from server import db as database
 from server import schema
 from server.app import RunningServer, ServerConfig, create_server
+from tests import databases
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--databases",
+        default=None,
+        help="comma-separated databases to run on: sqlite,postgresql,mysql "
+        "(default: TEST_DATABASES, else all three)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "databases(*kinds): run only on these kinds of database (e.g. 'sqlite')"
+    )
+    config.addinivalue_line(
+        "markers", "own_database: the test gets a database of its own instead of the shared one"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" not in metafunc.fixturenames:
+        return
+    kinds = databases.selected(metafunc.config.getoption("--databases"))
+    marker = metafunc.definition.get_closest_marker("databases")
+    if marker is not None:
+        kinds = [k for k in kinds if k in marker.args]
+    metafunc.parametrize("backend", kinds, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def database_servers() -> dict[str, databases.Server | str]:
+    """Each selected server, or why it cannot be used."""
+    return {}
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    """URL of a fresh SQLite file with every migration applied."""
-    url = f"sqlite:///{tmp_path / 'enrollment.db'}"
+def backend(request: pytest.FixtureRequest, database_servers) -> str:
+    kind = request.param
+    if kind != "sqlite":
+        server_for(kind, database_servers)
+    return kind
+
+
+def server_for(kind: str, cache: dict) -> databases.Server:
+    if kind not in cache:
+        server = databases.Server(kind, databases.admin_url(kind))
+        try:
+            server.check()
+            cache[kind] = server
+        except Exception as exc:  # noqa: BLE001 - the reason is shown to the developer
+            cache[kind] = f"{kind} at {server.url} cannot be reached: {exc}".strip()
+    found = cache[kind]
+    if isinstance(found, str):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{found} (CI=true requires every selected database)")
+        pytest.skip(found)
+    return found
+
+
+@pytest.fixture(scope="session")
+def shared_databases(database_servers) -> Iterator[dict[str, str]]:
+    """One migrated database per server kind for the whole run, dropped at its end."""
+    made: dict[str, str] = {}
+    yield made
+    for kind, url in made.items():
+        server_for(kind, database_servers).drop(url)
+
+
+@pytest.fixture
+def new_database(backend, database_servers, tmp_path) -> Iterator[Callable[[], str]]:
+    """Make empty (unmigrated) databases of the test's kind; dropped after the test."""
+    made: list[str] = []
+
+    def make() -> str:
+        if backend == "sqlite":
+            url = databases.sqlite_file(tmp_path, f"db{len(made)}.db")
+        else:
+            url = server_for(backend, database_servers).create()
+        made.append(url)
+        return url
+
+    yield make
+    database.close()
+    if backend != "sqlite":
+        for url in made:
+            server_for(backend, database_servers).drop(url)
+
+
+def migrated(url: str) -> str:
     db = database.connect(url, max_connections=2, create=True)
     schema.migrate(db)
     database.close()
     return url
+
+
+@pytest.fixture
+def db_url(request, backend, new_database, shared_databases) -> str:
+    """URL of a migrated database with no rows: a new SQLite file, or the run's shared
+    PostgreSQL/MariaDB database emptied (a test marked own_database gets a new one)."""
+    if backend == "sqlite" or request.node.get_closest_marker("own_database"):
+        return migrated(new_database())
+    if backend not in shared_databases:
+        shared_databases[backend] = migrated(_make_shared(backend, request))
+    databases.empty_tables(shared_databases[backend])
+    return shared_databases[backend]
+
+
+def _make_shared(backend: str, request) -> str:
+    servers = request.getfixturevalue("database_servers")
+    return server_for(backend, servers).create("enrollment_shared")
 
 
 @dataclass

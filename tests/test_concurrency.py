@@ -1,7 +1,6 @@
 """Races: exactly-once enrollment, capacity never exceeded, enrolled_count equal to the roster."""
 
 import random
-import sqlite3
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +9,7 @@ import grpc
 
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+from tests import databases
 from tests.rpc import SERVER, TIMEOUT, free_port, new_course, new_student
 
 THREADS = 16
@@ -32,12 +32,12 @@ def race(calls):
 
 
 def counts_match_rosters(live) -> None:
-    path = live.database_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute(
-            "SELECT c.id, c.capacity, c.enrolled_count, COUNT(sc.student_id) FROM courses c "
-            "LEFT JOIN student_courses sc ON sc.course_id = c.id GROUP BY c.id"
-        ).fetchall()
+    rows = databases.query(
+        live.database_url,
+        "SELECT c.id, c.capacity, c.enrolled_count, COUNT(sc.student_id) FROM courses c "
+        "LEFT JOIN student_courses sc ON sc.course_id = c.id "
+        "GROUP BY c.id, c.capacity, c.enrolled_count",
+    )
     for course_id, capacity, enrolled_count, roster in rows:
         assert enrolled_count == roster, f"course {course_id}: {enrolled_count} != {roster}"
         assert capacity == 0 or roster <= capacity

@@ -28,7 +28,8 @@ from server import schema
 
 M001 = "001_create_students_and_courses"
 M002 = "002_create_student_courses"
-ALL_MIGRATIONS = [M001, M002]
+M003 = "003_mysql_utf8mb4_and_microseconds"  # changes nothing on SQLite
+ALL_MIGRATIONS = [M001, M002, M003]
 TABLES = ("students", "courses", "student_courses")
 KEPT_TABLES = ("students", "courses")  # tables 002 and its rollback must not touch
 
@@ -281,12 +282,15 @@ def test_rows_written_at_001_survive_002_and_its_rollback(db_at_001):
     assert dict(before["sqlite_sequence"]) == {"students": BIG_ID, "courses": BIG_ID + 5}
     assert_healthy(db)
 
-    assert router(db).run() == [M002]
+    assert router(db).run() == [M002, M003]
     assert schema.applied_migrations(db) == ALL_MIGRATIONS
     assert table_exists(db, "student_courses")
     assert kept_snapshot(db) == before
     assert_healthy(db)
 
+    router(db).rollback()
+    assert schema.applied_migrations(db) == [M001, M002]
+    assert kept_snapshot(db) == before
     router(db).rollback()
     assert schema.applied_migrations(db) == [M001]
     assert not table_exists(db, "student_courses")
@@ -298,7 +302,7 @@ def test_rows_written_at_001_survive_002_and_its_rollback(db_at_001):
 
 def test_rollback_with_enrollments_keeps_students_and_courses_and_002_reapplies(db_at_001):
     db, students, _ = db_at_001
-    assert router(db).run() == [M002]
+    assert router(db).run(M002) == [M002]
     created_sql = [row for row in master(db) if row[2] == "student_courses"]
     pairs = insert_enrollments(db)
     assert len(pairs) == 76  # 40 students x 2 courses; 4 of them draw one course twice
@@ -319,8 +323,8 @@ def test_rollback_with_enrollments_keeps_students_and_courses_and_002_reapplies(
     assert kept_snapshot(db) == before
     assert_healthy(db)
 
-    assert router(db).run() == [M002]
-    assert schema.applied_migrations(db) == ALL_MIGRATIONS
+    assert router(db).run(M002) == [M002]
+    assert schema.applied_migrations(db) == [M001, M002]
     assert [row for row in master(db) if row[2] == "student_courses"] == created_sql
     assert plain_rows(db, "student_courses") == []
     assert kept_snapshot(db) == before
@@ -357,11 +361,13 @@ def test_every_step_of_001_002_rollback_002_keeps_every_row(app_database):
             assert_healthy(db)
 
     check("001", [M001], False)
-    assert schema.migrate(db) == [M002]
-    check("001+002", ALL_MIGRATIONS, True)
+    assert schema.migrate(db) == [M002, M003]
+    check("001+002+003", ALL_MIGRATIONS, True)
+    assert schema.rollback(db) == M003
+    check("rollback 003", [M001, M002], True)
     assert schema.rollback(db) == M002
     check("rollback 002", [M001], False)
-    assert schema.migrate(db) == [M002]
+    assert schema.migrate(db) == [M002, M003]
     check("002 again", ALL_MIGRATIONS, True)
     with db.connection_context():
         assert schema.pending_migrations(db) == []
@@ -618,10 +624,10 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
         assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr
         assert "enrollment-server migrate" in proc.stderr and not path.exists()
 
-    assert server_cli("migrate", path, tmp_path).stdout == f"applied {M001}, {M002}\n"
+    assert server_cli("migrate", path, tmp_path).stdout == f"applied {', '.join(ALL_MIGRATIONS)}\n"
     assert server_cli("migrate", path, tmp_path).stdout == "schema is up to date\n"
     status = server_cli("status", path, tmp_path).stdout.splitlines()
-    assert status == [f"applied  {M001}", f"applied  {M002}"]
+    assert status == [f"applied  {name}" for name in ALL_MIGRATIONS]
 
     db = open_db("cli.db")
     assert schema.applied_migrations(db) == ALL_MIGRATIONS
@@ -630,6 +636,8 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     before = kept_snapshot(db)
     db.close()
 
+    # 003 drops nothing: its rollback goes through.
+    assert server_cli("rollback", path, tmp_path).stdout == f"rolled back {M003}\n"
     # Dropping student_courses would lose its rows: refused, and nothing changes.
     refused = run_cli(
         "enrollment-server", "rollback", "--database-url", sqlite_url(path), cwd=tmp_path
@@ -638,7 +646,7 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     assert "student_courses" in refused.stderr and "--allow-data-loss" in refused.stderr
     assert "Traceback" not in refused.stderr
     db.connect()
-    assert schema.applied_migrations(db) == ALL_MIGRATIONS and table_exists(db, "student_courses")
+    assert schema.applied_migrations(db) == [M001, M002] and table_exists(db, "student_courses")
     db.close()
 
     proc = run_cli(
@@ -647,7 +655,7 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     )  # fmt: skip
     assert proc.returncode == 0 and proc.stdout == f"rolled back {M002}\n", proc.stderr
     status = server_cli("status", path, tmp_path).stdout.splitlines()
-    assert status == [f"applied  {M001}", f"pending  {M002}"]
+    assert status == [f"applied  {M001}", f"pending  {M002}", f"pending  {M003}"]
     db.connect()
     assert schema.applied_migrations(db) == [M001]
     assert not table_exists(db, "student_courses")
@@ -655,7 +663,7 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     assert_healthy(db)
     db.close()
 
-    assert server_cli("migrate", path, tmp_path).stdout == f"applied {M002}\n"
+    assert server_cli("migrate", path, tmp_path).stdout == f"applied {M002}, {M003}\n"
     db.connect()
     assert schema.pending_migrations(db) == []
     assert kept_snapshot(db) == before
@@ -683,7 +691,7 @@ def test_pw_migrate_cli_brings_a_fresh_database_to_head(tmp_path, open_db):
     pw_master = master(db)
     db.close()
     status = server_cli("status", path, tmp_path).stdout.splitlines()
-    assert status == [f"applied  {M001}", f"applied  {M002}"]
+    assert status == [f"applied  {name}" for name in ALL_MIGRATIONS]
     assert server_cli("migrate", path, tmp_path).stdout == "schema is up to date\n"
 
     # The same schema as `enrollment-server migrate` builds.

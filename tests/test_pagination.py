@@ -1,27 +1,26 @@
 """AIP-158 pagination: sizes, tokens, full walks, and rows created during a walk."""
 
-import sqlite3
-
 import grpc
 import pytest
 
 from enrollment.v1 import enrollment_pb2 as pb
+from server.models import Student
+from tests import databases
 from tests.rpc import TIMEOUT, enroll, expect_error, new_course, new_student
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def bulk_students(live, count: int) -> None:
-    """Insert students straight into the SQLite file, as a bulk load would."""
-    path = live.database_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as conn:
-        conn.executemany(
-            "INSERT INTO students (name, email, email_key, create_time) VALUES (?, ?, ?, ?)",
+    """Insert students straight into the database, as a bulk load would."""
+    with databases.connection(live.database_url) as db, db.atomic():
+        Student.insert_many(
             [
                 (f"S{i}", f"bulk{i}@example.com", f"bulk{i}@example.com", "2026-01-01 00:00:00")
                 for i in range(count)
             ],
-        )
+            fields=[Student.name, Student.email, Student.email_key, Student.create_time],
+        ).execute(db)
 
 
 def walk(call, request_type, page_size, **filters):

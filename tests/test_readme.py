@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 BIN = Path(sys.executable).parent
 
@@ -17,6 +19,7 @@ def walkthrough_commands() -> list[str]:
     return [line for line in block.splitlines() if line.startswith("grpcurl ")]
 
 
+@pytest.mark.own_database  # the walkthrough's ids start at 1
 def test_readme_walkthrough_runs_as_written(live, tmp_path):
     commands = walkthrough_commands()
     assert len(commands) == 9

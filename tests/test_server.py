@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from server.cli import build_parser
+from tests import databases
 from tests.rpc import SERVER, TIMEOUT, free_port, new_student
 
 SERVICE = "enrollment.v1.EnrollmentService"
@@ -88,13 +88,13 @@ def test_serve_from_env_then_refuse_a_port_already_in_use(db_url):
     try:
         channel = wait_serving(f"127.0.0.1:{port}")
         stub = pb_grpc.EnrollmentServiceStub(channel)
-        assert new_student(stub).id == 1
+        student = new_student(stub)
         second = start_process("serve", "--address", f"127.0.0.1:{port}", "--database-url", db_url)
         out, _ = second.communicate(timeout=30)
         assert second.returncode == 2, out
         assert f"cannot listen on 127.0.0.1:{port}" in out and "Traceback" not in out
         # The first server is unharmed.
-        stub.GetStudent(pb.GetStudentRequest(student_id=1), timeout=TIMEOUT)
+        stub.GetStudent(pb.GetStudentRequest(student_id=student.id), timeout=TIMEOUT)
         channel.close()
     finally:
         first.terminate()
@@ -104,7 +104,9 @@ def test_serve_from_env_then_refuse_a_port_already_in_use(db_url):
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("postgresql://localhost/test", "unsupported database URL scheme"),
+        ("oracle://localhost/test", "unsupported database URL scheme"),
+        ("postgresql://localhost", "must name a database"),
+        ("mysql://localhost:port/x", "cannot be read"),
         ("sqlite:///no/such/dir/x.db", "does not exist"),
         ("sqlite:///:memory:", "must name a file"),
     ],
@@ -151,11 +153,11 @@ def test_sigterm_drains_in_flight_calls_then_exits(db_url):
         "serve", "--address", address, "--database-url", db_url, "--grace", "20",
         "--database-timeout", "20",
     )  # fmt: skip
-    blocker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+    blocker = databases.write_blocked(db_url, "late@example.com")
     try:
         channel = wait_serving(address)
         stub = pb_grpc.EnrollmentServiceStub(channel)
-        blocker.execute("BEGIN IMMEDIATE")  # the next write waits for this lock
+        blocker.__enter__()  # the next write waits for this lock
         outcome = {}
 
         def in_flight():
@@ -168,7 +170,7 @@ def test_sigterm_drains_in_flight_calls_then_exits(db_url):
         server.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert server.poll() is None, "the server must wait for the in-flight call"
-        blocker.execute("COMMIT")
+        blocker.release()  # rolled back: the write goes ahead
         caller.join(timeout=30)
         assert outcome["student"].name == "Late"
         out, _ = server.communicate(timeout=30)
@@ -177,7 +179,7 @@ def test_sigterm_drains_in_flight_calls_then_exits(db_url):
         assert "rpc method=CreateStudent code=OK" in out
         channel.close()
     finally:
-        blocker.close()
+        blocker.release()
         if server.poll() is None:
             server.kill()
             server.communicate()

@@ -75,7 +75,7 @@ def delete_course(*, course_id: int, force: bool) -> None:
     fields = Fields()
     fields.required_id("course_id", course_id)
     fields.check()
-    course = find_course(course_id)
+    course = find_course(course_id, lock=True)
     count = StudentCourse.select().where(StudentCourse.course == course_id).count()
     if count and not force:
         raise HasEnrollments.of("course", course.id, count)

@@ -69,7 +69,9 @@ def delete_student(*, student_id: int, force: bool) -> None:
     fields = Fields()
     fields.required_id("student_id", student_id)
     fields.check()
-    find_student(student_id)
+    # Locked first: an enrollment of this student racing the delete either committed
+    # before (and is counted below) or waits and then finds no student.
+    find_student(student_id, lock=True)
     enrollments = StudentCourse.select().where(StudentCourse.student == student_id)
     count = enrollments.count()
     if count and not force:

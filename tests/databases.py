@@ -1,0 +1,169 @@
+"""The databases the suite runs on: which are selected, and a throwaway database on each."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import peewee as pw
+
+from server import db as app_db
+
+ALL = ("sqlite", "postgresql", "mysql")
+DEFAULT_URLS = {
+    "postgresql": "postgresql://postgres@127.0.0.1:5432/test",
+    "mysql": "mysql://root@127.0.0.1:3306/test",
+}
+TABLES = ("student_courses", "courses", "students")  # children first
+
+
+def selected(option: str | None) -> list[str]:
+    """--databases, else TEST_DATABASES, else all three."""
+    text = option or os.environ.get("TEST_DATABASES") or ",".join(ALL)
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(ALL))
+    if unknown:
+        raise ValueError(f"unknown database(s) {unknown}; choose from {', '.join(ALL)}")
+    return names
+
+
+def admin_url(kind: str) -> str:
+    """The server a kind's test databases are made on (TEST_POSTGRESQL_URL / TEST_MYSQL_URL)."""
+    return os.environ.get(f"TEST_{kind.upper()}_URL", DEFAULT_URLS[kind])
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@dataclass
+class Server:
+    """A PostgreSQL or MariaDB server the tests may create databases on."""
+
+    kind: str
+    url: str
+
+    def admin(self) -> pw.Database:
+        return app_db.probe_database(self.url, timeout=5)
+
+    def check(self) -> None:
+        """Raise with the driver's reason when the server cannot be reached."""
+        db = self.admin()
+        try:
+            app_db.ping(db)
+        finally:
+            db.close()
+
+    def create(self, prefix: str = "enrollment_test") -> str:
+        name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self._run(f"CREATE DATABASE {name}")
+        return with_database(self.url, name)
+
+    def drop(self, url: str) -> None:
+        name = urlsplit(url).path.lstrip("/")
+        if self.kind == "postgresql":
+            self._run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        else:
+            self._run(f"DROP DATABASE IF EXISTS {name}")
+
+    def _run(self, sql: str) -> None:
+        db = self.admin()
+        db.connect()
+        try:
+            if self.kind == "postgresql":
+                db.connection().autocommit = True  # CREATE/DROP DATABASE refuse a transaction
+            db.execute_sql(sql)
+        finally:
+            db.close()
+
+
+def kind_of(url: str) -> str:
+    return app_db.parse(url, create=True).kind
+
+
+@contextlib.contextmanager
+def connection(url: str) -> Iterator[pw.Database]:
+    """A plain connection of the test's own, beside the server's pool."""
+    db = app_db.probe_database(url, timeout=10) if kind_of(url) != "sqlite" else None
+    if db is None:
+        db = pw.SqliteDatabase(url.removeprefix("sqlite:///"), pragmas=app_db.SQLITE_PRAGMAS)
+    db.connect()
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def sql(db: pw.Database, text: str, params: tuple = ()) -> list[tuple]:
+    """Run one statement, written with ? placeholders, in its own transaction."""
+    if db.param != "?":
+        text = text.replace("?", db.param)
+    with db.atomic():
+        cursor = db.execute_sql(text, params)
+        return list(cursor.fetchall()) if cursor.description else []
+
+
+def query(url: str, text: str, params: tuple = ()) -> list[tuple]:
+    with connection(url) as db:
+        return sql(db, text, params)
+
+
+def table_counts(url: str) -> tuple[int, int, int]:
+    with connection(url) as db:
+        return tuple(
+            sql(db, f"SELECT COUNT(*) FROM {t}")[0][0]
+            for t in ("students", "courses", "student_courses")
+        )
+
+
+def empty_tables(url: str) -> None:
+    with connection(url) as db, db.atomic():
+        for table in TABLES:
+            db.execute_sql(f"DELETE FROM {table}")
+
+
+class write_blocked:  # noqa: N801 - used as a context manager, like a function
+    """Hold, from another connection, what a CreateStudent with this email must wait for.
+
+    SQLite: the whole database's write lock. PostgreSQL and MariaDB lock rows, not
+    the database: an uncommitted student with the same email key makes the insert wait
+    for this transaction. release() (or leaving the block) rolls it back.
+    """
+
+    def __init__(self, url: str, email: str) -> None:
+        self._url, self._email = url, email
+        self._db: pw.Database | None = None
+
+    def __enter__(self) -> write_blocked:
+        db = self._db = connection(self._url).__enter__()
+        if isinstance(db, pw.SqliteDatabase):
+            db.execute_sql("BEGIN IMMEDIATE")
+        else:
+            db.begin()
+            db.execute_sql(
+                "INSERT INTO students (name, email, email_key, create_time) "
+                f"VALUES ({db.param}, {db.param}, {db.param}, {db.param})",
+                ("Blocker", self._email, self._email.lower(), "2026-01-01 00:00:00"),
+            )
+        return self
+
+    def release(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            try:
+                db.rollback()
+            finally:
+                db.close()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def sqlite_file(tmp_path: Path, name: str = "enrollment.db") -> str:
+    return f"sqlite:///{tmp_path / name}"
