@@ -1,4 +1,4 @@
-"""The enrollment-server command: serve, migrate, rollback, status."""
+"""The enrollment-server command: serve, health, migrate, rollback, status."""
 
 from __future__ import annotations
 
@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(env ENROLLMENT_WORKERS; default %(default)s)",
     )
 
+    probe = commands.add_parser(
+        "health", help="ask a running server's grpc.health.v1 service; exit 0 when SERVING"
+    )
+    probe.add_argument(
+        "--address",
+        default=os.environ.get("ENROLLMENT_ADDRESS", DEFAULTS.address),
+        help="HOST:PORT of the server (env ENROLLMENT_ADDRESS; default %(default)s); "
+        "0.0.0.0 or [::] means this host",
+    )
+    probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default %(default)s)")
+
     for name, text in (
         ("migrate", "apply pending migrations (creates a missing SQLite file)"),
         ("rollback", "undo the last applied migration"),
@@ -98,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s"
     )
     # peewee-migrate logs every step at INFO through its own logger.
     logging.getLogger("peewee_migrate").setLevel(logging.WARNING)
@@ -117,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             return 0
+        if args.command == "health":
+            return health_check(args.address, args.timeout)
         db = database.connect(
             args.database_url, max_connections=1, create=args.command == "migrate"
         )
@@ -133,6 +146,27 @@ def main(argv: list[str] | None = None) -> int:
         # Operators see the database's own words; the migration (if any) was rolled back.
         print(f"enrollment-server: {args.command} failed: {exc}", file=sys.stderr)
         return 1
+
+
+def health_check(address: str, timeout: float) -> int:
+    """The container's HEALTHCHECK: one grpc.health.v1 Check of the whole server."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", "[::]", ""):
+        host = "127.0.0.1"
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+        except grpc.RpcError as error:
+            print(f"{address}: {error.code().name}", file=sys.stderr)
+            return 1
+    state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{address}: {state}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _schema_command(args: argparse.Namespace, db) -> int:

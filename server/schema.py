@@ -128,14 +128,18 @@ def rollback(db: pw.Database, *, allow_data_loss: bool = False) -> str | None:
             return None
         holding_rows = {t for t in db.get_tables() if t != MIGRATE_TABLE and _has_rows(db, t)}
         planned = _tables_dropped_by_rollback(router(db), done[-1])
+        _refuse_loss(done[-1], holding_rows & planned, allow_data_loss)
         router(db).rollback()
-        dropped = sorted(holding_rows & (planned | (holding_rows - set(db.get_tables()))))
-        if dropped and not allow_data_loss:
-            raise DataLossRefused(
-                f"rolling back {done[-1]} would drop {', '.join(dropped)}, which hold rows; "
-                "nothing was changed (pass --allow-data-loss to drop them)"
-            )
+        _refuse_loss(done[-1], holding_rows - set(db.get_tables()), allow_data_loss)
         return done[-1]
+
+
+def _refuse_loss(name: str, dropped: set[str], allow_data_loss: bool) -> None:
+    if dropped and not allow_data_loss:
+        raise DataLossRefused(
+            f"rolling back {name} would drop {', '.join(sorted(dropped))}, which hold rows; "
+            "nothing was changed (pass --allow-data-loss to drop them)"
+        )
 
 
 def _tables_dropped_by_rollback(migrations: Router, name: str) -> set[str]:

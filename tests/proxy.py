@@ -1,0 +1,91 @@
+"""A TCP proxy owned by a test: forwards to a database, and can cut and restore the line."""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import socket
+import threading
+
+
+class TcpProxy:
+    """Listens on 127.0.0.1:<port> and forwards every connection to target.
+
+    cut(): closes every open connection and refuses new ones, as a database that
+    went away would. restore(): accepts connections again on the same port.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._listener: socket.socket | None = None
+        self._closed = threading.Event()
+        self.port = self._listen(0)
+
+    def _listen(self, port: int) -> int:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return listener.getsockname()[1]
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # the listener was closed: cut() or close()
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._pairs.append((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(a, selectors.EVENT_READ, b)
+        selector.register(b, selectors.EVENT_READ, a)
+        try:
+            while True:
+                for key, _ in selector.select(timeout=1):
+                    data = key.fileobj.recv(65536)
+                    if not data:
+                        return
+                    key.data.sendall(data)
+        except (OSError, ValueError):
+            return
+        finally:
+            selector.close()
+            self._drop(a, b)
+
+    def _drop(self, a: socket.socket, b: socket.socket) -> None:
+        for sock in (a, b):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        with self._lock, contextlib.suppress(ValueError):
+            self._pairs.remove((a, b))
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            pairs = list(self._pairs)
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            listener.close()
+        for a, b in pairs:
+            self._drop(a, b)
+
+    def restore(self) -> None:
+        if self._listener is None:
+            self._listen(self.port)
+
+    def close(self) -> None:
+        self.cut()
