@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import peewee as pw
+import pymysql
 from playhouse.db_url import parse as parse_db_url
 from playhouse.pool import (
     MaxConnectionsExceeded,
@@ -63,9 +64,11 @@ _PG_TRANSIENT_CLASSES = ("08", "53", "57")
 _PG_TRANSIENT_CODES = ("55P03",)
 # A deadlock or a serialization failure: running the whole transaction again is safe.
 _PG_RETRY_CODES = ("40001", "40P01")
-# MySQL/MariaDB error numbers: lock wait timeout, too many connections, server gone
-# or unreachable, connection killed, statement time limit.
-_MYSQL_TRANSIENT = {1040, 1053, 1205, 1927, 1969, 2002, 2003, 2006, 2013, 2055, 3024, 4031}
+# MySQL/MariaDB error numbers: the connection is gone (can't connect, server gone,
+# lost, killed, closed for inactivity), and the other "not now"s (too many connections,
+# shutting down, lock wait timeout, statement time limit).
+_MYSQL_LOST = {1927, 2002, 2003, 2006, 2013, 2055, 4031}
+_MYSQL_TRANSIENT = _MYSQL_LOST | {1040, 1053, 1205, 1969, 3024}
 _MYSQL_RETRY = {1213}  # deadlock found when trying to get lock
 
 # A transaction chosen as a deadlock victim is run again this many times in all.
@@ -260,11 +263,11 @@ def _classify(exc: BaseException) -> str | None:
         if pgcode[:2] in _PG_TRANSIENT_CLASSES or pgcode in _PG_TRANSIENT_CODES:
             return "unavailable"
         return None
-    if type(cause).__module__.startswith("pymysql"):
-        errno = cause.args[0] if cause.args and isinstance(cause.args[0], int) else None
+    if isinstance(cause, pymysql.Error):
+        errno = _mysql_errno(cause)
         if errno in _MYSQL_RETRY:
             return "retry"
-        if errno in _MYSQL_TRANSIENT or isinstance(cause, _pymysql_interface_error()):
+        if errno in _MYSQL_TRANSIENT or isinstance(cause, pymysql.InterfaceError):
             return "unavailable"
         return None
     if isinstance(exc, pw.OperationalError | sqlite3.OperationalError):
@@ -274,15 +277,8 @@ def _classify(exc: BaseException) -> str | None:
     return None
 
 
-def _pymysql_interface_error() -> type[BaseException]:
-    import pymysql
-
-    return pymysql.err.InterfaceError
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True when the failure is the database being unreachable, locked or out of time."""
-    return _classify(exc) is not None
+def _mysql_errno(cause: BaseException) -> int | None:
+    return cause.args[0] if cause.args and isinstance(cause.args[0], int) else None
 
 
 def _lost_connection(exc: BaseException) -> bool:
@@ -293,9 +289,9 @@ def _lost_connection(exc: BaseException) -> bool:
     pgcode = getattr(cause, "pgcode", "") or ""
     if type(cause).__module__.startswith("psycopg2"):
         return not pgcode or pgcode.startswith(("08", "57P"))
-    if type(cause).__module__.startswith("pymysql"):
-        errno = cause.args[0] if cause.args and isinstance(cause.args[0], int) else None
-        return errno in {2002, 2003, 2006, 2013, 2055, 1927, 4031} or errno is None
+    if isinstance(cause, pymysql.Error):
+        errno = _mysql_errno(cause)
+        return errno is None or errno in _MYSQL_LOST
     return False
 
 
@@ -320,6 +316,8 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
 
 
 class _Transient(Exception):
+    """A database failure a retry can help with; verdict: 'retry' or 'unavailable'."""
+
     def __init__(self, verdict: str):
         super().__init__(verdict)
         self.verdict = verdict
