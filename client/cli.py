@@ -176,6 +176,21 @@ def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> 
         default=default(False),
         help="print results and errors as JSON on stdout",
     )
+    parser.add_argument(
+        "--token",
+        default=default(os.environ.get("ENROLLMENT_TOKEN")),
+        help="bearer token sent with every call (env ENROLLMENT_TOKEN)",
+    )
+    for flag, text in (
+        (
+            "--tls-ca",
+            "use TLS, trusting the server certificate's CA in PEM (env ENROLLMENT_TLS_CA)",
+        ),
+        ("--tls-cert", "client certificate in PEM for mutual TLS (env ENROLLMENT_TLS_CERT)"),
+        ("--tls-key", "private key of --tls-cert in PEM (env ENROLLMENT_TLS_KEY)"),
+    ):
+        env = "ENROLLMENT_" + flag[2:].upper().replace("-", "_")
+        parser.add_argument(flag, metavar="PEM", default=default(os.environ.get(env)), help=text)
 
 
 def _page_options(parser: argparse.ArgumentParser) -> None:
@@ -371,10 +386,27 @@ def render_error(error: ClientError, *, as_json: bool) -> str:
     return "\n".join([f"error: {error}"] + [f"  field: {name}" for name in error.fields])
 
 
+def _connect(args: argparse.Namespace) -> EnrollmentClient:
+    try:
+        return EnrollmentClient(
+            args.address,
+            timeout=args.timeout,
+            token=args.token,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+    except (OSError, ValueError) as exc:
+        # A missing PEM file or a lone --tls-cert is a usage error, before any call.
+        print(f"enrollment-client: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with EnrollmentClient(args.address, timeout=args.timeout) as client:
+        client = _connect(args)
+        with client:
             result = args.run(client, args)
         print(render(result, as_json=args.json))
     except ClientError as error:

@@ -13,6 +13,7 @@ import peewee as pw
 from playhouse.db_url import parse as parse_db_url
 from playhouse.pool import MaxConnectionsExceeded, PooledSqliteDatabase
 
+from server import callstate
 from server.errors import DatabaseUnavailable
 from server.models import database
 
@@ -89,12 +90,18 @@ def is_transient(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def unit_of_work(*, write: bool) -> Iterator[None]:
-    """One connection and one transaction; writers take SQLite's write lock up front."""
+    """One connection and one transaction; writers take SQLite's write lock up front.
+
+    A call whose deadline passed or that was cancelled does not start, and does not
+    commit: CallEnded raised before the commit rolls the transaction back.
+    """
+    callstate.ensure_active()
     try:
         with database.connection_context():
             begin = ("IMMEDIATE",) if write and _is_sqlite() else ()
             with database.atomic(*begin):
                 yield
+                callstate.ensure_active()
     except (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded) as exc:
         if is_transient(exc):
             raise DatabaseUnavailable.of() from exc
@@ -122,6 +129,11 @@ def transactional(*, write: bool) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
 def _is_sqlite() -> bool:
     return isinstance(database.obj, pw.SqliteDatabase)
+
+
+def connections_in_use() -> int:
+    """Pooled connections checked out right now (0 for a database without a pool)."""
+    return len(getattr(database.obj, "_in_use", ()) or ())
 
 
 def close() -> None:
