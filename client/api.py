@@ -112,6 +112,8 @@ class EnrollmentClient:
         # No wait_for_ready: a server that is down should fail the call now, as
         # UNAVAILABLE, rather than hold it until the deadline.
         try:
+            if self._metadata is None:
+                return method(request, timeout=self.timeout)
             return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise ClientError.from_rpc_error(error) from None
