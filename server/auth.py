@@ -118,9 +118,8 @@ class Authenticator:
             raise Unauthenticated.of()
         return found
 
-    def authorize(self, authorization: str | None, method: str, needed: str) -> str:
-        """The name of the token, if its role is enough for method; raises otherwise."""
-        token = self.authenticate(authorization)
+    @staticmethod
+    def authorize(token: Token, method: str, needed: str) -> None:
+        """PermissionDenied unless the token's role is enough for method."""
         if _RANK[token.role] < _RANK[needed]:
             raise PermissionDenied.of(method, token.role, needed)
-        return token.name

@@ -95,7 +95,9 @@ def _guard(behavior, method: str, auth: Authenticator | None, metrics: RpcMetric
         bound = callstate.bind(context.is_active)
         try:
             if auth is not None:
-                caller = auth.authorize(authorization, name, needed)
+                token = auth.authenticate(authorization)
+                caller = token.name
+                auth.authorize(token, name, needed)
             if isinstance(request, _Undecodable):
                 raise InvalidField(
                     f"the request is not a valid {request.type_name} (is every string field UTF-8?)"
