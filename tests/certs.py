@@ -1,9 +1,10 @@
-"""Throwaway certificate authorities and certificates for TLS tests (cryptography package)."""
+"""Throwaway CAs and certificates for TLS tests; `python -m tests.certs DIR` writes a set."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,7 @@ class Authority:
     def ca_file(self) -> Path:
         return self.pem.cert
 
-    def issue(self, common_name: str, *, server: bool) -> Pem:
+    def issue(self, common_name: str, *, server: bool, stem: str | None = None) -> Pem:
         """A leaf for a server (SANs localhost and 127.0.0.1) or for a client."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
@@ -111,4 +112,22 @@ class Authority:
                 critical=False,
             )
         cert = builder.sign(self.key, hashes.SHA256())
-        return _write(self.folder, f"{self.name}-{common_name}", key, cert)
+        return _write(self.folder, stem or f"{self.name}-{common_name}", key, cert)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write ca.crt, server.crt/.key (localhost, 127.0.0.1) and client.crt/.key into DIR."""
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        print("usage: python -m tests.certs DIR", file=sys.stderr)
+        return 2
+    folder = Path(args[0])
+    ca = Authority(folder, "ca")
+    ca.issue("localhost", server=True, stem="server")
+    ca.issue("client", server=False, stem="client")
+    print(f"wrote ca.crt, server.crt, server.key, client.crt, client.key to {folder}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
