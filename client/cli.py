@@ -181,16 +181,13 @@ def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> 
         default=default(os.environ.get("ENROLLMENT_TOKEN")),
         help="bearer token sent with every call (env ENROLLMENT_TOKEN)",
     )
+    # No environment variables here: ENROLLMENT_TLS_CERT/KEY name the server's own files.
     for flag, text in (
-        (
-            "--tls-ca",
-            "use TLS, trusting the server certificate's CA in PEM (env ENROLLMENT_TLS_CA)",
-        ),
-        ("--tls-cert", "client certificate in PEM for mutual TLS (env ENROLLMENT_TLS_CERT)"),
-        ("--tls-key", "private key of --tls-cert in PEM (env ENROLLMENT_TLS_KEY)"),
+        ("--tls-ca", "use TLS, trusting the CA (PEM) that signed the server's certificate"),
+        ("--tls-cert", "client certificate (PEM) for mutual TLS; TLS on, system CAs by default"),
+        ("--tls-key", "private key (PEM) of --tls-cert"),
     ):
-        env = "ENROLLMENT_" + flag[2:].upper().replace("-", "_")
-        parser.add_argument(flag, metavar="PEM", default=default(os.environ.get(env)), help=text)
+        parser.add_argument(flag, metavar="PEM", default=default(None), help=text)
 
 
 def _page_options(parser: argparse.ArgumentParser) -> None:

@@ -36,4 +36,4 @@ def setup(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler()
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler])
