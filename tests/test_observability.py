@@ -8,6 +8,7 @@ import re
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from server.app import ServerConfig, StartupError, create_server
+from server.logs import JsonFormatter
 from tests.rpc import SERVER, TIMEOUT, free_port, new_student
 from tests.test_status_table import sqlite_path
 
@@ -169,3 +171,17 @@ def test_serve_with_json_logs_and_metrics(db_url):
     assert (second["code"], second["reason"]) == ("NOT_FOUND", "COURSE_NOT_FOUND")
     assert re.fullmatch(r"[0-9a-f]{32}", second["request_id"])
     assert any("serving enrollment.v1.EnrollmentService" in e["message"] for e in entries)
+
+
+def test_json_log_lines_carry_exceptions_and_plain_messages():
+    formatter = JsonFormatter()
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord(
+            "enrollment.rpc", logging.ERROR, __file__, 1, "rpc %s failed", ("X",), sys.exc_info()
+        )
+    entry = json.loads(formatter.format(record))
+    assert entry["message"] == "rpc X failed" and entry["level"] == "ERROR"
+    assert "ValueError: boom" in entry["exception"] and "\n" not in formatter.format(record)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"])
