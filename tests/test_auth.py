@@ -13,6 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from enrollment.v1 import enrollment_pb2 as pb
 from server.app import ServerConfig, StartupError, create_server
@@ -237,3 +239,26 @@ def test_serve_with_a_missing_tokens_file_exits_with_a_clear_error(db_url, tmp_p
     )
     assert result.returncode == 2
     assert "cannot read the tokens file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_arbitrary_authorization_values_are_only_ever_unauthenticated(secured):
+    printable = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300)
+
+    @settings(
+        max_examples=60,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+    @given(value=st.one_of(printable, printable.map(lambda t: "Bearer " + t)))
+    def property_(value):
+        with pytest.raises(grpc.RpcError) as raised:
+            secured.stub.ListCourses(
+                pb.ListCoursesRequest(), timeout=TIMEOUT, metadata=(("authorization", value),)
+            )
+        got = failure(raised.value)
+        assert got.code == grpc.StatusCode.UNAUTHENTICATED, got
+        assert got.reason in ("MISSING_TOKEN", "INVALID_TOKEN")
+
+    property_()
+    assert call(secured, "ListCourses", bearer(TOKENS["reader"])).courses == []
