@@ -68,12 +68,35 @@ class ClientError(Exception):
 class EnrollmentClient:
     """A channel to one server; use as a context manager so the channel gets closed."""
 
-    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
+        """TLS when tls_ca (the server's CA; system roots otherwise) or tls_cert is given;
+        tls_cert/tls_key are the client certificate for mutual TLS; token is sent as
+        'authorization: Bearer <token>' on every call."""
         if timeout <= 0:
             raise ValueError("timeout must be more than 0 seconds")
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key go together")
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        if tls_ca or tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca),
+                private_key=_read(tls_key),
+                certificate_chain=_read(tls_cert),
+            )
+            self._channel = grpc.secure_channel(address, credentials)
+        else:
+            self._channel = grpc.insecure_channel(address)
         self._stub = pb_grpc.EnrollmentServiceStub(self._channel)
 
     def __enter__(self) -> EnrollmentClient:
@@ -89,7 +112,9 @@ class EnrollmentClient:
         # No wait_for_ready: a server that is down should fail the call now, as
         # UNAVAILABLE, rather than hold it until the deadline.
         try:
-            return method(request, timeout=self.timeout)
+            if self._metadata is None:
+                return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise ClientError.from_rpc_error(error) from None
 
@@ -170,6 +195,13 @@ class EnrollmentClient:
     def drop(self, student_id: int, course_id: int) -> None:
         request = pb.DropCourseRequest(student_id=student_id, course_id=course_id)
         self._call(self._stub.DropCourse, request)
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as file:
+        return file.read()
 
 
 def _next_token(current: str, following: str) -> str:

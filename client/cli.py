@@ -176,6 +176,18 @@ def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> 
         default=default(False),
         help="print results and errors as JSON on stdout",
     )
+    parser.add_argument(
+        "--token",
+        default=default(os.environ.get("ENROLLMENT_TOKEN")),
+        help="bearer token sent with every call (env ENROLLMENT_TOKEN)",
+    )
+    # No environment variables here: ENROLLMENT_TLS_CERT/KEY name the server's own files.
+    for flag, text in (
+        ("--tls-ca", "use TLS, trusting the CA (PEM) that signed the server's certificate"),
+        ("--tls-cert", "client certificate (PEM) for mutual TLS; TLS on, system CAs by default"),
+        ("--tls-key", "private key (PEM) of --tls-cert"),
+    ):
+        parser.add_argument(flag, metavar="PEM", default=default(None), help=text)
 
 
 def _page_options(parser: argparse.ArgumentParser) -> None:
@@ -371,10 +383,27 @@ def render_error(error: ClientError, *, as_json: bool) -> str:
     return "\n".join([f"error: {error}"] + [f"  field: {name}" for name in error.fields])
 
 
+def _connect(args: argparse.Namespace) -> EnrollmentClient:
+    try:
+        return EnrollmentClient(
+            args.address,
+            timeout=args.timeout,
+            token=args.token,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+    except (OSError, ValueError) as exc:
+        # A missing PEM file or a lone --tls-cert is a usage error, before any call.
+        print(f"enrollment-client: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with EnrollmentClient(args.address, timeout=args.timeout) as client:
+        client = _connect(args)
+        with client:
             result = args.run(client, args)
         print(render(result, as_json=args.json))
     except ClientError as error:

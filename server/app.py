@@ -20,8 +20,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from server import db as database
-from server import schema
+from server import limits, schema, tls
+from server.auth import Authenticator, TokenFileError
 from server.interceptors import RpcInterceptor
+from server.metrics import RpcMetrics
 from server.reflection import add_reflection
 from server.servicer import EnrollmentServicer
 
@@ -48,6 +50,20 @@ class ServerConfig:
     health_interval: float = 1.0
     # Set in worker processes: share the port with the other workers.
     reuse_port: bool = False
+
+    # Security, limits and operations (see README "Security" and "Operations").
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_tokens: str | None = None
+    max_message_bytes: int = 64 * 1024
+    max_concurrent_rpcs: int = 1000
+    keepalive_time: float = 60.0
+    keepalive_timeout: float = 20.0
+    keepalive_min_ping_interval: float = 10.0
+    max_connection_age: float = 1800.0
+    max_connection_age_grace: float = 30.0
+    metrics_address: str | None = None
 
     @property
     def connections(self) -> int:
@@ -123,13 +139,20 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     monitor: HealthMonitor | None = None
+    metrics_port: int | None = None
+    metrics_server: object | None = None
 
     def stop(self, grace: float | None) -> threading.Event:
         """Report NOT_SERVING, stop taking calls, and let in-flight ones finish within grace."""
         if self.monitor is not None:
             self.monitor.stop()
         self.health.enter_graceful_shutdown()
-        return self.server.stop(grace)
+        stopped = self.server.stop(grace)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
+        return stopped
 
 
 def check_schema() -> None:
@@ -181,12 +204,21 @@ def _checked_schema() -> None:
 def _start(config: ServerConfig) -> RunningServer:
     _checked_schema()
 
+    try:
+        limits.check(config)
+        credentials = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        auth = Authenticator.from_file(config.auth_tokens) if config.auth_tokens else None
+    except (limits.LimitsError, tls.TlsConfigError, TokenFileError) as exc:
+        raise StartupError(str(exc)) from exc
+    metrics = RpcMetrics(database.connections_in_use) if config.metrics_address else None
+
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-        interceptors=[RpcInterceptor()],
-        # A second server on a busy port must fail, not silently share it; only the
-        # workers of one `serve --workers N` share theirs.
-        options=[("grpc.so_reuseport", 1 if config.reuse_port else 0)],
+        interceptors=[RpcInterceptor(authenticator=auth, metrics=metrics)],
+        options=limits.grpc_options(config),
+        # Beyond this many calls at once grpc answers RESOURCE_EXHAUSTED at once;
+        # up to it, calls beyond max_workers wait in the executor's queue.
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     pb_grpc.add_EnrollmentServiceServicer_to_server(EnrollmentServicer(), server)
 
@@ -197,15 +229,32 @@ def _start(config: ServerConfig) -> RunningServer:
 
     add_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
     try:
-        port = server.add_insecure_port(config.address)
+        if credentials is None:
+            port = server.add_insecure_port(config.address)
+        else:
+            port = server.add_secure_port(config.address, credentials)
     except RuntimeError:
         port = 0
     if not port:
         raise StartupError(f"cannot listen on {config.address}: in use or not a local address")
+    if credentials is None and not tls.is_loopback(config.address):
+        log.warning(
+            "serving PLAINTEXT on %s, which is not a loopback address: anyone on the "
+            "network can read and alter calls (and bearer tokens); use --tls-cert/--tls-key",
+            config.address,
+        )
+    running = RunningServer(server, port, health_servicer)
+    if metrics is not None:
+        try:
+            running.metrics_server, _ = metrics.serve(config.metrics_address)
+        except (OSError, ValueError) as exc:
+            server.stop(None)
+            raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
+        running.metrics_port = running.metrics_server.server_port
     server.start()
-    monitor = HealthMonitor(health_servicer, config)
-    monitor.start()
-    return RunningServer(server, port, health_servicer, monitor)
+    running.monitor = HealthMonitor(health_servicer, config)
+    running.monitor.start()
+    return running
 
 
 def serve(config: ServerConfig) -> None:
@@ -258,7 +307,11 @@ def serve_workers(config: ServerConfig) -> int:
     worker_config = replace(config, address=address, workers=1, reuse_port=True)
     context = multiprocessing.get_context("fork")
     workers = [
-        context.Process(target=_worker_main, args=(worker_config, n), name=f"worker-{n}")
+        context.Process(
+            target=_worker_main,
+            args=(_for_worker(worker_config, n), n),
+            name=f"worker-{n}",
+        )
         for n in range(1, config.workers + 1)
     ]
     stopping = threading.Event()
@@ -296,6 +349,17 @@ def serve_workers(config: ServerConfig) -> int:
         reserved.close()
     log.info("stopped")
     return status
+
+
+def _for_worker(config: ServerConfig, number: int) -> ServerConfig:
+    """Worker n serves its own metrics on the metrics port + n - 1: each process counts
+    only its own calls, so each is scraped as a target of its own."""
+    if not config.metrics_address:
+        return config
+    host, _, port = config.metrics_address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return config
+    return replace(config, metrics_address=f"{host}:{int(port) + number - 1}")
 
 
 def _worker_main(config: ServerConfig, number: int) -> None:

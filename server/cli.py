@@ -10,8 +10,9 @@ import sys
 import peewee as pw
 
 from server import db as database
-from server import schema
+from server import logs, schema
 from server.app import ServerConfig, StartupError, serve
+from server.auth import ROLES, TokenFileError, new_token_line
 
 DEFAULTS = ServerConfig()
 
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default %(default)s)")
 
+    _security_and_operations_flags(run)
+
     for name, text in (
         ("migrate", "apply pending migrations (creates a missing SQLite file)"),
         ("rollback", "undo the last applied migration"),
@@ -103,14 +106,127 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a rollback that drops tables holding rows (refused otherwise)",
     )
+    token = commands.add_parser(
+        "hash-token",
+        help="make a new random token: its tokens-file line on stdout, the token on stderr",
+        description="Make a new random bearer token. Prints the line for the --auth-tokens "
+        "file on stdout and the token itself on stderr, so that "
+        "`enrollment-server hash-token --role reader --name NAME 2> NAME.token >> tokens.txt` "
+        "adds the line and keeps the token. The token is not stored anywhere else.",
+    )
+    token.add_argument("--role", choices=ROLES, default="reader", help="default %(default)s")
+    token.add_argument("--name", default="client", help="name logged for calls with this token")
     return parser
+
+
+def _security_and_operations_flags(run: argparse.ArgumentParser) -> None:
+    """serve flags for TLS, tokens, limits, metrics and log format (README "Security")."""
+    env = os.environ.get
+    run.add_argument(
+        "--tls-cert",
+        default=env("ENROLLMENT_TLS_CERT"),
+        metavar="PEM",
+        help="serve TLS with this certificate chain (env ENROLLMENT_TLS_CERT)",
+    )
+    run.add_argument(
+        "--tls-key",
+        default=env("ENROLLMENT_TLS_KEY"),
+        metavar="PEM",
+        help="the private key of --tls-cert (env ENROLLMENT_TLS_KEY)",
+    )
+    run.add_argument(
+        "--tls-client-ca",
+        default=env("ENROLLMENT_TLS_CLIENT_CA"),
+        metavar="PEM",
+        help="require client certificates signed by this CA: mutual TLS "
+        "(env ENROLLMENT_TLS_CLIENT_CA)",
+    )
+    run.add_argument(
+        "--auth-tokens",
+        default=env("ENROLLMENT_AUTH_TOKENS"),
+        metavar="FILE",
+        help="require bearer tokens listed in FILE, lines '<sha256 hex> <role> "
+        "<name>' (env ENROLLMENT_AUTH_TOKENS)",
+    )
+    run.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULTS.max_message_bytes,
+        metavar="N",
+        help="largest request accepted (default %(default)s)",
+    )
+    run.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=DEFAULTS.max_concurrent_rpcs,
+        metavar="N",
+        help="calls accepted at once, queued beyond --max-workers; "
+        "more are RESOURCE_EXHAUSTED (default %(default)s)",
+    )
+    run.add_argument(
+        "--keepalive-time",
+        type=float,
+        default=DEFAULTS.keepalive_time,
+        metavar="S",
+        help="ping idle connections this often (default %(default)s)",
+    )
+    run.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=DEFAULTS.keepalive_timeout,
+        metavar="S",
+        help="close a connection whose ping is not answered in S (default %(default)s)",
+    )
+    run.add_argument(
+        "--keepalive-min-ping-interval",
+        type=float,
+        default=DEFAULTS.keepalive_min_ping_interval,
+        metavar="S",
+        help="clients pinging more often are disconnected (default %(default)s)",
+    )
+    run.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=DEFAULTS.max_connection_age,
+        metavar="S",
+        help="close connections after S seconds, so clients "
+        "rebalance; 0 = never (default %(default)s)",
+    )
+    run.add_argument(
+        "--max-connection-age-grace",
+        type=float,
+        default=DEFAULTS.max_connection_age_grace,
+        metavar="S",
+        help="time in-flight calls get on such a connection (default %(default)s)",
+    )
+    run.add_argument(
+        "--metrics-address",
+        default=env("ENROLLMENT_METRICS_ADDRESS"),
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at "
+        "http://HOST:PORT/metrics (env ENROLLMENT_METRICS_ADDRESS; default off)",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=logs.LOG_FORMATS,
+        default=env("ENROLLMENT_LOG_FORMAT", "text"),
+        help="text lines or one JSON object per line (env ENROLLMENT_LOG_FORMAT; "
+        "default %(default)s)",
+    )
+
+
+def _security_and_operations_config(args: argparse.Namespace) -> dict:
+    names = (
+        "tls_cert tls_key tls_client_ca auth_tokens max_message_bytes max_concurrent_rpcs "
+        "keepalive_time keepalive_timeout keepalive_min_ping_interval max_connection_age "
+        "max_connection_age_grace metrics_address"
+    )
+    return {name: getattr(args, name) for name in names.split()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s"
-    )
+    logs.setup(args.log_level, getattr(args, "log_format", "text"))
     # peewee-migrate logs every step at INFO through its own logger.
     logging.getLogger("peewee_migrate").setLevel(logging.WARNING)
     try:
@@ -125,17 +241,24 @@ def main(argv: list[str] | None = None) -> int:
                     pool_size=args.pool_size,
                     pool_timeout=args.pool_timeout,
                     workers=args.workers,
+                    **_security_and_operations_config(args),
                 )
             )
             return 0
         if args.command == "health":
             return health_check(args.address, args.timeout)
+        if args.command == "hash-token":
+            token, line = new_token_line(args.role, args.name)
+            print(line)
+            print(token, file=sys.stderr)
+            return 0
         db = database.connect(
             args.database_url, max_connections=1, create=args.command == "migrate"
         )
         return _schema_command(args, db)
     except (
         StartupError,
+        TokenFileError,
         database.DatabaseConfigError,
         schema.DataLossRefused,
         schema.MigrationLockTimeout,

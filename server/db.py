@@ -24,6 +24,7 @@ from playhouse.pool import (
     PooledSqliteDatabase,
 )
 
+from server import callstate
 from server.errors import DatabaseUnavailable
 from server.models import database
 
@@ -297,13 +298,19 @@ def _lost_connection(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def unit_of_work(*, write: bool) -> Iterator[None]:
-    """One connection and one transaction; writers take SQLite's write lock up front."""
+    """One connection and one transaction; writers take SQLite's write lock up front.
+
+    A call whose deadline passed or that was cancelled does not start, and does not
+    commit: CallEnded raised before the commit rolls the transaction back.
+    """
+    callstate.ensure_active()
     db = database.obj
     try:
         with database.connection_context():
             begin = ("IMMEDIATE",) if write and isinstance(db, pw.SqliteDatabase) else ()
             with database.atomic(*begin):
                 yield
+                callstate.ensure_active()
     except (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded) as exc:
         verdict = _classify(exc)
         if verdict == "unavailable" and _lost_connection(exc):
@@ -375,6 +382,11 @@ def ping(db: pw.Database) -> None:
         with contextlib.suppress(Exception):
             db.close()
         raise
+
+
+def connections_in_use() -> int:
+    """Pooled connections checked out right now (0 for a database without a pool)."""
+    return len(getattr(database.obj, "_in_use", ()) or ())
 
 
 def close() -> None:

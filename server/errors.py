@@ -135,3 +135,44 @@ class DatabaseUnavailable(EnrollmentError):
     @classmethod
     def of(cls) -> DatabaseUnavailable:
         return cls("the database is unavailable; retry the call")
+
+
+class Unauthenticated(EnrollmentError):
+    """A bearer token that matches no configured token."""
+
+    code, reason = "UNAUTHENTICATED", "INVALID_TOKEN"
+
+    @classmethod
+    def of(cls) -> Unauthenticated:
+        return cls("the bearer token is not valid")
+
+
+class MissingToken(Unauthenticated):
+    """No 'authorization: Bearer <token>' metadata at all."""
+
+    reason = "MISSING_TOKEN"
+
+    @classmethod
+    def of(cls) -> MissingToken:
+        return cls("this call needs the metadata 'authorization: Bearer <token>'")
+
+
+class PermissionDenied(EnrollmentError):
+    code, reason = "PERMISSION_DENIED", "ROLE_TOO_LOW"
+
+    @classmethod
+    def of(cls, method: str, role: str, needed: str) -> PermissionDenied:
+        return cls(
+            f"{method} needs the {needed} role; this token has {role}",
+            {"method": method, "role": role, "required_role": needed},
+        )
+
+
+class CallEnded(EnrollmentError):
+    """The caller's deadline passed or it cancelled; the work so far is rolled back."""
+
+    code, reason = "CANCELLED", "CALL_ENDED"
+
+    @classmethod
+    def of(cls) -> CallEnded:
+        return cls("the call ended (deadline passed or cancelled) before its work committed")

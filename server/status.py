@@ -42,3 +42,8 @@ def to_status(error: EnrollmentError) -> grpc.Status:
 
 
 INTERNAL = to_status(EnrollmentError("internal error; the server log has the details"))
+
+
+def with_trailers(status: grpc.Status, extra: tuple[tuple[str, str], ...]) -> grpc.Status:
+    """The same status with more trailing metadata (a request id, say)."""
+    return status._replace(trailing_metadata=tuple(status.trailing_metadata) + extra)

@@ -144,14 +144,20 @@ class LiveServer:
 
 @pytest.fixture
 def start_server(db_url: str) -> Iterator[Callable[..., LiveServer]]:
-    """Start a real server on 127.0.0.1:<free port> with ServerConfig overrides; one at a time."""
+    """Start a real server on 127.0.0.1:<free port> with ServerConfig overrides; one at a time.
+
+    credentials: channel credentials for the fixture's own channel (a TLS server needs them).
+    """
     started: list[LiveServer] = []
 
-    def start(**overrides) -> LiveServer:
+    def start(credentials: grpc.ChannelCredentials | None = None, **overrides) -> LiveServer:
         config = ServerConfig(address="127.0.0.1:0", database_url=db_url, **overrides)
         running = create_server(config)
         address = f"127.0.0.1:{running.port}"
-        channel = grpc.insecure_channel(address)
+        if credentials is None:
+            channel = grpc.insecure_channel(address)
+        else:
+            channel = grpc.secure_channel(address, credentials)
         grpc.channel_ready_future(channel).result(timeout=10)
         server = LiveServer(
             running, address, db_url, channel, pb_grpc.EnrollmentServiceStub(channel)

@@ -165,5 +165,10 @@ class write_blocked:  # noqa: N801 - used as a context manager, like a function
         self.release()
 
 
+def sqlite_path(live) -> str:
+    """The file of a live server's SQLite database (tests marked databases("sqlite"))."""
+    return live.database_url.removeprefix("sqlite:///")
+
+
 def sqlite_file(tmp_path: Path, name: str = "enrollment.db") -> str:
     return f"sqlite:///{tmp_path / name}"

@@ -1,12 +1,17 @@
 """The README's grpcurl walkthrough works as written, against a live server."""
 
+import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.rpc import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BIN = Path(sys.executable).parent
@@ -38,3 +43,88 @@ def test_readme_walkthrough_runs_as_written(live, tmp_path):
         assert detail in readme, "the README shows the error as grpcurl prints it"
     assert '"enrolledCount": 1' in outputs[5].stdout
     assert '"status": "SERVING"' in outputs[8].stdout
+
+
+def section(title: str) -> str:
+    return README.read_text().split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def sh_blocks(text: str) -> list[list[str]]:
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
+    return [
+        [line for line in block.splitlines() if line and not line.startswith("#")]
+        for block in blocks
+    ]
+
+
+def wait_listening(address: str, timeout: float = 30) -> None:
+    host, port = address.split(":")
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < end, f"nothing listens on {address}"
+            time.sleep(0.1)
+
+
+def test_readme_security_walkthrough_runs_as_written(tmp_path):
+    setup, calls = sh_blocks(section("Security"))[:2]
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        # `python -m tests.certs` as from the repository root; the rest runs in tmp_path.
+        "PYTHONPATH": str(README.parent),
+        # enrollment-client's default address, standing in for 127.0.0.1:50051
+        "ENROLLMENT_ADDRESS": address,
+    }
+    env.pop("ENROLLMENT_TOKEN", None)
+
+    def bash(line: str) -> subprocess.CompletedProcess:
+        line = line.replace("127.0.0.1:50051", address)
+        return subprocess.run(
+            ["bash", "-c", line], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
+        )
+
+    *prepare, serve = setup
+    assert serve.startswith("enrollment-server serve ")
+    for line in prepare:
+        result = bash(line)
+        assert result.returncode == 0, (line, result.stderr)
+    server = subprocess.Popen(
+        ["bash", "-c", "exec " + serve.replace("127.0.0.1:50051", address)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_listening(address)
+        results = [bash(line) for line in calls if not line.startswith("export ")]
+    finally:
+        server.terminate()
+        log, _ = server.communicate(timeout=30)
+    created, listed, denied, health, client = results
+    assert created.returncode == 0 and '"code": "SEC-101"' in created.stdout, created.stderr
+    assert listed.returncode == 0 and '"SEC-101"' in listed.stdout, listed.stderr
+    assert denied.returncode != 0
+    assert "PermissionDenied" in denied.stderr and "ROLE_TOO_LOW" in denied.stderr
+    assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
+    assert client.returncode == 0 and "SEC-101" in client.stdout, client.stderr
+    assert "token=ops" in log and "token=dashboard" in log
+    for token in ("ops.token", "dashboard.token"):
+        assert (tmp_path / token).read_text().strip() not in log
+
+
+def test_readme_flags_exist():
+    from server.cli import build_parser
+
+    serve_help = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    for title in ("Security", "Operations"):
+        for flag in set(re.findall(r"`(--[a-z-]+)", section(title))):
+            if flag.startswith("--tls-ca") or flag in ("--token", "--timeout", "--max-workers"):
+                continue  # the client's flags, and flags of the Configuration table
+            assert flag in serve_help, flag

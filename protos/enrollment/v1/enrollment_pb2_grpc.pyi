@@ -10,6 +10,17 @@ google.rpc.BadRequest naming the offending request field(s) by their proto
 names when the code is INVALID_ARGUMENT. Checks run in this order, so the
 first that applies decides the answer:
 
+  UNAUTHENTICATED     MISSING_TOKEN        the server requires bearer tokens
+                                           and the call has no metadata
+                                           "authorization: Bearer <token>"
+  UNAUTHENTICATED     INVALID_TOKEN        the bearer token is not one the
+                                           server knows
+  PERMISSION_DENIED   ROLE_TOO_LOW         the token's role may not call
+                                           this method (ErrorInfo metadata
+                                           "role", "required_role"): reader
+                                           may call Get* and List*, writer
+                                           also EnrollStudent and DropCourse,
+                                           admin every method
   INVALID_ARGUMENT    INVALID_FIELD        a malformed field (every malformed
                                            field is listed in BadRequest)
   INVALID_ARGUMENT    COURSE_NOT_FOUND     EnrollStudent/DropCourse name a
@@ -30,6 +41,13 @@ first that applies decides the answer:
                                            the same call can help
   INTERNAL            INTERNAL             anything unexpected; the server
                                            logs the details
+
+grpc itself answers RESOURCE_EXHAUSTED, without details, to a request larger
+than the server's limit (64 KiB by default) and to a call beyond its limit
+of concurrent calls. Health checks and reflection need no token. Every
+answer carries the trailing metadata "x-request-id": the caller's own, when
+it sent one of 1-128 characters of A-Z a-z 0-9 . _ : / + = -, else one the
+server made up; the server's log line for the call names it.
 
 Text rules shared by every request field of type string: control
 characters (U+0000-U+001F and U+007F) are rejected, and surrounding

@@ -1,0 +1,64 @@
+"""Prometheus metrics on a registry of their own, served over HTTP by --metrics-address."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Unary calls on a local database: most finish in milliseconds.
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RpcMetrics:
+    """Requests by method and code, latency by method, calls in flight, connections in use."""
+
+    def __init__(self, connections_in_use: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        self._requests = Counter(
+            "enrollment_rpc_requests",
+            "EnrollmentService calls finished, by method and status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "enrollment_rpc_duration_seconds",
+            "EnrollmentService call latency in seconds, by method",
+            ["method"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "enrollment_rpcs_in_flight",
+            "EnrollmentService calls being served right now",
+            registry=self.registry,
+        )
+        connections = Gauge(
+            "enrollment_db_connections_in_use",
+            "database connections checked out of the pool",
+            registry=self.registry,
+        )
+        connections.set_function(connections_in_use)
+        self._children: dict[tuple[str, str], Counter] = {}
+        self._lock = threading.Lock()
+
+    def latency(self, method: str) -> Histogram:
+        """The histogram child of one method (looked up once per method, not per call)."""
+        return self._latency.labels(method)
+
+    def count(self, method: str, code: str) -> None:
+        child = self._children.get((method, code))
+        if child is None:
+            with self._lock:
+                child = self._requests.labels(method, code)
+                self._children[(method, code)] = child
+        child.inc()
+
+    def serve(self, address: str) -> tuple[WSGIServer, threading.Thread]:
+        """Serve /metrics on HOST:PORT (port 0 picks a free one); returns the HTTP server."""
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"the metrics address must be HOST:PORT, not {address!r}")
+        return start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)

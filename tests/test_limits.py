@@ -1,0 +1,220 @@
+"""Limits (request size, concurrent calls, keepalive, connection age) and deadlines."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+
+import grpc
+import pytest
+
+from enrollment.v1 import enrollment_pb2 as pb
+from server import db as database
+from server.app import ServerConfig, StartupError, create_server
+from tests.databases import sqlite_path
+from tests.rpc import TIMEOUT, expect_error, new_student
+from tests.test_status_table import table_counts
+
+# Limits and deadlines are the transport's, the same on every database; the deadline
+# tests hold SQLite's write lock to keep a write in progress.
+pytestmark = pytest.mark.databases("sqlite")
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def create(stub, name: str, **kwargs):
+    request = pb.CreateStudentRequest(name=name, email="big@example.com")
+    return stub.CreateStudent(request, **kwargs)
+
+
+def test_requests_over_64_kib_are_resource_exhausted_by_default(live):
+    with pytest.raises(grpc.RpcError) as raised:
+        create(live.stub, "x" * 70_000, timeout=TIMEOUT)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Just under the limit the request reaches the service, which judges the name.
+    expect_error(
+        lambda request, timeout: create(live.stub, "x" * 60_000, timeout=timeout),
+        None,
+        INVALID,
+        "INVALID_FIELD",
+        fields=["name"],
+    )
+    assert new_student(live.stub).id == 1
+
+
+def test_max_message_bytes_is_configurable(start_server):
+    live = start_server(max_message_bytes=2048)
+    with pytest.raises(grpc.RpcError) as raised:
+        create(live.stub, "x" * 3000, timeout=TIMEOUT)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert new_student(live.stub).id == 1
+
+
+def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once(start_server):
+    live = start_server(max_concurrent_rpcs=2, database_timeout=30)
+    blocker = sqlite3.connect(sqlite_path(live), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the two writers below wait for this lock
+    try:
+        held = [
+            live.stub.CreateStudent.future(
+                pb.CreateStudentRequest(name="Held", email=f"held{i}@example.com"), timeout=60
+            )
+            for i in range(2)
+        ]
+        wait_for(lambda: database.connections_in_use() == 2, what="two calls in progress")
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as raised:
+            live.stub.ListCourses(pb.ListCoursesRequest(), timeout=TIMEOUT)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - start < TIMEOUT / 2  # refused, not queued
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert sorted(f.result(timeout=TIMEOUT).student.id for f in held) == [1, 2]
+    live.stub.ListCourses(pb.ListCoursesRequest(), timeout=TIMEOUT)  # room again
+
+
+def test_more_calls_than_workers_queue_rather_than_fail(start_server):
+    live = start_server(max_workers=2)
+    calls = [
+        live.stub.CreateStudent.future(
+            pb.CreateStudentRequest(name="Queued", email=f"q{i}@example.com"), timeout=30
+        )
+        for i in range(40)
+    ]
+    assert len({c.result().student.id for c in calls}) == 40
+
+
+def watch_states(channel: grpc.Channel) -> list[str]:
+    states: list[str] = []
+    channel.subscribe(lambda state: states.append(state.name), try_to_connect=True)
+    return states
+
+
+def pinging_channel(address: str) -> grpc.Channel:
+    # A client that pings its idle connection every 200 ms.
+    return grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.keepalive_time_ms", 200),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ],
+    )
+
+
+def test_keepalive_enforcement_disconnects_clients_that_ping_too_often(start_server):
+    tolerant = start_server(keepalive_min_ping_interval=0.05)
+    with pinging_channel(tolerant.address) as channel:
+        states = watch_states(channel)
+        wait_for(lambda: "READY" in states, what="READY")
+        time.sleep(5)  # longer than the strict server below takes to send GOAWAY
+        assert states[-1] == "READY", states
+    tolerant.running.stop(None).wait(10)
+
+    strict = start_server(keepalive_min_ping_interval=10)
+    with pinging_channel(strict.address) as channel:
+        states = watch_states(channel)
+        wait_for(lambda: "READY" in states, what="READY")
+        wait_for(lambda: states[-1] != "READY", what="GOAWAY too_many_pings")
+
+
+def test_connections_are_closed_at_max_connection_age_and_calls_go_on(start_server):
+    live = start_server(max_connection_age=1, max_connection_age_grace=1)
+    states = watch_states(live.channel)
+    new_student(live.stub)
+    wait_for(lambda: "READY" in states, what="READY")
+    wait_for(lambda: states[-1] != "READY", what="the connection to be aged out")
+    assert new_student(live.stub).id == 2  # the client reconnects by itself
+
+
+def hold_the_write_lock(live) -> sqlite3.Connection:
+    blocker = sqlite3.connect(sqlite_path(live), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    return blocker
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_a_write_past_its_deadline_or_cancelled_is_rolled_back(start_server, caplog, how):
+    caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    live = start_server(database_timeout=30)
+    course = live.stub.CreateCourse(
+        pb.CreateCourseRequest(code="CS-1", title="Intro", capacity=1), timeout=TIMEOUT
+    ).course
+    student = new_student(live.stub)
+    blocker = hold_the_write_lock(live)
+    try:
+        request = pb.EnrollStudentRequest(student_id=student.id, course_id=course.id)
+        call = live.stub.EnrollStudent.future(request, timeout=1.0 if how == "deadline" else 60)
+        # The server has the call: its connection is out of the pool, waiting for the lock.
+        wait_for(lambda: database.connections_in_use() == 1, what="the call in progress")
+        if how == "cancel":
+            assert call.cancel()
+        with pytest.raises(grpc.FutureCancelledError if how == "cancel" else grpc.RpcError):
+            call.result(timeout=TIMEOUT)
+        if how == "deadline":
+            assert call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert database.connections_in_use() == 1  # the write is still waiting for the lock
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    expected = "code=DEADLINE_EXCEEDED" if how == "deadline" else "code=CANCELLED"
+
+    def logged() -> bool:
+        return any(
+            "method=EnrollStudent" in r.getMessage() and expected in r.getMessage()
+            for r in caplog.records
+        )
+
+    wait_for(logged, what="the abandoned call to finish")
+    assert table_counts(live) == (1, 1, 0)  # nothing of the enrollment was written
+    seat = live.stub.GetCourse(pb.GetCourseRequest(course_id=course.id), timeout=TIMEOUT)
+    assert seat.course.enrolled_count == 0
+    # The seat is still free for a caller who waits for the answer.
+    live.stub.EnrollStudent(request, timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    "override, flag",
+    [
+        ({"max_message_bytes": 10}, "--max-message-bytes"),
+        ({"max_concurrent_rpcs": 0}, "--max-concurrent-rpcs"),
+        ({"keepalive_time": 0}, "--keepalive-time"),
+        ({"max_connection_age": -1}, "--max-connection-age"),
+    ],
+)
+def test_limits_out_of_range_are_startup_errors(db_url, override, flag):
+    config = ServerConfig(address="127.0.0.1:0", database_url=db_url, **override)
+    with pytest.raises(StartupError, match=flag):
+        create_server(config)
+
+
+def test_parallel_threads_do_not_leak_liveness_between_calls(live):
+    # A call bound to a finished context must not leave it bound for the next call on
+    # the same worker thread: many quick calls in a row all succeed.
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(10):
+                new_student(live.stub)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors
+    assert table_counts(live)[0] == 40

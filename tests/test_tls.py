@@ -1,0 +1,196 @@
+"""TLS and mutual TLS: with a throwaway CA, through the library, the CLI and grpcurl."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client.api import ClientError, EnrollmentClient
+from enrollment.v1 import enrollment_pb2 as pb
+from server import db as database
+from server.app import ServerConfig, StartupError, create_server
+from tests.certs import Authority, Pem
+from tests.rpc import TIMEOUT, new_student
+
+# TLS is the transport's: the database does not change it.
+pytestmark = pytest.mark.databases("sqlite")
+
+BIN = Path(sys.executable).parent
+SERVICE = "enrollment.v1.EnrollmentService"
+
+
+@dataclass
+class Pki:
+    ca: Authority
+    server: Pem
+    client: Pem
+    stranger: Pem  # a client certificate from another CA
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    ca = Authority(tmp_path / "pki", "test-ca")
+    other = Authority(tmp_path / "pki", "other-ca")
+    return Pki(
+        ca,
+        ca.issue("server", server=True),
+        ca.issue("backend", server=False),
+        other.issue("intruder", server=False),
+    )
+
+
+def tls_options(pki: Pki, *, mutual: bool) -> dict:
+    options = {"tls_cert": str(pki.server.cert), "tls_key": str(pki.server.key)}
+    if mutual:
+        options["tls_client_ca"] = str(pki.ca.ca_file)
+    return options
+
+
+def credentials(pki: Pki, client: Pem | None = None) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.pem.cert_bytes,
+        private_key=client.key_bytes if client else None,
+        certificate_chain=client.cert_bytes if client else None,
+    )
+
+
+def refused(address: str, creds: grpc.ChannelCredentials | None) -> grpc.RpcError:
+    channel = (
+        grpc.insecure_channel(address) if creds is None else grpc.secure_channel(address, creds)
+    )
+    with channel, pytest.raises(grpc.RpcError) as raised:
+        channel.unary_unary(f"/{SERVICE}/GetStudent")(
+            pb.GetStudentRequest(student_id=1).SerializeToString(), timeout=TIMEOUT
+        )
+    return raised.value
+
+
+def test_tls_client_works_and_plaintext_client_fails(start_server, pki):
+    live = start_server(credentials=credentials(pki), **tls_options(pki, mutual=False))
+    with EnrollmentClient(live.address, tls_ca=str(pki.ca.ca_file), timeout=TIMEOUT) as api:
+        ada = api.create_student("Ada Lovelace", "ada@example.com")
+        assert api.get_student(ada.id).email == "ada@example.com"
+    assert refused(live.address, None).code() == grpc.StatusCode.UNAVAILABLE
+    # A client that trusts another CA does not trust this server.
+    other = grpc.ssl_channel_credentials(root_certificates=pki.stranger.cert_bytes)
+    assert refused(live.address, other).code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate_of_its_ca(start_server, pki):
+    live = start_server(credentials=credentials(pki, pki.client), **tls_options(pki, mutual=True))
+    assert new_student(live.stub).id == 1  # the fixture's channel has the right client cert
+    assert refused(live.address, credentials(pki)).code() == grpc.StatusCode.UNAVAILABLE
+    stranger = credentials(pki, pki.stranger)
+    assert refused(live.address, stranger).code() == grpc.StatusCode.UNAVAILABLE
+    assert refused(live.address, None).code() == grpc.StatusCode.UNAVAILABLE
+    with EnrollmentClient(
+        live.address,
+        tls_ca=str(pki.ca.ca_file),
+        tls_cert=str(pki.client.cert),
+        tls_key=str(pki.client.key),
+        timeout=TIMEOUT,
+    ) as api:
+        assert api.get_student(1).id == 1
+        with pytest.raises(ClientError) as raised:
+            api.get_student(99)
+        assert raised.value.reason == "STUDENT_NOT_FOUND"
+
+
+def grpcurl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "grpcurl"), "-max-time", "10", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+    )
+
+
+def test_grpcurl_with_cacert_cert_and_key(start_server, pki, tmp_path):
+    live = start_server(credentials=credentials(pki, pki.client), **tls_options(pki, mutual=True))
+    mtls = ["-cacert", str(pki.ca.ca_file), "-cert", str(pki.client.cert)]
+    mtls += ["-key", str(pki.client.key)]
+    body = json.dumps({"name": "Grace Hopper", "email": "grace@example.com"})
+    made = grpcurl(*mtls, "-d", body, live.address, f"{SERVICE}/CreateStudent", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["student"]["email"] == "grace@example.com"
+    # Reflection works over mTLS too (grpcurl needs nothing but the server).
+    assert SERVICE in grpcurl(*mtls, live.address, "list", cwd=tmp_path).stdout
+    no_cert = grpcurl("-cacert", str(pki.ca.ca_file), live.address, "list", cwd=tmp_path)
+    assert no_cert.returncode != 0
+    plaintext = grpcurl("-plaintext", live.address, "list", cwd=tmp_path)
+    assert plaintext.returncode != 0
+
+
+def test_client_cli_tls_flags(start_server, pki, tmp_path):
+    live = start_server(credentials=credentials(pki, pki.client), **tls_options(pki, mutual=True))
+    new_student(live.stub)
+    flags = ["--address", live.address, "--tls-ca", str(pki.ca.ca_file)]
+    cmd = [str(BIN / "enrollment-client"), *flags, "--json", "student", "--id", "1"]
+    ok = subprocess.run(
+        [*cmd, "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["id"] == "1"
+    without_cert = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert without_cert.returncode == 1
+    assert json.loads(without_cert.stdout)["error"]["code"] == "UNAVAILABLE"
+    lone = subprocess.run(
+        [*cmd, "--tls-cert", str(pki.client.cert)], capture_output=True, text=True, timeout=30
+    )
+    assert lone.returncode == 2 and "go together" in lone.stderr
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("cert-only", "--tls-cert and --tls-key go together"),
+        ("wrong-key", "are not a PEM certificate and its private key"),
+        ("bad-ca", "--tls-client-ca"),
+        ("missing-ca", "--tls-client-ca"),
+    ],
+)
+def test_unusable_tls_files_are_clear_startup_errors(db_url, pki, tmp_path, case, expected):
+    options = tls_options(pki, mutual=True)
+    if case == "cert-only":
+        del options["tls_key"]
+    elif case == "wrong-key":
+        options["tls_key"] = str(pki.client.key)
+    elif case == "bad-ca":
+        (tmp_path / "not-a-ca.pem").write_text("hello\n")
+        options["tls_client_ca"] = str(tmp_path / "not-a-ca.pem")
+    else:
+        options["tls_client_ca"] = str(tmp_path / "missing.pem")
+    with pytest.raises(StartupError, match=expected):
+        create_server(ServerConfig(address="127.0.0.1:0", database_url=db_url, **options))
+
+
+@pytest.mark.parametrize(
+    "address, tls, warns",
+    [
+        ("0.0.0.0:0", False, True),
+        ("0.0.0.0:0", True, False),
+        ("127.0.0.1:0", False, False),
+        ("localhost:0", False, False),
+    ],
+)
+def test_plaintext_on_a_non_loopback_address_warns(db_url, pki, caplog, address, tls, warns):
+    caplog.set_level(logging.WARNING, logger="enrollment.server")
+    options = tls_options(pki, mutual=False) if tls else {}
+    running = create_server(ServerConfig(address=address, database_url=db_url, **options))
+    try:
+        assert running.port > 0
+    finally:
+        running.stop(None).wait(10)
+        database.close()
+    assert ("PLAINTEXT" in caplog.text) == warns, caplog.text
