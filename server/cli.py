@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         "0.0.0.0 or [::] means this host",
     )
     probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default %(default)s)")
+    probe.add_argument("--tls-ca", help="CA of a TLS server's certificate (turns TLS on)")
+    probe.add_argument("--tls-cert", help="client certificate, for a server that asks (mTLS)")
+    probe.add_argument("--tls-key", help="the client certificate's key")
 
     _security_and_operations_flags(run)
 
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "health":
-            return health_check(args.address, args.timeout)
+            return health_check(args)
         if args.command == "hash-token":
             token, line = new_token_line(args.role, args.name)
             print(line)
@@ -271,24 +274,39 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def health_check(address: str, timeout: float) -> int:
+def health_check(args: argparse.Namespace) -> int:
     """The container's HEALTHCHECK: one grpc.health.v1 Check of the whole server."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    host, _, port = address.rpartition(":")
+    host, _, port = args.address.rpartition(":")
     if host in ("0.0.0.0", "[::]", ""):
         host = "127.0.0.1"
-    with grpc.insecure_channel(f"{host}:{port}") as channel:
+    target = f"{host}:{port}"
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("enrollment-server: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.tls_ca or args.tls_cert:
+        files = [args.tls_ca, args.tls_key, args.tls_cert]
+        try:
+            ca, key, cert = (open(f, "rb").read() if f else None for f in files)  # noqa: SIM115
+        except OSError as exc:
+            print(f"enrollment-server: {exc}", file=sys.stderr)
+            return 2
+        credentials = grpc.ssl_channel_credentials(ca, key, cert)
+        channel = grpc.secure_channel(target, credentials)
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+                health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
             )
         except grpc.RpcError as error:
-            print(f"{address}: {error.code().name}", file=sys.stderr)
+            print(f"{args.address}: {error.code().name}", file=sys.stderr)
             return 1
     state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{address}: {state}")
+    print(f"{args.address}: {state}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 

@@ -151,6 +151,21 @@ def test_client_cli_tls_flags(start_server, pki, tmp_path):
     assert lone.returncode == 2 and "go together" in lone.stderr
 
 
+def test_health_command_speaks_tls_and_mtls(start_server, pki):
+    live = start_server(credentials=credentials(pki, pki.client), **tls_options(pki, mutual=True))
+    health = [str(BIN / "enrollment-server"), "health", "--address", live.address]
+    ca = ["--tls-ca", str(pki.ca.ca_file)]
+    cert = ["--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)]
+
+    def run(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*health, *flags], capture_output=True, text=True, timeout=30)
+
+    ok = run(*ca, *cert)
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("SERVING"), ok.stderr
+    assert run(*ca).returncode == 1  # mTLS: no client certificate, no answer
+    assert run().returncode == 1  # plaintext to a TLS server
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
