@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from enrollment.v1 import enrollment_pb2 as pb
-from tests import databases
 from tests.rpc import TIMEOUT, enroll, failure, new_course, new_student
+from tests.test_concurrency import counts_match_rosters
 
 SERVICE = "enrollment.v1.EnrollmentService"
 MAX_REQUEST = 64 * 1024
@@ -111,18 +111,6 @@ def check_answer(call, request_size: int) -> None:
         assert not any(leak in lowered for leak in LEAKS), got.message
 
 
-def check_invariants(live) -> None:
-    wrong = databases.query(
-        live.database_url,
-        "SELECT c.id, c.enrolled_count, c.capacity,"
-        " (SELECT COUNT(*) FROM student_courses sc WHERE sc.course_id = c.id)"
-        " FROM courses c",
-    )
-    for course_id, counted, capacity, roster in wrong:
-        assert counted == roster, f"course {course_id}: enrolled_count {counted}, roster {roster}"
-        assert capacity == 0 or roster <= capacity, f"course {course_id} over capacity"
-
-
 def check_still_serving(live) -> None:
     health = health_pb2_grpc.HealthStub(live.channel)
     reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=TIMEOUT)
@@ -138,7 +126,7 @@ def test_arbitrary_field_values_get_contract_answers(seeded, method):
     @given(request=REQUESTS[method])
     def property_(request):
         check_answer(lambda: stub_call(request, timeout=TIMEOUT), request.ByteSize())
-        check_invariants(seeded)
+        counts_match_rosters(seeded)
 
     property_()
     check_still_serving(seeded)
@@ -151,7 +139,7 @@ def test_arbitrary_bodies_through_a_generic_stub(seeded):
     @given(method=st.sampled_from(sorted(REQUESTS)), body=st.binary(max_size=300))
     def property_(method, body):
         check_answer(lambda: calls[method](body, timeout=TIMEOUT), len(body))
-        check_invariants(seeded)
+        counts_match_rosters(seeded)
 
     property_()
     check_still_serving(seeded)
