@@ -1,0 +1,9 @@
+"""`make bench-scale` (placeholder)."""
+
+
+def add_arguments(parser):
+    pass
+
+
+def main(args):
+    return 0
