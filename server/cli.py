@@ -10,7 +10,7 @@ import sys
 import peewee as pw
 
 from server import db as database
-from server import schema
+from server import logs, schema
 from server.app import ServerConfig, StartupError, serve
 
 DEFAULTS = ServerConfig()
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    logs.write_in_background()
     # peewee-migrate logs every step at INFO through its own logger.
     logging.getLogger("peewee_migrate").setLevel(logging.WARNING)
     try:
