@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -87,11 +88,30 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+# SQLite admits one writer at a time, and a writer that finds the file locked polls with
+# sleeps of up to 100 ms: under 16 concurrent writers that made a 300 ms p99. Writers of
+# one process queue on this lock instead; only other processes meet the busy timeout.
+_sqlite_writer = threading.Lock()
+
+
+@contextlib.contextmanager
+def _writer_turn(write: bool) -> Iterator[None]:
+    if not (write and _is_sqlite()):
+        yield
+        return
+    if not _sqlite_writer.acquire(timeout=getattr(database.obj, "_wait_timeout", 5.0)):
+        raise DatabaseUnavailable.of()
+    try:
+        yield
+    finally:
+        _sqlite_writer.release()
+
+
 @contextlib.contextmanager
 def unit_of_work(*, write: bool) -> Iterator[None]:
     """One connection and one transaction; writers take SQLite's write lock up front."""
     try:
-        with database.connection_context():
+        with _writer_turn(write), database.connection_context():
             begin = ("IMMEDIATE",) if write and _is_sqlite() else ()
             with database.atomic(*begin):
                 yield
