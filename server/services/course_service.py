@@ -14,7 +14,9 @@ from server.services.lookups import find_course, find_student
 from server.services.prepared import Prepared
 from server.services.validation import Fields
 
-# A page of the catalogue, and of one student's courses: keyset on the course id.
+# A page of the catalogue, and of one student's courses: keyset on the course id. A
+# student's courses are ordered by the join table's course_id, the same values, so that
+# SQLite walks the primary key (student_id, course_id) in order instead of sorting.
 _CATALOGUE_PAGE = Prepared(
     lambda after_id, limit: (
         Course.select().where(Course.id > after_id).order_by(Course.id).limit(limit)
@@ -25,8 +27,8 @@ _STUDENT_COURSES_PAGE = Prepared(
     lambda student_id, after_id, limit: (
         Course.select()
         .join(StudentCourse)
-        .where((StudentCourse.student == student_id) & (Course.id > after_id))
-        .order_by(Course.id)
+        .where((StudentCourse.student == student_id) & (StudentCourse.course > after_id))
+        .order_by(StudentCourse.course)
         .limit(limit)
     ),
     3,

@@ -14,7 +14,10 @@ from server.services.lookups import find_course, find_student
 from server.services.prepared import Prepared
 from server.services.validation import Fields
 
-# A page of all students, and of one course's roster: keyset on the student id.
+# A page of all students, and of one course's roster: keyset on the student id. The roster
+# is ordered by the join table's student_id, the same values, so that SQLite reads the
+# (course_id, student_id) index in order and stops after one page instead of sorting
+# the whole roster.
 _STUDENTS_PAGE = Prepared(
     lambda after_id, limit: (
         Student.select().where(Student.id > after_id).order_by(Student.id).limit(limit)
@@ -25,8 +28,8 @@ _ROSTER_PAGE = Prepared(
     lambda course_id, after_id, limit: (
         Student.select()
         .join(StudentCourse)
-        .where((StudentCourse.course == course_id) & (Student.id > after_id))
-        .order_by(Student.id)
+        .where((StudentCourse.course == course_id) & (StudentCourse.student > after_id))
+        .order_by(StudentCourse.student)
         .limit(limit)
     ),
     3,
