@@ -43,7 +43,11 @@ class Prepared:
                 raise ValueError(f"every value must appear once, in order: {sql}")
             if all(is_value for is_value, _ in binding):
                 binding = None  # the common case: the values are the parameters
-            compiled = self._compiled = (db, query.model, sql, binding)
+            # What peewee's own row wrapper does for a plain model select: each column
+            # through its field's python_value, the instance built without defaults.
+            fields = getattr(query, "selected_columns", None) or ()
+            converters = tuple((f.name, f.python_value) for f in fields)
+            compiled = self._compiled = (db, query.model, sql, binding, converters)
         return compiled
 
     def _params(self, binding, values: tuple) -> tuple:
@@ -52,9 +56,16 @@ class Prepared:
         return tuple(values[v] if is_value else v for is_value, v in binding)
 
     def rows(self, *values) -> list:
-        """The model instances a SELECT returns."""
-        _, model, sql, binding = self._compile()
-        return list(model.raw(sql, *self._params(binding, values)))
+        """The model instances a SELECT of one model's fields returns."""
+        _, model, sql, binding, converters = self._compile()
+        cursor = database.execute_sql(sql, self._params(binding, values))
+        found = []
+        for row in cursor.fetchall():
+            data = {name: convert(v) for (name, convert), v in zip(converters, row, strict=True)}
+            instance = model(__no_default__=1, **data)
+            instance._dirty.clear()
+            found.append(instance)
+        return found
 
     def first(self, *values):
         """The first row of a SELECT, or None."""
@@ -63,6 +74,6 @@ class Prepared:
 
     def execute(self, *values) -> int:
         """Run an INSERT, UPDATE or DELETE; the number of rows it changed."""
-        _, _, sql, binding = self._compile()
+        _, _, sql, binding, _ = self._compile()
         cursor = database.execute_sql(sql, self._params(binding, values))
         return cursor.rowcount
