@@ -6,6 +6,7 @@ import atexit
 import logging
 import logging.handlers
 import queue
+import threading
 import time
 
 
@@ -39,14 +40,47 @@ class _HandOver(logging.handlers.QueueHandler):
         return record
 
 
+_STOP = object()
+
+
+def _write(records: queue.SimpleQueue, handlers: list[logging.Handler]) -> None:
+    """Take every record queued so far and write each stream's lines with one write."""
+    while True:
+        batch = [records.get()]
+        while True:
+            try:
+                batch.append(records.get_nowait())
+            except queue.Empty:
+                break
+        stop = _STOP in batch
+        batch = [r for r in batch if r is not _STOP]
+        for handler in handlers:
+            chosen = [r for r in batch if r.levelno >= handler.level and handler.filter(r)]
+            if not chosen:
+                continue
+            if type(handler) is logging.StreamHandler:
+                try:
+                    text = "".join(handler.format(r) + handler.terminator for r in chosen)
+                    with handler.lock:
+                        handler.stream.write(text)
+                        handler.flush()
+                except Exception:
+                    handler.handleError(chosen[0])
+            else:
+                for record in chosen:
+                    handler.handle(record)
+        if stop:
+            return
+
+
 def write_in_background() -> None:
     """Move the root logger's handlers behind a queue.
 
     The server logs one line per call. Written from the calling thread, each line is
     formatted and written with a write(2) under the handler's lock, and with many threads
     busy they queue on that lock and hand the GIL back and forth. Queued, a call only
-    appends the record; one thread formats and writes. Lines keep their order and their
-    time of creation.
+    appends the record; one thread formats the lines and writes what has gathered at
+    once. Lines keep their order and their time of creation.
     """
     root = logging.getLogger()
     handlers = [h for h in root.handlers if not isinstance(h, logging.handlers.QueueHandler)]
@@ -60,10 +94,15 @@ def write_in_background() -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
     records: queue.SimpleQueue = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
+    writer = threading.Thread(target=_write, args=(records, handlers), name="log", daemon=True)
     for handler in handlers:
         root.removeHandler(handler)
     root.addHandler(_HandOver(records))
-    listener.start()
-    # Lines still queued at exit are written before the process ends.
-    atexit.register(listener.stop)
+    writer.start()
+
+    def stop() -> None:
+        # Lines still queued at exit are written before the process ends.
+        records.put(_STOP)
+        writer.join(5)
+
+    atexit.register(stop)
