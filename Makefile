@@ -50,8 +50,17 @@ run: migrate
 	$(BIN)/enrollment-server serve --address '$(ADDRESS)' --database-url '$(DATABASE_URL)'
 
 # target: bench - the server against a bare grpcio ceiling: table, targets, bench/results/*.json
-bench: $(STAMP)
+bench: $(STAMP) h2load
 	$(BIN)/python -m bench run $(BENCH_ARGS)
+
+# h2load (Debian's nghttp2-client) is the cheap client of the read-h2 rows; where it
+# cannot be installed (no root, no apt) bench says so and the aio client drives every mix.
+.PHONY: h2load
+h2load:
+	@command -v h2load >/dev/null 2>&1 || { \
+	  echo "h2load is missing: installing nghttp2-client"; \
+	  { apt-get install -y -qq nghttp2-client || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }; } >/dev/null 2>&1 \
+	  || echo "could not install nghttp2-client: bench runs without h2load"; }
 
 # target: bench-scale - p99 at 10,000 vs 1,000,000 enrollments (a few minutes)
 bench-scale: $(STAMP)

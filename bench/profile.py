@@ -43,7 +43,7 @@ def top_lines(raw: str, top: int) -> str:
         total += n
         frames = stack.split(";")
         own[frames[-1]] += n
-        for frame in set(frames):
+        for frame in set(frames[1:]):  # the first frame names the process
             inclusive[frame] += n
     out = [f"{total} samples", "", f"{'self':>6}  function"]
     out += [f"{n / total:6.1%}  {frame}" for frame, n in own.most_common(top)]

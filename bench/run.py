@@ -14,10 +14,12 @@ from pathlib import Path
 
 import grpc
 
-from bench import load, measure, procs
+from bench import h2, load, measure, procs
 from bench.seed import Shape, seed
 
 PROJECT, CEILING, WORKERS = "enrollment", "ceiling", "enrollment-w"
+# `read` driven by h2load: one student per round, ListCourses and GetStudent in turn.
+H2_READ = "read-h2"
 EXPECTED_CODES = {"OK"}
 
 
@@ -42,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=2,
         help="also run `read` with `serve --workers N` against one process (0: skip)",
+    )
+    parser.add_argument(
+        "--h2load",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also drive `read` with h2load, a client cheaper than Python (auto: when installed)",
     )
     parser.add_argument("--log-level", default="INFO", help="the server's --log-level")
     parser.add_argument("--students", type=int, default=10_000)
@@ -71,6 +79,13 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit(f"unknown mix {mix!r}; choose from {', '.join(load.MIXES)}")
     shape = Shape(args.students, args.courses, args.per_student)
     has_workers = procs.serve_has_workers_flag()
+    if args.h2load == "on" and not h2.available():
+        raise SystemExit("--h2load on: h2load is not installed (Debian: nghttp2-client)")
+    if "read" in mixes and args.h2load != "off":
+        if h2.available():
+            mixes.insert(mixes.index("read") + 1, H2_READ)
+        else:
+            print("h2load not found: the aio client drives every mix", file=sys.stderr)
     if args.workers != 1 and not has_workers:
         raise SystemExit("this checkout's `enrollment-server serve` has no --workers flag")
     with tempfile.TemporaryDirectory(prefix="enrollment-bench-") as tmp:
@@ -98,7 +113,9 @@ def main(args: argparse.Namespace) -> int:
             ),
         }
         workers_check = args.workers_check if has_workers and "read" in mixes else 0
-        if workers_check and workers_check != args.workers:
+        if workers_check == args.workers:
+            workers_check = 0
+        if workers_check:
             servers[WORKERS] = procs.enrollment_server(
                 procs.free_port(),
                 url,
@@ -110,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             for server in servers.values():
                 server.start()
-            results = _run_rounds(servers, mixes, shape, args)
+            results = _run_rounds(servers, mixes, shape, args, tmpdir)
         finally:
             for server in servers.values():
                 server.stop()
@@ -158,27 +175,40 @@ def _default_json_path(report: dict) -> Path:
     return Path("bench/results") / f"bench-{stamp}-{report['meta']['commit']}.json"
 
 
-def _run_rounds(servers, mixes, shape, args) -> dict:
+def _run_rounds(servers, mixes, shape, args, tmpdir: Path) -> dict:
     results: dict[str, dict] = {}
     for mix in mixes:
         names = [PROJECT, CEILING]
-        if mix == "read" and WORKERS in servers:
+        if mix in ("read", H2_READ) and WORKERS in servers:
             names.append(WORKERS)
         rounds: dict[str, list] = {name: [] for name in names}
         for index in range(args.rounds):
             # Alternate which server goes first, so drift on a shared machine hits both.
             order = names if index % 2 == 0 else list(reversed(names))
             for name in order:
-                result = measure.drive(
-                    servers[name],
-                    mix,
-                    shape,
-                    processes=args.processes,
-                    coroutines=args.coroutines,
-                    duration=args.duration,
-                    warmup=args.warmup,
-                    seed=index + 1,
-                )
+                server = servers[name]
+                if mix == H2_READ:
+                    result = h2.drive(
+                        server,
+                        tmpdir,
+                        connections=args.processes,
+                        streams=args.coroutines,
+                        duration=args.duration,
+                        warmup=args.warmup,
+                        student=1 + (index * 7919) % shape.students,
+                        log_path=None if name == CEILING else server.log_path,
+                    )
+                else:
+                    result = measure.drive(
+                        server,
+                        mix,
+                        shape,
+                        processes=args.processes,
+                        coroutines=args.coroutines,
+                        duration=args.duration,
+                        warmup=args.warmup,
+                        seed=index + 1,
+                    )
                 rounds[name].append(result)
                 print(
                     f"  {mix:5} round {index + 1}/{args.rounds} {name:12} "
@@ -254,7 +284,10 @@ def targets(report: dict, workers_check: int) -> list[dict]:
             "max",
             "x",
         )
-    workers = series.get("read", {}).get(WORKERS)
+    # The workers check wants the cheapest client: h2load's rows when they were run.
+    workers_mix = H2_READ if WORKERS in series.get(H2_READ, {}) else "read"
+    workers = series.get(workers_mix, {}).get(WORKERS)
+    single = series.get(workers_mix, {}).get(PROJECT)
     note = (
         ""
         if workers
@@ -263,8 +296,8 @@ def targets(report: dict, workers_check: int) -> list[dict]:
         )
     )
     add(
-        f"read: --workers {workers_check or 2} throughput vs one process",
-        workers and _ratio(workers["calls_per_s"], read["calls_per_s"]),
+        f"{workers_mix}: --workers {workers_check or 2} throughput vs one process",
+        workers and _ratio(workers["calls_per_s"], single["calls_per_s"]),
         1.5,
         "min",
         "x",
@@ -280,7 +313,7 @@ def render(report: dict) -> str:
         f"{meta['cpus']} CPUs  {meta['database']}  concurrency {meta['concurrency']}  "
         f"medians of {meta['args']['rounds']} rounds x {meta['args']['duration']:g}s",
         "",
-        f"{'mix':6} {'server':13} {'calls/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
+        f"{'mix':7} {'server':13} {'calls/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
         f"{'srv us/call':>11} {'srv CPU':>7} {'cli CPU':>7}  {'% ceil':>6} {'cpu x':>5} "
         f"{'p99 x':>5}  codes",
     ]
@@ -299,7 +332,7 @@ def render(report: dict) -> str:
             label = name if name != WORKERS else f"enroll -w{meta['args']['workers_check']}"
             codes = " ".join(f"{c}={n}" for c, n in sorted(s["codes"].items()))
             lines.append(
-                f"{mix:6} {label:13} {s['calls_per_s']:8.0f} {s['p50_ms']:7.2f} "
+                f"{mix:7} {label:13} {s['calls_per_s']:8.0f} {s['p50_ms']:7.2f} "
                 f"{s['p90_ms']:7.2f} {s['p99_ms']:7.2f} {s['server_cpu_us_per_call']:11.0f} "
                 f"{s['server_cpu_share'] * 100:6.0f}% {s['client_cpu_share'] * 100:6.0f}%  "
                 f"{rel}  {codes}"
