@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 MIX ?= read
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test migrate run clean bench bench-scale bench-compare bench-profile
+.PHONY: help install proto lint test migrate run clean bench bench-scale bench-compare bench-micro bench-profile
 
 # target: help - list the targets and what they do
 help:
@@ -70,6 +70,10 @@ bench-scale: $(STAMP)
 bench-compare: $(STAMP)
 	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make bench-compare A=old.json B=new.json"; exit 2; }
 	$(BIN)/python -m bench compare '$(A)' '$(B)'
+
+# target: bench-micro - servicer CPU per call in-process (one thread, no gRPC): steadier than bench
+bench-micro: $(STAMP)
+	$(BIN)/python -m bench micro $(BENCH_ARGS)
 
 # target: bench-profile - py-spy the server under one mix (MIX=read|write|mixed); top lines
 bench-profile: $(BENCH_STAMP)

@@ -1,4 +1,4 @@
-"""python -m bench {run,scale,compare,profile}: behind `make bench`, `bench-scale`, …"""
+"""python -m bench {run,scale,compare,profile,micro}: behind `make bench`, `bench-scale`, …"""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     from bench import scale
 
     scale.add_arguments(scale_parser)
-    from bench import profile
+    from bench import micro, profile
+
+    micro.add_arguments(commands.add_parser("micro", help="servicer CPU per call, in-process"))
 
     profile.add_arguments(commands.add_parser("profile", help="py-spy the server under a mix"))
     pair = commands.add_parser("compare", help="two result files side by side")
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         return scale.main(args)
     if args.command == "profile":
         return profile.main(args)
+    if args.command == "micro":
+        return micro.main(args)
     print(compare.compare(args.a, args.b))
     return 0
 
