@@ -24,7 +24,7 @@ class Prepared:
     def __init__(self, build: Callable[..., pw.Query], arity: int) -> None:
         self._build = build
         self._markers = tuple(_MARKER - i for i in range(arity))
-        self._compiled: tuple | None = None  # (database, model, sql, binding)
+        self._compiled: tuple | None = None  # (database, model, sql, binding, converters)
 
     def _compile(self) -> tuple:
         db = database.obj
