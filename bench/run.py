@@ -25,8 +25,8 @@ EXPECTED_CODES = {"OK"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixes", default=",".join(load.MIXES), help="comma-separated mixes")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per server and mix")
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per server and mix")
+    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per round")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--processes", type=int, default=2, help="load processes")
     parser.add_argument("--coroutines", type=int, default=8, help="concurrent calls per process")
