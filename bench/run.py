@@ -17,7 +17,7 @@ import grpc
 from bench import h2, load, measure, procs
 from bench.seed import Shape, seed
 
-PROJECT, CEILING, WORKERS = "enrollment", "ceiling", "enrollment-w"
+PROJECT, CEILING, WORKERS, THREADS = "enrollment", "ceiling", "enrollment-w", "enrollment-t"
 # `read` driven by h2load: one student per round, ListCourses and GetStudent in turn.
 H2_READ = "read-h2"
 EXPECTED_CODES = {"OK"}
@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=2,
         help="also run `read` with `serve --workers N` against one process (0: skip)",
+    )
+    parser.add_argument(
+        "--threads-check",
+        type=int,
+        default=0,
+        help="also run every mix against a server with --max-workers N, in the same rounds",
     )
     parser.add_argument(
         "--h2load",
@@ -124,6 +130,15 @@ def main(args: argparse.Namespace) -> int:
                 workers=workers_check,
                 log_level=args.log_level,
             )
+        if args.threads_check:
+            servers[THREADS] = procs.enrollment_server(
+                procs.free_port(),
+                url,
+                tmpdir / "server-threads.log",
+                max_workers=args.threads_check,
+                workers=args.workers,
+                log_level=args.log_level,
+            )
         try:
             for server in servers.values():
                 server.start()
@@ -181,6 +196,8 @@ def _run_rounds(servers, mixes, shape, args, tmpdir: Path) -> dict:
         names = [PROJECT, CEILING]
         if mix in ("read", H2_READ) and WORKERS in servers:
             names.append(WORKERS)
+        if THREADS in servers:
+            names.append(THREADS)
         rounds: dict[str, list] = {name: [] for name in names}
         for index in range(args.rounds):
             # Alternate which server goes first, so drift on a shared machine hits both.
@@ -329,7 +346,10 @@ def render(report: dict) -> str:
                     f"{_ratio(s[cpu], ceiling[cpu]):5.2f} "
                     f"{_ratio(s['p99_ms'], ceiling['p99_ms']):5.2f}"
                 )
-            label = name if name != WORKERS else f"enroll -w{meta['args']['workers_check']}"
+            label = {
+                WORKERS: f"enroll -w{meta['args']['workers_check']}",
+                THREADS: f"enroll -t{meta['args'].get('threads_check')}",
+            }.get(name, name)
             codes = " ".join(f"{c}={n}" for c, n in sorted(s["codes"].items()))
             lines.append(
                 f"{mix:7} {label:13} {s['calls_per_s']:8.0f} {s['p50_ms']:7.2f} "
