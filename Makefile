@@ -3,12 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 ADDRESS ?= 127.0.0.1:50051
 DATABASE_URL ?= sqlite:///enrollment.db
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+MIX ?= read
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test migrate run clean
+.PHONY: help install proto lint test migrate run clean bench bench-scale bench-compare bench-micro bench-profile
 
 # target: help - list the targets and what they do
 help:
@@ -45,6 +48,40 @@ migrate: $(STAMP)
 # target: run - migrate, then serve on ADDRESS (default 127.0.0.1:50051)
 run: migrate
 	$(BIN)/enrollment-server serve --address '$(ADDRESS)' --database-url '$(DATABASE_URL)'
+
+# target: bench - the server against a bare grpcio ceiling: table, targets, bench/results/*.json
+bench: $(STAMP) h2load
+	$(BIN)/python -m bench run $(BENCH_ARGS)
+
+# h2load (Debian's nghttp2-client) is the cheap client of the read-h2 rows; where it
+# cannot be installed (no root, no apt) bench says so and the aio client drives every mix.
+.PHONY: h2load
+h2load:
+	@command -v h2load >/dev/null 2>&1 || { \
+	  echo "h2load is missing: installing nghttp2-client"; \
+	  { apt-get install -y -qq nghttp2-client || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }; } >/dev/null 2>&1 \
+	  || echo "could not install nghttp2-client: bench runs without h2load"; }
+
+# target: bench-scale - p99 at 10,000 vs 1,000,000 enrollments (a few minutes)
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench scale $(BENCH_ARGS)
+
+# target: bench-compare - two bench result files side by side: make bench-compare A=a.json B=b.json
+bench-compare: $(STAMP)
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make bench-compare A=old.json B=new.json"; exit 2; }
+	$(BIN)/python -m bench compare '$(A)' '$(B)'
+
+# target: bench-micro - servicer CPU per call in-process (one thread, no gRPC): steadier than bench
+bench-micro: $(STAMP)
+	$(BIN)/python -m bench micro $(BENCH_ARGS)
+
+# target: bench-profile - py-spy the server under one mix (MIX=read|write|mixed); top lines
+bench-profile: $(BENCH_STAMP)
+	$(BIN)/python -m bench profile --mix '$(MIX)' $(BENCH_ARGS)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $@
 
 # target: clean - remove .venv, caches and the default SQLite database
 clean:

@@ -8,6 +8,7 @@ import logging
 import math
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -296,6 +297,25 @@ def _lost_connection(exc: BaseException) -> bool:
     return False
 
 
+# SQLite admits one writer at a time, and a writer that finds the file locked polls with
+# sleeps of up to 100 ms: under 16 concurrent writers that made a 300 ms p99. Writers of
+# one process queue on this lock instead; only other processes meet the busy timeout.
+_sqlite_writer = threading.Lock()
+
+
+@contextlib.contextmanager
+def _writer_turn(write: bool) -> Iterator[None]:
+    if not (write and isinstance(database.obj, pw.SqliteDatabase)):
+        yield
+        return
+    if not _sqlite_writer.acquire(timeout=getattr(database.obj, "_wait_timeout", 5.0)):
+        raise DatabaseUnavailable.of()
+    try:
+        yield
+    finally:
+        _sqlite_writer.release()
+
+
 @contextlib.contextmanager
 def unit_of_work(*, write: bool) -> Iterator[None]:
     """One connection and one transaction; writers take SQLite's write lock up front.
@@ -306,7 +326,7 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
     callstate.ensure_active()
     db = database.obj
     try:
-        with database.connection_context():
+        with _writer_turn(write), database.connection_context():
             begin = ("IMMEDIATE",) if write and isinstance(db, pw.SqliteDatabase) else ()
             with database.atomic(*begin):
                 yield

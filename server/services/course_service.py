@@ -11,7 +11,28 @@ from server.errors import CourseCodeTaken, HasEnrollments
 from server.models import Course, StudentCourse, lowercase_key, utcnow
 from server.services import pagination
 from server.services.lookups import find_course, find_student
+from server.services.prepared import Prepared
 from server.services.validation import Fields
+
+# A page of the catalogue, and of one student's courses: keyset on the course id. A
+# student's courses are ordered by the join table's course_id, the same values, so that
+# SQLite walks the primary key (student_id, course_id) in order instead of sorting.
+_CATALOGUE_PAGE = Prepared(
+    lambda after_id, limit: (
+        Course.select().where(Course.id > after_id).order_by(Course.id).limit(limit)
+    ),
+    2,
+)
+_STUDENT_COURSES_PAGE = Prepared(
+    lambda student_id, after_id, limit: (
+        Course.select()
+        .join(StudentCourse)
+        .where((StudentCourse.student == student_id) & (StudentCourse.course > after_id))
+        .order_by(StudentCourse.course)
+        .limit(limit)
+    ),
+    3,
+)
 
 
 @dataclass(frozen=True)
@@ -60,10 +81,10 @@ def list_courses(*, student_id: int, page_size: int, page_token: str) -> CourseP
         page_token=page_token,
     )
     fields.check()
-    query = Course.select()
     if page.filter_id:
-        query = query.join(StudentCourse).where(StudentCourse.student == page.filter_id)
-    rows, token = page.fetch(query, Course.id)
+        rows, token = page.fetch(_STUDENT_COURSES_PAGE, page.filter_id)
+    else:
+        rows, token = page.fetch(_CATALOGUE_PAGE)
     # No courses and a missing student look alike; only then ask which it is.
     if page.filter_id and not rows:
         find_student(page.filter_id)

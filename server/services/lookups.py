@@ -5,23 +5,38 @@ from __future__ import annotations
 from server.db import locking
 from server.errors import CourseNotFound, StudentNotFound
 from server.models import Course, Student
+from server.services.prepared import Prepared
+
+_STUDENT = Prepared(lambda student_id: Student.select().where(Student.id == student_id), 1)
+_COURSE = Prepared(lambda course_id: Course.select().where(Course.id == course_id), 1)
+# The same with FOR UPDATE where the database has it (locking() decides when the SQL is
+# compiled, which happens again for each database the models are bound to).
+_STUDENT_LOCKED = Prepared(
+    lambda student_id: locking(Student.select().where(Student.id == student_id)), 1
+)
+_COURSE_LOCKED = Prepared(
+    lambda course_id: locking(Course.select().where(Course.id == course_id)), 1
+)
+
+
+def course_or_none(course_id: int, *, lock: bool = False) -> Course | None:
+    """lock: hold the row until the transaction ends; writers of one course's seats
+    then take turns, and its count moves one call at a time."""
+    return (_COURSE_LOCKED if lock else _COURSE).first(course_id)
 
 
 def find_student(student_id: int, *, lock: bool = False) -> Student:
     """lock: hold the row until the transaction ends (SELECT … FOR UPDATE), so that no
     enrollment of this student can commit in between."""
-    query = Student.select().where(Student.id == student_id)
-    student = (locking(query) if lock else query).first()
+    student = (_STUDENT_LOCKED if lock else _STUDENT).first(student_id)
     if student is None:
         raise StudentNotFound.of(student_id)
     return student
 
 
 def find_course(course_id: int, *, lock: bool = False) -> Course:
-    """lock: hold the row until the transaction ends; writers of one course's seats
-    then take turns, and its count moves one call at a time."""
-    query = Course.select().where(Course.id == course_id)
-    course = (locking(query) if lock else query).first()
+    """lock: see course_or_none."""
+    course = course_or_none(course_id, lock=lock)
     if course is None:
         raise CourseNotFound.of(course_id)
     return course

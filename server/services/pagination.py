@@ -60,9 +60,13 @@ class PageRequest:
     size: int
     after_id: int
 
-    def fetch(self, query, id_field) -> tuple[list, str]:
-        """One keyset query for size + 1 rows; the extra row says whether a next page exists."""
-        rows = list(query.where(id_field > self.after_id).order_by(id_field).limit(self.size + 1))
+    def fetch(self, query, *filter_values) -> tuple[list, str]:
+        """One keyset query for size + 1 rows; the extra row says whether a next page exists.
+
+        query: a Prepared query taking the filter values (if any), the last id of the
+        previous page, and the row limit.
+        """
+        rows = query.rows(*filter_values, self.after_id, self.size + 1)
         if len(rows) <= self.size:
             return rows, ""
         rows = rows[: self.size]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import peewee as pw
 
-from server.db import locking, savepoint, transactional
+from server.db import savepoint, transactional
 from server.errors import (
     AlreadyEnrolled,
     CourseFull,
@@ -12,8 +12,36 @@ from server.errors import (
     UnknownCourseArgument,
 )
 from server.models import Course, StudentCourse, utcnow
-from server.services.lookups import find_student
+from server.services.lookups import course_or_none, find_student
+from server.services.prepared import Prepared
 from server.services.validation import Fields
+
+_INSERT = Prepared(
+    lambda student_id, course_id, enroll_time: StudentCourse.insert(
+        student=student_id, course=course_id, enroll_time=enroll_time
+    ),
+    3,
+)
+# One conditional UPDATE takes a seat; no row changed means the course is full.
+_TAKE_SEAT = Prepared(
+    lambda course_id: Course.update(enrolled_count=Course.enrolled_count + 1).where(
+        (Course.id == course_id)
+        & ((Course.capacity == 0) | (Course.enrolled_count < Course.capacity))
+    ),
+    1,
+)
+_DELETE = Prepared(
+    lambda student_id, course_id: StudentCourse.delete().where(
+        (StudentCourse.student == student_id) & (StudentCourse.course == course_id)
+    ),
+    2,
+)
+_FREE_SEAT = Prepared(
+    lambda course_id: Course.update(enrolled_count=Course.enrolled_count - 1).where(
+        Course.id == course_id
+    ),
+    1,
+)
 
 
 def _validate_pair(student_id: int, course_id: int) -> Course:
@@ -24,7 +52,7 @@ def _validate_pair(student_id: int, course_id: int) -> Course:
     fields.check()
     # The course row is locked first, by every writer of its seats in the same order,
     # so PostgreSQL and MariaDB never deadlock two enrollments on the count.
-    course = locking(Course.select().where(Course.id == course_id)).first()
+    course = course_or_none(course_id, lock=True)
     if course is None:
         raise UnknownCourseArgument.of(course_id)
     find_student(student_id)
@@ -34,28 +62,18 @@ def _validate_pair(student_id: int, course_id: int) -> Course:
 @transactional(write=True)
 def enroll_student(*, student_id: int, course_id: int) -> StudentCourse:
     course = _validate_pair(student_id, course_id)
+    enroll_time = utcnow()
     try:
         # The primary key decides duplicates.
         with savepoint():
-            enrollment = StudentCourse.create(
-                student=student_id, course=course_id, enroll_time=utcnow()
-            )
+            _INSERT.execute(student_id, course_id, enroll_time)
     except pw.IntegrityError:
         _raise_rejected_enrollment(student_id, course_id)
         raise  # a constraint this code does not know: INTERNAL, with the traceback logged
-    # One conditional UPDATE takes the seat; no row changed means the course is full,
-    # and raising rolls the enrollment back with the rest of the transaction.
-    taken = (
-        Course.update(enrolled_count=Course.enrolled_count + 1)
-        .where(
-            (Course.id == course_id)
-            & ((Course.capacity == 0) | (Course.enrolled_count < Course.capacity))
-        )
-        .execute()
-    )
-    if taken != 1:
+    # Raising when the course is full rolls the enrollment back with the transaction.
+    if _TAKE_SEAT.execute(course_id) != 1:
         raise CourseFull.of(course_id, course.capacity)
-    return enrollment
+    return StudentCourse(student=student_id, course=course_id, enroll_time=enroll_time)
 
 
 def _raise_rejected_enrollment(student_id: int, course_id: int) -> None:
@@ -81,11 +99,6 @@ def _raise_rejected_enrollment(student_id: int, course_id: int) -> None:
 @transactional(write=True)
 def drop_course(*, student_id: int, course_id: int) -> None:
     _validate_pair(student_id, course_id)
-    removed = (
-        StudentCourse.delete()
-        .where((StudentCourse.student == student_id) & (StudentCourse.course == course_id))
-        .execute()
-    )
-    if removed != 1:
+    if _DELETE.execute(student_id, course_id) != 1:
         raise NotEnrolled.of(student_id, course_id)
-    Course.update(enrolled_count=Course.enrolled_count - 1).where(Course.id == course_id).execute()
+    _FREE_SEAT.execute(course_id)

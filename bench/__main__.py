@@ -1,0 +1,41 @@
+"""python -m bench {run,scale,compare,profile,micro}: behind `make bench`, `bench-scale`, …"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench import compare, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run.add_arguments(commands.add_parser("run", help="the server against the grpcio ceiling"))
+    scale_parser = commands.add_parser("scale", help="latency at 10,000 vs 1,000,000 rows")
+    from bench import scale
+
+    scale.add_arguments(scale_parser)
+    from bench import micro, profile
+
+    micro.add_arguments(commands.add_parser("micro", help="servicer CPU per call, in-process"))
+
+    profile.add_arguments(commands.add_parser("profile", help="py-spy the server under a mix"))
+    pair = commands.add_parser("compare", help="two result files side by side")
+    pair.add_argument("a")
+    pair.add_argument("b")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run.main(args)
+    if args.command == "scale":
+        return scale.main(args)
+    if args.command == "profile":
+        return profile.main(args)
+    if args.command == "micro":
+        return micro.main(args)
+    print(compare.compare(args.a, args.b))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The load generator: grpc.aio clients in several processes, a few coroutines each.
+
+Each process connects and warms up, then drives calls until the end of the window; only
+calls that complete inside [start, end] are counted, so set-up never blurs the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from array import array
+from collections import Counter
+from dataclasses import dataclass
+
+import grpc
+
+from bench.seed import Shape
+from enrollment.v1 import enrollment_pb2 as pb
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+
+MIXES = ("read", "write", "mixed")
+WRITE_SHARE = {"read": 0.0, "write": 1.0, "mixed": 0.2}
+# Calls the mixes make; every one is expected to answer OK.
+METHODS = ("ListCourses", "GetStudent", "EnrollStudent", "DropCourse")
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    address: str
+    mix: str
+    shape: Shape
+    process_index: int
+    processes: int
+    coroutines: int
+    seed: int = 1
+
+
+class _Driver:
+    def __init__(self, spec: LoadSpec, stub, start_ns: int, end_ns: int) -> None:
+        self.spec = spec
+        self.stub = stub
+        self.start_ns = start_ns
+        self.end_ns = end_ns
+        self.latencies = {m: array("q") for m in METHODS}
+        self.codes: Counter = Counter()
+
+    async def call(self, method: str, request) -> None:
+        t0 = time.monotonic_ns()
+        try:
+            await getattr(self.stub, method)(request, timeout=30)
+            code = "OK"
+        except grpc.aio.AioRpcError as error:
+            code = error.code().name
+        t1 = time.monotonic_ns()
+        if self.start_ns <= t1 <= self.end_ns:
+            self.codes[(method, code)] += 1
+            if code == "OK":
+                self.latencies[method].append(t1 - t0)
+
+    async def loop(self, slot: int) -> None:
+        spec, shape = self.spec, self.spec.shape
+        # Writers own disjoint students (slot g of G takes students g+1, g+1+G, ...), so
+        # two coroutines never race on one pair and every call is expected to be OK.
+        total = spec.processes * spec.coroutines
+        mine = spec.process_index * spec.coroutines + slot
+        owned = range(mine + 1, shape.students + 1, total)
+        rng = random.Random(spec.seed * 1_000_003 + mine)
+        write_share = WRITE_SHARE[spec.mix]
+        while time.monotonic_ns() < self.end_ns:
+            if write_share and rng.random() < write_share:
+                student = rng.choice(owned)
+                taken = shape.enrolled(student)
+                course = rng.randint(1, shape.courses)
+                while course in taken:
+                    course = rng.randint(1, shape.courses)
+                await self.call(
+                    "EnrollStudent", pb.EnrollStudentRequest(student_id=student, course_id=course)
+                )
+                await self.call(
+                    "DropCourse", pb.DropCourseRequest(student_id=student, course_id=course)
+                )
+            else:
+                student = rng.randint(1, shape.students)
+                await self.call("ListCourses", pb.ListCoursesRequest(student_id=student))
+                await self.call("GetStudent", pb.GetStudentRequest(student_id=student))
+
+
+async def _drive(spec: LoadSpec, conn) -> None:
+    async with grpc.aio.insecure_channel(spec.address) as channel:
+        await channel.channel_ready()
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        conn.send("ready")
+        start_ns, end_ns = conn.recv()
+        driver = _Driver(spec, stub, start_ns, end_ns)
+        await asyncio.gather(*(driver.loop(i) for i in range(spec.coroutines)))
+    conn.send(
+        (
+            {m: a.tobytes() for m, a in driver.latencies.items()},
+            dict(driver.codes),
+        )
+    )
+
+
+def worker(spec: LoadSpec, conn) -> None:
+    """Entry point of one load process: connect, say ready, drive the window, report."""
+    asyncio.run(_drive(spec, conn))
+    conn.close()

@@ -1,0 +1,161 @@
+"""Server processes for the benchmarks: start, wait for the port, read CPU time, stop."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TICKS = os.sysconf("SC_CLK_TCK")
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces; fields after it are space separated.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads)."""
+    fields = _stat(pid)
+    if fields is None:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it (a server that forks workers)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields is not None:
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(parents.get(current, []))
+    return found
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_seconds(p) for p in pids)
+
+
+@dataclass
+class Server:
+    """A server subprocess listening on 127.0.0.1:port."""
+
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    process: subprocess.Popen | None = None
+    pids: list[int] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> Server:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode}; see {self.log_path}"
+                )
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not listen within {timeout}s; see {self.log_path}")
+        time.sleep(0.2)  # workers forked by the server, if any, are up by now
+        self.pids = descendants(self.process.pid)
+        return self
+
+    def cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self.pids)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def enrollment_server(
+    port: int, database_url: str, log_path: Path, *, max_workers: int, workers: int, log_level: str
+) -> Server:
+    argv = [
+        str(BIN / "enrollment-server"),
+        "--log-level",
+        log_level,
+        "serve",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--database-url",
+        database_url,
+        "--max-workers",
+        str(max_workers),
+        "--grace",
+        "1",
+    ]
+    if workers != 1:
+        argv += ["--workers", str(workers)]
+    return Server("enrollment-server", argv, port, log_path)
+
+
+def ceiling_server(port: int, log_path: Path, *, max_workers: int) -> Server:
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.ceiling",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--max-workers",
+        str(max_workers),
+    ]
+    return Server("ceiling", argv, port, log_path)
+
+
+def serve_has_workers_flag() -> bool:
+    """Whether this checkout's `enrollment-server serve` accepts --workers."""
+    result = subprocess.run(
+        [str(BIN / "enrollment-server"), "serve", "--help"], capture_output=True, text=True
+    )
+    return "--workers" in result.stdout
+
+
+def migrate(database_url: str) -> None:
+    result = subprocess.run(
+        [str(BIN / "enrollment-server"), "migrate", "--database-url", database_url],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode:
+        raise SystemExit(f"migrate failed:\n{result.stdout}{result.stderr}")

@@ -1,0 +1,116 @@
+"""`make bench-profile`: py-spy samples the server under one mix; prints the top functions."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from bench import load, measure, procs
+from bench.seed import Shape, seed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mix", default="read", choices=load.MIXES)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--coroutines", type=int, default=8)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--all-threads",
+        action="store_true",
+        help="sample waiting threads too (default: only the thread holding the GIL, which is "
+        "where a Python server's CPU goes)",
+    )
+    parser.add_argument("--output", default="", help="keep py-spy's raw stacks in this file")
+
+
+def top_lines(raw: str, top: int) -> str:
+    """Self and inclusive shares of the sampled stacks (py-spy --format raw)."""
+    own: Counter = Counter()
+    inclusive: Counter = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] += n
+        for frame in set(frames[1:]):  # the first frame names the process
+            inclusive[frame] += n
+    out = [f"{total} samples", "", f"{'self':>6}  function"]
+    out += [f"{n / total:6.1%}  {frame}" for frame, n in own.most_common(top)]
+    out += ["", f"{'total':>6}  function (with what it calls)"]
+    out += [f"{n / total:6.1%}  {frame}" for frame, n in inclusive.most_common(top)]
+    return "\n".join(out)
+
+
+def main(args: argparse.Namespace) -> int:
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        raise SystemExit("py-spy is missing: `make bench-profile` installs the bench extra")
+    shape = Shape()
+    with tempfile.TemporaryDirectory(prefix="enrollment-profile-") as tmp:
+        tmpdir = Path(tmp)
+        url = f"sqlite:///{tmpdir / 'bench.db'}"
+        procs.migrate(url)
+        seed(url, shape)
+        server = procs.enrollment_server(
+            procs.free_port(),
+            url,
+            tmpdir / "server.log",
+            max_workers=16,
+            workers=1,
+            log_level=args.log_level,
+        ).start()
+        raw_path = Path(args.output) if args.output else tmpdir / "stacks.txt"
+        try:
+            # Samples start with the warm-up second, which is as hot as the rest.
+            sampler = subprocess.Popen(
+                [
+                    str(spy),
+                    "record",
+                    "--pid",
+                    str(server.process.pid),
+                    "--subprocesses",
+                    "--nolineno",
+                    "--format",
+                    "raw",
+                    "--rate",
+                    str(args.rate),
+                    "--duration",
+                    str(int(args.duration)),
+                    "--output",
+                    str(raw_path),
+                    *([] if args.all_threads else ["--gil"]),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            result = measure.drive(
+                server,
+                args.mix,
+                shape,
+                processes=args.processes,
+                coroutines=args.coroutines,
+                duration=args.duration - 1,
+                warmup=1.0,
+            )
+            _, errors = sampler.communicate(timeout=60)
+            if sampler.returncode:
+                raise SystemExit(f"py-spy failed: {errors.strip()}")
+        finally:
+            server.stop()
+        print(
+            f"mix {args.mix}: {result.calls_per_s:.0f} calls/s under py-spy, codes {result.codes}\n"
+        )
+        print(top_lines(raw_path.read_text(), args.top))
+    return 0

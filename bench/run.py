@@ -1,0 +1,374 @@
+"""`make bench`: the real server against the bare grpcio ceiling, rounds alternating."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from bench import h2, load, measure, procs
+from bench.seed import Shape, seed
+
+PROJECT, CEILING, WORKERS, THREADS = "enrollment", "ceiling", "enrollment-w", "enrollment-t"
+# `read` driven by h2load: one student per round, ListCourses and GetStudent in turn.
+H2_READ = "read-h2"
+EXPECTED_CODES = {"OK"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mixes", default=",".join(load.MIXES), help="comma-separated mixes")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per server and mix")
+    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per round")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
+    parser.add_argument("--processes", type=int, default=2, help="load processes")
+    parser.add_argument("--coroutines", type=int, default=8, help="concurrent calls per process")
+    parser.add_argument("--max-workers", type=int, default=16, help="server thread pool size")
+    parser.add_argument(
+        "--database-url",
+        default="",
+        help="an empty database to migrate, seed and serve (default: a fresh SQLite file)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="passed to `serve --workers` (when it exists)"
+    )
+    parser.add_argument(
+        "--workers-check",
+        type=int,
+        default=2,
+        help="also run `read` with `serve --workers N` against one process (0: skip)",
+    )
+    parser.add_argument(
+        "--threads-check",
+        type=int,
+        default=0,
+        help="also run every mix against a server with --max-workers N, in the same rounds",
+    )
+    parser.add_argument(
+        "--h2load",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also drive `read` with h2load, a client cheaper than Python (auto: when installed)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="the server's --log-level")
+    parser.add_argument("--students", type=int, default=10_000)
+    parser.add_argument("--courses", type=int, default=500)
+    parser.add_argument("--per-student", type=int, default=5)
+    parser.add_argument("--json", default="", help="results file (default bench/results/…)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+
+
+def _git_commit() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "server"], capture_output=True, text=True
+        ).stdout
+        return commit + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(args: argparse.Namespace) -> int:
+    mixes = [m for m in args.mixes.split(",") if m]
+    for mix in mixes:
+        if mix not in load.MIXES:
+            raise SystemExit(f"unknown mix {mix!r}; choose from {', '.join(load.MIXES)}")
+    shape = Shape(args.students, args.courses, args.per_student)
+    has_workers = procs.serve_has_workers_flag()
+    if args.h2load == "on" and not h2.available():
+        raise SystemExit("--h2load on: h2load is not installed (Debian: nghttp2-client)")
+    if "read" in mixes and args.h2load != "off":
+        if h2.available():
+            mixes.insert(mixes.index("read") + 1, H2_READ)
+        else:
+            print("h2load not found: the aio client drives every mix", file=sys.stderr)
+    if args.workers != 1 and not has_workers:
+        raise SystemExit("this checkout's `enrollment-server serve` has no --workers flag")
+    with tempfile.TemporaryDirectory(prefix="enrollment-bench-") as tmp:
+        tmpdir = Path(tmp)
+        url = args.database_url or f"sqlite:///{tmpdir / 'bench.db'}"
+        started = time.monotonic()
+        procs.migrate(url)
+        seed(url, shape)
+        print(
+            f"seeded {shape.students} students, {shape.courses} courses, "
+            f"{shape.enrollments} enrollments in {time.monotonic() - started:.1f}s",
+            file=sys.stderr,
+        )
+        servers = {
+            PROJECT: procs.enrollment_server(
+                procs.free_port(),
+                url,
+                tmpdir / "server.log",
+                max_workers=args.max_workers,
+                workers=args.workers,
+                log_level=args.log_level,
+            ),
+            CEILING: procs.ceiling_server(
+                procs.free_port(), tmpdir / "ceiling.log", max_workers=args.max_workers
+            ),
+        }
+        workers_check = args.workers_check if has_workers and "read" in mixes else 0
+        if workers_check == args.workers:
+            workers_check = 0
+        if workers_check:
+            servers[WORKERS] = procs.enrollment_server(
+                procs.free_port(),
+                url,
+                tmpdir / "server-workers.log",
+                max_workers=args.max_workers,
+                workers=workers_check,
+                log_level=args.log_level,
+            )
+        if args.threads_check:
+            servers[THREADS] = procs.enrollment_server(
+                procs.free_port(),
+                url,
+                tmpdir / "server-threads.log",
+                max_workers=args.threads_check,
+                workers=args.workers,
+                log_level=args.log_level,
+            )
+        try:
+            for server in servers.values():
+                server.start()
+            results = _run_rounds(servers, mixes, shape, args, tmpdir)
+        finally:
+            for server in servers.values():
+                server.stop()
+        log_tail = (tmpdir / "server.log").read_text(errors="replace").splitlines()[-3:]
+
+    report = {
+        "meta": {
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "commit": _git_commit(),
+            "host": platform.node(),
+            "cpus": measure.CPUS,
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+            "database": args.database_url.split(":", 1)[0] if args.database_url else "sqlite",
+            "concurrency": args.processes * args.coroutines,
+            "command": " ".join(sys.argv),
+            "args": vars(args),
+            "workers_flag": has_workers,
+        },
+        "series": results,
+    }
+    report["targets"] = targets(report, workers_check)
+    print(render(report))
+    path = Path(args.json) if args.json else _default_json_path(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nresults: {path}")
+    unexpected = {
+        f"{mix}/{name}": {c: n for c, n in s["codes"].items() if c not in EXPECTED_CODES}
+        for mix, by_server in results.items()
+        for name, s in by_server.items()
+    }
+    unexpected = {k: v for k, v in unexpected.items() if v}
+    if unexpected:
+        print(f"FAILED: unexpected status codes {unexpected}", file=sys.stderr)
+        print("server log ends:", *log_tail, sep="\n  ", file=sys.stderr)
+        return 1
+    if args.strict and any(t["verdict"] == "FAIL" for t in report["targets"]):
+        return 1
+    return 0
+
+
+def _default_json_path(report: dict) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("bench/results") / f"bench-{stamp}-{report['meta']['commit']}.json"
+
+
+def _run_rounds(servers, mixes, shape, args, tmpdir: Path) -> dict:
+    results: dict[str, dict] = {}
+    for mix in mixes:
+        names = [PROJECT, CEILING]
+        if mix in ("read", H2_READ) and WORKERS in servers:
+            names.append(WORKERS)
+        if THREADS in servers:
+            names.append(THREADS)
+        rounds: dict[str, list] = {name: [] for name in names}
+        for index in range(args.rounds):
+            # Alternate which server goes first, so drift on a shared machine hits both.
+            order = names if index % 2 == 0 else list(reversed(names))
+            for name in order:
+                server = servers[name]
+                if mix == H2_READ:
+                    result = h2.drive(
+                        server,
+                        tmpdir,
+                        connections=args.processes,
+                        streams=args.coroutines,
+                        duration=args.duration,
+                        warmup=args.warmup,
+                        student=1 + (index * 7919) % shape.students,
+                        log_path=None if name == CEILING else server.log_path,
+                    )
+                else:
+                    result = measure.drive(
+                        server,
+                        mix,
+                        shape,
+                        processes=args.processes,
+                        coroutines=args.coroutines,
+                        duration=args.duration,
+                        warmup=args.warmup,
+                        seed=index + 1,
+                    )
+                rounds[name].append(result)
+                print(
+                    f"  {mix:5} round {index + 1}/{args.rounds} {name:12} "
+                    f"{result.calls_per_s:8.0f} calls/s  p99 {result.p99_ms:6.2f} ms  "
+                    f"server {result.server_cpu_us_per_call:6.0f} us/call  "
+                    f"codes {result.codes}",
+                    file=sys.stderr,
+                )
+        results[mix] = {name: measure.summarize(r) for name, r in rounds.items()}
+    return results
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def targets(report: dict, workers_check: int) -> list[dict]:
+    series = report["series"]
+    found = []
+
+    def add(name: str, value: float | None, limit: float, better: str, unit: str, note=""):
+        if value is None:
+            verdict = "SKIP"
+        else:
+            ok = value <= limit if better == "max" else value >= limit
+            verdict = "PASS" if ok else "FAIL"
+        found.append(
+            {
+                "target": name,
+                "value": value,
+                "limit": limit,
+                "better": better,
+                "unit": unit,
+                "verdict": verdict,
+                "note": note,
+            }
+        )
+
+    def pair(mix: str):
+        s = series.get(mix)
+        return (s[PROJECT], s[CEILING]) if s else (None, None)
+
+    read, read_ceiling = pair("read")
+    write, write_ceiling = pair("write")
+    mixed, mixed_ceiling = pair("mixed")
+    cpu = "server_cpu_us_per_call"
+    add(
+        "read: server CPU/call vs ceiling",
+        read and _ratio(read[cpu], read_ceiling[cpu]),
+        2.5,
+        "max",
+        "x",
+    )
+    add(
+        "read: throughput vs ceiling",
+        read and _ratio(read["calls_per_s"], read_ceiling["calls_per_s"]),
+        0.5,
+        "min",
+        "x",
+    )
+    add(
+        "write: server CPU/call vs ceiling",
+        write and _ratio(write[cpu], write_ceiling[cpu]),
+        5.0,
+        "max",
+        "x",
+    )
+    for mix, ours, ceiling in (("read", read, read_ceiling), ("mixed", mixed, mixed_ceiling)):
+        add(
+            f"{mix}: p99 vs ceiling p99 (concurrency {report['meta']['concurrency']})",
+            ours and _ratio(ours["p99_ms"], ceiling["p99_ms"]),
+            3.0,
+            "max",
+            "x",
+        )
+    # The workers check wants the cheapest client: h2load's rows when they were run.
+    workers_mix = H2_READ if WORKERS in series.get(H2_READ, {}) else "read"
+    workers = series.get(workers_mix, {}).get(WORKERS)
+    single = series.get(workers_mix, {}).get(PROJECT)
+    note = (
+        ""
+        if workers
+        else (
+            "serve has no --workers flag yet" if not report["meta"]["workers_flag"] else "not run"
+        )
+    )
+    add(
+        f"{workers_mix}: --workers {workers_check or 2} throughput vs one process",
+        workers and _ratio(workers["calls_per_s"], single["calls_per_s"]),
+        1.5,
+        "min",
+        "x",
+        note,
+    )
+    return found
+
+
+def render(report: dict) -> str:
+    meta = report["meta"]
+    lines = [
+        f"enrollment bench  commit {meta['commit']}  {meta['date']}  host {meta['host']}  "
+        f"{meta['cpus']} CPUs  {meta['database']}  concurrency {meta['concurrency']}  "
+        f"medians of {meta['args']['rounds']} rounds x {meta['args']['duration']:g}s",
+        "",
+        f"{'mix':7} {'server':13} {'calls/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
+        f"{'srv us/call':>11} {'srv CPU':>7} {'cli CPU':>7}  {'% ceil':>6} {'cpu x':>5} "
+        f"{'p99 x':>5}  codes",
+    ]
+    for mix, by_server in report["series"].items():
+        ceiling = by_server[CEILING]
+        for name, s in by_server.items():
+            if name == CEILING:
+                rel = f"{'':>6} {'':>5} {'':>5}"
+            else:
+                cpu = "server_cpu_us_per_call"
+                rel = (
+                    f"{_ratio(s['calls_per_s'], ceiling['calls_per_s']) * 100:5.0f}% "
+                    f"{_ratio(s[cpu], ceiling[cpu]):5.2f} "
+                    f"{_ratio(s['p99_ms'], ceiling['p99_ms']):5.2f}"
+                )
+            label = {
+                WORKERS: f"enroll -w{meta['args']['workers_check']}",
+                THREADS: f"enroll -t{meta['args'].get('threads_check')}",
+            }.get(name, name)
+            codes = " ".join(f"{c}={n}" for c, n in sorted(s["codes"].items()))
+            lines.append(
+                f"{mix:7} {label:13} {s['calls_per_s']:8.0f} {s['p50_ms']:7.2f} "
+                f"{s['p90_ms']:7.2f} {s['p99_ms']:7.2f} {s['server_cpu_us_per_call']:11.0f} "
+                f"{s['server_cpu_share'] * 100:6.0f}% {s['client_cpu_share'] * 100:6.0f}%  "
+                f"{rel}  {codes}"
+            )
+    lines += [
+        "",
+        "srv/cli CPU: share of all the machine's cores over the window; "
+        "% ceil, cpu x, p99 x: against the ceiling in the same mix",
+        "",
+        "targets:",
+    ]
+    for t in report["targets"]:
+        value = "-" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
+        bound = "<=" if t["better"] == "max" else ">="
+        note = f"  ({t['note']})" if t["note"] else ""
+        lines.append(
+            f"  {t['verdict']:4}  {t['target']:52} {value:>8} (want {bound} {t['limit']}){note}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Hot queries compiled to SQL once per database; a call only binds its values."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import peewee as pw
+
+from server.models import database
+
+# Stand-ins for the parameters while a query is compiled; no id, size or count is this low.
+_MARKER = -(2**62)
+
+
+class Prepared:
+    """A peewee query built once with marker values, its SQL reused with each call's values.
+
+    Peewee compiles a query to SQL on every execution, and for a one-row lookup that
+    costs several times the lookup itself (about 100 us against 30 us on SQLite). The
+    SQL depends only on the database (its quoting and placeholders), so it is compiled
+    on first use and again only when the models are bound to another database.
+    """
+
+    def __init__(self, build: Callable[..., pw.Query], arity: int) -> None:
+        self._build = build
+        self._markers = tuple(_MARKER - i for i in range(arity))
+        self._compiled: tuple | None = None  # (database, model, sql, binding, converters)
+
+    def _compile(self) -> tuple:
+        db = database.obj
+        compiled = self._compiled
+        if compiled is None or compiled[0] is not db:
+            query = self._build(*self._markers)
+            sql, params = query.sql()
+            # Each parameter is a call's value (its index) or a constant of the query.
+            binding = tuple(
+                (True, self._markers.index(p))
+                if isinstance(p, int) and p in self._markers
+                else (False, p)
+                for p in params
+            )
+            if [b for b in binding if b[0]] != [(True, i) for i in range(len(self._markers))]:
+                raise ValueError(f"every value must appear once, in order: {sql}")
+            if all(is_value for is_value, _ in binding):
+                binding = None  # the common case: the values are the parameters
+            # What peewee's own row wrapper does for a plain model select: each column
+            # through its field's python_value, the instance built without defaults.
+            fields = getattr(query, "selected_columns", None) or ()
+            converters = tuple((f.name, f.python_value) for f in fields)
+            compiled = self._compiled = (db, query.model, sql, binding, converters)
+        return compiled
+
+    def _params(self, binding, values: tuple) -> tuple:
+        if binding is None:
+            return values
+        return tuple(values[v] if is_value else v for is_value, v in binding)
+
+    def rows(self, *values) -> list:
+        """The model instances a SELECT of one model's fields returns."""
+        _, model, sql, binding, converters = self._compile()
+        cursor = database.execute_sql(sql, self._params(binding, values))
+        found = []
+        for row in cursor.fetchall():
+            data = {name: convert(v) for (name, convert), v in zip(converters, row, strict=True)}
+            instance = model(__no_default__=1, **data)
+            instance._dirty.clear()
+            found.append(instance)
+        return found
+
+    def first(self, *values):
+        """The first row of a SELECT, or None."""
+        rows = self.rows(*values)
+        return rows[0] if rows else None
+
+    def execute(self, *values) -> int:
+        """Run an INSERT, UPDATE or DELETE; the number of rows it changed."""
+        _, _, sql, binding, _ = self._compile()
+        cursor = database.execute_sql(sql, self._params(binding, values))
+        return cursor.rowcount

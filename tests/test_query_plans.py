@@ -1,0 +1,132 @@
+"""The SQL the services run uses indexes: no full-table SCAN, no sort of a whole result.
+
+The statements are the real ones: captured from database.execute_sql while the service
+functions run, then asked for their plan with SQLite's EXPLAIN QUERY PLAN.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from server import db as database
+from server.services import course_service, student_course_service, student_service
+from server.services.pagination import Kind, encode
+
+_TRANSACTION = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
+
+# (name, call, statements it may run besides transaction control)
+CALLS = [
+    ("GetStudent", lambda: student_service.get_student(student_id=2), 1),
+    ("GetCourse", lambda: course_service.get_course(course_id=2), 1),
+    (
+        "ListCourses of a student",
+        lambda: course_service.list_courses(student_id=1, page_size=0, page_token=""),
+        1,
+    ),
+    (
+        "ListCourses of a student, next page",
+        lambda: course_service.list_courses(
+            student_id=1,
+            page_size=1,
+            page_token=encode(kind=Kind.COURSES, filter_id=1, after_id=1),
+        ),
+        1,
+    ),
+    (
+        "ListCourses, the catalogue",
+        lambda: course_service.list_courses(student_id=0, page_size=0, page_token=""),
+        1,
+    ),
+    (
+        "ListCourses, the catalogue's last page",
+        lambda: course_service.list_courses(
+            student_id=0, page_size=2, page_token=encode(kind=Kind.COURSES, filter_id=0, after_id=3)
+        ),
+        1,
+    ),
+    (
+        "ListStudents, a roster",
+        lambda: student_service.list_students(course_id=1, page_size=0, page_token=""),
+        1,
+    ),
+    (
+        "ListStudents, a roster's next page",
+        lambda: student_service.list_students(
+            course_id=1,
+            page_size=1,
+            page_token=encode(kind=Kind.STUDENTS, filter_id=1, after_id=1),
+        ),
+        1,
+    ),
+    (
+        "ListStudents, everyone",
+        lambda: student_service.list_students(course_id=0, page_size=0, page_token=""),
+        1,
+    ),
+    (
+        "ListStudents, an empty roster",
+        lambda: student_service.list_students(course_id=3, page_size=0, page_token=""),
+        2,
+    ),
+    (
+        "EnrollStudent",
+        lambda: student_course_service.enroll_student(student_id=3, course_id=2),
+        4,
+    ),
+    (
+        "DropCourse",
+        lambda: student_course_service.drop_course(student_id=1, course_id=2),
+        4,
+    ),
+    (
+        "DeleteStudent with force",
+        lambda: student_service.delete_student(student_id=2, force=True),
+        None,
+    ),
+    (
+        "DeleteCourse with force",
+        lambda: course_service.delete_course(course_id=1, force=True),
+        None,
+    ),
+]
+
+
+@pytest.fixture
+def db(db_url):
+    db = database.connect(db_url, max_connections=2)
+    for n in range(1, 5):
+        student_service.create_student(name=f"Student {n}", email=f"s{n}@example.com")
+        course_service.create_course(code=f"C-{n}", title=f"Course {n}", capacity=0)
+    for student, course in ((1, 1), (1, 2), (2, 1), (2, 2), (1, 4)):
+        student_course_service.enroll_student(student_id=student, course_id=course)
+    yield db
+    database.close()
+
+
+def _capture(db, monkeypatch, call) -> list[tuple[str, tuple]]:
+    statements = []
+    execute_sql = db.execute_sql
+
+    def spy(sql, params=None, *args, **kwargs):
+        statements.append((sql, tuple(params or ())))
+        return execute_sql(sql, params, *args, **kwargs)
+
+    monkeypatch.setattr(db, "execute_sql", spy)
+    try:
+        call()
+    finally:
+        monkeypatch.undo()
+    return [s for s in statements if not s[0].lstrip().upper().startswith(_TRANSACTION)]
+
+
+@pytest.mark.parametrize(("name", "call", "expected"), CALLS, ids=[c[0] for c in CALLS])
+def test_statements_use_indexes(db, monkeypatch, name, call, expected):
+    statements = _capture(db, monkeypatch, call)
+    assert statements, f"{name} ran no SQL"
+    if expected is not None:
+        assert len(statements) == expected, [sql for sql, _ in statements]
+    with db.connection_context():
+        for sql, params in statements:
+            plan = [row[-1] for row in db.execute_sql(f"EXPLAIN QUERY PLAN {sql}", params)]
+            bad = [step for step in plan if step.startswith("SCAN") or "TEMP B-TREE" in step]
+            assert not bad, f"{name}: {sql}\n  plan: {plan}"
