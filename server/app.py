@@ -141,6 +141,14 @@ class RunningServer:
     monitor: HealthMonitor | None = None
     metrics_port: int | None = None
     metrics_server: object | None = None
+    executor: futures.ThreadPoolExecutor | None = None
+
+    def wait_idle(self) -> None:
+        """After stop: wait until no handler thread runs any more. grpc stops answering
+        at the end of the grace period, but a handler still inside its transaction runs
+        on; the database is closed only after it has finished (or rolled back)."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
 
     def stop(self, grace: float | None) -> threading.Event:
         """Report NOT_SERVING, stop taking calls, and let in-flight ones finish within grace."""
@@ -212,8 +220,9 @@ def _start(config: ServerConfig) -> RunningServer:
         raise StartupError(str(exc)) from exc
     metrics = RpcMetrics(database.connections_in_use) if config.metrics_address else None
 
+    executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
+        executor,
         interceptors=[RpcInterceptor(authenticator=auth, metrics=metrics)],
         options=limits.grpc_options(config),
         # Beyond this many calls at once grpc answers RESOURCE_EXHAUSTED at once;
@@ -243,7 +252,7 @@ def _start(config: ServerConfig) -> RunningServer:
             "network can read and alter calls (and bearer tokens); use --tls-cert/--tls-key",
             config.address,
         )
-    running = RunningServer(server, port, health_servicer)
+    running = RunningServer(server, port, health_servicer, executor=executor)
     if metrics is not None:
         try:
             running.metrics_server, _ = metrics.serve(config.metrics_address)
@@ -279,6 +288,7 @@ def _serve_until_signalled(running: RunningServer, config: ServerConfig) -> None
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     running.server.wait_for_termination()
+    running.wait_idle()
     database.close()
     log.info("stopped")
 

@@ -326,7 +326,7 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
     callstate.ensure_active()
     db = database.obj
     try:
-        with _writer_turn(write), database.connection_context():
+        with database.connection_context(), _writer_turn(write):
             begin = ("IMMEDIATE",) if write and isinstance(db, pw.SqliteDatabase) else ()
             with database.atomic(*begin):
                 yield

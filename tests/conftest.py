@@ -169,6 +169,7 @@ def start_server(db_url: str) -> Iterator[Callable[..., LiveServer]]:
     for server in started:
         server.channel.close()
         server.running.stop(None).wait(10)
+        server.running.wait_idle()
     database.close()
 
 

@@ -370,6 +370,7 @@ def test_database_outage_fails_fast_reports_not_serving_and_recovers(db_url, rec
     finally:
         channel.close()
         running.stop(None).wait(10)
+        running.wait_idle()
         database.close()
         proxy.close()
 
