@@ -16,6 +16,7 @@ import grpc
 
 from bench import h2, load, measure, procs
 from bench.seed import Shape, seed
+from server.app import ServerConfig
 
 PROJECT, CEILING, WORKERS, THREADS = "enrollment", "ceiling", "enrollment-w", "enrollment-t"
 # `read` driven by h2load: one student per round, ListCourses and GetStudent in turn.
@@ -30,7 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--processes", type=int, default=2, help="load processes")
     parser.add_argument("--coroutines", type=int, default=8, help="concurrent calls per process")
-    parser.add_argument("--max-workers", type=int, default=16, help="server thread pool size")
+    parser.add_argument(
+        "--max-workers",
+        type=int,
+        default=ServerConfig().max_workers,
+        help="thread pool size of both servers (default: serve's, %(default)s)",
+    )
     parser.add_argument(
         "--database-url",
         default="",
