@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 
 from bench import h2, load, measure, procs
-from bench.seed import Shape, seed
+from bench.seed import Shape, miscounted_courses, seed
 from server.app import ServerConfig
 
 PROJECT, CEILING, WORKERS, THREADS = "enrollment", "ceiling", "enrollment-w", "enrollment-t"
@@ -153,6 +153,7 @@ def main(args: argparse.Namespace) -> int:
             for server in servers.values():
                 server.stop()
         log_tail = (tmpdir / "server.log").read_text(errors="replace").splitlines()[-3:]
+        miscounted = miscounted_courses(url)
 
     report = {
         "meta": {
@@ -182,6 +183,9 @@ def main(args: argparse.Namespace) -> int:
         for name, s in by_server.items()
     }
     unexpected = {k: v for k, v in unexpected.items() if v}
+    if miscounted:
+        print(f"FAILED: enrolled_count differs from the roster of courses {miscounted[:10]}")
+        return 1
     if unexpected:
         print(f"FAILED: unexpected status codes {unexpected}", file=sys.stderr)
         print("server log ends:", *log_tail, sep="\n  ", file=sys.stderr)
