@@ -19,9 +19,13 @@ def compare(path_a: str, path_b: str) -> str:
     lines = [
         f"A: {path_a}  commit {a['meta']['commit']}  {a['meta']['date']}  host {a['meta']['host']}",
         f"B: {path_b}  commit {b['meta']['commit']}  {b['meta']['date']}  host {b['meta']['host']}",
-        "",
-        f"{'mix':6} {'server':13} {'figure':12} {'A':>10} {'B':>10} {'B/A':>7}",
     ]
+    args_a, args_b = a["meta"].get("args", {}), b["meta"].get("args", {})
+    differ = [k for k in sorted(set(args_a) | set(args_b)) if args_a.get(k) != args_b.get(k)]
+    for key in differ:
+        if key != "json":
+            lines.append(f"   {key}: A {args_a.get(key)!r}  B {args_b.get(key)!r}")
+    lines += ["", f"{'mix':7} {'server':13} {'figure':12} {'A':>10} {'B':>10} {'B/A':>7}"]
     for mix, by_server in a["series"].items():
         for name, sa in by_server.items():
             sb = b["series"].get(mix, {}).get(name)
@@ -31,7 +35,7 @@ def compare(path_a: str, path_b: str) -> str:
                 va, vb = sa[key], sb[key]
                 change = f"{vb / va:6.2f}x" if va else "-"
                 lines.append(
-                    f"{mix:6} {name:13} {label:12} {fmt.format(va):>10} {fmt.format(vb):>10} "
+                    f"{mix:7} {name:13} {label:12} {fmt.format(va):>10} {fmt.format(vb):>10} "
                     f"{change:>7}"
                 )
     lines.append("")

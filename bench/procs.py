@@ -90,11 +90,11 @@ class Server:
         else:
             self.stop()
             raise RuntimeError(f"{self.name} did not listen within {timeout}s; see {self.log_path}")
-        time.sleep(0.2)  # workers forked by the server, if any, are up by now
-        self.pids = descendants(self.process.pid)
         return self
 
     def cpu_seconds(self) -> float:
+        # Looked up each time: a server may fork its workers after it starts listening.
+        self.pids = descendants(self.process.pid)
         return tree_cpu_seconds(self.pids)
 
     def stop(self) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bench import load, measure, procs
 from bench.seed import Shape, seed
+from server.app import ServerConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
             procs.free_port(),
             url,
             tmpdir / "server.log",
-            max_workers=16,
+            max_workers=ServerConfig().max_workers,
             workers=1,
             log_level=args.log_level,
         ).start()

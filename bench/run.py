@@ -15,7 +15,8 @@ from pathlib import Path
 import grpc
 
 from bench import h2, load, measure, procs
-from bench.seed import Shape, seed
+from bench.seed import Shape, miscounted_courses, seed
+from server.app import ServerConfig
 
 PROJECT, CEILING, WORKERS, THREADS = "enrollment", "ceiling", "enrollment-w", "enrollment-t"
 # `read` driven by h2load: one student per round, ListCourses and GetStudent in turn.
@@ -30,7 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--processes", type=int, default=2, help="load processes")
     parser.add_argument("--coroutines", type=int, default=8, help="concurrent calls per process")
-    parser.add_argument("--max-workers", type=int, default=16, help="server thread pool size")
+    parser.add_argument(
+        "--max-workers",
+        type=int,
+        default=ServerConfig().max_workers,
+        help="thread pool size of both servers (default: serve's, %(default)s)",
+    )
     parser.add_argument(
         "--database-url",
         default="",
@@ -147,6 +153,7 @@ def main(args: argparse.Namespace) -> int:
             for server in servers.values():
                 server.stop()
         log_tail = (tmpdir / "server.log").read_text(errors="replace").splitlines()[-3:]
+        miscounted = miscounted_courses(url)
 
     report = {
         "meta": {
@@ -176,6 +183,9 @@ def main(args: argparse.Namespace) -> int:
         for name, s in by_server.items()
     }
     unexpected = {k: v for k, v in unexpected.items() if v}
+    if miscounted:
+        print(f"FAILED: enrolled_count differs from the roster of courses {miscounted[:10]}")
+        return 1
     if unexpected:
         print(f"FAILED: unexpected status codes {unexpected}", file=sys.stderr)
         print("server log ends:", *log_tail, sep="\n  ", file=sys.stderr)

@@ -24,6 +24,7 @@ from bench.measure import percentile
 from bench.seed import Shape, seed
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+from server.app import ServerConfig
 
 SMALL, LARGE = "10k", "1M"
 SHAPES = {
@@ -144,7 +145,7 @@ def main(args: argparse.Namespace) -> int:
                 procs.free_port(),
                 url,
                 tmpdir / f"{name}.log",
-                max_workers=16,
+                max_workers=ServerConfig().max_workers,
                 workers=1,
                 log_level=args.log_level,
             )

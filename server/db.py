@@ -308,7 +308,8 @@ def _writer_turn(write: bool) -> Iterator[None]:
     if not (write and isinstance(database.obj, pw.SqliteDatabase)):
         yield
         return
-    if not _sqlite_writer.acquire(timeout=getattr(database.obj, "_wait_timeout", 5.0)):
+    timeout = getattr(database.obj, "_wait_timeout", 5.0)  # the pool's, from --database-timeout
+    if not _sqlite_writer.acquire(timeout=timeout if timeout != float("inf") else -1):
         raise DatabaseUnavailable.of()
     try:
         yield

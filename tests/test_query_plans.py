@@ -2,6 +2,10 @@
 
 The statements are the real ones: captured from database.execute_sql while the service
 functions run, then asked for their plan with SQLite's EXPLAIN QUERY PLAN.
+
+PostgreSQL (once the server supports it): the same capture, then `EXPLAIN (FORMAT JSON)`
+with `SET enable_seqscan = off` (on a handful of rows the planner rightly prefers a
+sequential scan), rejecting any "Seq Scan" node and any "Sort" above a whole table.
 """
 
 from __future__ import annotations
