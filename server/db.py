@@ -279,6 +279,20 @@ def _classify(exc: BaseException) -> str | None:
     return None
 
 
+def _verdict(exc: BaseException) -> str | None:
+    """_classify for an error and the errors it was raised while handling: MariaDB rolls
+    a deadlock victim's whole transaction back, so leaving the savepoint then fails
+    with "SAVEPOINT does not exist", and the deadlock is what happened."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 6:
+        verdict = _classify(current)
+        if verdict is not None:
+            return verdict
+        current, seen = current.__context__, seen + 1
+    return None
+
+
 def _mysql_errno(cause: BaseException) -> int | None:
     return cause.args[0] if cause.args and isinstance(cause.args[0], int) else None
 
@@ -333,7 +347,7 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
                 yield
                 callstate.ensure_active()
     except (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded) as exc:
-        verdict = _classify(exc)
+        verdict = _verdict(exc)
         if verdict == "unavailable" and _lost_connection(exc):
             # The idle connections went down with this one: drop them now, so the
             # calls after an outage open fresh connections instead of failing one by one.

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from server.db import savepoint, transactional
+from server.db import locking, savepoint, transactional
 from server.errors import EmailTaken, HasEnrollments
 from server.models import Course, Student, StudentCourse, lowercase_key, utcnow
 from server.services import pagination
@@ -94,14 +94,27 @@ def delete_student(*, student_id: int, force: bool) -> None:
     # Locked first: an enrollment of this student racing the delete either committed
     # before (and is counted below) or waits and then finds no student.
     find_student(student_id, lock=True)
-    enrollments = StudentCourse.select().where(StudentCourse.student == student_id)
-    count = enrollments.count()
-    if count and not force:
-        raise HasEnrollments.of("student", student_id, count)
-    if count:
-        # Each course the student leaves loses one enrolled student.
+    courses = _courses_of(student_id)
+    if courses:
+        # Every enroll and drop locks its course first, so with these courses locked
+        # (in id order, as enrollment writers do) none of the student's enrollments
+        # can change under us; read them again, as a drop may have just committed.
+        locking(
+            Course.select(Course.id).where(Course.id.in_(courses)).order_by(Course.id)
+        ).execute()
+        courses = _courses_of(student_id)
+    if courses and not force:
+        raise HasEnrollments.of("student", student_id, len(courses))
+    if courses:
+        # Each course the student leaves loses one enrolled student: the courses are
+        # named by value, not by a subquery a concurrent drop could have changed.
         Course.update(enrolled_count=Course.enrolled_count - 1).where(
-            Course.id.in_(enrollments.select(StudentCourse.course))
+            Course.id.in_(courses)
         ).execute()
         StudentCourse.delete().where(StudentCourse.student == student_id).execute()
     Student.delete().where(Student.id == student_id).execute()
+
+
+def _courses_of(student_id: int) -> list[int]:
+    query = StudentCourse.select(StudentCourse.course).where(StudentCourse.student == student_id)
+    return [row.course_id for row in query]
