@@ -11,6 +11,7 @@ from server.errors import DatabaseUnavailable
 from server.services import course_service, student_course_service, student_service
 
 
+@pytest.mark.databases("sqlite")  # the lock is SQLite's; other databases lock rows
 def test_a_writer_waiting_past_the_timeout_is_unavailable(db_url):
     database.connect(db_url, max_connections=2, timeout=0.3)
     try:
