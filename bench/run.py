@@ -22,6 +22,7 @@ PROJECT, CEILING, WORKERS, THREADS = "enrollment", "ceiling", "enrollment-w", "e
 # `read` driven by h2load: one student per round, ListCourses and GetStudent in turn.
 H2_READ = "read-h2"
 EXPECTED_CODES = {"OK"}
+H2_CONNECTIONS = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -218,8 +219,10 @@ def _run_rounds(servers, mixes, shape, args, tmpdir: Path) -> dict:
                     result = h2.drive(
                         server,
                         tmpdir,
-                        connections=args.processes,
-                        streams=args.coroutines,
+                        # The same 16 calls in flight, over 8 connections: SO_REUSEPORT
+                        # spreads connections, so --workers N needs several of them.
+                        connections=H2_CONNECTIONS,
+                        streams=max(1, args.processes * args.coroutines // H2_CONNECTIONS),
                         duration=args.duration,
                         warmup=args.warmup,
                         student=1 + (index * 7919) % shape.students,

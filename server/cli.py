@@ -230,7 +230,6 @@ def _security_and_operations_config(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level, getattr(args, "log_format", "text"))
-    logs.write_in_background()
     # peewee-migrate logs every step at INFO through its own logger.
     logging.getLogger("peewee_migrate").setLevel(logging.WARNING)
     try:

@@ -1,40 +1,23 @@
-"""Server logging through a queue: the same lines as logging.basicConfig writes itself."""
+"""The server's text log lines are logging's own, with the time part cached per second."""
 
 from __future__ import annotations
 
-import io
 import logging
 
 from server import logs
 
-FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
-
-def test_queued_lines_equal_direct_ones(monkeypatch):
-    for name in ("logThreads", "logProcesses", "logMultiprocessing", "_srcfile"):
-        monkeypatch.setattr(logging, name, getattr(logging, name))
-    root = logging.getLogger()
-    monkeypatch.setattr(root, "handlers", [])
-    stream = io.StringIO()
-    root.addHandler(logging.StreamHandler(stream))
-    root.handlers[0].setFormatter(logging.Formatter(FORMAT))
-    monkeypatch.setattr(logs.atexit, "register", lambda fn: stops.append(fn))
-    stops: list = []
-
-    logs.write_in_background()
-    kept: list[logging.LogRecord] = []
+def test_cached_time_lines_equal_logging_formatter_lines():
+    cached = logs._SecondCachedFormatter(logs.TEXT_FORMAT)
+    reference = logging.Formatter(logs.TEXT_FORMAT)
     logger = logging.getLogger("enrollment.rpc.test")
-    logger.setLevel(logging.INFO)
-    keep = logging.Handler()
-    keep.emit = kept.append
-    logger.addHandler(keep)
-    try:
-        for n in range(3):
-            logger.info("rpc method=%s code=%s n=%d", "GetStudent", "OK", n)
-    finally:
-        logger.removeHandler(keep)
-        for stop in stops:
-            stop()  # drains the queue
-    reference = logging.Formatter(FORMAT)
-    assert stream.getvalue().splitlines() == [reference.format(r) for r in kept]
-    assert len(kept) == 3
+    lines = []
+    for created in (1795792000.25, 1795792000.75, 1795792001.5, 1795792000.5, 1795795600.0):
+        record = logger.makeRecord(
+            logger.name, logging.INFO, __file__, 1, "rpc method=%s n=%d", ("GetStudent", 1), None
+        )
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        lines.append((cached.format(record), reference.format(record)))
+    for mine, theirs in lines:
+        assert mine == theirs
+    assert len({mine for mine, _ in lines}) == 5  # every second, and every millisecond, shows
