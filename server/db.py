@@ -188,11 +188,11 @@ class _MySQLSession:
 
 
 class PooledMariaDBDatabase(_MySQLSession, PooledMySQLDatabase):
-    pass
+    """The serving pool for mysql:// URLs (MariaDB or MySQL) with the session settings."""
 
 
 class MariaDBDatabase(_MySQLSession, pw.MySQLDatabase):
-    pass
+    """One unpooled connection with the same settings (health probes, tests)."""
 
 
 _POOLED = {
