@@ -112,6 +112,12 @@ class HealthMonitor:
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._probe_until_stopped()
+        finally:
+            self._probe.close()  # the connection belongs to this thread: closed here
+
+    def _probe_until_stopped(self) -> None:
         while not self._stopped.wait(self._interval):
             try:
                 database.ping(self._probe)
@@ -133,7 +139,6 @@ class HealthMonitor:
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=self._interval + 5)
-        self._probe.close()
 
 
 @dataclass
