@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.measure import CPUS, Round, percentile
+from bench.measure import Round, window_round
 from bench.procs import Server, cpu_seconds
 from enrollment.v1 import enrollment_pb2 as pb
 
@@ -104,15 +104,12 @@ def drive(
             codes[f"HTTP_{status}"] += n
     calls = sum(statuses.values())
     latencies.sort()
-    return Round(
+    return window_round(
+        latencies_ns=latencies,
         calls=calls,
-        calls_per_s=calls / duration,
-        p50_ms=percentile(latencies, 0.50) / 1e6,
-        p90_ms=percentile(latencies, 0.90) / 1e6,
-        p99_ms=percentile(latencies, 0.99) / 1e6,
-        codes=dict(codes),
-        server_cpu_us_per_call=(server1 - server0) / calls * 1e6 if calls else float("nan"),
-        server_cpu_share=(server1 - server0) / (duration * CPUS),
-        client_cpu_share=(client1 - client0) / (duration * CPUS),
+        duration=duration,
+        codes=codes,
+        server_cpu_s=server1 - server0,
+        client_cpu_s=client1 - client0,
         methods={"mean_ms": {"all": statistics.fmean(latencies) / 1e6}} if latencies else {},
     )

@@ -31,6 +31,31 @@ class Round:
     methods: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def window_round(
+    *,
+    latencies_ns: list,
+    calls: int,
+    duration: float,
+    codes: dict[str, int],
+    server_cpu_s: float,
+    client_cpu_s: float,
+    methods: dict[str, dict[str, float]],
+) -> Round:
+    """The figures of one measured window; latencies_ns sorted, CPU times in seconds."""
+    return Round(
+        calls=calls,
+        calls_per_s=calls / duration,
+        p50_ms=percentile(latencies_ns, 0.50) / 1e6,
+        p90_ms=percentile(latencies_ns, 0.90) / 1e6,
+        p99_ms=percentile(latencies_ns, 0.99) / 1e6,
+        codes=dict(codes),
+        server_cpu_us_per_call=server_cpu_s / calls * 1e6 if calls else float("nan"),
+        server_cpu_share=server_cpu_s / (duration * CPUS),
+        client_cpu_share=client_cpu_s / (duration * CPUS),
+        methods=methods,
+    )
+
+
 def percentile(sorted_values, q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -101,16 +126,13 @@ def drive(
                 "p50_ms": percentile(ordered, 0.50) / 1e6,
                 "p99_ms": percentile(ordered, 0.99) / 1e6,
             }
-    return Round(
+    return window_round(
+        latencies_ns=everything,
         calls=calls,
-        calls_per_s=calls / duration,
-        p50_ms=percentile(everything, 0.50) / 1e6,
-        p90_ms=percentile(everything, 0.90) / 1e6,
-        p99_ms=percentile(everything, 0.99) / 1e6,
-        codes=dict(by_code),
-        server_cpu_us_per_call=(server1 - server0) / calls * 1e6 if calls else float("nan"),
-        server_cpu_share=(server1 - server0) / (duration * CPUS),
-        client_cpu_share=(client1 - client0) / (duration * CPUS),
+        duration=duration,
+        codes=by_code,
+        server_cpu_s=server1 - server0,
+        client_cpu_s=client1 - client0,
         methods=methods,
     )
 

@@ -112,15 +112,19 @@ def main(args: argparse.Namespace) -> int:
             f"{shape.enrollments} enrollments in {time.monotonic() - started:.1f}s",
             file=sys.stderr,
         )
-        servers = {
-            PROJECT: procs.enrollment_server(
+
+        def project(log_name: str, *, max_workers: int, workers: int):
+            return procs.enrollment_server(
                 procs.free_port(),
                 url,
-                tmpdir / "server.log",
-                max_workers=args.max_workers,
-                workers=args.workers,
+                tmpdir / log_name,
+                max_workers=max_workers,
+                workers=workers,
                 log_level=args.log_level,
-            ),
+            )
+
+        servers = {
+            PROJECT: project("server.log", max_workers=args.max_workers, workers=args.workers),
             CEILING: procs.ceiling_server(
                 procs.free_port(), tmpdir / "ceiling.log", max_workers=args.max_workers
             ),
@@ -129,22 +133,12 @@ def main(args: argparse.Namespace) -> int:
         if workers_check == args.workers:
             workers_check = 0
         if workers_check:
-            servers[WORKERS] = procs.enrollment_server(
-                procs.free_port(),
-                url,
-                tmpdir / "server-workers.log",
-                max_workers=args.max_workers,
-                workers=workers_check,
-                log_level=args.log_level,
+            servers[WORKERS] = project(
+                "server-workers.log", max_workers=args.max_workers, workers=workers_check
             )
         if args.threads_check:
-            servers[THREADS] = procs.enrollment_server(
-                procs.free_port(),
-                url,
-                tmpdir / "server-threads.log",
-                max_workers=args.threads_check,
-                workers=args.workers,
-                log_level=args.log_level,
+            servers[THREADS] = project(
+                "server-threads.log", max_workers=args.threads_check, workers=args.workers
             )
         try:
             for server in servers.values():

@@ -7,7 +7,9 @@ import logging
 import os
 import sys
 
+import grpc
 import peewee as pw
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server import db as database
 from server import logs, schema
@@ -276,9 +278,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def health_check(args: argparse.Namespace) -> int:
     """The container's HEALTHCHECK: one grpc.health.v1 Check of the whole server."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     host, _, port = args.address.rpartition(":")
     if host in ("0.0.0.0", "[::]", ""):
         host = "127.0.0.1"

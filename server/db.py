@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import peewee as pw
+import psycopg2
 import pymysql
 from playhouse.db_url import parse as parse_db_url
 from playhouse.pool import (
@@ -256,7 +257,7 @@ def _classify(exc: BaseException) -> str | None:
         return None
     cause = _driver_error(exc)
     pgcode = getattr(cause, "pgcode", None)
-    if pgcode is not None or type(cause).__module__.startswith("psycopg2"):
+    if isinstance(cause, psycopg2.Error):
         if pgcode in _PG_RETRY_CODES:
             return "retry"
         if pgcode is None:
@@ -303,7 +304,7 @@ def _lost_connection(exc: BaseException) -> bool:
     if isinstance(exc, pw.InterfaceError):
         return True
     pgcode = getattr(cause, "pgcode", "") or ""
-    if type(cause).__module__.startswith("psycopg2"):
+    if isinstance(cause, psycopg2.Error):
         return not pgcode or pgcode.startswith(("08", "57P"))
     if isinstance(cause, pymysql.Error):
         errno = _mysql_errno(cause)

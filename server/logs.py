@@ -37,8 +37,8 @@ def setup(level: str, log_format: str = "text") -> None:
     """Configure the root logger once, at process start.
 
     Lines are written by the calling thread. A queue and one writing thread were tried
-    (make bench, read mix: 637 us of server CPU per call against 482 us written
-    directly): with four serving threads the hand-over cost more than the write.
+    (bench/PROFILE.md, "After the merge"): with four serving threads the hand-over cost
+    more than the write.
     """
     handler = logging.StreamHandler()
     text = _SecondCachedFormatter(TEXT_FORMAT)

@@ -117,20 +117,16 @@ def migrated(url: str) -> str:
 
 
 @pytest.fixture
-def db_url(request, backend, new_database, shared_databases) -> str:
+def db_url(request, backend, new_database, shared_databases, database_servers) -> str:
     """URL of a migrated database with no rows: a new SQLite file, or the run's shared
     PostgreSQL/MariaDB database emptied (a test marked own_database gets a new one)."""
     if backend == "sqlite" or request.node.get_closest_marker("own_database"):
         return migrated(new_database())
     if backend not in shared_databases:
-        shared_databases[backend] = migrated(_make_shared(backend, request))
+        server = server_for(backend, database_servers)
+        shared_databases[backend] = migrated(server.create("enrollment_shared"))
     databases.empty_tables(shared_databases[backend])
     return shared_databases[backend]
-
-
-def _make_shared(backend: str, request) -> str:
-    servers = request.getfixturevalue("database_servers")
-    return server_for(backend, servers).create("enrollment_shared")
 
 
 @dataclass

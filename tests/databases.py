@@ -89,10 +89,9 @@ def kind_of(url: str) -> str:
 
 @contextlib.contextmanager
 def connection(url: str) -> Iterator[pw.Database]:
-    """A plain connection of the test's own, beside the server's pool."""
-    db = app_db.probe_database(url, timeout=10) if kind_of(url) != "sqlite" else None
-    if db is None:
-        db = pw.SqliteDatabase(url.removeprefix("sqlite:///"), pragmas=app_db.SQLITE_PRAGMAS)
+    """A plain connection of the test's own, beside the server's pool, with the server's
+    settings (the same unpooled database the health probe uses)."""
+    db = app_db.probe_database(url, timeout=10)
     db.connect()
     try:
         yield db

@@ -31,9 +31,9 @@ def race(calls):
         return list(pool.map(run, calls))
 
 
-def counts_match_rosters(live) -> None:
+def counts_match_rosters(database_url: str) -> None:
     rows = databases.query(
-        live.database_url,
+        database_url,
         "SELECT c.id, c.capacity, c.enrolled_count, COUNT(sc.student_id) FROM courses c "
         "LEFT JOIN student_courses sc ON sc.course_id = c.id "
         "GROUP BY c.id, c.capacity, c.enrolled_count",
@@ -51,7 +51,7 @@ def test_same_enrollment_raced_from_many_threads_succeeds_once(live):
     assert codes.count(grpc.StatusCode.OK) == 1
     assert codes.count(grpc.StatusCode.ALREADY_EXISTS) == THREADS - 1
     assert stub.GetCourse(pb.GetCourseRequest(course_id=course.id)).course.enrolled_count == 1
-    counts_match_rosters(live)
+    counts_match_rosters(live.database_url)
 
 
 def test_many_students_race_for_a_small_course(live):
@@ -74,7 +74,7 @@ def test_many_students_race_for_a_small_course(live):
     assert got.enrolled_count == capacity
     roster = stub.ListStudents(pb.ListStudentsRequest(course_id=course.id)).students
     assert len(roster) == capacity
-    counts_match_rosters(live)
+    counts_match_rosters(live.database_url)
 
 
 def test_random_enrolls_drops_and_deletes_keep_counts_exact(live):
@@ -110,7 +110,7 @@ def test_random_enrolls_drops_and_deletes_keep_counts_exact(live):
     for _ in range(15):
         codes = race([one_call() for _ in range(40)])
         assert set(codes) <= expected, codes
-        counts_match_rosters(live)
+        counts_match_rosters(live.database_url)
 
 
 def test_same_email_raced_creates_one_student(live):

@@ -3,6 +3,7 @@ on real servers, and the deployment's own commands."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -203,8 +204,7 @@ def test_two_workers_race_exactly_once_and_within_capacity(db_url):
         allowed = {grpc.StatusCode.OK, grpc.StatusCode.ALREADY_EXISTS,
                    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND}  # fmt: skip
         assert set(codes) <= allowed, codes
-        live = type("Live", (), {"database_url": db_url})
-        counts_match_rosters(live)
+        counts_match_rosters(db_url)
     finally:
         for channel in channels:
             channel.close()
@@ -477,39 +477,32 @@ def test_the_migrated_schema_equals_the_models(new_database):
     assert from_migrations == from_models
 
 
-def hold_schema_lock(url: str):
+@contextlib.contextmanager
+def schema_lock_held(url: str):
     """The schema lock, taken by the test on a connection of its own."""
     db = database.connect(url, max_connections=1, create=True)
-    db.connect()
-    lock = schema.schema_lock(db)
-    lock.__enter__()
-
-    def release():
-        lock.__exit__(None, None, None)
-        db.close()
+    try:
+        with db.connection_context(), schema.schema_lock(db):
+            yield
+    finally:
         database.close()
-
-    return release
 
 
 def test_two_migrates_at_once_leave_one_correct_history(new_database):
     url = new_database()
-    release = hold_schema_lock(url)
-    try:
+    with schema_lock_held(url):
         commands = [
             subprocess.Popen(
                 [SERVER, "migrate", "--database-url", url],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-            )  # fmt: skip
+            )
             for _ in range(2)
         ]
         time.sleep(1.0)
         # Both wait for the lock rather than racing each other.
         assert [c.poll() for c in commands] == [None, None]
-    finally:
-        release()
     outputs = [c.communicate(timeout=60) for c in commands]
     assert [c.returncode for c in commands] == [0, 0], outputs
     said = sorted(out for out, _ in outputs)

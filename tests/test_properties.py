@@ -126,7 +126,7 @@ def test_arbitrary_field_values_get_contract_answers(seeded, method):
     @given(request=REQUESTS[method])
     def property_(request):
         check_answer(lambda: stub_call(request, timeout=TIMEOUT), request.ByteSize())
-        counts_match_rosters(seeded)
+        counts_match_rosters(seeded.database_url)
 
     property_()
     check_still_serving(seeded)
@@ -139,7 +139,7 @@ def test_arbitrary_bodies_through_a_generic_stub(seeded):
     @given(method=st.sampled_from(sorted(REQUESTS)), body=st.binary(max_size=300))
     def property_(method, body):
         check_answer(lambda: calls[method](body, timeout=TIMEOUT), len(body))
-        counts_match_rosters(seeded)
+        counts_match_rosters(seeded.database_url)
 
     property_()
     check_still_serving(seeded)

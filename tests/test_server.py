@@ -153,25 +153,25 @@ def test_sigterm_drains_in_flight_calls_then_exits(db_url):
         "serve", "--address", address, "--database-url", db_url, "--grace", "20",
         "--database-timeout", "20",
     )  # fmt: skip
-    blocker = databases.write_blocked(db_url, "late@example.com")
     try:
         channel = wait_serving(address)
         stub = pb_grpc.EnrollmentServiceStub(channel)
-        blocker.__enter__()  # the next write waits for this lock
         outcome = {}
+        # The next write waits for what the blocker holds.
+        with databases.write_blocked(db_url, "late@example.com") as blocker:
 
-        def in_flight():
-            request = pb.CreateStudentRequest(name="Late", email="late@example.com")
-            outcome["student"] = stub.CreateStudent(request, timeout=30).student
+            def in_flight():
+                request = pb.CreateStudentRequest(name="Late", email="late@example.com")
+                outcome["student"] = stub.CreateStudent(request, timeout=30).student
 
-        caller = threading.Thread(target=in_flight)
-        caller.start()
-        time.sleep(0.5)  # the call is now inside the server, waiting for the lock
-        server.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        assert server.poll() is None, "the server must wait for the in-flight call"
-        blocker.release()  # rolled back: the write goes ahead
-        caller.join(timeout=30)
+            caller = threading.Thread(target=in_flight)
+            caller.start()
+            time.sleep(0.5)  # the call is now inside the server, waiting for the lock
+            server.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert server.poll() is None, "the server must wait for the in-flight call"
+            blocker.release()  # rolled back: the write goes ahead
+            caller.join(timeout=30)
         assert outcome["student"].name == "Late"
         out, _ = server.communicate(timeout=30)
         assert server.returncode == 0, out
@@ -179,7 +179,6 @@ def test_sigterm_drains_in_flight_calls_then_exits(db_url):
         assert "rpc method=CreateStudent code=OK" in out
         channel.close()
     finally:
-        blocker.release()
         if server.poll() is None:
             server.kill()
             server.communicate()
