@@ -20,9 +20,9 @@ help:
 # target: install - create .venv and install the project with its dev extras
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ./client -e '.[dev]'
 	touch $@
 
 # target: proto - regenerate messages, gRPC stubs and .pyi stubs from protos/
@@ -80,7 +80,7 @@ bench-profile: $(BENCH_STAMP)
 	$(BIN)/python -m bench profile --mix '$(MIX)' $(BENCH_ARGS)
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ./client -e '.[dev,bench]'
 	touch $@
 
 # target: clean - remove .venv, caches and the default SQLite database

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from bench import procs
 from bench.seed import Shape, seed
+from enrollment.server.persistence import engine
+from enrollment.server.transport.servicer import EnrollmentServicer
 from enrollment.v1 import enrollment_pb2 as pb
-from server import db as database
-from server.servicer import EnrollmentServicer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,12 +69,12 @@ def main(args: argparse.Namespace) -> int:
         url = f"sqlite:///{Path(tmp) / 'bench.db'}"
         procs.migrate(url)
         seed(url, shape)
-        database.connect(url, max_connections=4)
+        engine.open_pool(url, max_connections=4)
         try:
             print(f"{'call':30} {'CPU us/call':>11}   (in-process, one thread, best of 7 batches)")
             for name, fn in calls.items():
                 n = args.calls // 4 if "Enroll" in name else args.calls
                 print(f"{name:30} {_cpu_us(fn, n):11.0f}")
         finally:
-            database.close()
+            engine.close_pool()
     return 0

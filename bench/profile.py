@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench import load, measure, procs
 from bench.seed import Shape, seed
-from server.app import ServerConfig
+from enrollment.server.startup.config import ServerConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ import grpc
 
 from bench import h2, load, measure, procs
 from bench.seed import Shape, miscounted_courses, seed
-from server.app import ServerConfig
+from enrollment.server.startup.config import ServerConfig
 
 PROJECT, CEILING, WORKERS, THREADS = "enrollment", "ceiling", "enrollment-w", "enrollment-t"
 # `read` driven by h2load: one student per round, ListCourses and GetStudent in turn.

@@ -22,9 +22,9 @@ import grpc
 from bench import procs
 from bench.measure import percentile
 from bench.seed import Shape, seed
+from enrollment.server.startup.config import ServerConfig
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from server.app import ServerConfig
 
 SMALL, LARGE = "10k", "1M"
 SHAPES = {

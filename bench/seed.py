@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from server import db as database
-from server.models import Course, Student, StudentCourse
+from enrollment.server.persistence import engine
+from enrollment.server.persistence.models import Course, Student, StudentCourse
 
 # Stays under SQLite's limit on bound variables per statement.
 CHUNK = 2000
@@ -57,7 +57,7 @@ def _chunks(rows: Iterator[tuple], size: int = CHUNK) -> Iterator[list[tuple]]:
 
 def seed(database_url: str, shape: Shape) -> None:
     """Fill a freshly migrated, empty database with shape's rows, enrolled_count kept exact."""
-    db = database.connect(database_url, max_connections=1)
+    db = engine.open_pool(database_url, max_connections=1)
     try:
         with db.connection_context():
             if Student.select().exists() or Course.select().exists():
@@ -99,12 +99,12 @@ def seed(database_url: str, shape: Shape) -> None:
                 for batch in _chunks(pairs):
                     StudentCourse.insert_many(batch, fields=fields).execute()
     finally:
-        database.close()
+        engine.close_pool()
 
 
 def miscounted_courses(database_url: str) -> list[int]:
     """Courses whose enrolled_count differs from their roster (the bench must leave none)."""
-    db = database.connect(database_url, max_connections=1)
+    db = engine.open_pool(database_url, max_connections=1)
     try:
         with db.connection_context():
             roster = (
@@ -121,4 +121,4 @@ def miscounted_courses(database_url: str) -> list[int]:
                 if counts.get(course_id, 0) != enrolled
             ]
     finally:
-        database.close()
+        engine.close_pool()

@@ -1,7 +1,7 @@
-"""`python -m client` is `enrollment-client`."""
+"""`python -m enrollment.client` is `enrollment-client`."""
 
 import sys
 
-from client.cli import main
+from enrollment.client.cli import main
 
 sys.exit(main())

@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from client.api import DEFAULT_TIMEOUT, ClientError, EnrollmentClient
+from enrollment.client.api import DEFAULT_TIMEOUT, ClientError, EnrollmentClient
 from enrollment.v1 import enrollment_pb2 as pb
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"

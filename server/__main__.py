@@ -1,7 +1,7 @@
-"""`python -m server` is `enrollment-server`."""
+"""`python -m enrollment.server` is `enrollment-server`."""
 
 import sys
 
-from server.cli import main
+from enrollment.server.startup.cli import main
 
 sys.exit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 
-from server.errors import CallEnded
+from enrollment.server.errors import CallEnded
 
 _is_active: ContextVar[Callable[[], bool] | None] = ContextVar("call_is_active", default=None)
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
+from enrollment.server.persistence import engine, migrator
+from enrollment.server.startup.config import ServerConfig
+from enrollment.server.startup.server import RunningServer, create_server
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from server import db as database
-from server import schema
-from server.app import RunningServer, ServerConfig, create_server
 from tests import databases
 
 
@@ -103,16 +103,16 @@ def new_database(backend, database_servers, tmp_path) -> Iterator[Callable[[], s
         return url
 
     yield make
-    database.close()
+    engine.close_pool()
     if backend != "sqlite":
         for url in made:
             server_for(backend, database_servers).drop(url)
 
 
 def migrated(url: str) -> str:
-    db = database.connect(url, max_connections=2, create=True)
-    schema.migrate(db)
-    database.close()
+    db = engine.open_pool(url, max_connections=2, create=True)
+    migrator.migrate(db)
+    engine.close_pool()
     return url
 
 
@@ -166,7 +166,7 @@ def start_server(db_url: str) -> Iterator[Callable[..., LiveServer]]:
         server.channel.close()
         server.running.stop(None).wait(10)
         server.running.wait_idle()
-    database.close()
+    engine.close_pool()
 
 
 @pytest.fixture

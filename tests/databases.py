@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import peewee as pw
 
-from server import db as app_db
+from enrollment.server.persistence import engine
 
 ALL = ("sqlite", "postgresql", "mysql")
 DEFAULT_URLS = {
@@ -50,13 +50,13 @@ class Server:
     url: str
 
     def admin(self) -> pw.Database:
-        return app_db.probe_database(self.url, timeout=5)
+        return engine.open_probe(self.url, timeout=5)
 
     def check(self) -> None:
         """Raise with the driver's reason when the server cannot be reached."""
         db = self.admin()
         try:
-            app_db.ping(db)
+            engine.ping(db)
         finally:
             db.close()
 
@@ -84,14 +84,14 @@ class Server:
 
 
 def kind_of(url: str) -> str:
-    return app_db.parse(url, create=True).kind
+    return engine.parse(url, create=True).kind
 
 
 @contextlib.contextmanager
 def connection(url: str) -> Iterator[pw.Database]:
     """A plain connection of the test's own, beside the server's pool, with the server's
     settings (the same unpooled database the health probe uses)."""
-    db = app_db.probe_database(url, timeout=10)
+    db = engine.open_probe(url, timeout=10)
     db.connect()
     try:
         yield db

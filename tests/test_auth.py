@@ -16,8 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
-from server.app import ServerConfig, StartupError, create_server
 from tests.rpc import SERVER, TIMEOUT, expect_error, failure
 
 # Tokens and roles are checked before any database work.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from client.api import ClientError, EnrollmentClient
+from enrollment.client.api import ClientError, EnrollmentClient
 from enrollment.v1 import enrollment_pb2 as pb
 from tests.rpc import enroll, new_course, new_student
 
@@ -257,7 +257,10 @@ def test_usage_errors_exit_2(args):
 
 def test_python_dash_m_client():
     done = subprocess.run(
-        [sys.executable, "-m", "client", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "enrollment.client", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0
     for command in ("create-student", "students", "delete-course", "enroll", "drop"):

@@ -7,7 +7,7 @@ import random
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from server.convert import timestamp
+from enrollment.server.transport.convert import timestamp
 
 
 def test_timestamp_matches_from_datetime():

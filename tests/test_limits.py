@@ -10,9 +10,10 @@ import time
 import grpc
 import pytest
 
+from enrollment.server.persistence import engine
+from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
-from server import db as database
-from server.app import ServerConfig, StartupError, create_server
 from tests.databases import sqlite_path
 from tests.rpc import TIMEOUT, expect_error, new_student
 from tests.test_status_table import table_counts
@@ -71,7 +72,7 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once(start_server):
             )
             for i in range(2)
         ]
-        wait_for(lambda: database.connections_in_use() == 2, what="two calls in progress")
+        wait_for(lambda: engine.connections_in_use() == 2, what="two calls in progress")
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as raised:
             live.stub.ListCourses(pb.ListCoursesRequest(), timeout=TIMEOUT)
@@ -157,14 +158,14 @@ def test_a_write_past_its_deadline_or_cancelled_is_rolled_back(start_server, cap
         request = pb.EnrollStudentRequest(student_id=student.id, course_id=course.id)
         call = live.stub.EnrollStudent.future(request, timeout=1.0 if how == "deadline" else 60)
         # The server has the call: its connection is out of the pool, waiting for the lock.
-        wait_for(lambda: database.connections_in_use() == 1, what="the call in progress")
+        wait_for(lambda: engine.connections_in_use() == 1, what="the call in progress")
         if how == "cancel":
             assert call.cancel()
         with pytest.raises(grpc.FutureCancelledError if how == "cancel" else grpc.RpcError):
             call.result(timeout=TIMEOUT)
         if how == "deadline":
             assert call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert database.connections_in_use() == 1  # the write is still waiting for the lock
+        assert engine.connections_in_use() == 1  # the write is still waiting for the lock
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()

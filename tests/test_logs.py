@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from server import logs
+from enrollment.server.operations import logs
 
 
 def test_cached_time_lines_equal_logging_formatter_lines():

@@ -21,10 +21,9 @@ import peewee as pw
 import pytest
 from peewee_migrate import Router
 
-import server.models
-from migrations import MIGRATIONS_DIR
-from server import db as app_db
-from server import schema
+import enrollment.server.persistence.models
+from enrollment.migrations import MIGRATIONS_DIR
+from enrollment.server.persistence import engine, migrator
 
 M001 = "001_create_students_and_courses"
 M002 = "002_create_student_courses"
@@ -201,7 +200,7 @@ def open_db(tmp_path: Path) -> Iterator[Callable[[str], pw.SqliteDatabase]]:
     opened: list[pw.SqliteDatabase] = []
 
     def open_(name: str) -> pw.SqliteDatabase:
-        db = pw.SqliteDatabase(str(tmp_path / name), pragmas=app_db.SQLITE_PRAGMAS)
+        db = pw.SqliteDatabase(str(tmp_path / name), pragmas=engine.SQLITE_PRAGMAS)
         db.connect()
         opened.append(db)
         return db
@@ -216,7 +215,7 @@ def db_at_001(open_db) -> tuple[pw.SqliteDatabase, list[tuple], list[tuple]]:
     """A file with only 001 applied, holding 50 students and 20 courses."""
     db = open_db("at_001.db")
     assert router(db).run(M001) == [M001]
-    assert schema.applied_migrations(db) == [M001]
+    assert migrator.applied_migrations(db) == [M001]
     assert not table_exists(db, "student_courses")
     students, courses = insert_students_and_courses(db)
     # The rows read back exactly as written (so later comparisons compare real data).
@@ -228,15 +227,15 @@ def db_at_001(open_db) -> tuple[pw.SqliteDatabase, list[tuple], list[tuple]]:
 @pytest.fixture
 def app_database(tmp_path: Path) -> Iterator[pw.Database]:
     """The app's own database object (PooledSqliteDatabase behind the proxy), closed after."""
-    db = app_db.connect(sqlite_url(tmp_path / "app.db"), max_connections=2, create=True)
+    db = engine.open_pool(sqlite_url(tmp_path / "app.db"), max_connections=2, create=True)
     try:
         yield db
     finally:
-        app_db.close()
+        engine.close_pool()
 
 
 def build_migrated(path: Path) -> None:
-    db = pw.SqliteDatabase(str(path), pragmas=app_db.SQLITE_PRAGMAS)
+    db = pw.SqliteDatabase(str(path), pragmas=engine.SQLITE_PRAGMAS)
     try:
         with db.connection_context():
             assert router(db).run() == ALL_MIGRATIONS
@@ -246,13 +245,13 @@ def build_migrated(path: Path) -> None:
 
 def build_from_models(path: Path) -> None:
     """db.create_tables(MODELS), the models bound through the app's proxy; closed after."""
-    db = app_db.connect(sqlite_url(path), max_connections=1, create=True)
+    db = engine.open_pool(sqlite_url(path), max_connections=1, create=True)
     try:
-        assert server.models.database.obj is db
+        assert enrollment.server.persistence.models.proxy.obj is db
         with db.connection_context():
-            db.create_tables(server.models.MODELS)
+            db.create_tables(enrollment.server.persistence.models.MODELS)
     finally:
-        app_db.close()
+        engine.close_pool()
 
 
 @pytest.fixture(scope="module")
@@ -283,16 +282,16 @@ def test_rows_written_at_001_survive_002_and_its_rollback(db_at_001):
     assert_healthy(db)
 
     assert router(db).run() == [M002, M003]
-    assert schema.applied_migrations(db) == ALL_MIGRATIONS
+    assert migrator.applied_migrations(db) == ALL_MIGRATIONS
     assert table_exists(db, "student_courses")
     assert kept_snapshot(db) == before
     assert_healthy(db)
 
     router(db).rollback()
-    assert schema.applied_migrations(db) == [M001, M002]
+    assert migrator.applied_migrations(db) == [M001, M002]
     assert kept_snapshot(db) == before
     router(db).rollback()
-    assert schema.applied_migrations(db) == [M001]
+    assert migrator.applied_migrations(db) == [M001]
     assert not table_exists(db, "student_courses")
     assert kept_snapshot(db) == before
     assert plain_rows(db, "students") == students
@@ -318,13 +317,13 @@ def test_rollback_with_enrollments_keeps_students_and_courses_and_002_reapplies(
     assert sum(row[5][0] for row in before["courses"][1]) == len(pairs)  # enrolled_count
 
     router(db).rollback()
-    assert schema.applied_migrations(db) == [M001]
+    assert migrator.applied_migrations(db) == [M001]
     assert not table_exists(db, "student_courses")
     assert kept_snapshot(db) == before
     assert_healthy(db)
 
     assert router(db).run(M002) == [M002]
-    assert schema.applied_migrations(db) == [M001, M002]
+    assert migrator.applied_migrations(db) == [M001, M002]
     assert [row for row in master(db) if row[2] == "student_courses"] == created_sql
     assert plain_rows(db, "student_courses") == []
     assert kept_snapshot(db) == before
@@ -350,7 +349,7 @@ def test_every_step_of_001_002_rollback_002_keeps_every_row(app_database):
 
     def check(step: str, applied: list[str], has_join_table: bool) -> None:
         with db.connection_context():
-            assert schema.applied_migrations(db) == applied, step
+            assert migrator.applied_migrations(db) == applied, step
             assert table_exists(db, "student_courses") is has_join_table, step
             counts = [
                 db.execute_sql(f"SELECT count(*) FROM {t}").fetchone()[0] for t in KEPT_TABLES
@@ -361,16 +360,16 @@ def test_every_step_of_001_002_rollback_002_keeps_every_row(app_database):
             assert_healthy(db)
 
     check("001", [M001], False)
-    assert schema.migrate(db) == [M002, M003]
+    assert migrator.migrate(db) == [M002, M003]
     check("001+002+003", ALL_MIGRATIONS, True)
-    assert schema.rollback(db) == M003
+    assert migrator.rollback(db) == M003
     check("rollback 003", [M001, M002], True)
-    assert schema.rollback(db) == M002
+    assert migrator.rollback(db) == M002
     check("rollback 002", [M001], False)
-    assert schema.migrate(db) == [M002, M003]
+    assert migrator.migrate(db) == [M002, M003]
     check("002 again", ALL_MIGRATIONS, True)
     with db.connection_context():
-        assert schema.pending_migrations(db) == []
+        assert migrator.pending_migrations(db) == []
 
 
 # --------------------------------------------------------------------------- 2: idempotence
@@ -385,8 +384,8 @@ def test_migrating_twice_is_a_noop(open_db):
     assert [name for _, name, _ in history_before] == ALL_MIGRATIONS
 
     assert router(db).run() == []
-    assert schema.migrate(db) == []
-    assert schema.pending_migrations(db) == []
+    assert migrator.migrate(db) == []
+    assert migrator.pending_migrations(db) == []
     assert history(db) == history_before
     assert master(db) == master_before
     assert kept_snapshot(db) == rows_before
@@ -630,7 +629,7 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     assert status == [f"applied  {name}" for name in ALL_MIGRATIONS]
 
     db = open_db("cli.db")
-    assert schema.applied_migrations(db) == ALL_MIGRATIONS
+    assert migrator.applied_migrations(db) == ALL_MIGRATIONS
     students, courses = insert_students_and_courses(db)
     insert_enrollments(db)
     before = kept_snapshot(db)
@@ -646,7 +645,7 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     assert "student_courses" in refused.stderr and "--allow-data-loss" in refused.stderr
     assert "Traceback" not in refused.stderr
     db.connect()
-    assert schema.applied_migrations(db) == [M001, M002] and table_exists(db, "student_courses")
+    assert migrator.applied_migrations(db) == [M001, M002] and table_exists(db, "student_courses")
     db.close()
 
     proc = run_cli(
@@ -657,7 +656,7 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     status = server_cli("status", path, tmp_path).stdout.splitlines()
     assert status == [f"applied  {M001}", f"pending  {M002}", f"pending  {M003}"]
     db.connect()
-    assert schema.applied_migrations(db) == [M001]
+    assert migrator.applied_migrations(db) == [M001]
     assert not table_exists(db, "student_courses")
     assert kept_snapshot(db) == before
     assert_healthy(db)
@@ -665,7 +664,7 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
 
     assert server_cli("migrate", path, tmp_path).stdout == f"applied {M002}, {M003}\n"
     db.connect()
-    assert schema.pending_migrations(db) == []
+    assert migrator.pending_migrations(db) == []
     assert kept_snapshot(db) == before
     assert plain_rows(db, "students")[0][1] == students[0][1]
     assert len(plain_rows(db, "courses")) == len(courses)
@@ -686,8 +685,8 @@ def test_pw_migrate_cli_brings_a_fresh_database_to_head(tmp_path, open_db):
     assert "Traceback" not in proc.stderr
 
     db = open_db("pw.db")
-    assert schema.applied_migrations(db) == ALL_MIGRATIONS
-    assert schema.pending_migrations(db) == []
+    assert migrator.applied_migrations(db) == ALL_MIGRATIONS
+    assert migrator.pending_migrations(db) == []
     pw_master = master(db)
     db.close()
     status = server_cli("status", path, tmp_path).stdout.splitlines()
@@ -736,4 +735,4 @@ def test_serve_refuses_a_database_behind_the_code(tmp_path, open_db, applied):
     # Refusing to start changed nothing.
     db.connect()
     assert master(db) == before
-    assert schema.applied_migrations(db) == applied
+    assert migrator.applied_migrations(db) == applied

@@ -16,10 +16,11 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from enrollment.server.operations.logs import JsonFormatter
+from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from server.app import ServerConfig, StartupError, create_server
-from server.logs import JsonFormatter
 from tests.databases import sqlite_path
 from tests.rpc import SERVER, TIMEOUT, free_port, new_student
 

@@ -3,8 +3,8 @@
 import grpc
 import pytest
 
+from enrollment.server.persistence.models import Student
 from enrollment.v1 import enrollment_pb2 as pb
-from server.models import Student
 from tests import databases
 from tests.rpc import TIMEOUT, enroll, expect_error, new_course, new_student
 

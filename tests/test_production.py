@@ -23,14 +23,14 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from enrollment.server.domain import courses, students
+from enrollment.server.errors import DatabaseUnavailable
+from enrollment.server.persistence import engine, migrator, unit_of_work
+from enrollment.server.persistence.models import MODELS
+from enrollment.server.startup.config import ServerConfig
+from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from server import db as database
-from server import schema
-from server.app import ServerConfig, create_server
-from server.errors import DatabaseUnavailable
-from server.models import MODELS
-from server.services import course_service, student_service
 from tests import databases
 from tests.proxy import TcpProxy
 from tests.rpc import SERVER, TIMEOUT, expect_error, free_port, new_course, new_student
@@ -52,7 +52,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_pool_exhaustion_is_unavailable_and_connections_go_back(db_url):
-    db = database.connect(db_url, max_connections=1, pool_timeout=0.3)
+    db = engine.open_pool(db_url, max_connections=1, pool_timeout=0.3)
     try:
         held, release = threading.Event(), threading.Event()
 
@@ -66,17 +66,17 @@ def test_pool_exhaustion_is_unavailable_and_connections_go_back(db_url):
         held.wait(5)
         started = time.monotonic()
         with pytest.raises(DatabaseUnavailable):
-            student_service.get_student(student_id=1)
+            students.get_student(student_id=1)
         assert time.monotonic() - started < 3
         release.set()
         holder.join()
         # The one connection is free again, also after failed calls.
         for _ in range(3):
             with pytest.raises(Exception, match="does not exist"):
-                student_service.get_student(student_id=1)
+                students.get_student(student_id=1)
         assert db._in_use == {}
     finally:
-        database.close()
+        engine.close_pool()
 
 
 SLOW_QUERY = {
@@ -88,21 +88,21 @@ SLOW_QUERY = {
 
 @pytest.mark.databases("postgresql", "mysql")
 def test_a_statement_over_its_time_limit_is_unavailable(db_url):
-    database.connect(db_url, max_connections=2, timeout=1, statement_timeout=0.3)
+    engine.open_pool(db_url, max_connections=2, timeout=1, statement_timeout=0.3)
     slow = SLOW_QUERY[databases.kind_of(db_url)]
 
-    @database.transactional(write=False)
+    @unit_of_work.transactional(write=False)
     def slow_unit_of_work():
-        return database.database.execute_sql(slow).fetchall()
+        return engine.proxy.execute_sql(slow).fetchall()
 
     try:
         started = time.monotonic()
         with pytest.raises(DatabaseUnavailable):
             slow_unit_of_work()
         assert time.monotonic() - started < 3
-        assert database.database.obj._in_use == {}
+        assert engine.proxy.obj._in_use == {}
     finally:
-        database.close()
+        engine.close_pool()
 
 
 def test_every_rpc_returns_its_connection_to_the_pool(live):
@@ -118,7 +118,7 @@ def test_every_rpc_returns_its_connection_to_the_pool(live):
     ):
         with pytest.raises(grpc.RpcError):
             call(request, timeout=TIMEOUT)
-    assert database.database.obj._in_use == {}
+    assert engine.proxy.obj._in_use == {}
 
 
 # --------------------------------------------------------------------------- workers
@@ -371,7 +371,7 @@ def test_database_outage_fails_fast_reports_not_serving_and_recovers(db_url, rec
         channel.close()
         running.stop(None).wait(10)
         running.wait_idle()
-        database.close()
+        engine.close_pool()
         proxy.close()
 
 
@@ -380,9 +380,9 @@ def test_database_outage_fails_fast_reports_not_serving_and_recovers(db_url, rec
 
 def at_001_with_explicit_ids(url: str) -> pw.Database:
     """A database migrated to 001 holding rows with explicit, large ids."""
-    db = database.connect(url, max_connections=2, create=True)
+    db = engine.open_pool(url, max_connections=2, create=True)
     with db.connection_context():
-        schema.router(db).run(M001)
+        migrator.router(db).run(M001)
         base = dt.datetime(2024, 1, 31, 8, 0, 0)
         students = [
             (BIG_ID - 40 + i, f"{UNICODE[i % len(UNICODE)]} #{i}", f"S{i}@Example.org",
@@ -418,33 +418,33 @@ def test_rows_written_at_001_survive_every_migration_and_rollback(new_database):
         before = {t: rows(db, t) for t in ("students", "courses")}
         assert len(before["students"]) == 40 and len(before["courses"]) == 6
 
-        assert schema.migrate(db) == [M002, M003]
+        assert migrator.migrate(db) == [M002, M003]
         assert {t: rows(db, t) for t in before} == before
         with db.connection_context(), db.atomic():
             enrollments = [(BIG_ID - 40 + i, BIG_ID, dt.datetime(2024, 2, 1)) for i in range(3)]
             insert(db, "student_courses", ("student_id", "course_id", "enroll_time"), enrollments)
 
-        assert schema.rollback(db) == M003
+        assert migrator.rollback(db) == M003
         assert {t: rows(db, t) for t in before} == before
         # Dropping student_courses would lose its rows: refused, and nothing changes
         # (MariaDB commits DDL at once, so the refusal comes before any of it runs).
-        with pytest.raises(schema.DataLossRefused, match="student_courses"):
-            schema.rollback(db)
+        with pytest.raises(migrator.DataLossRefused, match="student_courses"):
+            migrator.rollback(db)
         with db.connection_context():
-            assert schema.applied_migrations(db) == [M001, M002]
+            assert migrator.applied_migrations(db) == [M001, M002]
             assert len(db.execute_sql("SELECT * FROM student_courses").fetchall()) == 3
-        assert schema.rollback(db, allow_data_loss=True) == M002
+        assert migrator.rollback(db, allow_data_loss=True) == M002
         assert {t: rows(db, t) for t in before} == before
-        assert schema.migrate(db) == [M002, M003]
+        assert migrator.migrate(db) == [M002, M003]
         assert {t: rows(db, t) for t in before} == before
 
         # New rows get fresh ids above every explicit one (sequences in step).
-        student = student_service.create_student(name="Fresh", email="fresh@example.org")
+        student = students.create_student(name="Fresh", email="fresh@example.org")
         assert student.id > BIG_ID - 1
-        course = course_service.create_course(code="NEW-1", title="New", capacity=0)
+        course = courses.create_course(code="NEW-1", title="New", capacity=0)
         assert course.id > BIG_ID + 5
     finally:
-        database.close()
+        engine.close_pool()
 
 
 def introspect(db: pw.Database) -> dict:
@@ -465,27 +465,27 @@ def introspect(db: pw.Database) -> dict:
 
 
 def test_the_migrated_schema_equals_the_models(new_database):
-    migrated_db = database.connect(new_database(), max_connections=2, create=True)
-    schema.migrate(migrated_db)
+    migrated_db = engine.open_pool(new_database(), max_connections=2, create=True)
+    migrator.migrate(migrated_db)
     from_migrations = introspect(migrated_db)
-    database.close()
-    modeled = database.connect(new_database(), max_connections=2, create=True)
+    engine.close_pool()
+    modeled = engine.open_pool(new_database(), max_connections=2, create=True)
     with modeled.connection_context():
         modeled.create_tables(MODELS)
     from_models = introspect(modeled)
-    database.close()
+    engine.close_pool()
     assert from_migrations == from_models
 
 
 @contextlib.contextmanager
 def schema_lock_held(url: str):
     """The schema lock, taken by the test on a connection of its own."""
-    db = database.connect(url, max_connections=1, create=True)
+    db = engine.open_pool(url, max_connections=1, create=True)
     try:
-        with db.connection_context(), schema.schema_lock(db):
+        with db.connection_context(), migrator.schema_lock(db):
             yield
     finally:
-        database.close()
+        engine.close_pool()
 
 
 def test_two_migrates_at_once_leave_one_correct_history(new_database):

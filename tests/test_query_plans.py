@@ -13,9 +13,9 @@ from __future__ import annotations
 import peewee as pw
 import pytest
 
-from server import db as database
-from server.services import course_service, student_course_service, student_service
-from server.services.pagination import Kind, encode
+from enrollment.server.domain import courses, enrollments, students
+from enrollment.server.domain.page_tokens import Kind, encode
+from enrollment.server.persistence import engine
 
 _TRANSACTION = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
 
@@ -24,16 +24,16 @@ pytestmark = [pytest.mark.databases("sqlite", "postgresql"), pytest.mark.own_dat
 
 # (name, call, statements it may run besides transaction control)
 CALLS = [
-    ("GetStudent", lambda: student_service.get_student(student_id=2), 1),
-    ("GetCourse", lambda: course_service.get_course(course_id=2), 1),
+    ("GetStudent", lambda: students.get_student(student_id=2), 1),
+    ("GetCourse", lambda: courses.get_course(course_id=2), 1),
     (
         "ListCourses of a student",
-        lambda: course_service.list_courses(student_id=1, page_size=0, page_token=""),
+        lambda: courses.list_courses(student_id=1, page_size=0, page_token=""),
         1,
     ),
     (
         "ListCourses of a student, next page",
-        lambda: course_service.list_courses(
+        lambda: courses.list_courses(
             student_id=1,
             page_size=1,
             page_token=encode(kind=Kind.COURSES, filter_id=1, after_id=1),
@@ -42,24 +42,24 @@ CALLS = [
     ),
     (
         "ListCourses, the catalogue",
-        lambda: course_service.list_courses(student_id=0, page_size=0, page_token=""),
+        lambda: courses.list_courses(student_id=0, page_size=0, page_token=""),
         1,
     ),
     (
         "ListCourses, the catalogue's last page",
-        lambda: course_service.list_courses(
+        lambda: courses.list_courses(
             student_id=0, page_size=2, page_token=encode(kind=Kind.COURSES, filter_id=0, after_id=3)
         ),
         1,
     ),
     (
         "ListStudents, a roster",
-        lambda: student_service.list_students(course_id=1, page_size=0, page_token=""),
+        lambda: students.list_students(course_id=1, page_size=0, page_token=""),
         1,
     ),
     (
         "ListStudents, a roster's next page",
-        lambda: student_service.list_students(
+        lambda: students.list_students(
             course_id=1,
             page_size=1,
             page_token=encode(kind=Kind.STUDENTS, filter_id=1, after_id=1),
@@ -68,32 +68,32 @@ CALLS = [
     ),
     (
         "ListStudents, everyone",
-        lambda: student_service.list_students(course_id=0, page_size=0, page_token=""),
+        lambda: students.list_students(course_id=0, page_size=0, page_token=""),
         1,
     ),
     (
         "ListStudents, an empty roster",
-        lambda: student_service.list_students(course_id=3, page_size=0, page_token=""),
+        lambda: students.list_students(course_id=3, page_size=0, page_token=""),
         2,
     ),
     (
         "EnrollStudent",
-        lambda: student_course_service.enroll_student(student_id=3, course_id=2),
+        lambda: enrollments.enroll_student(student_id=3, course_id=2),
         4,
     ),
     (
         "DropCourse",
-        lambda: student_course_service.drop_course(student_id=1, course_id=2),
+        lambda: enrollments.drop_course(student_id=1, course_id=2),
         4,
     ),
     (
         "DeleteStudent with force",
-        lambda: student_service.delete_student(student_id=2, force=True),
+        lambda: students.delete_student(student_id=2, force=True),
         None,
     ),
     (
         "DeleteCourse with force",
-        lambda: course_service.delete_course(course_id=1, force=True),
+        lambda: courses.delete_course(course_id=1, force=True),
         None,
     ),
 ]
@@ -101,14 +101,14 @@ CALLS = [
 
 @pytest.fixture
 def db(db_url):
-    db = database.connect(db_url, max_connections=2)
+    db = engine.open_pool(db_url, max_connections=2)
     for n in range(1, 5):
-        student_service.create_student(name=f"Student {n}", email=f"s{n}@example.com")
-        course_service.create_course(code=f"C-{n}", title=f"Course {n}", capacity=0)
+        students.create_student(name=f"Student {n}", email=f"s{n}@example.com")
+        courses.create_course(code=f"C-{n}", title=f"Course {n}", capacity=0)
     for student, course in ((1, 1), (1, 2), (2, 1), (2, 2), (1, 4)):
-        student_course_service.enroll_student(student_id=student, course_id=course)
+        enrollments.enroll_student(student_id=student, course_id=course)
     yield db
-    database.close()
+    engine.close_pool()
 
 
 def _capture(db, monkeypatch, call) -> list[tuple[str, tuple]]:

@@ -120,7 +120,7 @@ def test_readme_security_walkthrough_runs_as_written(tmp_path):
 
 
 def test_readme_flags_exist():
-    from server.cli import build_parser
+    from enrollment.server.startup.cli import build_parser
 
     serve_help = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     for title in ("Security", "Operations"):

@@ -14,9 +14,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from enrollment.server.startup.cli import build_parser
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from server.cli import build_parser
 from tests import databases
 from tests.rpc import SERVER, TIMEOUT, free_port, new_student
 
@@ -186,7 +186,10 @@ def test_sigterm_drains_in_flight_calls_then_exits(db_url):
 
 def test_python_dash_m_server_is_the_same_command():
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--help"], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "enrollment.server", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0
     for command in ("serve", "migrate", "rollback", "status"):

@@ -12,10 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client.api import ClientError, EnrollmentClient
+from enrollment.client.api import ClientError, EnrollmentClient
+from enrollment.server.persistence import engine
+from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
-from server import db as database
-from server.app import ServerConfig, StartupError, create_server
 from tests.certs import Authority, Pem
 from tests.rpc import TIMEOUT, new_student
 
@@ -207,5 +208,5 @@ def test_plaintext_on_a_non_loopback_address_warns(db_url, pki, caplog, address,
         assert running.port > 0
     finally:
         running.stop(None).wait(10)
-        database.close()
+        engine.close_pool()
     assert ("PLAINTEXT" in caplog.text) == warns, caplog.text

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from server.db import savepoint, transactional
-from server.errors import CourseCodeTaken, HasEnrollments
-from server.models import Course, StudentCourse, lowercase_key, utcnow
-from server.services import pagination
-from server.services.lookups import find_course, find_student
-from server.services.prepared import Prepared
-from server.services.validation import Fields
+from enrollment.server.domain import page_tokens
+from enrollment.server.domain.lookups import find_course, find_student
+from enrollment.server.domain.validation import Fields
+from enrollment.server.errors import CourseCodeTaken, HasEnrollments
+from enrollment.server.persistence.models import Course, StudentCourse, lowercase_key, utcnow
+from enrollment.server.persistence.prepared import Prepared
+from enrollment.server.persistence.unit_of_work import savepoint, transactional
 
 # A page of the catalogue, and of one student's courses: keyset on the course id. A
 # student's courses are ordered by the join table's course_id, the same values, so that
@@ -74,7 +74,7 @@ def get_course(*, course_id: int) -> Course:
 def list_courses(*, student_id: int, page_size: int, page_token: str) -> CoursePage:
     fields = Fields()
     page = fields.page_request(
-        pagination.Kind.COURSES,
+        page_tokens.Kind.COURSES,
         filter_field="student_id",
         filter_id=student_id,
         page_size=page_size,

@@ -6,13 +6,19 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from server.db import locking, savepoint, transactional
-from server.errors import EmailTaken, HasEnrollments
-from server.models import Course, Student, StudentCourse, lowercase_key, utcnow
-from server.services import pagination
-from server.services.lookups import find_course, find_student
-from server.services.prepared import Prepared
-from server.services.validation import Fields
+from enrollment.server.domain import page_tokens
+from enrollment.server.domain.lookups import find_course, find_student
+from enrollment.server.domain.validation import Fields
+from enrollment.server.errors import EmailTaken, HasEnrollments
+from enrollment.server.persistence.models import (
+    Course,
+    Student,
+    StudentCourse,
+    lowercase_key,
+    utcnow,
+)
+from enrollment.server.persistence.prepared import Prepared
+from enrollment.server.persistence.unit_of_work import locking, savepoint, transactional
 
 # A page of all students, and of one course's roster: keyset on the student id. The roster
 # is ordered by the join table's student_id, the same values, so that SQLite reads the
@@ -69,7 +75,7 @@ def get_student(*, student_id: int) -> Student:
 def list_students(*, course_id: int, page_size: int, page_token: str) -> StudentPage:
     fields = Fields()
     page = fields.page_request(
-        pagination.Kind.STUDENTS,
+        page_tokens.Kind.STUDENTS,
         filter_field="course_id",
         filter_id=course_id,
         page_size=page_size,

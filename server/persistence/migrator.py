@@ -12,7 +12,7 @@ from peewee_migrate import Router
 from peewee_migrate.models import MIGRATE_TABLE
 from playhouse.migrate import Operation
 
-from migrations import MIGRATIONS_DIR
+from enrollment.migrations import MIGRATIONS_DIR
 
 log = logging.getLogger(__name__)
 

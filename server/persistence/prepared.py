@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import peewee as pw
 
-from server.models import database
+from enrollment.server.persistence.models import proxy
 
 # Stand-ins for the parameters while a query is compiled; no id, size or count is this low.
 _MARKER = -(2**62)
@@ -27,7 +27,7 @@ class Prepared:
         self._compiled: tuple | None = None  # (database, model, sql, binding, converters)
 
     def _compile(self) -> tuple:
-        db = database.obj
+        db = proxy.obj
         compiled = self._compiled
         if compiled is None or compiled[0] is not db:
             query = self._build(*self._markers)
@@ -58,7 +58,7 @@ class Prepared:
     def rows(self, *values) -> list:
         """The model instances a SELECT of one model's fields returns."""
         _, model, sql, binding, converters = self._compile()
-        cursor = database.execute_sql(sql, self._params(binding, values))
+        cursor = proxy.execute_sql(sql, self._params(binding, values))
         found = []
         for row in cursor.fetchall():
             data = {name: convert(v) for (name, convert), v in zip(converters, row, strict=True)}
@@ -75,5 +75,5 @@ class Prepared:
     def execute(self, *values) -> int:
         """Run an INSERT, UPDATE or DELETE; the number of rows it changed."""
         _, _, sql, binding, _ = self._compile()
-        cursor = database.execute_sql(sql, self._params(binding, values))
+        cursor = proxy.execute_sql(sql, self._params(binding, values))
         return cursor.rowcount

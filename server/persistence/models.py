@@ -6,8 +6,8 @@ import datetime as dt
 
 import peewee as pw
 
-# Bound at start-up by server.db.open_database(), never at import.
-database = pw.DatabaseProxy()
+# The database every model uses: bound at start-up by engine.open_pool(), never at import.
+proxy = pw.DatabaseProxy()
 
 # Email and code uniqueness ignores case on every database, so it is decided by a
 # unique index on a lower-cased key column computed here, not by a collation.
@@ -52,7 +52,7 @@ def _is_mysql(db) -> bool:
 
 class BaseModel(pw.Model):
     class Meta:
-        database = database
+        database = proxy
         legacy_table_names = False
 
 

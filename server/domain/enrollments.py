@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import peewee as pw
 
-from server.db import savepoint, transactional
-from server.errors import (
+from enrollment.server.domain.lookups import course_or_none, find_student
+from enrollment.server.domain.validation import Fields
+from enrollment.server.errors import (
     AlreadyEnrolled,
     CourseFull,
     NotEnrolled,
     UnknownCourseArgument,
 )
-from server.models import Course, StudentCourse, utcnow
-from server.services.lookups import course_or_none, find_student
-from server.services.prepared import Prepared
-from server.services.validation import Fields
+from enrollment.server.persistence.models import Course, StudentCourse, utcnow
+from enrollment.server.persistence.prepared import Prepared
+from enrollment.server.persistence.unit_of_work import savepoint, transactional
 
 _INSERT = Prepared(
     lambda student_id, course_id, enroll_time: StudentCourse.insert(

@@ -9,7 +9,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import MissingToken, PermissionDenied, Unauthenticated
+from enrollment.server.errors import MissingToken, PermissionDenied, Unauthenticated
 
 ROLES = ("reader", "writer", "admin")
 _RANK = {role: rank for rank, role in enumerate(ROLES)}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from server.db import locking
-from server.errors import CourseNotFound, StudentNotFound
-from server.models import Course, Student
-from server.services.prepared import Prepared
+from enrollment.server.errors import CourseNotFound, StudentNotFound
+from enrollment.server.persistence.models import Course, Student
+from enrollment.server.persistence.prepared import Prepared
+from enrollment.server.persistence.unit_of_work import locking
 
 _STUDENT = Prepared(lambda student_id: Student.select().where(Student.id == student_id), 1)
 _COURSE = Prepared(lambda course_id: Course.select().where(Course.id == course_id), 1)

@@ -11,10 +11,11 @@ import grpc
 import peewee as pw
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server import db as database
-from server import logs, schema
-from server.app import ServerConfig, StartupError, serve
-from server.auth import ROLES, TokenFileError, new_token_line
+from enrollment.server.operations import logs
+from enrollment.server.persistence import engine, migrator
+from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.server import serve
+from enrollment.server.transport.auth import ROLES, TokenFileError, new_token_line
 
 DEFAULTS = ServerConfig()
 
@@ -257,16 +258,16 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
             print(token, file=sys.stderr)
             return 0
-        db = database.connect(
+        db = engine.open_pool(
             args.database_url, max_connections=1, create=args.command == "migrate"
         )
         return _schema_command(args, db)
     except (
         StartupError,
         TokenFileError,
-        database.DatabaseConfigError,
-        schema.DataLossRefused,
-        schema.MigrationLockTimeout,
+        engine.DatabaseConfigError,
+        migrator.DataLossRefused,
+        migrator.MigrationLockTimeout,
     ) as exc:
         print(f"enrollment-server: {exc}", file=sys.stderr)
         return 2
@@ -313,21 +314,21 @@ def _schema_command(args: argparse.Namespace, db) -> int:
     command = args.command
     try:
         if command == "migrate":
-            applied = schema.migrate(db)
+            applied = migrator.migrate(db)
             print(f"applied {', '.join(applied)}" if applied else "schema is up to date")
         elif command == "rollback":
-            undone = schema.rollback(db, allow_data_loss=args.allow_data_loss)
+            undone = migrator.rollback(db, allow_data_loss=args.allow_data_loss)
             print(f"rolled back {undone}" if undone else "nothing to roll back")
         else:
             with db.connection_context():
-                done = schema.applied_migrations(db)
-                pending = schema.pending_migrations(db)
+                done = migrator.applied_migrations(db)
+                pending = migrator.pending_migrations(db)
             for name in done:
                 print(f"applied  {name}")
             for name in pending:
                 print(f"pending  {name}")
     finally:
-        database.close()
+        engine.close_pool()
     return 0
 
 

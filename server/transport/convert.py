@@ -1,13 +1,38 @@
-"""Model rows to protobuf messages."""
+"""The rows the domain returns to protobuf messages."""
 
 from __future__ import annotations
 
 import datetime as dt
+from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from enrollment.v1 import enrollment_pb2 as pb
-from server.models import Course, Student, StudentCourse
+
+
+# The shapes read here: the domain hands back its rows, and this layer needs only
+# their fields (it never imports the persistence layer).
+class Student(Protocol):
+    id: int
+    name: str
+    email: str
+    create_time: dt.datetime
+
+
+class Course(Protocol):
+    id: int
+    code: str
+    title: str
+    capacity: int
+    enrolled_count: int
+    create_time: dt.datetime
+
+
+class StudentCourse(Protocol):
+    student_id: int
+    course_id: int
+    enroll_time: dt.datetime
+
 
 _EPOCH = dt.datetime(1970, 1, 1)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from server.errors import FieldViolation, InvalidField
-from server.services import pagination
+from enrollment.server.domain import page_tokens
+from enrollment.server.errors import FieldViolation, InvalidField
 
 NAME_MAX = 200
 EMAIL_MAX = 254
@@ -77,24 +77,24 @@ class Fields:
 
     def page_request(
         self,
-        kind: pagination.Kind,
+        kind: page_tokens.Kind,
         *,
         filter_field: str,
         filter_id: int,
         page_size: int,
         page_token: str,
-    ) -> pagination.PageRequest:
+    ) -> page_tokens.PageRequest:
         """The filter id (0 = none), page size and page token of a List* request."""
         filter_id = self.optional_id(filter_field, filter_id)
         if page_size < 0:
             self.invalid("page_size", "must be 0 (the default) or more")
         try:
-            after_id = pagination.decode(page_token, kind=kind, filter_id=filter_id)
-        except pagination.BadToken as exc:
+            after_id = page_tokens.decode(page_token, kind=kind, filter_id=filter_id)
+        except page_tokens.BadToken as exc:
             self.invalid("page_token", str(exc))
             after_id = 0
-        size = pagination.effective_page_size(max(page_size, 0))
-        return pagination.PageRequest(kind, filter_id, size, after_id)
+        size = page_tokens.effective_page_size(max(page_size, 0))
+        return page_tokens.PageRequest(kind, filter_id, size, after_id)
 
 
 def _is_email(text: str) -> bool:

@@ -10,10 +10,11 @@ import uuid
 import grpc
 from google.protobuf.message import DecodeError
 
-from server import callstate, status
-from server.auth import Authenticator, required_role
-from server.errors import CallEnded, EnrollmentError, InvalidField
-from server.metrics import RpcMetrics
+from enrollment.server import callstate
+from enrollment.server.errors import CallEnded, EnrollmentError, InvalidField
+from enrollment.server.operations.metrics import RpcMetrics
+from enrollment.server.transport import error_status
+from enrollment.server.transport.auth import Authenticator, required_role
 
 log = logging.getLogger("enrollment.rpc")
 
@@ -107,14 +108,18 @@ def _guard(behavior, method: str, auth: Authenticator | None, metrics: RpcMetric
             # The caller is gone; its answer is already decided. This is for logs and metrics.
             code = "DEADLINE_EXCEEDED" if context.time_remaining() <= 0 else "CANCELLED"
             reason = error.reason
-            context.abort_with_status(status.with_trailers(status.to_status(error), trailer))
+            context.abort_with_status(
+                error_status.with_trailers(error_status.to_status(error), trailer)
+            )
         except EnrollmentError as error:
             code, reason = error.code, error.reason
-            context.abort_with_status(status.with_trailers(status.to_status(error), trailer))
+            context.abort_with_status(
+                error_status.with_trailers(error_status.to_status(error), trailer)
+            )
         except Exception:
             code, reason = "INTERNAL", "INTERNAL"
             log.exception("rpc %s failed unexpectedly", name)
-            context.abort_with_status(status.with_trailers(status.INTERNAL, trailer))
+            context.abort_with_status(error_status.with_trailers(error_status.INTERNAL, trailer))
         finally:
             callstate.unbind(bound)
             elapsed = time.perf_counter() - start

@@ -1,0 +1,1 @@
+"""The rules: students, courses, enrollments, validation and page tokens; no gRPC here."""

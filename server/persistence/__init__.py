@@ -1,0 +1,1 @@
+"""Persistence: models, the database by URL, failures, the unit of work, migrations."""

@@ -1,0 +1,231 @@
+"""Opens the database a URL names: the serving pool, the health probe's connection, closing."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peewee as pw
+from playhouse.db_url import parse as parse_db_url
+from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase, PooledSqliteDatabase
+
+from enrollment.server.persistence.models import proxy
+
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "foreign_keys": 1,
+    # WAL with synchronous=FULL: a committed call survives power loss.
+    "synchronous": "full",
+}
+
+SCHEMES = {
+    "sqlite": "sqlite",
+    "postgresql": "postgresql",
+    "postgres": "postgresql",
+    "mysql": "mysql",
+    "mariadb": "mysql",
+}
+
+
+class DatabaseConfigError(ValueError):
+    """The database URL cannot be used; the message is meant for the operator."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a URL points: the kind of database and how to open a connection to it."""
+
+    kind: str  # "sqlite", "postgresql" or "mysql"
+    params: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.params.get("database", ""))
+
+
+def parse(url: str, *, create: bool = False) -> Target:
+    """Check a database URL and split it into kind and driver parameters."""
+    scheme = url.split(":", 1)[0].lower()
+    kind = SCHEMES.get(scheme)
+    if kind is None:
+        raise DatabaseConfigError(
+            f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH, "
+            "postgresql://USER@HOST:PORT/DB or mysql://USER@HOST:PORT/DB"
+        )
+    try:
+        params = parse_db_url(url, unquote_password=True, unquote_user=True)
+    except ValueError as exc:  # a port that is not a number
+        raise DatabaseConfigError(f"the database URL cannot be read: {exc}") from None
+    if kind == "sqlite":
+        _check_sqlite_path(params.get("database") or "", create=create)
+    elif not params.get("database"):
+        raise DatabaseConfigError(f"the {kind} URL must name a database, as in {scheme}://HOST/DB")
+    if "passwd" in params:
+        params["password"] = params.pop("passwd")
+    return Target(kind, params)
+
+
+def _check_sqlite_path(path: str, *, create: bool) -> None:
+    if not path or path == ":memory:" or path.startswith("file:"):
+        raise DatabaseConfigError("the SQLite URL must name a file, as in sqlite:///enrollment.db")
+    if not Path(path).parent.is_dir():
+        raise DatabaseConfigError(f"the directory of the SQLite file {path!r} does not exist")
+    if not create and not Path(path).exists():
+        raise DatabaseConfigError(
+            f"the SQLite file {path!r} does not exist; `enrollment-server migrate` creates it"
+        )
+
+
+def _driver_params(target: Target, timeout: float, statement_timeout: float | None) -> dict:
+    """Connection parameters that make every wait end: connecting, locks, statements.
+
+    statement_timeout None (schema commands) lets a long migration run to its end.
+    """
+    params = dict(target.params)
+    whole_seconds = max(1, math.ceil(timeout))
+    if target.kind == "sqlite":
+        params.pop("database")
+        params.setdefault("pragmas", {**SQLITE_PRAGMAS, "busy_timeout": int(timeout * 1000)})
+        params.setdefault("check_same_thread", False)
+    elif target.kind == "postgresql":
+        options = [f"-c lock_timeout={int(timeout * 1000)}"]
+        if statement_timeout is not None:
+            options.append(f"-c statement_timeout={int(statement_timeout * 1000)}")
+        params.pop("database")
+        params.setdefault("connect_timeout", whole_seconds)
+        params.setdefault("application_name", "enrollment")
+        params.setdefault("options", " ".join(options))
+        # A peer that vanishes without a word (a cut cable, a dead host) is noticed
+        # within a few seconds rather than after the kernel's 15-minute default.
+        params.setdefault("keepalives_idle", whole_seconds)
+        params.setdefault("keepalives_interval", 1)
+        params.setdefault("keepalives_count", 3)
+        params.setdefault("tcp_user_timeout", int(whole_seconds * 2000))
+    else:
+        # READ COMMITTED, as on PostgreSQL: every statement sees what is committed, and
+        # the locking statements decide races the same way on both databases.
+        session = f"SET SESSION innodb_lock_wait_timeout = {whole_seconds}"
+        if statement_timeout is not None:
+            session += f", SESSION max_statement_time = {statement_timeout:.3f}"
+        params.pop("database")
+        params.setdefault("charset", "utf8mb4")
+        params.setdefault("connect_timeout", whole_seconds)
+        params.setdefault("init_command", "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        params["session_sql"] = session
+        # A server that stops answering mid-query is given up on.
+        limit = whole_seconds * 2 + (statement_timeout or 0)
+        params.setdefault("read_timeout", limit if statement_timeout is not None else None)
+        params.setdefault("write_timeout", whole_seconds * 2)
+    return params
+
+
+class _MySQLSession:
+    """Runs session settings on every new connection (pymysql's init_command takes one
+    statement, and the isolation level needs its own)."""
+
+    def __init__(self, *args, session_sql: str = "", **kwargs):
+        self._session_sql = session_sql
+        super().__init__(*args, **kwargs)
+
+    def _initialize_connection(self, conn):
+        # peewee calls this at every checkout from the pool; the settings need one
+        # round trip per new connection only.
+        super()._initialize_connection(conn)
+        if self._session_sql and not getattr(conn, "enrollment_session", False):
+            with conn.cursor() as cursor:
+                cursor.execute(self._session_sql)
+            conn.enrollment_session = True
+
+
+class PooledMariaDBDatabase(_MySQLSession, PooledMySQLDatabase):
+    """The serving pool for mysql:// URLs (MariaDB or MySQL) with the session settings."""
+
+
+class MariaDBDatabase(_MySQLSession, pw.MySQLDatabase):
+    """One unpooled connection with the same settings (health probes, tests)."""
+
+
+_POOLED = {
+    "sqlite": PooledSqliteDatabase,
+    "postgresql": PooledPostgresqlDatabase,
+    "mysql": PooledMariaDBDatabase,
+}
+_PLAIN = {
+    "sqlite": pw.SqliteDatabase,
+    "postgresql": pw.PostgresqlDatabase,
+    "mysql": MariaDBDatabase,
+}
+
+
+def open_pool(
+    url: str,
+    *,
+    max_connections: int = 32,
+    timeout: float = 5.0,
+    pool_timeout: float | None = None,
+    statement_timeout: float | None = None,
+    create: bool = False,
+) -> pw.Database:
+    """Create the pooled database for a URL (not yet connected) and bind the models to it.
+
+    timeout: seconds a call waits for a new connection or a lock before it fails as
+    UNAVAILABLE. pool_timeout: seconds it waits for a free pooled connection (default
+    timeout). statement_timeout: seconds one statement may run (None: no limit).
+    create: whether a missing SQLite file may be created (only migrate does; a
+    mistyped path elsewhere is an error, not a new file).
+    """
+    target = parse(url, create=create)
+    db = _POOLED[target.kind](
+        target.name,
+        max_connections=max_connections,
+        stale_timeout=None,
+        timeout=timeout if pool_timeout is None else pool_timeout,
+        **_driver_params(target, timeout, statement_timeout),
+    )
+    proxy.initialize(db)
+    return db
+
+
+def open_probe(url: str, *, timeout: float) -> pw.Database:
+    """An unpooled database for health probes: its failures never touch the RPC pool."""
+    target = parse(url)
+    return _PLAIN[target.kind](target.name, **_driver_params(target, timeout, timeout))
+
+
+def discard_idle() -> None:
+    """Close the pool's idle connections (after an outage they are all dead)."""
+    close_idle = getattr(proxy.obj, "close_idle", None)
+    if close_idle is not None:
+        with contextlib.suppress(Exception):
+            close_idle()
+
+
+def ping(db: pw.Database) -> None:
+    """Run SELECT 1 on db (connecting when needed); raises when the database is down."""
+    try:
+        if db.is_closed():
+            db.connect()
+        db.execute_sql("SELECT 1").fetchone()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            db.close()
+        raise
+
+
+def connections_in_use() -> int:
+    """Pooled connections checked out right now (0 for a database without a pool)."""
+    return len(getattr(proxy.obj, "_in_use", ()) or ())
+
+
+def close_pool() -> None:
+    """Close every pooled connection (at shutdown)."""
+    db = proxy.obj
+    if db is None:
+        return
+    if hasattr(db, "close_all"):
+        db.close_all()
+    else:
+        db.close()

@@ -1,0 +1,112 @@
+"""Sorts database failures: a deadlock victim to run again, a database that is not
+available now, or anything else (a bug or a schema mismatch)."""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+
+import peewee as pw
+import psycopg2
+import pymysql
+from playhouse.pool import MaxConnectionsExceeded
+
+# SQLite says these when the file is locked by another writer or cannot be reached;
+# a retry can help. Anything else (a missing table, a constraint) is a bug or a
+# schema mismatch and leaves as INTERNAL.
+_SQLITE_TRANSIENT = (
+    "database is locked",
+    "database table is locked",
+    "database is busy",
+    "unable to open database file",
+    "disk i/o error",
+)
+# PostgreSQL SQLSTATEs (and classes) that mean "not now": connection failures (08),
+# insufficient resources (53), operator intervention (57: shutdown, statement or lock
+# timeout), lock not available (55P03).
+_PG_TRANSIENT_CLASSES = ("08", "53", "57")
+_PG_TRANSIENT_CODES = ("55P03",)
+# A deadlock or a serialization failure: running the whole transaction again is safe.
+_PG_RETRY_CODES = ("40001", "40P01")
+# MySQL/MariaDB error numbers: the connection is gone (can't connect, server gone,
+# lost, killed, closed for inactivity), and the other "not now"s (too many connections,
+# shutting down, lock wait timeout, statement time limit).
+_MYSQL_LOST = {1927, 2002, 2003, 2006, 2013, 2055, 4031}
+_MYSQL_TRANSIENT = _MYSQL_LOST | {1040, 1053, 1205, 1969, 3024}
+_MYSQL_RETRY = {1213}  # deadlock found when trying to get lock
+
+
+class Verdict(enum.Enum):
+    """What a failed transaction means for the call."""
+
+    RETRY = "retry"  # a deadlock victim: its transaction was rolled back whole, run it again
+    UNAVAILABLE = "unavailable"  # down, locked, full or out of time: the caller may retry
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    """The driver's own exception behind peewee's wrapper (peewee keeps it as .orig)."""
+    return getattr(exc, "orig", None) or exc
+
+
+def classify(exc: BaseException) -> Verdict | None:
+    """RETRY for a deadlock victim, UNAVAILABLE for a database that is down, locked,
+    full or out of time, None for anything else (a bug or a schema mismatch)."""
+    if isinstance(exc, MaxConnectionsExceeded | pw.InterfaceError):
+        return Verdict.UNAVAILABLE
+    if not isinstance(exc, pw.DatabaseError | sqlite3.Error):
+        return None
+    cause = _driver_error(exc)
+    pgcode = getattr(cause, "pgcode", None)
+    if isinstance(cause, psycopg2.Error):
+        if pgcode in _PG_RETRY_CODES:
+            return Verdict.RETRY
+        if pgcode is None:
+            # No SQLSTATE: the client lost or never had the connection.
+            return Verdict.UNAVAILABLE if isinstance(exc, pw.OperationalError) else None
+        if pgcode[:2] in _PG_TRANSIENT_CLASSES or pgcode in _PG_TRANSIENT_CODES:
+            return Verdict.UNAVAILABLE
+        return None
+    if isinstance(cause, pymysql.Error):
+        errno = _mysql_errno(cause)
+        if errno in _MYSQL_RETRY:
+            return Verdict.RETRY
+        if errno in _MYSQL_TRANSIENT or isinstance(cause, pymysql.InterfaceError):
+            return Verdict.UNAVAILABLE
+        return None
+    if isinstance(exc, pw.OperationalError | sqlite3.OperationalError):
+        text = str(exc).lower()
+        if any(marker in text for marker in _SQLITE_TRANSIENT):
+            return Verdict.UNAVAILABLE
+    return None
+
+
+def verdict(exc: BaseException) -> Verdict | None:
+    """classify for an error and the errors it was raised while handling: MariaDB rolls
+    a deadlock victim's whole transaction back, so leaving the savepoint then fails
+    with "SAVEPOINT does not exist", and the deadlock is what happened."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 6:
+        found = classify(current)
+        if found is not None:
+            return found
+        current, seen = current.__context__, seen + 1
+    return None
+
+
+def _mysql_errno(cause: BaseException) -> int | None:
+    return cause.args[0] if cause.args and isinstance(cause.args[0], int) else None
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """The connection itself failed (not a lock or a timeout inside a working session)."""
+    cause = _driver_error(exc)
+    if isinstance(exc, pw.InterfaceError):
+        return True
+    pgcode = getattr(cause, "pgcode", "") or ""
+    if isinstance(cause, psycopg2.Error):
+        return not pgcode or pgcode.startswith(("08", "57P"))
+    if isinstance(cause, pymysql.Error):
+        errno = _mysql_errno(cause)
+        return errno is None or errno in _MYSQL_LOST
+    return False

@@ -1,1 +1,0 @@
-"""Domain rules and transactions; called by the servicer, calling the models, never gRPC."""

@@ -1,0 +1,213 @@
+"""Builds the gRPC server (create_server) and runs it until SIGTERM/SIGINT (serve)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import peewee as pw
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from enrollment.server.operations.health import HealthMonitor
+from enrollment.server.operations.metrics import RpcMetrics
+from enrollment.server.persistence import engine, migrator
+from enrollment.server.persistence.models import proxy
+from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.transport import options, tls
+from enrollment.server.transport.auth import Authenticator, TokenFileError
+from enrollment.server.transport.interceptors import RpcInterceptor
+from enrollment.server.transport.reflection import add_reflection
+from enrollment.server.transport.servicer import EnrollmentServicer
+from enrollment.v1 import enrollment_pb2 as pb
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+
+log = logging.getLogger("enrollment.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnrollmentService"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    monitor: HealthMonitor | None = None
+    metrics_port: int | None = None
+    metrics_server: object | None = None
+    executor: futures.ThreadPoolExecutor | None = None
+
+    def wait_idle(self) -> None:
+        """After stop: wait until no handler thread runs any more. grpc stops answering
+        at the end of the grace period, but a handler still inside its transaction runs
+        on; the database is closed only after it has finished (or rolled back)."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Report NOT_SERVING, stop taking calls, and let in-flight ones finish within grace."""
+        if self.monitor is not None:
+            self.monitor.stop()
+        self.health.enter_graceful_shutdown()
+        stopped = self.server.stop(grace)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
+        return stopped
+
+
+def check_schema() -> None:
+    """Refuse a database whose schema is behind this code."""
+    db = proxy.obj
+    with db.connection_context():
+        pending = migrator.pending_migrations(db)
+        unknown = migrator.unknown_migrations(db)
+    if pending:
+        raise StartupError(
+            f"database schema is behind this server ({len(pending)} pending migration(s), "
+            f"first {pending[0]}); run `enrollment-server migrate` with the same "
+            "--database-url (or `make migrate`), then start again"
+        )
+    if unknown:
+        log.warning("database has migrations this server does not know: %s", ", ".join(unknown))
+
+
+def open_database(config: ServerConfig) -> None:
+    """Bind the models to this process's pool (each worker opens its own after the fork)."""
+    engine.open_pool(
+        config.database_url,
+        max_connections=config.connections,
+        timeout=config.database_timeout,
+        pool_timeout=config.pool_timeout,
+        statement_timeout=config.database_timeout,
+    )
+
+
+def create_server(config: ServerConfig) -> RunningServer:
+    """Open the database, check its schema, and start serving; returns the bound port."""
+    config.check()
+    open_database(config)
+    try:
+        return _start(config)
+    except BaseException:
+        engine.close_pool()
+        raise
+
+
+def checked_schema() -> None:
+    try:
+        check_schema()
+    except (pw.DatabaseError, pw.InterfaceError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StartupError(f"cannot read the database schema: {reason}") from exc
+
+
+def _start(config: ServerConfig) -> RunningServer:
+    checked_schema()
+
+    try:
+        options.check(config)
+        credentials = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        auth = Authenticator.from_file(config.auth_tokens) if config.auth_tokens else None
+    except (options.LimitsError, tls.TlsConfigError, TokenFileError) as exc:
+        raise StartupError(str(exc)) from exc
+    metrics = RpcMetrics(engine.connections_in_use) if config.metrics_address else None
+
+    executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc")
+    server = grpc.server(
+        executor,
+        interceptors=[RpcInterceptor(authenticator=auth, metrics=metrics)],
+        options=options.grpc_options(config),
+        # Beyond this many calls at once grpc answers RESOURCE_EXHAUSTED at once;
+        # up to it, calls beyond max_workers wait in the executor's queue.
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    pb_grpc.add_EnrollmentServiceServicer_to_server(EnrollmentServicer(), server)
+
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    add_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(config.address)
+        else:
+            port = server.add_secure_port(config.address, credentials)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise StartupError(f"cannot listen on {config.address}: in use or not a local address")
+    if credentials is None and not tls.is_loopback(config.address):
+        log.warning(
+            "serving PLAINTEXT on %s, which is not a loopback address: anyone on the "
+            "network can read and alter calls (and bearer tokens); use --tls-cert/--tls-key",
+            config.address,
+        )
+    running = RunningServer(server, port, health_servicer, executor=executor)
+    if metrics is not None:
+        try:
+            running.metrics_server, _ = metrics.serve(config.metrics_address)
+        except (OSError, ValueError) as exc:
+            server.stop(None)
+            raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
+        running.metrics_port = running.metrics_server.server_port
+    server.start()
+    running.monitor = HealthMonitor(
+        _reporter(health_servicer),
+        database_url=config.database_url,
+        interval=config.health_interval,
+        database_timeout=config.database_timeout,
+    )
+    running.monitor.start()
+    return running
+
+
+def _reporter(servicer: health.HealthServicer):
+    def report(serving: bool) -> None:
+        state = health_pb2.HealthCheckResponse.SERVING
+        if not serving:
+            state = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            servicer.set(name, state)
+
+    return report
+
+
+def close_database() -> None:
+    engine.close_pool()
+
+
+def serve(config: ServerConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then drain in-flight calls and close the database."""
+    config.check()
+    if config.workers > 1:
+        from enrollment.server.startup.supervisor import serve_workers
+
+        sys.exit(serve_workers(config))
+    running = create_server(config)
+    log.info("serving %s on port %d (%s)", SERVICE_NAME, running.port, config.address)
+    serve_until_signalled(running, config)
+
+
+def serve_until_signalled(running: RunningServer, config: ServerConfig) -> None:
+    def shutdown(signum, _frame):
+        log.info(
+            "%s: draining in-flight calls (grace %.1fs)",
+            signal.Signals(signum).name,
+            config.grace_seconds,
+        )
+        running.stop(config.grace_seconds)
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    running.server.wait_for_termination()
+    running.wait_idle()
+    engine.close_pool()
+    log.info("stopped")

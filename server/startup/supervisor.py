@@ -1,0 +1,141 @@
+"""Runs several server processes on one port, as in grpc's examples/python/multiprocessing:
+the parent forks before any gRPC object exists, and each worker builds its own server,
+thread pool and database pool."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+from dataclasses import replace
+from multiprocessing.connection import wait as wait_for_exit
+
+from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.server import (
+    SERVICE_NAME,
+    checked_schema,
+    close_database,
+    create_server,
+    open_database,
+    serve_until_signalled,
+)
+
+log = logging.getLogger("enrollment.server")
+
+
+def serve_workers(config: ServerConfig) -> int:
+    """Run config.workers server processes on one port; returns the exit status.
+
+    SIGTERM/SIGINT to the parent drains and stops every worker (exit 0). A worker
+    that dies on its own is reported, the others are stopped, and the parent exits 1:
+    the supervisor (systemd, Docker, Kubernetes) restarts the whole server, rather
+    than this process hiding a crash loop.
+    """
+    # The schema is checked once, here, so a database behind the code is one clear error.
+    open_database(config)
+    try:
+        checked_schema()
+    finally:
+        close_database()
+    host, port, reserved = _reserve_port(config.address)
+    address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    worker_config = replace(config, address=address, workers=1, reuse_port=True)
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(
+            target=_worker_main,
+            args=(_for_worker(worker_config, n), n),
+            name=f"worker-{n}",
+        )
+        for n in range(1, config.workers + 1)
+    ]
+    stopping = threading.Event()
+
+    def shutdown(signum, _frame):
+        log.info("%s: stopping %d workers", signal.Signals(signum).name, len(workers))
+        stopping.set()
+        for worker in workers:
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    for worker in workers:
+        worker.start()
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    log.info("serving %s on port %d with %d workers", SERVICE_NAME, port, len(workers))
+    status = 0
+    try:
+        running = {worker.sentinel: worker for worker in workers}
+        while running:
+            for sentinel in wait_for_exit(list(running), timeout=1.0):
+                worker = running.pop(sentinel)
+                worker.join()
+                if not stopping.is_set() or worker.exitcode != 0:
+                    log.error(
+                        "worker %s (pid %d) exited with %s; stopping the others",
+                        worker.name,
+                        worker.pid,
+                        _describe_exit(worker.exitcode),
+                    )
+                    status = 1
+                    if not stopping.is_set():
+                        shutdown(signal.SIGTERM, None)
+    finally:
+        reserved.close()
+    log.info("stopped")
+    return status
+
+
+def _for_worker(config: ServerConfig, number: int) -> ServerConfig:
+    """Worker n serves its own metrics on the metrics port + n - 1: each process counts
+    only its own calls, so each is scraped as a target of its own."""
+    if not config.metrics_address:
+        return config
+    host, _, port = config.metrics_address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return config
+    return replace(config, metrics_address=f"{host}:{int(port) + number - 1}")
+
+
+def _worker_main(config: ServerConfig, number: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        running = create_server(config)
+    except StartupError as exc:
+        log.error("worker %d cannot start: %s", number, exc)
+        sys.exit(2)
+    log.info("worker %d (pid %d) serving on %s", number, os.getpid(), config.address)
+    serve_until_signalled(running, config)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"
+
+
+def _reserve_port(address: str) -> tuple[str, int, socket.socket]:
+    """Check that the port is free, then hold it with SO_REUSEPORT so that only this
+    server's workers (same user, same option) can bind it while it runs."""
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        port = int(port_text)
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (ValueError, OSError) as exc:
+        raise StartupError(f"cannot listen on {address}: {exc}") from None
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as exclusive:
+            exclusive.bind(sockaddr)  # no SO_REUSEPORT: fails when anyone holds the port
+            port = exclusive.getsockname()[1]
+        held = socket.socket(family, socket.SOCK_STREAM)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind((sockaddr[0], port, *sockaddr[2:]))
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+    return host, port, held

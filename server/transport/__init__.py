@@ -1,0 +1,1 @@
+"""The gRPC face: servicer, interceptors, errors to statuses, auth, TLS, reflection, options."""
