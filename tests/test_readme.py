@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from enrollment.server import addresses
 from tests.rpc import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -58,7 +59,7 @@ def sh_blocks(text: str) -> list[list[str]]:
 
 
 def wait_listening(address: str, timeout: float = 30) -> None:
-    host, port = address.split(":")
+    host, port = addresses.split(address)
     end = time.monotonic() + timeout
     while True:
         try:
