@@ -15,8 +15,10 @@ from pathlib import Path
 import grpc
 
 from bench import h2, load, measure, procs
-from bench.seed import Shape, miscounted_courses, seed
+from bench.seed import Shape, seed
 from enrollment.server.startup.config import ServerConfig
+from tests import databases
+from tests.servers import free_port
 
 PROJECT, CEILING, WORKERS, THREADS = "enrollment", "ceiling", "enrollment-w", "enrollment-t"
 # `read` driven by h2load: one student per round, ListCourses and GetStudent in turn.
@@ -115,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
 
         def project(log_name: str, *, max_workers: int, workers: int):
             return procs.enrollment_server(
-                procs.free_port(),
+                free_port(),
                 url,
                 tmpdir / log_name,
                 max_workers=max_workers,
@@ -126,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
         servers = {
             PROJECT: project("server.log", max_workers=args.max_workers, workers=args.workers),
             CEILING: procs.ceiling_server(
-                procs.free_port(), tmpdir / "ceiling.log", max_workers=args.max_workers
+                free_port(), tmpdir / "ceiling.log", max_workers=args.max_workers
             ),
         }
         workers_check = args.workers_check if has_workers and "read" in mixes else 0
@@ -148,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
             for server in servers.values():
                 server.stop()
         log_tail = (tmpdir / "server.log").read_text(errors="replace").splitlines()[-3:]
-        miscounted = miscounted_courses(url)
+        miscounted = databases.miscounted_courses(url)
 
     report = {
         "meta": {
@@ -179,7 +181,7 @@ def main(args: argparse.Namespace) -> int:
     }
     unexpected = {k: v for k, v in unexpected.items() if v}
     if miscounted:
-        print(f"FAILED: enrolled_count differs from the roster of courses {miscounted[:10]}")
+        print(f"FAILED: enrolled_count differs from the roster: {miscounted[:10]}")
         return 1
     if unexpected:
         print(f"FAILED: unexpected status codes {unexpected}", file=sys.stderr)

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
-from tests.rpc import SERVER, TIMEOUT, expect_error, failure
+from tests.rpc import TIMEOUT, expect_error, failure
+from tests.servers import SERVER
 
 # Tokens and roles are checked before any database work.
 pytestmark = pytest.mark.databases("sqlite")

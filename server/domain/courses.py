@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import peewee as pw
-
 from enrollment.server.domain import page_tokens
 from enrollment.server.domain.lookups import find_course, find_student
+from enrollment.server.domain.rows import create_unique, list_page
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import CourseCodeTaken, HasEnrollments
 from enrollment.server.persistence.models import Course, StudentCourse, lowercase_key, utcnow
 from enrollment.server.persistence.prepared import Prepared
-from enrollment.server.persistence.unit_of_work import savepoint, transactional
+from enrollment.server.persistence.unit_of_work import transactional
 
 # A page of the catalogue, and of one student's courses: keyset on the course id. A
 # student's courses are ordered by the join table's course_id, the same values, so that
@@ -48,18 +47,16 @@ def create_course(*, code: str, title: str, capacity: int) -> Course:
     title = fields.name("title", title)
     capacity = fields.capacity("capacity", capacity)
     fields.check()
-    try:
-        with savepoint():
-            return Course.create(
-                code=code,
-                code_key=lowercase_key(code),
-                title=title,
-                capacity=capacity,
-                enrolled_count=0,
-                create_time=utcnow(),
-            )
-    except pw.IntegrityError:
-        raise CourseCodeTaken.of() from None
+    return create_unique(
+        Course,
+        CourseCodeTaken.of,
+        code=code,
+        code_key=lowercase_key(code),
+        title=title,
+        capacity=capacity,
+        enrolled_count=0,
+        create_time=utcnow(),
+    )
 
 
 @transactional(write=False)
@@ -72,22 +69,16 @@ def get_course(*, course_id: int) -> Course:
 
 @transactional(write=False)
 def list_courses(*, student_id: int, page_size: int, page_token: str) -> CoursePage:
-    fields = Fields()
-    page = fields.page_request(
+    rows, token = list_page(
         page_tokens.Kind.COURSES,
         filter_field="student_id",
         filter_id=student_id,
         page_size=page_size,
         page_token=page_token,
+        every_row=_CATALOGUE_PAGE,
+        filtered=_STUDENT_COURSES_PAGE,
+        find_filter=find_student,  # no courses, or no such student?
     )
-    fields.check()
-    if page.filter_id:
-        rows, token = page.fetch(_STUDENT_COURSES_PAGE, page.filter_id)
-    else:
-        rows, token = page.fetch(_CATALOGUE_PAGE)
-    # No courses and a missing student look alike; only then ask which it is.
-    if page.filter_id and not rows:
-        find_student(page.filter_id)
     return CoursePage(rows, token)
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import peewee as pw
-
 from enrollment.server.domain import page_tokens
 from enrollment.server.domain.lookups import find_course, find_student
+from enrollment.server.domain.rows import create_unique, list_page
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import EmailTaken, HasEnrollments
 from enrollment.server.persistence.models import (
@@ -18,7 +17,7 @@ from enrollment.server.persistence.models import (
     utcnow,
 )
 from enrollment.server.persistence.prepared import Prepared
-from enrollment.server.persistence.unit_of_work import locking, savepoint, transactional
+from enrollment.server.persistence.unit_of_work import locking, transactional
 
 # A page of all students, and of one course's roster: keyset on the student id. The roster
 # is ordered by the join table's student_id, the same values, so that SQLite reads the
@@ -54,13 +53,14 @@ def create_student(*, name: str, email: str) -> Student:
     name = fields.name("name", name)
     email = fields.email("email", email)
     fields.check()
-    try:
-        with savepoint():
-            return Student.create(
-                name=name, email=email, email_key=lowercase_key(email), create_time=utcnow()
-            )
-    except pw.IntegrityError:
-        raise EmailTaken.of() from None
+    return create_unique(
+        Student,
+        EmailTaken.of,
+        name=name,
+        email=email,
+        email_key=lowercase_key(email),
+        create_time=utcnow(),
+    )
 
 
 @transactional(write=False)
@@ -73,22 +73,16 @@ def get_student(*, student_id: int) -> Student:
 
 @transactional(write=False)
 def list_students(*, course_id: int, page_size: int, page_token: str) -> StudentPage:
-    fields = Fields()
-    page = fields.page_request(
+    rows, token = list_page(
         page_tokens.Kind.STUDENTS,
         filter_field="course_id",
         filter_id=course_id,
         page_size=page_size,
         page_token=page_token,
+        every_row=_STUDENTS_PAGE,
+        filtered=_ROSTER_PAGE,
+        find_filter=find_course,  # an empty roster, or no such course?
     )
-    fields.check()
-    if page.filter_id:
-        rows, token = page.fetch(_ROSTER_PAGE, page.filter_id)
-    else:
-        rows, token = page.fetch(_STUDENTS_PAGE)
-    # An empty roster and a missing course look alike; only then ask which it is.
-    if page.filter_id and not rows:
-        find_course(page.filter_id)
     return StudentPage(rows, token)
 
 

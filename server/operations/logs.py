@@ -44,8 +44,8 @@ def setup(level: str, log_format: str = "text") -> None:
     text = _SecondCachedFormatter(TEXT_FORMAT)
     handler.setFormatter(JsonFormatter() if log_format == "json" else text)
     logging.basicConfig(level=level, handlers=[handler])
-    # The lines show none of these, and finding them costs each call a few microseconds
-    # (logging's own advice for speed: https://docs.python.org/3/howto/logging.html).
+    # The lines show none of these, and finding them costs every call CPU (logging's
+    # own advice for speed: https://docs.python.org/3/howto/logging.html).
     # The process id stays: it tells the workers of `serve --workers N` apart.
     logging.logThreads = logging.logMultiprocessing = False
     logging._srcfile = None

@@ -8,6 +8,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from enrollment.server import addresses
+
 # Unary calls on a local database: most finish in milliseconds.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -58,7 +60,7 @@ class RpcMetrics:
 
     def serve(self, address: str) -> tuple[WSGIServer, threading.Thread]:
         """Serve /metrics on HOST:PORT (port 0 picks a free one); returns the HTTP server."""
-        host, _, port = address.rpartition(":")
+        host, port = addresses.split(address)
         if not host or not port.isdigit():
             raise ValueError(f"the metrics address must be HOST:PORT, not {address!r}")
-        return start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        return start_http_server(int(port), addr=host, registry=self.registry)

@@ -30,8 +30,9 @@ ATTEMPTS = 3
 
 
 # SQLite admits one writer at a time, and a writer that finds the file locked polls with
-# sleeps of up to 100 ms: under 16 concurrent writers that made a 300 ms p99. Writers of
-# one process queue on this lock instead; only other processes meet the busy timeout.
+# sleeps of up to 100 ms, which made the write p99 under concurrent writers many times
+# the call (bench/PROFILE.md, "Figures behind code comments"). Writers of one process
+# queue on this lock instead; only other processes meet the busy timeout.
 _sqlite_writer = threading.Lock()
 
 

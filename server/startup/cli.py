@@ -11,6 +11,8 @@ import grpc
 import peewee as pw
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from enrollment.client.api import open_channel
+from enrollment.server import addresses
 from enrollment.server.operations import logs
 from enrollment.server.persistence import engine, migrator
 from enrollment.server.startup.config import ServerConfig, StartupError
@@ -279,24 +281,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def health_check(args: argparse.Namespace) -> int:
     """The container's HEALTHCHECK: one grpc.health.v1 Check of the whole server."""
-    host, _, port = args.address.rpartition(":")
-    if host in ("0.0.0.0", "[::]", ""):
+    host, port = addresses.split(args.address)
+    if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
-    target = f"{host}:{port}"
+    target = addresses.join(host, port)
     if bool(args.tls_cert) != bool(args.tls_key):
         print("enrollment-server: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
-    if args.tls_ca or args.tls_cert:
-        files = [args.tls_ca, args.tls_key, args.tls_cert]
-        try:
-            ca, key, cert = (open(f, "rb").read() if f else None for f in files)  # noqa: SIM115
-        except OSError as exc:
-            print(f"enrollment-server: {exc}", file=sys.stderr)
-            return 2
-        credentials = grpc.ssl_channel_credentials(ca, key, cert)
-        channel = grpc.secure_channel(target, credentials)
-    else:
-        channel = grpc.insecure_channel(target)
+    try:
+        channel = open_channel(
+            target, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+        )
+    except OSError as exc:
+        print(f"enrollment-server: {exc}", file=sys.stderr)
+        return 2
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(

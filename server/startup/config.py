@@ -11,8 +11,8 @@ class ServerConfig:
     database_url: str = "sqlite:///enrollment.db"
     grace_seconds: float = 10.0
     # Threads share one GIL: past a few, each SQLite call's GIL hand-off costs more CPU
-    # than the extra thread gains (make bench --threads-check 4: read +56% calls/s,
-    # mixed p99 42 -> 16 ms against 16 threads). More cores: serve more processes.
+    # than the extra thread gains (figures: bench/PROFILE.md, "Figures behind code
+    # comments"). More cores: serve more processes.
     max_workers: int = 4
     # Seconds a call waits for a lock or a new connection, and a statement may run.
     database_timeout: float = 5.0
