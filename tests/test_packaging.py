@@ -286,6 +286,50 @@ def test_client_installs_alone(client_venv):
     assert usage.stdout.startswith("usage: enrollment-client")
 
 
+CALLER = """
+from enrollment.client.api import EnrollmentClient
+from enrollment.v1 import enrollment_pb2
+
+
+def email_of(api: EnrollmentClient, student_id: int) -> str:
+    return api.get_student(student_id).email
+
+
+wrong_field: int = enrollment_pb2.Student().email
+wrong_argument = EnrollmentClient("127.0.0.1:1").get_student("1")
+"""
+
+
+def test_mypy_in_a_calling_project_reads_the_client_types(client_venv, tmp_path):
+    caller = tmp_path / "caller.py"
+    caller.write_text(CALLER)
+    mypy = Path(sys.executable).parent / "mypy"
+    done = run(
+        [
+            mypy,
+            "--python-executable",
+            client_venv.python,
+            "--no-incremental",
+            "--cache-dir",
+            tmp_path / "cache",
+            "--no-error-summary",
+            "--hide-error-context",
+            "--show-error-codes",
+            caller.name,
+        ],
+        cwd=tmp_path,
+    )
+    # Without py.typed mypy skips the modules ("import-untyped") and both lines pass.
+    lines = done.stdout.splitlines()
+    errors = sorted(line.split(": error: ", 1)[1] for line in lines if ": error: " in line)
+    assert errors == [
+        'Argument 1 to "get_student" of "EnrollmentClient" has incompatible type "str"; '
+        'expected "int"  [arg-type]',
+        'Incompatible types in assignment (expression has type "str", variable has type '
+        '"int")  [assignment]',
+    ], done.stdout + done.stderr
+
+
 IMPORT_STUBS = """
 import json
 import google.protobuf, grpc
