@@ -67,8 +67,9 @@ def pip(python: Path | str, *args: object, env: dict[str, str] | None = None) ->
     done = run([python, *PIP, *args], env=env)
     if done.returncode != 0:
         output = done.stdout + done.stderr
-        if UNREACHABLE.search(output):
-            reason = "the package index cannot be reached: " + output.strip().splitlines()[-1]
+        said = [line.strip() for line in output.splitlines() if UNREACHABLE.search(line)]
+        if said:
+            reason = f"the package index cannot be reached: {said[0]}"
             if os.environ.get("CI", "").lower() == "true":
                 pytest.fail(f"{reason} (CI=true requires it)")
             pytest.skip(reason)
