@@ -137,6 +137,33 @@ class DatabaseUnavailable(EnrollmentError):
         return cls("the database is unavailable; retry the call")
 
 
+class CommitOutcomeUnknown(EnrollmentError):
+    """The connection failed during COMMIT: the write may or may not have been made.
+
+    Unlike DatabaseUnavailable this does not say "nothing changed"; the server never
+    runs such a call again by itself.
+    """
+
+    code, reason = "UNAVAILABLE", "COMMIT_OUTCOME_UNKNOWN"
+
+    @classmethod
+    def of(cls) -> CommitOutcomeUnknown:
+        return cls(
+            "the database connection failed while committing: the change may have been made; "
+            "check before retrying"
+        )
+
+
+class StorageFull(EnrollmentError):
+    """The database has no space left for the write; nothing was changed."""
+
+    code, reason = "UNAVAILABLE", "STORAGE_FULL"
+
+    @classmethod
+    def of(cls) -> StorageFull:
+        return cls("the database's storage is full; nothing was changed, retry later")
+
+
 class Unauthenticated(EnrollmentError):
     """A bearer token that matches no configured token."""
 
