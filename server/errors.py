@@ -184,6 +184,20 @@ class MissingToken(Unauthenticated):
         return cls("this call needs the metadata 'authorization: Bearer <token>'")
 
 
+class AuthFailuresLimited(EnrollmentError):
+    """This peer sent too many wrong tokens lately; its calls wait for its bucket to refill."""
+
+    code, reason = "RESOURCE_EXHAUSTED", "AUTH_FAILURES_LIMITED"
+
+    @classmethod
+    def of(cls, retry_after: float) -> AuthFailuresLimited:
+        seconds = f"{retry_after:.1f}"
+        return cls(
+            f"too many failed authentications from this address; retry in {seconds}s",
+            {"retry_after_seconds": seconds},
+        )
+
+
 class PermissionDenied(EnrollmentError):
     code, reason = "PERMISSION_DENIED", "ROLE_TOO_LOW"
 

@@ -15,6 +15,10 @@ from enrollment.server.persistence.failures import Occurrences, storage_full_eve
 # Unary calls on a local database: most finish in milliseconds.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+# Peer addresses are labels only up to this many, so an attacker with many addresses
+# cannot grow the metrics without end.
+MAX_PEER_LABELS = 100
+
 
 class RpcMetrics:
     """Requests by method and code, latency by method, calls in flight, connections in use."""
@@ -52,6 +56,14 @@ class RpcMetrics:
                 storage_full_events,
             )
         )
+        self._auth_failures = Counter(
+            "enrollment_auth_failures",
+            "calls refused for their token (or for their address's earlier failures), "
+            f"by peer address (the first {MAX_PEER_LABELS}; then 'other') and reason",
+            ["peer", "reason"],
+            registry=self.registry,
+        )
+        self._peers: set[str] = set()
         self._children: dict[tuple[str, str], Counter] = {}
         self._lock = threading.Lock()
 
@@ -66,6 +78,16 @@ class RpcMetrics:
                 child = self._requests.labels(method, code)
                 self._children[(method, code)] = child
         child.inc()
+
+    def auth_failure(self, peer: str, reason: str) -> None:
+        """One call refused by authentication, from peer (an address without its port)."""
+        if peer not in self._peers:
+            with self._lock:
+                if len(self._peers) < MAX_PEER_LABELS:
+                    self._peers.add(peer)
+                else:
+                    peer = "other"
+        self._auth_failures.labels(peer, reason).inc()
 
     def serve(self, address: str) -> tuple[WSGIServer, threading.Thread]:
         """Serve /metrics on HOST:PORT (port 0 picks a free one); returns the HTTP server."""

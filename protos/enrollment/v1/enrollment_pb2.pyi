@@ -10,11 +10,22 @@ google.rpc.BadRequest naming the offending request field(s) by their proto
 names when the code is INVALID_ARGUMENT. Checks run in this order, so the
 first that applies decides the answer:
 
+  RESOURCE_EXHAUSTED  AUTH_FAILURES_LIMITED
+                                           the caller's address sent too
+                                           many wrong tokens lately (a
+                                           token bucket per address, 20 at
+                                           once then 2 a second by
+                                           default); its calls are refused
+                                           without their token being
+                                           checked until ErrorInfo metadata
+                                           "retry_after_seconds" has passed
   UNAUTHENTICATED     MISSING_TOKEN        the server requires bearer tokens
                                            and the call has no metadata
                                            "authorization: Bearer <token>"
   UNAUTHENTICATED     INVALID_TOKEN        the bearer token is not one the
-                                           server knows
+                                           server knows, or the call has
+                                           more than one "authorization"
+                                           value
   PERMISSION_DENIED   ROLE_TOO_LOW         the token's role may not call
                                            this method (ErrorInfo metadata
                                            "role", "required_role"): reader
