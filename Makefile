@@ -90,6 +90,10 @@ $(BENCH_STAMP): $(STAMP)
 chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos --database '$(DATABASE)' --seconds '$(CHAOS_SECONDS)' $(BENCH_ARGS)
 
+# target: soak - mixed load on a real server for SOAK_SECONDS (600); RSS, descriptors, threads, p99; PASS/FAIL on growth
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --seconds '$(SOAK_SECONDS)' $(SOAK_ARGS)
+
 # target: clean - remove .venv, caches and the default SQLite database
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -84,25 +84,28 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
             # The idle connections went down with this one: drop them now, so the
             # calls after an outage open fresh connections instead of failing one by one.
             discard_idle()
-        if found is Verdict.FULL:
-            _storage_full(exc)
-            raise StorageFull.of() from exc
         if stage == "done":
             # Committed; only handing the connection back failed. The answer stands.
             log.warning("after a commit, releasing the connection failed: %s", _first_line(exc))
             return
-        if stage == "commit" and write and _outcome_unknown(db):
+        if found is Verdict.FULL:  # refused, at COMMIT too: the database said so
+            _storage_full(exc)
+            raise StorageFull.of() from exc
+        if stage == "commit" and write and _outcome_unknown(db, exc):
             raise CommitOutcomeUnknown.of() from exc
         if found is not None:
             raise _Transient(found) from exc
         raise
 
 
-def _outcome_unknown(db: pw.Database) -> bool:
-    """Whether a failed COMMIT may still have committed. SQLite's COMMIT is a call into
-    this process: when it fails the transaction did not commit. A database across a
-    connection may have committed and lost only its answer."""
-    return not isinstance(db, pw.SqliteDatabase)
+def _outcome_unknown(db: pw.Database, exc: BaseException) -> bool:
+    """Whether a failed COMMIT may still have committed. A database across a connection
+    may have committed and lost only its answer. SQLite's COMMIT runs in this process
+    and says what happened (locked, full: not committed), except after an I/O error,
+    when frames it wrote may be found committed when the file is next opened."""
+    if not isinstance(db, pw.SqliteDatabase):
+        return True
+    return "disk i/o error" in str(exc).lower()
 
 
 def _storage_full(exc: BaseException) -> None:
