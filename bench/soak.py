@@ -31,6 +31,7 @@ import grpc
 from bench import procs
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+from tests.servers import free_port
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -153,7 +154,7 @@ def main(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
     url = args.database_url or f"sqlite:///{workdir / 'soak.db'}"
     procs.migrate(url)
-    port = procs.free_port()
+    port = free_port()
     server = procs.enrollment_server(
         port, url, workdir / "server.log", max_workers=args.max_workers, workers=1,
         log_level="WARNING",
