@@ -12,11 +12,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from enrollment.server import addresses
 
@@ -129,3 +131,15 @@ def start(
             proc.wait()
         raise
     return server
+
+
+def scrape(port: int, timeout: float = 10) -> dict[tuple[str, tuple], float]:
+    """Every sample on a server's /metrics (127.0.0.1:port), keyed by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as reply:
+        assert reply.status == 200
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

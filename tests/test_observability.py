@@ -9,11 +9,9 @@ import socket
 import sqlite3
 import sys
 import time
-import urllib.request
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from enrollment.server.operations.logs import JsonFormatter
 from enrollment.server.startup.config import ServerConfig, StartupError
@@ -22,22 +20,10 @@ from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests.databases import sqlite_path
 from tests.rpc import TIMEOUT, new_student
-from tests.servers import free_port
+from tests.servers import free_port, scrape
 
 # Metrics and logs are the same on every database; one test holds SQLite's write lock.
 pytestmark = pytest.mark.databases("sqlite")
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample on /metrics, keyed by (name, sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as reply:
-        assert reply.status == 200
-        text = reply.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def wait_for(predicate, timeout: float = 20.0) -> None:

@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (env ENROLLMENT_LOG_LEVEL; default %(default)s)",
     )
+    parser.add_argument(
+        "--log-sql-values",
+        action="store_true",
+        default=os.environ.get("ENROLLMENT_LOG_SQL_VALUES", "") == "1",
+        help="with --log-level DEBUG, also log the values bound to each SQL statement "
+        "(names, emails: personal data); off by default (env ENROLLMENT_LOG_SQL_VALUES=1)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("serve", help="serve the gRPC API")
@@ -157,6 +164,21 @@ def _security_and_operations_flags(run: argparse.ArgumentParser) -> None:
         "<name>' (env ENROLLMENT_AUTH_TOKENS)",
     )
     run.add_argument(
+        "--auth-failure-burst",
+        type=int,
+        default=DEFAULTS.auth_failure_burst,
+        metavar="N",
+        help="wrong tokens one address may send at once before its calls are refused "
+        "(RESOURCE_EXHAUSTED AUTH_FAILURES_LIMITED) (default %(default)s)",
+    )
+    run.add_argument(
+        "--auth-failure-rate",
+        type=float,
+        default=DEFAULTS.auth_failure_rate,
+        metavar="R",
+        help="wrong tokens per second one address may send after the burst (default %(default)s)",
+    )
+    run.add_argument(
         "--max-message-bytes",
         type=int,
         default=DEFAULTS.max_message_bytes,
@@ -225,7 +247,8 @@ def _security_and_operations_flags(run: argparse.ArgumentParser) -> None:
 
 def _security_and_operations_config(args: argparse.Namespace) -> dict:
     names = (
-        "tls_cert tls_key tls_client_ca auth_tokens max_message_bytes max_concurrent_rpcs "
+        "tls_cert tls_key tls_client_ca auth_tokens auth_failure_burst auth_failure_rate "
+        "max_message_bytes max_concurrent_rpcs "
         "keepalive_time keepalive_timeout keepalive_min_ping_interval max_connection_age "
         "max_connection_age_grace metrics_address"
     )
@@ -234,7 +257,7 @@ def _security_and_operations_config(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.setup(args.log_level, getattr(args, "log_format", "text"))
+    logs.setup(args.log_level, getattr(args, "log_format", "text"), sql_values=args.log_sql_values)
     # peewee-migrate logs every step at INFO through its own logger.
     logging.getLogger("peewee_migrate").setLevel(logging.WARNING)
     try:

@@ -32,6 +32,10 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     auth_tokens: str | None = None
+    # Wrong tokens one peer address may send at once, then per second (a token bucket);
+    # beyond it the address's calls are RESOURCE_EXHAUSTED until its bucket refills.
+    auth_failure_burst: int = 20
+    auth_failure_rate: float = 2.0
     max_message_bytes: int = 64 * 1024
     max_concurrent_rpcs: int = 1000
     keepalive_time: float = 60.0
@@ -57,6 +61,10 @@ class ServerConfig:
         if min(self.database_timeout, self.pool_timeout, self.health_interval) <= 0:
             raise StartupError(
                 "--database-timeout, --pool-timeout and the health interval must be above 0"
+            )
+        if self.auth_failure_burst < 1 or self.auth_failure_rate <= 0:
+            raise StartupError(
+                "--auth-failure-burst must be 1 or more, --auth-failure-rate above 0"
             )
         if self.grace_seconds < 0:
             raise StartupError("--grace must be 0 or more")

@@ -19,7 +19,12 @@ from enrollment.server.persistence import engine, migrator
 from enrollment.server.persistence.models import proxy
 from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.transport import options, tls
-from enrollment.server.transport.auth import Authenticator, TokenFileError
+from enrollment.server.transport.auth import (
+    Authenticator,
+    FailureBuckets,
+    TokenFileError,
+    load_tokens,
+)
 from enrollment.server.transport.interceptors import RpcInterceptor
 from enrollment.server.transport.reflection import add_reflection
 from enrollment.server.transport.servicer import EnrollmentServicer
@@ -113,7 +118,10 @@ def _start(config: ServerConfig) -> RunningServer:
     try:
         options.check(config)
         credentials = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        auth = Authenticator.from_file(config.auth_tokens) if config.auth_tokens else None
+        auth = None
+        if config.auth_tokens:
+            buckets = FailureBuckets(config.auth_failure_burst, config.auth_failure_rate)
+            auth = Authenticator(load_tokens(config.auth_tokens), buckets)
     except (options.LimitsError, tls.TlsConfigError, TokenFileError) as exc:
         raise StartupError(str(exc)) from exc
     metrics = RpcMetrics(engine.connections_in_use) if config.metrics_address else None

@@ -35,6 +35,8 @@ class RpcInterceptor(grpc.ServerInterceptor):
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         self._auth = authenticator
         self._metrics = metrics
+        if authenticator is not None and metrics is not None:
+            authenticator.on_failure = metrics.auth_failure
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -81,12 +83,13 @@ def _guard(behavior, method: str, auth: Authenticator | None, metrics: RpcMetric
     def guarded(request, context: grpc.ServicerContext):
         start = time.perf_counter()
         code, reason, caller = "OK", "", "-"
-        request_id = authorization = None
+        request_id = None
+        authorizations = []
         for key, value in context.invocation_metadata():
             if key == "x-request-id":
                 request_id = value
             elif key == "authorization":
-                authorization = value
+                authorizations.append(value)
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             request_id = uuid.uuid4().hex
         trailer = (("x-request-id", request_id),)
@@ -96,7 +99,7 @@ def _guard(behavior, method: str, auth: Authenticator | None, metrics: RpcMetric
         bound = callstate.bind(context.is_active)
         try:
             if auth is not None:
-                token = auth.authenticate(authorization)
+                token = auth.authenticate_call(authorizations, context.peer())
                 caller = token.name
                 auth.authorize(token, name, needed)
             if isinstance(request, _Undecodable):
