@@ -1,0 +1,194 @@
+"""Hostile clients: calls that never send their request, connections that never speak
+HTTP/2. The server keeps answering everyone else, ends what is stalled within its
+bounds, and gives back every descriptor once the attacker leaves."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from enrollment.v1 import enrollment_pb2 as pb
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+from tests.rpc import SERVER, TIMEOUT, failure, free_port, new_student
+
+# The transport's, the same on every database.
+pytestmark = pytest.mark.databases("sqlite")
+
+STALLED_STREAMS = 50
+IDLE_CONNECTIONS = 1000
+REQUEST_TIMEOUT = 3.0
+HANDSHAKE_TIMEOUT = 4.0
+GET_STUDENT = "/enrollment.v1.EnrollmentService/GetStudent"
+
+
+def descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_targets(pid: int) -> list[str]:
+    found = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def raise_descriptor_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"needs {needed} descriptors, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+@pytest.fixture
+def server_process(db_url):
+    raise_descriptor_limit(IDLE_CONNECTIONS * 2 + 512)  # inherited by the server too
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            SERVER, "serve", "--address", f"127.0.0.1:{port}", "--database-url", db_url,
+            "--request-timeout", str(REQUEST_TIMEOUT),
+            "--handshake-timeout", str(HANDSHAKE_TIMEOUT),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=15)
+        channel.close()
+        yield process, f"127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
+def timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return (time.perf_counter() - start) * 1000
+
+
+def test_stalled_calls_and_silent_connections_do_not_stop_other_callers(server_process):
+    process, address = server_process
+    with grpc.insecure_channel(address) as setup:
+        stub = pb_grpc.EnrollmentServiceStub(setup)
+        student = new_student(stub)
+        # Calls at once, so that the database pool has opened what it keeps open.
+        request = pb.GetStudentRequest(student_id=student.id)
+        for _ in range(5):
+            burst = [stub.GetStudent.future(request, timeout=TIMEOUT) for _ in range(16)]
+            for call in burst:
+                call.result()
+    time.sleep(1)
+    baseline = descriptors(process.pid)
+    before = fd_targets(process.pid)
+
+    # The attacker: calls whose request never comes (no deadline), on one connection ...
+    release = threading.Event()
+
+    def never_sends():
+        release.wait()
+        return
+        yield  # a generator that yields nothing until released
+
+    attacker = grpc.insecure_channel(address)
+    open_call = attacker.stream_unary(
+        GET_STUDENT,
+        request_serializer=pb.GetStudentRequest.SerializeToString,
+        response_deserializer=pb.GetStudentResponse.FromString,
+    )
+    opened = time.monotonic()
+    stalled = [open_call.future(never_sends()) for _ in range(STALLED_STREAMS)]
+    # ... and TCP connections that never send the HTTP/2 preface.
+    silent = [socket.create_connection(address.split(":")) for _ in range(IDLE_CONNECTIONS)]
+    try:
+        assert wait_until(
+            lambda: descriptors(process.pid) >= baseline + IDLE_CONNECTIONS * 0.9, 5
+        ), "the server should be holding the silent connections now"
+        held = descriptors(process.pid)
+
+        # Everyone else keeps being answered, on a connection of their own.
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.EnrollmentServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            get_ms, health_ms = [], []
+            for _ in range(10):
+                get_ms.append(
+                    timed(
+                        lambda: stub.GetStudent(
+                            pb.GetStudentRequest(student_id=student.id), timeout=2
+                        )
+                    )
+                )
+                health_ms.append(
+                    timed(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2))
+                )
+        answered_at = time.monotonic() - opened
+        print(
+            f"\nunder attack ({STALLED_STREAMS} stalled calls, {IDLE_CONNECTIONS} silent "
+            f"connections, server descriptors {baseline} -> {held}): GetStudent ms "
+            f"median {statistics.median(get_ms):.2f} max {max(get_ms):.2f}; "
+            f"health Check ms median {statistics.median(health_ms):.2f} "
+            f"max {max(health_ms):.2f}; answered {answered_at:.2f} s after the attack began"
+        )
+        assert answered_at < REQUEST_TIMEOUT, "the answers must come while the attack holds"
+
+        # Every stalled call is ended by the server, with a clear code, within the bound.
+        for call in stalled:
+            error = call.exception(timeout=REQUEST_TIMEOUT + TIMEOUT)
+            assert error is not None
+            got = failure(error)
+            assert (got.code, got.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "REQUEST_TIMEOUT")
+            assert "did not arrive within" in got.message
+        ended_after = time.monotonic() - opened
+        assert ended_after < REQUEST_TIMEOUT + 2, ended_after
+
+        # The silent connections are closed by the server (handshake timeout) while the
+        # attacker still holds its ends.
+        assert wait_until(lambda: descriptors(process.pid) <= baseline + 5, HANDSHAKE_TIMEOUT + 10)
+        silent[0].settimeout(5)
+        said = b""
+        while chunk := silent[0].recv(4096):  # grpc says why (GOAWAY), then closes
+            said += chunk
+        assert b"handshake timeout" in said
+    finally:
+        release.set()
+        for sock in silent:
+            sock.close()
+        attacker.close()
+    # Once the attacker has left, the server holds what it held before.
+    assert wait_until(lambda: descriptors(process.pid) <= baseline, 15), (
+        before,
+        fd_targets(process.pid),
+    )
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        stub.GetStudent(pb.GetStudentRequest(student_id=student.id), timeout=TIMEOUT)
