@@ -4,6 +4,7 @@ bounds, and gives back every descriptor once the attacker leaves."""
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
@@ -17,6 +18,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests.rpc import SERVER, TIMEOUT, failure, free_port, new_student
@@ -29,6 +32,10 @@ IDLE_CONNECTIONS = 1000
 REQUEST_TIMEOUT = 3.0
 HANDSHAKE_TIMEOUT = 4.0
 GET_STUDENT = "/enrollment.v1.EnrollmentService/GetStudent"
+
+
+# Channels to one address share their connection unless told otherwise.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def descriptors(pid: int) -> int:
@@ -119,7 +126,7 @@ def test_stalled_calls_and_silent_connections_do_not_stop_other_callers(server_p
         return
         yield  # a generator that yields nothing until released
 
-    attacker = grpc.insecure_channel(address)
+    attacker = grpc.insecure_channel(address, options=OWN_CONNECTION)
     open_call = attacker.stream_unary(
         GET_STUDENT,
         request_serializer=pb.GetStudentRequest.SerializeToString,
@@ -136,7 +143,7 @@ def test_stalled_calls_and_silent_connections_do_not_stop_other_callers(server_p
         held = descriptors(process.pid)
 
         # Everyone else keeps being answered, on a connection of their own.
-        with grpc.insecure_channel(address) as channel:
+        with grpc.insecure_channel(address, options=OWN_CONNECTION) as channel:
             stub = pb_grpc.EnrollmentServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
             get_ms, health_ms = [], []
@@ -192,3 +199,94 @@ def test_stalled_calls_and_silent_connections_do_not_stop_other_callers(server_p
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.EnrollmentServiceStub(channel)
         stub.GetStudent(pb.GetStudentRequest(student_id=student.id), timeout=TIMEOUT)
+
+
+def test_a_stalled_call_is_logged_and_health_checks_are_bounded_too(start_server, caplog):
+    caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    live = start_server(request_timeout=0.5)
+    release = threading.Event()
+
+    def never_sends():
+        release.wait()
+        return
+        yield
+
+    try:
+        calls = {
+            name: live.channel.stream_unary(
+                path,
+                request_serializer=kind.SerializeToString,
+                response_deserializer=reply.FromString,
+            ).future(never_sends())
+            for name, path, kind, reply in (
+                ("GetStudent", GET_STUDENT, pb.GetStudentRequest, pb.GetStudentResponse),
+                (
+                    "Check",
+                    "/grpc.health.v1.Health/Check",
+                    health_pb2.HealthCheckRequest,
+                    health_pb2.HealthCheckResponse,
+                ),
+            )
+        }
+        for call in calls.values():
+            error = call.exception(timeout=TIMEOUT)
+            assert (error.code(), failure(error).reason) == (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "REQUEST_TIMEOUT",
+            )
+    finally:
+        release.set()
+    lines = [r.getMessage() for r in caplog.records if r.name == "enrollment.rpc"]
+    assert len(lines) == 1  # health checks are not logged, EnrollmentService calls once
+    assert lines[0].startswith(
+        "rpc method=GetStudent code=DEADLINE_EXCEEDED reason=REQUEST_TIMEOUT duration_ms="
+    )
+
+
+def test_one_connection_carries_at_most_max_streams_per_connection_calls(start_server):
+    live = start_server(max_streams_per_connection=2, request_timeout=30)
+    release = threading.Event()
+
+    def never_sends():
+        release.wait()
+        return
+        yield
+
+    open_call = live.channel.stream_unary(
+        GET_STUDENT,
+        request_serializer=pb.GetStudentRequest.SerializeToString,
+        response_deserializer=pb.GetStudentResponse.FromString,
+    )
+    try:
+        held = [open_call.future(never_sends()) for _ in range(2)]
+        # The third call on the same connection waits in the client for a free stream ...
+        with pytest.raises(grpc.RpcError) as raised:
+            live.stub.GetStudent(pb.GetStudentRequest(student_id=1), timeout=1)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # ... while another connection is served at once.
+        with grpc.insecure_channel(live.address, options=OWN_CONNECTION) as other:
+            with pytest.raises(grpc.RpcError) as raised:
+                pb_grpc.EnrollmentServiceStub(other).GetStudent(
+                    pb.GetStudentRequest(student_id=1), timeout=TIMEOUT
+                )
+            assert failure(raised.value).reason == "STUDENT_NOT_FOUND"
+    finally:
+        release.set()
+        for call in held:
+            call.cancel()
+
+
+@pytest.mark.parametrize(
+    "override, flag",
+    [
+        ({"request_timeout": 0}, "--request-timeout"),
+        ({"max_streams_per_connection": 0}, "--max-streams-per-connection"),
+        ({"handshake_timeout": -1}, "--handshake-timeout"),
+        ({"max_connection_idle": -1}, "--max-connection-idle"),
+        ({"max_connections": 0}, "--max-connections"),
+    ],
+)
+def test_hostile_client_limits_out_of_range_are_startup_errors(db_url, override, flag):
+    config = ServerConfig(address="127.0.0.1:0", database_url=db_url, **override)
+    with pytest.raises(StartupError, match=flag):
+        create_server(config)

@@ -114,8 +114,10 @@ def _tolerant(deserialize):
 async def _request_of(context, timeout: float):
     """The call's one request message, waited for on the event loop for at most timeout."""
     try:
-        request = await asyncio.wait_for(context.read(), timeout)
-    except asyncio.TimeoutError:
+        # asyncio.timeout: a timer on the loop, no extra task (wait_for makes one).
+        async with asyncio.timeout(timeout):
+            request = await context.read()
+    except TimeoutError:
         raise RequestTimeout.of(timeout) from None
     if request is grpc.aio.EOF:
         raise InvalidField("the call carries no request message")
@@ -230,7 +232,8 @@ class _Guard:
         except asyncio.CancelledError:
             # The caller went away (or its deadline passed) before its request arrived.
             state.ended = True
-            call.finish("DEADLINE_EXCEEDED" if state.deadline_passed() else "CANCELLED", "CALL_ENDED")
+            code = "DEADLINE_EXCEEDED" if state.deadline_passed() else "CANCELLED"
+            call.finish(code, "CALL_ENDED")
             raise
         # The database work runs in the pool, in a copy of this context: the unit of work
         # asks callstate (bound here to this call's state) before it begins and commits.

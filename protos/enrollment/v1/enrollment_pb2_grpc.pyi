@@ -39,6 +39,10 @@ first that applies decides the answer:
   UNAVAILABLE         DATABASE_UNAVAILABLE the database is unreachable,
                                            locked or timed out; retrying
                                            the same call can help
+  DEADLINE_EXCEEDED   REQUEST_TIMEOUT      the request message did not
+                                           arrive within the server's bound
+                                           (5 s by default) of the call's
+                                           start; nothing was done
   INTERNAL            INTERNAL             anything unexpected; the server
                                            logs the details
 
