@@ -243,17 +243,32 @@ class _Guard:
         finally:
             callstate.unbind(bound)
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, work.run, call.run, request, state)
+        answer = loop.create_future()
+        done = self._executor.submit(work.run, call.run, request, state)
+        done.add_done_callback(lambda ran: loop.call_soon_threadsafe(_settle, answer, ran))
         try:
-            # Shielded: a cancelled call's work is never abandoned half-way; it sees the
-            # call ended, rolls back, and logs the call itself.
-            response, status = await asyncio.shield(future)
+            response, status = await answer
         except asyncio.CancelledError:
+            # The caller cancelled, its deadline passed, or the server stopped after its
+            # grace period. The work is not abandoned half-way (queued, it still runs):
+            # it sees the call ended, does no database work or rolls back, and writes
+            # the call's log line itself.
             state.ended = True
             raise
         if status is not None:
             await context.abort_with_status(status)
         return response
+
+
+def _settle(answer: asyncio.Future, ran) -> None:
+    """On the loop: hand the pool's result to the waiting call, unless it has ended."""
+    if answer.done():
+        return
+    error = ran.exception()
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(ran.result())
 
 
 class _Call:
