@@ -290,3 +290,42 @@ def test_hostile_client_limits_out_of_range_are_startup_errors(db_url, override,
     config = ServerConfig(address="127.0.0.1:0", database_url=db_url, **override)
     with pytest.raises(StartupError, match=flag):
         create_server(config)
+
+
+def test_connections_beyond_max_connections_are_closed_at_accept(db_url):
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            SERVER, "serve", "--address", f"127.0.0.1:{port}", "--database-url", db_url,
+            "--max-connections", "20", "--handshake-timeout", "30",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    silent: list[socket.socket] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=15)
+        time.sleep(0.5)
+        baseline = descriptors(process.pid)
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+        time.sleep(1)
+        held = descriptors(process.pid)
+        # The listener accepts, counts, and closes what is over the cap at once.
+        assert held <= baseline + 20 + 2, (baseline, held)
+        closed = 0
+        for sock in silent:
+            sock.settimeout(0.05)
+            try:
+                closed += sock.recv(1) == b""
+            except ConnectionResetError:
+                closed += 1
+            except TimeoutError:
+                pass  # still open: one of the 20 allowed
+        assert closed >= 150, closed
+    finally:
+        for sock in silent:
+            sock.close()
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)

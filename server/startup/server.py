@@ -34,6 +34,7 @@ from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.transport import options, tls
 from enrollment.server.transport.auth import Authenticator, TokenFileError
 from enrollment.server.transport.interceptors import RpcInterceptor
+from enrollment.server.transport.pool import WorkerPool
 from enrollment.server.transport.reflection import add_reflection
 from enrollment.server.transport.servicer import EnrollmentServicer
 from enrollment.v1 import enrollment_pb2 as pb
@@ -80,7 +81,7 @@ class RunningServer:
     monitor: HealthMonitor | None = None
     metrics_port: int | None = None
     metrics_server: object | None = None
-    executor: futures.ThreadPoolExecutor | None = None
+    pool: WorkerPool | None = None
     terminated: threading.Event = field(default_factory=threading.Event)
 
     def wait_idle(self) -> None:
@@ -88,8 +89,8 @@ class RunningServer:
         stops answering at the end of the grace period, but a call still inside its
         transaction runs on; the database is closed only after it has finished (or
         rolled back)."""
-        if self.executor is not None:
-            self.executor.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown()
         self.events.close()
 
     def stop(self, grace: float | None) -> threading.Event:
@@ -195,15 +196,13 @@ def _start(config: ServerConfig) -> RunningServer:
 
     # The database work of at most max_workers calls at once; calls beyond wait for a
     # thread as coroutines, up to --max-concurrent-rpcs.
-    executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc")
+    pool = WorkerPool(config.max_workers)
     events = EventLoopThread()
     try:
-        server, health_servicer, port = events.run(
-            _build(config, credentials, auth, metrics, executor)
-        )
+        server, health_servicer, port = events.run(_build(config, credentials, auth, metrics, pool))
     except BaseException:
         events.close()
-        executor.shutdown(wait=False)
+        pool.shutdown()
         raise
     if credentials is None and not tls.is_loopback(config.address):
         log.warning(
@@ -211,14 +210,14 @@ def _start(config: ServerConfig) -> RunningServer:
             "network can read and alter calls (and bearer tokens); use --tls-cert/--tls-key",
             config.address,
         )
-    running = RunningServer(server, port, health_servicer, events, executor=executor)
+    running = RunningServer(server, port, health_servicer, events, pool=pool)
     if metrics is not None:
         try:
             running.metrics_server, _ = metrics.serve(config.metrics_address)
         except (OSError, ValueError) as exc:
             events.run(server.stop(None))
             events.close()
-            executor.shutdown(wait=False)
+            pool.shutdown()
             raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
         running.metrics_port = running.metrics_server.server_port
     events.run(server.start())
@@ -232,13 +231,13 @@ def _start(config: ServerConfig) -> RunningServer:
     return running
 
 
-async def _build(config, credentials, auth, metrics, executor):
+async def _build(config, credentials, auth, metrics, pool):
     """On the loop (grpc.aio binds its objects to the running loop): the server, its
     services and its port; not started."""
     server = grpc.aio.server(
         interceptors=[
             RpcInterceptor(
-                executor=executor,
+                pool=pool,
                 request_timeout=config.request_timeout,
                 authenticator=auth,
                 metrics=metrics,

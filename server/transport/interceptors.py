@@ -20,7 +20,6 @@ import logging
 import re
 import time
 import uuid
-from concurrent.futures import Executor
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -35,6 +34,7 @@ from enrollment.server.errors import (
 from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.transport import error_status
 from enrollment.server.transport.auth import Authenticator, required_role
+from enrollment.server.transport.pool import WorkerPool
 
 log = logging.getLogger("enrollment.rpc")
 
@@ -49,13 +49,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
         *,
-        executor: Executor,
+        pool: WorkerPool,
         request_timeout: float,
         authenticator: Authenticator | None = None,
         metrics: RpcMetrics | None = None,
     ) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-        self._executor = executor
+        self._pool = pool
         self._request_timeout = request_timeout
         self._auth = authenticator
         self._metrics = metrics
@@ -72,7 +72,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             guard = _Guard(
                 handler.unary_unary,
                 method,
-                executor=self._executor,
+                pool=self._pool,
                 request_timeout=self._request_timeout,
                 auth=self._auth,
                 metrics=self._metrics,
@@ -186,7 +186,7 @@ class _Guard:
         behavior,
         method: str,
         *,
-        executor: Executor,
+        pool: WorkerPool,
         request_timeout: float,
         auth: Authenticator | None,
         metrics: RpcMetrics | None,
@@ -194,7 +194,7 @@ class _Guard:
         self._behavior = behavior
         self._name = method.rsplit("/", 1)[-1]
         self._needed = required_role(self._name)
-        self._executor = executor
+        self._pool = pool
         self._request_timeout = request_timeout
         self._auth = auth
         self._metrics = metrics
@@ -242,12 +242,8 @@ class _Guard:
             work = contextvars.copy_context()
         finally:
             callstate.unbind(bound)
-        loop = asyncio.get_running_loop()
-        answer = loop.create_future()
-        done = self._executor.submit(work.run, call.run, request, state)
-        done.add_done_callback(lambda ran: loop.call_soon_threadsafe(_settle, answer, ran))
         try:
-            response, status = await answer
+            response, status = await self._pool.run(work.run, call.run, request, state)
         except asyncio.CancelledError:
             # The caller cancelled, its deadline passed, or the server stopped after its
             # grace period. The work is not abandoned half-way (queued, it still runs):
@@ -258,17 +254,6 @@ class _Guard:
         if status is not None:
             await context.abort_with_status(status)
         return response
-
-
-def _settle(answer: asyncio.Future, ran) -> None:
-    """On the loop: hand the pool's result to the waiting call, unless it has ended."""
-    if answer.done():
-        return
-    error = ran.exception()
-    if error is not None:
-        answer.set_exception(error)
-    else:
-        answer.set_result(ran.result())
 
 
 class _Call:
