@@ -7,10 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import signal
 import socket
 import statistics
-import subprocess
 import threading
 import time
 
@@ -22,7 +20,7 @@ from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from tests.rpc import SERVER, TIMEOUT, failure, free_port, new_student
+from tests.rpc import TIMEOUT, failure, new_student
 
 # The transport's, the same on every database.
 pytestmark = pytest.mark.databases("sqlite")
@@ -69,42 +67,20 @@ def raise_descriptor_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
-@pytest.fixture
-def server_process(db_url):
-    raise_descriptor_limit(IDLE_CONNECTIONS * 2 + 512)  # inherited by the server too
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            SERVER, "serve", "--address", f"127.0.0.1:{port}", "--database-url", db_url,
-            "--request-timeout", str(REQUEST_TIMEOUT),
-            "--handshake-timeout", str(HANDSHAKE_TIMEOUT),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
-    try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        grpc.channel_ready_future(channel).result(timeout=15)
-        channel.close()
-        yield process, f"127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-
-
 def timed(call) -> float:
     start = time.perf_counter()
     call()
     return (time.perf_counter() - start) * 1000
 
 
-def test_stalled_calls_and_silent_connections_do_not_stop_other_callers(server_process):
-    process, address = server_process
+def test_stalled_calls_and_silent_connections_do_not_stop_other_callers(server_process, db_url):
+    raise_descriptor_limit(IDLE_CONNECTIONS * 2 + 512)  # inherited by the server too
+    server = server_process(
+        "--database-url", db_url,
+        "--request-timeout", str(REQUEST_TIMEOUT),
+        "--handshake-timeout", str(HANDSHAKE_TIMEOUT),
+    )  # fmt: skip
+    process, address = server.proc, server.address
     with grpc.insecure_channel(address) as setup:
         stub = pb_grpc.EnrollmentServiceStub(setup)
         student = new_student(stub)
@@ -292,24 +268,15 @@ def test_hostile_client_limits_out_of_range_are_startup_errors(db_url, override,
         create_server(config)
 
 
-def test_connections_beyond_max_connections_are_closed_at_accept(db_url):
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            SERVER, "serve", "--address", f"127.0.0.1:{port}", "--database-url", db_url,
-            "--max-connections", "20", "--handshake-timeout", "30",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+def test_connections_beyond_max_connections_are_closed_at_accept(server_process, db_url):
+    server = server_process(
+        "--database-url", db_url, "--max-connections", "20", "--handshake-timeout", "30"
     )  # fmt: skip
-    silent: list[socket.socket] = []
+    process, port = server.proc, server.port
+    time.sleep(0.5)
+    baseline = descriptors(process.pid)
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=15)
-        time.sleep(0.5)
-        baseline = descriptors(process.pid)
-        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
         time.sleep(1)
         held = descriptors(process.pid)
         # The listener accepts, counts, and closes what is over the cap at once.
@@ -327,5 +294,3 @@ def test_connections_beyond_max_connections_are_closed_at_accept(db_url):
     finally:
         for sock in silent:
             sock.close()
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=30)
