@@ -103,10 +103,18 @@ class Server:
 
 
 def enrollment_server(
-    port: int, database_url: str, log_path: Path, *, max_workers: int, workers: int, log_level: str
+    port: int,
+    database_url: str,
+    log_path: Path,
+    *,
+    max_workers: int,
+    workers: int,
+    log_level: str,
+    executable: str = "",
 ) -> Server:
+    """This checkout's server, or the `enrollment-server` executable of another one."""
     argv = [
-        str(BIN / "enrollment-server"),
+        executable or str(BIN / "enrollment-server"),
         "--log-level",
         log_level,
         "serve",

@@ -21,6 +21,7 @@ from tests import databases
 from tests.servers import free_port
 
 PROJECT, CEILING, WORKERS, THREADS = "enrollment", "ceiling", "enrollment-w", "enrollment-t"
+OTHER = "other"
 # `read` driven by h2load: one student per round, ListCourses and GetStudent in turn.
 H2_READ = "read-h2"
 EXPECTED_CODES = {"OK"}
@@ -59,6 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="also run every mix against a server with --max-workers N, in the same rounds",
+    )
+    parser.add_argument(
+        "--other-server",
+        default="",
+        metavar="PATH",
+        help="also run every mix against the enrollment-server executable of another "
+        "checkout (its .venv/bin/enrollment-server), in the same rounds: before/after "
+        "figures that one machine's drift cannot tell apart",
     )
     parser.add_argument(
         "--h2load",
@@ -115,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-        def project(log_name: str, *, max_workers: int, workers: int):
+        def project(log_name: str, *, max_workers: int, workers: int, executable: str = ""):
             return procs.enrollment_server(
                 free_port(),
                 url,
@@ -123,6 +132,7 @@ def main(args: argparse.Namespace) -> int:
                 max_workers=max_workers,
                 workers=workers,
                 log_level=args.log_level,
+                executable=executable,
             )
 
         servers = {
@@ -141,6 +151,13 @@ def main(args: argparse.Namespace) -> int:
         if args.threads_check:
             servers[THREADS] = project(
                 "server-threads.log", max_workers=args.threads_check, workers=args.workers
+            )
+        if args.other_server:
+            servers[OTHER] = project(
+                "server-other.log",
+                max_workers=args.max_workers,
+                workers=1,
+                executable=args.other_server,
             )
         try:
             for server in servers.values():
@@ -205,6 +222,8 @@ def _run_rounds(servers, mixes, shape, args, tmpdir: Path) -> dict:
             names.append(WORKERS)
         if THREADS in servers:
             names.append(THREADS)
+        if OTHER in servers:
+            names.append(OTHER)
         rounds: dict[str, list] = {name: [] for name in names}
         for index in range(args.rounds):
             # Alternate which server goes first, so drift on a shared machine hits both.

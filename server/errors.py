@@ -217,3 +217,18 @@ class CallEnded(EnrollmentError):
     @classmethod
     def of(cls) -> CallEnded:
         return cls("the call ended (deadline passed or cancelled) before its work committed")
+
+
+class RequestTimeout(EnrollmentError):
+    """The call's request message did not arrive within the server's bound
+    (--request-timeout): the call is ended before any work, so that a client that
+    opens calls and never sends their body holds nothing for long."""
+
+    code, reason = "DEADLINE_EXCEEDED", "REQUEST_TIMEOUT"
+
+    @classmethod
+    def of(cls, seconds: float) -> RequestTimeout:
+        return cls(
+            f"the request message did not arrive within {seconds:g} s of the call's start",
+            {"timeout_seconds": f"{seconds:g}"},
+        )

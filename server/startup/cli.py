@@ -230,6 +230,46 @@ def _security_and_operations_flags(run: argparse.ArgumentParser) -> None:
         help="time in-flight calls get on such a connection (default %(default)s)",
     )
     run.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULTS.request_timeout,
+        metavar="S",
+        help="end a call whose request message has not arrived S seconds after the call "
+        "began (DEADLINE_EXCEEDED, reason REQUEST_TIMEOUT; default %(default)s)",
+    )
+    run.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=DEFAULTS.max_streams_per_connection,
+        metavar="N",
+        help="calls at once on one connection (HTTP/2 MAX_CONCURRENT_STREAMS); more wait "
+        "in the client (default %(default)s)",
+    )
+    run.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=DEFAULTS.handshake_timeout,
+        metavar="S",
+        help="close a new connection that has not finished its TLS handshake and HTTP/2 "
+        "preface within S seconds (default %(default)s)",
+    )
+    run.add_argument(
+        "--max-connection-idle",
+        type=float,
+        default=DEFAULTS.max_connection_idle,
+        metavar="S",
+        help="close a connection that has had no call for S seconds; 0 = never "
+        "(default %(default)s)",
+    )
+    run.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULTS.max_connections,
+        metavar="N",
+        help="connections at once; more are closed when accepted (default: the "
+        "descriptor limit, ulimit -n, less 64)",
+    )
+    run.add_argument(
         "--metrics-address",
         default=env("ENROLLMENT_METRICS_ADDRESS"),
         metavar="HOST:PORT",
@@ -250,7 +290,8 @@ def _security_and_operations_config(args: argparse.Namespace) -> dict:
         "tls_cert tls_key tls_client_ca auth_tokens auth_failure_burst auth_failure_rate "
         "max_message_bytes max_concurrent_rpcs "
         "keepalive_time keepalive_timeout keepalive_min_ping_interval max_connection_age "
-        "max_connection_age_grace metrics_address"
+        "max_connection_age_grace metrics_address request_timeout max_streams_per_connection "
+        "handshake_timeout max_connection_idle max_connections"
     )
     return {name: getattr(args, name) for name in names.split()}
 

@@ -44,6 +44,16 @@ class ServerConfig:
     max_connection_age: float = 1800.0
     max_connection_age_grace: float = 30.0
     metrics_address: str | None = None
+    # What one client can hold (README "Operations"): seconds a call's request message
+    # may take to arrive; streams at once per connection (HTTP/2 MAX_CONCURRENT_STREAMS);
+    # seconds a new connection gets for its TLS handshake and HTTP/2 preface; seconds a
+    # connection may stay open with no call; connections at once (None: what the
+    # process's descriptor limit leaves after a reserve for the database and logs).
+    request_timeout: float = 5.0
+    max_streams_per_connection: int = 100
+    handshake_timeout: float = 5.0
+    max_connection_idle: float = 300.0
+    max_connections: int | None = None
 
     @property
     def connections(self) -> int:

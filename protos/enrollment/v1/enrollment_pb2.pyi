@@ -66,6 +66,10 @@ first that applies decides the answer:
                                            before repeating a call that is
                                            not idempotent. The server never
                                            retries such a call itself
+  DEADLINE_EXCEEDED   REQUEST_TIMEOUT      the request message did not
+                                           arrive within the server's bound
+                                           (5 s by default) of the call's
+                                           start; nothing was done
   INTERNAL            INTERNAL             anything unexpected; the server
                                            logs the details
 
