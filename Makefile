@@ -29,12 +29,13 @@ $(STAMP): pyproject.toml client/pyproject.toml
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
-# target: lint - ruff, buf lint, buf format, and a check that generated code is current
+# target: lint - ruff, buf lint, buf format, buf breaking against v1.0, generated code current
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
+	$(BIN)/buf breaking --against releases/enrollment-v1.0.binpb
 	$(BIN)/python scripts/gen_protos.py --check
 
 # target: test - lint, then the whole pytest suite against real servers
