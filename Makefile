@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 MIX ?= read
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test migrate run clean bench bench-scale bench-compare bench-micro bench-profile
+.PHONY: help install proto lint test migrate run clean bench bench-scale bench-compare bench-micro bench-profile bench-migrate
 
 # target: help - list the targets and what they do
 help:
@@ -79,6 +79,10 @@ bench-micro: $(STAMP)
 # target: bench-profile - py-spy the server under one mix (MIX=read|write|mixed); top lines
 bench-profile: $(BENCH_STAMP)
 	$(BIN)/python -m bench profile --mix '$(MIX)' $(BENCH_ARGS)
+
+# target: bench-migrate - time `migrate` of the newest migration over 1,000,000 v1.0 enrollments (DATABASE_URL: a new SQLite file or an empty database)
+bench-migrate: $(STAMP)
+	$(BIN)/python -m bench.migration --database-url '$(DATABASE_URL)' $(BENCH_ARGS)
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ./client -e '.[dev,bench]'
