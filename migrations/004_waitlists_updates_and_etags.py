@@ -10,7 +10,6 @@ small students and courses tables are written to: update_time = create_time. The
 index added is built beside the join table, not by rewriting it.
 """
 
-
 import peewee as pw
 from peewee_migrate import Migrator
 
@@ -100,5 +99,3 @@ def _refuse_waitlisted_entries(database: pw.Database) -> None:
             f"rolling back 004 would turn {waiting} waitlisted entries into enrollments; "
             "drop them (DropCourse) first. Nothing was changed."
         )
-
-
