@@ -26,12 +26,14 @@ def masked_paths(
 
     "*" alone is every mutable field; no paths at all is every mutable field whose
     value is not its default (zero, empty). Any other path is a violation on
-    update_mask, as is a path named twice or "*" beside others.
+    update_mask, as is a path named twice or "*" beside others; a wrong mask chooses
+    nothing, so the values are not checked.
     """
     if not paths:
         return {name for name, value in values.items() if value}
     chosen: set[str] = set()
     seen: set[str] = set()
+    found = len(fields.violations)
     for path in paths:
         if path in seen:
             fields.invalid(MASK_FIELD, f'names "{path}" more than once')
@@ -51,4 +53,5 @@ def masked_paths(
             fields.invalid(
                 MASK_FIELD, f'"{path[:64]}" is not a field of {resource} that can be updated'
             )
-    return chosen
+    # A mask that is wrong says nothing about which values to check: report it alone.
+    return chosen if len(fields.violations) == found else set()
