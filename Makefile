@@ -14,7 +14,7 @@ CHAOS_SECONDS ?= 60
 SOAK_SECONDS ?= 600
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test migrate run clean bench bench-scale bench-compare bench-micro bench-profile chaos soak
+.PHONY: help install proto lint test migrate run clean bench bench-scale bench-compare bench-micro bench-profile bench-migrate chaos soak
 
 # target: help - list the targets and what they do
 help:
@@ -32,12 +32,13 @@ $(STAMP): pyproject.toml client/pyproject.toml
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
-# target: lint - ruff, buf lint, buf format, and a check that generated code is current
+# target: lint - ruff, buf lint, buf format, buf breaking against v1.0, generated code current
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
+	$(BIN)/buf breaking --against releases/enrollment-v1.0.binpb
 	$(BIN)/python scripts/gen_protos.py --check
 
 # target: test - lint, then the whole pytest suite against real servers
@@ -81,6 +82,10 @@ bench-micro: $(STAMP)
 # target: bench-profile - py-spy the server under one mix (MIX=read|write|mixed); top lines
 bench-profile: $(BENCH_STAMP)
 	$(BIN)/python -m bench profile --mix '$(MIX)' $(BENCH_ARGS)
+
+# target: bench-migrate - time `migrate` of the newest migration over 1,000,000 v1.0 enrollments (DATABASE_URL: a new SQLite file or an empty database)
+bench-migrate: $(STAMP)
+	$(BIN)/python -m bench.migration --database-url '$(DATABASE_URL)' $(BENCH_ARGS)
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ./client -e '.[dev,bench]'

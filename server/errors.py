@@ -232,3 +232,61 @@ class RequestTimeout(EnrollmentError):
             f"the request message did not arrive within {seconds:g} s of the call's start",
             {"timeout_seconds": f"{seconds:g}"},
         )
+
+
+class EtagMismatch(EnrollmentError):
+    code, reason = "ABORTED", "ETAG_MISMATCH"
+
+    @classmethod
+    def of(cls, what: str, ident: int) -> EtagMismatch:
+        return cls(
+            f"{what} {ident} has changed since this etag was read; read it again and retry",
+            {f"{what}_id": str(ident)},
+        )
+
+
+class AlreadyWaitlisted(EnrollmentError):
+    code, reason = "ALREADY_EXISTS", "ALREADY_WAITLISTED"
+
+    @classmethod
+    def of(cls, student_id: int, course_id: int) -> AlreadyWaitlisted:
+        return cls(
+            f"student {student_id} is already on the waitlist of course {course_id}",
+            _pair(student_id, course_id),
+        )
+
+
+class WaitlistFull(EnrollmentError):
+    code, reason = "FAILED_PRECONDITION", "WAITLIST_FULL"
+
+    @classmethod
+    def of(cls, course_id: int, waitlist_capacity: int) -> WaitlistFull:
+        return cls(
+            f"course {course_id} is full and so is its waitlist "
+            f"(waitlist_capacity {waitlist_capacity})",
+            {"course_id": str(course_id), "waitlist_capacity": str(waitlist_capacity)},
+        )
+
+
+class CapacityBelowEnrollment(EnrollmentError):
+    code, reason = "FAILED_PRECONDITION", "CAPACITY_BELOW_ENROLLMENT"
+
+    @classmethod
+    def of(cls, course_id: int, capacity: int, enrolled: int) -> CapacityBelowEnrollment:
+        return cls(
+            f"course {course_id} has {enrolled} students enrolled; capacity {capacity} "
+            "would be below that",
+            {"course_id": str(course_id), "enrolled_count": str(enrolled)},
+        )
+
+
+class WaitlistBelowWaiting(EnrollmentError):
+    code, reason = "FAILED_PRECONDITION", "WAITLIST_BELOW_WAITING"
+
+    @classmethod
+    def of(cls, course_id: int, waitlist_capacity: int, waiting: int) -> WaitlistBelowWaiting:
+        return cls(
+            f"course {course_id} would still have {waiting} students waiting; "
+            f"waitlist_capacity {waitlist_capacity} would be below that",
+            {"course_id": str(course_id), "waitlisted_count": str(waiting)},
+        )

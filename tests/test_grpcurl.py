@@ -20,6 +20,10 @@ METHODS = [
     "DeleteCourse",
     "EnrollStudent",
     "DropCourse",
+    "UpdateStudent",
+    "UpdateCourse",
+    "GetEnrollment",
+    "ListEnrollments",
 ]
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
 

@@ -28,7 +28,8 @@ from enrollment.server.persistence import engine, migrator
 M001 = "001_create_students_and_courses"
 M002 = "002_create_student_courses"
 M003 = "003_mysql_utf8mb4_and_microseconds"  # changes nothing on SQLite
-ALL_MIGRATIONS = [M001, M002, M003]
+M004 = "004_waitlists_updates_and_etags"
+ALL_MIGRATIONS = [M001, M002, M003, M004]
 TABLES = ("students", "courses", "student_courses")
 KEPT_TABLES = ("students", "courses")  # tables 002 and its rollback must not touch
 
@@ -163,6 +164,18 @@ def plain_rows(db: pw.Database, table: str) -> list[tuple]:
     return db.execute_sql(f'SELECT * FROM "{table}" ORDER BY rowid').fetchall()
 
 
+V1_COLUMNS = {
+    "students": "id, name, email, email_key, create_time",
+    "courses": "id, code, code_key, title, capacity, enrolled_count, create_time",
+    "student_courses": "student_id, course_id, enroll_time",
+}
+
+
+def v1_rows(db: pw.Database, table: str) -> list[tuple]:
+    """The columns a table had in v1.0 (before 004 added its own), every row."""
+    return db.execute_sql(f'SELECT {V1_COLUMNS[table]} FROM "{table}" ORDER BY rowid').fetchall()
+
+
 def fk_violations(db: pw.Database) -> list[tuple]:
     return db.execute_sql("PRAGMA foreign_key_check").fetchall()
 
@@ -281,8 +294,8 @@ def test_rows_written_at_001_survive_002_and_its_rollback(db_at_001):
     assert dict(before["sqlite_sequence"]) == {"students": BIG_ID, "courses": BIG_ID + 5}
     assert_healthy(db)
 
-    assert router(db).run() == [M002, M003]
-    assert migrator.applied_migrations(db) == ALL_MIGRATIONS
+    assert router(db).run(M003) == [M002, M003]
+    assert migrator.applied_migrations(db) == [M001, M002, M003]
     assert table_exists(db, "student_courses")
     assert kept_snapshot(db) == before
     assert_healthy(db)
@@ -355,18 +368,20 @@ def test_every_step_of_001_002_rollback_002_keeps_every_row(app_database):
                 db.execute_sql(f"SELECT count(*) FROM {t}").fetchone()[0] for t in KEPT_TABLES
             ]
             assert counts == [50, 20], step
-            assert plain_rows(db, "students") == students, step
-            assert plain_rows(db, "courses") == courses, step
+            assert v1_rows(db, "students") == students, step
+            assert v1_rows(db, "courses") == courses, step
             assert_healthy(db)
 
     check("001", [M001], False)
-    assert migrator.migrate(db) == [M002, M003]
-    check("001+002+003", ALL_MIGRATIONS, True)
+    assert migrator.migrate(db) == [M002, M003, M004]
+    check("001+002+003+004", ALL_MIGRATIONS, True)
+    assert migrator.rollback(db) == M004
+    check("rollback 004", [M001, M002, M003], True)
     assert migrator.rollback(db) == M003
     check("rollback 003", [M001, M002], True)
     assert migrator.rollback(db) == M002
     check("rollback 002", [M001], False)
-    assert migrator.migrate(db) == [M002, M003]
+    assert migrator.migrate(db) == [M002, M003, M004]
     check("002 again", ALL_MIGRATIONS, True)
     with db.connection_context():
         assert migrator.pending_migrations(db) == []
@@ -454,6 +469,8 @@ EXPECTED_COLUMNS = {
         ("email", "VARCHAR(254)", 1, None, 0),
         ("email_key", "VARCHAR(512)", 1, None, 0),
         ("create_time", "DATETIME", 1, None, 0),
+        ("update_time", "DATETIME", 0, None, 0),
+        ("version", "INTEGER", 1, "1", 0),
     ],
     "courses": [
         ("id", "INTEGER", 1, None, 1),
@@ -463,11 +480,19 @@ EXPECTED_COLUMNS = {
         ("capacity", "INTEGER", 1, None, 0),
         ("enrolled_count", "INTEGER", 1, None, 0),
         ("create_time", "DATETIME", 1, None, 0),
+        ("waitlist_capacity", "INTEGER", 1, "0", 0),
+        ("waitlisted_count", "INTEGER", 1, "0", 0),
+        ("waitlist_joins", "INTEGER", 1, "0", 0),
+        ("update_time", "DATETIME", 0, None, 0),
+        ("version", "INTEGER", 1, "1", 0),
     ],
     "student_courses": [
         ("student_id", "INTEGER", 1, None, 1),
         ("course_id", "INTEGER", 1, None, 2),
         ("enroll_time", "DATETIME", 1, None, 0),
+        ("state", "INTEGER", 1, "1", 0),
+        ("join_number", "INTEGER", 1, "0", 0),
+        ("promote_time", "DATETIME", 0, None, 0),
     ],
 }
 
@@ -482,7 +507,11 @@ def test_columns_match_the_models(schema_conns, table):
 EXPECTED_INDEX_COLUMNS = {
     "students": [(1, ("email_key",))],
     "courses": [(1, ("code_key",))],
-    "student_courses": [(0, ("course_id", "student_id")), (1, ("student_id", "course_id"))],
+    "student_courses": [
+        (0, ("course_id", "state", "join_number")),
+        (0, ("course_id", "student_id")),
+        (1, ("student_id", "course_id")),
+    ],
 }
 
 
@@ -530,6 +559,12 @@ def test_create_table_sql_matches_the_models(schema_conns, table):
         assert '"capacity" INTEGER NOT NULL CHECK (capacity >= 0)' in sql
         assert '"enrolled_count" INTEGER NOT NULL CHECK (enrolled_count >= 0)' in sql
         assert "CHECK (capacity = 0 OR enrolled_count <= capacity)" in sql
+        assert (
+            '"waitlist_capacity" INTEGER NOT NULL DEFAULT 0 CHECK (waitlist_capacity >= 0)' in sql
+        )
+        assert '"waitlisted_count" INTEGER NOT NULL DEFAULT 0 CHECK (waitlisted_count >= 0)' in sql
+    if table == "student_courses":
+        assert '"state" INTEGER NOT NULL DEFAULT 1 CHECK (state IN (1, 2))' in sql
 
 
 NEW_ROW_SQL = {
@@ -576,8 +611,19 @@ def test_the_migrated_schema_enforces_its_constraints(tmp_path):
                 conn.execute(ins_course, bad)
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
             conn.execute(ins_course, (6, "C6", "c6", 2, 3))
-        ins_enrollment = "INSERT INTO student_courses VALUES (?, ?, 't')"
+        # A v1.0 writer names only the v1.0 columns; the rest take their defaults.
+        ins_enrollment = (
+            "INSERT INTO student_courses (student_id, course_id, enroll_time) VALUES (?, ?, 't')"
+        )
         conn.execute(ins_enrollment, (1, 1))
+        assert conn.execute(
+            "SELECT state, join_number, promote_time FROM student_courses"
+        ).fetchall() == [(1, 0, None)]
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            conn.execute("UPDATE student_courses SET state = 3")
+        for column in ("waitlist_capacity", "waitlisted_count"):
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+                conn.execute(f"UPDATE courses SET {column} = -1 WHERE id = 1")
         with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
             conn.execute(ins_enrollment, (1, 1))
         with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
@@ -632,9 +678,14 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     assert migrator.applied_migrations(db) == ALL_MIGRATIONS
     students, courses = insert_students_and_courses(db)
     insert_enrollments(db)
-    before = kept_snapshot(db)
     db.close()
 
+    # 004 drops only its own columns: its rollback goes through and keeps every row.
+    assert server_cli("rollback", path, tmp_path).stdout == f"rolled back {M004}\n"
+    db.connect()
+    before = kept_snapshot(db)
+    v1_before = {table: v1_rows(db, table) for table in KEPT_TABLES}
+    db.close()
     # 003 drops nothing: its rollback goes through.
     assert server_cli("rollback", path, tmp_path).stdout == f"rolled back {M003}\n"
     # Dropping student_courses would lose its rows: refused, and nothing changes.
@@ -654,7 +705,7 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     )  # fmt: skip
     assert proc.returncode == 0 and proc.stdout == f"rolled back {M002}\n", proc.stderr
     status = server_cli("status", path, tmp_path).stdout.splitlines()
-    assert status == [f"applied  {M001}", f"pending  {M002}", f"pending  {M003}"]
+    assert status == [f"applied  {M001}", *(f"pending  {m}" for m in ALL_MIGRATIONS[1:])]
     db.connect()
     assert migrator.applied_migrations(db) == [M001]
     assert not table_exists(db, "student_courses")
@@ -662,10 +713,10 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     assert_healthy(db)
     db.close()
 
-    assert server_cli("migrate", path, tmp_path).stdout == f"applied {M002}, {M003}\n"
+    assert server_cli("migrate", path, tmp_path).stdout == f"applied {M002}, {M003}, {M004}\n"
     db.connect()
     assert migrator.pending_migrations(db) == []
-    assert kept_snapshot(db) == before
+    assert {table: v1_rows(db, table) for table in KEPT_TABLES} == v1_before
     assert plain_rows(db, "students")[0][1] == students[0][1]
     assert len(plain_rows(db, "courses")) == len(courses)
 

@@ -1,17 +1,33 @@
-"""Courses: create, read, list (the catalogue or one student's courses), delete."""
+"""Courses: create, read, update, list (the catalogue or one student's courses), delete."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import peewee as pw
+
 from enrollment.server.domain import page_tokens
+from enrollment.server.domain.enrollments import drop_all_of_course, promote_next
 from enrollment.server.domain.lookups import find_course, find_student
 from enrollment.server.domain.rows import create_unique, list_page
+from enrollment.server.domain.updates import etag_of, masked_paths
 from enrollment.server.domain.validation import Fields
-from enrollment.server.errors import CourseCodeTaken, HasEnrollments
-from enrollment.server.persistence.models import Course, StudentCourse, lowercase_key, utcnow
+from enrollment.server.errors import (
+    CapacityBelowEnrollment,
+    CourseCodeTaken,
+    EtagMismatch,
+    HasEnrollments,
+    WaitlistBelowWaiting,
+)
+from enrollment.server.persistence.models import (
+    ENROLLED,
+    Course,
+    StudentCourse,
+    lowercase_key,
+    utcnow,
+)
 from enrollment.server.persistence.prepared import Prepared
-from enrollment.server.persistence.unit_of_work import transactional
+from enrollment.server.persistence.unit_of_work import savepoint, transactional
 
 # A page of the catalogue, and of one student's courses: keyset on the course id. A
 # student's courses are ordered by the join table's course_id, the same values, so that
@@ -26,7 +42,11 @@ _STUDENT_COURSES_PAGE = Prepared(
     lambda student_id, after_id, limit: (
         Course.select()
         .join(StudentCourse)
-        .where((StudentCourse.student == student_id) & (StudentCourse.course > after_id))
+        .where(
+            (StudentCourse.student == student_id)
+            & (StudentCourse.course > after_id)
+            & (StudentCourse.state == ENROLLED)
+        )
         .order_by(StudentCourse.course)
         .limit(limit)
     ),
@@ -41,12 +61,14 @@ class CoursePage:
 
 
 @transactional(write=True)
-def create_course(*, code: str, title: str, capacity: int) -> Course:
+def create_course(*, code: str, title: str, capacity: int, waitlist_capacity: int = 0) -> Course:
     fields = Fields()
     code = fields.code("code", code)
     title = fields.name("title", title)
     capacity = fields.capacity("capacity", capacity)
+    waitlist_capacity = fields.waitlist_capacity("waitlist_capacity", waitlist_capacity)
     fields.check()
+    now = utcnow()
     return create_unique(
         Course,
         CourseCodeTaken.of,
@@ -55,8 +77,91 @@ def create_course(*, code: str, title: str, capacity: int) -> Course:
         title=title,
         capacity=capacity,
         enrolled_count=0,
-        create_time=utcnow(),
+        waitlist_capacity=waitlist_capacity,
+        waitlisted_count=0,
+        create_time=now,
+        update_time=now,
     )
+
+
+MUTABLE = ("code", "title", "capacity", "waitlist_capacity")
+OUTPUT_ONLY = (
+    "id", "etag", "enrolled_count", "waitlisted_count", "create_time", "update_time",
+)  # fmt: skip
+
+
+@transactional(write=True)
+def update_course(
+    *,
+    course_id: int,
+    etag: str,
+    paths: list[str],
+    code: str,
+    title: str,
+    capacity: int,
+    waitlist_capacity: int,
+) -> Course:
+    """Checks in contract order: INVALID_FIELD, NOT_FOUND, ETAG_MISMATCH,
+    COURSE_CODE_TAKEN, CAPACITY_BELOW_ENROLLMENT, WAITLIST_BELOW_WAITING."""
+    fields = Fields()
+    fields.required_id("course.id", course_id)
+    values = {
+        "code": code, "title": title, "capacity": capacity, "waitlist_capacity": waitlist_capacity
+    }  # fmt: skip
+    chosen = masked_paths(fields, paths, values, resource="Course", output_only=OUTPUT_ONLY)
+    if "code" in chosen:
+        values["code"] = fields.code("course.code", code)
+    if "title" in chosen:
+        values["title"] = fields.name("course.title", title)
+    if "capacity" in chosen:
+        fields.capacity("course.capacity", capacity)
+    if "waitlist_capacity" in chosen:
+        fields.waitlist_capacity("course.waitlist_capacity", waitlist_capacity)
+    fields.check()
+    # Locked: enrollments, drops and other updates of this course wait for this one.
+    course = find_course(course_id, lock=True)
+    if etag and etag != etag_of(course.version):
+        raise EtagMismatch.of("course", course_id)
+    changes = {name: values[name] for name in chosen if getattr(course, name) != values[name]}
+    if not changes:
+        return course
+    return _apply_course_changes(course, changes, utcnow())
+
+
+def _apply_course_changes(course: Course, changes: dict, now) -> Course:
+    """The one place a course is updated (and its new seats filled from the waitlist)."""
+    course_id = course.id
+    this = Course.id == course_id
+    if "code" in changes:
+        try:
+            with savepoint():
+                code = changes["code"]
+                Course.update(code=code, code_key=lowercase_key(code)).where(this).execute()
+        except pw.IntegrityError:
+            raise CourseCodeTaken.of() from None
+    if "capacity" in changes:
+        capacity = changes["capacity"]
+        fits = this if capacity == 0 else this & (Course.enrolled_count <= capacity)
+        if Course.update(capacity=capacity).where(fits).execute() != 1:
+            raise CapacityBelowEnrollment.of(course_id, capacity, course.enrolled_count)
+        # The row is locked: its counts are the ones read above.
+        free = course.waitlisted_count if capacity == 0 else capacity - course.enrolled_count
+        promote_next(course_id, min(free, course.waitlisted_count), now)
+    if "waitlist_capacity" in changes:
+        limit = changes["waitlist_capacity"]
+        if (
+            Course.update(waitlist_capacity=limit)
+            .where(this & (Course.waitlisted_count <= limit))
+            .execute()
+            != 1
+        ):
+            (left,) = Course.select(Course.waitlisted_count).where(this).tuples()[0]
+            raise WaitlistBelowWaiting.of(course_id, limit, left)
+    rest = {Course.title: changes["title"]} if "title" in changes else {}
+    Course.update({**rest, Course.version: Course.version + 1, Course.update_time: now}).where(
+        this
+    ).execute()
+    return find_course(course_id)
 
 
 @transactional(write=False)
@@ -88,9 +193,10 @@ def delete_course(*, course_id: int, force: bool) -> None:
     fields.required_id("course_id", course_id)
     fields.check()
     course = find_course(course_id, lock=True)
+    # Waitlist entries count too.
     count = StudentCourse.select().where(StudentCourse.course == course_id).count()
     if count and not force:
         raise HasEnrollments.of("course", course.id, count)
     if count:
-        StudentCourse.delete().where(StudentCourse.course == course_id).execute()
+        drop_all_of_course(course_id)
     Course.delete().where(Course.id == course_id).execute()

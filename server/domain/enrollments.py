@@ -1,20 +1,68 @@
-"""Enrollment rules: who may join or leave a course, and the course's count kept exact."""
+"""Enrollment rules: who may join, wait for or leave a course, with its counts kept exact.
+
+Each kind of change is made in one function here, so whatever must go with a change
+(a change-feed event, say) is added in one place: _join makes an entry ENROLLED or
+WAITLISTED, promote_next promotes, drop_entry and drop_all_of_course drop. Every one of
+them runs with the course's row locked (SELECT … FOR UPDATE; SQLite has one writer),
+taken first by every writer of a course's entries, and moves the counts by conditional
+UPDATEs whose row counts the database decides.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+from dataclasses import dataclass
+
 import peewee as pw
 
-from enrollment.server.domain.lookups import course_or_none, find_student
+from enrollment.server.domain import page_tokens
+from enrollment.server.domain.lookups import course_or_none, find_course, find_student
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import (
     AlreadyEnrolled,
+    AlreadyWaitlisted,
     CourseFull,
+    CourseNotFound,
     NotEnrolled,
     UnknownCourseArgument,
+    WaitlistFull,
 )
-from enrollment.server.persistence.models import Course, StudentCourse, utcnow
+from enrollment.server.persistence.models import (
+    ENROLLED,
+    WAITLISTED,
+    Course,
+    StudentCourse,
+    utcnow,
+)
 from enrollment.server.persistence.prepared import Prepared
 from enrollment.server.persistence.unit_of_work import savepoint, transactional
+
+STATES = (ENROLLED, WAITLISTED)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One enrollment as the API shows it."""
+
+    student_id: int
+    course_id: int
+    state: int
+    waitlist_position: int  # 1 = next in line; 0 when enrolled
+    create_time: dt.datetime
+    enroll_time: dt.datetime | None  # when the seat was taken; None while waiting
+
+
+def _entry(row: StudentCourse, position: int = 0) -> Entry:
+    enrolled = row.state == ENROLLED
+    return Entry(
+        student_id=row.student_id,
+        course_id=row.course_id,
+        state=row.state,
+        waitlist_position=0 if enrolled else position,
+        create_time=row.enroll_time,
+        enroll_time=(row.promote_time or row.enroll_time) if enrolled else None,
+    )
+
 
 _INSERT = Prepared(
     lambda student_id, course_id, enroll_time: StudentCourse.insert(
@@ -30,21 +78,46 @@ _TAKE_SEAT = Prepared(
     ),
     1,
 )
-_DELETE = Prepared(
-    lambda student_id, course_id: StudentCourse.delete().where(
+# And one takes a place on the waitlist, handing out the next join number.
+_JOIN_WAITLIST = Prepared(
+    lambda course_id: Course.update(
+        waitlisted_count=Course.waitlisted_count + 1, waitlist_joins=Course.waitlist_joins + 1
+    ).where((Course.id == course_id) & (Course.waitlisted_count < Course.waitlist_capacity)),
+    1,
+)
+_ENTRY = Prepared(
+    lambda student_id, course_id: StudentCourse.select().where(
         (StudentCourse.student == student_id) & (StudentCourse.course == course_id)
     ),
     2,
 )
+# Deletes the entry when it is in the state given: which counter to lower is decided
+# by the row the database deleted, with no read before.
+_DELETE = Prepared(
+    lambda student_id, course_id, state: StudentCourse.delete().where(
+        (StudentCourse.student == student_id)
+        & (StudentCourse.course == course_id)
+        & (StudentCourse.state == state)
+    ),
+    3,
+)
 _FREE_SEAT = Prepared(
     lambda course_id: Course.update(enrolled_count=Course.enrolled_count - 1).where(
-        Course.id == course_id
+        (Course.id == course_id) & (Course.enrolled_count > 0)
+    ),
+    1,
+)
+_LEAVE_WAITLIST = Prepared(
+    lambda course_id: Course.update(waitlisted_count=Course.waitlisted_count - 1).where(
+        (Course.id == course_id) & (Course.waitlisted_count > 0)
     ),
     1,
 )
 
 
-def _validate_pair(student_id: int, course_id: int) -> Course:
+def _validate_pair(
+    student_id: int, course_id: int, *, lock: bool = True, missing_course=UnknownCourseArgument
+) -> Course:
     """Checks in contract order: malformed ids, then the course, then the student."""
     fields = Fields()
     fields.required_id("student_id", student_id)
@@ -52,28 +125,63 @@ def _validate_pair(student_id: int, course_id: int) -> Course:
     fields.check()
     # The course row is locked first, by every writer of its seats in the same order,
     # so PostgreSQL and MariaDB never deadlock two enrollments on the count.
-    course = course_or_none(course_id, lock=True)
+    course = course_or_none(course_id, lock=lock)
     if course is None:
-        raise UnknownCourseArgument.of(course_id)
+        raise missing_course.of(course_id)
     find_student(student_id)
     return course
 
 
+def position_of(course_id: int, join_number: int) -> int:
+    """1 + the entries of the course waiting with a smaller join number: no gaps."""
+    ahead = (
+        StudentCourse.select()
+        .where(
+            (StudentCourse.course == course_id)
+            & (StudentCourse.state == WAITLISTED)
+            & (StudentCourse.join_number < join_number)
+        )
+        .count()
+    )
+    return ahead + 1
+
+
+def _shown(row: StudentCourse) -> Entry:
+    if row.state == WAITLISTED:
+        return _entry(row, position_of(row.course_id, row.join_number))
+    return _entry(row)
+
+
 @transactional(write=True)
-def enroll_student(*, student_id: int, course_id: int) -> StudentCourse:
+def enroll_student(*, student_id: int, course_id: int, waitlist_if_full: bool = False) -> Entry:
     course = _validate_pair(student_id, course_id)
-    enroll_time = utcnow()
+    return _join(course, student_id, utcnow(), waitlist_if_full)
+
+
+def _join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bool) -> Entry:
+    """The one place an entry is made: ENROLLED when a seat is free, else WAITLISTED
+    when asked for and the waitlist has room."""
+    course_id = course.id
     try:
-        # The primary key decides duplicates.
+        # The primary key decides duplicates, enrolled or waiting.
         with savepoint():
-            _INSERT.execute(student_id, course_id, enroll_time)
+            _INSERT.execute(student_id, course_id, now)
     except pw.IntegrityError:
         _raise_rejected_enrollment(student_id, course_id)
         raise  # a constraint this code does not know: INTERNAL, with the traceback logged
-    # Raising when the course is full rolls the enrollment back with the transaction.
-    if _TAKE_SEAT.execute(course_id) != 1:
+    if _TAKE_SEAT.execute(course_id) == 1:
+        return Entry(student_id, course_id, ENROLLED, 0, now, now)
+    # Full. Raising rolls the new entry back with the transaction.
+    if not waitlist_if_full or course.waitlist_capacity == 0:
         raise CourseFull.of(course_id, course.capacity)
-    return StudentCourse(student=student_id, course=course_id, enroll_time=enroll_time)
+    if _JOIN_WAITLIST.execute(course_id) != 1:
+        raise WaitlistFull.of(course_id, course.waitlist_capacity)
+    # The course's row is ours until commit: the number just taken is this entry's.
+    (join_number,) = Course.select(Course.waitlist_joins).where(Course.id == course_id).tuples()[0]
+    StudentCourse.update(state=WAITLISTED, join_number=join_number).where(
+        (StudentCourse.student == student_id) & (StudentCourse.course == course_id)
+    ).execute()
+    return Entry(student_id, course_id, WAITLISTED, position_of(course_id, join_number), now, None)
 
 
 def _raise_rejected_enrollment(student_id: int, course_id: int) -> None:
@@ -86,10 +194,10 @@ def _raise_rejected_enrollment(student_id: int, course_id: int) -> None:
     on a pooled connection another call may be using, and the race tests then saw
     "database is locked".
     """
-    duplicate = StudentCourse.select().where(
-        (StudentCourse.student == student_id) & (StudentCourse.course == course_id)
-    )
-    if duplicate.exists():
+    duplicate = _ENTRY.first(student_id, course_id)
+    if duplicate is not None:
+        if duplicate.state == WAITLISTED:
+            raise AlreadyWaitlisted.of(student_id, course_id) from None
         raise AlreadyEnrolled.of(student_id, course_id) from None
     if not Course.select().where(Course.id == course_id).exists():
         raise UnknownCourseArgument.of(course_id) from None
@@ -97,8 +205,148 @@ def _raise_rejected_enrollment(student_id: int, course_id: int) -> None:
 
 
 @transactional(write=True)
-def drop_course(*, student_id: int, course_id: int) -> None:
-    _validate_pair(student_id, course_id)
-    if _DELETE.execute(student_id, course_id) != 1:
+def drop_course(*, student_id: int, course_id: int) -> Entry | None:
+    """Drops the entry; returns the entry promoted into the freed seat, if any."""
+    course = _validate_pair(student_id, course_id)
+    promoted = drop_entry(course, student_id, utcnow())
+    return promoted[0] if promoted else None
+
+
+def drop_entry(course: Course, student_id: int, now: dt.datetime) -> list[Entry]:
+    """The one place a single entry is dropped, enrolled or waiting. course: its row, read
+    under the row lock the caller holds. A freed seat goes to position 1 of the
+    waitlist; returns who was promoted."""
+    if _DELETE.execute(student_id, course.id, ENROLLED) == 1:
+        _FREE_SEAT.execute(course.id)
+        # Nobody waits while a seat is free, so the count read under the lock says
+        # whether anyone is in line for this one.
+        return promote_next(course.id, 1, now) if course.waitlisted_count else []
+    if _DELETE.execute(student_id, course.id, WAITLISTED) == 1:
+        _LEAVE_WAITLIST.execute(course.id)
+        return []
+    raise NotEnrolled.of(student_id, course.id)
+
+
+def drop_all_of_course(course_id: int) -> None:
+    """The one place a course's entries are dropped together (forced DeleteCourse): its
+    waitlist first, then its roster; nobody is promoted."""
+    for state in (WAITLISTED, ENROLLED):
+        StudentCourse.delete().where(
+            (StudentCourse.course == course_id) & (StudentCourse.state == state)
+        ).execute()
+    Course.update(enrolled_count=0, waitlisted_count=0).where(Course.id == course_id).execute()
+
+
+def promote_next(course_id: int, seats: int, now: dt.datetime) -> list[Entry]:
+    """The one place entries are promoted: up to `seats` waiting entries, first in line
+    first, take seats (the caller holds the course's row lock and knows the seats free)."""
+    if seats <= 0:
+        return []
+    rows = list(
+        StudentCourse.select()
+        .where((StudentCourse.course == course_id) & (StudentCourse.state == WAITLISTED))
+        .order_by(StudentCourse.join_number)
+        .limit(seats)
+    )
+    if not rows:
+        return []
+    moved = (
+        StudentCourse.update(state=ENROLLED, join_number=0, promote_time=now)
+        .where(
+            (StudentCourse.course == course_id)
+            & (StudentCourse.state == WAITLISTED)
+            & (StudentCourse.student.in_([r.student_id for r in rows]))
+        )
+        .execute()
+    )
+    n = len(rows)
+    counted = (
+        Course.update(
+            enrolled_count=Course.enrolled_count + n, waitlisted_count=Course.waitlisted_count - n
+        )
+        .where(
+            (Course.id == course_id)
+            & (Course.waitlisted_count >= n)
+            & ((Course.capacity == 0) | (Course.enrolled_count + n <= Course.capacity))
+        )
+        .execute()
+    )
+    if moved != n or counted != 1:
+        # Cannot happen while every writer holds the course's lock; fail the whole call.
+        raise RuntimeError(f"promotion in course {course_id} found its counts changed")
+    for row in rows:
+        row.state, row.promote_time = ENROLLED, now
+    return [_entry(row) for row in rows]
+
+
+@transactional(write=False)
+def get_enrollment(*, student_id: int, course_id: int) -> Entry:
+    _validate_pair(student_id, course_id, lock=False, missing_course=CourseNotFound)
+    row = _ENTRY.first(student_id, course_id)
+    if row is None:
         raise NotEnrolled.of(student_id, course_id)
-    _FREE_SEAT.execute(course_id)
+    return _shown(row)
+
+
+@dataclass(frozen=True)
+class EnrollmentPage:
+    enrollments: list[Entry]
+    next_page_token: str
+
+
+@transactional(write=False)
+def list_enrollments(
+    *, student_id: int, course_id: int, state: int, page_size: int, page_token: str
+) -> EnrollmentPage:
+    fields = Fields()
+    fields.optional_id("student_id", student_id)
+    fields.optional_id("course_id", course_id)
+    if state not in (0, *STATES):
+        fields.invalid("state", "must be ENROLLMENT_STATE_UNSPECIFIED, _ENROLLED or _WAITLISTED")
+    if page_size < 0:
+        fields.invalid("page_size", "must be 0 (the default) or more")
+    # Waitlist order for one course's waiting entries, else (course_id, student_id).
+    in_line = course_id > 0 and state == WAITLISTED
+    kind = page_tokens.Kind.WAITLIST if in_line else page_tokens.Kind.ENROLLMENTS
+    filters = (max(student_id, 0), max(course_id, 0), state if state in STATES else 0)
+    try:
+        after = page_tokens.decode_pair(page_token, kind=kind, filters=filters)
+    except page_tokens.BadToken as exc:
+        fields.invalid("page_token", str(exc))
+        after = None
+    fields.check()
+    size = page_tokens.effective_page_size(page_size)
+
+    query = StudentCourse.select()
+    if student_id:
+        query = query.where(StudentCourse.student == student_id)
+    if course_id:
+        query = query.where(StudentCourse.course == course_id)
+    if state:
+        query = query.where(StudentCourse.state == state)
+    if in_line:
+        if after is not None:
+            query = query.where(StudentCourse.join_number > after[0])
+        query = query.order_by(StudentCourse.join_number)
+    else:
+        if after is not None:
+            last_course, last_student = after
+            query = query.where(
+                (StudentCourse.course > last_course)
+                | ((StudentCourse.course == last_course) & (StudentCourse.student > last_student))
+            )
+        query = query.order_by(StudentCourse.course, StudentCourse.student)
+    rows = list(query.limit(size + 1))
+    token = ""
+    if len(rows) > size:
+        rows = rows[:size]
+        last = rows[-1]
+        key = (last.join_number, 0) if in_line else (last.course_id, last.student_id)
+        token = page_tokens.encode_pair(kind=kind, filters=filters, after=key)
+    if not rows:
+        # No entries and a missing filter look alike; only then ask, the course first.
+        if course_id:
+            find_course(course_id)
+        if student_id:
+            find_student(student_id)
+    return EnrollmentPage([_shown(row) for row in rows], token)

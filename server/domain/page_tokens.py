@@ -18,6 +18,13 @@ _LAYOUT = struct.Struct(">BBqq")  # version, kind, filter id, last id returned
 class Kind(enum.IntEnum):
     STUDENTS = 1
     COURSES = 2
+    ENROLLMENTS = 3  # ListEnrollments in (course_id, student_id) order
+    WAITLIST = 4  # ListEnrollments of one course's waiting entries, in line order
+
+
+# ListEnrollments: version, kind, its three filters (student, course, state) and the
+# last row's key (course_id, student_id; or join number, 0 in waitlist order).
+_PAIR_LAYOUT = struct.Struct(">BBqqBqq")
 
 
 class BadToken(ValueError):
@@ -49,6 +56,30 @@ def decode(token: str, *, kind: Kind, filter_id: int) -> int:
     if token_filter != filter_id:
         raise BadToken("was issued for a different filter; start again without a page token")
     return after_id
+
+
+def encode_pair(*, kind: Kind, filters: tuple[int, int, int], after: tuple[int, int]) -> str:
+    raw = _PAIR_LAYOUT.pack(_VERSION, kind, *filters, *after)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decode_pair(token: str, *, kind: Kind, filters: tuple[int, int, int]) -> tuple[int, int] | None:
+    """The key of the previous page's last row; None for an empty token (the first page)."""
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        version, token_kind, *rest = _PAIR_LAYOUT.unpack(raw)
+    except (binascii.Error, ValueError, struct.error, UnicodeEncodeError):
+        raise BadToken("is not a page token issued by this method") from None
+    token_filters, after = tuple(rest[:3]), (rest[3], rest[4])
+    if version != _VERSION or token_kind not in (Kind.ENROLLMENTS, Kind.WAITLIST):
+        raise BadToken("is not a page token issued by this method")
+    if min(*token_filters, *after) < 0 or after[0] < 1:
+        raise BadToken("is not a page token issued by this method")
+    if token_kind != kind or token_filters != filters:
+        raise BadToken("was issued for a different filter; start again without a page token")
+    return after
 
 
 @dataclass(frozen=True)

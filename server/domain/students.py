@@ -1,15 +1,20 @@
-"""Students: create, read, list (all or a course's roster), delete."""
+"""Students: create, read, update, list (all or a course's roster), delete."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import peewee as pw
+
 from enrollment.server.domain import page_tokens
+from enrollment.server.domain.enrollments import drop_entry
 from enrollment.server.domain.lookups import find_course, find_student
 from enrollment.server.domain.rows import create_unique, list_page
+from enrollment.server.domain.updates import etag_of, masked_paths
 from enrollment.server.domain.validation import Fields
-from enrollment.server.errors import EmailTaken, HasEnrollments
+from enrollment.server.errors import EmailTaken, EtagMismatch, HasEnrollments
 from enrollment.server.persistence.models import (
+    ENROLLED,
     Course,
     Student,
     StudentCourse,
@@ -17,7 +22,7 @@ from enrollment.server.persistence.models import (
     utcnow,
 )
 from enrollment.server.persistence.prepared import Prepared
-from enrollment.server.persistence.unit_of_work import locking, transactional
+from enrollment.server.persistence.unit_of_work import locking, savepoint, transactional
 
 # A page of all students, and of one course's roster: keyset on the student id. The roster
 # is ordered by the join table's student_id, the same values, so that SQLite reads the
@@ -33,7 +38,11 @@ _ROSTER_PAGE = Prepared(
     lambda course_id, after_id, limit: (
         Student.select()
         .join(StudentCourse)
-        .where((StudentCourse.course == course_id) & (StudentCourse.student > after_id))
+        .where(
+            (StudentCourse.course == course_id)
+            & (StudentCourse.student > after_id)
+            & (StudentCourse.state == ENROLLED)
+        )
         .order_by(StudentCourse.student)
         .limit(limit)
     ),
@@ -53,14 +62,59 @@ def create_student(*, name: str, email: str) -> Student:
     name = fields.name("name", name)
     email = fields.email("email", email)
     fields.check()
+    now = utcnow()
     return create_unique(
         Student,
         EmailTaken.of,
         name=name,
         email=email,
         email_key=lowercase_key(email),
-        create_time=utcnow(),
+        create_time=now,
+        update_time=now,
     )
+
+
+MUTABLE = ("name", "email")
+OUTPUT_ONLY = ("id", "etag", "create_time", "update_time")
+
+
+@transactional(write=True)
+def update_student(
+    *, student_id: int, etag: str, paths: list[str], name: str, email: str
+) -> Student:
+    """Checks in contract order: INVALID_FIELD, NOT_FOUND, ETAG_MISMATCH, EMAIL_TAKEN."""
+    fields = Fields()
+    fields.required_id("student.id", student_id)
+    values = {"name": name, "email": email}
+    chosen = masked_paths(fields, paths, values, resource="Student", output_only=OUTPUT_ONLY)
+    if "name" in chosen:
+        values["name"] = fields.name("student.name", name)
+    if "email" in chosen:
+        values["email"] = fields.email("student.email", email)
+    fields.check()
+    student = find_student(student_id, lock=True)
+    if etag and etag != etag_of(student.version):
+        raise EtagMismatch.of("student", student_id)
+    changes = {name: values[name] for name in chosen if getattr(student, name) != values[name]}
+    if not changes:
+        return student
+    return _apply_student_changes(student_id, changes, utcnow())
+
+
+def _apply_student_changes(student_id: int, changes: dict, now) -> Student:
+    """The one place a student is updated."""
+    update = {Student.version: Student.version + 1, Student.update_time: now}
+    if "name" in changes:
+        update[Student.name] = changes["name"]
+    if "email" in changes:
+        update[Student.email] = changes["email"]
+        update[Student.email_key] = lowercase_key(changes["email"])
+    try:
+        with savepoint():
+            Student.update(update).where(Student.id == student_id).execute()
+    except pw.IntegrityError:
+        raise EmailTaken.of() from None
+    return find_student(student_id)
 
 
 @transactional(write=False)
@@ -95,26 +149,25 @@ def delete_student(*, student_id: int, force: bool) -> None:
     # before (and is counted below) or waits and then finds no student.
     find_student(student_id, lock=True)
     courses = _courses_of(student_id)
+    locked: dict[int, Course] = {}
     if courses:
         # Every enroll and drop locks its course first, so with these courses locked
-        # (in id order, as enrollment writers do) none of the student's enrollments
-        # can change under us; read them again, as a drop may have just committed.
-        locking(
-            Course.select(Course.id).where(Course.id.in_(courses)).order_by(Course.id)
-        ).execute()
+        # (in id order, as enrollment writers do) none of the student's entries can
+        # change under us; read them again, as a drop may have just committed. (None
+        # can have been added: the student's row is ours.)
+        query = Course.select().where(Course.id.in_(courses)).order_by(Course.id)
+        locked = {course.id: course for course in locking(query)}
         courses = _courses_of(student_id)
     if courses and not force:
+        # Waitlist entries count too.
         raise HasEnrollments.of("student", student_id, len(courses))
-    if courses:
-        # Each course the student leaves loses one enrolled student: the courses are
-        # named by value, not by a subquery a concurrent drop could have changed.
-        Course.update(enrolled_count=Course.enrolled_count - 1).where(
-            Course.id.in_(courses)
-        ).execute()
-        StudentCourse.delete().where(StudentCourse.student == student_id).execute()
+    now = utcnow()
+    # Each entry is dropped as DropCourse drops it: a freed seat goes to position 1.
+    for course_id in courses:
+        drop_entry(locked[course_id], student_id, now)
     Student.delete().where(Student.id == student_id).execute()
 
 
 def _courses_of(student_id: int) -> list[int]:
     query = StudentCourse.select(StudentCourse.course).where(StudentCourse.student == student_id)
-    return [row.course_id for row in query]
+    return [row.course_id for row in query.order_by(StudentCourse.course)]

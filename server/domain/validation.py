@@ -73,6 +73,11 @@ class Fields:
             self.invalid(field, "must be 0 (unlimited) or more")
         return value
 
+    def waitlist_capacity(self, field: str, value: int) -> int:
+        if value < 0:
+            self.invalid(field, "must be 0 (no waitlist) or more")
+        return value
+
     def page_request(
         self,
         kind: page_tokens.Kind,

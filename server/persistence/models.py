@@ -56,6 +56,18 @@ def _is_mysql(db) -> bool:
     return isinstance(db, pw.MySQLDatabase)
 
 
+# Enrollment.state as stored (the same numbers as the proto's EnrollmentState).
+ENROLLED = 1
+WAITLISTED = 2
+
+
+def server_default(value: int) -> pw.SQL:
+    """A constant DEFAULT in the column's DDL: migration 004 adds its NOT NULL columns
+    with it, which PostgreSQL (11+), MariaDB (10.3+) and SQLite do without touching a
+    row, and a v1.0 writer that names none of them still inserts valid rows."""
+    return pw.SQL(f"DEFAULT {value}")
+
+
 class BaseModel(pw.Model):
     class Meta:
         database = proxy
@@ -68,6 +80,11 @@ class Student(BaseModel):
     email = pw.CharField(max_length=EMAIL_MAX)
     email_key = pw.CharField(max_length=KEY_LENGTH, unique=True)
     create_time = TimestampField(default=utcnow)
+    # Migration 004 on: NULL only for rows older than it (then = create_time; 004 fills
+    # them), so that adding the column rewrites nothing.
+    update_time = TimestampField(null=True)
+    # Moves by one whenever name or email changes; the etag is made from it.
+    version = pw.IntegerField(default=1, constraints=[server_default(1)])
 
     class Meta:
         table_name = "students"
@@ -81,6 +98,19 @@ class Course(BaseModel):
     capacity = pw.IntegerField(default=0, constraints=[pw.Check("capacity >= 0")])
     enrolled_count = pw.IntegerField(default=0, constraints=[pw.Check("enrolled_count >= 0")])
     create_time = TimestampField(default=utcnow)
+    # Migration 004 on (see Student for update_time and version).
+    waitlist_capacity = pw.IntegerField(
+        default=0, constraints=[server_default(0), pw.Check("waitlist_capacity >= 0")]
+    )
+    waitlisted_count = pw.IntegerField(
+        default=0, constraints=[server_default(0), pw.Check("waitlisted_count >= 0")]
+    )
+    # The join number of the latest entry to join the waitlist: raised by one, under the
+    # course's row lock, by every entry that joins, so the waitlist's order is the order
+    # of the commits, not of any clock.
+    waitlist_joins = pw.BigIntegerField(default=0, constraints=[server_default(0)])
+    update_time = TimestampField(null=True)
+    version = pw.IntegerField(default=1, constraints=[server_default(1)])
 
     class Meta:
         table_name = "courses"
@@ -94,13 +124,31 @@ class StudentCourse(BaseModel):
         Student, column_name="student_id", on_delete="RESTRICT", index=False
     )
     course = pw.ForeignKeyField(Course, column_name="course_id", on_delete="RESTRICT", index=False)
+    # When the entry was made (Enrollment.create_time): for an entry that never waited
+    # also when it took its seat.
     enroll_time = TimestampField(default=utcnow)
+    # Migration 004 on. ENROLLED or WAITLISTED; rows older than 004 are ENROLLED.
+    state = pw.SmallIntegerField(
+        default=ENROLLED,
+        constraints=[server_default(ENROLLED), pw.Check(f"state IN ({ENROLLED}, {WAITLISTED})")],
+    )
+    # While WAITLISTED: the course's waitlist_joins when the entry joined (its place in
+    # line: positions are 1 + the waiting entries of the course with a smaller number).
+    # 0 once ENROLLED.
+    join_number = pw.BigIntegerField(default=0, constraints=[server_default(0)])
+    # When a waitlisted entry took its seat; NULL for an entry that never waited (its
+    # seat was taken at enroll_time) and while waiting.
+    promote_time = TimestampField(null=True)
 
     class Meta:
         table_name = "student_courses"
         primary_key = pw.CompositeKey("student", "course")
-        # The roster of a course, in student order: (course_id, student_id).
-        indexes = ((("course", "student"), False),)
+        # The roster of a course, in student order: (course_id, student_id); and its
+        # waitlist in line order: (course_id, state, join_number).
+        indexes = (
+            (("course", "student"), False),
+            (("course", "state", "join_number"), False),
+        )
 
 
 MODELS = (Student, Course, StudentCourse)

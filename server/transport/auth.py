@@ -41,7 +41,8 @@ class Token:
 
 
 def required_role(method: str) -> str:
-    """reader for Get*/List*, writer for EnrollStudent/DropCourse, admin for the rest."""
+    """reader for Get*/List* (GetEnrollment and ListEnrollments too), writer for
+    EnrollStudent/DropCourse, admin for the rest (UpdateStudent and UpdateCourse too)."""
     if method.startswith(("Get", "List")):
         return "reader"
     if method in _WRITER_METHODS:

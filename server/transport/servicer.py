@@ -38,7 +38,10 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
 
     def CreateCourse(self, request, context):
         course = courses.create_course(
-            code=request.code, title=request.title, capacity=request.capacity
+            code=request.code,
+            title=request.title,
+            capacity=request.capacity,
+            waitlist_capacity=request.waitlist_capacity,
         )
         return pb.CreateCourseResponse(course=course_to_proto(course))
 
@@ -63,10 +66,59 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
 
     def EnrollStudent(self, request, context):
         enrollment = enrollments.enroll_student(
-            student_id=request.student_id, course_id=request.course_id
+            student_id=request.student_id,
+            course_id=request.course_id,
+            waitlist_if_full=request.waitlist_if_full,
         )
         return pb.EnrollStudentResponse(enrollment=enrollment_to_proto(enrollment))
 
     def DropCourse(self, request, context):
-        enrollments.drop_course(student_id=request.student_id, course_id=request.course_id)
-        return pb.DropCourseResponse()
+        promoted = enrollments.drop_course(
+            student_id=request.student_id, course_id=request.course_id
+        )
+        if promoted is None:
+            return pb.DropCourseResponse()
+        return pb.DropCourseResponse(promoted=enrollment_to_proto(promoted))
+
+    def UpdateStudent(self, request, context):
+        s = request.student
+        student = students.update_student(
+            student_id=s.id,
+            etag=s.etag,
+            paths=list(request.update_mask.paths),
+            name=s.name,
+            email=s.email,
+        )
+        return pb.UpdateStudentResponse(student=student_to_proto(student))
+
+    def UpdateCourse(self, request, context):
+        c = request.course
+        course = courses.update_course(
+            course_id=c.id,
+            etag=c.etag,
+            paths=list(request.update_mask.paths),
+            code=c.code,
+            title=c.title,
+            capacity=c.capacity,
+            waitlist_capacity=c.waitlist_capacity,
+        )
+        return pb.UpdateCourseResponse(course=course_to_proto(course))
+
+    def GetEnrollment(self, request, context):
+        enrollment = enrollments.get_enrollment(
+            student_id=request.student_id, course_id=request.course_id
+        )
+        return pb.GetEnrollmentResponse(enrollment=enrollment_to_proto(enrollment))
+
+    def ListEnrollments(self, request, context):
+        page = enrollments.list_enrollments(
+            student_id=request.student_id,
+            course_id=request.course_id,
+            state=request.state,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListEnrollmentsResponse(
+            enrollments=[enrollment_to_proto(e) for e in page.enrollments],
+            next_page_token=page.next_page_token,
+        )

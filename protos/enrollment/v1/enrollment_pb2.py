@@ -22,62 +22,81 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65nrollment/v1/enrollment.proto\x12\renrollment.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"c\n\x07Student\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8c\x01\n\x06\x43ourse\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x16\n\x0e\x65nrolled_count\x18\x05 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\nEnrollment\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\x12\x11\n\tcourse_id\x18\x02 \x01(\x03\x12/\n\x0b\x65nroll_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n\x14\x43reateStudentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\"@\n\x15\x43reateStudentResponse\x12\'\n\x07student\x18\x01 \x01(\x0b\x32\x16.enrollment.v1.Student\"\'\n\x11GetStudentRequest\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\"=\n\x12GetStudentResponse\x12\'\n\x07student\x18\x01 \x01(\x0b\x32\x16.enrollment.v1.Student\"O\n\x13ListStudentsRequest\x12\x11\n\tcourse_id\x18\x01 \x01(\x03\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Y\n\x14ListStudentsResponse\x12(\n\x08students\x18\x01 \x03(\x0b\x32\x16.enrollment.v1.Student\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x14\x44\x65leteStudentRequest\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x17\n\x15\x44\x65leteStudentResponse\"D\n\x13\x43reateCourseRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\"=\n\x14\x43reateCourseResponse\x12%\n\x06\x63ourse\x18\x01 \x01(\x0b\x32\x15.enrollment.v1.Course\"%\n\x10GetCourseRequest\x12\x11\n\tcourse_id\x18\x01 \x01(\x03\":\n\x11GetCourseResponse\x12%\n\x06\x63ourse\x18\x01 \x01(\x0b\x32\x15.enrollment.v1.Course\"O\n\x12ListCoursesRequest\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x13ListCoursesResponse\x12&\n\x07\x63ourses\x18\x01 \x03(\x0b\x32\x15.enrollment.v1.Course\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x13\x44\x65leteCourseRequest\x12\x11\n\tcourse_id\x18\x01 \x01(\x03\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x16\n\x14\x44\x65leteCourseResponse\"=\n\x14\x45nrollStudentRequest\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\x12\x11\n\tcourse_id\x18\x02 \x01(\x03\"F\n\x15\x45nrollStudentResponse\x12-\n\nenrollment\x18\x01 \x01(\x0b\x32\x19.enrollment.v1.Enrollment\":\n\x11\x44ropCourseRequest\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\x12\x11\n\tcourse_id\x18\x02 \x01(\x03\"\x14\n\x12\x44ropCourseResponse2\xfe\x06\n\x11\x45nrollmentService\x12Z\n\rCreateStudent\x12#.enrollment.v1.CreateStudentRequest\x1a$.enrollment.v1.CreateStudentResponse\x12Q\n\nGetStudent\x12 .enrollment.v1.GetStudentRequest\x1a!.enrollment.v1.GetStudentResponse\x12W\n\x0cListStudents\x12\".enrollment.v1.ListStudentsRequest\x1a#.enrollment.v1.ListStudentsResponse\x12Z\n\rDeleteStudent\x12#.enrollment.v1.DeleteStudentRequest\x1a$.enrollment.v1.DeleteStudentResponse\x12W\n\x0c\x43reateCourse\x12\".enrollment.v1.CreateCourseRequest\x1a#.enrollment.v1.CreateCourseResponse\x12N\n\tGetCourse\x12\x1f.enrollment.v1.GetCourseRequest\x1a .enrollment.v1.GetCourseResponse\x12T\n\x0bListCourses\x12!.enrollment.v1.ListCoursesRequest\x1a\".enrollment.v1.ListCoursesResponse\x12W\n\x0c\x44\x65leteCourse\x12\".enrollment.v1.DeleteCourseRequest\x1a#.enrollment.v1.DeleteCourseResponse\x12Z\n\rEnrollStudent\x12#.enrollment.v1.EnrollStudentRequest\x1a$.enrollment.v1.EnrollStudentResponse\x12Q\n\nDropCourse\x12 .enrollment.v1.DropCourseRequest\x1a!.enrollment.v1.DropCourseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65nrollment/v1/enrollment.proto\x12\renrollment.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x01\n\x07Student\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x06 \x01(\t\"\x80\x02\n\x06\x43ourse\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x16\n\x0e\x65nrolled_count\x18\x05 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11waitlist_capacity\x18\x07 \x01(\x05\x12\x18\n\x10waitlisted_count\x18\x08 \x01(\x05\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\n \x01(\t\"\xdf\x01\n\nEnrollment\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\x12\x11\n\tcourse_id\x18\x02 \x01(\x03\x12/\n\x0b\x65nroll_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x05state\x18\x04 \x01(\x0e\x32\x1e.enrollment.v1.EnrollmentState\x12\x19\n\x11waitlist_position\x18\x05 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n\x14\x43reateStudentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\"@\n\x15\x43reateStudentResponse\x12\'\n\x07student\x18\x01 \x01(\x0b\x32\x16.enrollment.v1.Student\"\'\n\x11GetStudentRequest\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\"=\n\x12GetStudentResponse\x12\'\n\x07student\x18\x01 \x01(\x0b\x32\x16.enrollment.v1.Student\"O\n\x13ListStudentsRequest\x12\x11\n\tcourse_id\x18\x01 \x01(\x03\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Y\n\x14ListStudentsResponse\x12(\n\x08students\x18\x01 \x03(\x0b\x32\x16.enrollment.v1.Student\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x14\x44\x65leteStudentRequest\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x17\n\x15\x44\x65leteStudentResponse\"_\n\x13\x43reateCourseRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12\x19\n\x11waitlist_capacity\x18\x04 \x01(\x05\"=\n\x14\x43reateCourseResponse\x12%\n\x06\x63ourse\x18\x01 \x01(\x0b\x32\x15.enrollment.v1.Course\"%\n\x10GetCourseRequest\x12\x11\n\tcourse_id\x18\x01 \x01(\x03\":\n\x11GetCourseResponse\x12%\n\x06\x63ourse\x18\x01 \x01(\x0b\x32\x15.enrollment.v1.Course\"O\n\x12ListCoursesRequest\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x13ListCoursesResponse\x12&\n\x07\x63ourses\x18\x01 \x03(\x0b\x32\x15.enrollment.v1.Course\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x13\x44\x65leteCourseRequest\x12\x11\n\tcourse_id\x18\x01 \x01(\x03\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x16\n\x14\x44\x65leteCourseResponse\"W\n\x14\x45nrollStudentRequest\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\x12\x11\n\tcourse_id\x18\x02 \x01(\x03\x12\x18\n\x10waitlist_if_full\x18\x03 \x01(\x08\"F\n\x15\x45nrollStudentResponse\x12-\n\nenrollment\x18\x01 \x01(\x0b\x32\x19.enrollment.v1.Enrollment\":\n\x11\x44ropCourseRequest\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\x12\x11\n\tcourse_id\x18\x02 \x01(\x03\"A\n\x12\x44ropCourseResponse\x12+\n\x08promoted\x18\x01 \x01(\x0b\x32\x19.enrollment.v1.Enrollment\"p\n\x14UpdateStudentRequest\x12\'\n\x07student\x18\x01 \x01(\x0b\x32\x16.enrollment.v1.Student\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"@\n\x15UpdateStudentResponse\x12\'\n\x07student\x18\x01 \x01(\x0b\x32\x16.enrollment.v1.Student\"m\n\x13UpdateCourseRequest\x12%\n\x06\x63ourse\x18\x01 \x01(\x0b\x32\x15.enrollment.v1.Course\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"=\n\x14UpdateCourseResponse\x12%\n\x06\x63ourse\x18\x01 \x01(\x0b\x32\x15.enrollment.v1.Course\"=\n\x14GetEnrollmentRequest\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\x12\x11\n\tcourse_id\x18\x02 \x01(\x03\"F\n\x15GetEnrollmentResponse\x12-\n\nenrollment\x18\x01 \x01(\x0b\x32\x19.enrollment.v1.Enrollment\"\x95\x01\n\x16ListEnrollmentsRequest\x12\x12\n\nstudent_id\x18\x01 \x01(\x03\x12\x11\n\tcourse_id\x18\x02 \x01(\x03\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.enrollment.v1.EnrollmentState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"b\n\x17ListEnrollmentsResponse\x12.\n\x0b\x65nrollments\x18\x01 \x03(\x0b\x32\x19.enrollment.v1.Enrollment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*s\n\x0f\x45nrollmentState\x12 \n\x1c\x45NROLLMENT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45NROLLMENT_STATE_ENROLLED\x10\x01\x12\x1f\n\x1b\x45NROLLMENT_STATE_WAITLISTED\x10\x02\x32\xf1\t\n\x11\x45nrollmentService\x12Z\n\rCreateStudent\x12#.enrollment.v1.CreateStudentRequest\x1a$.enrollment.v1.CreateStudentResponse\x12Q\n\nGetStudent\x12 .enrollment.v1.GetStudentRequest\x1a!.enrollment.v1.GetStudentResponse\x12W\n\x0cListStudents\x12\".enrollment.v1.ListStudentsRequest\x1a#.enrollment.v1.ListStudentsResponse\x12Z\n\rDeleteStudent\x12#.enrollment.v1.DeleteStudentRequest\x1a$.enrollment.v1.DeleteStudentResponse\x12W\n\x0c\x43reateCourse\x12\".enrollment.v1.CreateCourseRequest\x1a#.enrollment.v1.CreateCourseResponse\x12N\n\tGetCourse\x12\x1f.enrollment.v1.GetCourseRequest\x1a .enrollment.v1.GetCourseResponse\x12T\n\x0bListCourses\x12!.enrollment.v1.ListCoursesRequest\x1a\".enrollment.v1.ListCoursesResponse\x12W\n\x0c\x44\x65leteCourse\x12\".enrollment.v1.DeleteCourseRequest\x1a#.enrollment.v1.DeleteCourseResponse\x12Z\n\rEnrollStudent\x12#.enrollment.v1.EnrollStudentRequest\x1a$.enrollment.v1.EnrollStudentResponse\x12Q\n\nDropCourse\x12 .enrollment.v1.DropCourseRequest\x1a!.enrollment.v1.DropCourseResponse\x12Z\n\rUpdateStudent\x12#.enrollment.v1.UpdateStudentRequest\x1a$.enrollment.v1.UpdateStudentResponse\x12W\n\x0cUpdateCourse\x12\".enrollment.v1.UpdateCourseRequest\x1a#.enrollment.v1.UpdateCourseResponse\x12Z\n\rGetEnrollment\x12#.enrollment.v1.GetEnrollmentRequest\x1a$.enrollment.v1.GetEnrollmentResponse\x12`\n\x0fListEnrollments\x12%.enrollment.v1.ListEnrollmentsRequest\x1a&.enrollment.v1.ListEnrollmentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'enrollment.v1.enrollment_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STUDENT']._serialized_start=82
-  _globals['_STUDENT']._serialized_end=181
-  _globals['_COURSE']._serialized_start=184
-  _globals['_COURSE']._serialized_end=324
-  _globals['_ENROLLMENT']._serialized_start=326
-  _globals['_ENROLLMENT']._serialized_end=426
-  _globals['_CREATESTUDENTREQUEST']._serialized_start=428
-  _globals['_CREATESTUDENTREQUEST']._serialized_end=479
-  _globals['_CREATESTUDENTRESPONSE']._serialized_start=481
-  _globals['_CREATESTUDENTRESPONSE']._serialized_end=545
-  _globals['_GETSTUDENTREQUEST']._serialized_start=547
-  _globals['_GETSTUDENTREQUEST']._serialized_end=586
-  _globals['_GETSTUDENTRESPONSE']._serialized_start=588
-  _globals['_GETSTUDENTRESPONSE']._serialized_end=649
-  _globals['_LISTSTUDENTSREQUEST']._serialized_start=651
-  _globals['_LISTSTUDENTSREQUEST']._serialized_end=730
-  _globals['_LISTSTUDENTSRESPONSE']._serialized_start=732
-  _globals['_LISTSTUDENTSRESPONSE']._serialized_end=821
-  _globals['_DELETESTUDENTREQUEST']._serialized_start=823
-  _globals['_DELETESTUDENTREQUEST']._serialized_end=880
-  _globals['_DELETESTUDENTRESPONSE']._serialized_start=882
-  _globals['_DELETESTUDENTRESPONSE']._serialized_end=905
-  _globals['_CREATECOURSEREQUEST']._serialized_start=907
-  _globals['_CREATECOURSEREQUEST']._serialized_end=975
-  _globals['_CREATECOURSERESPONSE']._serialized_start=977
-  _globals['_CREATECOURSERESPONSE']._serialized_end=1038
-  _globals['_GETCOURSEREQUEST']._serialized_start=1040
-  _globals['_GETCOURSEREQUEST']._serialized_end=1077
-  _globals['_GETCOURSERESPONSE']._serialized_start=1079
-  _globals['_GETCOURSERESPONSE']._serialized_end=1137
-  _globals['_LISTCOURSESREQUEST']._serialized_start=1139
-  _globals['_LISTCOURSESREQUEST']._serialized_end=1218
-  _globals['_LISTCOURSESRESPONSE']._serialized_start=1220
-  _globals['_LISTCOURSESRESPONSE']._serialized_end=1306
-  _globals['_DELETECOURSEREQUEST']._serialized_start=1308
-  _globals['_DELETECOURSEREQUEST']._serialized_end=1363
-  _globals['_DELETECOURSERESPONSE']._serialized_start=1365
-  _globals['_DELETECOURSERESPONSE']._serialized_end=1387
-  _globals['_ENROLLSTUDENTREQUEST']._serialized_start=1389
-  _globals['_ENROLLSTUDENTREQUEST']._serialized_end=1450
-  _globals['_ENROLLSTUDENTRESPONSE']._serialized_start=1452
-  _globals['_ENROLLSTUDENTRESPONSE']._serialized_end=1522
-  _globals['_DROPCOURSEREQUEST']._serialized_start=1524
-  _globals['_DROPCOURSEREQUEST']._serialized_end=1582
-  _globals['_DROPCOURSERESPONSE']._serialized_start=1584
-  _globals['_DROPCOURSERESPONSE']._serialized_end=1604
-  _globals['_ENROLLMENTSERVICE']._serialized_start=1607
-  _globals['_ENROLLMENTSERVICE']._serialized_end=2501
+  _globals['_ENROLLMENTSTATE']._serialized_start=2783
+  _globals['_ENROLLMENTSTATE']._serialized_end=2898
+  _globals['_STUDENT']._serialized_start=117
+  _globals['_STUDENT']._serialized_end=279
+  _globals['_COURSE']._serialized_start=282
+  _globals['_COURSE']._serialized_end=538
+  _globals['_ENROLLMENT']._serialized_start=541
+  _globals['_ENROLLMENT']._serialized_end=764
+  _globals['_CREATESTUDENTREQUEST']._serialized_start=766
+  _globals['_CREATESTUDENTREQUEST']._serialized_end=817
+  _globals['_CREATESTUDENTRESPONSE']._serialized_start=819
+  _globals['_CREATESTUDENTRESPONSE']._serialized_end=883
+  _globals['_GETSTUDENTREQUEST']._serialized_start=885
+  _globals['_GETSTUDENTREQUEST']._serialized_end=924
+  _globals['_GETSTUDENTRESPONSE']._serialized_start=926
+  _globals['_GETSTUDENTRESPONSE']._serialized_end=987
+  _globals['_LISTSTUDENTSREQUEST']._serialized_start=989
+  _globals['_LISTSTUDENTSREQUEST']._serialized_end=1068
+  _globals['_LISTSTUDENTSRESPONSE']._serialized_start=1070
+  _globals['_LISTSTUDENTSRESPONSE']._serialized_end=1159
+  _globals['_DELETESTUDENTREQUEST']._serialized_start=1161
+  _globals['_DELETESTUDENTREQUEST']._serialized_end=1218
+  _globals['_DELETESTUDENTRESPONSE']._serialized_start=1220
+  _globals['_DELETESTUDENTRESPONSE']._serialized_end=1243
+  _globals['_CREATECOURSEREQUEST']._serialized_start=1245
+  _globals['_CREATECOURSEREQUEST']._serialized_end=1340
+  _globals['_CREATECOURSERESPONSE']._serialized_start=1342
+  _globals['_CREATECOURSERESPONSE']._serialized_end=1403
+  _globals['_GETCOURSEREQUEST']._serialized_start=1405
+  _globals['_GETCOURSEREQUEST']._serialized_end=1442
+  _globals['_GETCOURSERESPONSE']._serialized_start=1444
+  _globals['_GETCOURSERESPONSE']._serialized_end=1502
+  _globals['_LISTCOURSESREQUEST']._serialized_start=1504
+  _globals['_LISTCOURSESREQUEST']._serialized_end=1583
+  _globals['_LISTCOURSESRESPONSE']._serialized_start=1585
+  _globals['_LISTCOURSESRESPONSE']._serialized_end=1671
+  _globals['_DELETECOURSEREQUEST']._serialized_start=1673
+  _globals['_DELETECOURSEREQUEST']._serialized_end=1728
+  _globals['_DELETECOURSERESPONSE']._serialized_start=1730
+  _globals['_DELETECOURSERESPONSE']._serialized_end=1752
+  _globals['_ENROLLSTUDENTREQUEST']._serialized_start=1754
+  _globals['_ENROLLSTUDENTREQUEST']._serialized_end=1841
+  _globals['_ENROLLSTUDENTRESPONSE']._serialized_start=1843
+  _globals['_ENROLLSTUDENTRESPONSE']._serialized_end=1913
+  _globals['_DROPCOURSEREQUEST']._serialized_start=1915
+  _globals['_DROPCOURSEREQUEST']._serialized_end=1973
+  _globals['_DROPCOURSERESPONSE']._serialized_start=1975
+  _globals['_DROPCOURSERESPONSE']._serialized_end=2040
+  _globals['_UPDATESTUDENTREQUEST']._serialized_start=2042
+  _globals['_UPDATESTUDENTREQUEST']._serialized_end=2154
+  _globals['_UPDATESTUDENTRESPONSE']._serialized_start=2156
+  _globals['_UPDATESTUDENTRESPONSE']._serialized_end=2220
+  _globals['_UPDATECOURSEREQUEST']._serialized_start=2222
+  _globals['_UPDATECOURSEREQUEST']._serialized_end=2331
+  _globals['_UPDATECOURSERESPONSE']._serialized_start=2333
+  _globals['_UPDATECOURSERESPONSE']._serialized_end=2394
+  _globals['_GETENROLLMENTREQUEST']._serialized_start=2396
+  _globals['_GETENROLLMENTREQUEST']._serialized_end=2457
+  _globals['_GETENROLLMENTRESPONSE']._serialized_start=2459
+  _globals['_GETENROLLMENTRESPONSE']._serialized_end=2529
+  _globals['_LISTENROLLMENTSREQUEST']._serialized_start=2532
+  _globals['_LISTENROLLMENTSREQUEST']._serialized_end=2681
+  _globals['_LISTENROLLMENTSRESPONSE']._serialized_start=2683
+  _globals['_LISTENROLLMENTSRESPONSE']._serialized_end=2781
+  _globals['_ENROLLMENTSERVICE']._serialized_start=2901
+  _globals['_ENROLLMENTSERVICE']._serialized_end=4166
 # @@protoc_insertion_point(module_scope)

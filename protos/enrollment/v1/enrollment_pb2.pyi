@@ -29,9 +29,12 @@ first that applies decides the answer:
   PERMISSION_DENIED   ROLE_TOO_LOW         the token's role may not call
                                            this method (ErrorInfo metadata
                                            "role", "required_role"): reader
-                                           may call Get* and List*, writer
-                                           also EnrollStudent and DropCourse,
-                                           admin every method
+                                           may call Get* and List*
+                                           (GetEnrollment and ListEnrollments
+                                           included), writer also
+                                           EnrollStudent and DropCourse,
+                                           admin every method (UpdateStudent
+                                           and UpdateCourse included)
   INVALID_ARGUMENT    INVALID_FIELD        a malformed field (every malformed
                                            field is listed in BadRequest)
   INVALID_ARGUMENT    COURSE_NOT_FOUND     EnrollStudent/DropCourse name a
@@ -40,13 +43,26 @@ first that applies decides the answer:
   NOT_FOUND           COURSE_NOT_FOUND     the course does not exist
                                            (GetCourse, DeleteCourse,
                                            ListStudents filter)
+  ABORTED             ETAG_MISMATCH        Update*, the request's non-empty
+                                           etag is not the current one
   ALREADY_EXISTS      ALREADY_ENROLLED     EnrollStudent, already enrolled
+  ALREADY_EXISTS      ALREADY_WAITLISTED   EnrollStudent, already on the
+                                           course's waitlist
+  FAILED_PRECONDITION WAITLIST_FULL        EnrollStudent with
+                                           waitlist_if_full, the course is
+                                           full and so is its waitlist
   FAILED_PRECONDITION COURSE_FULL          EnrollStudent, course at capacity
-  NOT_FOUND           NOT_ENROLLED         DropCourse, not enrolled
+  NOT_FOUND           NOT_ENROLLED         DropCourse/GetEnrollment, neither
+                                           enrolled nor waitlisted
   ALREADY_EXISTS      EMAIL_TAKEN          CreateStudent, email in use
   ALREADY_EXISTS      COURSE_CODE_TAKEN    CreateCourse, code in use
   FAILED_PRECONDITION HAS_ENROLLMENTS      Delete* with enrollments, force
-                                           false
+                                           false (waitlist entries count)
+  FAILED_PRECONDITION CAPACITY_BELOW_ENROLLMENT UpdateCourse, a non-zero
+                                           capacity below enrolled_count
+  FAILED_PRECONDITION WAITLIST_BELOW_WAITING UpdateCourse, waitlist_capacity
+                                           below the waitlisted_count left
+                                           after the update's promotions
   UNAVAILABLE         DATABASE_UNAVAILABLE the database is unreachable,
                                            locked or timed out; nothing
                                            changed, and retrying the same
@@ -91,20 +107,48 @@ been made. Besides the reasons listed under each method, every write
 (Create*, Delete*, EnrollStudent, DropCourse) may answer UNAVAILABLE with
 STORAGE_FULL or COMMIT_OUTCOME_UNKNOWN.
 
-Pagination (AIP-158): List* calls return rows ordered by id. page_size 0
+Pagination (AIP-158): ListStudents and ListCourses return rows ordered by
+id; ListEnrollments by (course_id, student_id), or in waitlist order (see
+there). page_size 0
 means 50, values above 1000 are treated as 1000, negative values are
 INVALID_ARGUMENT. next_page_token is empty on the page holding the last row.
 A page token is only valid for the same method and the same filter it was
 issued with; page_size may change between pages. Rows created during a walk
 with ids after the current position appear on a later page; no row is
 returned twice.
+
+Updates (AIP-134): UpdateStudent and UpdateCourse take the resource and an
+update_mask of its field names. "*" (alone) means every mutable field, zero
+values included; an empty mask means every mutable field whose value in the
+request is not the default (so an empty mask cannot set a course's capacity
+or waitlist_capacity to 0: name the path). Fields outside the mask are
+ignored, whatever they hold. A path that is not a mutable field of the
+resource (unknown, output-only such as enrolled_count or update_time, id,
+etag, a sub-field such as "create_time.seconds"), a path named twice, an
+empty path, or "*" beside other paths is INVALID_ARGUMENT (INVALID_FIELD,
+field "update_mask"). Values follow the create rules, and BadRequest names
+them by their path in the request ("student.email", "course.capacity").
+Checks run in this order: INVALID_FIELD, NOT_FOUND, ETAG_MISMATCH,
+EMAIL_TAKEN / COURSE_CODE_TAKEN, CAPACITY_BELOW_ENROLLMENT,
+WAITLIST_BELOW_WAITING. An update that changes no value returns the
+resource as it is, with the same etag and update_time.
+
+Waitlists: a course has a waitlist when waitlist_capacity > 0. Entries wait
+in the order their EnrollStudent calls committed (no clock decides it);
+waitlist_position 1 is next in line and positions run 1..waitlisted_count
+without gaps. A seat freed by DropCourse or a forced DeleteStudent, or new
+seats from UpdateCourse, go to position 1 first, in the same transaction.
+Nobody waits while the course has a free seat. ListStudents and ListCourses
+show ENROLLED entries only.
 """
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -116,6 +160,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _EnrollmentState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EnrollmentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EnrollmentState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENROLLMENT_STATE_UNSPECIFIED: _EnrollmentState.ValueType  # 0
+    """Never returned; as a ListEnrollments filter it means both states."""
+    ENROLLMENT_STATE_ENROLLED: _EnrollmentState.ValueType  # 1
+    """The student holds a seat in the course."""
+    ENROLLMENT_STATE_WAITLISTED: _EnrollmentState.ValueType  # 2
+    """The student waits for a seat on the course's waitlist."""
+
+class EnrollmentState(_EnrollmentState, metaclass=_EnrollmentStateEnumTypeWrapper):
+    """Where an enrollment stands."""
+
+ENROLLMENT_STATE_UNSPECIFIED: EnrollmentState.ValueType  # 0
+"""Never returned; as a ListEnrollments filter it means both states."""
+ENROLLMENT_STATE_ENROLLED: EnrollmentState.ValueType  # 1
+"""The student holds a seat in the course."""
+ENROLLMENT_STATE_WAITLISTED: EnrollmentState.ValueType  # 2
+"""The student waits for a seat on the course's waitlist."""
+Global___EnrollmentState: _TypeAlias = EnrollmentState  # noqa: Y015
+
 @_typing.final
 class Student(_message.Message):
     """A student who can enroll in courses."""
@@ -126,15 +194,29 @@ class Student(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Server-assigned id, 1 or more. Ids are never reused."""
     name: _builtins.str
     """Display name, 1-200 characters, as given (trimmed)."""
     email: _builtins.str
     """Email address, as given (trimmed); unique ignoring case."""
+    etag: _builtins.str
+    """Opaque version of the mutable fields (name, email). It changes whenever
+    one of them changes, never otherwise. In UpdateStudent a non-empty etag
+    that is not the current one is ABORTED (ETAG_MISMATCH), whatever it holds;
+    an empty etag skips the check.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the student was created (UTC)."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: when name or email last changed (UTC); equals create_time
+        until the first update that changes a value.
+        """
 
     def __init__(
         self,
@@ -143,10 +225,12 @@ class Student(_message.Message):
         name: _builtins.str = ...,
         email: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "email", b"email", "id", b"id", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "email", b"email", "etag", b"etag", "id", b"id", "name", b"name", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -164,6 +248,10 @@ class Course(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     ENROLLED_COUNT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    WAITLIST_CAPACITY_FIELD_NUMBER: _builtins.int
+    WAITLISTED_COUNT_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Server-assigned id, 1 or more. Ids are never reused."""
     code: _builtins.str
@@ -176,9 +264,31 @@ class Course(_message.Message):
     """Most students the course can hold; 0 means unlimited."""
     enrolled_count: _builtins.int
     """Students enrolled right now; always equals the size of the roster."""
+    waitlist_capacity: _builtins.int
+    """Most students the waitlist can hold; 0 (the default) means the course
+    has no waitlist. Never below waitlisted_count.
+    """
+    waitlisted_count: _builtins.int
+    """Output only: students waiting right now; always equals the number of
+    WAITLISTED entries of the course.
+    """
+    etag: _builtins.str
+    """Opaque version of the mutable fields (code, title, capacity,
+    waitlist_capacity); changes whenever one of them changes, not when the
+    counts move. In UpdateCourse a non-empty etag that is not the current one
+    is ABORTED (ETAG_MISMATCH), whatever it holds; an empty etag skips the
+    check.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the course was created (UTC)."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: when code, title, capacity or waitlist_capacity last changed
+        (UTC); equals create_time until the first update that changes a value.
+        Counts moving do not change it.
+        """
 
     def __init__(
         self,
@@ -189,10 +299,14 @@ class Course(_message.Message):
         capacity: _builtins.int = ...,
         enrolled_count: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        waitlist_capacity: _builtins.int = ...,
+        waitlisted_count: _builtins.int = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "code", b"code", "create_time", b"create_time", "enrolled_count", b"enrolled_count", "id", b"id", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "code", b"code", "create_time", b"create_time", "enrolled_count", b"enrolled_count", "etag", b"etag", "id", b"id", "title", b"title", "update_time", b"update_time", "waitlist_capacity", b"waitlist_capacity", "waitlisted_count", b"waitlisted_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -200,20 +314,37 @@ Global___Course: _TypeAlias = Course  # noqa: Y015
 
 @_typing.final
 class Enrollment(_message.Message):
-    """One student enrolled in one course."""
+    """One student enrolled in, or waiting for, one course."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     STUDENT_ID_FIELD_NUMBER: _builtins.int
     COURSE_ID_FIELD_NUMBER: _builtins.int
     ENROLL_TIME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    WAITLIST_POSITION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     student_id: _builtins.int
-    """The enrolled student's id."""
+    """The student's id."""
     course_id: _builtins.int
     """The course's id."""
+    state: Global___EnrollmentState.ValueType
+    """ENROLLED or WAITLISTED (never UNSPECIFIED)."""
+    waitlist_position: _builtins.int
+    """1 = next in line, counted among the course's waiting entries in the order
+    they joined; 0 when enrolled.
+    """
     @_builtins.property
     def enroll_time(self) -> _timestamp_pb2.Timestamp:
-        """When the student was enrolled (UTC)."""
+        """When the student took the seat (UTC): at enrollment, or at promotion from
+        the waitlist. Unset while waitlisted.
+        """
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the entry was made (UTC), enrolled or waitlisted; a promotion keeps
+        it. For enrollments made before waitlists existed, the enroll_time.
+        """
 
     def __init__(
         self,
@@ -221,10 +352,13 @@ class Enrollment(_message.Message):
         student_id: _builtins.int = ...,
         course_id: _builtins.int = ...,
         enroll_time: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___EnrollmentState.ValueType = ...,
+        waitlist_position: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["enroll_time", b"enroll_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "enroll_time", b"enroll_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "enroll_time", b"enroll_time", "student_id", b"student_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "create_time", b"create_time", "enroll_time", b"enroll_time", "state", b"state", "student_id", b"student_id", "waitlist_position", b"waitlist_position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -449,6 +583,7 @@ class CreateCourseRequest(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     TITLE_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
+    WAITLIST_CAPACITY_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """Required: 1-32 characters of A-Z a-z 0-9 . _ - after trimming
     surrounding whitespace. Unique ignoring case; ALREADY_EXISTS
@@ -461,16 +596,22 @@ class CreateCourseRequest(_message.Message):
     """Most students the course can hold: 0 (the default) means unlimited;
     negative is INVALID_ARGUMENT.
     """
+    waitlist_capacity: _builtins.int
+    """Most students the waitlist can hold: 0 (the default) means no waitlist;
+    negative is INVALID_ARGUMENT (INVALID_FIELD, field waitlist_capacity). A
+    waitlist on a course of unlimited capacity is allowed and stays empty.
+    """
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
         title: _builtins.str = ...,
         capacity: _builtins.int = ...,
+        waitlist_capacity: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "code", b"code", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "code", b"code", "title", b"title", "waitlist_capacity", b"waitlist_capacity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,7 +626,7 @@ class CreateCourseResponse(_message.Message):
     COURSE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def course(self) -> Global___Course:
-        """The new course, with enrolled_count 0."""
+        """The new course, with enrolled_count and waitlisted_count 0."""
 
     def __init__(
         self,
@@ -663,21 +804,28 @@ class EnrollStudentRequest(_message.Message):
 
     STUDENT_ID_FIELD_NUMBER: _builtins.int
     COURSE_ID_FIELD_NUMBER: _builtins.int
+    WAITLIST_IF_FULL_FIELD_NUMBER: _builtins.int
     student_id: _builtins.int
     """Required: the student's id, 1 or more."""
     course_id: _builtins.int
     """Required: the course's id, 1 or more. A course that does not exist is
     INVALID_ARGUMENT (COURSE_NOT_FOUND), checked before the student.
     """
+    waitlist_if_full: _builtins.bool
+    """When the course is full: true joins the end of its waitlist (or fails
+    with FAILED_PRECONDITION WAITLIST_FULL when the waitlist is full);
+    false, or a course without a waitlist, fails with COURSE_FULL.
+    """
     def __init__(
         self,
         *,
         student_id: _builtins.int = ...,
         course_id: _builtins.int = ...,
+        waitlist_if_full: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "student_id", b"student_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "student_id", b"student_id", "waitlist_if_full", b"waitlist_if_full"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -692,7 +840,9 @@ class EnrollStudentResponse(_message.Message):
     ENROLLMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def enrollment(self) -> Global___Enrollment:
-        """The new enrollment."""
+        """The new entry: ENROLLED with enroll_time set, or WAITLISTED with its
+        waitlist_position (the end of the line) and no enroll_time.
+        """
 
     def __init__(
         self,
@@ -741,13 +891,279 @@ class DropCourseResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PROMOTED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def promoted(self) -> Global___Enrollment:
+        """The waitlisted entry that took the freed seat (now ENROLLED, with its
+        new enroll_time), if any; unset when the dropped entry was waitlisted or
+        nobody was waiting.
+        """
+
     def __init__(
         self,
+        *,
+        promoted: Global___Enrollment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["promoted", b"promoted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["promoted", b"promoted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DropCourseResponse: _TypeAlias = DropCourseResponse  # noqa: Y015
+
+@_typing.final
+class UpdateStudentRequest(_message.Message):
+    """Request for UpdateStudent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDENT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def student(self) -> Global___Student:
+        """Required: id names the student (1 or more, else INVALID_FIELD
+        "student.id"); the fields update_mask names hold the new values, checked
+        as in CreateStudent (BadRequest field "student.name", "student.email");
+        a non-empty etag must be the current one (ABORTED ETAG_MISMATCH).
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Mutable paths: "name", "email", or "*". Empty: every mutable field whose
+        value in student is not the default.
+        """
+
+    def __init__(
+        self,
+        *,
+        student: Global___Student | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["student", b"student", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["student", b"student", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateStudentRequest: _TypeAlias = UpdateStudentRequest  # noqa: Y015
+
+@_typing.final
+class UpdateStudentResponse(_message.Message):
+    """Response for UpdateStudent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def student(self) -> Global___Student:
+        """The student after the update."""
+
+    def __init__(
+        self,
+        *,
+        student: Global___Student | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["student", b"student"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["student", b"student"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateStudentResponse: _TypeAlias = UpdateStudentResponse  # noqa: Y015
+
+@_typing.final
+class UpdateCourseRequest(_message.Message):
+    """Request for UpdateCourse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COURSE_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def course(self) -> Global___Course:
+        """Required: id names the course (1 or more, else INVALID_FIELD
+        "course.id"); the fields update_mask names hold the new values, checked
+        as in CreateCourse (BadRequest field "course.code", "course.title",
+        "course.capacity", "course.waitlist_capacity"); a non-empty etag must be
+        the current one (ABORTED ETAG_MISMATCH). A non-zero capacity below
+        enrolled_count is FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT); a
+        waitlist_capacity below the waitlisted_count left after the update's own
+        promotions is FAILED_PRECONDITION (WAITLIST_BELOW_WAITING).
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Mutable paths: "code", "title", "capacity", "waitlist_capacity", or "*".
+        Empty: every mutable field whose value in course is not the default.
+        """
+
+    def __init__(
+        self,
+        *,
+        course: Global___Course | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["course", b"course", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course", b"course", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCourseRequest: _TypeAlias = UpdateCourseRequest  # noqa: Y015
+
+@_typing.final
+class UpdateCourseResponse(_message.Message):
+    """Response for UpdateCourse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COURSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def course(self) -> Global___Course:
+        """The course after the update and its promotions."""
+
+    def __init__(
+        self,
+        *,
+        course: Global___Course | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["course", b"course"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course", b"course"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCourseResponse: _TypeAlias = UpdateCourseResponse  # noqa: Y015
+
+@_typing.final
+class GetEnrollmentRequest(_message.Message):
+    """Request for GetEnrollment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDENT_ID_FIELD_NUMBER: _builtins.int
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    student_id: _builtins.int
+    """Required: the student's id, 1 or more."""
+    course_id: _builtins.int
+    """Required: the course's id, 1 or more. A course that does not exist is
+    NOT_FOUND (COURSE_NOT_FOUND), checked before the student.
+    """
+    def __init__(
+        self,
+        *,
+        student_id: _builtins.int = ...,
+        course_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "student_id", b"student_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEnrollmentRequest: _TypeAlias = GetEnrollmentRequest  # noqa: Y015
+
+@_typing.final
+class GetEnrollmentResponse(_message.Message):
+    """Response for GetEnrollment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENROLLMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def enrollment(self) -> Global___Enrollment:
+        """The enrollment, ENROLLED or WAITLISTED with its current position."""
+
+    def __init__(
+        self,
+        *,
+        enrollment: Global___Enrollment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enrollment", b"enrollment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment", b"enrollment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEnrollmentResponse: _TypeAlias = GetEnrollmentResponse  # noqa: Y015
+
+@_typing.final
+class ListEnrollmentsRequest(_message.Message):
+    """Request for ListEnrollments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDENT_ID_FIELD_NUMBER: _builtins.int
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    student_id: _builtins.int
+    """0 means any student; otherwise only this student's entries (NOT_FOUND,
+    STUDENT_NOT_FOUND when there is no such student).
+    """
+    course_id: _builtins.int
+    """0 means any course; otherwise only this course's entries (NOT_FOUND,
+    COURSE_NOT_FOUND when there is no such course; checked before the
+    student).
+    """
+    state: Global___EnrollmentState.ValueType
+    """UNSPECIFIED lists both states; a value outside the enum is
+    INVALID_ARGUMENT (INVALID_FIELD, field state).
+    """
+    page_size: _builtins.int
+    """Most entries to return: 0 means 50, above 1000 means 1000, negative is
+    INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous page, or empty for the first page. Only
+    valid with the same student_id, course_id and state.
+    """
+    def __init__(
+        self,
+        *,
+        student_id: _builtins.int = ...,
+        course_id: _builtins.int = ...,
+        state: Global___EnrollmentState.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "student_id", b"student_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEnrollmentsRequest: _TypeAlias = ListEnrollmentsRequest  # noqa: Y015
+
+@_typing.final
+class ListEnrollmentsResponse(_message.Message):
+    """Response for ListEnrollments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENROLLMENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when this page holds the last entry."""
+    @_builtins.property
+    def enrollments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Enrollment]:
+        """The entries of this page: ordered by (course_id, student_id), or in
+        waitlist order when the request names a course_id and state WAITLISTED.
+        Waitlisted entries carry their waitlist_position at the time of the call.
+        """
+
+    def __init__(
+        self,
+        *,
+        enrollments: _abc.Iterable[Global___Enrollment] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollments", b"enrollments", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEnrollmentsResponse: _TypeAlias = ListEnrollmentsResponse  # noqa: Y015

@@ -85,6 +85,26 @@ class EnrollmentServiceStub:
                 request_serializer=enrollment_dot_v1_dot_enrollment__pb2.DropCourseRequest.SerializeToString,
                 response_deserializer=enrollment_dot_v1_dot_enrollment__pb2.DropCourseResponse.FromString,
                 _registered_method=True)
+        self.UpdateStudent = channel.unary_unary(
+                '/enrollment.v1.EnrollmentService/UpdateStudent',
+                request_serializer=enrollment_dot_v1_dot_enrollment__pb2.UpdateStudentRequest.SerializeToString,
+                response_deserializer=enrollment_dot_v1_dot_enrollment__pb2.UpdateStudentResponse.FromString,
+                _registered_method=True)
+        self.UpdateCourse = channel.unary_unary(
+                '/enrollment.v1.EnrollmentService/UpdateCourse',
+                request_serializer=enrollment_dot_v1_dot_enrollment__pb2.UpdateCourseRequest.SerializeToString,
+                response_deserializer=enrollment_dot_v1_dot_enrollment__pb2.UpdateCourseResponse.FromString,
+                _registered_method=True)
+        self.GetEnrollment = channel.unary_unary(
+                '/enrollment.v1.EnrollmentService/GetEnrollment',
+                request_serializer=enrollment_dot_v1_dot_enrollment__pb2.GetEnrollmentRequest.SerializeToString,
+                response_deserializer=enrollment_dot_v1_dot_enrollment__pb2.GetEnrollmentResponse.FromString,
+                _registered_method=True)
+        self.ListEnrollments = channel.unary_unary(
+                '/enrollment.v1.EnrollmentService/ListEnrollments',
+                request_serializer=enrollment_dot_v1_dot_enrollment__pb2.ListEnrollmentsRequest.SerializeToString,
+                response_deserializer=enrollment_dot_v1_dot_enrollment__pb2.ListEnrollmentsResponse.FromString,
+                _registered_method=True)
 
 
 class EnrollmentServiceServicer:
@@ -180,25 +200,93 @@ class EnrollmentServiceServicer:
 
     def EnrollStudent(self, request, context):
         """Enrolls a student in a course and raises the course's enrolled_count by
-        one. Not idempotent: a repeat answers ALREADY_EXISTS.
+        one; or, when the course is full and the request sets waitlist_if_full,
+        puts the student at the end of the course's waitlist (state WAITLISTED)
+        and raises its waitlisted_count by one. Not idempotent: a repeat answers
+        ALREADY_EXISTS. After the existence checks, in this order: already
+        enrolled (ALREADY_ENROLLED), already waitlisted (ALREADY_WAITLISTED), a
+        free seat (ENROLLED), full with waitlist_if_full and room on the waitlist
+        (WAITLISTED), full with waitlist_if_full and a waitlist that is full
+        (WAITLIST_FULL), otherwise COURSE_FULL (also with waitlist_if_full when
+        the course has no waitlist).
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
         names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
-        (ALREADY_ENROLLED), FAILED_PRECONDITION (COURSE_FULL), UNAVAILABLE
-        (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+        (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
+        WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DropCourse(self, request, context):
-        """Removes a student from a course and lowers the course's enrolled_count
-        by one.
+        """Removes a student from a course, enrolled or waitlisted, and lowers the
+        course's enrolled_count (or waitlisted_count) by one. When an enrolled
+        student leaves and someone waits, waitlist position 1 takes the seat in
+        the same transaction and is returned as promoted.
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
         names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
-        student is not in the course), UNAVAILABLE (DATABASE_UNAVAILABLE),
-        INTERNAL (INTERNAL).
+        student is neither enrolled in nor waiting for the course), UNAVAILABLE
+        (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateStudent(self, request, context):
+        """Changes a student's name and/or email (the fields update_mask names). Needs
+        the admin role. See "Updates" above for the mask, etag and check order.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: student.id, update_mask,
+        student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
+        (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
+        (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateCourse(self, request, context):
+        """Changes a course's code, title, capacity and/or waitlist_capacity (the
+        fields update_mask names). Needs the admin role. Raising capacity, or
+        setting it to 0 (unlimited), promotes waitlisted students into the new
+        seats, position 1 first, in the same transaction. See "Updates" above for
+        the mask, etag and check order.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: course.id, update_mask,
+        course.code, course.title, course.capacity, course.waitlist_capacity),
+        NOT_FOUND (COURSE_NOT_FOUND), ABORTED (ETAG_MISMATCH), ALREADY_EXISTS
+        (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
+        WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+        (INTERNAL).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEnrollment(self, request, context):
+        """Returns one enrollment, enrolled or waitlisted. The course is checked
+        before the student.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND,
+        STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
+        nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+        (INTERNAL).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEnrollments(self, request, context):
+        """Lists enrollments, enrolled and waitlisted, filtered by student, course
+        and state (filters combine). Ordered by (course_id, student_id), except
+        with a course_id and state WAITLISTED: waitlist order, position 1 first.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, course_id, state,
+        page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
+        STUDENT_NOT_FOUND, when a filter names a missing course or student),
+        UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -256,6 +344,26 @@ def add_EnrollmentServiceServicer_to_server(servicer, server):
                     servicer.DropCourse,
                     request_deserializer=enrollment_dot_v1_dot_enrollment__pb2.DropCourseRequest.FromString,
                     response_serializer=enrollment_dot_v1_dot_enrollment__pb2.DropCourseResponse.SerializeToString,
+            ),
+            'UpdateStudent': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateStudent,
+                    request_deserializer=enrollment_dot_v1_dot_enrollment__pb2.UpdateStudentRequest.FromString,
+                    response_serializer=enrollment_dot_v1_dot_enrollment__pb2.UpdateStudentResponse.SerializeToString,
+            ),
+            'UpdateCourse': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCourse,
+                    request_deserializer=enrollment_dot_v1_dot_enrollment__pb2.UpdateCourseRequest.FromString,
+                    response_serializer=enrollment_dot_v1_dot_enrollment__pb2.UpdateCourseResponse.SerializeToString,
+            ),
+            'GetEnrollment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEnrollment,
+                    request_deserializer=enrollment_dot_v1_dot_enrollment__pb2.GetEnrollmentRequest.FromString,
+                    response_serializer=enrollment_dot_v1_dot_enrollment__pb2.GetEnrollmentResponse.SerializeToString,
+            ),
+            'ListEnrollments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnrollments,
+                    request_deserializer=enrollment_dot_v1_dot_enrollment__pb2.ListEnrollmentsRequest.FromString,
+                    response_serializer=enrollment_dot_v1_dot_enrollment__pb2.ListEnrollmentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -529,6 +637,114 @@ class EnrollmentService:
             '/enrollment.v1.EnrollmentService/DropCourse',
             enrollment_dot_v1_dot_enrollment__pb2.DropCourseRequest.SerializeToString,
             enrollment_dot_v1_dot_enrollment__pb2.DropCourseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateStudent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/enrollment.v1.EnrollmentService/UpdateStudent',
+            enrollment_dot_v1_dot_enrollment__pb2.UpdateStudentRequest.SerializeToString,
+            enrollment_dot_v1_dot_enrollment__pb2.UpdateStudentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCourse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/enrollment.v1.EnrollmentService/UpdateCourse',
+            enrollment_dot_v1_dot_enrollment__pb2.UpdateCourseRequest.SerializeToString,
+            enrollment_dot_v1_dot_enrollment__pb2.UpdateCourseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEnrollment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/enrollment.v1.EnrollmentService/GetEnrollment',
+            enrollment_dot_v1_dot_enrollment__pb2.GetEnrollmentRequest.SerializeToString,
+            enrollment_dot_v1_dot_enrollment__pb2.GetEnrollmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnrollments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/enrollment.v1.EnrollmentService/ListEnrollments',
+            enrollment_dot_v1_dot_enrollment__pb2.ListEnrollmentsRequest.SerializeToString,
+            enrollment_dot_v1_dot_enrollment__pb2.ListEnrollmentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

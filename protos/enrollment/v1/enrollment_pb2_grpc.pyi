@@ -29,9 +29,12 @@ first that applies decides the answer:
   PERMISSION_DENIED   ROLE_TOO_LOW         the token's role may not call
                                            this method (ErrorInfo metadata
                                            "role", "required_role"): reader
-                                           may call Get* and List*, writer
-                                           also EnrollStudent and DropCourse,
-                                           admin every method
+                                           may call Get* and List*
+                                           (GetEnrollment and ListEnrollments
+                                           included), writer also
+                                           EnrollStudent and DropCourse,
+                                           admin every method (UpdateStudent
+                                           and UpdateCourse included)
   INVALID_ARGUMENT    INVALID_FIELD        a malformed field (every malformed
                                            field is listed in BadRequest)
   INVALID_ARGUMENT    COURSE_NOT_FOUND     EnrollStudent/DropCourse name a
@@ -40,13 +43,26 @@ first that applies decides the answer:
   NOT_FOUND           COURSE_NOT_FOUND     the course does not exist
                                            (GetCourse, DeleteCourse,
                                            ListStudents filter)
+  ABORTED             ETAG_MISMATCH        Update*, the request's non-empty
+                                           etag is not the current one
   ALREADY_EXISTS      ALREADY_ENROLLED     EnrollStudent, already enrolled
+  ALREADY_EXISTS      ALREADY_WAITLISTED   EnrollStudent, already on the
+                                           course's waitlist
+  FAILED_PRECONDITION WAITLIST_FULL        EnrollStudent with
+                                           waitlist_if_full, the course is
+                                           full and so is its waitlist
   FAILED_PRECONDITION COURSE_FULL          EnrollStudent, course at capacity
-  NOT_FOUND           NOT_ENROLLED         DropCourse, not enrolled
+  NOT_FOUND           NOT_ENROLLED         DropCourse/GetEnrollment, neither
+                                           enrolled nor waitlisted
   ALREADY_EXISTS      EMAIL_TAKEN          CreateStudent, email in use
   ALREADY_EXISTS      COURSE_CODE_TAKEN    CreateCourse, code in use
   FAILED_PRECONDITION HAS_ENROLLMENTS      Delete* with enrollments, force
-                                           false
+                                           false (waitlist entries count)
+  FAILED_PRECONDITION CAPACITY_BELOW_ENROLLMENT UpdateCourse, a non-zero
+                                           capacity below enrolled_count
+  FAILED_PRECONDITION WAITLIST_BELOW_WAITING UpdateCourse, waitlist_capacity
+                                           below the waitlisted_count left
+                                           after the update's promotions
   UNAVAILABLE         DATABASE_UNAVAILABLE the database is unreachable,
                                            locked or timed out; nothing
                                            changed, and retrying the same
@@ -91,13 +107,39 @@ been made. Besides the reasons listed under each method, every write
 (Create*, Delete*, EnrollStudent, DropCourse) may answer UNAVAILABLE with
 STORAGE_FULL or COMMIT_OUTCOME_UNKNOWN.
 
-Pagination (AIP-158): List* calls return rows ordered by id. page_size 0
+Pagination (AIP-158): ListStudents and ListCourses return rows ordered by
+id; ListEnrollments by (course_id, student_id), or in waitlist order (see
+there). page_size 0
 means 50, values above 1000 are treated as 1000, negative values are
 INVALID_ARGUMENT. next_page_token is empty on the page holding the last row.
 A page token is only valid for the same method and the same filter it was
 issued with; page_size may change between pages. Rows created during a walk
 with ids after the current position appear on a later page; no row is
 returned twice.
+
+Updates (AIP-134): UpdateStudent and UpdateCourse take the resource and an
+update_mask of its field names. "*" (alone) means every mutable field, zero
+values included; an empty mask means every mutable field whose value in the
+request is not the default (so an empty mask cannot set a course's capacity
+or waitlist_capacity to 0: name the path). Fields outside the mask are
+ignored, whatever they hold. A path that is not a mutable field of the
+resource (unknown, output-only such as enrolled_count or update_time, id,
+etag, a sub-field such as "create_time.seconds"), a path named twice, an
+empty path, or "*" beside other paths is INVALID_ARGUMENT (INVALID_FIELD,
+field "update_mask"). Values follow the create rules, and BadRequest names
+them by their path in the request ("student.email", "course.capacity").
+Checks run in this order: INVALID_FIELD, NOT_FOUND, ETAG_MISMATCH,
+EMAIL_TAKEN / COURSE_CODE_TAKEN, CAPACITY_BELOW_ENROLLMENT,
+WAITLIST_BELOW_WAITING. An update that changes no value returns the
+resource as it is, with the same etag and update_time.
+
+Waitlists: a course has a waitlist when waitlist_capacity > 0. Entries wait
+in the order their EnrollStudent calls committed (no clock decides it);
+waitlist_position 1 is next in line and positions run 1..waitlisted_count
+without gaps. A seat freed by DropCourse or a forced DeleteStudent, or new
+seats from UpdateCourse, go to position 1 first, in the same transaction.
+Nobody waits while the course has a free seat. ListStudents and ListCourses
+show ENROLLED entries only.
 """
 
 from collections import abc as _abc
@@ -187,21 +229,73 @@ class EnrollmentServiceStub:
     """
     EnrollStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollStudentRequest, _enrollment_pb2.EnrollStudentResponse]
     """Enrolls a student in a course and raises the course's enrolled_count by
-    one. Not idempotent: a repeat answers ALREADY_EXISTS.
+    one; or, when the course is full and the request sets waitlist_if_full,
+    puts the student at the end of the course's waitlist (state WAITLISTED)
+    and raises its waitlisted_count by one. Not idempotent: a repeat answers
+    ALREADY_EXISTS. After the existence checks, in this order: already
+    enrolled (ALREADY_ENROLLED), already waitlisted (ALREADY_WAITLISTED), a
+    free seat (ENROLLED), full with waitlist_if_full and room on the waitlist
+    (WAITLISTED), full with waitlist_if_full and a waitlist that is full
+    (WAITLIST_FULL), otherwise COURSE_FULL (also with waitlist_if_full when
+    the course has no waitlist).
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
-    (ALREADY_ENROLLED), FAILED_PRECONDITION (COURSE_FULL), UNAVAILABLE
-    (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+    (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
+    WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
     """
     DropCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DropCourseRequest, _enrollment_pb2.DropCourseResponse]
-    """Removes a student from a course and lowers the course's enrolled_count
-    by one.
+    """Removes a student from a course, enrolled or waitlisted, and lowers the
+    course's enrolled_count (or waitlisted_count) by one. When an enrolled
+    student leaves and someone waits, waitlist position 1 takes the seat in
+    the same transaction and is returned as promoted.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
-    student is not in the course), UNAVAILABLE (DATABASE_UNAVAILABLE),
-    INTERNAL (INTERNAL).
+    student is neither enrolled in nor waiting for the course), UNAVAILABLE
+    (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+    """
+    UpdateStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateStudentRequest, _enrollment_pb2.UpdateStudentResponse]
+    """Changes a student's name and/or email (the fields update_mask names). Needs
+    the admin role. See "Updates" above for the mask, etag and check order.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: student.id, update_mask,
+    student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
+    (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
+    (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+    """
+    UpdateCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateCourseRequest, _enrollment_pb2.UpdateCourseResponse]
+    """Changes a course's code, title, capacity and/or waitlist_capacity (the
+    fields update_mask names). Needs the admin role. Raising capacity, or
+    setting it to 0 (unlimited), promotes waitlisted students into the new
+    seats, position 1 first, in the same transaction. See "Updates" above for
+    the mask, etag and check order.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: course.id, update_mask,
+    course.code, course.title, course.capacity, course.waitlist_capacity),
+    NOT_FOUND (COURSE_NOT_FOUND), ABORTED (ETAG_MISMATCH), ALREADY_EXISTS
+    (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
+    WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+    (INTERNAL).
+    """
+    GetEnrollment: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetEnrollmentRequest, _enrollment_pb2.GetEnrollmentResponse]
+    """Returns one enrollment, enrolled or waitlisted. The course is checked
+    before the student.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND,
+    STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
+    nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+    (INTERNAL).
+    """
+    ListEnrollments: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListEnrollmentsRequest, _enrollment_pb2.ListEnrollmentsResponse]
+    """Lists enrollments, enrolled and waitlisted, filtered by student, course
+    and state (filters combine). Ordered by (course_id, student_id), except
+    with a course_id and state WAITLISTED: waitlist order, position 1 first.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, course_id, state,
+    page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
+    STUDENT_NOT_FOUND, when a filter names a missing course or student),
+    UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
     """
 
 @_typing.type_check_only
@@ -266,21 +360,73 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     """
     EnrollStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollStudentRequest, _enrollment_pb2.EnrollStudentResponse]  # type: ignore[assignment]
     """Enrolls a student in a course and raises the course's enrolled_count by
-    one. Not idempotent: a repeat answers ALREADY_EXISTS.
+    one; or, when the course is full and the request sets waitlist_if_full,
+    puts the student at the end of the course's waitlist (state WAITLISTED)
+    and raises its waitlisted_count by one. Not idempotent: a repeat answers
+    ALREADY_EXISTS. After the existence checks, in this order: already
+    enrolled (ALREADY_ENROLLED), already waitlisted (ALREADY_WAITLISTED), a
+    free seat (ENROLLED), full with waitlist_if_full and room on the waitlist
+    (WAITLISTED), full with waitlist_if_full and a waitlist that is full
+    (WAITLIST_FULL), otherwise COURSE_FULL (also with waitlist_if_full when
+    the course has no waitlist).
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
-    (ALREADY_ENROLLED), FAILED_PRECONDITION (COURSE_FULL), UNAVAILABLE
-    (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+    (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
+    WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
     """
     DropCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DropCourseRequest, _enrollment_pb2.DropCourseResponse]  # type: ignore[assignment]
-    """Removes a student from a course and lowers the course's enrolled_count
-    by one.
+    """Removes a student from a course, enrolled or waitlisted, and lowers the
+    course's enrolled_count (or waitlisted_count) by one. When an enrolled
+    student leaves and someone waits, waitlist position 1 takes the seat in
+    the same transaction and is returned as promoted.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
-    student is not in the course), UNAVAILABLE (DATABASE_UNAVAILABLE),
-    INTERNAL (INTERNAL).
+    student is neither enrolled in nor waiting for the course), UNAVAILABLE
+    (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+    """
+    UpdateStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateStudentRequest, _enrollment_pb2.UpdateStudentResponse]  # type: ignore[assignment]
+    """Changes a student's name and/or email (the fields update_mask names). Needs
+    the admin role. See "Updates" above for the mask, etag and check order.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: student.id, update_mask,
+    student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
+    (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
+    (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+    """
+    UpdateCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateCourseRequest, _enrollment_pb2.UpdateCourseResponse]  # type: ignore[assignment]
+    """Changes a course's code, title, capacity and/or waitlist_capacity (the
+    fields update_mask names). Needs the admin role. Raising capacity, or
+    setting it to 0 (unlimited), promotes waitlisted students into the new
+    seats, position 1 first, in the same transaction. See "Updates" above for
+    the mask, etag and check order.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: course.id, update_mask,
+    course.code, course.title, course.capacity, course.waitlist_capacity),
+    NOT_FOUND (COURSE_NOT_FOUND), ABORTED (ETAG_MISMATCH), ALREADY_EXISTS
+    (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
+    WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+    (INTERNAL).
+    """
+    GetEnrollment: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetEnrollmentRequest, _enrollment_pb2.GetEnrollmentResponse]  # type: ignore[assignment]
+    """Returns one enrollment, enrolled or waitlisted. The course is checked
+    before the student.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND,
+    STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
+    nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+    (INTERNAL).
+    """
+    ListEnrollments: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListEnrollmentsRequest, _enrollment_pb2.ListEnrollmentsResponse]  # type: ignore[assignment]
+    """Lists enrollments, enrolled and waitlisted, filtered by student, course
+    and state (filters combine). Ordered by (course_id, student_id), except
+    with a course_id and state WAITLISTED: waitlist order, position 1 first.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, course_id, state,
+    page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
+    STUDENT_NOT_FOUND, when a filter names a missing course or student),
+    UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
     """
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -396,12 +542,20 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_enrollment_pb2.EnrollStudentResponse, _abc.Awaitable[_enrollment_pb2.EnrollStudentResponse]]:
         """Enrolls a student in a course and raises the course's enrolled_count by
-        one. Not idempotent: a repeat answers ALREADY_EXISTS.
+        one; or, when the course is full and the request sets waitlist_if_full,
+        puts the student at the end of the course's waitlist (state WAITLISTED)
+        and raises its waitlisted_count by one. Not idempotent: a repeat answers
+        ALREADY_EXISTS. After the existence checks, in this order: already
+        enrolled (ALREADY_ENROLLED), already waitlisted (ALREADY_WAITLISTED), a
+        free seat (ENROLLED), full with waitlist_if_full and room on the waitlist
+        (WAITLISTED), full with waitlist_if_full and a waitlist that is full
+        (WAITLIST_FULL), otherwise COURSE_FULL (also with waitlist_if_full when
+        the course has no waitlist).
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
         names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
-        (ALREADY_ENROLLED), FAILED_PRECONDITION (COURSE_FULL), UNAVAILABLE
-        (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+        (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
+        WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
         """
 
     @_abc_1.abstractmethod
@@ -410,13 +564,81 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _enrollment_pb2.DropCourseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_enrollment_pb2.DropCourseResponse, _abc.Awaitable[_enrollment_pb2.DropCourseResponse]]:
-        """Removes a student from a course and lowers the course's enrolled_count
-        by one.
+        """Removes a student from a course, enrolled or waitlisted, and lowers the
+        course's enrolled_count (or waitlisted_count) by one. When an enrolled
+        student leaves and someone waits, waitlist position 1 takes the seat in
+        the same transaction and is returned as promoted.
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
         names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
-        student is not in the course), UNAVAILABLE (DATABASE_UNAVAILABLE),
-        INTERNAL (INTERNAL).
+        student is neither enrolled in nor waiting for the course), UNAVAILABLE
+        (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateStudent(
+        self,
+        request: _enrollment_pb2.UpdateStudentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrollment_pb2.UpdateStudentResponse, _abc.Awaitable[_enrollment_pb2.UpdateStudentResponse]]:
+        """Changes a student's name and/or email (the fields update_mask names). Needs
+        the admin role. See "Updates" above for the mask, etag and check order.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: student.id, update_mask,
+        student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
+        (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
+        (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateCourse(
+        self,
+        request: _enrollment_pb2.UpdateCourseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrollment_pb2.UpdateCourseResponse, _abc.Awaitable[_enrollment_pb2.UpdateCourseResponse]]:
+        """Changes a course's code, title, capacity and/or waitlist_capacity (the
+        fields update_mask names). Needs the admin role. Raising capacity, or
+        setting it to 0 (unlimited), promotes waitlisted students into the new
+        seats, position 1 first, in the same transaction. See "Updates" above for
+        the mask, etag and check order.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: course.id, update_mask,
+        course.code, course.title, course.capacity, course.waitlist_capacity),
+        NOT_FOUND (COURSE_NOT_FOUND), ABORTED (ETAG_MISMATCH), ALREADY_EXISTS
+        (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
+        WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+        (INTERNAL).
+        """
+
+    @_abc_1.abstractmethod
+    def GetEnrollment(
+        self,
+        request: _enrollment_pb2.GetEnrollmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrollment_pb2.GetEnrollmentResponse, _abc.Awaitable[_enrollment_pb2.GetEnrollmentResponse]]:
+        """Returns one enrollment, enrolled or waitlisted. The course is checked
+        before the student.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND,
+        STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
+        nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+        (INTERNAL).
+        """
+
+    @_abc_1.abstractmethod
+    def ListEnrollments(
+        self,
+        request: _enrollment_pb2.ListEnrollmentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrollment_pb2.ListEnrollmentsResponse, _abc.Awaitable[_enrollment_pb2.ListEnrollmentsResponse]]:
+        """Lists enrollments, enrolled and waitlisted, filtered by student, course
+        and state (filters combine). Ordered by (course_id, student_id), except
+        with a course_id and state WAITLISTED: waitlist order, position 1 first.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, course_id, state,
+        page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
+        STUDENT_NOT_FOUND, when a filter names a missing course or student),
+        UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
         """
 
 def add_EnrollmentServiceServicer_to_server(servicer: EnrollmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

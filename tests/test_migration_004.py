@@ -1,0 +1,170 @@
+"""Migration 004 on every database: rows kept through up, rollback and up again; the new
+columns mean v1.0; the migrated schema equals the models' on PostgreSQL and MariaDB too."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import peewee as pw
+import pytest
+from peewee_migrate import Router
+
+from enrollment.migrations import MIGRATIONS_DIR
+from enrollment.server.persistence import engine, migrator
+from enrollment.server.persistence.models import MODELS
+from tests import databases
+
+M003 = "003_mysql_utf8mb4_and_microseconds"
+M004 = "004_waitlists_updates_and_etags"
+BASE = dt.datetime(2025, 3, 1, 9, 30, 0, 123456)
+V1_COLUMNS = {
+    "students": "id, name, email, email_key, create_time",
+    "courses": "id, code, code_key, title, capacity, enrolled_count, create_time",
+    "student_courses": "student_id, course_id, enroll_time",
+}
+ORDER = {"students": "id", "courses": "id", "student_courses": "student_id, course_id"}
+
+
+def _open(url: str) -> pw.Database:
+    if url.startswith("sqlite:///"):
+        open(url.removeprefix("sqlite:///"), "a").close()  # noqa: SIM115 - creates the file
+    db = engine.open_probe(url, timeout=30)
+    db.connect()
+    return db
+
+
+def _fill_v1(db: pw.Database) -> None:
+    """Rows as a v1.0 server wrote them: 30 students, 6 courses, 90 enrollments."""
+    with db.atomic():
+        for s in range(1, 31):
+            databases.sql(
+                db,
+                "INSERT INTO students (id, name, email, email_key, create_time) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (s, f"Zoë {s} 李", f"S{s}@Example.org", f"s{s}@example.org",
+                 BASE + dt.timedelta(seconds=s, microseconds=s)),
+            )  # fmt: skip
+        for c in range(1, 7):
+            databases.sql(
+                db,
+                "INSERT INTO courses (id, code, code_key, title, capacity, enrolled_count, "
+                "create_time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (c, f"C-{c}", f"c-{c}", f"Théorie {c}", 0 if c % 2 else 40, 15,
+                 BASE + dt.timedelta(hours=c)),
+            )  # fmt: skip
+        for s in range(1, 31):
+            for c in {(s % 6) + 1, ((s + 2) % 6) + 1, ((s + 4) % 6) + 1}:
+                databases.sql(
+                    db,
+                    "INSERT INTO student_courses (student_id, course_id, enroll_time) "
+                    "VALUES (?, ?, ?)",
+                    (s, c, BASE + dt.timedelta(minutes=s, microseconds=c)),
+                )
+
+
+def _v1_snapshot(db: pw.Database) -> dict[str, list[tuple]]:
+    return {
+        t: databases.sql(db, f"SELECT {cols} FROM {t} ORDER BY {ORDER[t]}")
+        for t, cols in V1_COLUMNS.items()
+    }
+
+
+def _columns(db: pw.Database, table: str) -> set[str]:
+    return {c.name for c in db.get_columns(table)}
+
+
+def test_004_up_rollback_up_keeps_every_row_and_means_v1(backend, new_database):
+    url = new_database()
+    db = _open(url)
+    try:
+        Router(db, migrate_dir=MIGRATIONS_DIR).run(M003)
+        assert migrator.applied_migrations(db)[-1] == M003
+        _fill_v1(db)
+        before = _v1_snapshot(db)
+        assert [len(rows) for rows in before.values()] == [30, 6, 90]
+
+        for step in ("up", "rollback", "up again"):
+            if step == "rollback":
+                assert migrator.rollback(db) == M004
+                assert "state" not in _columns(db, "student_courses")
+                assert "version" not in _columns(db, "courses")
+            else:
+                assert migrator.migrate(db) == [M004]
+                # What v1.0 meant: every entry ENROLLED and never waited, no waitlists,
+                # every student and course at its first version, updated when created.
+                assert databases.sql(
+                    db, "SELECT DISTINCT state, join_number, promote_time FROM student_courses"
+                ) == [(1, 0, None)], step
+                assert databases.sql(
+                    db,
+                    "SELECT DISTINCT waitlist_capacity, waitlisted_count, waitlist_joins, "
+                    "version FROM courses",
+                ) == [(0, 0, 0, 1)], step
+                for table in ("students", "courses"):
+                    assert databases.sql(
+                        db,
+                        f"SELECT COUNT(*) FROM {table} "
+                        "WHERE version <> 1 OR update_time IS NULL OR update_time <> create_time",
+                    ) == [(0,)], (step, table)
+            assert _v1_snapshot(db) == before, step
+    finally:
+        db.close()
+
+
+def test_004_rollback_is_refused_while_anyone_waits(backend, new_database):
+    url = new_database()
+    db = _open(url)
+    try:
+        Router(db, migrate_dir=MIGRATIONS_DIR).run(M003)
+        _fill_v1(db)
+        migrator.migrate(db)
+        databases.sql(
+            db, "UPDATE student_courses SET state = 2, join_number = 1 "
+            "WHERE student_id = 1 AND course_id = 2",
+        )  # fmt: skip
+        with pytest.raises(Exception, match="waitlisted entries"):
+            migrator.rollback(db)
+        assert migrator.applied_migrations(db)[-1] == M004
+        assert "state" in _columns(db, "student_courses")
+        assert databases.sql(db, "SELECT COUNT(*) FROM student_courses WHERE state = 2") == [(1,)]
+    finally:
+        db.close()
+
+
+def _schema(db: pw.Database) -> dict[str, list[tuple]]:
+    """Per table: (column, type, nullable, default) and (index columns, unique)."""
+    out = {}
+    for table in V1_COLUMNS:
+        cols = sorted(
+            (c.name, c.data_type.lower(), c.null, _norm_default(c.default))
+            for c in db.get_columns(table)
+        )
+        idx = sorted((tuple(i.columns), i.unique) for i in db.get_indexes(table))
+        out[table] = [*cols, *idx]
+    return out
+
+
+def _norm_default(value) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip("'()")
+    return text.split("::")[0].strip("'")
+
+
+@pytest.mark.databases("postgresql", "mysql")
+def test_migrated_schema_equals_the_models(backend, new_database):
+    migrated_url, modeled_url = new_database(), new_database()
+    db = engine.open_pool(migrated_url, max_connections=1, create=True)
+    migrator.migrate(db)
+    engine.close_pool()
+    db = engine.open_pool(modeled_url, max_connections=1, create=True)
+    with db.connection_context():
+        db.create_tables(MODELS)
+    engine.close_pool()
+    a, b = _open(migrated_url), _open(modeled_url)
+    try:
+        assert _schema(a) == _schema(b)
+        assert ("state", "smallint", False, "1") in _schema(a)["student_courses"]
+    finally:
+        a.close()
+        b.close()
