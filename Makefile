@@ -28,11 +28,11 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ./client -e '.[dev]'
 	touch $@
 
-# target: proto - regenerate messages, gRPC stubs and .pyi stubs from protos/
+# target: proto - regenerate stubs, .pyi, the descriptor set, the googleapis copies and docs/api.md
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
-# target: lint - ruff, buf lint, buf format, and a check that generated code is current
+# target: lint - ruff, buf lint, buf format, and a check that generated code and docs/api.md are current
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

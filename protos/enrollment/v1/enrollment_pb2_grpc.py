@@ -96,6 +96,8 @@ class EnrollmentServiceServicer:
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +108,8 @@ class EnrollmentServiceServicer:
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,6 +121,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
         page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,6 +135,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +148,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
         (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,6 +160,8 @@ class EnrollmentServiceServicer:
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,6 +174,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
         page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
         student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,6 +187,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
         false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,6 +202,8 @@ class EnrollmentServiceServicer:
         names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
         (ALREADY_ENROLLED), FAILED_PRECONDITION (COURSE_FULL), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: writer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -199,6 +217,8 @@ class EnrollmentServiceServicer:
         names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
         student is not in the course), UNAVAILABLE (DATABASE_UNAVAILABLE),
         INTERNAL (INTERNAL).
+
+        Role: writer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

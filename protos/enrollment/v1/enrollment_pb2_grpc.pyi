@@ -131,12 +131,16 @@ class EnrollmentServiceStub:
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     GetStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetStudentRequest, _enrollment_pb2.GetStudentResponse]
     """Returns one student.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListStudents: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListStudentsRequest, _enrollment_pb2.ListStudentsResponse]
     """Lists all students, or the roster of one course, ordered by id.
@@ -144,6 +148,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
     page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteStudentRequest, _enrollment_pb2.DeleteStudentResponse]
     """Deletes a student. With force, also drops every course the student is
@@ -152,6 +158,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     CreateCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.CreateCourseRequest, _enrollment_pb2.CreateCourseResponse]
     """Creates a course.
@@ -159,12 +167,16 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetCourseRequest, _enrollment_pb2.GetCourseResponse]
     """Returns one course.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListCourses: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListCoursesRequest, _enrollment_pb2.ListCoursesResponse]
     """Lists the whole catalogue, or the courses one student is enrolled in,
@@ -173,6 +185,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
     page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
     student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteCourseRequest, _enrollment_pb2.DeleteCourseResponse]
     """Deletes a course. With force, also removes every enrollment in it.
@@ -180,6 +194,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
     false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     EnrollStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollStudentRequest, _enrollment_pb2.EnrollStudentResponse]
     """Enrolls a student in a course and raises the course's enrolled_count by
@@ -189,6 +205,8 @@ class EnrollmentServiceStub:
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
     (ALREADY_ENROLLED), FAILED_PRECONDITION (COURSE_FULL), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     DropCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DropCourseRequest, _enrollment_pb2.DropCourseResponse]
     """Removes a student from a course and lowers the course's enrolled_count
@@ -198,6 +216,8 @@ class EnrollmentServiceStub:
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
     student is not in the course), UNAVAILABLE (DATABASE_UNAVAILABLE),
     INTERNAL (INTERNAL).
+
+    Role: writer.
     """
 
 @_typing.type_check_only
@@ -210,12 +230,16 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     GetStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetStudentRequest, _enrollment_pb2.GetStudentResponse]  # type: ignore[assignment]
     """Returns one student.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListStudents: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListStudentsRequest, _enrollment_pb2.ListStudentsResponse]  # type: ignore[assignment]
     """Lists all students, or the roster of one course, ordered by id.
@@ -223,6 +247,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
     page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteStudentRequest, _enrollment_pb2.DeleteStudentResponse]  # type: ignore[assignment]
     """Deletes a student. With force, also drops every course the student is
@@ -231,6 +257,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     CreateCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.CreateCourseRequest, _enrollment_pb2.CreateCourseResponse]  # type: ignore[assignment]
     """Creates a course.
@@ -238,12 +266,16 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetCourseRequest, _enrollment_pb2.GetCourseResponse]  # type: ignore[assignment]
     """Returns one course.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListCourses: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListCoursesRequest, _enrollment_pb2.ListCoursesResponse]  # type: ignore[assignment]
     """Lists the whole catalogue, or the courses one student is enrolled in,
@@ -252,6 +284,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
     page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
     student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteCourseRequest, _enrollment_pb2.DeleteCourseResponse]  # type: ignore[assignment]
     """Deletes a course. With force, also removes every enrollment in it.
@@ -259,6 +293,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
     false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     EnrollStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollStudentRequest, _enrollment_pb2.EnrollStudentResponse]  # type: ignore[assignment]
     """Enrolls a student in a course and raises the course's enrolled_count by
@@ -268,6 +304,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
     (ALREADY_ENROLLED), FAILED_PRECONDITION (COURSE_FULL), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     DropCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DropCourseRequest, _enrollment_pb2.DropCourseResponse]  # type: ignore[assignment]
     """Removes a student from a course and lowers the course's enrolled_count
@@ -277,6 +315,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
     student is not in the course), UNAVAILABLE (DATABASE_UNAVAILABLE),
     INTERNAL (INTERNAL).
+
+    Role: writer.
     """
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -292,6 +332,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -304,6 +346,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -317,6 +361,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
         page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -331,6 +377,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -344,6 +392,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
         (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -356,6 +406,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -370,6 +422,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
         page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
         student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -383,6 +437,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
         false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -398,6 +454,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
         (ALREADY_ENROLLED), FAILED_PRECONDITION (COURSE_FULL), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: writer.
         """
 
     @_abc_1.abstractmethod
@@ -413,6 +471,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
         student is not in the course), UNAVAILABLE (DATABASE_UNAVAILABLE),
         INTERNAL (INTERNAL).
+
+        Role: writer.
         """
 
 def add_EnrollmentServiceServicer_to_server(servicer: EnrollmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
