@@ -14,7 +14,7 @@ CHAOS_SECONDS ?= 60
 SOAK_SECONDS ?= 600
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test migrate run clean bench bench-scale bench-compare bench-micro bench-profile chaos soak
+.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-scale bench-compare bench-micro bench-profile chaos soak
 
 # target: help - list the targets and what they do
 help:
@@ -43,6 +43,40 @@ lint: $(STAMP)
 # target: test - lint, then the whole pytest suite against real servers
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# target: interop - Node and Go clients against a real server (installs node, Go and npm packages when it can)
+interop: $(STAMP) interop-tools
+	INTEROP_REQUIRED=1 $(BIN)/pytest -p no:cacheprovider tests/test_interop.py $(PYTEST_ARGS)
+
+# The toolchains of tests/test_interop.py: Debian's Node and Go packages (Go in GOPATH
+# mode: grpc, genproto and protobuf as Debian ships them, nothing from a module proxy)
+# and the Node client's locked npm packages. apt-get needs root; without it, say so.
+# Commands first (a node from elsewhere, with its npm, is fine), then Go source packages.
+INTEROP_COMMANDS := node:nodejs npm:npm go:golang-go protoc-gen-go:protoc-gen-go \
+	protoc-gen-go-grpc:protoc-gen-go-grpc
+INTEROP_GO_DEV := golang-google-grpc-dev golang-google-genproto-dev golang-google-protobuf-dev \
+	golang-github-golang-protobuf-1-5-dev
+NODE_MODULES := tests/interop/node/node_modules/.package-lock.json
+
+.PHONY: interop-apt
+interop-tools: interop-apt $(NODE_MODULES)
+
+interop-apt:
+	@missing=""; for c in $(INTEROP_COMMANDS); do \
+	  command -v $${c%%:*} >/dev/null 2>&1 || missing="$$missing $${c#*:}"; \
+	done; \
+	for p in $(INTEROP_GO_DEV); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; } >/dev/null \
+	  || echo "could not install$$missing (apt-get needs root and Debian's lists): the interop tests say what is missing"; \
+	fi
+
+$(NODE_MODULES): tests/interop/node/package.json tests/interop/node/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: cannot install the Node client's packages"; exit 0; }; \
+	cd tests/interop/node && npm ci --no-audit --no-fund --loglevel=error
 
 # target: migrate - apply pending migrations to DATABASE_URL (default sqlite:///enrollment.db)
 migrate: $(STAMP)
