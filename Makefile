@@ -32,13 +32,14 @@ $(STAMP): pyproject.toml client/pyproject.toml
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
-# target: lint - ruff, buf lint, buf format, and a check that generated code and docs/api.md are current
+# target: lint - ruff, buf lint/format, generated code and docs/api.md current, deploy/kubernetes valid
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
 	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
 
 # target: test - lint, then the whole pytest suite against real servers
 test: lint
