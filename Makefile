@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml client/pyproject.toml
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
-# target: lint - ruff, buf lint/format, generated code and docs/api.md current, deploy/kubernetes valid
+# target: lint - ruff, buf lint/format, generated code and docs/api.md current, deploy/kubernetes valid, mypy
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -40,6 +40,7 @@ lint: $(STAMP)
 	$(BIN)/buf format --diff --exit-code
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
+	$(BIN)/python scripts/typecheck.py
 
 # target: test - lint, then the whole pytest suite against real servers
 test: lint

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.rpc import error_details_pb2
@@ -14,6 +14,7 @@ from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT = 5.0
+_Response = TypeVar("_Response")
 # gRPC's load-balancing policies that need nothing but the addresses the target resolves
 # to: pick_first (gRPC's default) sends every call to one of them, round_robin spreads
 # calls over all of them (every pod behind a headless Service, say).
@@ -51,7 +52,8 @@ class ClientError(Exception):
         info = error_details_pb2.ErrorInfo()
         bad = error_details_pb2.BadRequest()
         try:
-            status = rpc_status.from_call(error)
+            # grpc.aio's errors are not grpc.Call, but have the same code/details/trailers.
+            status = rpc_status.from_call(cast(grpc.Call, error))
         except (ValueError, AttributeError):
             # Details that contradict the status line are not trusted; code and message stand.
             status = None
@@ -109,7 +111,7 @@ class EnrollmentClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Callable[..., Any], request: Any) -> Any:
+    def _call(self, method: Callable[..., _Response], request: Any) -> _Response:
         # No wait_for_ready: a server that is down should fail the call now, as
         # UNAVAILABLE, rather than hold it until the deadline.
         try:
