@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2
@@ -222,12 +223,25 @@ def _method_section(out: list[str], method, comments: _Comments, path: tuple, ty
     return fields["Role"]
 
 
+def _type_names(scope: str, container) -> Iterator[str]:
+    """Full names of the messages and enums declared in a file or message, nested ones too."""
+    if isinstance(container, descriptor_pb2.FileDescriptorProto):
+        messages = container.message_type
+    else:
+        messages = container.nested_type
+    for enum in container.enum_type:
+        yield f"{scope}.{enum.name}"
+    for message in messages:
+        yield f"{scope}.{message.name}"
+        yield from _type_names(f"{scope}.{message.name}", message)
+
+
 def render_api_docs(descriptors: descriptor_pb2.FileDescriptorSet, sources: list[str]) -> str:
     """Markdown for every service, method, message and enum of the files named in sources,
     plus the google.rpc messages of the error details, from their comments."""
     files = {f.name: f for f in descriptors.file}
     ours = [files[name] for name in sources]
-    documented = {f"{f.package}.{m.name}" for f in ours for m in (*f.message_type, *f.enum_type)}
+    documented = {name for f in ours for name in _type_names(f.package, f)}
     documented |= {*_ERROR_DETAILS, "google.rpc.BadRequest.FieldViolation"}
     types = _Types(documented)
     out = [
