@@ -55,16 +55,16 @@ function errorDetails(err) {
 
 const client = new EnrollmentService(process.argv[2], grpc.credentials.createInsecure());
 
-function call(method, request) {
+function call(method, request, through = client) {
   return new Promise((resolve, reject) => {
     const deadline = new Date(Date.now() + 5000);
-    client[method](request, { deadline }, (err, response) => (err ? reject(err) : resolve(response)));
+    through[method](request, { deadline }, (err, response) => (err ? reject(err) : resolve(response)));
   });
 }
 
-async function failure(method, request) {
+async function failure(method, request, through = client) {
   try {
-    await call(method, request);
+    await call(method, request, through);
   } catch (err) {
     return err;
   }
@@ -133,6 +133,18 @@ async function main() {
   assert.deepEqual(info.metadata, { student_id: nextId });
   assert.equal(notFound.details, `student ${nextId} does not exist`);
   ok(`GetStudent ${nextId}: NOT_FOUND STUDENT_NOT_FOUND names the exact id`);
+
+  // Why keepCase: without it proto-loader wants studentId and silently drops student_id,
+  // so the server gets 0 and says which field is missing.
+  const camelCase = grpc.loadPackageDefinition(
+    protoLoader.loadSync('enrollment/v1/enrollment.proto', { includeDirs: [PROTOS], longs: String }),
+  ).enrollment.v1;
+  const camelClient = new camelCase.EnrollmentService(process.argv[2], grpc.credentials.createInsecure());
+  const dropped = await failure('GetStudent', { student_id: bigId }, camelClient);
+  camelClient.close();
+  assert.equal(dropped.code, grpc.status.INVALID_ARGUMENT);
+  assert.deepEqual(errorDetails(dropped).BadRequest.field_violations.map((v) => v.field), ['student_id']);
+  ok('without keepCase, {student_id} is dropped: INVALID_ARGUMENT [student_id]');
 
   console.log(JSON.stringify({ student_id: student.id, course_id: course.id, big_id: bigId }));
 }
