@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from tests.rpc import SERVER, free_port, new_student
+from tests.rpc import new_student
+from tests.servers import SERVER, free_port
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 
@@ -80,7 +80,9 @@ def health(address: str, service: str) -> int:
 
 
 @pytest.mark.databases("postgresql")
-def test_the_job_and_the_deployment_commands_migrate_then_serve(new_database, tmp_path):
+def test_the_job_and_the_deployment_commands_migrate_then_serve(
+    new_database, server_process, tmp_path
+):
     found = manifests()
     job = only([d for k, d in found.items() if k.startswith("Job/")], "migration Job")
     migrate = job["spec"]["template"]["spec"]["containers"][0]
@@ -96,17 +98,12 @@ def test_the_job_and_the_deployment_commands_migrate_then_serve(new_database, tm
     done = subprocess.run([SERVER, *migrate["args"]], env=env, capture_output=True, text=True,
                           timeout=60, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    server = subprocess.Popen([SERVER, *args], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, cwd=tmp_path)  # fmt: skip
-    try:
-        address = f"127.0.0.1:{port}"
-        with grpc.insecure_channel(address) as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
-            assert new_student(pb_grpc.EnrollmentServiceStub(channel)).id >= 1
-        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            service = container[probe]["grpc"].get("service", "")
-            assert health(address, service) == health_pb2.HealthCheckResponse.SERVING, probe
-    finally:
-        server.send_signal(signal.SIGTERM)
-        out, _ = server.communicate(timeout=pod["terminationGracePeriodSeconds"])
-    assert server.returncode == 0, out
+    server = server_process(
+        argv=[SERVER, *args], port=port, env={"ENROLLMENT_DATABASE_URL": url}, cwd=tmp_path
+    )
+    with grpc.insecure_channel(server.address) as channel:
+        assert new_student(pb_grpc.EnrollmentServiceStub(channel)).id >= 1
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        service = container[probe]["grpc"].get("service", "")
+        assert health(server.address, service) == health_pb2.HealthCheckResponse.SERVING, probe
+    assert server.stop(timeout=pod["terminationGracePeriodSeconds"]) == 0, server.log

@@ -4,51 +4,24 @@ calls over them with round_robin (as over the pods behind a headless Service).""
 from __future__ import annotations
 
 import re
-import subprocess
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from enrollment.client.api import ClientError, EnrollmentClient
 from tests import databases
-from tests.rpc import SERVER, TIMEOUT, free_port
+from tests.rpc import TIMEOUT
 
 REPLICAS = 3
 THREADS = 16
 
 
 @pytest.fixture
-def replicas(db_url, tmp_path):
-    """REPLICAS `enrollment-server serve` processes on their own ports; their addresses
-    and log files."""
-    started = []
-    try:
-        for index in range(REPLICAS):
-            address = f"127.0.0.1:{free_port()}"
-            log = tmp_path / f"replica{index}.log"
-            with log.open("w") as out:
-                process = subprocess.Popen(
-                    [SERVER, "serve", "--address", address, "--database-url", db_url],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            started.append((process, address, log))
-        for _, address, _ in started:
-            with grpc.insecure_channel(address) as channel:
-                health = health_pb2_grpc.HealthStub(channel)
-                request = health_pb2.HealthCheckRequest(service="enrollment.v1.EnrollmentService")
-                answer = health.Check(request, timeout=15, wait_for_ready=True)
-                assert answer.status == health_pb2.HealthCheckResponse.SERVING
-        yield [(address, log) for _, address, log in started]
-    finally:
-        for process, _, _ in started:
-            process.terminate()
-        for process, _, _ in started:
-            process.wait(timeout=30)
+def replicas(db_url, server_process):
+    """REPLICAS `enrollment-server serve` processes on their own ports, each SERVING."""
+    return [server_process("--database-url", db_url) for _ in range(REPLICAS)]
 
 
 def miscounted_courses(url: str) -> list[tuple]:
@@ -64,9 +37,9 @@ def miscounted_courses(url: str) -> list[tuple]:
     )
 
 
-def served(log) -> Counter:
+def served(replica) -> Counter:
     """Calls a replica logged, by method."""
-    return Counter(re.findall(r"\brpc method=(\w+) code=", log.read_text()))
+    return Counter(re.findall(r"\brpc method=(\w+) code=", replica.log))
 
 
 def outcome(call) -> str:
@@ -91,7 +64,7 @@ def race(calls) -> Counter:
 
 @pytest.mark.databases("postgresql")
 def test_round_robin_over_three_replicas_keeps_every_invariant(replicas, db_url):
-    target = "ipv4:" + ",".join(address for address, _ in replicas)
+    target = "ipv4:" + ",".join(replica.address for replica in replicas)
     with EnrollmentClient(target, timeout=TIMEOUT, lb_policy="round_robin") as api:
         # Many students race for the few seats of one course.
         capacity = 7
@@ -130,10 +103,11 @@ def test_round_robin_over_three_replicas_keeps_every_invariant(replicas, db_url)
     assert miscounted_courses(db_url) == []
 
     # Every replica served a share of the calls.
-    for address, log in replicas:
-        calls = served(log)
-        assert calls["EnrollStudent"] > 0, f"{address} served no EnrollStudent: {dict(calls)}"
-        assert sum(calls.values()) >= 10, f"{address} served only {dict(calls)}"
+    for replica in replicas:
+        calls = served(replica)
+        where = replica.address
+        assert calls["EnrollStudent"] > 0, f"{where} served no EnrollStudent: {dict(calls)}"
+        assert sum(calls.values()) >= 10, f"{where} served only {dict(calls)}"
 
 
 def test_the_client_refuses_an_unknown_lb_policy():
