@@ -116,6 +116,8 @@ class EnrollmentServiceServicer:
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,6 +128,8 @@ class EnrollmentServiceServicer:
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +141,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
         page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,6 +155,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,6 +168,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
         (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +180,8 @@ class EnrollmentServiceServicer:
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,6 +194,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
         page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
         student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -193,6 +207,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
         false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -214,6 +230,8 @@ class EnrollmentServiceServicer:
         names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
         (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
         WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: writer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -229,6 +247,8 @@ class EnrollmentServiceServicer:
         names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
         student is neither enrolled in nor waiting for the course), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: writer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -242,6 +262,8 @@ class EnrollmentServiceServicer:
         student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
         (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -260,6 +282,8 @@ class EnrollmentServiceServicer:
         (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
         WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -273,6 +297,8 @@ class EnrollmentServiceServicer:
         STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
         nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -287,6 +313,8 @@ class EnrollmentServiceServicer:
         page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
         STUDENT_NOT_FOUND, when a filter names a missing course or student),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

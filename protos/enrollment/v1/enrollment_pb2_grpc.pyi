@@ -177,12 +177,16 @@ class EnrollmentServiceStub:
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     GetStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetStudentRequest, _enrollment_pb2.GetStudentResponse]
     """Returns one student.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListStudents: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListStudentsRequest, _enrollment_pb2.ListStudentsResponse]
     """Lists all students, or the roster of one course, ordered by id.
@@ -190,6 +194,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
     page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteStudentRequest, _enrollment_pb2.DeleteStudentResponse]
     """Deletes a student. With force, also drops every course the student is
@@ -198,6 +204,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     CreateCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.CreateCourseRequest, _enrollment_pb2.CreateCourseResponse]
     """Creates a course.
@@ -205,12 +213,16 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetCourseRequest, _enrollment_pb2.GetCourseResponse]
     """Returns one course.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListCourses: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListCoursesRequest, _enrollment_pb2.ListCoursesResponse]
     """Lists the whole catalogue, or the courses one student is enrolled in,
@@ -219,6 +231,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
     page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
     student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteCourseRequest, _enrollment_pb2.DeleteCourseResponse]
     """Deletes a course. With force, also removes every enrollment in it.
@@ -226,6 +240,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
     false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     EnrollStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollStudentRequest, _enrollment_pb2.EnrollStudentResponse]
     """Enrolls a student in a course and raises the course's enrolled_count by
@@ -243,6 +259,8 @@ class EnrollmentServiceStub:
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
     (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
     WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     DropCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DropCourseRequest, _enrollment_pb2.DropCourseResponse]
     """Removes a student from a course, enrolled or waitlisted, and lowers the
@@ -254,6 +272,8 @@ class EnrollmentServiceStub:
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
     student is neither enrolled in nor waiting for the course), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     UpdateStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateStudentRequest, _enrollment_pb2.UpdateStudentResponse]
     """Changes a student's name and/or email (the fields update_mask names). Needs
@@ -263,6 +283,8 @@ class EnrollmentServiceStub:
     student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
     (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     UpdateCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateCourseRequest, _enrollment_pb2.UpdateCourseResponse]
     """Changes a course's code, title, capacity and/or waitlist_capacity (the
@@ -277,6 +299,8 @@ class EnrollmentServiceStub:
     (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
     WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetEnrollment: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetEnrollmentRequest, _enrollment_pb2.GetEnrollmentResponse]
     """Returns one enrollment, enrolled or waitlisted. The course is checked
@@ -286,6 +310,8 @@ class EnrollmentServiceStub:
     STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
     nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: reader.
     """
     ListEnrollments: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListEnrollmentsRequest, _enrollment_pb2.ListEnrollmentsResponse]
     """Lists enrollments, enrolled and waitlisted, filtered by student, course
@@ -296,6 +322,8 @@ class EnrollmentServiceStub:
     page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
     STUDENT_NOT_FOUND, when a filter names a missing course or student),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
 
 @_typing.type_check_only
@@ -308,12 +336,16 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     GetStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetStudentRequest, _enrollment_pb2.GetStudentResponse]  # type: ignore[assignment]
     """Returns one student.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListStudents: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListStudentsRequest, _enrollment_pb2.ListStudentsResponse]  # type: ignore[assignment]
     """Lists all students, or the roster of one course, ordered by id.
@@ -321,6 +353,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
     page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteStudentRequest, _enrollment_pb2.DeleteStudentResponse]  # type: ignore[assignment]
     """Deletes a student. With force, also drops every course the student is
@@ -329,6 +363,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     CreateCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.CreateCourseRequest, _enrollment_pb2.CreateCourseResponse]  # type: ignore[assignment]
     """Creates a course.
@@ -336,12 +372,16 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetCourseRequest, _enrollment_pb2.GetCourseResponse]  # type: ignore[assignment]
     """Returns one course.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListCourses: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListCoursesRequest, _enrollment_pb2.ListCoursesResponse]  # type: ignore[assignment]
     """Lists the whole catalogue, or the courses one student is enrolled in,
@@ -350,6 +390,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
     page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
     student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteCourseRequest, _enrollment_pb2.DeleteCourseResponse]  # type: ignore[assignment]
     """Deletes a course. With force, also removes every enrollment in it.
@@ -357,6 +399,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
     false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     EnrollStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollStudentRequest, _enrollment_pb2.EnrollStudentResponse]  # type: ignore[assignment]
     """Enrolls a student in a course and raises the course's enrolled_count by
@@ -374,6 +418,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
     (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
     WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     DropCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DropCourseRequest, _enrollment_pb2.DropCourseResponse]  # type: ignore[assignment]
     """Removes a student from a course, enrolled or waitlisted, and lowers the
@@ -385,6 +431,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
     student is neither enrolled in nor waiting for the course), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     UpdateStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateStudentRequest, _enrollment_pb2.UpdateStudentResponse]  # type: ignore[assignment]
     """Changes a student's name and/or email (the fields update_mask names). Needs
@@ -394,6 +442,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
     (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     UpdateCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateCourseRequest, _enrollment_pb2.UpdateCourseResponse]  # type: ignore[assignment]
     """Changes a course's code, title, capacity and/or waitlist_capacity (the
@@ -408,6 +458,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
     WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetEnrollment: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetEnrollmentRequest, _enrollment_pb2.GetEnrollmentResponse]  # type: ignore[assignment]
     """Returns one enrollment, enrolled or waitlisted. The course is checked
@@ -417,6 +469,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
     nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: reader.
     """
     ListEnrollments: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListEnrollmentsRequest, _enrollment_pb2.ListEnrollmentsResponse]  # type: ignore[assignment]
     """Lists enrollments, enrolled and waitlisted, filtered by student, course
@@ -427,6 +481,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
     STUDENT_NOT_FOUND, when a filter names a missing course or student),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -442,6 +498,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -454,6 +512,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -467,6 +527,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
         page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -481,6 +543,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -494,6 +558,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
         (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -506,6 +572,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -520,6 +588,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
         page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
         student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -533,6 +603,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
         false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -556,6 +628,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
         (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
         WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: writer.
         """
 
     @_abc_1.abstractmethod
@@ -573,6 +647,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
         student is neither enrolled in nor waiting for the course), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: writer.
         """
 
     @_abc_1.abstractmethod
@@ -588,6 +664,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
         (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -608,6 +686,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
         WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -623,6 +703,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
         nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -639,6 +721,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
         STUDENT_NOT_FOUND, when a filter names a missing course or student),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
 def add_EnrollmentServiceServicer_to_server(servicer: EnrollmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
