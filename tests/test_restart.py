@@ -4,7 +4,6 @@ is refused, by `serve` and by `serve --workers N`."""
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
 import subprocess
 import threading
@@ -15,7 +14,8 @@ import pytest
 
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from tests.rpc import SERVER, TIMEOUT, free_port, new_student
+from tests.rpc import TIMEOUT, new_student
+from tests.servers import SERVER, free_port
 
 pytestmark = pytest.mark.databases("sqlite")  # ports, not databases, are under test
 
@@ -23,40 +23,15 @@ SINGLE = ()
 WORKERS = ("--workers", "2")
 
 
-def serve(address: str, db_url: str, mode: tuple[str, ...]) -> subprocess.Popen:
-    return subprocess.Popen(
+def refused(address: str, db_url: str, mode: tuple[str, ...]) -> None:
+    """`serve` on address exits 2 with one clear line."""
+    process = subprocess.run(
         [SERVER, "serve", "--address", address, "--database-url", db_url, *mode],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def stop(process: subprocess.Popen) -> str:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        out, _ = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, _ = process.communicate()
-    return out
-
-
-def serving(address: str, process: subprocess.Popen) -> grpc.Channel:
-    """A channel to the server at address, once it answers (fails when the process exits)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            out, _ = process.communicate()
-            pytest.fail(f"the server exited with {process.returncode}:\n{out[-3000:]}")
-        channel = grpc.insecure_channel(address)
-        try:
-            grpc.channel_ready_future(channel).result(timeout=1)
-            return channel
-        except grpc.FutureTimeoutError:
-            channel.close()
-    pytest.fail(f"nothing serves on {address}")
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    out = process.stdout + process.stderr
+    assert process.returncode == 2, out
+    assert f"cannot listen on {address}" in out and "Traceback" not in out
 
 
 def time_wait_on(port: int) -> int:
@@ -86,29 +61,23 @@ def leave_time_wait(port: int) -> None:
 
 
 @pytest.mark.parametrize("mode", [SINGLE, WORKERS], ids=["single", "workers"])
-def test_a_server_starts_on_a_port_with_sockets_in_time_wait(db_url, mode):
+def test_a_server_starts_on_a_port_with_sockets_in_time_wait(db_url, server_process, mode):
     port = free_port()
     leave_time_wait(port)
-    process = serve(f"127.0.0.1:{port}", db_url, mode)
-    try:
-        with serving(f"127.0.0.1:{port}", process) as channel:
-            new_student(pb_grpc.EnrollmentServiceStub(channel))
-    finally:
-        out = stop(process)
-    assert process.returncode == 0, out
+    server = server_process("--database-url", db_url, *mode, port=port)
+    with grpc.insecure_channel(server.address) as channel:
+        new_student(pb_grpc.EnrollmentServiceStub(channel))
+    assert server.stop() == 0, server.log
 
 
 @pytest.mark.parametrize("mode", [SINGLE, WORKERS], ids=["single", "workers"])
-def test_a_server_stopped_during_calls_starts_again_at_once(db_url, mode):
+def test_a_server_stopped_during_calls_starts_again_at_once(db_url, server_process, mode):
     """As a deployment restarts: several connections busy with calls, SIGTERM, start."""
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    first = serve(address, db_url, mode)
-    serving(address, first).close()
+    first = server_process("--database-url", db_url, *mode)
     # A channel of its own per client: several connections, spread over the workers.
     channels = [
-        grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(6)
+        grpc.insecure_channel(first.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(12)
     ]
     done = threading.Event()
     calls = []
@@ -128,25 +97,20 @@ def test_a_server_stopped_during_calls_starts_again_at_once(db_url, mode):
         for thread in threads:
             thread.start()
         assert wait_for(lambda: set(calls) == set(range(len(channels))), 30)
-        out = stop(first)  # while the calls go on
-        assert first.returncode == 0, out
+        assert first.stop() == 0, first.log  # while the calls go on
     finally:
         done.set()
         for thread in threads:
             thread.join(timeout=30)
         for channel in channels:
             channel.close()
-        stop(first)
 
-    second = serve(address, db_url, mode)  # at once
-    try:
-        with serving(address, second) as channel:
-            stub = pb_grpc.EnrollmentServiceStub(channel)
-            found = stub.ListStudents(pb.ListStudentsRequest(), timeout=TIMEOUT)
-            assert len(found.students) == len(channels)
-    finally:
-        out = stop(second)
-    assert second.returncode == 0, out
+    second = server_process("--database-url", db_url, *mode, port=first.port)  # at once
+    with grpc.insecure_channel(second.address) as channel:
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        found = stub.ListStudents(pb.ListStudentsRequest(), timeout=TIMEOUT)
+        assert len(found.students) == len(channels)
+    assert second.stop() == 0, second.log
 
 
 def wait_for(predicate, timeout: float) -> bool:
@@ -180,28 +144,17 @@ def listener(address: tuple[str, int], *options: int) -> socket.socket:
 def test_a_port_another_program_listens_on_is_refused(db_url, mode, host, options):
     port = free_port()
     with listener((host, port), *options):
-        process = serve(f"127.0.0.1:{port}", db_url, mode)
-        out, _ = process.communicate(timeout=60)
-    assert process.returncode == 2, out
-    assert f"cannot listen on 127.0.0.1:{port}" in out and "Traceback" not in out
+        refused(f"127.0.0.1:{port}", db_url, mode)
 
 
 @pytest.mark.parametrize("first_mode", [SINGLE, WORKERS], ids=["single", "workers"])
-def test_a_port_a_running_server_holds_is_refused(db_url, first_mode):
-    address = f"127.0.0.1:{free_port()}"
-    first = serve(address, db_url, first_mode)
-    try:
-        serving(address, first).close()
-        for mode in (SINGLE, WORKERS):
-            second = serve(address, db_url, mode)
-            out, _ = second.communicate(timeout=60)
-            assert second.returncode == 2, out
-            assert f"cannot listen on {address}" in out and "Traceback" not in out
-        with serving(address, first) as channel:  # the first server is unharmed
-            new_student(pb_grpc.EnrollmentServiceStub(channel))
-    finally:
-        out = stop(first)
-    assert first.returncode == 0, out
+def test_a_port_a_running_server_holds_is_refused(db_url, server_process, first_mode):
+    first = server_process("--database-url", db_url, *first_mode)
+    for mode in (SINGLE, WORKERS):
+        refused(first.address, db_url, mode)
+    with grpc.insecure_channel(first.address) as channel:  # the first server is unharmed
+        new_student(pb_grpc.EnrollmentServiceStub(channel))
+    assert first.stop() == 0, first.log
 
 
 @pytest.mark.parametrize("mode", [SINGLE, WORKERS], ids=["single", "workers"])
@@ -212,7 +165,4 @@ def test_a_port_reserved_by_a_starting_server_is_refused(db_url, mode):
     with socket.socket() as held:
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         held.bind(("127.0.0.1", port))
-        process = serve(f"127.0.0.1:{port}", db_url, mode)
-        out, _ = process.communicate(timeout=60)
-    assert process.returncode == 2, out
-    assert f"cannot listen on 127.0.0.1:{port}" in out and "Traceback" not in out
+        refused(f"127.0.0.1:{port}", db_url, mode)
