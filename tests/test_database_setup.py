@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,7 +18,8 @@ import yaml
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases
-from tests.rpc import TIMEOUT, free_port, new_student
+from tests.rpc import TIMEOUT, new_student
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -73,7 +72,9 @@ def run_admin(kind: str, statements: list[str]) -> None:
 
 
 @pytest.mark.databases("postgresql", "mysql")
-def test_the_readme_setup_sql_makes_a_role_that_migrates_and_serves(backend, tmp_path):
+def test_the_readme_setup_sql_makes_a_role_that_migrates_and_serves(
+    backend, tmp_path, server_process
+):
     title = {"postgresql": "PostgreSQL", "mysql": "MariaDB"}[backend]
     name = f"enrollment_setup_{secrets.token_hex(4)}"
     password = secrets.token_hex(12)
@@ -94,36 +95,24 @@ def test_the_readme_setup_sql_makes_a_role_that_migrates_and_serves(backend, tmp
     script = script.replace("0.0.0.0:50051", f"127.0.0.1:{port}")
     *before, serve = [line for line in script.splitlines() if line and not line.startswith("#")]
     assert serve.startswith("enrollment-server serve "), serve
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("ENROLLMENT_DATABASE_URL", None)
+    env = {"PATH": f"{BIN}:{os.environ['PATH']}", "ENROLLMENT_DATABASE_URL": ""}
     try:
         run_admin(backend, statements)
-        server = subprocess.Popen(
-            ["bash", "-c", "\n".join([*before, "exec " + serve])],
+        server = server_process(
+            argv=["bash", "-c", "\n".join([*before, "exec " + serve])],
+            port=port,
             cwd=tmp_path,
             env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
         )
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                try:
-                    grpc.channel_ready_future(channel).result(timeout=60)
-                except grpc.FutureTimeoutError:
-                    server.kill()
-                    pytest.fail(server.communicate()[0][-3000:])
-                stub = pb_grpc.EnrollmentServiceStub(channel)
-                made = new_student(stub)
-                found = stub.GetStudent(pb.GetStudentRequest(student_id=made.id), timeout=TIMEOUT)
-                assert found.student.email == made.email
-            # What `ps` shows of the server and its workers.
-            shown = Path(f"/proc/{server.pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            assert b"enrollment-server" in shown and password.encode() not in shown
-        finally:
-            server.send_signal(signal.SIGTERM)
-            out, _ = server.communicate(timeout=60)
-        assert server.returncode == 0, out
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.EnrollmentServiceStub(channel)
+            made = new_student(stub)
+            found = stub.GetStudent(pb.GetStudentRequest(student_id=made.id), timeout=TIMEOUT)
+            assert found.student.email == made.email
+        # What `ps` shows of the server (its workers are forks with the same arguments).
+        shown = Path(f"/proc/{server.proc.pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        assert b"enrollment-server" in shown and password.encode() not in shown
+        assert server.stop() == 0, server.log
         assert databases.query(url, "SELECT COUNT(*) FROM students") == [(1,)]
     finally:
         run_admin(backend, drop)
