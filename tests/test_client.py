@@ -239,14 +239,22 @@ def test_usage_errors_honour_json(argv):
 def test_json_follows_the_protobuf_json_mapping(live):
     student = new_student(live.stub)
     course = new_course(live.stub, capacity=0)
+
+    def names(value) -> set[str]:
+        """Every object key in a JSON value, nested ones too."""
+        if isinstance(value, dict):
+            return set(value) | {n for v in value.values() for n in names(v)}
+        if isinstance(value, list):
+            return {n for v in value for n in names(v)}
+        return set()
+
     made = ok_json(live, "enroll", "--student", str(student.id), "--course", str(course.id))
-    assert set(made) == {"studentId", "courseId", "enrollTime"}
     shown = ok_json(live, "course", "--id", str(course.id))
-    assert set(shown) == {"id", "code", "title", "capacity", "enrolledCount", "createTime"}
-    assert set(ok_json(live, "students")) == {"students", "nextPageToken"}
-    assert set(ok_json(live, "student", "--id", str(student.id))) == {
-        "id", "name", "email", "createTime",
-    }  # fmt: skip
+    students = ok_json(live, "students")
+    everything = names([made, shown, students, ok_json(live, "student", "--id", str(student.id))])
+    assert {"studentId", "courseId", "enrollTime", "enrolledCount", "createTime"} <= everything
+    assert "nextPageToken" in students
+    assert not [name for name in everything if "_" in name], everything
 
 
 def test_capacity_0_prints_the_same_in_a_table_and_alone(live):
