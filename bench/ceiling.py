@@ -30,11 +30,11 @@ for _method in pb.DESCRIPTOR.services_by_name["EnrollmentService"].methods:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--address", required=True)
-    parser.add_argument("--max-workers", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=16)
     args = parser.parse_args(argv)
     # Built as server.app builds the real one: same pool size, same options.
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=args.max_workers, thread_name_prefix="rpc"),
+        futures.ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix="rpc"),
         options=[("grpc.so_reuseport", 0)],
     )
     pb_grpc.add_EnrollmentServiceServicer_to_server(EmptyServicer(), server)

@@ -107,7 +107,7 @@ def enrollment_server(
     database_url: str,
     log_path: Path,
     *,
-    max_workers: int,
+    threads: int,
     workers: int,
     log_level: str,
     executable: str = "",
@@ -122,8 +122,10 @@ def enrollment_server(
         f"127.0.0.1:{port}",
         "--database-url",
         database_url,
-        "--max-workers",
-        str(max_workers),
+        # Another checkout (bench --other-server) may predate --threads; every one takes
+        # --max-workers, its old name.
+        "--max-workers" if executable else "--threads",
+        str(threads),
         "--grace",
         "1",
     ]
@@ -132,15 +134,15 @@ def enrollment_server(
     return Server("enrollment-server", argv, port, log_path)
 
 
-def ceiling_server(port: int, log_path: Path, *, max_workers: int) -> Server:
+def ceiling_server(port: int, log_path: Path, *, threads: int) -> Server:
     argv = [
         sys.executable,
         "-m",
         "bench.ceiling",
         "--address",
         f"127.0.0.1:{port}",
-        "--max-workers",
-        str(max_workers),
+        "--threads",
+        str(threads),
     ]
     return Server("ceiling", argv, port, log_path)
 

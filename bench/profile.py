@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
             free_port(),
             url,
             tmpdir / "server.log",
-            max_workers=ServerConfig().max_workers,
+            threads=ServerConfig().threads,
             workers=1,
             log_level=args.log_level,
         ).start()

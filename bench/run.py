@@ -36,10 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=int, default=2, help="load processes")
     parser.add_argument("--coroutines", type=int, default=8, help="concurrent calls per process")
     parser.add_argument(
-        "--max-workers",
+        "--threads",
+        "--max-workers",  # the old name, as serve's
+        dest="threads",
         type=int,
-        default=ServerConfig().max_workers,
-        help="thread pool size of both servers (default: serve's, %(default)s)",
+        default=ServerConfig().threads,
+        help="thread pool size of both servers (default: serve's, %(default)s; "
+        "--max-workers is the old name)",
     )
     parser.add_argument(
         "--database-url",
@@ -59,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads-check",
         type=int,
         default=0,
-        help="also run every mix against a server with --max-workers N, in the same rounds",
+        help="also run every mix against a server with --threads N, in the same rounds",
     )
     parser.add_argument(
         "--other-server",
@@ -124,21 +127,21 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-        def project(log_name: str, *, max_workers: int, workers: int, executable: str = ""):
+        def project(log_name: str, *, threads: int, workers: int, executable: str = ""):
             return procs.enrollment_server(
                 free_port(),
                 url,
                 tmpdir / log_name,
-                max_workers=max_workers,
+                threads=threads,
                 workers=workers,
                 log_level=args.log_level,
                 executable=executable,
             )
 
         servers = {
-            PROJECT: project("server.log", max_workers=args.max_workers, workers=args.workers),
+            PROJECT: project("server.log", threads=args.threads, workers=args.workers),
             CEILING: procs.ceiling_server(
-                free_port(), tmpdir / "ceiling.log", max_workers=args.max_workers
+                free_port(), tmpdir / "ceiling.log", threads=args.threads
             ),
         }
         workers_check = args.workers_check if has_workers and "read" in mixes else 0
@@ -146,16 +149,16 @@ def main(args: argparse.Namespace) -> int:
             workers_check = 0
         if workers_check:
             servers[WORKERS] = project(
-                "server-workers.log", max_workers=args.max_workers, workers=workers_check
+                "server-workers.log", threads=args.threads, workers=workers_check
             )
         if args.threads_check:
             servers[THREADS] = project(
-                "server-threads.log", max_workers=args.threads_check, workers=args.workers
+                "server-threads.log", threads=args.threads_check, workers=args.workers
             )
         if args.other_server:
             servers[OTHER] = project(
                 "server-other.log",
-                max_workers=args.max_workers,
+                threads=args.threads,
                 workers=1,
                 executable=args.other_server,
             )

@@ -146,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
                 free_port(),
                 url,
                 tmpdir / f"{name}.log",
-                max_workers=ServerConfig().max_workers,
+                threads=ServerConfig().threads,
                 workers=1,
                 log_level=args.log_level,
             )

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", type=float, default=30.0, help="seconds between samples")
     parser.add_argument("--threads", type=int, default=6, help="client threads")
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
-    parser.add_argument("--max-workers", type=int, default=4)
+    parser.add_argument("--server-threads", type=int, default=4, help="serve --threads")
 
 
 def resources(pid: int) -> dict[str, float]:
@@ -156,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
     procs.migrate(url)
     port = free_port()
     server = procs.enrollment_server(
-        port, url, workdir / "server.log", max_workers=args.max_workers, workers=1,
+        port, url, workdir / "server.log", threads=args.server_threads, workers=1,
         log_level="WARNING",
     ).start()  # fmt: skip
     pid = server.process.pid

@@ -32,6 +32,7 @@ class ClientError(Exception):
         reason: str = "",
         fields: list[str] | None = None,
         metadata: dict[str, str] | None = None,
+        hint: str = "",
     ) -> None:
         super().__init__(code, message, reason)
         self.code = code
@@ -39,10 +40,17 @@ class ClientError(Exception):
         self.reason = reason
         self.fields = list(fields or [])
         self.metadata = dict(metadata or {})
+        # What the failure suggests about this client's settings (see connection_hint).
+        self.hint = hint
 
     def __str__(self) -> str:
         head = f"{self.code} {self.reason}" if self.reason else self.code
-        return f"{head}: {self.message}"
+        return f"{head}: {self.explained}"
+
+    @property
+    def explained(self) -> str:
+        """The message, and the hint in brackets when there is one."""
+        return f"{self.message} ({self.hint})" if self.hint else self.message
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> ClientError:
@@ -97,6 +105,7 @@ class EnrollmentClient:
             raise ValueError("timeout must be more than 0 seconds")
         self.address = address
         self.timeout = timeout
+        self._tls, self._client_cert = bool(tls_ca or tls_cert), bool(tls_cert)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._channel = open_channel(
             address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, lb_policy=lb_policy
@@ -120,7 +129,12 @@ class EnrollmentClient:
                 return method(request, timeout=self.timeout)
             return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
-            raise ClientError.from_rpc_error(error) from None
+            failure = ClientError.from_rpc_error(error)
+            if failure.code == "UNAVAILABLE":
+                failure.hint = connection_hint(
+                    failure.message, tls=self._tls, client_cert=self._client_cert
+                )
+            raise failure from None
 
     # Students
 
@@ -316,6 +330,31 @@ def channel_options(lb_policy: str | None = None) -> list[tuple[str, str]]:
         raise ValueError(f"lb_policy must be one of {', '.join(LB_POLICIES)}")
     config: dict[str, object] = {"loadBalancingConfig": [{lb_policy: {}}]}
     return [("grpc.service_config", json.dumps(config))]
+
+
+def connection_hint(message: str, *, tls: bool, client_cert: bool) -> str:
+    """What an UNAVAILABLE's message suggests about the client's security settings, or "".
+
+    A TLS server closes a plaintext client's connection, and a mutual-TLS server that of a
+    client without a certificate, and grpc reports only "Socket closed"; a plaintext
+    server answers a TLS hello with bytes TLS cannot read (WRONG_VERSION_NUMBER).
+    Options are named as enrollment-client and `enrollment-server health` spell them
+    (EnrollmentClient takes the same names as keywords: tls_ca, tls_cert, tls_key).
+    """
+    if tls and "WRONG_VERSION_NUMBER" in message:
+        return "the server may not speak TLS: connect without --tls-ca and --tls-cert"
+    if tls and "CERTIFICATE_VERIFY_FAILED" in message:
+        return "the server's certificate is not signed by the CA of --tls-ca"
+    if "Socket closed" not in message:
+        return ""
+    if not tls:
+        return (
+            "the server may expect TLS: give --tls-ca (and --tls-cert/--tls-key when it "
+            "asks for a client certificate)"
+        )
+    if not client_cert:
+        return "the server may ask for a client certificate (mutual TLS): give --tls-cert/--tls-key"
+    return "the server may not accept this client certificate, or may not speak TLS"
 
 
 def _read(path: str | None) -> bytes | None:

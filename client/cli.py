@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
-from google.protobuf import json_format
-from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
+# grpc's core reads this once, when grpc is imported: without it a failed TLS handshake
+# is also logged (at INFO, on stderr) before the command's own one-line error.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from enrollment.client.api import DEFAULT_TIMEOUT, ClientError, EnrollmentClient
-from enrollment.v1 import enrollment_pb2 as pb
+from google.protobuf import json_format  # noqa: E402
+from google.protobuf.message import Message  # noqa: E402
+from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
+
+from enrollment.client.api import DEFAULT_TIMEOUT, ClientError, EnrollmentClient  # noqa: E402
+from enrollment.v1 import enrollment_pb2 as pb  # noqa: E402
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -23,18 +29,24 @@ EPILOG = """\
 output: readable by default ("key: value" lines for one item, a table for a list,
 then "next page: TOKEN" when there are more). With --json: the item as a JSON
 object, or for a list {"students"|"courses"|"enrollments": [...],
-"next_page_token": "..."}; delete-student and delete-course print {}, drop {} or
-{"promoted": {...}}. JSON follows the protobuf JSON
-mapping with proto field names: int64 values (ids) are strings, timestamps are
-RFC 3339 strings, and every field is present, zero values included.
+"nextPageToken": "..."}; delete-student and delete-course print {}, drop {} or
+{"promoted": {...}}. JSON follows the protobuf JSON mapping, as grpcurl prints
+it: lowerCamelCase names (enrolledCount, createTime), int64 values (ids) as
+strings, timestamps as RFC 3339 strings, and every field present, zero values
+included.
 
 errors: exit status 1 and one line on stderr,
   error: CODE REASON: message
-followed by "  field: NAME" for each offending request field; with --json the
-error goes to stdout as {"error": {"code", "reason", "message", "fields"}}.
-Usage errors exit with status 2.
+followed by "  field: NAME" for each offending request field (proto field names);
+with --json the error goes to stdout as {"error": {"code", "reason", "message",
+"fields"}}. When a connection fails in a way that looks like a TLS/plaintext
+mismatch, the message says so in brackets. Usage errors exit with status 2; with
+--json they go to stdout as {"error": {"code": "USAGE", "reason": "", "message",
+"fields": [], "usage"}}.
 
 global options may also follow the subcommand."""
+
+SUBCOMMAND_EPILOG = "Global options (see enrollment-client --help) may also follow the subcommand."
 
 
 # Results a subcommand hands to the renderer.
@@ -201,35 +213,59 @@ def _list_enrollments(client: EnrollmentClient, args: argparse.Namespace) -> Lis
     return Listing(page, page.enrollments, page.next_page_token, "enrollments")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are a JSON error object on stdout under --json."""
+
+    def __init__(self, *args, json_errors: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.json_errors = json_errors
+
+    def error(self, message: str) -> NoReturn:
+        if not self.json_errors:
+            super().error(message)
+        body = {
+            "code": "USAGE",
+            "reason": "",
+            "message": " ".join(message.split()),
+            "fields": [],
+            "usage": " ".join(self.format_usage().split()),
+        }
+        print(json.dumps({"error": body}, indent=2, ensure_ascii=False))
+        self.exit(2)
+
+
 def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
     # In a subcommand the defaults are SUPPRESS, so an option given there overrides
-    # the one given before the subcommand and an absent one leaves it alone.
+    # the one given before the subcommand and an absent one leaves it alone; their help
+    # is the top-level command's, not repeated in each subcommand's.
     def default(value):
         return argparse.SUPPRESS if in_subcommand else value
+
+    described = default  # help text too
 
     parser.add_argument(
         "--address",
         metavar="HOST:PORT",
         default=default(os.environ.get("ENROLLMENT_ADDRESS", DEFAULT_ADDRESS)),
-        help=f"server address (env ENROLLMENT_ADDRESS; default {DEFAULT_ADDRESS})",
+        help=described(f"server address (env ENROLLMENT_ADDRESS; default {DEFAULT_ADDRESS})"),
     )
     parser.add_argument(
         "--timeout",
         metavar="SECONDS",
         type=seconds,
         default=default(DEFAULT_TIMEOUT),
-        help=f"deadline of each call, in seconds (default {DEFAULT_TIMEOUT:g})",
+        help=described(f"deadline of each call, in seconds (default {DEFAULT_TIMEOUT:g})"),
     )
     parser.add_argument(
         "--json",
         action="store_true",
         default=default(False),
-        help="print results and errors as JSON on stdout",
+        help=described("print results and errors (usage errors too) as JSON on stdout"),
     )
     parser.add_argument(
         "--token",
         default=default(os.environ.get("ENROLLMENT_TOKEN")),
-        help="bearer token sent with every call (env ENROLLMENT_TOKEN)",
+        help=described("bearer token sent with every call (env ENROLLMENT_TOKEN)"),
     )
     # No environment variables here: ENROLLMENT_TLS_CERT/KEY name the server's own files.
     for flag, text in (
@@ -237,7 +273,7 @@ def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> 
         ("--tls-cert", "client certificate (PEM) for mutual TLS; TLS on, system CAs by default"),
         ("--tls-key", "private key (PEM) of --tls-cert"),
     ):
-        parser.add_argument(flag, metavar="PEM", default=default(None), help=text)
+        parser.add_argument(flag, metavar="PEM", default=default(None), help=described(text))
 
 
 def _page_options(parser: argparse.ArgumentParser) -> None:
@@ -261,28 +297,37 @@ def _page_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
+    """The enrollment-client parser; json_errors: usage errors as JSON on stdout."""
+    parser = _Parser(
         prog="enrollment-client",
         description="Call the enrollment.v1.EnrollmentService API.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        json_errors=json_errors,
     )
     _global_options(parser, in_subcommand=False)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    commands = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="SUBCOMMAND",
+        parser_class=functools.partial(_Parser, json_errors=json_errors),
+    )
 
     def add(name: str, run, text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text)
+        sub = commands.add_parser(name, help=text, description=text, epilog=SUBCOMMAND_EPILOG)
         _global_options(sub, in_subcommand=True)
         sub.set_defaults(run=run)
         return sub
 
-    sub = add("create-student", _create_student, "create a student (CreateStudent)")
-    sub.add_argument("--name", required=True)
-    sub.add_argument("--email", required=True)
+    def student_id(sub: argparse.ArgumentParser, text: str = "the student's id") -> None:
+        sub.add_argument("--id", type=int64, required=True, metavar="N", help=text)
 
-    sub = add("student", _get_student, "show one student (GetStudent)")
-    sub.add_argument("--id", type=int64, required=True, metavar="N")
+    sub = add("create-student", _create_student, "create a student (CreateStudent)")
+    sub.add_argument("--name", required=True, help="the student's full name")
+    sub.add_argument("--email", required=True, help="the student's email, unique among students")
+
+    student_id(add("student", _get_student, "show one student (GetStudent)"))
 
     sub = add("students", _list_students, "list students, or one course's roster (ListStudents)")
     sub.add_argument(
@@ -291,12 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     _page_options(sub)
 
     sub = add("delete-student", _delete_student, "delete a student (DeleteStudent)")
-    sub.add_argument("--id", type=int64, required=True, metavar="N")
+    student_id(sub, "the id of the student to delete")
     sub.add_argument("--force", action="store_true", help="also drop the student's enrollments")
 
     sub = add("create-course", _create_course, "create a course (CreateCourse)")
     sub.add_argument("--code", required=True, help="unique code such as CS-101")
-    sub.add_argument("--title", required=True)
+    sub.add_argument("--title", required=True, help="the course's title")
     sub.add_argument(
         "--capacity",
         type=int32,
@@ -330,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--etag", default="", help="refuse the change if the student moved since")
 
     sub = add("course", _get_course, "show one course (GetCourse)")
-    sub.add_argument("--id", type=int64, required=True, metavar="N")
+    sub.add_argument("--id", type=int64, required=True, metavar="N", help="the course's id")
 
     sub = add("courses", _list_courses, "list courses, or one student's courses (ListCourses)")
     sub.add_argument(
@@ -339,19 +384,22 @@ def build_parser() -> argparse.ArgumentParser:
     _page_options(sub)
 
     sub = add("delete-course", _delete_course, "delete a course (DeleteCourse)")
-    sub.add_argument("--id", type=int64, required=True, metavar="N")
+    sub.add_argument(
+        "--id", type=int64, required=True, metavar="N", help="the id of the course to delete"
+    )
     sub.add_argument("--force", action="store_true", help="also remove its enrollments")
 
+    def pair(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--student", type=int64, required=True, metavar="N", help="student id")
+        sub.add_argument("--course", type=int64, required=True, metavar="N", help="course id")
+
     sub = add("enroll", _enroll, "enroll a student in a course (EnrollStudent)")
-    sub.add_argument("--student", type=int64, required=True, metavar="N")
-    sub.add_argument("--course", type=int64, required=True, metavar="N")
+    pair(sub)
     sub.add_argument(
         "--waitlist", action="store_true", help="join the waitlist when the course is full"
     )
 
-    sub = add("enrollment", _get_enrollment, "show one enrollment (GetEnrollment)")
-    sub.add_argument("--student", type=int64, required=True, metavar="N")
-    sub.add_argument("--course", type=int64, required=True, metavar="N")
+    pair(add("enrollment", _get_enrollment, "show one enrollment (GetEnrollment)"))
 
     sub = add("enrollments", _list_enrollments, "list enrollments (ListEnrollments)")
     sub.add_argument("--student", type=int64, default=0, metavar="N", help="only student N's")
@@ -363,9 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     states.add_argument("--enrolled", action="store_true", help="only enrolled entries")
     _page_options(sub)
 
-    sub = add("drop", _drop, "remove a student from a course (DropCourse)")
-    sub.add_argument("--student", type=int64, required=True, metavar="N")
-    sub.add_argument("--course", type=int64, required=True, metavar="N")
+    pair(add("drop", _drop, "remove a student from a course (DropCourse)"))
     return parser
 
 
@@ -373,9 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _to_json(message: Message) -> dict:
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    # protobuf's JSON mapping, as grpcurl prints it: lowerCamelCase names.
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
 
 
 def _time(ts: Timestamp) -> str:
@@ -392,70 +437,63 @@ def _capacity(capacity: int) -> str:
     return "unlimited" if capacity == 0 else str(capacity)
 
 
-def _pairs(message: Message) -> list[tuple[str, str]]:
-    if isinstance(message, pb.Student):
-        return [
-            ("id", str(message.id)),
-            ("name", message.name),
-            ("email", message.email),
-            ("create_time", _time(message.create_time)),
-        ]
-    if isinstance(message, pb.Course):
-        return [
-            ("id", str(message.id)),
-            ("code", message.code),
-            ("title", message.title),
-            ("capacity", str(message.capacity) if message.capacity else "0 (unlimited)"),
-            ("enrolled_count", str(message.enrolled_count)),
-            ("create_time", _time(message.create_time)),
-        ]
-    if isinstance(message, pb.Enrollment):
-        return [
-            ("student_id", str(message.student_id)),
-            ("course_id", str(message.course_id)),
-            ("enroll_time", _time(message.enroll_time)),
-            ("state", _state(message.state)),
-            ("waitlist_position", str(message.waitlist_position)),
-        ]
-    raise TypeError(f"no readable form for {type(message).__name__}")
+@dataclass(frozen=True)
+class Field:
+    """One field of a readable item: "key: value" alone, a column (header) in a table."""
+
+    key: str
+    header: str
+    value: Callable[[Any], str]
+    right: bool = False  # right-aligned in a table
 
 
-# (header, value of a row, right-aligned) per column.
-_COLUMNS: dict[str, list[tuple[str, Callable[[Message], str], bool]]] = {
-    "students": [
-        ("ID", lambda s: str(s.id), True),
-        ("NAME", lambda s: s.name, False),
-        ("EMAIL", lambda s: s.email, False),
-        ("CREATED", lambda s: _time(s.create_time), False),
+# The one description of each message's readable form.
+FIELDS: dict[type[Message], list[Field]] = {
+    pb.Student: [
+        Field("id", "ID", lambda s: str(s.id), right=True),
+        Field("name", "NAME", lambda s: s.name),
+        Field("email", "EMAIL", lambda s: s.email),
+        Field("create_time", "CREATED", lambda s: _time(s.create_time)),
     ],
-    "courses": [
-        ("ID", lambda c: str(c.id), True),
-        ("CODE", lambda c: c.code, False),
-        ("TITLE", lambda c: c.title, False),
-        ("CAPACITY", lambda c: _capacity(c.capacity), True),
-        ("ENROLLED", lambda c: str(c.enrolled_count), True),
-        ("CREATED", lambda c: _time(c.create_time), False),
+    pb.Course: [
+        Field("id", "ID", lambda c: str(c.id), right=True),
+        Field("code", "CODE", lambda c: c.code),
+        Field("title", "TITLE", lambda c: c.title),
+        Field("capacity", "CAPACITY", lambda c: _capacity(c.capacity), right=True),
+        Field("enrolled_count", "ENROLLED", lambda c: str(c.enrolled_count), right=True),
+        Field("create_time", "CREATED", lambda c: _time(c.create_time)),
     ],
-    "enrollments": [
-        ("COURSE", lambda e: str(e.course_id), True),
-        ("STUDENT", lambda e: str(e.student_id), True),
-        ("STATE", lambda e: _state(e.state), False),
-        ("POSITION", lambda e: str(e.waitlist_position or "-"), True),
-        ("ENROLLED", lambda e: _time(e.enroll_time), False),
+    pb.Enrollment: [
+        Field("course_id", "COURSE", lambda e: str(e.course_id), right=True),
+        Field("student_id", "STUDENT", lambda e: str(e.student_id), right=True),
+        Field("state", "STATE", lambda e: _state(e.state)),
+        Field("waitlist_position", "POSITION", lambda e: str(e.waitlist_position or "-"), True),
+        Field("enroll_time", "ENROLLED", lambda e: _time(e.enroll_time)),
     ],
 }
 
 
-def _table(noun: str, items: Sequence[Message]) -> list[str]:
-    columns = _COLUMNS[noun]
-    rows = [[header for header, _, _ in columns]]
-    rows += [[value(item) for _, value, _ in columns] for item in items]
+def _fields(message: Message) -> list[Field]:
+    try:
+        return FIELDS[type(message)]
+    except KeyError:
+        raise TypeError(f"no readable form for {type(message).__name__}") from None
+
+
+def _pairs(message: Message) -> list[tuple[str, str]]:
+    return [(field.key, field.value(message)) for field in _fields(message)]
+
+
+def _table(items: Sequence[Message]) -> list[str]:
+    columns = _fields(items[0])
+    rows = [[column.header for column in columns]]
+    rows += [[column.value(item) for column in columns] for item in items]
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = []
     for row in rows:
         cells = [
-            cell.rjust(width) if right else cell.ljust(width)
-            for cell, width, (_, _, right) in zip(row, widths, columns, strict=True)
+            cell.rjust(width) if column.right else cell.ljust(width)
+            for cell, width, column in zip(row, widths, columns, strict=True)
         ]
         lines.append("  ".join(cells).rstrip())
     return lines
@@ -469,7 +507,7 @@ def render(result: Item | Listing | Done, *, as_json: bool) -> str:
         return "\n".join(f"{key}: {value}" for key, value in _pairs(result.message))
     if isinstance(result, Done):
         return result.text
-    lines = _table(result.noun, result.items) if result.items else [f"no {result.noun}"]
+    lines = _table(result.items) if result.items else [f"no {result.noun}"]
     if result.next_page_token:
         lines.append(f"next page: {result.next_page_token}")
     return "\n".join(lines)
@@ -480,7 +518,7 @@ def render_error(error: ClientError, *, as_json: bool) -> str:
         body = {
             "code": error.code,
             "reason": error.reason,
-            "message": error.message,
+            "message": error.explained,
             "fields": error.fields,
         }
         return json.dumps({"error": body}, indent=2, ensure_ascii=False)
@@ -488,25 +526,27 @@ def render_error(error: ClientError, *, as_json: bool) -> str:
 
 
 def _connect(args: argparse.Namespace) -> EnrollmentClient:
-    try:
-        return EnrollmentClient(
-            args.address,
-            timeout=args.timeout,
-            token=args.token,
-            tls_ca=args.tls_ca,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-        )
-    except (OSError, ValueError) as exc:
-        # A missing PEM file or a lone --tls-cert is a usage error, before any call.
-        print(f"enrollment-client: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return EnrollmentClient(
+        args.address,
+        timeout=args.timeout,
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Before the parse: a usage error is reported as JSON when --json is anywhere.
+    parser = build_parser(json_errors="--json" in argv)
+    args = parser.parse_args(argv)
     try:
-        client = _connect(args)
+        try:
+            client = _connect(args)
+        except (OSError, ValueError) as exc:
+            # A missing PEM file or a lone --tls-cert is a usage error, before any call.
+            parser.error(str(exc))
         with client:
             result = args.run(client, args)
         print(render(result, as_json=args.json))

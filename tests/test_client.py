@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -65,11 +66,11 @@ def test_enroll_list_and_drop(live):
     assert "next page" not in plain
 
     page = ok_json(live, "courses", "--student", sid)
-    assert page["next_page_token"] == ""
+    assert page["nextPageToken"] == ""
     [listed] = page["courses"]
     assert listed["id"] == cid  # int64 stays a string, as in the protobuf JSON mapping
     assert (listed["code"], listed["title"]) == ("CS-101", "Intro")
-    assert (listed["capacity"], listed["enrolled_count"]) == (2, 1)
+    assert (listed["capacity"], listed["enrolledCount"]) == (2, 1)
     assert ok_json(live, "students", "--course", cid)["students"][0]["email"] == "a@x.io"
     catalogue = ok_json(live, "courses")["courses"]
     assert [c["id"] for c in catalogue] == [cid, str(other.id)]
@@ -78,7 +79,7 @@ def test_enroll_list_and_drop(live):
         f"dropped student {sid} from course {cid}\n"
     )
     assert ok(live, "courses", "--student", sid) == "no courses\n"
-    assert ok_json(live, "courses", "--student", sid) == {"courses": [], "next_page_token": ""}
+    assert ok_json(live, "courses", "--student", sid) == {"courses": [], "nextPageToken": ""}
     assert key_values(ok(live, "course", "--id", cid))["enrolled_count"] == "0"
 
 
@@ -132,7 +133,7 @@ def test_delete_refuses_enrolled_student_unless_forced(live):
     assert done.returncode == 1
     assert done.stderr.startswith("error: FAILED_PRECONDITION HAS_ENROLLMENTS: ")
     assert ok_json(live, "delete-student", "--id", str(student.id), "--force") == {}
-    assert ok_json(live, "course", "--id", str(course.id))["enrolled_count"] == 0
+    assert ok_json(live, "course", "--id", str(course.id))["enrolledCount"] == 0
     assert ok(live, "delete-course", "--id", str(course.id)) == f"deleted course {course.id}\n"
 
 
@@ -155,7 +156,7 @@ def test_students_all_walks_every_page(live, caplog):
 
     page = ok_json(live, "students", "--all", "--page-size", "2")
     assert [s["id"] for s in page["students"]] == ids
-    assert page["next_page_token"] == ""
+    assert page["nextPageToken"] == ""
 
 
 def test_timeout_is_honoured(silent_port):
@@ -208,6 +209,89 @@ def test_usage_errors_exit_2(args):
     assert done.returncode == 2
     assert done.stdout == ""
     assert "usage: enrollment-client" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--json", "enroll", "--student", "1"],
+        ["enroll", "--student", "1", "--json"],
+        ["--json", "student", "--id", "nine"],
+        ["student", "--json", "--id", "nine"],
+        ["--json", "--timeout", "0", "courses"],
+        ["courses", "--timeout", "0", "--json"],
+        ["--json", "no-such-command"],
+        ["--json", "courses", "--tls-cert", "client.crt"],  # no --tls-key: refused before a call
+        ["courses", "--tls-cert", "client.crt", "--json"],
+    ],
+)
+def test_usage_errors_honour_json(argv):
+    done = run("--address", "127.0.0.1:1", *argv)
+    assert done.returncode == 2
+    assert done.stderr == ""
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == "USAGE"
+    assert error["message"] and "\n" not in error["message"]
+    assert error["usage"].startswith("usage: enrollment-client")
+    assert (error["reason"], error["fields"]) == ("", [])
+
+
+def test_json_follows_the_protobuf_json_mapping(live):
+    student = new_student(live.stub)
+    course = new_course(live.stub, capacity=0)
+
+    def names(value) -> set[str]:
+        """Every object key in a JSON value, nested ones too."""
+        if isinstance(value, dict):
+            return set(value) | {n for v in value.values() for n in names(v)}
+        if isinstance(value, list):
+            return {n for v in value for n in names(v)}
+        return set()
+
+    made = ok_json(live, "enroll", "--student", str(student.id), "--course", str(course.id))
+    shown = ok_json(live, "course", "--id", str(course.id))
+    students = ok_json(live, "students")
+    everything = names([made, shown, students, ok_json(live, "student", "--id", str(student.id))])
+    assert {"studentId", "courseId", "enrollTime", "enrolledCount", "createTime"} <= everything
+    assert "nextPageToken" in students
+    assert not [name for name in everything if "_" in name], everything
+
+
+def test_capacity_0_prints_the_same_in_a_table_and_alone(live):
+    course = new_course(live.stub, code="OPEN-1", capacity=0)
+    alone = key_values(ok(live, "course", "--id", str(course.id)))["capacity"]
+    [_, row] = table(ok(live, "courses"))
+    assert row[3] == alone == "unlimited"
+
+
+def test_subcommand_help_has_its_own_options_only():
+    global_help = run("--help").stdout
+    for flag in ("--address", "--timeout", "--json", "--token", "--tls-ca", "--tls-cert"):
+        assert flag in global_help
+    for command, flags in {
+        "create-student": ["--name", "--email"],
+        "student": ["--id"],
+        "students": ["--course"],
+        "delete-student": ["--id"],
+        "create-course": ["--code", "--title", "--capacity"],
+        "course": ["--id"],
+        "courses": ["--student"],
+        "delete-course": ["--id"],
+        "enroll": ["--student", "--course"],
+        "drop": ["--student", "--course"],
+    }.items():
+        text = run(command, "--help").stdout
+        for flag in ("--address", "--timeout", "--json", "--token", "--tls-ca", "--tls-cert"):
+            assert flag not in text.split("options:", 1)[1], (command, flag)
+        assert "enrollment-client --help" in text, command  # says where the global ones are
+        for flag in flags:
+            # Each option has a line of help after it (on its line or the next).
+            entry = re.search(rf"^  {flag}\b(.*)\n(.*)", text, re.M)
+            assert entry, (command, flag)
+            same_line = entry.group(1).split(maxsplit=1)[1:]
+            next_line = entry.group(2)
+            continued = next_line.startswith("      ") and not next_line.lstrip().startswith("-")
+            assert same_line or continued, (command, flag, text)
 
 
 def test_python_dash_m_client():

@@ -50,7 +50,7 @@ def test_cli_subcommands(live):
     assert table[0].split() == ["COURSE", "STUDENT", "STATE", "POSITION", "ENROLLED"]
     assert table[1].split()[:4] == [cid, s2, "waitlisted", "1"]
     listed = ok_json(live, "enrollments", "--course", cid, "--all")
-    assert [e["student_id"] for e in listed["enrollments"]] == [s1, s2]
+    assert [e["studentId"] for e in listed["enrollments"]] == [s1, s2]
     assert "took the seat" in ok(live, "drop", "--student", s1, "--course", cid)
     updated = key_values(ok(live, "update-course", "--id", cid, "--capacity", "40"))
     assert updated["capacity"] == "40"

@@ -86,7 +86,7 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once(start_server):
 
 
 def test_more_calls_than_workers_queue_rather_than_fail(start_server):
-    live = start_server(max_workers=2)
+    live = start_server(threads=2)
     calls = [
         live.stub.CreateStudent.future(
             pb.CreateStudentRequest(name="Queued", email=f"q{i}@example.com"), timeout=30

@@ -190,6 +190,23 @@ def test_readme_flags_exist():
     serve_help = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     for title in ("Security", "Operations"):
         for flag in set(re.findall(r"`(--[a-z-]+)", section(title))):
-            if flag.startswith("--tls-ca") or flag in ("--token", "--timeout", "--max-workers"):
+            if flag.startswith("--tls-ca") or flag in ("--token", "--timeout"):
                 continue  # the client's flags, and flags of the Configuration table
             assert flag in serve_help, flag
+
+
+def test_readme_tables_give_every_setting_its_variable_and_default():
+    from enrollment.server.startup.cli import _default_text
+    from enrollment.server.startup.config import SETTINGS
+
+    rows = [
+        [cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+        for line in README.read_text().splitlines()
+        if line.startswith("| `--")
+    ]
+    for setting in SETTINGS:
+        [row] = [r for r in rows if re.search(rf"(^|, )`{setting.flag}[ `]", r[0])]
+        assert f"`{setting.env}`" in row[1], (setting.flag, row)
+        default, expected = row[2].strip("`"), _default_text(setting)
+        # pool-size's "as many as --threads" is `--threads` in the table
+        assert default == expected or expected.endswith(" " + default), (setting.flag, row)

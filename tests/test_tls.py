@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -149,7 +150,7 @@ def test_client_cli_tls_flags(start_server, pki, tmp_path):
     lone = subprocess.run(
         [*cmd, "--tls-cert", str(pki.client.cert)], capture_output=True, text=True, timeout=30
     )
-    assert lone.returncode == 2 and "go together" in lone.stderr
+    assert lone.returncode == 2 and "go together" in json.loads(lone.stdout)["error"]["message"]
 
 
 def test_health_command_speaks_tls_and_mtls(start_server, pki):
@@ -165,6 +166,61 @@ def test_health_command_speaks_tls_and_mtls(start_server, pki):
     assert ok.returncode == 0 and ok.stdout.strip().endswith("SERVING"), ok.stderr
     assert run(*ca).returncode == 1  # mTLS: no client certificate, no answer
     assert run().returncode == 1  # plaintext to a TLS server
+
+
+def test_a_tls_mismatch_is_named_in_the_error(start_server, pki):
+    secure = start_server(credentials=credentials(pki), **tls_options(pki, mutual=False))
+    client = [str(BIN / "enrollment-client"), "--timeout", "10"]
+    health = [str(BIN / "enrollment-server"), "health", "--timeout", "10"]
+    ca = ["--tls-ca", str(pki.ca.ca_file)]
+
+    def stderr(*argv: str) -> str:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 1, done
+        return done.stderr
+
+    # Plaintext to a TLS server: grpc says only "Socket closed".
+    for argv in ([*client, "--address", secure.address, "courses"],
+                 [*health, "--address", secure.address]):  # fmt: skip
+        text = stderr(*argv)
+        assert "UNAVAILABLE" in text and "the server may expect TLS" in text, text
+        assert not re.search(r"^[IWE]\d{4} ", text, re.M), text  # no grpc core lines
+    # TLS to a plaintext server.
+    secure.running.stop(None).wait(10)
+    plain = start_server()
+    for argv in ([*client, "--address", plain.address, *ca, "courses"],
+                 [*health, "--address", plain.address, *ca]):  # fmt: skip
+        text = stderr(*argv)
+        assert "the server may not speak TLS" in text, text
+        assert not re.search(r"^[IWE]\d{4} ", text, re.M), text
+
+
+def test_mutual_tls_without_a_client_certificate_is_named(start_server, pki):
+    live = start_server(credentials=credentials(pki, pki.client), **tls_options(pki, mutual=True))
+    argv = [str(BIN / "enrollment-client"), "--address", live.address]
+    argv += ["--tls-ca", str(pki.ca.ca_file), "--json", "courses"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == "UNAVAILABLE"
+    assert "client certificate" in error["message"], error
+
+
+def test_start_up_logs_tls_mutual_tls_and_tokens(db_url, pki, tmp_path, server_process):
+    tokens = tmp_path / "tokens.txt"
+    made = subprocess.run(
+        [str(BIN / "enrollment-server"), "hash-token", "--role", "reader", "--name", "probe"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    tokens.write_text(made.stdout)
+    options = tls_options(pki, mutual=True)
+    server = server_process(
+        "--database-url", db_url, "--tls-cert", options["tls_cert"],
+        "--tls-key", options["tls_key"], "--tls-client-ca", options["tls_client_ca"],
+        "--auth-tokens", str(tokens), credentials=credentials(pki, pki.client),
+    )  # fmt: skip
+    assert server.stop() == 0, server.log
+    assert "; security: TLS on, mutual TLS on, tokens on" in server.log, server.log
 
 
 @pytest.mark.parametrize(

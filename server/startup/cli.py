@@ -1,4 +1,4 @@
-"""The enrollment-server command: serve, health, migrate, rollback, status."""
+"""The enrollment-server command: serve, health, migrate, rollback, status, hash-token."""
 
 from __future__ import annotations
 
@@ -6,327 +6,211 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 import grpc
 import peewee as pw
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from enrollment.client.api import open_channel
+from enrollment.client.api import connection_hint, open_channel
 from enrollment.server import addresses
 from enrollment.server.operations import logs
 from enrollment.server.persistence import engine, migrator
-from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.config import (
+    BY_NAME,
+    SETTINGS,
+    SWITCH,
+    ServerConfig,
+    Setting,
+    StartupError,
+    load,
+    read,
+)
+from enrollment.server.startup.quiet import quiet_core
 from enrollment.server.startup.server import serve
 from enrollment.server.transport.auth import ROLES, TokenFileError, new_token_line
 
-DEFAULTS = ServerConfig()
+log = logging.getLogger("enrollment.server")
+
+DESCRIPTION = """\
+The enrollment server (serve) and its operations: health checks, migrations, tokens.
+`enrollment-server COMMAND --help` describes each command.
+
+--log-level goes before or after the command. Every serve flag has an environment
+variable (see `enrollment-server serve --help`); a flag wins over its variable. A bad
+value stops the command with one line on stderr and exit status 2."""
+
+SERVE_DESCRIPTION = (
+    "Serve the gRPC API (enrollment.v1.EnrollmentService, health, reflection) until "
+    "SIGTERM or SIGINT, then drain in-flight calls within --grace. Refuses a database "
+    "whose schema is behind this server: run `enrollment-server migrate` first."
+)
 
 
-def _database_flag(parser: argparse.ArgumentParser) -> None:
+# Settings every command takes, before or after its name.
+GLOBAL_SETTINGS = ("log_level", "log_sql_values")
+
+
+def _default_text(setting: Setting) -> str:
+    if setting.default_text is not None:
+        return setting.default_text
+    if isinstance(setting.default, float):
+        return f"{setting.default:g}"
+    return str(setting.default)
+
+
+def _add_setting(
+    parser: argparse.ArgumentParser,
+    setting: Setting,
+    *,
+    text: str | None = None,
+    in_subcommand: bool = False,
+) -> None:
+    """A flag read as text: config.load/read parse it together with its variable, so a bad
+    value fails the same way from either. In a subcommand a global flag's default is
+    SUPPRESS, so that one given there wins and an absent one leaves the global alone."""
+    help_text = f"{text or setting.help} (env {setting.env}; default {_default_text(setting)})"
+    default = argparse.SUPPRESS if in_subcommand else None
+    if setting.kind is SWITCH:  # given: "1", as its variable would say
+        parser.add_argument(
+            setting.flag, dest=setting.flag, action="store_const", const="1", default=default,
+            help=help_text.replace("%", "%%"),
+        )  # fmt: skip
+        return
     parser.add_argument(
-        "--database-url",
-        default=os.environ.get("ENROLLMENT_DATABASE_URL", DEFAULTS.database_url),
-        help="database URL (env ENROLLMENT_DATABASE_URL; default %(default)s)",
+        setting.flag,
+        dest=setting.flag,
+        metavar=setting.metavar,
+        default=default,
+        help=help_text.replace("%", "%%"),
     )
+    for old in setting.deprecated_flags:
+        parser.add_argument(
+            old,
+            dest=old,
+            metavar=setting.metavar,
+            default=None,
+            help=f"deprecated: the old name of {setting.flag}, which wins if both are given",
+        )
+
+
+def _subcommand(commands, name: str, text: str, description: str | None = None):
+    sub = commands.add_parser(
+        name, help=text, description=description or text[0].upper() + text[1:] + "."
+    )
+    for name in GLOBAL_SETTINGS:
+        _add_setting(sub, BY_NAME[name], in_subcommand=True)
+    return sub
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="enrollment-server", description=__doc__)
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("ENROLLMENT_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log level (env ENROLLMENT_LOG_LEVEL; default %(default)s)",
+    parser = argparse.ArgumentParser(
+        prog="enrollment-server",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--log-sql-values",
-        action="store_true",
-        default=os.environ.get("ENROLLMENT_LOG_SQL_VALUES", "") == "1",
-        help="with --log-level DEBUG, also log the values bound to each SQL statement "
-        "(names, emails: personal data); off by default (env ENROLLMENT_LOG_SQL_VALUES=1)",
-    )
+    for name in GLOBAL_SETTINGS:
+        _add_setting(parser, BY_NAME[name])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("serve", help="serve the gRPC API")
-    run.add_argument(
-        "--address",
-        default=os.environ.get("ENROLLMENT_ADDRESS", DEFAULTS.address),
-        help="HOST:PORT to listen on (env ENROLLMENT_ADDRESS; default %(default)s)",
-    )
-    _database_flag(run)
-    run.add_argument(
-        "--grace",
-        type=float,
-        default=DEFAULTS.grace_seconds,
-        help="seconds in-flight calls get to finish on SIGTERM/SIGINT (default %(default)s)",
-    )
-    run.add_argument(
-        "--max-workers",
-        type=int,
-        default=DEFAULTS.max_workers,
-        help="threads serving calls at once (default %(default)s)",
-    )
-    run.add_argument(
-        "--database-timeout",
-        type=float,
-        default=DEFAULTS.database_timeout,
-        help="seconds a call waits for a lock or a new connection, and a statement may run, "
-        "before the call fails as UNAVAILABLE (default %(default)s)",
-    )
-    run.add_argument(
-        "--pool-size",
-        type=int,
-        default=DEFAULTS.pool_size,
-        help="database connections per process; at least --max-workers (default: --max-workers)",
-    )
-    run.add_argument(
-        "--pool-timeout",
-        type=float,
-        default=DEFAULTS.pool_timeout,
-        help="seconds a call waits for a free pooled connection before it fails as "
-        "UNAVAILABLE (default %(default)s)",
-    )
-    run.add_argument(
-        "--workers",
-        type=int,
-        default=int(os.environ.get("ENROLLMENT_WORKERS", DEFAULTS.workers)),
-        help="server processes sharing the port with SO_REUSEPORT "
-        "(env ENROLLMENT_WORKERS; default %(default)s)",
-    )
+    run = _subcommand(commands, "serve", "serve the gRPC API", SERVE_DESCRIPTION)
+    for setting in SETTINGS:
+        if setting.name not in GLOBAL_SETTINGS:
+            _add_setting(run, setting)
 
-    probe = commands.add_parser(
-        "health", help="ask a running server's grpc.health.v1 service; exit 0 when SERVING"
+    probe = _subcommand(
+        commands,
+        "health",
+        "ask a running server's grpc.health.v1 service; exit 0 when SERVING",
+        "Ask a running server's grpc.health.v1 service about the whole server; exit 0 "
+        "only when it answers SERVING (the container's health check).",
     )
-    probe.add_argument(
-        "--address",
-        default=os.environ.get("ENROLLMENT_ADDRESS", DEFAULTS.address),
-        help="HOST:PORT of the server (env ENROLLMENT_ADDRESS; default %(default)s); "
-        "0.0.0.0 or [::] means this host",
+    _add_setting(
+        probe,
+        BY_NAME["address"],
+        text="HOST:PORT of the server; 0.0.0.0 or [::] means this host",
     )
     probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default %(default)s)")
-    probe.add_argument("--tls-ca", help="CA of a TLS server's certificate (turns TLS on)")
-    probe.add_argument("--tls-cert", help="client certificate, for a server that asks (mTLS)")
-    probe.add_argument("--tls-key", help="the client certificate's key")
-
-    _security_and_operations_flags(run)
+    probe.add_argument(
+        "--tls-ca", metavar="PEM", help="CA of a TLS server's certificate (turns TLS on)"
+    )
+    probe.add_argument(
+        "--tls-cert", metavar="PEM", help="client certificate, for a server that asks (mTLS)"
+    )
+    probe.add_argument("--tls-key", metavar="PEM", help="the client certificate's key")
 
     for name, text in (
         ("migrate", "apply pending migrations (creates a missing SQLite file)"),
         ("rollback", "undo the last applied migration"),
         ("status", "list applied and pending migrations"),
     ):
-        _database_flag(commands.add_parser(name, help=text))
+        _add_setting(_subcommand(commands, name, text), BY_NAME["database_url"])
     commands.choices["rollback"].add_argument(
         "--allow-data-loss",
         action="store_true",
         help="allow a rollback that drops tables holding rows (refused otherwise)",
     )
-    token = commands.add_parser(
+    token = _subcommand(
+        commands,
         "hash-token",
-        help="make a new random token: its tokens-file line on stdout, the token on stderr",
-        description="Make a new random bearer token. Prints the line for the --auth-tokens "
+        "make a new random token: its tokens-file line on stdout, the token on stderr",
+        "Make a new random bearer token. Prints the line for the --auth-tokens "
         "file on stdout and the token itself on stderr, so that "
         "`enrollment-server hash-token --role reader --name NAME 2> NAME.token >> tokens.txt` "
         "adds the line and keeps the token. The token is not stored anywhere else.",
     )
     token.add_argument("--role", choices=ROLES, default="reader", help="default %(default)s")
-    token.add_argument("--name", default="client", help="name logged for calls with this token")
+    token.add_argument(
+        "--name",
+        required=True,
+        help="required: the name the log shows for calls with this token, 1-64 characters "
+        "of A-Z a-z 0-9 . _ @ -; each token in a file needs a name of its own",
+    )
     return parser
 
 
-def _security_and_operations_flags(run: argparse.ArgumentParser) -> None:
-    """serve flags for TLS, tokens, limits, metrics and log format (README "Security")."""
-    env = os.environ.get
-    run.add_argument(
-        "--tls-cert",
-        default=env("ENROLLMENT_TLS_CERT"),
-        metavar="PEM",
-        help="serve TLS with this certificate chain (env ENROLLMENT_TLS_CERT)",
-    )
-    run.add_argument(
-        "--tls-key",
-        default=env("ENROLLMENT_TLS_KEY"),
-        metavar="PEM",
-        help="the private key of --tls-cert (env ENROLLMENT_TLS_KEY)",
-    )
-    run.add_argument(
-        "--tls-client-ca",
-        default=env("ENROLLMENT_TLS_CLIENT_CA"),
-        metavar="PEM",
-        help="require client certificates signed by this CA: mutual TLS "
-        "(env ENROLLMENT_TLS_CLIENT_CA)",
-    )
-    run.add_argument(
-        "--auth-tokens",
-        default=env("ENROLLMENT_AUTH_TOKENS"),
-        metavar="FILE",
-        help="require bearer tokens listed in FILE, lines '<sha256 hex> <role> "
-        "<name>' (env ENROLLMENT_AUTH_TOKENS)",
-    )
-    run.add_argument(
-        "--auth-failure-burst",
-        type=int,
-        default=DEFAULTS.auth_failure_burst,
-        metavar="N",
-        help="wrong tokens one address may send at once before its calls are refused "
-        "(RESOURCE_EXHAUSTED AUTH_FAILURES_LIMITED) (default %(default)s)",
-    )
-    run.add_argument(
-        "--auth-failure-rate",
-        type=float,
-        default=DEFAULTS.auth_failure_rate,
-        metavar="R",
-        help="wrong tokens per second one address may send after the burst (default %(default)s)",
-    )
-    run.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=DEFAULTS.max_message_bytes,
-        metavar="N",
-        help="largest request accepted (default %(default)s)",
-    )
-    run.add_argument(
-        "--max-concurrent-rpcs",
-        type=int,
-        default=DEFAULTS.max_concurrent_rpcs,
-        metavar="N",
-        help="calls accepted at once, queued beyond --max-workers; "
-        "more are RESOURCE_EXHAUSTED (default %(default)s)",
-    )
-    run.add_argument(
-        "--keepalive-time",
-        type=float,
-        default=DEFAULTS.keepalive_time,
-        metavar="S",
-        help="ping idle connections this often (default %(default)s)",
-    )
-    run.add_argument(
-        "--keepalive-timeout",
-        type=float,
-        default=DEFAULTS.keepalive_timeout,
-        metavar="S",
-        help="close a connection whose ping is not answered in S (default %(default)s)",
-    )
-    run.add_argument(
-        "--keepalive-min-ping-interval",
-        type=float,
-        default=DEFAULTS.keepalive_min_ping_interval,
-        metavar="S",
-        help="clients pinging more often are disconnected (default %(default)s)",
-    )
-    run.add_argument(
-        "--max-connection-age",
-        type=float,
-        default=DEFAULTS.max_connection_age,
-        metavar="S",
-        help="close connections after S seconds, so clients "
-        "rebalance; 0 = never (default %(default)s)",
-    )
-    run.add_argument(
-        "--max-connection-age-grace",
-        type=float,
-        default=DEFAULTS.max_connection_age_grace,
-        metavar="S",
-        help="time in-flight calls get on such a connection (default %(default)s)",
-    )
-    run.add_argument(
-        "--request-timeout",
-        type=float,
-        default=DEFAULTS.request_timeout,
-        metavar="S",
-        help="end a call whose request message has not arrived S seconds after the call "
-        "began (DEADLINE_EXCEEDED, reason REQUEST_TIMEOUT; default %(default)s)",
-    )
-    run.add_argument(
-        "--max-streams-per-connection",
-        type=int,
-        default=DEFAULTS.max_streams_per_connection,
-        metavar="N",
-        help="calls at once on one connection (HTTP/2 MAX_CONCURRENT_STREAMS); more wait "
-        "in the client (default %(default)s)",
-    )
-    run.add_argument(
-        "--handshake-timeout",
-        type=float,
-        default=DEFAULTS.handshake_timeout,
-        metavar="S",
-        help="close a new connection that has not finished its TLS handshake and HTTP/2 "
-        "preface within S seconds (default %(default)s)",
-    )
-    run.add_argument(
-        "--max-connection-idle",
-        type=float,
-        default=DEFAULTS.max_connection_idle,
-        metavar="S",
-        help="close a connection that has had no call for S seconds; 0 = never "
-        "(default %(default)s)",
-    )
-    run.add_argument(
-        "--max-connections",
-        type=int,
-        default=DEFAULTS.max_connections,
-        metavar="N",
-        help="connections at once; more are closed when accepted (default: the "
-        "descriptor limit, ulimit -n, less 64)",
-    )
-    run.add_argument(
-        "--metrics-address",
-        default=env("ENROLLMENT_METRICS_ADDRESS"),
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at "
-        "http://HOST:PORT/metrics (env ENROLLMENT_METRICS_ADDRESS; default off)",
-    )
-    run.add_argument(
-        "--log-format",
-        choices=logs.LOG_FORMATS,
-        default=env("ENROLLMENT_LOG_FORMAT", "text"),
-        help="text lines or one JSON object per line (env ENROLLMENT_LOG_FORMAT; "
-        "default %(default)s)",
-    )
+def _flags(args: argparse.Namespace) -> dict[str, str | None]:
+    """The flags given, by flag name (settings are stored under their flag)."""
+    return {key: value for key, value in vars(args).items() if key.startswith("--")}
 
 
-def _security_and_operations_config(args: argparse.Namespace) -> dict:
-    names = (
-        "tls_cert tls_key tls_client_ca auth_tokens auth_failure_burst auth_failure_rate "
-        "max_message_bytes max_concurrent_rpcs "
-        "keepalive_time keepalive_timeout keepalive_min_ping_interval max_connection_age "
-        "max_connection_age_grace metrics_address request_timeout max_streams_per_connection "
-        "handshake_timeout max_connection_idle max_connections"
-    )
-    return {name: getattr(args, name) for name in names.split()}
+def serve_config(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """serve's configuration: its flags, then ENROLLMENT_* variables, then the defaults."""
+    return load(_flags(args), os.environ if environ is None else environ)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.setup(args.log_level, getattr(args, "log_format", "text"), sql_values=args.log_sql_values)
-    # peewee-migrate logs every step at INFO through its own logger.
-    logging.getLogger("peewee_migrate").setLevel(logging.WARNING)
+    flags = _flags(args)
     try:
         if args.command == "serve":
-            serve(
-                ServerConfig(
-                    address=args.address,
-                    database_url=args.database_url,
-                    grace_seconds=args.grace,
-                    max_workers=args.max_workers,
-                    database_timeout=args.database_timeout,
-                    pool_size=args.pool_size,
-                    pool_timeout=args.pool_timeout,
-                    workers=args.workers,
-                    **_security_and_operations_config(args),
-                )
+            config = serve_config(args)
+            logs.setup(config.log_level, config.log_format, sql_values=config.log_sql_values)
+            for setting in SETTINGS:
+                for old in setting.deprecated_flags:
+                    if flags.get(old) is not None:
+                        log.warning("%s is deprecated: use %s", old, setting.flag)
+        else:
+            logs.setup(
+                read("log_level", flags, os.environ),
+                sql_values=read("log_sql_values", flags, os.environ),
             )
+        # peewee-migrate logs every step at INFO through its own logger.
+        logging.getLogger("peewee_migrate").setLevel(logging.WARNING)
+        if args.command == "serve":
+            serve(config)
             return 0
         if args.command == "health":
-            return health_check(args)
+            return health_check(args, read("address", flags, os.environ))
         if args.command == "hash-token":
             token, line = new_token_line(args.role, args.name)
             print(line)
             print(token, file=sys.stderr)
             return 0
-        db = engine.open_pool(
-            args.database_url, max_connections=1, create=args.command == "migrate"
-        )
+        url = read("database_url", flags, os.environ)
+        db = engine.open_pool(url, max_connections=1, create=args.command == "migrate")
         return _schema_command(args, db)
     except (
         StartupError,
@@ -343,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def health_check(args: argparse.Namespace) -> int:
+def health_check(args: argparse.Namespace, address: str) -> int:
     """The container's HEALTHCHECK: one grpc.health.v1 Check of the whole server."""
-    host, port = addresses.split(args.address)
+    host, port = addresses.split(address)
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     target = addresses.join(host, port)
@@ -361,14 +245,22 @@ def health_check(args: argparse.Namespace) -> int:
         return 2
     with channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
-            )
+            # grpc's core logs a failed TLS handshake (at INFO) before our one line.
+            with quiet_core():
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
+                )
         except grpc.RpcError as error:
-            print(f"{args.address}: {error.code().name}", file=sys.stderr)
+            hint = ""
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                tls = bool(args.tls_ca or args.tls_cert)
+                hint = connection_hint(
+                    error.details() or "", tls=tls, client_cert=bool(args.tls_cert)
+                )
+            print(f"{address}: {error.code().name}{f' ({hint})' if hint else ''}", file=sys.stderr)
             return 1
     state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{args.address}: {state}")
+    print(f"{address}: {state}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 

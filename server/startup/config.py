@@ -1,84 +1,376 @@
-"""The server's configuration: every setting with its default, checked before anything starts."""
+"""The server's configuration: each serve setting declared once, checked in one pass."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from enrollment.server.operations.logs import LOG_FORMATS
+
+
+class StartupError(RuntimeError):
+    """The server cannot start; the message says why and what fixes it."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How a setting's text (flag or environment variable) becomes its value.
+
+    convert raises ValueError for text that is not of the kind; `problem` names the
+    values the kind refuses ("1 or more"), also for values set in code.
+    """
+
+    word: str  # what the text must be: "a whole number"
+    convert: Callable[[str], Any]
+    bound: str = ""
+    allowed: Callable[[Any], bool] = lambda value: True
+
+    def problem(self, value: Any) -> str | None:
+        if value is None or self.allowed(value):
+            return None
+        return self.bound
+
+
+def whole(minimum: int) -> Kind:
+    return Kind("a whole number", int, f"{minimum} or more", lambda value: value >= minimum)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def seconds(*, above_zero: bool) -> Kind:
+    if above_zero:
+        return Kind("a number of seconds", _seconds, "above 0", lambda value: value > 0)
+    return Kind("a number of seconds", _seconds, "0 or more", lambda value: value >= 0)
+
+
+def one_of(*choices: str) -> Kind:
+    def convert(text: str) -> str:
+        if text not in choices:
+            raise ValueError(text)
+        return text
+
+    return Kind(f"one of {', '.join(choices)}", convert)
+
+
+TEXT = Kind("text", str)
+RATE = Kind("a number", _seconds, "above 0", lambda value: value > 0)
+
+
+def _switch(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+# A flag without a value (--log-sql-values), or its variable set to 1 or 0.
+SWITCH = Kind("1 or 0", _switch)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One serve setting: flag --NAME-WITH-DASHES and environment variable ENROLLMENT_NAME
+    (from `flag` when the field's name differs); a flag wins over its variable."""
+
+    name: str
+    kind: Kind
+    help: str
+    metavar: str
+    flag: str
+    default_text: str | None = None  # for help, when the default is not a plain value
+    deprecated_flags: tuple[str, ...] = ()
+
+    @property
+    def env(self) -> str:
+        return "ENROLLMENT_" + self.flag.removeprefix("--").replace("-", "_").upper()
+
+    @property
+    def default(self) -> Any:
+        return ServerConfig.__dataclass_fields__[self.name].default
+
+    def source(self, flags: Mapping[str, str | None], environ: Mapping[str, str]):
+        """(label, text) of where the value comes from, or None for the default."""
+        for flag in (self.flag, *self.deprecated_flags):
+            if flags.get(flag) is not None:
+                return flag, flags[flag]
+        # An empty variable counts as unset (compose files write VAR: ${VAR:-}).
+        if environ.get(self.env):
+            return self.env, environ[self.env]
+        return None
+
+
+def setting(
+    default: Any,
+    kind: Kind,
+    help: str,  # noqa: A002 - argparse's word
+    *,
+    metavar: str = "",
+    flag: str = "",
+    default_text: str | None = None,
+    deprecated_flags: tuple[str, ...] = (),
+) -> Any:
+    """A ServerConfig field that is also a serve flag and an environment variable."""
+    options = {
+        "kind": kind,
+        "help": help,
+        "metavar": metavar,
+        "flag": flag,
+        "default_text": default_text,
+        "deprecated_flags": deprecated_flags,
+    }
+    return field(default=default, metadata={"setting": options})
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    address: str = "127.0.0.1:50051"
-    database_url: str = "sqlite:///enrollment.db"
-    grace_seconds: float = 10.0
+    address: str = setting(
+        "127.0.0.1:50051", TEXT, "HOST:PORT to listen on; a port in use is refused",
+        metavar="HOST:PORT",
+    )  # fmt: skip
+    database_url: str = setting(
+        "sqlite:///enrollment.db", TEXT, "database URL (sqlite:///, postgresql://, mysql://)",
+        metavar="URL",
+    )  # fmt: skip
+    grace_seconds: float = setting(
+        10.0, seconds(above_zero=False),
+        "seconds in-flight calls get to finish on SIGTERM/SIGINT", metavar="S", flag="--grace",
+    )  # fmt: skip
     # Threads share one GIL: past a few, each SQLite call's GIL hand-off costs more CPU
     # than the extra thread gains (figures: bench/PROFILE.md, "Figures behind code
     # comments"). More cores: serve more processes.
-    max_workers: int = 4
-    # Seconds a call waits for a lock or a new connection, and a statement may run.
-    database_timeout: float = 5.0
-    # Connections per process; None: as many as max_workers (never fewer).
-    pool_size: int | None = None
-    # Seconds a call waits for a free pooled connection before UNAVAILABLE.
-    pool_timeout: float = 5.0
-    # Server processes sharing the port (SO_REUSEPORT); 1 serves in this process.
-    workers: int = 1
+    threads: int = setting(
+        4, whole(1), "threads serving calls at once, per process; more calls wait in line, "
+        "up to --max-concurrent-rpcs", metavar="N", deprecated_flags=("--max-workers",),
+    )  # fmt: skip
+    database_timeout: float = setting(
+        5.0, seconds(above_zero=True),
+        "seconds a call waits for a lock or a new connection, and a statement may run, "
+        "before the call fails as UNAVAILABLE", metavar="S",
+    )  # fmt: skip
+    pool_size: int | None = setting(
+        None, whole(1), "database connections per process; at least --threads",
+        metavar="N", default_text="as many as --threads",
+    )  # fmt: skip
+    pool_timeout: float = setting(
+        5.0, seconds(above_zero=True),
+        "seconds a call waits for a free pooled connection before it fails as UNAVAILABLE",
+        metavar="S",
+    )  # fmt: skip
+    workers: int = setting(
+        1, whole(1), "server processes sharing the port (SO_REUSEPORT)", metavar="N"
+    )
+    # Security, limits and operations (see README "Security" and "Operations").
+    tls_cert: str | None = setting(
+        None, TEXT, "serve TLS with this certificate chain", metavar="PEM", default_text="off"
+    )
+    tls_key: str | None = setting(
+        None, TEXT, "the private key of --tls-cert", metavar="PEM", default_text="off"
+    )
+    tls_client_ca: str | None = setting(
+        None, TEXT, "require client certificates signed by this CA: mutual TLS",
+        metavar="PEM", default_text="off",
+    )  # fmt: skip
+    auth_tokens: str | None = setting(
+        None, TEXT, "require bearer tokens listed in FILE, lines '<sha256 hex> <role> <name>'",
+        metavar="FILE", default_text="off",
+    )  # fmt: skip
+    # Wrong tokens one peer address may send at once, then per second (a token bucket);
+    # beyond it the address's calls are RESOURCE_EXHAUSTED until its bucket refills.
+    auth_failure_burst: int = setting(
+        20, whole(1), "wrong tokens one address may send at once before its calls are refused "
+        "(RESOURCE_EXHAUSTED AUTH_FAILURES_LIMITED)", metavar="N",
+    )  # fmt: skip
+    auth_failure_rate: float = setting(
+        2.0, RATE, "wrong tokens per second one address may send after the burst", metavar="R"
+    )
+    max_message_bytes: int = setting(
+        64 * 1024, whole(1024), "largest request accepted", metavar="N"
+    )
+    max_concurrent_rpcs: int = setting(
+        1000, whole(1),
+        "calls accepted at once, queued beyond --threads; more are RESOURCE_EXHAUSTED",
+        metavar="N",
+    )  # fmt: skip
+    keepalive_time: float = setting(
+        60.0, seconds(above_zero=True), "ping idle connections this often", metavar="S"
+    )
+    keepalive_timeout: float = setting(
+        20.0, seconds(above_zero=True),
+        "close a connection whose ping is not answered in S", metavar="S",
+    )  # fmt: skip
+    keepalive_min_ping_interval: float = setting(
+        10.0, seconds(above_zero=False),
+        "clients pinging more often are disconnected", metavar="S",
+    )  # fmt: skip
+    max_connection_age: float = setting(
+        1800.0, seconds(above_zero=False),
+        "close connections after S seconds, so clients rebalance; 0 = never", metavar="S",
+    )  # fmt: skip
+    max_connection_age_grace: float = setting(
+        30.0, seconds(above_zero=False),
+        "time in-flight calls get on such a connection", metavar="S",
+    )  # fmt: skip
+    # What one client can hold (README "Operations").
+    request_timeout: float = setting(
+        5.0, seconds(above_zero=True), "end a call whose request message has not arrived S "
+        "seconds after the call began (DEADLINE_EXCEEDED, reason REQUEST_TIMEOUT)", metavar="S",
+    )  # fmt: skip
+    max_streams_per_connection: int = setting(
+        100, whole(1), "calls at once on one connection (HTTP/2 MAX_CONCURRENT_STREAMS); more "
+        "wait in the client", metavar="N",
+    )  # fmt: skip
+    handshake_timeout: float = setting(
+        5.0, seconds(above_zero=True), "close a new connection that has not finished its TLS "
+        "handshake and HTTP/2 preface within S seconds", metavar="S",
+    )  # fmt: skip
+    max_connection_idle: float = setting(
+        300.0, seconds(above_zero=False),
+        "close a connection that has had no call for S seconds; 0 = never", metavar="S",
+    )  # fmt: skip
+    max_connections: int | None = setting(
+        None, whole(1), "connections at once; more are closed when accepted", metavar="N",
+        default_text="ulimit -n - 64",
+    )  # fmt: skip
+    metrics_address: str | None = setting(
+        None, TEXT, "serve Prometheus metrics at http://HOST:PORT/metrics",
+        metavar="HOST:PORT", default_text="off",
+    )  # fmt: skip
+    log_format: str = setting(
+        "text", one_of(*LOG_FORMATS), "text lines or one JSON object per line",
+        metavar="{" + ",".join(LOG_FORMATS) + "}",
+    )  # fmt: skip
+    # Every subcommand takes it, before or after the subcommand's name.
+    log_level: str = setting(
+        "INFO", one_of(*LOG_LEVELS), "log level", metavar="{" + ",".join(LOG_LEVELS) + "}"
+    )
+    # Every subcommand takes it too; a switch: the flag takes no value.
+    log_sql_values: bool = setting(
+        False, SWITCH, "with --log-level DEBUG, also log the values bound to each SQL "
+        "statement (names, emails: personal data)", default_text="off",
+    )  # fmt: skip
+
+    # Not flags: set by tests and by the supervisor.
     # Seconds between the health probe's SELECT 1.
     health_interval: float = 1.0
     # Set in worker processes: share the port with the other workers.
     reuse_port: bool = False
 
-    # Security, limits and operations (see README "Security" and "Operations").
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    auth_tokens: str | None = None
-    # Wrong tokens one peer address may send at once, then per second (a token bucket);
-    # beyond it the address's calls are RESOURCE_EXHAUSTED until its bucket refills.
-    auth_failure_burst: int = 20
-    auth_failure_rate: float = 2.0
-    max_message_bytes: int = 64 * 1024
-    max_concurrent_rpcs: int = 1000
-    keepalive_time: float = 60.0
-    keepalive_timeout: float = 20.0
-    keepalive_min_ping_interval: float = 10.0
-    max_connection_age: float = 1800.0
-    max_connection_age_grace: float = 30.0
-    metrics_address: str | None = None
-    # What one client can hold (README "Operations"): seconds a call's request message
-    # may take to arrive; streams at once per connection (HTTP/2 MAX_CONCURRENT_STREAMS);
-    # seconds a new connection gets for its TLS handshake and HTTP/2 preface; seconds a
-    # connection may stay open with no call; connections at once (None: what the
-    # process's descriptor limit leaves after a reserve for the database and logs).
-    request_timeout: float = 5.0
-    max_streams_per_connection: int = 100
-    handshake_timeout: float = 5.0
-    max_connection_idle: float = 300.0
-    max_connections: int | None = None
-
     @property
     def connections(self) -> int:
-        return self.pool_size or self.max_workers
+        return self.pool_size or self.threads
 
     def check(self) -> None:
-        """Raise StartupError for values no server can run with."""
-        if self.max_workers < 1 or self.workers < 1:
-            raise StartupError("--max-workers and --workers must be 1 or more")
-        if self.pool_size is not None and self.pool_size < self.max_workers:
-            raise StartupError(
-                f"--pool-size {self.pool_size} is below --max-workers {self.max_workers}: "
-                "every serving thread needs a connection"
-            )
-        if min(self.database_timeout, self.pool_timeout, self.health_interval) <= 0:
-            raise StartupError(
-                "--database-timeout, --pool-timeout and the health interval must be above 0"
-            )
-        if self.auth_failure_burst < 1 or self.auth_failure_rate <= 0:
-            raise StartupError(
-                "--auth-failure-burst must be 1 or more, --auth-failure-rate above 0"
-            )
-        if self.grace_seconds < 0:
-            raise StartupError("--grace must be 0 or more")
+        """Raise StartupError naming every value no server can run with."""
+        problems = _problems(self)
+        if problems:
+            raise StartupError("; ".join(problems))
 
 
-class StartupError(RuntimeError):
-    """The server cannot start; the message says why and what fixes it."""
+def _settings() -> tuple[Setting, ...]:
+    found = []
+    for each in fields(ServerConfig):
+        options = each.metadata.get("setting")
+        if options is not None:
+            flag = options["flag"] or "--" + each.name.replace("_", "-")
+            found.append(Setting(name=each.name, **{**options, "flag": flag}))
+    return tuple(found)
+
+
+SETTINGS: tuple[Setting, ...] = _settings()
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def load(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> ServerConfig:
+    """The configuration from flags (text by flag, None when not given), then the
+    environment, then the defaults; every problem in one StartupError."""
+    values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    problems, bad = [], set()
+    for each in SETTINGS:
+        given = _given(each, flags, environ)
+        if given is None:
+            continue
+        labels[each.name], value, problem = given
+        if problem:
+            problems.append(problem)
+            bad.add(each.name)
+        else:
+            values[each.name] = value
+    config = ServerConfig(**values)
+    problems += _conflicts(config, labels, bad)
+    if problems:
+        raise StartupError("; ".join(problems))
+    return config
+
+
+def read(name: str, flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Any:
+    """One setting alone (a subcommand other than serve takes only a few)."""
+    each = BY_NAME[name]
+    given = _given(each, flags, environ)
+    if given is None:
+        return each.default
+    _, value, problem = given
+    if problem:
+        raise StartupError(problem)
+    return value
+
+
+def _given(
+    each: Setting, flags: Mapping[str, str | None], environ: Mapping[str, str]
+) -> tuple[str, Any, str] | None:
+    """(where from, value, problem or "") of a setting given by flag or variable."""
+    found = each.source(flags, environ)
+    if found is None:
+        return None
+    label, text = found
+    try:
+        value = each.kind.convert(text.strip())
+    except ValueError:
+        return label, None, f"{label} must be {each.kind.word}, not {text!r}"
+    bound = each.kind.problem(value)
+    return label, value, f"{label} must be {bound}, not {text!r}" if bound else ""
+
+
+def _problems(config: ServerConfig) -> list[str]:
+    """For a ServerConfig made in code: values out of range, then conflicts."""
+    problems, bad = [], set()
+    for each in SETTINGS:
+        value = getattr(config, each.name)
+        bound = each.kind.problem(value)
+        if bound:
+            problems.append(f"{each.flag} must be {bound}, not {value}")
+            bad.add(each.name)
+    return problems + _conflicts(config, {}, bad)
+
+
+def _conflicts(config: ServerConfig, labels: Mapping[str, str], bad: set[str]) -> list[str]:
+    """Settings that contradict each other, named as given (flag or variable); those
+    already found bad are left out."""
+
+    def label(name: str) -> str:
+        return labels.get(name) or BY_NAME[name].flag
+
+    problems = []
+    if config.health_interval <= 0:
+        problems.append("the health interval must be above 0")
+    if (
+        config.pool_size is not None
+        and not {"pool_size", "threads"} & bad
+        and config.pool_size < config.threads
+    ):
+        problems.append(
+            f"{label('pool_size')} {config.pool_size} is below {label('threads')} "
+            f"{config.threads}: every serving thread needs a connection"
+        )
+    if bool(config.tls_cert) != bool(config.tls_key):
+        problems.append(f"{label('tls_cert')} and {label('tls_key')} go together")
+    return problems

@@ -31,6 +31,7 @@ from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.persistence import engine, migrator
 from enrollment.server.persistence.models import proxy
 from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.quiet import quiet_bind
 from enrollment.server.transport import options, tls
 from enrollment.server.transport.auth import (
     Authenticator,
@@ -169,11 +170,14 @@ def open_database(config: ServerConfig) -> None:
     )
 
 
-def create_server(config: ServerConfig) -> RunningServer:
-    """Open the database, check its schema, and start serving; returns the bound port."""
+def create_server(config: ServerConfig, *, schema_checked: bool = False) -> RunningServer:
+    """Open the database, check its schema (unless the caller has: the supervisor checks
+    it once for all its workers), and start serving; returns the bound port."""
     config.check()
     open_database(config)
     try:
+        if not schema_checked:
+            checked_schema()
         return _start(config)
     except BaseException:
         engine.close_pool()
@@ -189,8 +193,6 @@ def checked_schema() -> None:
 
 
 def _start(config: ServerConfig) -> RunningServer:
-    checked_schema()
-
     try:
         options.check(config)
         credentials = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -202,9 +204,9 @@ def _start(config: ServerConfig) -> RunningServer:
         raise StartupError(str(exc)) from exc
     metrics = RpcMetrics(engine.connections_in_use) if config.metrics_address else None
 
-    # The database work of at most max_workers calls at once; calls beyond wait for a
+    # The database work of at most config.threads calls at once; calls beyond wait for a
     # thread as coroutines, up to --max-concurrent-rpcs.
-    pool = WorkerPool(config.max_workers)
+    pool = WorkerPool(config.threads)
     events = EventLoopThread()
     try:
         server, health_servicer, port = events.run(_build(config, credentials, auth, metrics, pool))
@@ -253,7 +255,7 @@ async def _build(config, credentials, auth, metrics, pool):
         ],
         options=options.grpc_options(config),
         # Beyond this many calls at once grpc answers RESOURCE_EXHAUSTED at once;
-        # up to it, calls beyond max_workers wait for a thread of the pool.
+        # up to it, calls beyond config.threads wait for a thread of the pool.
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     pb_grpc.add_EnrollmentServiceServicer_to_server(EnrollmentServicer(), server)
@@ -265,15 +267,28 @@ async def _build(config, credentials, auth, metrics, pool):
 
     add_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
     try:
-        if credentials is None:
-            port = server.add_insecure_port(config.address)
-        else:
-            port = server.add_secure_port(config.address, credentials)
+        # grpc's core logs a failed bind itself (E... add_port.cc); the StartupError
+        # below says it once, in our words.
+        with quiet_bind():
+            if credentials is None:
+                port = server.add_insecure_port(config.address)
+            else:
+                port = server.add_secure_port(config.address, credentials)
     except RuntimeError:
         port = 0
     if not port:
         raise StartupError(f"cannot listen on {config.address}: in use or not a local address")
     return server, health_servicer, port
+
+
+def security_summary(config: ServerConfig) -> str:
+    """Whether TLS, mutual TLS and tokens are on: a client with other settings gets only
+    "Socket closed" or a handshake error, so the log says what the server expects."""
+    return (
+        f"TLS {'on' if config.tls_cert else 'off'}, "
+        f"mutual TLS {'on' if config.tls_cert and config.tls_client_ca else 'off'}, "
+        f"tokens {'on' if config.auth_tokens else 'off'}"
+    )
 
 
 def close_database() -> None:
@@ -288,7 +303,13 @@ def serve(config: ServerConfig) -> None:
 
         sys.exit(serve_workers(config))
     running = create_server(config)
-    log.info("serving %s on port %d (%s)", SERVICE_NAME, running.port, config.address)
+    log.info(
+        "serving %s on port %d (%s); security: %s",
+        SERVICE_NAME,
+        running.port,
+        config.address,
+        security_summary(config),
+    )
     serve_until_signalled(running, config)
 
 

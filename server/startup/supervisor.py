@@ -23,6 +23,7 @@ from enrollment.server.startup.server import (
     close_database,
     create_server,
     open_database,
+    security_summary,
     serve_until_signalled,
 )
 
@@ -68,7 +69,13 @@ def serve_workers(config: ServerConfig) -> int:
         worker.start()
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
-    log.info("serving %s on port %d with %d workers", SERVICE_NAME, port, len(workers))
+    log.info(
+        "serving %s on port %d with %d workers; security: %s",
+        SERVICE_NAME,
+        port,
+        len(workers),
+        security_summary(config),
+    )
     status = 0
     try:
         running = {worker.sentinel: worker for worker in workers}
@@ -107,7 +114,7 @@ def _worker_main(config: ServerConfig, number: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        running = create_server(config)
+        running = create_server(config, schema_checked=True)  # the parent checked it
     except StartupError as exc:
         log.error("worker %d cannot start: %s", number, exc)
         sys.exit(2)
