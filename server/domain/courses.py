@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from enrollment.server.domain import page_tokens
+from enrollment.server.domain import events, page_tokens
 from enrollment.server.domain.enrollments import drop_all_of_course, promote_next
 from enrollment.server.domain.lookups import find_course, find_student
 from enrollment.server.domain.updates import etag_of, masked_paths
@@ -70,7 +70,7 @@ def create_course(*, code: str, title: str, capacity: int, waitlist_capacity: in
     now = utcnow()
     try:
         with savepoint():
-            return Course.create(
+            course = Course.create(
                 code=code,
                 code_key=lowercase_key(code),
                 title=title,
@@ -83,6 +83,8 @@ def create_course(*, code: str, title: str, capacity: int, waitlist_capacity: in
             )
     except pw.IntegrityError:
         raise CourseCodeTaken.of() from None
+    events.course_created(course.id)
+    return course
 
 
 MUTABLE = ("code", "title", "capacity", "waitlist_capacity")
@@ -133,6 +135,9 @@ def _apply_course_changes(course: Course, changes: dict, now) -> Course:
     """The one place a course is updated (and its new seats filled from the waitlist)."""
     course_id = course.id
     this = Course.id == course_id
+    # Recorded first, so that it comes before the promotions it causes; its snapshot is
+    # read when the call ends. A check failing below rolls it back with the rest.
+    events.course_updated(course_id)
     if "code" in changes:
         try:
             with savepoint():
@@ -207,3 +212,4 @@ def delete_course(*, course_id: int, force: bool) -> None:
     if count:
         drop_all_of_course(course_id)
     Course.delete().where(Course.id == course_id).execute()
+    events.course_deleted(course, emptied=bool(count))

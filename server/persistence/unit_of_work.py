@@ -16,6 +16,7 @@ from playhouse.pool import MaxConnectionsExceeded
 
 from enrollment.server import callstate
 from enrollment.server.errors import DatabaseUnavailable
+from enrollment.server.persistence import outbox
 from enrollment.server.persistence.engine import discard_idle
 from enrollment.server.persistence.failures import Verdict, lost_connection, verdict
 from enrollment.server.persistence.models import proxy
@@ -58,12 +59,16 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
     """
     callstate.ensure_active()
     db = proxy.obj
+    pending = outbox.begin() if write else None
     try:
         with proxy.connection_context(), _writer_turn(write):
             begin = ("IMMEDIATE",) if write and isinstance(db, pw.SqliteDatabase) else ()
             with proxy.atomic(*begin):
                 yield
                 callstate.ensure_active()
+                if write:
+                    # The change's events, numbered: the last statements before the commit.
+                    outbox.flush()
     except (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded) as exc:
         found = verdict(exc)
         if found is Verdict.UNAVAILABLE and lost_connection(exc):
@@ -73,6 +78,9 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
         if found is not None:
             raise _Transient(found) from exc
         raise
+    finally:
+        if pending is not None:
+            outbox.end(pending)
 
 
 class _Transient(Exception):

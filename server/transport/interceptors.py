@@ -94,11 +94,13 @@ def _guard(behavior, method: str, auth: Authenticator | None, metrics: RpcMetric
         if metrics is not None:
             metrics.in_flight.inc()
         bound = callstate.bind(context.is_active)
+        who = None
         try:
             if auth is not None:
                 token = auth.authenticate(authorization)
                 caller = token.name
                 auth.authorize(token, name, needed)
+            who = callstate.bind_caller(request_id, caller if auth is not None else "")
             if isinstance(request, _Undecodable):
                 raise InvalidField(
                     f"the request is not a valid {request.type_name} (is every string field UTF-8?)"
@@ -121,6 +123,8 @@ def _guard(behavior, method: str, auth: Authenticator | None, metrics: RpcMetric
             log.exception("rpc %s failed unexpectedly", name)
             context.abort_with_status(error_status.with_trailers(error_status.INTERNAL, trailer))
         finally:
+            if who is not None:
+                callstate.unbind_caller(who)
             callstate.unbind(bound)
             elapsed = time.perf_counter() - start
             if metrics is not None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from enrollment.server.domain import courses, enrollments, students
+from enrollment.server.domain import courses, enrollments, events, students
 from enrollment.server.transport.convert import (
     course_to_proto,
     enrollment_to_proto,
+    event_to_proto,
     student_to_proto,
 )
 from enrollment.v1 import enrollment_pb2 as pb
@@ -121,4 +122,15 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         return pb.ListEnrollmentsResponse(
             enrollments=[enrollment_to_proto(e) for e in page.enrollments],
             next_page_token=page.next_page_token,
+        )
+
+    def ListEvents(self, request, context):
+        page = events.list_events(
+            after_sequence=request.after_sequence,
+            page_size=request.page_size,
+            student_id=request.student_id,
+            course_id=request.course_id,
+        )
+        return pb.ListEventsResponse(
+            events=[event_to_proto(e) for e in page.events], head_sequence=page.head_sequence
         )
