@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import time
 
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
 from enrollment.server.domain import events as domain_events
+from enrollment.server.startup.retention import parse_duration
 from enrollment.v1 import enrollment_pb2 as pb
 from tests import databases
 from tests.rpc import TIMEOUT, expect_error, new_student
@@ -318,3 +320,37 @@ def test_actor_is_the_tokens_name(start_server, tmp_path):
     )
     page = live.stub.ListEvents(pb.ListEventsRequest(), timeout=TIMEOUT, metadata=metadata)
     assert [e.actor for e in page.events] == ["registrar"]
+
+
+def test_the_server_purges_events_older_than_its_retention(start_server):
+    live = start_server(event_retention=1.0)
+    for _ in range(3):
+        new_student(live.stub)
+    first = feed(live.stub)
+    assert len(first) == 3
+    deadline = time.monotonic() + 15
+    while feed(live.stub) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert feed(live.stub) == []  # 0: from the oldest kept, never expired
+    expect_error(
+        live.stub.ListEvents,
+        pb.ListEventsRequest(after_sequence=first[0].sequence),
+        grpc.StatusCode.OUT_OF_RANGE,
+        "EVENTS_EXPIRED",
+    )
+    # A consumer that had seen everything loses nothing.
+    assert feed(live.stub, after=first[-1].sequence) == []
+    assert head(live.stub) == first[-1].sequence
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30d", 2592000), ("12h", 43200), ("90m", 5400), ("45s", 45), ("7", 7)]
+)
+def test_retention_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1d", "1w", "forever", "1.5.h"])
+def test_bad_retention_durations(text):
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from enrollment.server.operations import logs
 from enrollment.server.persistence import engine, migrator
 from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.retention import parse_duration
 from enrollment.server.startup.server import serve
 from enrollment.server.transport.auth import ROLES, TokenFileError, new_token_line
 
@@ -129,6 +130,14 @@ def _security_and_operations_flags(run: argparse.ArgumentParser) -> None:
     """serve flags for TLS, tokens, limits, metrics and log format (README "Security")."""
     env = os.environ.get
     run.add_argument(
+        "--event-retention",
+        type=_duration,
+        default=env("ENROLLMENT_EVENT_RETENTION"),
+        metavar="DURATION",
+        help="keep change-feed events this long (30d, 12h, 90m, or seconds), purging "
+        "older ones in small batches (env ENROLLMENT_EVENT_RETENTION; default: forever)",
+    )
+    run.add_argument(
         "--tls-cert",
         default=env("ENROLLMENT_TLS_CERT"),
         metavar="PEM",
@@ -221,11 +230,18 @@ def _security_and_operations_flags(run: argparse.ArgumentParser) -> None:
     )
 
 
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _security_and_operations_config(args: argparse.Namespace) -> dict:
     names = (
         "tls_cert tls_key tls_client_ca auth_tokens max_message_bytes max_concurrent_rpcs "
         "keepalive_time keepalive_timeout keepalive_min_ping_interval max_connection_age "
-        "max_connection_age_grace metrics_address"
+        "max_connection_age_grace metrics_address event_retention"
     )
     return {name: getattr(args, name) for name in names.split()}
 

@@ -40,6 +40,8 @@ class ServerConfig:
     max_connection_age: float = 1800.0
     max_connection_age_grace: float = 30.0
     metrics_address: str | None = None
+    # Seconds the change feed keeps an event; None keeps them forever.
+    event_retention: float | None = None
 
     @property
     def connections(self) -> int:
@@ -58,6 +60,8 @@ class ServerConfig:
             raise StartupError(
                 "--database-timeout, --pool-timeout and the health interval must be above 0"
             )
+        if self.event_retention is not None and self.event_retention <= 0:
+            raise StartupError("--event-retention must be above 0 (leave it out to keep forever)")
         if self.grace_seconds < 0:
             raise StartupError("--grace must be 0 or more")
 
