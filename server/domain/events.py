@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from enrollment.server import callstate
+from enrollment.server.domain.lookups import course_or_none
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import EventsExpired
 from enrollment.server.persistence import outbox
 from enrollment.server.persistence.models import (
     PURGED,
     SEQUENCE,
-    Course,
     Event,
     EventCounter,
     utcnow,
@@ -94,9 +94,10 @@ class _CallEvents:
         wanted = {course_id for kind, _, course_id, _ in self.items if kind > STUDENT_DELETED}
         wanted -= self.gone_courses.keys()
         courses = dict(self.gone_courses)
-        if wanted:
-            for row in Course.select().where(Course.id.in_(sorted(wanted))):
-                courses[row.id] = _course(row)
+        for course_id in sorted(wanted):
+            row = course_or_none(course_id)  # a compiled lookup: usually one course
+            if row is not None:
+                courses[course_id] = _course(row)
         request_id, actor = callstate.caller()
         for kind, student_id, course_id, payload in self.items:
             if kind > STUDENT_DELETED:

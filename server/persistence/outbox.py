@@ -32,7 +32,8 @@ from contextvars import ContextVar, Token
 
 import peewee as pw
 
-from enrollment.server.persistence.models import SEQUENCE, Event, EventCounter, proxy
+from enrollment.server.persistence.models import PURGED, SEQUENCE, EventCounter, proxy
+from enrollment.server.persistence.prepared import Prepared
 
 
 class _Pending:
@@ -92,11 +93,30 @@ def flush() -> int:
     if not rows:
         return 0
     last = advance(SEQUENCE, len(rows))
-    first = last - len(rows) + 1
-    for offset, row in enumerate(rows):
-        row["sequence"] = first + offset
-    Event.insert_many(rows).as_rowcount().execute()
+    sql = _insert_sql()
+    for offset, row in enumerate(rows, start=last - len(rows) + 1):
+        proxy.execute_sql(sql, (offset, *(row[name] for name in _COLUMNS[1:])))
     return len(rows)
+
+
+_COLUMNS = (
+    "sequence", "event_time", "type", "student_id", "course_id", "payload", "request_id", "actor"
+)  # fmt: skip
+_insert: tuple[object, str] | None = None
+
+
+def _insert_sql() -> str:
+    """The INSERT of one event, written once per database: peewee would compile it on
+    every call (the Prepared helper cannot mark text values), which cost more than the
+    insert itself."""
+    global _insert
+    db = proxy.obj
+    if _insert is None or _insert[0] is not db:
+        open_, close = db.quote
+        names = ", ".join(f"{open_}{c}{close}" for c in _COLUMNS)
+        marks = ", ".join([db.param] * len(_COLUMNS))
+        _insert = (db, f"INSERT INTO {open_}events{close} ({names}) VALUES ({marks})")
+    return _insert[1]
 
 
 def advance(name: str, by: int) -> int:
@@ -104,17 +124,33 @@ def advance(name: str, by: int) -> int:
     the transaction ends. The row is made by the first use (migration 005 inserts none,
     so that rolling back an unused feed drops no rows): when two first writers race,
     the second one's insert waits for the first's commit, fails, and updates instead."""
-    counter = EventCounter.name == name
-    if EventCounter.update(value=EventCounter.value + by).where(counter).execute() == 0:
+    if _ADVANCE[name].execute(by) == 0:
         try:
             with proxy.atomic():  # a savepoint: the duplicate leaves the transaction usable
                 EventCounter.insert(name=name, value=by).execute()
             return by
         except pw.IntegrityError:
-            if EventCounter.update(value=EventCounter.value + by).where(counter).execute() != 1:
+            if _ADVANCE[name].execute(by) != 1:
                 raise
-    (value,) = EventCounter.select(EventCounter.value).where(counter).tuples()[0]
-    return value
+    return _COUNTER[name].first().value
+
+
+def _advance(name: str) -> Prepared:
+    # The name is a constant of the SQL (a text value cannot be a Prepared marker).
+    return Prepared(
+        lambda by: EventCounter.update(value=EventCounter.value + by).where(
+            EventCounter.name == name
+        ),
+        1,
+    )
+
+
+def _counter(name: str) -> Prepared:
+    return Prepared(lambda: EventCounter.select().where(EventCounter.name == name), 0)
+
+
+_ADVANCE = {name: _advance(name) for name in (SEQUENCE, PURGED)}
+_COUNTER = {name: _counter(name) for name in (SEQUENCE, PURGED)}
 
 
 def set_at_least(name: str, value: int) -> None:
