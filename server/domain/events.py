@@ -295,3 +295,20 @@ def purge_expired(retention: dt.timedelta, *, batch: int = PURGE_BATCH) -> int:
         total += deleted
         if deleted < batch:
             return total
+
+
+@transactional(write=False)
+def read_after(after_sequence: int, limit: int) -> tuple[list[EventRecord], int]:
+    """Every event after after_sequence (at most limit), unfiltered, and the head: the
+    one query a process's watch poller makes per wake-up, on the primary key."""
+    head = counter(SEQUENCE)
+    return select_events(after_sequence, head, 0, 0, limit), head
+
+
+def on_commit(listener) -> None:
+    """listener() after each local commit that wrote events (see outbox.on_commit)."""
+    outbox.on_commit(listener)
+
+
+def remove_listener(listener) -> None:
+    outbox.remove_listener(listener)

@@ -65,6 +65,25 @@ def _current() -> _Pending:
     return pending
 
 
+_listeners: list[Callable[[], None]] = []
+
+
+def on_commit(listener: Callable[[], None]) -> None:
+    """Call listener (from the committing thread; it must be cheap and thread-safe)
+    after every commit that wrote events in this process."""
+    _listeners.append(listener)
+
+
+def remove_listener(listener: Callable[[], None]) -> None:
+    if listener in _listeners:
+        _listeners.remove(listener)
+
+
+def committed() -> None:
+    for listener in tuple(_listeners):
+        listener()
+
+
 def state() -> dict:
     """A dict that lives as long as the current write transaction (for the domain)."""
     return _current().data

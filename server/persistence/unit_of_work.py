@@ -60,6 +60,7 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
     callstate.ensure_active()
     db = proxy.obj
     pending = outbox.begin() if write else None
+    written = 0
     try:
         with proxy.connection_context(), _writer_turn(write):
             begin = ("IMMEDIATE",) if write and isinstance(db, pw.SqliteDatabase) else ()
@@ -68,7 +69,9 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
                 callstate.ensure_active()
                 if write:
                     # The change's events, numbered: the last statements before the commit.
-                    outbox.flush()
+                    written = outbox.flush()
+        if written:
+            outbox.committed()  # wakes this process's watchers now, not at their next poll
     except (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded) as exc:
         found = verdict(exc)
         if found is Verdict.UNAVAILABLE and lost_connection(exc):
