@@ -9,9 +9,12 @@ DATABASE_URL ?= sqlite:///enrollment.db
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 MIX ?= read
+DATABASE ?= postgresql
+CHAOS_SECONDS ?= 60
+SOAK_SECONDS ?= 600
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test migrate run clean bench bench-scale bench-compare bench-micro bench-profile bench-migrate
+.PHONY: help install proto lint test migrate run clean bench bench-scale bench-compare bench-micro bench-profile bench-migrate chaos soak
 
 # target: help - list the targets and what they do
 help:
@@ -87,6 +90,14 @@ bench-migrate: $(STAMP)
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ./client -e '.[dev,bench]'
 	touch $@
+
+# target: chaos - kill the server's database connections every 2 s under writes (DATABASE=postgresql|mysql, CHAOS_SECONDS=60); checks every answer
+chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos --database '$(DATABASE)' --seconds '$(CHAOS_SECONDS)' $(BENCH_ARGS)
+
+# target: soak - mixed load on a real server for SOAK_SECONDS (600); RSS, descriptors, threads, p99; PASS/FAIL on growth
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --seconds '$(SOAK_SECONDS)' $(SOAK_ARGS)
 
 # target: clean - remove .venv, caches and the default SQLite database
 clean:

@@ -85,20 +85,10 @@ class EnrollmentClient:
         'authorization: Bearer <token>' on every call."""
         if timeout <= 0:
             raise ValueError("timeout must be more than 0 seconds")
-        if bool(tls_cert) != bool(tls_key):
-            raise ValueError("tls_cert and tls_key go together")
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        if tls_ca or tls_cert:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(tls_ca),
-                private_key=_read(tls_key),
-                certificate_chain=_read(tls_cert),
-            )
-            self._channel = grpc.secure_channel(address, credentials)
-        else:
-            self._channel = grpc.insecure_channel(address)
+        self._channel = open_channel(address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
         self._stub = pb_grpc.EnrollmentServiceStub(self._channel)
 
     def __enter__(self) -> EnrollmentClient:
@@ -143,12 +133,9 @@ class EnrollmentClient:
         self, course_id: int = 0, *, page_size: int = 0, page_token: str = ""
     ) -> Iterator[pb.Student]:
         """Every student from page_token on (the start by default), fetching page after page."""
-        while True:
-            page = self.list_students(course_id, page_size, page_token)
-            yield from page.students
-            page_token = _next_token(page_token, page.next_page_token)
-            if not page_token:
-                return
+        return _walk(
+            lambda token: self.list_students(course_id, page_size, token), "students", page_token
+        )
 
     def update_student(
         self,
@@ -224,12 +211,9 @@ class EnrollmentClient:
         self, student_id: int = 0, *, page_size: int = 0, page_token: str = ""
     ) -> Iterator[pb.Course]:
         """Every course from page_token on (the start by default), fetching page after page."""
-        while True:
-            page = self.list_courses(student_id, page_size, page_token)
-            yield from page.courses
-            page_token = _next_token(page_token, page.next_page_token)
-            if not page_token:
-                return
+        return _walk(
+            lambda token: self.list_courses(student_id, page_size, token), "courses", page_token
+        )
 
     def delete_course(self, course_id: int, force: bool = False) -> None:
         request = pb.DeleteCourseRequest(course_id=course_id, force=force)
@@ -372,11 +356,45 @@ class EnrollmentClient:
             stream.cancel()
 
 
+def open_channel(
+    address: str,
+    *,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> grpc.Channel:
+    """A channel to HOST:PORT: TLS when tls_ca (the server's CA; system roots otherwise) or
+    tls_cert is given, with tls_cert/tls_key as the client certificate for mutual TLS;
+    plaintext otherwise. Raises ValueError for a certificate without its key (or the
+    reverse) and OSError for a file that cannot be read."""
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("tls_cert and tls_key go together")
+    if not (tls_ca or tls_cert):
+        return grpc.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls_ca),
+        private_key=_read(tls_key),
+        certificate_chain=_read(tls_cert),
+    )
+    return grpc.secure_channel(address, credentials)
+
+
 def _read(path: str | None) -> bytes | None:
     if not path:
         return None
     with open(path, "rb") as file:
         return file.read()
+
+
+def _walk(fetch: Callable[[str], Any], items: str, page_token: str) -> Iterator[Any]:
+    """The items of page after page from page_token on; fetch(token) makes one List* call
+    and items names the reply's repeated field."""
+    while True:
+        page = fetch(page_token)
+        yield from getattr(page, items)
+        page_token = _next_token(page_token, page.next_page_token)
+        if not page_token:
+            return
 
 
 def _next_token(current: str, following: str) -> str:

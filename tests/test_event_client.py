@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 import time
-
-import grpc
+from pathlib import Path
 
 from enrollment.client.api import EnrollmentClient
 from enrollment.v1 import enrollment_pb2 as pb
-from tests.rpc import SERVER, TIMEOUT, free_port, new_course, new_student
-from tests.test_client import ok
+from tests import servers
+from tests.rpc import TIMEOUT, new_course, new_student
 
 
 def test_iter_events_walks_every_page_and_filters(live):
@@ -45,21 +45,25 @@ def test_the_cli_prints_one_line_per_event(live):
     assert rows[1]["enrollment"]["student_id"] == str(student.id)
 
 
-def _serve(url: str, port: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [SERVER, "serve", "--address", f"127.0.0.1:{port}", "--database-url", url],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    grpc.channel_ready_future(channel).result(timeout=20)
-    channel.close()
-    return process
+CLIENT = Path(sys.executable).parent / "enrollment-client"
 
 
-def test_follow_survives_a_server_restart_without_losing_or_repeating(db_url):
-    port = free_port()
-    server = _serve(db_url, port)
+def ok(live, *args: str) -> str:
+    done = subprocess.run(
+        [str(CLIENT), "--address", live.address, *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", (args, done.stdout, done.stderr)
+    return done.stdout
+
+
+def test_follow_survives_a_server_restart_without_losing_or_repeating(db_url, tmp_path):
+    port = servers.free_port()
+
+    def serve(n: int):
+        return servers.start(tmp_path / f"server{n}.log", "--database-url", db_url, port=port)
+
+    server = serve(1)
     seen: list[int] = []
     stop = threading.Event()
 
@@ -80,10 +84,9 @@ def test_follow_survives_a_server_restart_without_losing_or_repeating(db_url):
         create(5, 0)
         follower.start()
         time.sleep(0.5)
-        server.terminate()
-        server.wait(20)
+        server.stop()
         time.sleep(0.5)  # the follower meets UNAVAILABLE meanwhile
-        server = _serve(db_url, port)
+        server = serve(2)
         create(5, 5)
         deadline = time.monotonic() + 20
         while len(seen) < 10 and time.monotonic() < deadline:
@@ -92,6 +95,5 @@ def test_follow_survives_a_server_restart_without_losing_or_repeating(db_url):
         create(1, 10)  # wakes the follower so it returns
         follower.join(10)
     finally:
-        server.terminate()
-        server.wait(20)
+        server.stop()
     assert seen[:10] == list(range(1, 11))

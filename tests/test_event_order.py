@@ -20,9 +20,8 @@ import pytest
 
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from tests import databases
+from tests import databases, servers
 from tests.rpc import TIMEOUT
-from tests.test_waitlist_races import start_workers
 
 WRITERS = 8
 READERS = 3
@@ -120,8 +119,9 @@ def _writer(address: str, students, courses, stop: threading.Event, counts: list
 
 
 @pytest.mark.own_database
-def test_no_reader_ever_sees_a_sequence_appear_below_one_it_saw(backend, db_url):
-    process, address = start_workers(db_url)
+def test_no_reader_ever_sees_a_sequence_appear_below_one_it_saw(backend, db_url, tmp_path):
+    server = servers.start(tmp_path / "server.log", "--database-url", db_url, "--workers", "2")
+    address = server.address
     try:
         channel, stub = _stub(address)
         students = [
@@ -165,8 +165,7 @@ def test_no_reader_ever_sees_a_sequence_appear_below_one_it_saw(backend, db_url)
             thread.join(60)
         channel.close()
     finally:
-        process.terminate()
-        process.wait(20)
+        server.stop()
 
     table = {row[0] for row in databases.query(db_url, "SELECT sequence FROM events")}
     marked_events = databases.query(

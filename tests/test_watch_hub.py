@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,8 +19,8 @@ from enrollment.server.persistence import engine
 from enrollment.server.transport.watch import WatchHub
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from tests import databases
-from tests.rpc import SERVER, TIMEOUT, free_port
+from tests import databases, servers
+from tests.rpc import TIMEOUT
 
 
 @pytest.fixture
@@ -37,26 +36,16 @@ def pool(db_url):
     engine.close_pool()
 
 
-def _other_process(db_url):
-    address = f"127.0.0.1:{free_port()}"
-    process = subprocess.Popen(
-        [SERVER, "serve", "--address", address, "--database-url", db_url],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    channel = grpc.insecure_channel(address)
-    grpc.channel_ready_future(channel).result(timeout=20)
-    return process, channel, pb_grpc.EnrollmentServiceStub(channel)
-
-
-def test_three_watchers_get_exactly_their_events_in_order(db_url, pool):
+def test_three_watchers_get_exactly_their_events_in_order(db_url, pool, tmp_path):
     people = [students.create_student(name=f"P{i}", email=f"p{i}@x.io").id for i in range(8)]
     rooms = [
         courses.create_course(code=f"R{i}", title="R", capacity=3, waitlist_capacity=5).id
         for i in range(3)
     ]
     start = events.read_after(0, 1)[1]
-    process, channel, stub = _other_process(db_url)
+    process = servers.start(tmp_path / "other.log", "--database-url", db_url)
+    channel = grpc.insecure_channel(process.address)
+    stub = pb_grpc.EnrollmentServiceStub(channel)
 
     def write_here(rng: random.Random, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -117,8 +106,7 @@ def test_three_watchers_get_exactly_their_events_in_order(db_url, pool):
         got = asyncio.run(scenario())
     finally:
         channel.close()
-        process.terminate()
-        process.wait(20)
+        process.stop()
     where = {0: "student_id = ?", 1: "course_id = ?", 2: "1 = ?"}
     values = [people[0], rooms[1], 1]
     for i, seen in enumerate(got):

@@ -11,8 +11,8 @@ class ServerConfig:
     database_url: str = "sqlite:///enrollment.db"
     grace_seconds: float = 10.0
     # Threads share one GIL: past a few, each SQLite call's GIL hand-off costs more CPU
-    # than the extra thread gains (make bench --threads-check 4: read +56% calls/s,
-    # mixed p99 42 -> 16 ms against 16 threads). More cores: serve more processes.
+    # than the extra thread gains (figures: bench/PROFILE.md, "Figures behind code
+    # comments"). More cores: serve more processes.
     max_workers: int = 4
     # Seconds a call waits for a lock or a new connection, and a statement may run.
     database_timeout: float = 5.0
@@ -32,6 +32,10 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     auth_tokens: str | None = None
+    # Wrong tokens one peer address may send at once, then per second (a token bucket);
+    # beyond it the address's calls are RESOURCE_EXHAUSTED until its bucket refills.
+    auth_failure_burst: int = 20
+    auth_failure_rate: float = 2.0
     max_message_bytes: int = 64 * 1024
     max_concurrent_rpcs: int = 1000
     keepalive_time: float = 60.0
@@ -42,6 +46,18 @@ class ServerConfig:
     metrics_address: str | None = None
     # Seconds the change feed keeps an event; None keeps them forever.
     event_retention: float | None = None
+    # WatchEvents streams at once per process (TOO_MANY_WATCHERS beyond).
+    max_watchers: int = 1000
+    # What one client can hold (README "Operations"): seconds a call's request message
+    # may take to arrive; streams at once per connection (HTTP/2 MAX_CONCURRENT_STREAMS);
+    # seconds a new connection gets for its TLS handshake and HTTP/2 preface; seconds a
+    # connection may stay open with no call; connections at once (None: what the
+    # process's descriptor limit leaves after a reserve for the database and logs).
+    request_timeout: float = 5.0
+    max_streams_per_connection: int = 100
+    handshake_timeout: float = 5.0
+    max_connection_idle: float = 300.0
+    max_connections: int | None = None
 
     @property
     def connections(self) -> int:
@@ -62,6 +78,12 @@ class ServerConfig:
             )
         if self.event_retention is not None and self.event_retention <= 0:
             raise StartupError("--event-retention must be above 0 (leave it out to keep forever)")
+        if self.max_watchers < 0:
+            raise StartupError("--max-watchers must be 0 (no WatchEvents) or more")
+        if self.auth_failure_burst < 1 or self.auth_failure_rate <= 0:
+            raise StartupError(
+                "--auth-failure-burst must be 1 or more, --auth-failure-rate above 0"
+            )
         if self.grace_seconds < 0:
             raise StartupError("--grace must be 0 or more")
 
