@@ -119,13 +119,7 @@ class WatchHub:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
             if not self._watchers:
-                # Nobody to feed: only keep the head current (one cheap query). A
-                # watcher registered meanwhile counts on the head it saw: keep that.
-                with contextlib.suppress(EnrollmentError):
-                    _, head = await self._run(events.read_after, 2**62, 1)
-                    if not self._watchers:
-                        self._head = head
-                continue
+                continue  # nobody to feed: no query (the first watcher reads the head)
             try:
                 while True:
                     found, _ = await self._run(events.read_after, self._head, BATCH)
@@ -158,6 +152,12 @@ class WatchHub:
             raise ShuttingDown.of()
         if len(self._watchers) >= self.max_watchers:
             raise TooManyWatchers.of(self.max_watchers)
+        if not self._watchers:
+            # The poller reads nothing while nobody watches: catch its head up first,
+            # so the first poll does not fetch everything written meanwhile.
+            _, head = await self._run(events.read_after, 2**62, 1)
+            if not self._watchers:
+                self._head = max(self._head, head)
         watcher = _Watcher(student_id, course_id)
         self._watchers.add(watcher)  # first: from here on nothing after the head is missed
         registered_at = self._head
