@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -15,6 +16,11 @@ from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT = 5.0
+_Response = TypeVar("_Response")
+# gRPC's load-balancing policies that need nothing but the addresses the target resolves
+# to: pick_first (gRPC's default) sends every call to one of them, round_robin spreads
+# calls over all of them (every pod behind a headless Service, say).
+LB_POLICIES = ("pick_first", "round_robin")
 
 
 class ClientError(Exception):
@@ -48,7 +54,8 @@ class ClientError(Exception):
         info = error_details_pb2.ErrorInfo()
         bad = error_details_pb2.BadRequest()
         try:
-            status = rpc_status.from_call(error)
+            # grpc.aio's errors are not grpc.Call, but have the same code/details/trailers.
+            status = rpc_status.from_call(cast(grpc.Call, error))
         except (ValueError, AttributeError):
             # Details that contradict the status line are not trusted; code and message stand.
             status = None
@@ -79,16 +86,22 @@ class EnrollmentClient:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        lb_policy: str | None = None,
     ) -> None:
         """TLS when tls_ca (the server's CA; system roots otherwise) or tls_cert is given;
         tls_cert/tls_key are the client certificate for mutual TLS; token is sent as
-        'authorization: Bearer <token>' on every call."""
+        'authorization: Bearer <token>' on every call. lb_policy "round_robin" spreads
+        calls over every address the target resolves to, e.g.
+        "dns:///enrollment-headless.NAMESPACE.svc.cluster.local:50051" or
+        "ipv4:10.0.0.1:50051,10.0.0.2:50051"; gRPC's default is "pick_first"."""
         if timeout <= 0:
             raise ValueError("timeout must be more than 0 seconds")
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._channel = open_channel(address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+        self._channel = open_channel(
+            address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, lb_policy=lb_policy
+        )
         self._stub = pb_grpc.EnrollmentServiceStub(self._channel)
 
     def __enter__(self) -> EnrollmentClient:
@@ -100,7 +113,7 @@ class EnrollmentClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Callable[..., Any], request: Any) -> Any:
+    def _call(self, method: Callable[..., _Response], request: Any) -> _Response:
         # No wait_for_ready: a server that is down should fail the call now, as
         # UNAVAILABLE, rather than hold it until the deadline.
         try:
@@ -147,9 +160,12 @@ class EnrollmentClient:
     ) -> pb.Student:
         """Change the fields given (None leaves one as it is). etag: the student's etag as
         last read, to refuse the change (ABORTED ETAG_MISMATCH) if it moved since."""
-        values = {"name": name, "email": email}
-        paths = [path for path, value in values.items() if value is not None]
-        student = pb.Student(id=student_id, etag=etag, **{p: values[p] for p in paths})
+        student = pb.Student(id=student_id, etag=etag)
+        paths: list[str] = []
+        if name is not None:
+            student.name, paths = name, [*paths, "name"]
+        if email is not None:
+            student.email, paths = email, [*paths, "email"]
         request = pb.UpdateStudentRequest(
             student=student, update_mask=field_mask_pb2.FieldMask(paths=paths)
         )
@@ -181,14 +197,16 @@ class EnrollmentClient:
     ) -> pb.Course:
         """Change the fields given (None leaves one as it is; capacity=0 means unlimited).
         Raising the capacity promotes waitlisted students into the new seats."""
-        values = {
-            "code": code,
-            "title": title,
-            "capacity": capacity,
-            "waitlist_capacity": waitlist_capacity,
-        }
-        paths = [path for path, value in values.items() if value is not None]
-        course = pb.Course(id=course_id, etag=etag, **{p: values[p] for p in paths})
+        course = pb.Course(id=course_id, etag=etag)
+        paths: list[str] = []
+        if code is not None:
+            course.code, paths = code, [*paths, "code"]
+        if title is not None:
+            course.title, paths = title, [*paths, "title"]
+        if capacity is not None:
+            course.capacity, paths = capacity, [*paths, "capacity"]
+        if waitlist_capacity is not None:
+            course.waitlist_capacity, paths = waitlist_capacity, [*paths, "waitlist_capacity"]
         request = pb.UpdateCourseRequest(
             course=course, update_mask=field_mask_pb2.FieldMask(paths=paths)
         )
@@ -245,7 +263,7 @@ class EnrollmentClient:
         self,
         student_id: int = 0,
         course_id: int = 0,
-        state: int = pb.ENROLLMENT_STATE_UNSPECIFIED,
+        state: pb.EnrollmentState.ValueType = pb.ENROLLMENT_STATE_UNSPECIFIED,
         page_size: int = 0,
         page_token: str = "",
     ) -> pb.ListEnrollmentsResponse:
@@ -263,7 +281,7 @@ class EnrollmentClient:
         self,
         student_id: int = 0,
         course_id: int = 0,
-        state: int = pb.ENROLLMENT_STATE_UNSPECIFIED,
+        state: pb.EnrollmentState.ValueType = pb.ENROLLMENT_STATE_UNSPECIFIED,
         *,
         page_size: int = 0,
         page_token: str = "",
@@ -362,21 +380,34 @@ def open_channel(
     tls_ca: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    lb_policy: str | None = None,
 ) -> grpc.Channel:
     """A channel to HOST:PORT: TLS when tls_ca (the server's CA; system roots otherwise) or
     tls_cert is given, with tls_cert/tls_key as the client certificate for mutual TLS;
     plaintext otherwise. Raises ValueError for a certificate without its key (or the
-    reverse) and OSError for a file that cannot be read."""
+    reverse) and OSError for a file that cannot be read. lb_policy: see channel_options."""
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("tls_cert and tls_key go together")
+    options = channel_options(lb_policy)
     if not (tls_ca or tls_cert):
-        return grpc.insecure_channel(address)
+        return grpc.insecure_channel(address, options=options)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(tls_ca),
         private_key=_read(tls_key),
         certificate_chain=_read(tls_cert),
     )
-    return grpc.secure_channel(address, credentials)
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def channel_options(lb_policy: str | None = None) -> list[tuple[str, str]]:
+    """Channel options for gRPC's load-balancing policy lb_policy (one of LB_POLICIES;
+    None leaves gRPC's default, pick_first). Raises ValueError for another policy."""
+    if lb_policy is None:
+        return []
+    if lb_policy not in LB_POLICIES:
+        raise ValueError(f"lb_policy must be one of {', '.join(LB_POLICIES)}")
+    config: dict[str, object] = {"loadBalancingConfig": [{lb_policy: {}}]}
+    return [("grpc.service_config", json.dumps(config))]
 
 
 def _read(path: str | None) -> bytes | None:

@@ -189,12 +189,16 @@ class EnrollmentServiceStub:
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     GetStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetStudentRequest, _enrollment_pb2.GetStudentResponse]
     """Returns one student.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListStudents: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListStudentsRequest, _enrollment_pb2.ListStudentsResponse]
     """Lists all students, or the roster of one course, ordered by id.
@@ -202,6 +206,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
     page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteStudentRequest, _enrollment_pb2.DeleteStudentResponse]
     """Deletes a student. With force, also drops every course the student is
@@ -210,6 +216,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     CreateCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.CreateCourseRequest, _enrollment_pb2.CreateCourseResponse]
     """Creates a course.
@@ -217,12 +225,16 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetCourseRequest, _enrollment_pb2.GetCourseResponse]
     """Returns one course.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListCourses: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListCoursesRequest, _enrollment_pb2.ListCoursesResponse]
     """Lists the whole catalogue, or the courses one student is enrolled in,
@@ -231,6 +243,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
     page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
     student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteCourseRequest, _enrollment_pb2.DeleteCourseResponse]
     """Deletes a course. With force, also removes every enrollment in it.
@@ -238,6 +252,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
     false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     EnrollStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollStudentRequest, _enrollment_pb2.EnrollStudentResponse]
     """Enrolls a student in a course and raises the course's enrolled_count by
@@ -255,6 +271,8 @@ class EnrollmentServiceStub:
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
     (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
     WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     DropCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DropCourseRequest, _enrollment_pb2.DropCourseResponse]
     """Removes a student from a course, enrolled or waitlisted, and lowers the
@@ -266,6 +284,8 @@ class EnrollmentServiceStub:
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
     student is neither enrolled in nor waiting for the course), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     UpdateStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateStudentRequest, _enrollment_pb2.UpdateStudentResponse]
     """Changes a student's name and/or email (the fields update_mask names). Needs
@@ -275,6 +295,8 @@ class EnrollmentServiceStub:
     student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
     (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     UpdateCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateCourseRequest, _enrollment_pb2.UpdateCourseResponse]
     """Changes a course's code, title, capacity and/or waitlist_capacity (the
@@ -289,6 +311,8 @@ class EnrollmentServiceStub:
     (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
     WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetEnrollment: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetEnrollmentRequest, _enrollment_pb2.GetEnrollmentResponse]
     """Returns one enrollment, enrolled or waitlisted. The course is checked
@@ -298,6 +322,8 @@ class EnrollmentServiceStub:
     STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
     nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: reader.
     """
     ListEnrollments: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListEnrollmentsRequest, _enrollment_pb2.ListEnrollmentsResponse]
     """Lists enrollments, enrolled and waitlisted, filtered by student, course
@@ -308,6 +334,8 @@ class EnrollmentServiceStub:
     page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
     STUDENT_NOT_FOUND, when a filter names a missing course or student),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListEvents: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListEventsRequest, _enrollment_pb2.ListEventsResponse]
     """Lists the change feed: the events with a sequence above after_sequence,
@@ -318,12 +346,13 @@ class EnrollmentServiceStub:
     N or less appears later, so "after the last sequence I saw" never misses
     an event. Gaps are allowed (events removed by --event-retention). To
     follow the feed, call again with after_sequence = the last event's
-    sequence, or head_sequence when the page is empty. The reader role may
-    call it.
+    sequence, or head_sequence when the page is empty.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, page_size,
     student_id, course_id), OUT_OF_RANGE (EVENTS_EXPIRED), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     WatchEvents: _grpc.UnaryStreamMultiCallable[_enrollment_pb2.WatchEventsRequest, _enrollment_pb2.WatchEventsResponse]
     """Streams the change feed: first every stored event after after_sequence
@@ -333,13 +362,15 @@ class EnrollmentServiceStub:
     events. The stream ends with UNAVAILABLE (SHUTTING_DOWN) when the server
     stops, and with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW) when the client
     reads too slowly for the server's bounded buffer: in both cases resume
-    with after_sequence = the last sequence received. The reader role may
-    call it.
+    with after_sequence = the last sequence received. At most --max-watchers
+    streams per server process.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, student_id,
     course_id), OUT_OF_RANGE (EVENTS_EXPIRED), RESOURCE_EXHAUSTED
     (TOO_MANY_WATCHERS, WATCHER_TOO_SLOW), UNAVAILABLE (SHUTTING_DOWN,
     DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
 
 @_typing.type_check_only
@@ -352,12 +383,16 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     GetStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetStudentRequest, _enrollment_pb2.GetStudentResponse]  # type: ignore[assignment]
     """Returns one student.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListStudents: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListStudentsRequest, _enrollment_pb2.ListStudentsResponse]  # type: ignore[assignment]
     """Lists all students, or the roster of one course, ordered by id.
@@ -365,6 +400,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
     page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteStudentRequest, _enrollment_pb2.DeleteStudentResponse]  # type: ignore[assignment]
     """Deletes a student. With force, also drops every course the student is
@@ -373,6 +410,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     CreateCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.CreateCourseRequest, _enrollment_pb2.CreateCourseResponse]  # type: ignore[assignment]
     """Creates a course.
@@ -380,12 +419,16 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetCourseRequest, _enrollment_pb2.GetCourseResponse]  # type: ignore[assignment]
     """Returns one course.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListCourses: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListCoursesRequest, _enrollment_pb2.ListCoursesResponse]  # type: ignore[assignment]
     """Lists the whole catalogue, or the courses one student is enrolled in,
@@ -394,6 +437,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
     page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
     student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteCourseRequest, _enrollment_pb2.DeleteCourseResponse]  # type: ignore[assignment]
     """Deletes a course. With force, also removes every enrollment in it.
@@ -401,6 +446,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
     false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     EnrollStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollStudentRequest, _enrollment_pb2.EnrollStudentResponse]  # type: ignore[assignment]
     """Enrolls a student in a course and raises the course's enrolled_count by
@@ -418,6 +465,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
     (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
     WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     DropCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DropCourseRequest, _enrollment_pb2.DropCourseResponse]  # type: ignore[assignment]
     """Removes a student from a course, enrolled or waitlisted, and lowers the
@@ -429,6 +478,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
     student is neither enrolled in nor waiting for the course), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     UpdateStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateStudentRequest, _enrollment_pb2.UpdateStudentResponse]  # type: ignore[assignment]
     """Changes a student's name and/or email (the fields update_mask names). Needs
@@ -438,6 +489,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
     (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     UpdateCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateCourseRequest, _enrollment_pb2.UpdateCourseResponse]  # type: ignore[assignment]
     """Changes a course's code, title, capacity and/or waitlist_capacity (the
@@ -452,6 +505,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
     WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetEnrollment: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetEnrollmentRequest, _enrollment_pb2.GetEnrollmentResponse]  # type: ignore[assignment]
     """Returns one enrollment, enrolled or waitlisted. The course is checked
@@ -461,6 +516,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
     nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: reader.
     """
     ListEnrollments: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListEnrollmentsRequest, _enrollment_pb2.ListEnrollmentsResponse]  # type: ignore[assignment]
     """Lists enrollments, enrolled and waitlisted, filtered by student, course
@@ -471,6 +528,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
     STUDENT_NOT_FOUND, when a filter names a missing course or student),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListEvents: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListEventsRequest, _enrollment_pb2.ListEventsResponse]  # type: ignore[assignment]
     """Lists the change feed: the events with a sequence above after_sequence,
@@ -481,12 +540,13 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     N or less appears later, so "after the last sequence I saw" never misses
     an event. Gaps are allowed (events removed by --event-retention). To
     follow the feed, call again with after_sequence = the last event's
-    sequence, or head_sequence when the page is empty. The reader role may
-    call it.
+    sequence, or head_sequence when the page is empty.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, page_size,
     student_id, course_id), OUT_OF_RANGE (EVENTS_EXPIRED), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     WatchEvents: _aio.UnaryStreamMultiCallable[_enrollment_pb2.WatchEventsRequest, _enrollment_pb2.WatchEventsResponse]  # type: ignore[assignment]
     """Streams the change feed: first every stored event after after_sequence
@@ -496,13 +556,15 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     events. The stream ends with UNAVAILABLE (SHUTTING_DOWN) when the server
     stops, and with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW) when the client
     reads too slowly for the server's bounded buffer: in both cases resume
-    with after_sequence = the last sequence received. The reader role may
-    call it.
+    with after_sequence = the last sequence received. At most --max-watchers
+    streams per server process.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, student_id,
     course_id), OUT_OF_RANGE (EVENTS_EXPIRED), RESOURCE_EXHAUSTED
     (TOO_MANY_WATCHERS, WATCHER_TOO_SLOW), UNAVAILABLE (SHUTTING_DOWN,
     DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -518,6 +580,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -530,6 +594,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -543,6 +609,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
         page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -557,6 +625,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -570,6 +640,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
         (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -582,6 +654,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -596,6 +670,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
         page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
         student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -609,6 +685,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
         false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -632,6 +710,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
         (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
         WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: writer.
         """
 
     @_abc_1.abstractmethod
@@ -649,6 +729,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
         student is neither enrolled in nor waiting for the course), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: writer.
         """
 
     @_abc_1.abstractmethod
@@ -664,6 +746,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
         (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -684,6 +768,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
         WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -699,6 +785,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
         nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -715,6 +803,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
         STUDENT_NOT_FOUND, when a filter names a missing course or student),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -731,12 +821,13 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         N or less appears later, so "after the last sequence I saw" never misses
         an event. Gaps are allowed (events removed by --event-retention). To
         follow the feed, call again with after_sequence = the last event's
-        sequence, or head_sequence when the page is empty. The reader role may
-        call it.
+        sequence, or head_sequence when the page is empty.
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, page_size,
         student_id, course_id), OUT_OF_RANGE (EVENTS_EXPIRED), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -752,13 +843,15 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         events. The stream ends with UNAVAILABLE (SHUTTING_DOWN) when the server
         stops, and with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW) when the client
         reads too slowly for the server's bounded buffer: in both cases resume
-        with after_sequence = the last sequence received. The reader role may
-        call it.
+        with after_sequence = the last sequence received. At most --max-watchers
+        streams per server process.
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, student_id,
         course_id), OUT_OF_RANGE (EVENTS_EXPIRED), RESOURCE_EXHAUSTED
         (TOO_MANY_WATCHERS, WATCHER_TOO_SLOW), UNAVAILABLE (SHUTTING_DOWN,
         DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
 def add_EnrollmentServiceServicer_to_server(servicer: EnrollmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
