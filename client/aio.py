@@ -15,6 +15,8 @@ from enrollment.client.api import (
     _next_token,
     _read,
     channel_options,
+    update_course_request,
+    update_student_request,
 )
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
@@ -113,14 +115,31 @@ class AsyncEnrollmentClient:
             if not page_token:
                 return
 
+    async def update_student(
+        self,
+        student_id: int,
+        *,
+        name: str | None = None,
+        email: str | None = None,
+        etag: str = "",
+    ) -> pb.Student:
+        """Change the fields given (None leaves one as it is); etag guards the change."""
+        request = update_student_request(student_id, name=name, email=email, etag=etag)
+        response: pb.UpdateStudentResponse = await self._call(self._stub.UpdateStudent, request)
+        return response.student
+
     async def delete_student(self, student_id: int, force: bool = False) -> None:
         request = pb.DeleteStudentRequest(student_id=student_id, force=force)
         await self._call(self._stub.DeleteStudent, request)
 
     # Courses
 
-    async def create_course(self, code: str, title: str, capacity: int = 0) -> pb.Course:
-        request = pb.CreateCourseRequest(code=code, title=title, capacity=capacity)
+    async def create_course(
+        self, code: str, title: str, capacity: int = 0, waitlist_capacity: int = 0
+    ) -> pb.Course:
+        request = pb.CreateCourseRequest(
+            code=code, title=title, capacity=capacity, waitlist_capacity=waitlist_capacity
+        )
         response: pb.CreateCourseResponse = await self._call(self._stub.CreateCourse, request)
         return response.course
 
@@ -151,17 +170,89 @@ class AsyncEnrollmentClient:
             if not page_token:
                 return
 
+    async def update_course(
+        self,
+        course_id: int,
+        *,
+        code: str | None = None,
+        title: str | None = None,
+        capacity: int | None = None,
+        waitlist_capacity: int | None = None,
+        etag: str = "",
+    ) -> pb.Course:
+        """Change the fields given (None leaves one as it is; capacity=0 means unlimited).
+        Raising the capacity promotes waitlisted students into the new seats."""
+        request = update_course_request(
+            course_id,
+            code=code,
+            title=title,
+            capacity=capacity,
+            waitlist_capacity=waitlist_capacity,
+            etag=etag,
+        )
+        response: pb.UpdateCourseResponse = await self._call(self._stub.UpdateCourse, request)
+        return response.course
+
     async def delete_course(self, course_id: int, force: bool = False) -> None:
         request = pb.DeleteCourseRequest(course_id=course_id, force=force)
         await self._call(self._stub.DeleteCourse, request)
 
     # Enrollments
 
-    async def enroll(self, student_id: int, course_id: int) -> pb.Enrollment:
-        request = pb.EnrollStudentRequest(student_id=student_id, course_id=course_id)
+    async def enroll(
+        self, student_id: int, course_id: int, waitlist_if_full: bool = False
+    ) -> pb.Enrollment:
+        """waitlist_if_full: join the course's waitlist when it is full."""
+        request = pb.EnrollStudentRequest(
+            student_id=student_id, course_id=course_id, waitlist_if_full=waitlist_if_full
+        )
         response: pb.EnrollStudentResponse = await self._call(self._stub.EnrollStudent, request)
         return response.enrollment
 
-    async def drop(self, student_id: int, course_id: int) -> None:
+    async def drop(self, student_id: int, course_id: int) -> pb.Enrollment | None:
+        """Drop an enrolled or waitlisted entry; returns whoever took the freed seat."""
         request = pb.DropCourseRequest(student_id=student_id, course_id=course_id)
-        await self._call(self._stub.DropCourse, request)
+        response: pb.DropCourseResponse = await self._call(self._stub.DropCourse, request)
+        return response.promoted if response.HasField("promoted") else None
+
+    async def get_enrollment(self, student_id: int, course_id: int) -> pb.Enrollment:
+        request = pb.GetEnrollmentRequest(student_id=student_id, course_id=course_id)
+        response: pb.GetEnrollmentResponse = await self._call(self._stub.GetEnrollment, request)
+        return response.enrollment
+
+    async def list_enrollments(
+        self,
+        student_id: int = 0,
+        course_id: int = 0,
+        state: pb.EnrollmentState.ValueType = pb.ENROLLMENT_STATE_UNSPECIFIED,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> pb.ListEnrollmentsResponse:
+        """One page of enrollments (filters combine; 0 and UNSPECIFIED mean any)."""
+        request = pb.ListEnrollmentsRequest(
+            student_id=student_id,
+            course_id=course_id,
+            state=state,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response: pb.ListEnrollmentsResponse = await self._call(self._stub.ListEnrollments, request)
+        return response
+
+    async def iter_enrollments(
+        self,
+        student_id: int = 0,
+        course_id: int = 0,
+        state: pb.EnrollmentState.ValueType = pb.ENROLLMENT_STATE_UNSPECIFIED,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> AsyncIterator[pb.Enrollment]:
+        """Every enrollment from page_token on; a course's waitlist comes in line order."""
+        while True:
+            page = await self.list_enrollments(student_id, course_id, state, page_size, page_token)
+            for enrollment in page.enrollments:
+                yield enrollment
+            page_token = _next_token(page_token, page.next_page_token)
+            if not page_token:
+                return

@@ -160,15 +160,7 @@ class EnrollmentClient:
     ) -> pb.Student:
         """Change the fields given (None leaves one as it is). etag: the student's etag as
         last read, to refuse the change (ABORTED ETAG_MISMATCH) if it moved since."""
-        student = pb.Student(id=student_id, etag=etag)
-        paths: list[str] = []
-        if name is not None:
-            student.name, paths = name, [*paths, "name"]
-        if email is not None:
-            student.email, paths = email, [*paths, "email"]
-        request = pb.UpdateStudentRequest(
-            student=student, update_mask=field_mask_pb2.FieldMask(paths=paths)
-        )
+        request = update_student_request(student_id, name=name, email=email, etag=etag)
         return self._call(self._stub.UpdateStudent, request).student
 
     def delete_student(self, student_id: int, force: bool = False) -> None:
@@ -197,18 +189,13 @@ class EnrollmentClient:
     ) -> pb.Course:
         """Change the fields given (None leaves one as it is; capacity=0 means unlimited).
         Raising the capacity promotes waitlisted students into the new seats."""
-        course = pb.Course(id=course_id, etag=etag)
-        paths: list[str] = []
-        if code is not None:
-            course.code, paths = code, [*paths, "code"]
-        if title is not None:
-            course.title, paths = title, [*paths, "title"]
-        if capacity is not None:
-            course.capacity, paths = capacity, [*paths, "capacity"]
-        if waitlist_capacity is not None:
-            course.waitlist_capacity, paths = waitlist_capacity, [*paths, "waitlist_capacity"]
-        request = pb.UpdateCourseRequest(
-            course=course, update_mask=field_mask_pb2.FieldMask(paths=paths)
+        request = update_course_request(
+            course_id,
+            code=code,
+            title=title,
+            capacity=capacity,
+            waitlist_capacity=waitlist_capacity,
+            etag=etag,
         )
         return self._call(self._stub.UpdateCourse, request).course
 
@@ -415,6 +402,44 @@ def _read(path: str | None) -> bytes | None:
         return None
     with open(path, "rb") as file:
         return file.read()
+
+
+def update_student_request(
+    student_id: int, *, name: str | None, email: str | None, etag: str
+) -> pb.UpdateStudentRequest:
+    """An UpdateStudent whose mask names exactly the fields given (None: left as is)."""
+    student = pb.Student(id=student_id, etag=etag)
+    paths: list[str] = []
+    if name is not None:
+        student.name, paths = name, [*paths, "name"]
+    if email is not None:
+        student.email, paths = email, [*paths, "email"]
+    return pb.UpdateStudentRequest(
+        student=student, update_mask=field_mask_pb2.FieldMask(paths=paths)
+    )
+
+
+def update_course_request(
+    course_id: int,
+    *,
+    code: str | None,
+    title: str | None,
+    capacity: int | None,
+    waitlist_capacity: int | None,
+    etag: str,
+) -> pb.UpdateCourseRequest:
+    """An UpdateCourse whose mask names exactly the fields given (None: left as is)."""
+    course = pb.Course(id=course_id, etag=etag)
+    paths: list[str] = []
+    if code is not None:
+        course.code, paths = code, [*paths, "code"]
+    if title is not None:
+        course.title, paths = title, [*paths, "title"]
+    if capacity is not None:
+        course.capacity, paths = capacity, [*paths, "capacity"]
+    if waitlist_capacity is not None:
+        course.waitlist_capacity, paths = waitlist_capacity, [*paths, "waitlist_capacity"]
+    return pb.UpdateCourseRequest(course=course, update_mask=field_mask_pb2.FieldMask(paths=paths))
 
 
 def _walk(fetch: Callable[[str], Any], items: str, page_token: str) -> Iterator[Any]:
