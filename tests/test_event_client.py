@@ -3,6 +3,7 @@ server restart without losing or repeating an event) and `enrollment-client even
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -97,3 +98,30 @@ def test_follow_survives_a_server_restart_without_losing_or_repeating(db_url, tm
     finally:
         server.stop()
     assert seen[:10] == list(range(1, 11))
+
+
+def test_the_async_client_walks_and_follows_the_feed(live):
+    from enrollment.client.aio import AsyncEnrollmentClient
+
+    people = [new_student(live.stub) for _ in range(3)]
+
+    async def scenario():
+        async with AsyncEnrollmentClient(live.address) as client:
+            walked = [e.student.id async for e in client.iter_events(page_size=2)]
+            followed: list[int] = []
+
+            async def follow():
+                async for event in client.iter_events(follow=True, poll_interval=0.1):
+                    followed.append(event.student.id)
+                    if len(followed) == 4:
+                        return
+
+            task = asyncio.create_task(follow())
+            await asyncio.sleep(0.3)
+            late = await asyncio.get_running_loop().run_in_executor(None, new_student, live.stub)
+            await asyncio.wait_for(task, 10)
+            return walked, followed, late
+
+    walked, followed, late = asyncio.run(scenario())
+    assert walked == [p.id for p in people]
+    assert followed == [*walked, late.id]
