@@ -3,6 +3,7 @@ callers (FastAPI and the like) that must not block their event loop on a call.""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -256,3 +257,76 @@ class AsyncEnrollmentClient:
             page_token = _next_token(page_token, page.next_page_token)
             if not page_token:
                 return
+
+    # The change feed
+
+    async def list_events(
+        self,
+        after_sequence: int = 0,
+        *,
+        student_id: int = 0,
+        course_id: int = 0,
+        page_size: int = 0,
+    ) -> pb.ListEventsResponse:
+        """One page of events after after_sequence, with the head_sequence of the call."""
+        request = pb.ListEventsRequest(
+            after_sequence=after_sequence,
+            page_size=page_size,
+            student_id=student_id,
+            course_id=course_id,
+        )
+        response: pb.ListEventsResponse = await self._call(self._stub.ListEvents, request)
+        return response
+
+    async def iter_events(
+        self,
+        after: int = 0,
+        *,
+        student_id: int = 0,
+        course_id: int = 0,
+        follow: bool = False,
+        poll_interval: float = 1.0,
+        page_size: int = 0,
+    ) -> AsyncIterator[pb.Event]:
+        """As EnrollmentClient.iter_events: the events after `after`, each once, in
+        order; with follow, forever (WatchEvents, else polling), resuming by itself from
+        the last sequence after UNAVAILABLE or WATCHER_TOO_SLOW."""
+        last = after
+        watch = follow
+        while True:
+            try:
+                if watch:
+                    request = pb.WatchEventsRequest(
+                        after_sequence=last, student_id=student_id, course_id=course_id
+                    )
+                    stream = self._stub.WatchEvents(request, metadata=self._metadata)
+                    try:
+                        async for response in stream:
+                            for event in response.events:
+                                last = event.sequence
+                                yield event
+                    except grpc.RpcError as error:
+                        raise ClientError.from_rpc_error(error) from None
+                    finally:
+                        stream.cancel()
+                    continue
+                page = await self.list_events(
+                    last, student_id=student_id, course_id=course_id, page_size=page_size
+                )
+                for event in page.events:
+                    yield event
+                if page.events:
+                    last = page.events[-1].sequence
+                if not page.events or last >= page.head_sequence:
+                    last = max(last, page.head_sequence)
+                    if not follow:
+                        return
+                    await asyncio.sleep(poll_interval)
+            except ClientError as error:
+                if error.code == "UNIMPLEMENTED" and watch:
+                    watch = False
+                    continue
+                resumable = error.code == "UNAVAILABLE" or error.reason == "WATCHER_TOO_SLOW"
+                if not (follow and resumable):
+                    raise
+                await asyncio.sleep(poll_interval)

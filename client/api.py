@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
@@ -294,6 +295,84 @@ class EnrollmentClient:
             page_token = _next_token(page_token, page.next_page_token)
             if not page_token:
                 return
+
+    # The change feed
+
+    def list_events(
+        self,
+        after_sequence: int = 0,
+        *,
+        student_id: int = 0,
+        course_id: int = 0,
+        page_size: int = 0,
+    ) -> pb.ListEventsResponse:
+        """One page of events after after_sequence, with the head_sequence of the call."""
+        request = pb.ListEventsRequest(
+            after_sequence=after_sequence,
+            page_size=page_size,
+            student_id=student_id,
+            course_id=course_id,
+        )
+        return self._call(self._stub.ListEvents, request)
+
+    def iter_events(
+        self,
+        after: int = 0,
+        *,
+        student_id: int = 0,
+        course_id: int = 0,
+        follow: bool = False,
+        poll_interval: float = 1.0,
+        page_size: int = 0,
+    ) -> Iterator[pb.Event]:
+        """The events after sequence `after`, in order, each once.
+
+        Without follow: until the head at the time of the walk. With follow: forever,
+        through WatchEvents where the server has it and by polling ListEvents where it
+        does not, resuming by itself from the last sequence after UNAVAILABLE (a server
+        restarting or shutting down) or WATCHER_TOO_SLOW; other errors are raised."""
+        last = after
+        watch = follow
+        while True:
+            try:
+                if watch:
+                    for event in self._watch(last, student_id, course_id):
+                        last = event.sequence
+                        yield event
+                    continue  # the stream ended without an error: watch again
+                page = self.list_events(
+                    last, student_id=student_id, course_id=course_id, page_size=page_size
+                )
+                yield from page.events
+                if page.events:
+                    last = page.events[-1].sequence
+                if not page.events or last >= page.head_sequence:
+                    # Nothing matching up to the head: the next call may start there.
+                    last = max(last, page.head_sequence)
+                    if not follow:
+                        return
+                    time.sleep(poll_interval)
+            except ClientError as error:
+                if error.code == "UNIMPLEMENTED" and watch:
+                    watch = False  # a server without WatchEvents: poll ListEvents
+                    continue
+                resumable = error.code == "UNAVAILABLE" or error.reason == "WATCHER_TOO_SLOW"
+                if not (follow and resumable):
+                    raise
+                time.sleep(poll_interval)
+
+    def _watch(self, after: int, student_id: int, course_id: int) -> Iterator[pb.Event]:
+        request = pb.WatchEventsRequest(
+            after_sequence=after, student_id=student_id, course_id=course_id
+        )
+        stream = self._stub.WatchEvents(request, metadata=self._metadata)
+        try:
+            for response in stream:
+                yield from response.events
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+        finally:
+            stream.cancel()
 
 
 def open_channel(

@@ -412,7 +412,52 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
     _page_options(sub)
 
     pair(add("drop", _drop, "remove a student from a course (DropCourse)"))
+
+    sub = add(
+        "events",
+        _events,
+        "print the change feed, one line per event (ListEvents; WatchEvents with --follow)",
+    )
+    sub.add_argument(
+        "--after", type=int64, default=0, metavar="N", help="events after sequence N (default 0)"
+    )
+    sub.add_argument("--student", type=int64, default=0, metavar="N", help="only student N's")
+    sub.add_argument("--course", type=int64, default=0, metavar="N", help="only course N's")
+    sub.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep printing new events as they commit (resumes by itself after a restart)",
+    )
     return parser
+
+
+def _events(client: EnrollmentClient, args: argparse.Namespace) -> None:
+    """Prints as it goes (JSON lines with --json), flushing each line for a pipe."""
+    for event in client.iter_events(
+        args.after, student_id=args.student, course_id=args.course, follow=args.follow
+    ):
+        if args.json:
+            line = json.dumps(_to_json(event), ensure_ascii=False, separators=(",", ":"))
+        else:
+            line = event_line(event)
+        print(line, flush=True)
+
+
+def event_line(event) -> str:
+    kind = pb.EventType.Name(event.type).removeprefix("EVENT_TYPE_")
+    parts = [str(event.sequence), _time(event.event_time), kind]
+    if event.student_id:
+        parts.append(f"student={event.student_id}")
+    if event.course_id:
+        parts.append(f"course={event.course_id}")
+    if event.HasField("enrollment"):
+        state = pb.EnrollmentState.Name(event.enrollment.state).removeprefix("ENROLLMENT_STATE_")
+        parts.append(f"state={state}")
+        if event.enrollment.waitlist_position:
+            parts.append(f"position={event.enrollment.waitlist_position}")
+    if event.actor:
+        parts.append(f"actor={event.actor}")
+    return " ".join(parts)
 
 
 # Rendering.
@@ -549,7 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
         with client:
             result = args.run(client, args)
-        print(render(result, as_json=args.json))
+        if result is not None:  # events prints its own lines as they come
+            print(render(result, as_json=args.json))
     except ClientError as error:
         if args.json:
             print(render_error(error, as_json=True))

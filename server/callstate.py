@@ -25,3 +25,21 @@ def ensure_active() -> None:
     is_active = _is_active.get()
     if is_active is not None and not is_active():
         raise CallEnded.of()
+
+
+# Who made the current call, for the change feed: (x-request-id, token name or "").
+_caller: ContextVar[tuple[str, str]] = ContextVar("caller", default=("", ""))
+
+
+def bind_caller(request_id: str, actor: str) -> Token:
+    """Bind the call's x-request-id and its token's name ("" without auth)."""
+    return _caller.set((request_id, actor))
+
+
+def unbind_caller(token: Token) -> None:
+    _caller.reset(token)
+
+
+def caller() -> tuple[str, str]:
+    """(request_id, actor) of the current call; ("", "") outside one."""
+    return _caller.get()

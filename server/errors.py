@@ -290,3 +290,48 @@ class WaitlistBelowWaiting(EnrollmentError):
             f"waitlist_capacity {waitlist_capacity} would be below that",
             {"course_id": str(course_id), "waitlisted_count": str(waiting)},
         )
+
+
+class EventsExpired(EnrollmentError):
+    code, reason = "OUT_OF_RANGE", "EVENTS_EXPIRED"
+
+    @classmethod
+    def of(cls, after_sequence: int, purged: int) -> EventsExpired:
+        return cls(
+            f"events after sequence {after_sequence} were removed by the retention "
+            f"(up to sequence {purged}); start again from a later sequence",
+            {"after_sequence": str(after_sequence), "purged_sequence": str(purged)},
+        )
+
+
+class TooManyWatchers(EnrollmentError):
+    code, reason = "RESOURCE_EXHAUSTED", "TOO_MANY_WATCHERS"
+
+    @classmethod
+    def of(cls, limit: int) -> TooManyWatchers:
+        return cls(
+            f"this server already serves {limit} WatchEvents streams; retry later",
+            {"max_watchers": str(limit)},
+        )
+
+
+class WatcherTooSlow(EnrollmentError):
+    code, reason = "RESOURCE_EXHAUSTED", "WATCHER_TOO_SLOW"
+
+    @classmethod
+    def of(cls, last_sequence: int) -> WatcherTooSlow:
+        return cls(
+            "the stream fell too far behind; resume with after_sequence = the last "
+            "sequence received",
+            {"last_sequence": str(last_sequence)},
+        )
+
+
+class ShuttingDown(EnrollmentError):
+    code, reason = "UNAVAILABLE", "SHUTTING_DOWN"
+
+    @classmethod
+    def of(cls) -> ShuttingDown:
+        return cls(
+            "the server is shutting down; resume with after_sequence = the last sequence received"
+        )

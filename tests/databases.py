@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -142,6 +144,9 @@ def empty_tables(url: str) -> None:
     with connection(url) as db, db.atomic():
         for table in TABLES:
             db.execute_sql(f"DELETE FROM {table}")
+        # The change feed starts over too, from sequence 1.
+        db.execute_sql("DELETE FROM events")
+        db.execute_sql("DELETE FROM event_counters")
 
 
 class write_blocked:  # noqa: N801 - used as a context manager, like a function
@@ -188,3 +193,30 @@ def sqlite_path(live) -> str:
 
 def sqlite_file(tmp_path: Path, name: str = "enrollment.db") -> str:
     return f"sqlite:///{tmp_path / name}"
+
+
+def sql_count(url: str, table: str) -> int:
+    return query(url, f"SELECT COUNT(*) FROM {table}")[0][0]
+
+
+def insert_events(url: str, count: int) -> None:
+    """count STUDENT_CREATED events numbered 1..count, straight into an empty feed."""
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    stamp = now.isoformat()
+    student = {"id": 1, "name": "n", "email": "e@x.io", "create_time": stamp}
+    payload = json.dumps({"student": {**student, "update_time": stamp, "version": 1}})
+    with connection(url) as db, db.atomic():
+        rows = [(n, now, 1, 1, 0, payload, "", "") for n in range(1, count + 1)]
+        columns = "sequence, event_time, type, student_id, course_id, payload, request_id, actor"
+        marks = ", ".join([db.param] * 8)
+        for row in rows:
+            db.execute_sql(f"INSERT INTO events ({columns}) VALUES ({marks})", row)
+        db.execute_sql(
+            f"INSERT INTO event_counters (name, value) VALUES ('sequence', {db.param})", (count,)
+        )
+
+
+def age_events(url: str, *, through: int, days: int) -> None:
+    """Make the events up to sequence `through` look `days` days old."""
+    old = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=days)
+    query(url, "UPDATE events SET event_time = ? WHERE sequence <= ?", (old, through))

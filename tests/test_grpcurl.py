@@ -24,6 +24,8 @@ METHODS = [
     "UpdateCourse",
     "GetEnrollment",
     "ListEnrollments",
+    "ListEvents",
+    "WatchEvents",
 ]
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
 

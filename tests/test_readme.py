@@ -210,3 +210,58 @@ def test_readme_tables_give_every_setting_its_variable_and_default():
         default, expected = row[2].strip("`"), _default_text(setting)
         # pool-size's "as many as --threads" is `--threads` in the table
         assert default == expected or expected.endswith(" " + default), (setting.flag, row)
+
+
+@pytest.mark.own_database
+def test_readme_feed_consumer_mirrors_rosters_across_its_restarts(live, tmp_path):
+    import sqlite3
+
+    from enrollment.v1 import enrollment_pb2 as pb
+    from tests.rpc import TIMEOUT, new_course, new_student
+
+    script = tmp_path / "consumer.py"
+    block = section("The change feed").split("```python\n", 1)[1].split("```", 1)[0]
+    script.write_text(block)
+    mirror = tmp_path / "mirror.db"
+
+    def consume() -> None:
+        done = subprocess.run(
+            [sys.executable, str(script), live.address, str(mirror)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    def call(method, **fields):
+        request = getattr(pb, f"{method}Request")(**fields)
+        return getattr(live.stub, method)(request, timeout=TIMEOUT)
+
+    def expected() -> set[tuple[int, int]]:
+        pairs = set()
+        for course in call("ListCourses", page_size=1000).courses:
+            for student in call("ListStudents", course_id=course.id, page_size=1000).students:
+                pairs.add((course.id, student.id))
+        return pairs
+
+    def mirrored() -> set[tuple[int, int]]:
+        with sqlite3.connect(mirror) as db:
+            return set(db.execute("SELECT course_id, student_id FROM roster"))
+
+    people = [new_student(live.stub) for _ in range(4)]
+    small = call(
+        "CreateCourse", code="SMALL", title="Small", capacity=1, waitlist_capacity=3
+    ).course
+    big = new_course(live.stub)
+    for p in people:
+        call("EnrollStudent", student_id=p.id, course_id=small.id, waitlist_if_full=True)
+        call("EnrollStudent", student_id=p.id, course_id=big.id)
+    consume()
+    assert mirrored() == expected() and len(mirrored()) == 5
+    # The consumer is stopped; a drop promotes, a forced delete drops and promotes.
+    call("DropCourse", student_id=people[0].id, course_id=small.id)
+    call("DeleteStudent", student_id=people[1].id, force=True)
+    call("DropCourse", student_id=people[3].id, course_id=big.id)
+    consume()
+    assert mirrored() == expected() == {(small.id, people[2].id), (big.id, people[0].id),
+                                        (big.id, people[2].id)}  # fmt: skip
+    consume()  # nothing new: nothing repeated
+    assert mirrored() == expected()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from enrollment.server.domain import page_tokens
+from enrollment.server.domain import events, page_tokens
 from enrollment.server.domain.enrollments import drop_all_of_course, promote_next
 from enrollment.server.domain.lookups import find_course, find_student
 from enrollment.server.domain.rows import create_unique, list_page
@@ -69,7 +69,7 @@ def create_course(*, code: str, title: str, capacity: int, waitlist_capacity: in
     waitlist_capacity = fields.waitlist_capacity("waitlist_capacity", waitlist_capacity)
     fields.check()
     now = utcnow()
-    return create_unique(
+    course = create_unique(
         Course,
         CourseCodeTaken.of,
         code=code,
@@ -82,6 +82,8 @@ def create_course(*, code: str, title: str, capacity: int, waitlist_capacity: in
         create_time=now,
         update_time=now,
     )
+    events.course_created(course.id)
+    return course
 
 
 MUTABLE = ("code", "title", "capacity", "waitlist_capacity")
@@ -132,6 +134,9 @@ def _apply_course_changes(course: Course, changes: dict, now) -> Course:
     """The one place a course is updated (and its new seats filled from the waitlist)."""
     course_id = course.id
     this = Course.id == course_id
+    # Recorded first, so that it comes before the promotions it causes; its snapshot is
+    # read when the call ends. A check failing below rolls it back with the rest.
+    events.course_updated(course_id)
     if "code" in changes:
         try:
             with savepoint():
@@ -200,3 +205,4 @@ def delete_course(*, course_id: int, force: bool) -> None:
     if count:
         drop_all_of_course(course_id)
     Course.delete().where(Course.id == course_id).execute()
+    events.course_deleted(course, emptied=bool(count))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from enrollment.server.domain import page_tokens
+from enrollment.server.domain import events, page_tokens
 from enrollment.server.domain.lookups import course_or_none, find_course, find_student
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import (
@@ -91,8 +91,7 @@ _ENTRY = Prepared(
     ),
     2,
 )
-# Deletes the entry when it is in the state given: which counter to lower is decided
-# by the row the database deleted, with no read before.
+# Deletes the entry when it is (still) in the state given.
 _DELETE = Prepared(
     lambda student_id, course_id, state: StudentCourse.delete().where(
         (StudentCourse.student == student_id)
@@ -170,7 +169,9 @@ def _join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: b
         _raise_rejected_enrollment(student_id, course_id)
         raise  # a constraint this code does not know: INTERNAL, with the traceback logged
     if _TAKE_SEAT.execute(course_id) == 1:
-        return Entry(student_id, course_id, ENROLLED, 0, now, now)
+        entry = Entry(student_id, course_id, ENROLLED, 0, now, now)
+        events.entry_changed(events.ENROLLED, entry)
+        return entry
     # Full. Raising rolls the new entry back with the transaction.
     if not waitlist_if_full or course.waitlist_capacity == 0:
         raise CourseFull.of(course_id, course.capacity)
@@ -181,7 +182,9 @@ def _join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: b
     StudentCourse.update(state=WAITLISTED, join_number=join_number).where(
         (StudentCourse.student == student_id) & (StudentCourse.course == course_id)
     ).execute()
-    return Entry(student_id, course_id, WAITLISTED, position_of(course_id, join_number), now, None)
+    entry = Entry(student_id, course_id, WAITLISTED, position_of(course_id, join_number), now, None)
+    events.entry_changed(events.WAITLISTED, entry)
+    return entry
 
 
 def _raise_rejected_enrollment(student_id: int, course_id: int) -> None:
@@ -216,20 +219,38 @@ def drop_entry(course: Course, student_id: int, now: dt.datetime) -> list[Entry]
     """The one place a single entry is dropped, enrolled or waiting. course: its row, read
     under the row lock the caller holds. A freed seat goes to position 1 of the
     waitlist; returns who was promoted."""
-    if _DELETE.execute(student_id, course.id, ENROLLED) == 1:
+    # Read first for the DROPPED event's snapshot (the entry as it was); the course's
+    # lock keeps it as read until the delete below.
+    row = _ENTRY.first(student_id, course.id)
+    if row is None or _DELETE.execute(student_id, course.id, row.state) != 1:
+        raise NotEnrolled.of(student_id, course.id)
+    events.entry_changed(events.DROPPED, _shown(row))
+    if row.state == ENROLLED:
         _FREE_SEAT.execute(course.id)
         # Nobody waits while a seat is free, so the count read under the lock says
         # whether anyone is in line for this one.
         return promote_next(course.id, 1, now) if course.waitlisted_count else []
-    if _DELETE.execute(student_id, course.id, WAITLISTED) == 1:
-        _LEAVE_WAITLIST.execute(course.id)
-        return []
-    raise NotEnrolled.of(student_id, course.id)
+    _LEAVE_WAITLIST.execute(course.id)
+    return []
 
 
 def drop_all_of_course(course_id: int) -> None:
     """The one place a course's entries are dropped together (forced DeleteCourse): its
     waitlist first, then its roster; nobody is promoted."""
+    line = (
+        StudentCourse.select()
+        .where((StudentCourse.course == course_id) & (StudentCourse.state == WAITLISTED))
+        .order_by(StudentCourse.join_number)
+    )
+    for position, row in enumerate(line, start=1):
+        events.entry_changed(events.DROPPED, _entry(row, position))
+    roster = (
+        StudentCourse.select()
+        .where((StudentCourse.course == course_id) & (StudentCourse.state == ENROLLED))
+        .order_by(StudentCourse.student)
+    )
+    for row in roster:
+        events.entry_changed(events.DROPPED, _entry(row))
     for state in (WAITLISTED, ENROLLED):
         StudentCourse.delete().where(
             (StudentCourse.course == course_id) & (StudentCourse.state == state)
@@ -274,9 +295,13 @@ def promote_next(course_id: int, seats: int, now: dt.datetime) -> list[Entry]:
     if moved != n or counted != 1:
         # Cannot happen while every writer holds the course's lock; fail the whole call.
         raise RuntimeError(f"promotion in course {course_id} found its counts changed")
+    promoted = []
     for row in rows:
         row.state, row.promote_time = ENROLLED, now
-    return [_entry(row) for row in rows]
+        entry = _entry(row)
+        events.entry_changed(events.PROMOTED, entry)
+        promoted.append(entry)
+    return promoted
 
 
 @transactional(write=False)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from enrollment.server.domain import page_tokens
+from enrollment.server.domain import events, page_tokens
 from enrollment.server.domain.enrollments import drop_entry
 from enrollment.server.domain.lookups import find_course, find_student
 from enrollment.server.domain.rows import create_unique, list_page
@@ -63,7 +63,7 @@ def create_student(*, name: str, email: str) -> Student:
     email = fields.email("email", email)
     fields.check()
     now = utcnow()
-    return create_unique(
+    student = create_unique(
         Student,
         EmailTaken.of,
         name=name,
@@ -72,6 +72,8 @@ def create_student(*, name: str, email: str) -> Student:
         create_time=now,
         update_time=now,
     )
+    events.student_created(student)
+    return student
 
 
 MUTABLE = ("name", "email")
@@ -114,7 +116,9 @@ def _apply_student_changes(student_id: int, changes: dict, now) -> Student:
             Student.update(update).where(Student.id == student_id).execute()
     except pw.IntegrityError:
         raise EmailTaken.of() from None
-    return find_student(student_id)
+    student = find_student(student_id)
+    events.student_updated(student)
+    return student
 
 
 @transactional(write=False)
@@ -147,7 +151,7 @@ def delete_student(*, student_id: int, force: bool) -> None:
     fields.check()
     # Locked first: an enrollment of this student racing the delete either committed
     # before (and is counted below) or waits and then finds no student.
-    find_student(student_id, lock=True)
+    student = find_student(student_id, lock=True)
     courses = _courses_of(student_id)
     locked: dict[int, Course] = {}
     if courses:
@@ -166,6 +170,7 @@ def delete_student(*, student_id: int, force: bool) -> None:
     for course_id in courses:
         drop_entry(locked[course_id], student_id, now)
     Student.delete().where(Student.id == student_id).execute()
+    events.student_deleted(student)
 
 
 def _courses_of(student_id: int) -> list[int]:

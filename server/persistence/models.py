@@ -151,4 +151,41 @@ class StudentCourse(BaseModel):
         )
 
 
-MODELS = (Student, Course, StudentCourse)
+# EventCounter rows, each made by its first use; a missing one means 0.
+SEQUENCE = "sequence"  # the highest sequence handed out (and committed)
+PURGED = "purged"  # the highest sequence --event-retention has deleted; 0 = none
+
+
+class Event(BaseModel):
+    """One change of the change feed, written in the transaction of the change (an
+    outbox). sequence is given by EventCounter when the transaction ends (see
+    persistence/outbox.py), not by an identity column."""
+
+    sequence = pw.BigIntegerField(primary_key=True)
+    event_time = TimestampField()
+    type = pw.SmallIntegerField()  # the proto's EventType numbers
+    # The ids the event concerns, 0 for none: the filters of ListEvents/WatchEvents.
+    student_id = pw.BigIntegerField(default=0)
+    course_id = pw.BigIntegerField(default=0)
+    # The snapshots (student, course, enrollment) as JSON: plain data, no protobuf.
+    payload = pw.TextField()
+    request_id = pw.CharField(max_length=128, default="")
+    actor = pw.CharField(max_length=64, default="")
+
+    class Meta:
+        table_name = "events"
+        indexes = (
+            (("student_id", "sequence"), False),
+            (("course_id", "sequence"), False),
+        )
+
+
+class EventCounter(BaseModel):
+    name = pw.CharField(max_length=16, primary_key=True)
+    value = pw.BigIntegerField()
+
+    class Meta:
+        table_name = "event_counters"
+
+
+MODELS = (Student, Course, StudentCourse, Event, EventCounter)

@@ -21,7 +21,7 @@ from playhouse.pool import MaxConnectionsExceeded
 
 from enrollment.server import callstate
 from enrollment.server.errors import CommitOutcomeUnknown, DatabaseUnavailable, StorageFull
-from enrollment.server.persistence import engine
+from enrollment.server.persistence import engine, outbox
 from enrollment.server.persistence.engine import discard_idle
 from enrollment.server.persistence.failures import (
     Verdict,
@@ -70,6 +70,8 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
     """
     callstate.ensure_active()
     db = proxy.obj
+    pending = outbox.begin() if write else None
+    written = 0
     stage = "work"  # then "commit" while COMMIT runs, then "done"
     try:
         with proxy.connection_context(), _writer_turn(write):
@@ -77,8 +79,13 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
             with proxy.atomic(*begin):
                 yield
                 callstate.ensure_active()
+                if write:
+                    # The change's events, numbered: the last statements before the commit.
+                    written = outbox.flush()
                 stage = "commit"
             stage = "done"
+        if written:
+            outbox.committed()  # wakes this process's watchers now, not at their next poll
     except (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded) as exc:
         found = verdict(exc)
         if found is Verdict.UNAVAILABLE and lost_connection(exc):
@@ -97,6 +104,9 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
         if found is not None:
             raise _Transient(found) from exc
         raise
+    finally:
+        if pending is not None:
+            outbox.end(pending)
 
 
 def _outcome_unknown(db: pw.Database, exc: BaseException) -> bool:

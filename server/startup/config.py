@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -60,6 +61,20 @@ def one_of(*choices: str) -> Kind:
 
 
 TEXT = Kind("text", str)
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'30d', '12h', '90m', '45s' or plain seconds; above 0."""
+    found = _DURATION.fullmatch(text.strip().lower())
+    if not found or float(found[1]) <= 0:
+        raise ValueError(f"{text!r} is not a duration above 0 such as 30d, 12h, 90m or 3600")
+    return float(found[1]) * _UNIT[found[2]]
+
+
+DURATION = Kind("a duration such as 30d, 12h, 90m or 3600 (seconds)", parse_duration)
 RATE = Kind("a number", _seconds, "above 0", lambda value: value > 0)
 
 
@@ -239,6 +254,14 @@ class ServerConfig:
     max_connections: int | None = setting(
         None, whole(1), "connections at once; more are closed when accepted", metavar="N",
         default_text="ulimit -n - 64",
+    )  # fmt: skip
+    event_retention: float | None = setting(
+        None, DURATION, "keep change-feed events this long, purging older ones in small "
+        "batches", metavar="DURATION", default_text="forever",
+    )  # fmt: skip
+    max_watchers: int = setting(
+        1000, whole(0), "WatchEvents streams at once per server process; more are refused "
+        "with TOO_MANY_WATCHERS", metavar="N",
     )  # fmt: skip
     metrics_address: str | None = setting(
         None, TEXT, "serve Prometheus metrics at http://HOST:PORT/metrics",

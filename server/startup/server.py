@@ -32,6 +32,7 @@ from enrollment.server.persistence import engine, migrator
 from enrollment.server.persistence.models import proxy
 from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.startup.quiet import quiet_bind
+from enrollment.server.startup.retention import EventPurger
 from enrollment.server.transport import options, tls
 from enrollment.server.transport.auth import (
     Authenticator,
@@ -43,6 +44,7 @@ from enrollment.server.transport.interceptors import RpcInterceptor
 from enrollment.server.transport.pool import WorkerPool
 from enrollment.server.transport.reflection import add_reflection
 from enrollment.server.transport.servicer import EnrollmentServicer
+from enrollment.server.transport.watch import WatchHub
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
@@ -85,6 +87,8 @@ class RunningServer:
     health: health.aio.HealthServicer
     events: EventLoopThread
     monitor: HealthMonitor | None = None
+    purger: EventPurger | None = None
+    hub: WatchHub | None = None
     metrics_port: int | None = None
     metrics_server: object | None = None
     pool: WorkerPool | None = None
@@ -104,6 +108,8 @@ class RunningServer:
         grace; the event returned is set once the server has stopped."""
         if self.monitor is not None:
             self.monitor.stop()
+        if self.purger is not None:
+            self.purger.stop()
         stopped = threading.Event()
         if self.events.loop.is_closed():
             stopped.set()
@@ -122,6 +128,10 @@ class RunningServer:
 
     async def _stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.hub is not None:
+            # Watch streams never finish by themselves: end them now, UNAVAILABLE
+            # SHUTTING_DOWN, so their clients resume elsewhere within the grace period.
+            await self.hub.stop()
         await self.server.stop(grace)
 
     def wait_for_termination(self) -> None:
@@ -209,7 +219,9 @@ def _start(config: ServerConfig) -> RunningServer:
     pool = WorkerPool(config.threads)
     events = EventLoopThread()
     try:
-        server, health_servicer, port = events.run(_build(config, credentials, auth, metrics, pool))
+        server, health_servicer, port, hub = events.run(
+            _build(config, credentials, auth, metrics, pool)
+        )
     except BaseException:
         events.close()
         pool.shutdown()
@@ -220,12 +232,13 @@ def _start(config: ServerConfig) -> RunningServer:
             "network can read and alter calls (and bearer tokens); use --tls-cert/--tls-key",
             config.address,
         )
-    running = RunningServer(server, port, health_servicer, events, pool=pool)
+    running = RunningServer(server, port, health_servicer, events, pool=pool, hub=hub)
     if metrics is not None:
         try:
             running.metrics_server, _ = metrics.serve(config.metrics_address)
         except (OSError, ValueError) as exc:
             events.run(server.stop(None))
+            events.run(hub.stop())
             events.close()
             pool.shutdown()
             raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
@@ -238,6 +251,9 @@ def _start(config: ServerConfig) -> RunningServer:
         database_timeout=config.database_timeout,
     )
     running.monitor.start()
+    if config.event_retention is not None:
+        running.purger = EventPurger(config.event_retention)
+        running.purger.start()
     return running
 
 
@@ -258,7 +274,18 @@ async def _build(config, credentials, auth, metrics, pool):
         # up to it, calls beyond config.threads wait for a thread of the pool.
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
-    pb_grpc.add_EnrollmentServiceServicer_to_server(EnrollmentServicer(), server)
+    # WatchEvents: one poller for every watcher of this process (transport/watch.py).
+    hub = WatchHub(pool.run, max_watchers=config.max_watchers)
+    await hub.start()
+    try:
+        return await _services(config, credentials, server, hub)
+    except BaseException:
+        await hub.stop()
+        raise
+
+
+async def _services(config, credentials, server, hub):
+    pb_grpc.add_EnrollmentServiceServicer_to_server(EnrollmentServicer(hub), server)
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -278,7 +305,7 @@ async def _build(config, credentials, auth, metrics, pool):
         port = 0
     if not port:
         raise StartupError(f"cannot listen on {config.address}: in use or not a local address")
-    return server, health_servicer, port
+    return server, health_servicer, port, hub
 
 
 def security_summary(config: ServerConfig) -> str:

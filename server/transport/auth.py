@@ -41,9 +41,10 @@ class Token:
 
 
 def required_role(method: str) -> str:
-    """reader for Get*/List* (GetEnrollment and ListEnrollments too), writer for
-    EnrollStudent/DropCourse, admin for the rest (UpdateStudent and UpdateCourse too)."""
-    if method.startswith(("Get", "List")):
+    """reader for Get*/List* (GetEnrollment, ListEnrollments and ListEvents too) and
+    WatchEvents, writer for EnrollStudent/DropCourse, admin for the rest (UpdateStudent
+    and UpdateCourse too)."""
+    if method.startswith(("Get", "List")) or method == "WatchEvents":
         return "reader"
     if method in _WRITER_METHODS:
         return "writer"

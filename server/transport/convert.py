@@ -81,6 +81,38 @@ def course_to_proto(course: Course) -> pb.Course:
     )
 
 
+class EventRecord(Protocol):
+    sequence: int
+    event_time: dt.datetime
+    type: int  # the proto's EventType numbers
+    student_id: int
+    course_id: int
+    student: Student | None
+    course: Course | None
+    enrollment: Entry | None
+    request_id: str
+    actor: str
+
+
+def event_to_proto(event: EventRecord) -> pb.Event:
+    message = pb.Event(
+        sequence=event.sequence,
+        event_time=timestamp(event.event_time),
+        type=event.type,
+        student_id=event.student_id,
+        course_id=event.course_id,
+        request_id=event.request_id,
+        actor=event.actor,
+    )
+    if event.student is not None:
+        message.student.CopyFrom(student_to_proto(event.student))
+    if event.course is not None:
+        message.course.CopyFrom(course_to_proto(event.course))
+    if event.enrollment is not None:
+        message.enrollment.CopyFrom(enrollment_to_proto(event.enrollment))
+    return message
+
+
 def enrollment_to_proto(enrollment: Entry) -> pb.Enrollment:
     message = pb.Enrollment(
         student_id=enrollment.student_id,

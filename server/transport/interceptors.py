@@ -85,6 +85,22 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 unary_unary=None,
                 stream_unary=guard.serve,
             )
+        elif method.startswith(SERVICE_PREFIX) and handler.unary_stream is not None:
+            # WatchEvents: an async generator on the loop (it holds no pool thread).
+            guard = _Guard(
+                handler.unary_stream,
+                method,
+                pool=self._pool,
+                request_timeout=self._request_timeout,
+                auth=self._auth,
+                metrics=self._metrics,
+            )
+            wrapped = handler._replace(
+                request_streaming=True,
+                request_deserializer=_tolerant(handler.request_deserializer),
+                unary_stream=None,
+                stream_stream=guard.serve_stream,
+            )
         else:
             # Health Check and Watch: the same bound on the request's arrival.
             wrapped = _bounded(handler, self._request_timeout)
@@ -202,6 +218,9 @@ class _Guard:
         self._metrics = metrics
         self._latency = metrics.latency(self._name) if metrics is not None else None
 
+    async def serve_stream(self, request_iterator, context: grpc.aio.ServicerContext):
+        await _serve_stream(self, request_iterator, context)
+
     async def serve(self, request_iterator, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         request_id = None
@@ -241,9 +260,12 @@ class _Guard:
         # The database work runs in the pool, in a copy of this context: the unit of work
         # asks callstate (bound here to this call's state) before it begins and commits.
         bound = callstate.bind(state.is_active)
+        # And who made it, for the change feed's events (request_id, actor).
+        who = callstate.bind_caller(request_id, call.caller if self._auth is not None else "")
         try:
             work = contextvars.copy_context()
         finally:
+            callstate.unbind_caller(who)
             callstate.unbind(bound)
         try:
             response, status = await self._pool.run(work.run, call.run, request, state)
@@ -257,6 +279,52 @@ class _Guard:
         if status is not None:
             await context.abort_with_status(status)
         return response
+
+
+async def _serve_stream(guard: _Guard, request_iterator, context) -> None:
+    """A server-streaming method: the unary prologue (request id, auth, the request
+    within --request-timeout), then the servicer's async generator on the loop, each
+    reply written as it comes; an EnrollmentError it raises ends the stream with its
+    status. One log line when the stream ends."""
+    start = time.perf_counter()
+    request_id, authorizations = None, []
+    for key, value in context.invocation_metadata():
+        if key == "x-request-id":
+            request_id = value
+        elif key == "authorization":
+            authorizations.append(value)
+    if request_id is None or not _REQUEST_ID.fullmatch(request_id):
+        request_id = uuid.uuid4().hex
+    trailer = (("x-request-id", request_id),)
+    context.set_trailing_metadata(trailer)
+    call = _Call(guard, context, start, request_id)
+    if guard._metrics is not None:
+        guard._metrics.in_flight.inc()
+    code, reason, status = "OK", "", None
+    try:
+        if guard._auth is not None:
+            token = guard._auth.authenticate_call(authorizations, call.peer)
+            call.caller = token.name
+            guard._auth.authorize(token, guard._name, guard._needed)
+        request = await _request_of(context, guard._request_timeout)
+        if isinstance(request, _Undecodable):
+            raise InvalidField(f"the request is not a valid {request.type_name}")
+        async for reply in guard._behavior(request, context):
+            await context.write(reply)
+    except EnrollmentError as error:
+        code, reason = error.code, error.reason
+        status = error_status.with_trailers(error_status.to_status(error), trailer)
+    except asyncio.CancelledError:
+        code, reason = "CANCELLED", "CALL_ENDED"  # the client went away: the usual end
+        raise
+    except Exception:
+        code, reason = "INTERNAL", "INTERNAL"
+        log.exception("rpc %s failed unexpectedly", guard._name)
+        status = error_status.with_trailers(error_status.INTERNAL, trailer)
+    finally:
+        call.finish(code, reason)
+    if status is not None:
+        await context.abort_with_status(status)
 
 
 class _Call:

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from enrollment.server.domain import courses, enrollments, students
+from enrollment.server.domain import courses, enrollments, events, students
+from enrollment.server.errors import ShuttingDown
 from enrollment.server.transport.convert import (
     course_to_proto,
     enrollment_to_proto,
+    event_to_proto,
     student_to_proto,
 )
+from enrollment.server.transport.watch import WatchHub
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
+# Events per WatchEventsResponse: a backlog page is split so no message grows large.
+STREAM_BATCH = 100
+
 
 class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
+    def __init__(self, hub: WatchHub | None = None) -> None:
+        self._hub = hub
+
     def CreateStudent(self, request, context):
         student = students.create_student(name=request.name, email=request.email)
         return pb.CreateStudentResponse(student=student_to_proto(student))
@@ -122,3 +131,29 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             enrollments=[enrollment_to_proto(e) for e in page.enrollments],
             next_page_token=page.next_page_token,
         )
+
+    def ListEvents(self, request, context):
+        page = events.list_events(
+            after_sequence=request.after_sequence,
+            page_size=request.page_size,
+            student_id=request.student_id,
+            course_id=request.course_id,
+        )
+        return pb.ListEventsResponse(
+            events=[event_to_proto(e) for e in page.events], head_sequence=page.head_sequence
+        )
+
+    async def WatchEvents(self, request, context):
+        """On the event loop (the interceptor streams what this yields): the hub's
+        batches as responses of at most STREAM_BATCH events."""
+        if self._hub is None:
+            raise ShuttingDown.of()
+        batches = self._hub.watch(
+            after_sequence=request.after_sequence,
+            student_id=request.student_id,
+            course_id=request.course_id,
+        )
+        async for batch in batches:
+            for start in range(0, len(batch), STREAM_BATCH):
+                chunk = batch[start : start + STREAM_BATCH]
+                yield pb.WatchEventsResponse(events=[event_to_proto(e) for e in chunk])

@@ -30,8 +30,9 @@ first that applies decides the answer:
                                            this method (ErrorInfo metadata
                                            "role", "required_role"): reader
                                            may call Get* and List*
-                                           (GetEnrollment and ListEnrollments
-                                           included), writer also
+                                           (GetEnrollment, ListEnrollments
+                                           and ListEvents included) and
+                                           WatchEvents, writer also
                                            EnrollStudent and DropCourse,
                                            admin every method (UpdateStudent
                                            and UpdateCourse included)
@@ -63,6 +64,17 @@ first that applies decides the answer:
   FAILED_PRECONDITION WAITLIST_BELOW_WAITING UpdateCourse, waitlist_capacity
                                            below the waitlisted_count left
                                            after the update's promotions
+  OUT_OF_RANGE        EVENTS_EXPIRED       ListEvents/WatchEvents, an
+                                           after_sequence below the oldest
+                                           kept event (see ListEvents)
+  RESOURCE_EXHAUSTED  TOO_MANY_WATCHERS    WatchEvents, the server process
+                                           already serves --max-watchers
+  RESOURCE_EXHAUSTED  WATCHER_TOO_SLOW     WatchEvents, the stream fell too
+                                           far behind; resume from the last
+                                           sequence received
+  UNAVAILABLE         SHUTTING_DOWN        WatchEvents, the server is
+                                           stopping; resume elsewhere or
+                                           later from the last sequence
   UNAVAILABLE         DATABASE_UNAVAILABLE the database is unreachable,
                                            locked or timed out; nothing
                                            changed, and retrying the same
@@ -183,6 +195,92 @@ ENROLLMENT_STATE_ENROLLED: EnrollmentState.ValueType  # 1
 ENROLLMENT_STATE_WAITLISTED: EnrollmentState.ValueType  # 2
 """The student waits for a seat on the course's waitlist."""
 Global___EnrollmentState: _TypeAlias = EnrollmentState  # noqa: Y015
+
+class _EventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_TYPE_UNSPECIFIED: _EventType.ValueType  # 0
+    """Never sent."""
+    EVENT_TYPE_STUDENT_CREATED: _EventType.ValueType  # 1
+    """CreateStudent: student holds the new student."""
+    EVENT_TYPE_STUDENT_UPDATED: _EventType.ValueType  # 2
+    """UpdateStudent that changed a value: student holds the student after it."""
+    EVENT_TYPE_STUDENT_DELETED: _EventType.ValueType  # 3
+    """DeleteStudent: student holds the student as it was last. A forced delete
+    first emits DROPPED (and PROMOTED) for each of the student's entries.
+    """
+    EVENT_TYPE_COURSE_CREATED: _EventType.ValueType  # 4
+    """CreateCourse: course holds the new course."""
+    EVENT_TYPE_COURSE_UPDATED: _EventType.ValueType  # 5
+    """UpdateCourse that changed a value: course holds the course after the call.
+    It comes before the PROMOTED events of the seats the update opened.
+    """
+    EVENT_TYPE_COURSE_DELETED: _EventType.ValueType  # 6
+    """DeleteCourse: course holds the course as it was last (counts 0 after a
+    forced delete). A forced delete first emits DROPPED for each entry, the
+    waitlist (in line order) before the roster (by student id), and promotes
+    nobody.
+    """
+    EVENT_TYPE_ENROLLED: _EventType.ValueType  # 7
+    """EnrollStudent took a seat: enrollment holds the entry (ENROLLED)."""
+    EVENT_TYPE_WAITLISTED: _EventType.ValueType  # 8
+    """EnrollStudent joined the waitlist: enrollment holds the entry
+    (WAITLISTED, with its position).
+    """
+    EVENT_TYPE_PROMOTED: _EventType.ValueType  # 9
+    """A waiting entry took a seat (after a drop, a forced DeleteStudent or an
+    UpdateCourse): enrollment holds the entry after it (ENROLLED).
+    """
+    EVENT_TYPE_DROPPED: _EventType.ValueType  # 10
+    """An entry was removed (DropCourse, forced deletes): enrollment holds the
+    entry as it was just before (ENROLLED, or WAITLISTED with its position).
+    It comes before the PROMOTED event of the seat it freed.
+    """
+
+class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
+    """What kind of change an event records."""
+
+EVENT_TYPE_UNSPECIFIED: EventType.ValueType  # 0
+"""Never sent."""
+EVENT_TYPE_STUDENT_CREATED: EventType.ValueType  # 1
+"""CreateStudent: student holds the new student."""
+EVENT_TYPE_STUDENT_UPDATED: EventType.ValueType  # 2
+"""UpdateStudent that changed a value: student holds the student after it."""
+EVENT_TYPE_STUDENT_DELETED: EventType.ValueType  # 3
+"""DeleteStudent: student holds the student as it was last. A forced delete
+first emits DROPPED (and PROMOTED) for each of the student's entries.
+"""
+EVENT_TYPE_COURSE_CREATED: EventType.ValueType  # 4
+"""CreateCourse: course holds the new course."""
+EVENT_TYPE_COURSE_UPDATED: EventType.ValueType  # 5
+"""UpdateCourse that changed a value: course holds the course after the call.
+It comes before the PROMOTED events of the seats the update opened.
+"""
+EVENT_TYPE_COURSE_DELETED: EventType.ValueType  # 6
+"""DeleteCourse: course holds the course as it was last (counts 0 after a
+forced delete). A forced delete first emits DROPPED for each entry, the
+waitlist (in line order) before the roster (by student id), and promotes
+nobody.
+"""
+EVENT_TYPE_ENROLLED: EventType.ValueType  # 7
+"""EnrollStudent took a seat: enrollment holds the entry (ENROLLED)."""
+EVENT_TYPE_WAITLISTED: EventType.ValueType  # 8
+"""EnrollStudent joined the waitlist: enrollment holds the entry
+(WAITLISTED, with its position).
+"""
+EVENT_TYPE_PROMOTED: EventType.ValueType  # 9
+"""A waiting entry took a seat (after a drop, a forced DeleteStudent or an
+UpdateCourse): enrollment holds the entry after it (ENROLLED).
+"""
+EVENT_TYPE_DROPPED: EventType.ValueType  # 10
+"""An entry was removed (DropCourse, forced deletes): enrollment holds the
+entry as it was just before (ENROLLED, or WAITLISTED with its position).
+It comes before the PROMOTED event of the seat it freed.
+"""
+Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
 class Student(_message.Message):
@@ -1167,3 +1265,220 @@ class ListEnrollmentsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEnrollmentsResponse: _TypeAlias = ListEnrollmentsResponse  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    """One change, as recorded in the same transaction as the change itself."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    STUDENT_ID_FIELD_NUMBER: _builtins.int
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    STUDENT_FIELD_NUMBER: _builtins.int
+    COURSE_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Positive, strictly increasing in the order events became visible (see
+    ListEvents).
+    """
+    type: Global___EventType.ValueType
+    """What changed."""
+    student_id: _builtins.int
+    """The student the event concerns: set on STUDENT_* and enrollment events,
+    0 on COURSE_* events. The student_id filters match this.
+    """
+    course_id: _builtins.int
+    """The course the event concerns: set on COURSE_* and enrollment events, 0 on
+    STUDENT_* events. The course_id filters match this.
+    """
+    request_id: _builtins.str
+    """The x-request-id of the call that made the change (the one echoed in its
+    trailers; made up by the server when the caller sent none). Not the
+    idempotency request_id of the request messages.
+    """
+    actor: _builtins.str
+    """The name of the bearer token that made the change; empty when the server
+    runs without tokens.
+    """
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was made (UTC)."""
+
+    @_builtins.property
+    def student(self) -> Global___Student:
+        """Set on STUDENT_* events (see EventType)."""
+
+    @_builtins.property
+    def course(self) -> Global___Course:
+        """Set on COURSE_* and enrollment events: the course after the whole call,
+        counts included (see EventType for deletes).
+        """
+
+    @_builtins.property
+    def enrollment(self) -> Global___Enrollment:
+        """Set on ENROLLED, WAITLISTED, PROMOTED (the entry after) and DROPPED (the
+        entry before).
+        """
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        type: Global___EventType.ValueType = ...,
+        student_id: _builtins.int = ...,
+        course_id: _builtins.int = ...,
+        student: Global___Student | None = ...,
+        course: Global___Course | None = ...,
+        enrollment: Global___Enrollment | None = ...,
+        request_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["course", b"course", "enrollment", b"enrollment", "event_time", b"event_time", "student", b"student"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "course", b"course", "course_id", b"course_id", "enrollment", b"enrollment", "event_time", b"event_time", "request_id", b"request_id", "sequence", b"sequence", "student", b"student", "student_id", b"student_id", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class ListEventsRequest(_message.Message):
+    """Request for ListEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    STUDENT_ID_FIELD_NUMBER: _builtins.int
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    after_sequence: _builtins.int
+    """Return the events with a sequence above this one. 0 (the default) means
+    from the oldest event kept, and never expires. Negative is
+    INVALID_ARGUMENT (INVALID_FIELD). A positive value below the highest
+    sequence --event-retention has removed is OUT_OF_RANGE (EVENTS_EXPIRED):
+    some events after it are gone. A value at or above it loses nothing, so
+    a consumer that keeps up within the retention never sees the error.
+    """
+    page_size: _builtins.int
+    """Most events to return: 0 means 100, above 1000 means 1000, negative is
+    INVALID_ARGUMENT.
+    """
+    student_id: _builtins.int
+    """0 means any; otherwise only the events whose student_id is this one (no
+    error when no such student exists, for it may have been deleted).
+    Negative is INVALID_ARGUMENT.
+    """
+    course_id: _builtins.int
+    """0 means any; otherwise only the events whose course_id is this one (no
+    error when no such course exists). Negative is INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        after_sequence: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        student_id: _builtins.int = ...,
+        course_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "course_id", b"course_id", "page_size", b"page_size", "student_id", b"student_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEventsRequest: _TypeAlias = ListEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListEventsResponse(_message.Message):
+    """Response for ListEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    HEAD_SEQUENCE_FIELD_NUMBER: _builtins.int
+    head_sequence: _builtins.int
+    """The highest sequence visible when the call ran, matching the filters or
+    not: when events is empty, nothing matching exists up to it, so the next
+    call may start after it.
+    """
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """The matching events after after_sequence, ascending, at most page_size,
+        none above head_sequence.
+        """
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+        head_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "head_sequence", b"head_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEventsResponse: _TypeAlias = ListEventsResponse  # noqa: Y015
+
+@_typing.final
+class WatchEventsRequest(_message.Message):
+    """Request for WatchEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    STUDENT_ID_FIELD_NUMBER: _builtins.int
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    after_sequence: _builtins.int
+    """As in ListEventsRequest: stream the events with a sequence above this
+    one (OUT_OF_RANGE EVENTS_EXPIRED when some of them were removed).
+    """
+    student_id: _builtins.int
+    """0 means any; otherwise only this student's events."""
+    course_id: _builtins.int
+    """0 means any; otherwise only this course's events."""
+    def __init__(
+        self,
+        *,
+        after_sequence: _builtins.int = ...,
+        student_id: _builtins.int = ...,
+        course_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "course_id", b"course_id", "student_id", b"student_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEventsRequest: _TypeAlias = WatchEventsRequest  # noqa: Y015
+
+@_typing.final
+class WatchEventsResponse(_message.Message):
+    """One message of the WatchEvents stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """One or more events, ascending, continuing from the previous message."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEventsResponse: _TypeAlias = WatchEventsResponse  # noqa: Y015

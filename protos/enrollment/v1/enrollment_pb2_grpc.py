@@ -105,6 +105,16 @@ class EnrollmentServiceStub:
                 request_serializer=enrollment_dot_v1_dot_enrollment__pb2.ListEnrollmentsRequest.SerializeToString,
                 response_deserializer=enrollment_dot_v1_dot_enrollment__pb2.ListEnrollmentsResponse.FromString,
                 _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/enrollment.v1.EnrollmentService/ListEvents',
+                request_serializer=enrollment_dot_v1_dot_enrollment__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=enrollment_dot_v1_dot_enrollment__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/enrollment.v1.EnrollmentService/WatchEvents',
+                request_serializer=enrollment_dot_v1_dot_enrollment__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=enrollment_dot_v1_dot_enrollment__pb2.WatchEventsResponse.FromString,
+                _registered_method=True)
 
 
 class EnrollmentServiceServicer:
@@ -320,6 +330,49 @@ class EnrollmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEvents(self, request, context):
+        """Lists the change feed: the events with a sequence above after_sequence,
+        matching the filters, in ascending sequence order. Every committed change
+        appends its events in its own transaction; failed calls append none.
+        Sequences are positive and strictly increasing in the order events become
+        visible: once any reader has seen sequence N, no event with a sequence of
+        N or less appears later, so "after the last sequence I saw" never misses
+        an event. Gaps are allowed (events removed by --event-retention). To
+        follow the feed, call again with after_sequence = the last event's
+        sequence, or head_sequence when the page is empty.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, page_size,
+        student_id, course_id), OUT_OF_RANGE (EVENTS_EXPIRED), UNAVAILABLE
+        (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """Streams the change feed: first every stored event after after_sequence
+        that matches the filters, then new ones as they commit through any server
+        process sharing the database (within about a second), each exactly once,
+        in sequence order, until the client cancels. Responses may carry several
+        events. The stream ends with UNAVAILABLE (SHUTTING_DOWN) when the server
+        stops, and with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW) when the client
+        reads too slowly for the server's bounded buffer: in both cases resume
+        with after_sequence = the last sequence received. At most --max-watchers
+        streams per server process.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, student_id,
+        course_id), OUT_OF_RANGE (EVENTS_EXPIRED), RESOURCE_EXHAUSTED
+        (TOO_MANY_WATCHERS, WATCHER_TOO_SLOW), UNAVAILABLE (SHUTTING_DOWN,
+        DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnrollmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -392,6 +445,16 @@ def add_EnrollmentServiceServicer_to_server(servicer, server):
                     servicer.ListEnrollments,
                     request_deserializer=enrollment_dot_v1_dot_enrollment__pb2.ListEnrollmentsRequest.FromString,
                     response_serializer=enrollment_dot_v1_dot_enrollment__pb2.ListEnrollmentsResponse.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=enrollment_dot_v1_dot_enrollment__pb2.ListEventsRequest.FromString,
+                    response_serializer=enrollment_dot_v1_dot_enrollment__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=enrollment_dot_v1_dot_enrollment__pb2.WatchEventsRequest.FromString,
+                    response_serializer=enrollment_dot_v1_dot_enrollment__pb2.WatchEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -773,6 +836,60 @@ class EnrollmentService:
             '/enrollment.v1.EnrollmentService/ListEnrollments',
             enrollment_dot_v1_dot_enrollment__pb2.ListEnrollmentsRequest.SerializeToString,
             enrollment_dot_v1_dot_enrollment__pb2.ListEnrollmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/enrollment.v1.EnrollmentService/ListEvents',
+            enrollment_dot_v1_dot_enrollment__pb2.ListEventsRequest.SerializeToString,
+            enrollment_dot_v1_dot_enrollment__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/enrollment.v1.EnrollmentService/WatchEvents',
+            enrollment_dot_v1_dot_enrollment__pb2.WatchEventsRequest.SerializeToString,
+            enrollment_dot_v1_dot_enrollment__pb2.WatchEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

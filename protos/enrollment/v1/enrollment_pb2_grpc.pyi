@@ -30,8 +30,9 @@ first that applies decides the answer:
                                            this method (ErrorInfo metadata
                                            "role", "required_role"): reader
                                            may call Get* and List*
-                                           (GetEnrollment and ListEnrollments
-                                           included), writer also
+                                           (GetEnrollment, ListEnrollments
+                                           and ListEvents included) and
+                                           WatchEvents, writer also
                                            EnrollStudent and DropCourse,
                                            admin every method (UpdateStudent
                                            and UpdateCourse included)
@@ -63,6 +64,17 @@ first that applies decides the answer:
   FAILED_PRECONDITION WAITLIST_BELOW_WAITING UpdateCourse, waitlist_capacity
                                            below the waitlisted_count left
                                            after the update's promotions
+  OUT_OF_RANGE        EVENTS_EXPIRED       ListEvents/WatchEvents, an
+                                           after_sequence below the oldest
+                                           kept event (see ListEvents)
+  RESOURCE_EXHAUSTED  TOO_MANY_WATCHERS    WatchEvents, the server process
+                                           already serves --max-watchers
+  RESOURCE_EXHAUSTED  WATCHER_TOO_SLOW     WatchEvents, the stream fell too
+                                           far behind; resume from the last
+                                           sequence received
+  UNAVAILABLE         SHUTTING_DOWN        WatchEvents, the server is
+                                           stopping; resume elsewhere or
+                                           later from the last sequence
   UNAVAILABLE         DATABASE_UNAVAILABLE the database is unreachable,
                                            locked or timed out; nothing
                                            changed, and retrying the same
@@ -325,6 +337,41 @@ class EnrollmentServiceStub:
 
     Role: reader.
     """
+    ListEvents: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListEventsRequest, _enrollment_pb2.ListEventsResponse]
+    """Lists the change feed: the events with a sequence above after_sequence,
+    matching the filters, in ascending sequence order. Every committed change
+    appends its events in its own transaction; failed calls append none.
+    Sequences are positive and strictly increasing in the order events become
+    visible: once any reader has seen sequence N, no event with a sequence of
+    N or less appears later, so "after the last sequence I saw" never misses
+    an event. Gaps are allowed (events removed by --event-retention). To
+    follow the feed, call again with after_sequence = the last event's
+    sequence, or head_sequence when the page is empty.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, page_size,
+    student_id, course_id), OUT_OF_RANGE (EVENTS_EXPIRED), UNAVAILABLE
+    (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
+    """
+    WatchEvents: _grpc.UnaryStreamMultiCallable[_enrollment_pb2.WatchEventsRequest, _enrollment_pb2.WatchEventsResponse]
+    """Streams the change feed: first every stored event after after_sequence
+    that matches the filters, then new ones as they commit through any server
+    process sharing the database (within about a second), each exactly once,
+    in sequence order, until the client cancels. Responses may carry several
+    events. The stream ends with UNAVAILABLE (SHUTTING_DOWN) when the server
+    stops, and with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW) when the client
+    reads too slowly for the server's bounded buffer: in both cases resume
+    with after_sequence = the last sequence received. At most --max-watchers
+    streams per server process.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, student_id,
+    course_id), OUT_OF_RANGE (EVENTS_EXPIRED), RESOURCE_EXHAUSTED
+    (TOO_MANY_WATCHERS, WATCHER_TOO_SLOW), UNAVAILABLE (SHUTTING_DOWN,
+    DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
+    """
 
 @_typing.type_check_only
 class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
@@ -481,6 +528,41 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
     STUDENT_NOT_FOUND, when a filter names a missing course or student),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
+    """
+    ListEvents: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListEventsRequest, _enrollment_pb2.ListEventsResponse]  # type: ignore[assignment]
+    """Lists the change feed: the events with a sequence above after_sequence,
+    matching the filters, in ascending sequence order. Every committed change
+    appends its events in its own transaction; failed calls append none.
+    Sequences are positive and strictly increasing in the order events become
+    visible: once any reader has seen sequence N, no event with a sequence of
+    N or less appears later, so "after the last sequence I saw" never misses
+    an event. Gaps are allowed (events removed by --event-retention). To
+    follow the feed, call again with after_sequence = the last event's
+    sequence, or head_sequence when the page is empty.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, page_size,
+    student_id, course_id), OUT_OF_RANGE (EVENTS_EXPIRED), UNAVAILABLE
+    (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
+    """
+    WatchEvents: _aio.UnaryStreamMultiCallable[_enrollment_pb2.WatchEventsRequest, _enrollment_pb2.WatchEventsResponse]  # type: ignore[assignment]
+    """Streams the change feed: first every stored event after after_sequence
+    that matches the filters, then new ones as they commit through any server
+    process sharing the database (within about a second), each exactly once,
+    in sequence order, until the client cancels. Responses may carry several
+    events. The stream ends with UNAVAILABLE (SHUTTING_DOWN) when the server
+    stops, and with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW) when the client
+    reads too slowly for the server's bounded buffer: in both cases resume
+    with after_sequence = the last sequence received. At most --max-watchers
+    streams per server process.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, student_id,
+    course_id), OUT_OF_RANGE (EVENTS_EXPIRED), RESOURCE_EXHAUSTED
+    (TOO_MANY_WATCHERS, WATCHER_TOO_SLOW), UNAVAILABLE (SHUTTING_DOWN,
+    DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
 
     Role: reader.
     """
@@ -721,6 +803,53 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
         STUDENT_NOT_FOUND, when a filter names a missing course or student),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
+        """
+
+    @_abc_1.abstractmethod
+    def ListEvents(
+        self,
+        request: _enrollment_pb2.ListEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrollment_pb2.ListEventsResponse, _abc.Awaitable[_enrollment_pb2.ListEventsResponse]]:
+        """Lists the change feed: the events with a sequence above after_sequence,
+        matching the filters, in ascending sequence order. Every committed change
+        appends its events in its own transaction; failed calls append none.
+        Sequences are positive and strictly increasing in the order events become
+        visible: once any reader has seen sequence N, no event with a sequence of
+        N or less appears later, so "after the last sequence I saw" never misses
+        an event. Gaps are allowed (events removed by --event-retention). To
+        follow the feed, call again with after_sequence = the last event's
+        sequence, or head_sequence when the page is empty.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, page_size,
+        student_id, course_id), OUT_OF_RANGE (EVENTS_EXPIRED), UNAVAILABLE
+        (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchEvents(
+        self,
+        request: _enrollment_pb2.WatchEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_enrollment_pb2.WatchEventsResponse], _abc.AsyncIterator[_enrollment_pb2.WatchEventsResponse]]:
+        """Streams the change feed: first every stored event after after_sequence
+        that matches the filters, then new ones as they commit through any server
+        process sharing the database (within about a second), each exactly once,
+        in sequence order, until the client cancels. Responses may carry several
+        events. The stream ends with UNAVAILABLE (SHUTTING_DOWN) when the server
+        stops, and with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW) when the client
+        reads too slowly for the server's bounded buffer: in both cases resume
+        with after_sequence = the last sequence received. At most --max-watchers
+        streams per server process.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, student_id,
+        course_id), OUT_OF_RANGE (EVENTS_EXPIRED), RESOURCE_EXHAUSTED
+        (TOO_MANY_WATCHERS, WATCHER_TOO_SLOW), UNAVAILABLE (SHUTTING_DOWN,
+        DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
 
         Role: reader.
         """

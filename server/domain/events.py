@@ -1,0 +1,314 @@
+"""The change feed: what each kind of change records, and reading it back.
+
+The functions that make a change (students, courses, enrollments) call one recorder
+each; the events are held by the unit of work and written, numbered, just before it
+commits (persistence/outbox.py says why numbering waits until then). A call that fails
+rolls back, and its events with it. Course snapshots are read when the call ends, so
+they show the counts after the whole call; student and enrollment snapshots are taken
+when recorded (a DROPPED entry as it was just before).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from enrollment.server import callstate
+from enrollment.server.domain.lookups import course_or_none
+from enrollment.server.domain.validation import Fields
+from enrollment.server.errors import EventsExpired
+from enrollment.server.persistence import outbox
+from enrollment.server.persistence.models import (
+    PURGED,
+    SEQUENCE,
+    Event,
+    EventCounter,
+    utcnow,
+)
+from enrollment.server.persistence.unit_of_work import transactional
+
+# The proto's EventType numbers.
+STUDENT_CREATED, STUDENT_UPDATED, STUDENT_DELETED = 1, 2, 3
+COURSE_CREATED, COURSE_UPDATED, COURSE_DELETED = 4, 5, 6
+ENROLLED, WAITLISTED, PROMOTED, DROPPED = 7, 8, 9, 10
+_ENTRY_KINDS = frozenset({ENROLLED, WAITLISTED, PROMOTED, DROPPED})
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def _time(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _student(row) -> dict:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "email": row.email,
+        "create_time": _time(row.create_time),
+        "update_time": _time(row.update_time or row.create_time),
+        "version": row.version,
+    }
+
+
+def _course(row, **counts) -> dict:
+    snapshot = {
+        "id": row.id,
+        "code": row.code,
+        "title": row.title,
+        "capacity": row.capacity,
+        "enrolled_count": row.enrolled_count,
+        "waitlist_capacity": row.waitlist_capacity,
+        "waitlisted_count": row.waitlisted_count,
+        "create_time": _time(row.create_time),
+        "update_time": _time(row.update_time or row.create_time),
+        "version": row.version,
+    }
+    snapshot.update(counts)
+    return snapshot
+
+
+def _entry(entry) -> dict:
+    return {
+        "student_id": entry.student_id,
+        "course_id": entry.course_id,
+        "state": entry.state,
+        "waitlist_position": entry.waitlist_position,
+        "create_time": _time(entry.create_time),
+        "enroll_time": _time(entry.enroll_time),
+    }
+
+
+class _CallEvents:
+    """The events of one transaction, in the order recorded, until it ends."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int, int, dict]] = []
+        self.gone_courses: dict[int, dict] = {}  # deleted in this call: the last snapshot
+        self.time = utcnow()
+
+    def finish(self) -> None:
+        wanted = {course_id for kind, _, course_id, _ in self.items if kind > STUDENT_DELETED}
+        wanted -= self.gone_courses.keys()
+        courses = dict(self.gone_courses)
+        for course_id in sorted(wanted):
+            row = course_or_none(course_id)  # a compiled lookup: usually one course
+            if row is not None:
+                courses[course_id] = _course(row)
+        request_id, actor = callstate.caller()
+        for kind, student_id, course_id, payload in self.items:
+            if kind > STUDENT_DELETED:
+                payload["course"] = courses[course_id]
+            outbox.add(
+                {
+                    "event_time": self.time,
+                    "type": kind,
+                    "student_id": student_id,
+                    "course_id": course_id,
+                    "payload": json.dumps(payload, separators=(",", ":")),
+                    "request_id": request_id[:128],
+                    "actor": actor[:64],
+                }
+            )
+
+
+def _record(kind: int, student_id: int, course_id: int, payload: dict) -> None:
+    call = _current_call()
+    call.items.append((kind, student_id, course_id, payload))
+
+
+def _current_call() -> _CallEvents:
+    holder = outbox.state()
+    call = holder.get("events")
+    if call is None:
+        call = holder["events"] = _CallEvents()
+        outbox.before_flush(call.finish)
+    return call
+
+
+# One recorder per kind of change, called by the one function that makes it.
+def student_created(student) -> None:
+    _record(STUDENT_CREATED, student.id, 0, {"student": _student(student)})
+
+
+def student_updated(student) -> None:
+    _record(STUDENT_UPDATED, student.id, 0, {"student": _student(student)})
+
+
+def student_deleted(student) -> None:
+    _record(STUDENT_DELETED, student.id, 0, {"student": _student(student)})
+
+
+def course_created(course_id: int) -> None:
+    _record(COURSE_CREATED, 0, course_id, {})
+
+
+def course_updated(course_id: int) -> None:
+    _record(COURSE_UPDATED, 0, course_id, {})
+
+
+def course_deleted(course, *, emptied: bool) -> None:
+    """course: its row as read under the lock; emptied: its entries were dropped in this
+    call (its counts are 0 at the end)."""
+    counts = {"enrolled_count": 0, "waitlisted_count": 0} if emptied else {}
+    _current_call().gone_courses[course.id] = _course(course, **counts)
+    _record(COURSE_DELETED, 0, course.id, {})
+
+
+def entry_changed(kind: int, entry) -> None:
+    """ENROLLED, WAITLISTED, PROMOTED (the entry after) or DROPPED (the entry before)."""
+    assert kind in _ENTRY_KINDS
+    _record(kind, entry.student_id, entry.course_id, {"enrollment": _entry(entry)})
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    sequence: int
+    event_time: dt.datetime
+    type: int
+    student_id: int
+    course_id: int
+    student: SimpleNamespace | None
+    course: SimpleNamespace | None
+    enrollment: SimpleNamespace | None
+    request_id: str
+    actor: str
+
+
+@dataclass(frozen=True)
+class EventPage:
+    events: list[EventRecord]
+    head_sequence: int
+
+
+def _snapshot(data: dict | None) -> SimpleNamespace | None:
+    if data is None:
+        return None
+    values = {
+        key: dt.datetime.fromisoformat(value) if key.endswith("_time") and value else value
+        for key, value in data.items()
+    }
+    return SimpleNamespace(**values)
+
+
+def to_record(row) -> EventRecord:
+    payload = json.loads(row.payload)
+    return EventRecord(
+        sequence=row.sequence,
+        event_time=row.event_time,
+        type=row.type,
+        student_id=row.student_id,
+        course_id=row.course_id,
+        student=_snapshot(payload.get("student")),
+        course=_snapshot(payload.get("course")),
+        enrollment=_snapshot(payload.get("enrollment")),
+        request_id=row.request_id,
+        actor=row.actor,
+    )
+
+
+def check_request(fields: Fields, *, after_sequence: int, student_id: int, course_id: int):
+    if after_sequence < 0:
+        fields.invalid("after_sequence", "must be 0 (from the oldest kept event) or more")
+    fields.optional_id("student_id", student_id)
+    fields.optional_id("course_id", course_id)
+
+
+def counter(name: str) -> int:
+    """A committed counter; one not made yet is 0."""
+    found = EventCounter.select(EventCounter.value).where(EventCounter.name == name).tuples()
+    return found[0][0] if found else 0
+
+
+def check_not_expired(after_sequence: int) -> None:
+    """0 means from the oldest kept; a positive cursor below the highest purged
+    sequence has lost events. Read after the events: a purge committing in between
+    makes the call fail, never lose an event silently."""
+    if after_sequence > 0:
+        purged = counter(PURGED)
+        if after_sequence < purged:
+            raise EventsExpired.of(after_sequence, purged)
+
+
+def select_events(after_sequence: int, head: int, student_id: int, course_id: int, limit: int):
+    query = Event.select().where((Event.sequence > after_sequence) & (Event.sequence <= head))
+    if student_id:
+        query = query.where(Event.student_id == student_id)
+    if course_id:
+        query = query.where(Event.course_id == course_id)
+    return [to_record(row) for row in query.order_by(Event.sequence).limit(limit)]
+
+
+@transactional(write=False)
+def list_events(
+    *, after_sequence: int, page_size: int, student_id: int, course_id: int
+) -> EventPage:
+    fields = Fields()
+    check_request(fields, after_sequence=after_sequence, student_id=student_id, course_id=course_id)
+    if page_size < 0:
+        fields.invalid("page_size", "must be 0 (the default, 100) or more")
+    fields.check()
+    size = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
+    # The head first: the events read after it are bounded by it, so every statement
+    # (each its own snapshot under READ COMMITTED) agrees with the head returned.
+    head = counter(SEQUENCE)
+    found = select_events(after_sequence, head, student_id, course_id, size)
+    check_not_expired(after_sequence)
+    return EventPage(found, head)
+
+
+PURGE_BATCH = 500
+
+
+@transactional(write=True)
+def purge_batch(*, older_than: dt.datetime, batch: int = PURGE_BATCH) -> int:
+    """Delete up to `batch` of the oldest events made before older_than, in one short
+    transaction of its own (writers wait for it at most that long, and only where they
+    touch the same index pages); returns how many. It walks the primary key from the
+    oldest, so it needs no index on event_time, and stops at the first event young
+    enough to keep, so the kept events always follow the purged ones without a hole."""
+    oldest = Event.select(Event.sequence, Event.event_time).order_by(Event.sequence).limit(batch)
+    last = None
+    for sequence, event_time in oldest.tuples():
+        if event_time >= older_than:
+            break
+        last = sequence
+    if last is None:
+        return 0
+    deleted = Event.delete().where(Event.sequence <= last).execute()
+    outbox.set_at_least(PURGED, last)
+    return deleted
+
+
+def purge_expired(retention: dt.timedelta, *, batch: int = PURGE_BATCH) -> int:
+    """Purge every event older than retention, batch by batch; returns how many."""
+    older_than = utcnow() - retention
+    total = 0
+    while True:
+        deleted = purge_batch(older_than=older_than, batch=batch)
+        total += deleted
+        if deleted < batch:
+            return total
+
+
+@transactional(write=False)
+def read_after(after_sequence: int, limit: int) -> tuple[list[EventRecord], int]:
+    """Every event after after_sequence (at most limit), unfiltered, and the head: the
+    one query a process's watch poller makes per wake-up, on the primary key."""
+    head = counter(SEQUENCE)
+    return select_events(after_sequence, head, 0, 0, limit), head
+
+
+def on_commit(listener) -> None:
+    """listener() after each local commit that wrote events (see outbox.on_commit)."""
+    outbox.on_commit(listener)
+
+
+def remove_listener(listener) -> None:
+    outbox.remove_listener(listener)

@@ -1,0 +1,127 @@
+"""The change feed from the client side: iter_events (walk, filters, follow across a
+server restart without losing or repeating an event) and `enrollment-client events`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from enrollment.client.api import EnrollmentClient
+from enrollment.v1 import enrollment_pb2 as pb
+from tests import servers
+from tests.rpc import TIMEOUT, new_course, new_student
+
+
+def test_iter_events_walks_every_page_and_filters(live):
+    people = [new_student(live.stub) for _ in range(7)]
+    course = new_course(live.stub)
+    with EnrollmentClient(live.address) as client:
+        walked = list(client.iter_events(page_size=3))
+        assert [e.student.id for e in walked[:7]] == [p.id for p in people]
+        assert [e.sequence for e in walked] == sorted({e.sequence for e in walked})
+        assert [e.type for e in client.iter_events(course_id=course.id)] == [
+            pb.EVENT_TYPE_COURSE_CREATED
+        ]
+        assert list(client.iter_events(after=walked[-1].sequence)) == []
+
+
+def test_the_cli_prints_one_line_per_event(live):
+    student = new_student(live.stub)
+    course = new_course(live.stub)
+    live.stub.EnrollStudent(
+        pb.EnrollStudentRequest(student_id=student.id, course_id=course.id), timeout=TIMEOUT
+    )
+    lines = ok(live, "events", "--course", str(course.id)).splitlines()
+    assert [line.split()[2:] for line in lines] == [
+        ["COURSE_CREATED", f"course={course.id}"],
+        ["ENROLLED", f"student={student.id}", f"course={course.id}", "state=ENROLLED"],
+    ]
+    rows = [json.loads(line) for line in ok(live, "--json", "events", "--after", "1").splitlines()]
+    assert [r["type"] for r in rows] == ["EVENT_TYPE_COURSE_CREATED", "EVENT_TYPE_ENROLLED"]
+    assert rows[1]["enrollment"]["student_id"] == str(student.id)
+
+
+CLIENT = Path(sys.executable).parent / "enrollment-client"
+
+
+def ok(live, *args: str) -> str:
+    done = subprocess.run(
+        [str(CLIENT), "--address", live.address, *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", (args, done.stdout, done.stderr)
+    return done.stdout
+
+
+def test_follow_survives_a_server_restart_without_losing_or_repeating(db_url, tmp_path):
+    port = servers.free_port()
+
+    def serve(n: int):
+        return servers.start(tmp_path / f"server{n}.log", "--database-url", db_url, port=port)
+
+    server = serve(1)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def follow():
+        with EnrollmentClient(f"127.0.0.1:{port}", timeout=2) as client:
+            for event in client.iter_events(follow=True, poll_interval=0.1):
+                seen.append(event.sequence)
+                if stop.is_set():
+                    return
+
+    def create(count: int, start: int) -> None:
+        with EnrollmentClient(f"127.0.0.1:{port}") as client:
+            for n in range(start, start + count):
+                client.create_student(f"S{n}", f"s{n}@example.com")
+
+    follower = threading.Thread(target=follow, daemon=True)
+    try:
+        create(5, 0)
+        follower.start()
+        time.sleep(0.5)
+        server.stop()
+        time.sleep(0.5)  # the follower meets UNAVAILABLE meanwhile
+        server = serve(2)
+        create(5, 5)
+        deadline = time.monotonic() + 20
+        while len(seen) < 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        create(1, 10)  # wakes the follower so it returns
+        follower.join(10)
+    finally:
+        server.stop()
+    assert seen[:10] == list(range(1, 11))
+
+
+def test_the_async_client_walks_and_follows_the_feed(live):
+    from enrollment.client.aio import AsyncEnrollmentClient
+
+    people = [new_student(live.stub) for _ in range(3)]
+
+    async def scenario():
+        async with AsyncEnrollmentClient(live.address) as client:
+            walked = [e.student.id async for e in client.iter_events(page_size=2)]
+            followed: list[int] = []
+
+            async def follow():
+                async for event in client.iter_events(follow=True, poll_interval=0.1):
+                    followed.append(event.student.id)
+                    if len(followed) == 4:
+                        return
+
+            task = asyncio.create_task(follow())
+            await asyncio.sleep(0.3)
+            late = await asyncio.get_running_loop().run_in_executor(None, new_student, live.stub)
+            await asyncio.wait_for(task, 10)
+            return walked, followed, late
+
+    walked, followed, late = asyncio.run(scenario())
+    assert walked == [p.id for p in people]
+    assert followed == [*walked, late.id]
