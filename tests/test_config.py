@@ -122,6 +122,8 @@ def test_each_variable_reaches_the_config_and_its_flag_wins():
         "handshake_timeout": ("6", 6.0),
         "max_connection_idle": ("301", 301.0),
         "max_connections": ("50", 50),
+        "event_retention": ("12h", 43200.0),
+        "max_watchers": ("7", 7),
     }
     assert set(changed) == {setting.name for setting in SETTINGS}
     environ = {setting.env: changed[setting.name][0] for setting in SETTINGS}

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 from enrollment.client.api import EnrollmentClient
 from enrollment.v1 import enrollment_pb2 as pb
 from tests import servers
+from tests.client_cli import ok
 from tests.rpc import TIMEOUT, new_course, new_student
 
 
@@ -43,19 +41,7 @@ def test_the_cli_prints_one_line_per_event(live):
     ]
     rows = [json.loads(line) for line in ok(live, "--json", "events", "--after", "1").splitlines()]
     assert [r["type"] for r in rows] == ["EVENT_TYPE_COURSE_CREATED", "EVENT_TYPE_ENROLLED"]
-    assert rows[1]["enrollment"]["student_id"] == str(student.id)
-
-
-CLIENT = Path(sys.executable).parent / "enrollment-client"
-
-
-def ok(live, *args: str) -> str:
-    done = subprocess.run(
-        [str(CLIENT), "--address", live.address, *args],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0 and done.stderr == "", (args, done.stdout, done.stderr)
-    return done.stdout
+    assert rows[1]["enrollment"]["studentId"] == str(student.id)
 
 
 def test_follow_survives_a_server_restart_without_losing_or_repeating(db_url, tmp_path):
