@@ -12,6 +12,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
+# google/rpc/status.proto, imported by enrollment.proto; its Python module comes from
+# googleapis-common-protos, so only its descriptor is read here.
+THIRD_PARTY = ROOT / "third_party" / "googleapis"
 BIN = Path(sys.executable).parent
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi", ".binpb")
 # Descriptors with comments (source info) for server reflection, so that
@@ -30,6 +33,7 @@ def generate(out_dir: Path) -> None:
         "-m",
         "grpc_tools.protoc",
         f"--proto_path={PROTO_ROOT}",
+        f"--proto_path={THIRD_PARTY}",
         # The mypy plugins live beside this interpreter, which need not be on PATH.
         f"--plugin=protoc-gen-mypy={BIN / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={BIN / 'protoc-gen-mypy_grpc'}",

@@ -15,7 +15,9 @@ ROLES = ("reader", "writer", "admin")
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
 
 # The role each EnrollmentService method needs; a method not listed needs admin.
-_WRITER_METHODS = frozenset({"EnrollStudent", "DropCourse"})
+_WRITER_METHODS = frozenset(
+    {"EnrollStudent", "DropCourse", "BatchEnrollStudents", "BatchDropCourses"}
+)
 
 _HASH = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
@@ -34,7 +36,8 @@ class Token:
 
 def required_role(method: str) -> str:
     """reader for Get*/List* (GetEnrollment and ListEnrollments too), writer for
-    EnrollStudent/DropCourse, admin for the rest (UpdateStudent and UpdateCourse too)."""
+    EnrollStudent/DropCourse and their batches, admin for the rest (UpdateStudent and
+    UpdateCourse too)."""
     if method.startswith(("Get", "List")):
         return "reader"
     if method in _WRITER_METHODS:
