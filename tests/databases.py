@@ -19,7 +19,7 @@ DEFAULT_URLS = {
     "postgresql": "postgresql://postgres@127.0.0.1:5432/test",
     "mysql": "mysql://root@127.0.0.1:3306/test",
 }
-TABLES = ("student_courses", "courses", "students")  # children first
+TABLES = ("student_courses", "courses", "students", "request_records")  # children first
 
 
 def selected(option: str | None) -> list[str]:

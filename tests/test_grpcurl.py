@@ -24,6 +24,8 @@ METHODS = [
     "UpdateCourse",
     "GetEnrollment",
     "ListEnrollments",
+    "BatchEnrollStudents",
+    "BatchDropCourses",
 ]
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
 

@@ -16,6 +16,7 @@ from tests import databases
 
 M003 = "003_mysql_utf8mb4_and_microseconds"
 M004 = "004_waitlists_updates_and_etags"
+M006 = "006_request_records"
 BASE = dt.datetime(2025, 3, 1, 9, 30, 0, 123456)
 V1_COLUMNS = {
     "students": "id, name, email, email_key, create_time",
@@ -85,11 +86,12 @@ def test_004_up_rollback_up_keeps_every_row_and_means_v1(backend, new_database):
 
         for step in ("up", "rollback", "up again"):
             if step == "rollback":
+                assert migrator.rollback(db) == M006
                 assert migrator.rollback(db) == M004
                 assert "state" not in _columns(db, "student_courses")
                 assert "version" not in _columns(db, "courses")
             else:
-                assert migrator.migrate(db) == [M004]
+                assert migrator.migrate(db) == [M004, M006]
                 # What v1.0 meant: every entry ENROLLED and never waited, no waitlists,
                 # every student and course at its first version, updated when created.
                 assert databases.sql(
@@ -122,6 +124,7 @@ def test_004_rollback_is_refused_while_anyone_waits(backend, new_database):
             db, "UPDATE student_courses SET state = 2, join_number = 1 "
             "WHERE student_id = 1 AND course_id = 2",
         )  # fmt: skip
+        assert migrator.rollback(db) == M006
         with pytest.raises(Exception, match="waitlisted entries"):
             migrator.rollback(db)
         assert migrator.applied_migrations(db)[-1] == M004

@@ -29,8 +29,9 @@ M001 = "001_create_students_and_courses"
 M002 = "002_create_student_courses"
 M003 = "003_mysql_utf8mb4_and_microseconds"  # changes nothing on SQLite
 M004 = "004_waitlists_updates_and_etags"
-ALL_MIGRATIONS = [M001, M002, M003, M004]
-TABLES = ("students", "courses", "student_courses")
+M006 = "006_request_records"
+ALL_MIGRATIONS = [M001, M002, M003, M004, M006]
+TABLES = ("students", "courses", "student_courses", "request_records")
 KEPT_TABLES = ("students", "courses")  # tables 002 and its rollback must not touch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -373,15 +374,17 @@ def test_every_step_of_001_002_rollback_002_keeps_every_row(app_database):
             assert_healthy(db)
 
     check("001", [M001], False)
-    assert migrator.migrate(db) == [M002, M003, M004]
-    check("001+002+003+004", ALL_MIGRATIONS, True)
+    assert migrator.migrate(db) == [M002, M003, M004, M006]
+    check("001+002+003+004+006", ALL_MIGRATIONS, True)
+    assert migrator.rollback(db) == M006
+    check("rollback 006", [M001, M002, M003, M004], True)
     assert migrator.rollback(db) == M004
     check("rollback 004", [M001, M002, M003], True)
     assert migrator.rollback(db) == M003
     check("rollback 003", [M001, M002], True)
     assert migrator.rollback(db) == M002
     check("rollback 002", [M001], False)
-    assert migrator.migrate(db) == [M002, M003, M004]
+    assert migrator.migrate(db) == [M002, M003, M004, M006]
     check("002 again", ALL_MIGRATIONS, True)
     with db.connection_context():
         assert migrator.pending_migrations(db) == []
@@ -494,6 +497,13 @@ EXPECTED_COLUMNS = {
         ("join_number", "INTEGER", 1, "0", 0),
         ("promote_time", "DATETIME", 0, None, 0),
     ],
+    "request_records": [
+        ("request_id", "VARCHAR(36)", 1, None, 1),
+        ("method", "VARCHAR(64)", 1, None, 0),
+        ("fingerprint", "VARCHAR(64)", 1, None, 0),
+        ("response", "BLOB", 1, None, 0),
+        ("create_time", "DATETIME", 1, None, 0),
+    ],
 }
 
 
@@ -512,6 +522,7 @@ EXPECTED_INDEX_COLUMNS = {
         (0, ("course_id", "student_id")),
         (1, ("student_id", "course_id")),
     ],
+    "request_records": [(0, ("create_time",)), (1, ("request_id",))],
 }
 
 
@@ -537,6 +548,7 @@ EXPECTED_FOREIGN_KEYS = {
         ("courses", (("course_id", "id"),), "NO ACTION", "RESTRICT", "NONE"),
         ("students", (("student_id", "id"),), "NO ACTION", "RESTRICT", "NONE"),
     ],
+    "request_records": [],
 }
 
 
@@ -553,7 +565,7 @@ def test_create_table_sql_matches_the_models(schema_conns, table):
     migrated, modeled = schema_conns
     assert create_sql(migrated, table) == create_sql(modeled, table)
     sql = create_sql(migrated, table)
-    if table != "student_courses":
+    if table in ("students", "courses"):
         assert '"id" INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT' in sql
     if table == "courses":
         assert '"capacity" INTEGER NOT NULL CHECK (capacity >= 0)' in sql
@@ -680,7 +692,8 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     insert_enrollments(db)
     db.close()
 
-    # 004 drops only its own columns: its rollback goes through and keeps every row.
+    # 006 drops its empty table, 004 only its own columns: both go through.
+    assert server_cli("rollback", path, tmp_path).stdout == f"rolled back {M006}\n"
     assert server_cli("rollback", path, tmp_path).stdout == f"rolled back {M004}\n"
     db.connect()
     before = kept_snapshot(db)
@@ -713,7 +726,9 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     assert_healthy(db)
     db.close()
 
-    assert server_cli("migrate", path, tmp_path).stdout == f"applied {M002}, {M003}, {M004}\n"
+    assert (
+        server_cli("migrate", path, tmp_path).stdout == f"applied {M002}, {M003}, {M004}, {M006}\n"
+    )
     db.connect()
     assert migrator.pending_migrations(db) == []
     assert {table: v1_rows(db, table) for table in KEPT_TABLES} == v1_before

@@ -1,7 +1,7 @@
 """Enrollment rules: who may join, wait for or leave a course, with its counts kept exact.
 
 Each kind of change is made in one function here, so whatever must go with a change
-(a change-feed event, say) is added in one place: _join makes an entry ENROLLED or
+(a change-feed event, say) is added in one place: join makes an entry ENROLLED or
 WAITLISTED, promote_next promotes, drop_entry and drop_all_of_course drop. Every one of
 them runs with the course's row locked (SELECT … FOR UPDATE; SQLite has one writer),
 taken first by every writer of a course's entries, and moves the counts by conditional
@@ -17,6 +17,7 @@ import peewee as pw
 
 from enrollment.server.domain import page_tokens
 from enrollment.server.domain.lookups import course_or_none, find_course, find_student
+from enrollment.server.domain.retries import checked, mutation
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import (
     AlreadyEnrolled,
@@ -122,7 +123,7 @@ def _validate_pair(
     fields = Fields()
     fields.required_id("student_id", student_id)
     fields.required_id("course_id", course_id)
-    fields.check()
+    checked(fields)  # a mutating call's request_id too
     # The course row is locked first, by every writer of its seats in the same order,
     # so PostgreSQL and MariaDB never deadlock two enrollments on the count.
     course = course_or_none(course_id, lock=lock)
@@ -152,13 +153,13 @@ def _shown(row: StudentCourse) -> Entry:
     return _entry(row)
 
 
-@transactional(write=True)
+@mutation
 def enroll_student(*, student_id: int, course_id: int, waitlist_if_full: bool = False) -> Entry:
     course = _validate_pair(student_id, course_id)
-    return _join(course, student_id, utcnow(), waitlist_if_full)
+    return join(course, student_id, utcnow(), waitlist_if_full)
 
 
-def _join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bool) -> Entry:
+def join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bool) -> Entry:
     """The one place an entry is made: ENROLLED when a seat is free, else WAITLISTED
     when asked for and the waitlist has room."""
     course_id = course.id
@@ -204,7 +205,7 @@ def _raise_rejected_enrollment(student_id: int, course_id: int) -> None:
     find_student(student_id)
 
 
-@transactional(write=True)
+@mutation
 def drop_course(*, student_id: int, course_id: int) -> Entry | None:
     """Drops the entry; returns the entry promoted into the freed seat, if any."""
     course = _validate_pair(student_id, course_id)

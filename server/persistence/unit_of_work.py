@@ -94,6 +94,18 @@ def locking(query: pw.Select) -> pw.Select:
     return query if isinstance(proxy.obj, pw.SqliteDatabase) else query.for_update()
 
 
+def sharing(query: pw.Select) -> pw.Select:
+    """A locking read that shares: it waits for a writer of the row to commit and then
+    reads the latest committed version (InnoDB's plain reads would read the
+    transaction's snapshot), without blocking other sharers."""
+    db = proxy.obj
+    if isinstance(db, pw.SqliteDatabase):
+        return query
+    return query.for_update(
+        "LOCK IN SHARE MODE" if isinstance(db, pw.MySQLDatabase) else "FOR SHARE"
+    )
+
+
 def transactional(*, write: bool) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Run the decorated service function as one unit of work; a deadlock victim is run
     again from the start (its transaction was rolled back whole), up to ATTEMPTS times."""

@@ -28,6 +28,22 @@ def _database_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """Seconds from '90', '90s', '15m', '24h' or '7d'."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:])
+    try:
+        seconds = float(text[:-1] if unit else text) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (say 90s, 15m, 24h)") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("must be above 0")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="enrollment-server", description=__doc__)
     parser.add_argument(
@@ -83,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("ENROLLMENT_WORKERS", DEFAULTS.workers)),
         help="server processes sharing the port with SO_REUSEPORT "
         "(env ENROLLMENT_WORKERS; default %(default)s)",
+    )
+
+    run.add_argument(
+        "--request-id-retention",
+        type=duration,
+        default=DEFAULTS.request_id_retention,
+        metavar="DURATION",
+        help="how long a successful call's request_id is remembered for safe retries: "
+        "seconds, or a number with s, m, h or d (default 24h)",
     )
 
     probe = commands.add_parser(
@@ -247,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     pool_size=args.pool_size,
                     pool_timeout=args.pool_timeout,
                     workers=args.workers,
+                    request_id_retention=args.request_id_retention,
                     **_security_and_operations_config(args),
                 )
             )

@@ -40,6 +40,8 @@ class ServerConfig:
     max_connection_age: float = 1800.0
     max_connection_age_grace: float = 30.0
     metrics_address: str | None = None
+    # Seconds a successful call's request_id record is kept (AIP-155: at least 24 h).
+    request_id_retention: float = 24 * 3600.0
 
     @property
     def connections(self) -> int:
@@ -58,6 +60,8 @@ class ServerConfig:
             raise StartupError(
                 "--database-timeout, --pool-timeout and the health interval must be above 0"
             )
+        if self.request_id_retention <= 0:
+            raise StartupError("--request-id-retention must be above 0")
         if self.grace_seconds < 0:
             raise StartupError("--grace must be 0 or more")
 

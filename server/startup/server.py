@@ -18,6 +18,7 @@ from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.persistence import engine, migrator
 from enrollment.server.persistence.models import proxy
 from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.purger import RequestRecordPurger
 from enrollment.server.transport import options, tls
 from enrollment.server.transport.auth import Authenticator, TokenFileError
 from enrollment.server.transport.interceptors import RpcInterceptor
@@ -37,6 +38,7 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     monitor: HealthMonitor | None = None
+    purger: RequestRecordPurger | None = None
     metrics_port: int | None = None
     metrics_server: object | None = None
     executor: futures.ThreadPoolExecutor | None = None
@@ -52,6 +54,8 @@ class RunningServer:
         """Report NOT_SERVING, stop taking calls, and let in-flight ones finish within grace."""
         if self.monitor is not None:
             self.monitor.stop()
+        if self.purger is not None:
+            self.purger.stop()
         self.health.enter_graceful_shutdown()
         stopped = self.server.stop(grace)
         if self.metrics_server is not None:
@@ -166,6 +170,11 @@ def _start(config: ServerConfig) -> RunningServer:
         database_timeout=config.database_timeout,
     )
     running.monitor.start()
+    # Looked at ten times per retention period, at most once a minute.
+    running.purger = RequestRecordPurger(
+        config.request_id_retention, min(60.0, config.request_id_retention / 10)
+    )
+    running.purger.start()
     return running
 
 

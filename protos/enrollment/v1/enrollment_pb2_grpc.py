@@ -124,7 +124,10 @@ class EnrollmentServiceServicer:
     def CreateStudent(self, request, context):
         """Creates a student.
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -156,7 +159,10 @@ class EnrollmentServiceServicer:
         """Deletes a student. With force, also drops every course the student is
         enrolled in (each course's enrolled_count goes down by one).
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
         """
@@ -167,7 +173,10 @@ class EnrollmentServiceServicer:
     def CreateCourse(self, request, context):
         """Creates a course.
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), ALREADY_EXISTS
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
         (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
         """
@@ -200,7 +209,10 @@ class EnrollmentServiceServicer:
     def DeleteCourse(self, request, context):
         """Deletes a course. With force, also removes every enrollment in it.
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
         false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
         """
@@ -220,7 +232,10 @@ class EnrollmentServiceServicer:
         (WAITLIST_FULL), otherwise COURSE_FULL (also with waitlist_if_full when
         the course has no waitlist).
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD; COURSE_NOT_FOUND when course_id
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
         names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
         (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
         WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -235,7 +250,10 @@ class EnrollmentServiceServicer:
         student leaves and someone waits, waitlist position 1 takes the seat in
         the same transaction and is returned as promoted.
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD; COURSE_NOT_FOUND when course_id
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
         names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
         student is neither enrolled in nor waiting for the course), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -248,7 +266,10 @@ class EnrollmentServiceServicer:
         """Changes a student's name and/or email (the fields update_mask names). Needs
         the admin role. See "Updates" above for the mask, etag and check order.
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD: student.id, update_mask,
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: student.id, update_mask,
         student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
         (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -264,7 +285,10 @@ class EnrollmentServiceServicer:
         seats, position 1 first, in the same transaction. See "Updates" above for
         the mask, etag and check order.
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD: course.id, update_mask,
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: course.id, update_mask,
         course.code, course.title, course.capacity, course.waitlist_capacity),
         NOT_FOUND (COURSE_NOT_FOUND), ABORTED (ETAG_MISMATCH), ALREADY_EXISTS
         (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,

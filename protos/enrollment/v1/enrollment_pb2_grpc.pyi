@@ -184,7 +184,10 @@ class EnrollmentServiceStub:
     CreateStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.CreateStudentRequest, _enrollment_pb2.CreateStudentResponse]
     """Creates a student.
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
     """
     GetStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetStudentRequest, _enrollment_pb2.GetStudentResponse]
@@ -204,14 +207,20 @@ class EnrollmentServiceStub:
     """Deletes a student. With force, also drops every course the student is
     enrolled in (each course's enrolled_count goes down by one).
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
     """
     CreateCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.CreateCourseRequest, _enrollment_pb2.CreateCourseResponse]
     """Creates a course.
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), ALREADY_EXISTS
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
     """
@@ -232,7 +241,10 @@ class EnrollmentServiceStub:
     DeleteCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteCourseRequest, _enrollment_pb2.DeleteCourseResponse]
     """Deletes a course. With force, also removes every enrollment in it.
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
     false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
     """
@@ -248,7 +260,10 @@ class EnrollmentServiceStub:
     (WAITLIST_FULL), otherwise COURSE_FULL (also with waitlist_if_full when
     the course has no waitlist).
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD; COURSE_NOT_FOUND when course_id
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
     (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
     WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -259,7 +274,10 @@ class EnrollmentServiceStub:
     student leaves and someone waits, waitlist position 1 takes the seat in
     the same transaction and is returned as promoted.
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD; COURSE_NOT_FOUND when course_id
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
     student is neither enrolled in nor waiting for the course), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -268,7 +286,10 @@ class EnrollmentServiceStub:
     """Changes a student's name and/or email (the fields update_mask names). Needs
     the admin role. See "Updates" above for the mask, etag and check order.
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD: student.id, update_mask,
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: student.id, update_mask,
     student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
     (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -280,7 +301,10 @@ class EnrollmentServiceStub:
     seats, position 1 first, in the same transaction. See "Updates" above for
     the mask, etag and check order.
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD: course.id, update_mask,
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: course.id, update_mask,
     course.code, course.title, course.capacity, course.waitlist_capacity),
     NOT_FOUND (COURSE_NOT_FOUND), ABORTED (ETAG_MISMATCH), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
@@ -339,7 +363,10 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     CreateStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.CreateStudentRequest, _enrollment_pb2.CreateStudentResponse]  # type: ignore[assignment]
     """Creates a student.
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
     """
     GetStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetStudentRequest, _enrollment_pb2.GetStudentResponse]  # type: ignore[assignment]
@@ -359,14 +386,20 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     """Deletes a student. With force, also drops every course the student is
     enrolled in (each course's enrolled_count goes down by one).
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
     """
     CreateCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.CreateCourseRequest, _enrollment_pb2.CreateCourseResponse]  # type: ignore[assignment]
     """Creates a course.
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), ALREADY_EXISTS
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
     """
@@ -387,7 +420,10 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     DeleteCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteCourseRequest, _enrollment_pb2.DeleteCourseResponse]  # type: ignore[assignment]
     """Deletes a course. With force, also removes every enrollment in it.
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
     false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
     """
@@ -403,7 +439,10 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     (WAITLIST_FULL), otherwise COURSE_FULL (also with waitlist_if_full when
     the course has no waitlist).
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD; COURSE_NOT_FOUND when course_id
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
     (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
     WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -414,7 +453,10 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     student leaves and someone waits, waitlist position 1 takes the seat in
     the same transaction and is returned as promoted.
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD; COURSE_NOT_FOUND when course_id
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
     student is neither enrolled in nor waiting for the course), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -423,7 +465,10 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     """Changes a student's name and/or email (the fields update_mask names). Needs
     the admin role. See "Updates" above for the mask, etag and check order.
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD: student.id, update_mask,
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: student.id, update_mask,
     student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
     (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -435,7 +480,10 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     seats, position 1 first, in the same transaction. See "Updates" above for
     the mask, etag and check order.
 
-    Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD: course.id, update_mask,
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: course.id, update_mask,
     course.code, course.title, course.capacity, course.waitlist_capacity),
     NOT_FOUND (COURSE_NOT_FOUND), ABORTED (ETAG_MISMATCH), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
@@ -497,7 +545,10 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_enrollment_pb2.CreateStudentResponse, _abc.Awaitable[_enrollment_pb2.CreateStudentResponse]]:
         """Creates a student.
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
         """
 
@@ -535,7 +586,10 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Deletes a student. With force, also drops every course the student is
         enrolled in (each course's enrolled_count goes down by one).
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
         """
@@ -548,7 +602,10 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_enrollment_pb2.CreateCourseResponse, _abc.Awaitable[_enrollment_pb2.CreateCourseResponse]]:
         """Creates a course.
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), ALREADY_EXISTS
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
         (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
         """
@@ -587,7 +644,10 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_enrollment_pb2.DeleteCourseResponse, _abc.Awaitable[_enrollment_pb2.DeleteCourseResponse]]:
         """Deletes a course. With force, also removes every enrollment in it.
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
         false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
         """
@@ -609,7 +669,10 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         (WAITLIST_FULL), otherwise COURSE_FULL (also with waitlist_if_full when
         the course has no waitlist).
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD; COURSE_NOT_FOUND when course_id
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
         names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
         (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
         WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -626,7 +689,10 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         student leaves and someone waits, waitlist position 1 takes the seat in
         the same transaction and is returned as promoted.
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD; COURSE_NOT_FOUND when course_id
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
         names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
         student is neither enrolled in nor waiting for the course), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -641,7 +707,10 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Changes a student's name and/or email (the fields update_mask names). Needs
         the admin role. See "Updates" above for the mask, etag and check order.
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD: student.id, update_mask,
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: student.id, update_mask,
         student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
         (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -659,7 +728,10 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         seats, position 1 first, in the same transaction. See "Updates" above for
         the mask, etag and check order.
 
-        Errors: INVALID_ARGUMENT (REQUEST_ID_REUSED; INVALID_FIELD: course.id, update_mask,
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: course.id, update_mask,
         course.code, course.title, course.capacity, course.waitlist_capacity),
         NOT_FOUND (COURSE_NOT_FOUND), ABORTED (ETAG_MISMATCH), ALREADY_EXISTS
         (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
