@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(db, pw.PostgresqlDatabase):
             with db.connection_context():
                 db.execute_sql("ANALYZE")
+        steps = _timed_statements(db)
         started = time.perf_counter()
         applied = migrator.migrate(db)
         took = time.perf_counter() - started
@@ -90,7 +91,25 @@ def main(argv: list[str] | None = None) -> int:
         f"{kind}: seeded {args.enrollments:,} v1.0 enrollments in {seeded:.1f} s; "
         f"migrate ({', '.join(applied)}) took {took:.2f} s"
     )
+    for seconds, sql in sorted(steps, reverse=True)[:8]:
+        print(f"  {seconds:7.2f} s  {' '.join(sql.split())[:110]}")
     return 0
+
+
+def _timed_statements(db: pw.Database) -> list[tuple[float, str]]:
+    """Record each statement's wall time from here on (the slowest are printed)."""
+    steps: list[tuple[float, str]] = []
+    execute_sql = db.execute_sql
+
+    def timed(sql, params=None, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return execute_sql(sql, params, *args, **kwargs)
+        finally:
+            steps.append((time.perf_counter() - started, sql))
+
+    db.execute_sql = timed
+    return steps
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -148,15 +149,62 @@ class EnrollmentClient:
             if not page_token:
                 return
 
+    def update_student(
+        self,
+        student_id: int,
+        *,
+        name: str | None = None,
+        email: str | None = None,
+        etag: str = "",
+    ) -> pb.Student:
+        """Change the fields given (None leaves one as it is). etag: the student's etag as
+        last read, to refuse the change (ABORTED ETAG_MISMATCH) if it moved since."""
+        values = {"name": name, "email": email}
+        paths = [path for path, value in values.items() if value is not None]
+        student = pb.Student(id=student_id, etag=etag, **{p: values[p] for p in paths})
+        request = pb.UpdateStudentRequest(
+            student=student, update_mask=field_mask_pb2.FieldMask(paths=paths)
+        )
+        return self._call(self._stub.UpdateStudent, request).student
+
     def delete_student(self, student_id: int, force: bool = False) -> None:
         request = pb.DeleteStudentRequest(student_id=student_id, force=force)
         self._call(self._stub.DeleteStudent, request)
 
     # Courses
 
-    def create_course(self, code: str, title: str, capacity: int = 0) -> pb.Course:
-        request = pb.CreateCourseRequest(code=code, title=title, capacity=capacity)
+    def create_course(
+        self, code: str, title: str, capacity: int = 0, waitlist_capacity: int = 0
+    ) -> pb.Course:
+        request = pb.CreateCourseRequest(
+            code=code, title=title, capacity=capacity, waitlist_capacity=waitlist_capacity
+        )
         return self._call(self._stub.CreateCourse, request).course
+
+    def update_course(
+        self,
+        course_id: int,
+        *,
+        code: str | None = None,
+        title: str | None = None,
+        capacity: int | None = None,
+        waitlist_capacity: int | None = None,
+        etag: str = "",
+    ) -> pb.Course:
+        """Change the fields given (None leaves one as it is; capacity=0 means unlimited).
+        Raising the capacity promotes waitlisted students into the new seats."""
+        values = {
+            "code": code,
+            "title": title,
+            "capacity": capacity,
+            "waitlist_capacity": waitlist_capacity,
+        }
+        paths = [path for path, value in values.items() if value is not None]
+        course = pb.Course(id=course_id, etag=etag, **{p: values[p] for p in paths})
+        request = pb.UpdateCourseRequest(
+            course=course, update_mask=field_mask_pb2.FieldMask(paths=paths)
+        )
+        return self._call(self._stub.UpdateCourse, request).course
 
     def get_course(self, course_id: int) -> pb.Course:
         request = pb.GetCourseRequest(course_id=course_id)
@@ -188,13 +236,61 @@ class EnrollmentClient:
 
     # Enrollments
 
-    def enroll(self, student_id: int, course_id: int) -> pb.Enrollment:
-        request = pb.EnrollStudentRequest(student_id=student_id, course_id=course_id)
+    def enroll(
+        self, student_id: int, course_id: int, waitlist_if_full: bool = False
+    ) -> pb.Enrollment:
+        """waitlist_if_full: join the course's waitlist when it is full (the answer's
+        state is then ENROLLMENT_STATE_WAITLISTED, with its waitlist_position)."""
+        request = pb.EnrollStudentRequest(
+            student_id=student_id, course_id=course_id, waitlist_if_full=waitlist_if_full
+        )
         return self._call(self._stub.EnrollStudent, request).enrollment
 
-    def drop(self, student_id: int, course_id: int) -> None:
+    def drop(self, student_id: int, course_id: int) -> pb.Enrollment | None:
+        """Drop an enrolled or waitlisted entry; returns whoever took the freed seat."""
         request = pb.DropCourseRequest(student_id=student_id, course_id=course_id)
-        self._call(self._stub.DropCourse, request)
+        response = self._call(self._stub.DropCourse, request)
+        return response.promoted if response.HasField("promoted") else None
+
+    def get_enrollment(self, student_id: int, course_id: int) -> pb.Enrollment:
+        request = pb.GetEnrollmentRequest(student_id=student_id, course_id=course_id)
+        return self._call(self._stub.GetEnrollment, request).enrollment
+
+    def list_enrollments(
+        self,
+        student_id: int = 0,
+        course_id: int = 0,
+        state: int = pb.ENROLLMENT_STATE_UNSPECIFIED,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> pb.ListEnrollmentsResponse:
+        """One page of enrollments (filters combine; 0 and UNSPECIFIED mean any)."""
+        request = pb.ListEnrollmentsRequest(
+            student_id=student_id,
+            course_id=course_id,
+            state=state,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return self._call(self._stub.ListEnrollments, request)
+
+    def iter_enrollments(
+        self,
+        student_id: int = 0,
+        course_id: int = 0,
+        state: int = pb.ENROLLMENT_STATE_UNSPECIFIED,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Iterator[pb.Enrollment]:
+        """Every enrollment from page_token on; a course's waitlist (course_id and
+        ENROLLMENT_STATE_WAITLISTED) comes in line order."""
+        while True:
+            page = self.list_enrollments(student_id, course_id, state, page_size, page_token)
+            yield from page.enrollments
+            page_token = _next_token(page_token, page.next_page_token)
+            if not page_token:
+                return
 
 
 def _read(path: str | None) -> bytes | None:

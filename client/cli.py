@@ -22,8 +22,9 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 EPILOG = """\
 output: readable by default ("key: value" lines for one item, a table for a list,
 then "next page: TOKEN" when there are more). With --json: the item as a JSON
-object, or for a list {"students"|"courses": [...], "next_page_token": "..."};
-delete-student, delete-course and drop print {}. JSON follows the protobuf JSON
+object, or for a list {"students"|"courses"|"enrollments": [...],
+"next_page_token": "..."}; delete-student and delete-course print {}, drop {} or
+{"promoted": {...}}. JSON follows the protobuf JSON
 mapping with proto field names: int64 values (ids) are strings, timestamps are
 RFC 3339 strings, and every field is present, zero values included.
 
@@ -119,7 +120,24 @@ def _delete_student(client: EnrollmentClient, args: argparse.Namespace) -> Done:
 
 
 def _create_course(client: EnrollmentClient, args: argparse.Namespace) -> Item:
-    return Item(client.create_course(args.code, args.title, args.capacity))
+    return Item(client.create_course(args.code, args.title, args.capacity, args.waitlist_capacity))
+
+
+def _update_course(client: EnrollmentClient, args: argparse.Namespace) -> Item:
+    return Item(
+        client.update_course(
+            args.id,
+            code=args.code,
+            title=args.title,
+            capacity=args.capacity,
+            waitlist_capacity=args.waitlist_capacity,
+            etag=args.etag,
+        )
+    )
+
+
+def _update_student(client: EnrollmentClient, args: argparse.Namespace) -> Item:
+    return Item(client.update_student(args.id, name=args.name, email=args.email, etag=args.etag))
 
 
 def _get_course(client: EnrollmentClient, args: argparse.Namespace) -> Item:
@@ -142,13 +160,45 @@ def _delete_course(client: EnrollmentClient, args: argparse.Namespace) -> Done:
 
 
 def _enroll(client: EnrollmentClient, args: argparse.Namespace) -> Item:
-    return Item(client.enroll(args.student, args.course))
+    return Item(client.enroll(args.student, args.course, waitlist_if_full=args.waitlist))
 
 
 def _drop(client: EnrollmentClient, args: argparse.Namespace) -> Done:
-    client.drop(args.student, args.course)
+    promoted = client.drop(args.student, args.course)
     text = f"dropped student {args.student} from course {args.course}"
-    return Done(text, pb.DropCourseResponse())
+    if promoted is None:
+        return Done(text, pb.DropCourseResponse())
+    text += f"; student {promoted.student_id} took the seat from the waitlist"
+    return Done(text, pb.DropCourseResponse(promoted=promoted))
+
+
+def _get_enrollment(client: EnrollmentClient, args: argparse.Namespace) -> Item:
+    return Item(client.get_enrollment(args.student, args.course))
+
+
+def _list_enrollments(client: EnrollmentClient, args: argparse.Namespace) -> Listing:
+    state = (
+        pb.ENROLLMENT_STATE_WAITLISTED
+        if args.waitlisted
+        else pb.ENROLLMENT_STATE_ENROLLED
+        if args.enrolled
+        else pb.ENROLLMENT_STATE_UNSPECIFIED
+    )
+    if args.all:
+        found = list(
+            client.iter_enrollments(
+                args.student,
+                args.course,
+                state,
+                page_size=args.page_size,
+                page_token=args.page_token,
+            )
+        )
+        return Listing(pb.ListEnrollmentsResponse(enrollments=found), found, "", "enrollments")
+    page = client.list_enrollments(
+        args.student, args.course, state, args.page_size, args.page_token
+    )
+    return Listing(page, page.enrollments, page.next_page_token, "enrollments")
 
 
 def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
@@ -254,6 +304,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="most students (0, the default: no limit)",
     )
+    sub.add_argument(
+        "--waitlist-capacity",
+        type=int32,
+        default=0,
+        metavar="N",
+        help="most students waiting when it is full (0, the default: no waitlist)",
+    )
+
+    sub = add("update-course", _update_course, "change a course (UpdateCourse; admin)")
+    sub.add_argument("--id", type=int64, required=True, metavar="N")
+    sub.add_argument("--code", help="new code")
+    sub.add_argument("--title", help="new title")
+    sub.add_argument(
+        "--capacity", type=int32, metavar="N", help="new capacity (0: no limit); raising it "
+        "promotes waitlisted students"
+    )  # fmt: skip
+    sub.add_argument("--waitlist-capacity", type=int32, metavar="N", help="new waitlist size")
+    sub.add_argument("--etag", default="", help="refuse the change if the course moved since")
+
+    sub = add("update-student", _update_student, "change a student (UpdateStudent; admin)")
+    sub.add_argument("--id", type=int64, required=True, metavar="N")
+    sub.add_argument("--name", help="new name")
+    sub.add_argument("--email", help="new email")
+    sub.add_argument("--etag", default="", help="refuse the change if the student moved since")
 
     sub = add("course", _get_course, "show one course (GetCourse)")
     sub.add_argument("--id", type=int64, required=True, metavar="N")
@@ -271,6 +345,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("enroll", _enroll, "enroll a student in a course (EnrollStudent)")
     sub.add_argument("--student", type=int64, required=True, metavar="N")
     sub.add_argument("--course", type=int64, required=True, metavar="N")
+    sub.add_argument(
+        "--waitlist", action="store_true", help="join the waitlist when the course is full"
+    )
+
+    sub = add("enrollment", _get_enrollment, "show one enrollment (GetEnrollment)")
+    sub.add_argument("--student", type=int64, required=True, metavar="N")
+    sub.add_argument("--course", type=int64, required=True, metavar="N")
+
+    sub = add("enrollments", _list_enrollments, "list enrollments (ListEnrollments)")
+    sub.add_argument("--student", type=int64, default=0, metavar="N", help="only student N's")
+    sub.add_argument("--course", type=int64, default=0, metavar="N", help="only course N's")
+    states = sub.add_mutually_exclusive_group()
+    states.add_argument(
+        "--waitlisted", action="store_true", help="only waiting entries (with --course: in line)"
+    )
+    states.add_argument("--enrolled", action="store_true", help="only enrolled entries")
+    _page_options(sub)
 
     sub = add("drop", _drop, "remove a student from a course (DropCourse)")
     sub.add_argument("--student", type=int64, required=True, metavar="N")
@@ -291,6 +382,10 @@ def _time(ts: Timestamp) -> str:
     if not ts.seconds and not ts.nanos:
         return "-"
     return ts.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _state(state: int) -> str:
+    return pb.EnrollmentState.Name(state).removeprefix("ENROLLMENT_STATE_").lower()
 
 
 def _capacity(capacity: int) -> str:
@@ -319,6 +414,8 @@ def _pairs(message: Message) -> list[tuple[str, str]]:
             ("student_id", str(message.student_id)),
             ("course_id", str(message.course_id)),
             ("enroll_time", _time(message.enroll_time)),
+            ("state", _state(message.state)),
+            ("waitlist_position", str(message.waitlist_position)),
         ]
     raise TypeError(f"no readable form for {type(message).__name__}")
 
@@ -338,6 +435,13 @@ _COLUMNS: dict[str, list[tuple[str, Callable[[Message], str], bool]]] = {
         ("CAPACITY", lambda c: _capacity(c.capacity), True),
         ("ENROLLED", lambda c: str(c.enrolled_count), True),
         ("CREATED", lambda c: _time(c.create_time), False),
+    ],
+    "enrollments": [
+        ("COURSE", lambda e: str(e.course_id), True),
+        ("STUDENT", lambda e: str(e.student_id), True),
+        ("STATE", lambda e: _state(e.state), False),
+        ("POSITION", lambda e: str(e.waitlist_position or "-"), True),
+        ("ENROLLED", lambda e: _time(e.enroll_time), False),
     ],
 }
 

@@ -1,5 +1,6 @@
 """The README's grpcurl walkthrough works as written, against a live server."""
 
+import json
 import os
 import re
 import shlex
@@ -43,6 +44,36 @@ def test_readme_walkthrough_runs_as_written(live, tmp_path):
         assert detail in readme, "the README shows the error as grpcurl prints it"
     assert '"enrolledCount": 1' in outputs[5].stdout
     assert '"status": "SERVING"' in outputs[8].stdout
+
+
+def waitlist_commands() -> list[str]:
+    text = README.read_text()
+    section = text.split("### A waitlist", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.splitlines() if line.startswith("grpcurl ")]
+
+
+@pytest.mark.own_database  # the walkthrough's ids start at 1
+def test_readme_waitlist_story_runs_as_written(live, tmp_path):
+    outputs = []
+    for line in walkthrough_commands() + waitlist_commands():
+        argv = shlex.split(line.replace("127.0.0.1:50051", live.address))
+        argv[0] = str(BIN / "grpcurl")
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+        assert (result.returncode != 0) == ('"course_id": 99' in line), (line, result.stderr)
+        outputs.append(result.stdout)
+    story = outputs[len(walkthrough_commands()) :]
+    assert len(story) == 10
+    assert '"state": "ENROLLMENT_STATE_WAITLISTED"' in story[5]
+    assert '"waitlistPosition": 2' in story[5]
+    line = json.loads(story[6])["enrollments"]
+    assert [(e["studentId"], e["waitlistPosition"]) for e in line] == [("2", 1), ("3", 2)]
+    promoted = json.loads(story[7])["promoted"]
+    assert (promoted["studentId"], promoted["state"]) == ("2", "ENROLLMENT_STATE_ENROLLED")
+    assert json.loads(story[8])["enrollment"]["waitlistPosition"] == 1
+    course = json.loads(story[9])["course"]
+    assert (course["capacity"], course["enrolledCount"]) == (2, 2)
+    assert "waitlistedCount" not in course  # 0: grpcurl leaves zero values out
 
 
 def section(title: str) -> str:

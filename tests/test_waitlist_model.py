@@ -7,7 +7,13 @@ import grpc
 from google.protobuf import field_mask_pb2
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from enrollment.v1 import enrollment_pb2 as pb
 from tests import databases
@@ -36,7 +42,14 @@ class Waitlists(RuleBasedStateMachine):
             got = failure(error)
             return None, (got.code, got.reason)
 
-    @rule()
+    @initialize()
+    def a_small_full_world(self):
+        """Five students and two small courses with waitlists, so lines form early."""
+        for _ in range(7):
+            self.create_student()
+        self.create_course(1, 2)
+        self.create_course(2, 3)
+
     def create_student(self):
         self.serial += 1
         got, err = self.call(
@@ -61,6 +74,12 @@ class Waitlists(RuleBasedStateMachine):
 
     def _pick(self, data, pool):
         return data.draw(st.sampled_from(sorted(pool)))
+
+    @precondition(lambda self: self.students and self.courses)
+    @rule(data=st.data())
+    def enroll_or_wait(self, data):
+        """Asks for the waitlist (the rule hypothesis picks as often as any other)."""
+        self.enroll(data, True)
 
     @precondition(lambda self: self.students and self.courses)
     @rule(data=st.data(), wait=st.booleans())
@@ -203,8 +222,8 @@ def test_waitlists_follow_the_model(live):
     run_state_machine_as_test(
         Waitlists,
         settings=settings(
-            max_examples=25,
-            stateful_step_count=40,
+            max_examples=30,
+            stateful_step_count=50,
             deadline=None,
             database=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
