@@ -25,7 +25,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ./client -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e './client[progress]' -e '.[dev]'
 	touch $@
 
 # target: proto - regenerate messages, gRPC stubs and .pyi stubs from protos/
@@ -89,7 +89,7 @@ bench-migrate: $(STAMP)
 	$(BIN)/python -m bench.migration --database-url '$(DATABASE_URL)' $(BENCH_ARGS)
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ./client -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e './client[progress]' -e '.[dev,bench]'
 	touch $@
 
 # target: clean - remove .venv, caches and the default SQLite database
