@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -29,3 +30,30 @@ def test_a_writer_waiting_past_the_timeout_is_unavailable(db_url):
         assert courses.get_course(course_id=1).enrolled_count == 1
     finally:
         engine.close_pool()
+
+
+def test_the_writer_lock_is_handed_over_in_arrival_order_and_times_out():
+    lock = unit_of_work.FairLock()
+    order: list[int] = []
+    lock.acquire()
+    threads = []
+    for i in range(5):
+
+        def take(i=i):
+            with lock:
+                order.append(i)
+
+        thread = threading.Thread(target=take)
+        thread.start()
+        threads.append(thread)
+        while len(lock._waiters) < i + 1:  # queued before the next one starts
+            time.sleep(0.001)
+    started = time.monotonic()
+    assert not lock.acquire(timeout=0.1)  # behind five others: gives up
+    assert time.monotonic() - started >= 0.1
+    lock.release()
+    for thread in threads:
+        thread.join(5)
+    assert order == [0, 1, 2, 3, 4]
+    assert lock.acquire(timeout=0)
+    lock.release()

@@ -36,7 +36,7 @@ from enrollment.server.persistence.models import (
     utcnow,
 )
 from enrollment.server.persistence.prepared import Prepared
-from enrollment.server.persistence.unit_of_work import savepoint, transactional
+from enrollment.server.persistence.unit_of_work import statement_guard, transactional
 
 STATES = (ENROLLED, WAITLISTED)
 
@@ -165,7 +165,7 @@ def join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bo
     course_id = course.id
     try:
         # The primary key decides duplicates, enrolled or waiting.
-        with savepoint():
+        with statement_guard():
             _INSERT.execute(student_id, course_id, now)
     except pw.IntegrityError:
         _raise_rejected_enrollment(student_id, course_id)
