@@ -29,7 +29,7 @@ from enrollment.server.errors import (
     in_batch,
 )
 from enrollment.server.persistence.models import Course, Student, utcnow
-from enrollment.server.persistence.unit_of_work import locking, savepoint
+from enrollment.server.persistence.unit_of_work import locking, savepoint, sharing
 
 MAX_ITEMS = 1000
 
@@ -73,7 +73,7 @@ def batch_drop(*, items: list[Item], allow_partial_success: bool) -> list[Outcom
 def _enroll(item: Item, locked: _Locked) -> Entry | None:
     course = _course_and_student(item, locked)
     # The course's capacities cannot change while the batch holds its row.
-    return join(course, item.student_id, locked.now, item.waitlist_if_full)
+    return join(course, item.student_id, locked.now, item.waitlist_if_full, student_locked=True)
 
 
 def _drop(item: Item, locked: _Locked) -> Entry | None:
@@ -148,10 +148,9 @@ def _run(
 
 
 def _lock(items: list[Item], malformed: dict[int, InvalidField]) -> _Locked:
-    """Every course of the batch locked in ascending id order (one statement), then
-    which of its students exist (read after the locks: a student deleted before
-    is missing here; one deleted after waits for the courses it is enrolled in, or is
-    caught by the enrollment's foreign key)."""
+    """Every course of the batch locked in ascending id order (one statement), then its
+    students that exist, share-locked (a student deleted before is missing here; a
+    delete after waits for the batch)."""
     wanted = [item for i, item in enumerate(items) if i not in malformed]
     course_ids = sorted({item.course_id for item in wanted})
     student_ids = sorted({item.student_id for item in wanted})
@@ -159,6 +158,7 @@ def _lock(items: list[Item], malformed: dict[int, InvalidField]) -> _Locked:
     courses = {course.id: course for course in locking(query)} if course_ids else {}
     students: set[int] = set()
     if student_ids:
-        rows = Student.select(Student.id).where(Student.id.in_(student_ids)).tuples()
-        students = {student_id for (student_id,) in rows}
+        # Share-locked: none of them can be deleted until the batch ends.
+        query = Student.select(Student.id).where(Student.id.in_(student_ids))
+        students = {student_id for (student_id,) in sharing(query).tuples()}
     return _Locked(courses, students, utcnow())

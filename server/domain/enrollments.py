@@ -10,6 +10,7 @@ UPDATEs whose row counts the database decides.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import dataclass
 
@@ -65,10 +66,13 @@ def _entry(row: StudentCourse, position: int = 0) -> Entry:
     )
 
 
+# A duplicate (enrolled or waiting) inserts nothing instead of failing, so no savepoint
+# is needed for it even on PostgreSQL (ON CONFLICT DO NOTHING; INSERT OR IGNORE on
+# SQLite, INSERT IGNORE on MariaDB, which also turns a missing student into no row).
 _INSERT = Prepared(
     lambda student_id, course_id, enroll_time: StudentCourse.insert(
         student=student_id, course=course_id, enroll_time=enroll_time
-    ),
+    ).on_conflict_ignore(),
     3,
 )
 # One conditional UPDATE takes a seat; no row changed means the course is full.
@@ -159,17 +163,30 @@ def enroll_student(*, student_id: int, course_id: int, waitlist_if_full: bool = 
     return join(course, student_id, utcnow(), waitlist_if_full)
 
 
-def join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bool) -> Entry:
+def join(
+    course: Course,
+    student_id: int,
+    now: dt.datetime,
+    waitlist_if_full: bool,
+    *,
+    student_locked: bool = False,
+) -> Entry:
     """The one place an entry is made: ENROLLED when a seat is free, else WAITLISTED
-    when asked for and the waitlist has room."""
+    when asked for and the waitlist has room. student_locked: the caller holds a share
+    lock on the student's row, so its foreign key cannot fail and PostgreSQL needs no
+    savepoint around the insert."""
     course_id = course.id
+    guard = contextlib.nullcontext() if student_locked else statement_guard()
     try:
         # The primary key decides duplicates, enrolled or waiting.
-        with statement_guard():
-            _INSERT.execute(student_id, course_id, now)
+        with guard:
+            inserted = _INSERT.execute(student_id, course_id, now)
     except pw.IntegrityError:
+        inserted = 0  # the student was deleted by a call that committed since
+    if inserted != 1:
         _raise_rejected_enrollment(student_id, course_id)
-        raise  # a constraint this code does not know: INTERNAL, with the traceback logged
+        # A constraint this code does not know: INTERNAL, with the traceback logged.
+        raise RuntimeError(f"enrollment of {student_id} in {course_id} inserted no row")
     if _TAKE_SEAT.execute(course_id) == 1:
         return Entry(student_id, course_id, ENROLLED, 0, now, now)
     # Full. Raising rolls the new entry back with the transaction.
