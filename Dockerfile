@@ -13,7 +13,7 @@ COPY protos ./protos
 COPY server ./server
 COPY client ./client
 COPY migrations ./migrations
-RUN pip install . \
+RUN pip install ./client . \
     && useradd --system --uid 10001 --home-dir /data --create-home enrollment
 
 USER enrollment

@@ -1,7 +1,4 @@
 # Every target works from a fresh clone; `make help` lists them.
-SHELL := /bin/bash
-# A failing step of a pipe fails the target (lint pipes buf build into buf breaking).
-.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,9 +9,12 @@ DATABASE_URL ?= sqlite:///enrollment.db
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 MIX ?= read
+DATABASE ?= postgresql
+CHAOS_SECONDS ?= 60
+SOAK_SECONDS ?= 600
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test migrate run clean bench bench-scale bench-compare bench-micro bench-profile bench-migrate bench-import
+.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-scale bench-compare bench-micro bench-profile bench-migrate chaos soak bench-import
 
 # target: help - list the targets and what they do
 help:
@@ -28,23 +28,58 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e './client[progress]' -e '.[dev]'
 	touch $@
 
-# target: proto - regenerate messages, gRPC stubs and .pyi stubs from protos/
+# target: proto - regenerate stubs, .pyi, the descriptor set, the googleapis copies and docs/api.md
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
-# target: lint - ruff, buf lint, buf format, buf breaking against v1.0, generated code current
+# target: lint - ruff, buf lint/format, buf breaking against v1.0, generated code and docs/api.md current, deploy/kubernetes valid, mypy
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
-	@# the image of protos/enrollment alone (third_party/ is a second module of the workspace)
-	$(BIN)/buf build --path protos/enrollment -o - | $(BIN)/buf breaking -#format=binpb --against releases/enrollment-v1.0.binpb
+	$(BIN)/buf breaking --against releases/enrollment-v1.0.binpb
 	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
+	$(BIN)/python scripts/typecheck.py
 
 # target: test - lint, then the whole pytest suite against real servers
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# target: interop - Node and Go clients against a real server (installs node, Go and npm packages when it can)
+interop: $(STAMP) interop-tools
+	INTEROP_REQUIRED=1 $(BIN)/pytest -p no:cacheprovider tests/test_interop.py $(PYTEST_ARGS)
+
+# The toolchains of tests/test_interop.py: Debian's Node and Go packages (Go in GOPATH
+# mode: grpc, genproto and protobuf as Debian ships them, nothing from a module proxy)
+# and the Node client's locked npm packages. apt-get needs root; without it, say so.
+# Commands first (a node from elsewhere, with its npm, is fine), then Go source packages.
+INTEROP_COMMANDS := node:nodejs npm:npm go:golang-go protoc-gen-go:protoc-gen-go \
+	protoc-gen-go-grpc:protoc-gen-go-grpc
+INTEROP_GO_DEV := golang-google-grpc-dev golang-google-genproto-dev golang-google-protobuf-dev \
+	golang-github-golang-protobuf-1-5-dev
+NODE_MODULES := tests/interop/node/node_modules/.package-lock.json
+
+.PHONY: interop-apt
+interop-tools: interop-apt $(NODE_MODULES)
+
+interop-apt:
+	@missing=""; for c in $(INTEROP_COMMANDS); do \
+	  command -v $${c%%:*} >/dev/null 2>&1 || missing="$$missing $${c#*:}"; \
+	done; \
+	for p in $(INTEROP_GO_DEV); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; } >/dev/null \
+	  || echo "could not install$$missing (apt-get needs root and Debian's lists): the interop tests say what is missing"; \
+	fi
+
+$(NODE_MODULES): tests/interop/node/package.json tests/interop/node/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: cannot install the Node client's packages"; exit 0; }; \
+	cd tests/interop/node && npm ci --no-audit --no-fund --loglevel=error
 
 # target: migrate - apply pending migrations to DATABASE_URL (default sqlite:///enrollment.db)
 migrate: $(STAMP)
@@ -95,6 +130,14 @@ bench-import: $(STAMP)
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e './client[progress]' -e '.[dev,bench]'
 	touch $@
+
+# target: chaos - kill the server's database connections every 2 s under writes (DATABASE=postgresql|mysql, CHAOS_SECONDS=60); checks every answer
+chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos --database '$(DATABASE)' --seconds '$(CHAOS_SECONDS)' $(BENCH_ARGS)
+
+# target: soak - mixed load on a real server for SOAK_SECONDS (600); RSS, descriptors, threads, p99; PASS/FAIL on growth
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --seconds '$(SOAK_SECONDS)' $(SOAK_ARGS)
 
 # target: clean - remove .venv, caches and the default SQLite database
 clean:

@@ -14,12 +14,6 @@ TICKS = os.sysconf("SC_CLK_TCK")
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _stat(pid: int) -> list[str] | None:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -109,10 +103,18 @@ class Server:
 
 
 def enrollment_server(
-    port: int, database_url: str, log_path: Path, *, max_workers: int, workers: int, log_level: str
+    port: int,
+    database_url: str,
+    log_path: Path,
+    *,
+    max_workers: int,
+    workers: int,
+    log_level: str,
+    executable: str = "",
 ) -> Server:
+    """This checkout's server, or the `enrollment-server` executable of another one."""
     argv = [
-        str(BIN / "enrollment-server"),
+        executable or str(BIN / "enrollment-server"),
         "--log-level",
         log_level,
         "serve",

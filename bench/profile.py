@@ -12,6 +12,7 @@ from pathlib import Path
 from bench import load, measure, procs
 from bench.seed import Shape, seed
 from enrollment.server.startup.config import ServerConfig
+from tests.servers import free_port
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
         procs.migrate(url)
         seed(url, shape)
         server = procs.enrollment_server(
-            procs.free_port(),
+            free_port(),
             url,
             tmpdir / "server.log",
             max_workers=ServerConfig().max_workers,

@@ -15,10 +15,13 @@ from pathlib import Path
 import grpc
 
 from bench import h2, load, measure, procs
-from bench.seed import Shape, miscounted_courses, seed
+from bench.seed import Shape, seed
 from enrollment.server.startup.config import ServerConfig
+from tests import databases
+from tests.servers import free_port
 
 PROJECT, CEILING, WORKERS, THREADS = "enrollment", "ceiling", "enrollment-w", "enrollment-t"
+OTHER = "other"
 # `read` driven by h2load: one student per round, ListCourses and GetStudent in turn.
 H2_READ = "read-h2"
 EXPECTED_CODES = {"OK"}
@@ -57,6 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="also run every mix against a server with --max-workers N, in the same rounds",
+    )
+    parser.add_argument(
+        "--other-server",
+        default="",
+        metavar="PATH",
+        help="also run every mix against the enrollment-server executable of another "
+        "checkout (its .venv/bin/enrollment-server), in the same rounds: before/after "
+        "figures that one machine's drift cannot tell apart",
     )
     parser.add_argument(
         "--h2load",
@@ -113,20 +124,21 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-        def project(log_name: str, *, max_workers: int, workers: int):
+        def project(log_name: str, *, max_workers: int, workers: int, executable: str = ""):
             return procs.enrollment_server(
-                procs.free_port(),
+                free_port(),
                 url,
                 tmpdir / log_name,
                 max_workers=max_workers,
                 workers=workers,
                 log_level=args.log_level,
+                executable=executable,
             )
 
         servers = {
             PROJECT: project("server.log", max_workers=args.max_workers, workers=args.workers),
             CEILING: procs.ceiling_server(
-                procs.free_port(), tmpdir / "ceiling.log", max_workers=args.max_workers
+                free_port(), tmpdir / "ceiling.log", max_workers=args.max_workers
             ),
         }
         workers_check = args.workers_check if has_workers and "read" in mixes else 0
@@ -140,6 +152,13 @@ def main(args: argparse.Namespace) -> int:
             servers[THREADS] = project(
                 "server-threads.log", max_workers=args.threads_check, workers=args.workers
             )
+        if args.other_server:
+            servers[OTHER] = project(
+                "server-other.log",
+                max_workers=args.max_workers,
+                workers=1,
+                executable=args.other_server,
+            )
         try:
             for server in servers.values():
                 server.start()
@@ -148,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
             for server in servers.values():
                 server.stop()
         log_tail = (tmpdir / "server.log").read_text(errors="replace").splitlines()[-3:]
-        miscounted = miscounted_courses(url)
+        miscounted = databases.miscounted_courses(url)
 
     report = {
         "meta": {
@@ -179,7 +198,7 @@ def main(args: argparse.Namespace) -> int:
     }
     unexpected = {k: v for k, v in unexpected.items() if v}
     if miscounted:
-        print(f"FAILED: enrolled_count differs from the roster of courses {miscounted[:10]}")
+        print(f"FAILED: enrolled_count differs from the roster: {miscounted[:10]}")
         return 1
     if unexpected:
         print(f"FAILED: unexpected status codes {unexpected}", file=sys.stderr)
@@ -203,6 +222,8 @@ def _run_rounds(servers, mixes, shape, args, tmpdir: Path) -> dict:
             names.append(WORKERS)
         if THREADS in servers:
             names.append(THREADS)
+        if OTHER in servers:
+            names.append(OTHER)
         rounds: dict[str, list] = {name: [] for name in names}
         for index in range(args.rounds):
             # Alternate which server goes first, so drift on a shared machine hits both.

@@ -25,6 +25,7 @@ from bench.seed import Shape, seed
 from enrollment.server.startup.config import ServerConfig
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+from tests.servers import free_port
 
 SMALL, LARGE = "10k", "1M"
 SHAPES = {
@@ -142,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             servers[name] = procs.enrollment_server(
-                procs.free_port(),
+                free_port(),
                 url,
                 tmpdir / f"{name}.log",
                 max_workers=ServerConfig().max_workers,

@@ -6,8 +6,6 @@ import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import peewee as pw
-
 from enrollment.server.persistence import engine
 from enrollment.server.persistence.models import Course, Student, StudentCourse
 
@@ -98,27 +96,5 @@ def seed(database_url: str, shape: Shape) -> None:
                 fields = [StudentCourse.student, StudentCourse.course, StudentCourse.enroll_time]
                 for batch in _chunks(pairs):
                     StudentCourse.insert_many(batch, fields=fields).execute()
-    finally:
-        engine.close_pool()
-
-
-def miscounted_courses(database_url: str) -> list[int]:
-    """Courses whose enrolled_count differs from their roster (the bench must leave none)."""
-    db = engine.open_pool(database_url, max_connections=1)
-    try:
-        with db.connection_context():
-            roster = (
-                StudentCourse.select(
-                    StudentCourse.course, pw.fn.COUNT(StudentCourse.student).alias("n")
-                )
-                .group_by(StudentCourse.course)
-                .tuples()
-            )
-            counts = dict(roster)
-            return [
-                course_id
-                for course_id, enrolled in Course.select(Course.id, Course.enrolled_count).tuples()
-                if counts.get(course_id, 0) != enrolled
-            ]
     finally:
         engine.close_pool()

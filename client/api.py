@@ -6,11 +6,11 @@ import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from enrollment.v1 import enrollment_pb2 as pb
@@ -28,14 +28,15 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
-SERVICE_CONFIG = json.dumps(
-    {"methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": RETRY_POLICY}]}
-)
-CHANNEL_OPTIONS = (("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1))
-
 
 # google.rpc.Code numbers to grpc.StatusCode values.
 _CODES = {code.value[0]: code.value for code in grpc.StatusCode}
+
+_Response = TypeVar("_Response")
+# gRPC's load-balancing policies that need nothing but the addresses the target resolves
+# to: pick_first (gRPC's default) sends every call to one of them, round_robin spreads
+# calls over all of them (every pod behind a headless Service, say).
+LB_POLICIES = ("pick_first", "round_robin")
 
 
 class ClientError(Exception):
@@ -61,7 +62,7 @@ class ClientError(Exception):
         return f"{head}: {self.message}"
 
     @classmethod
-    def from_status(cls, status: status_pb2.Status) -> ClientError:
+    def from_status(cls, status: Any) -> ClientError:
         """A batch item's google.rpc.Status as an error."""
         info = error_details_pb2.ErrorInfo()
         bad = error_details_pb2.BadRequest()
@@ -87,7 +88,8 @@ class ClientError(Exception):
         info = error_details_pb2.ErrorInfo()
         bad = error_details_pb2.BadRequest()
         try:
-            status = rpc_status.from_call(error)
+            # grpc.aio's errors are not grpc.Call, but have the same code/details/trailers.
+            status = rpc_status.from_call(cast(grpc.Call, error))
         except (ValueError, AttributeError):
             # Details that contradict the status line are not trusted; code and message stand.
             status = None
@@ -134,26 +136,22 @@ class EnrollmentClient:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        lb_policy: str | None = None,
     ) -> None:
         """TLS when tls_ca (the server's CA; system roots otherwise) or tls_cert is given;
         tls_cert/tls_key are the client certificate for mutual TLS; token is sent as
-        'authorization: Bearer <token>' on every call."""
+        'authorization: Bearer <token>' on every call. lb_policy "round_robin" spreads
+        calls over every address the target resolves to, e.g.
+        "dns:///enrollment-headless.NAMESPACE.svc.cluster.local:50051" or
+        "ipv4:10.0.0.1:50051,10.0.0.2:50051"; gRPC's default is "pick_first"."""
         if timeout <= 0:
             raise ValueError("timeout must be more than 0 seconds")
-        if bool(tls_cert) != bool(tls_key):
-            raise ValueError("tls_cert and tls_key go together")
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        if tls_ca or tls_cert:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(tls_ca),
-                private_key=_read(tls_key),
-                certificate_chain=_read(tls_cert),
-            )
-            self._channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(
+            address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, lb_policy=lb_policy
+        )
         self._stub = pb_grpc.EnrollmentServiceStub(self._channel)
 
     def __enter__(self) -> EnrollmentClient:
@@ -165,7 +163,7 @@ class EnrollmentClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Callable[..., Any], request: Any) -> Any:
+    def _call(self, method: Callable[..., _Response], request: Any) -> _Response:
         # No wait_for_ready: a server that is down should fail the call now, as
         # UNAVAILABLE, rather than hold it until the deadline.
         try:
@@ -175,7 +173,9 @@ class EnrollmentClient:
         except grpc.RpcError as error:
             raise ClientError.from_rpc_error(error) from None
 
-    def _mutate(self, method: Callable[..., Any], request: Any, request_id: str | None) -> Any:
+    def _mutate(
+        self, method: Callable[..., _Response], request: Any, request_id: str | None
+    ) -> _Response:
         """A mutation with its request_id: the caller's, else a fresh one, so that the
         channel's retries (and the caller's own, passing the same id) apply it once."""
         request.request_id = request_id or str(uuid.uuid4())
@@ -204,12 +204,9 @@ class EnrollmentClient:
         self, course_id: int = 0, *, page_size: int = 0, page_token: str = ""
     ) -> Iterator[pb.Student]:
         """Every student from page_token on (the start by default), fetching page after page."""
-        while True:
-            page = self.list_students(course_id, page_size, page_token)
-            yield from page.students
-            page_token = _next_token(page_token, page.next_page_token)
-            if not page_token:
-                return
+        return _walk(
+            lambda token: self.list_students(course_id, page_size, token), "students", page_token
+        )
 
     def update_student(
         self,
@@ -222,9 +219,12 @@ class EnrollmentClient:
     ) -> pb.Student:
         """Change the fields given (None leaves one as it is). etag: the student's etag as
         last read, to refuse the change (ABORTED ETAG_MISMATCH) if it moved since."""
-        values = {"name": name, "email": email}
-        paths = [path for path, value in values.items() if value is not None]
-        student = pb.Student(id=student_id, etag=etag, **{p: values[p] for p in paths})
+        student = pb.Student(id=student_id, etag=etag)
+        paths: list[str] = []
+        if name is not None:
+            student.name, paths = name, [*paths, "name"]
+        if email is not None:
+            student.email, paths = email, [*paths, "email"]
         request = pb.UpdateStudentRequest(
             student=student, update_mask=field_mask_pb2.FieldMask(paths=paths)
         )
@@ -265,14 +265,16 @@ class EnrollmentClient:
     ) -> pb.Course:
         """Change the fields given (None leaves one as it is; capacity=0 means unlimited).
         Raising the capacity promotes waitlisted students into the new seats."""
-        values = {
-            "code": code,
-            "title": title,
-            "capacity": capacity,
-            "waitlist_capacity": waitlist_capacity,
-        }
-        paths = [path for path, value in values.items() if value is not None]
-        course = pb.Course(id=course_id, etag=etag, **{p: values[p] for p in paths})
+        course = pb.Course(id=course_id, etag=etag)
+        paths: list[str] = []
+        if code is not None:
+            course.code, paths = code, [*paths, "code"]
+        if title is not None:
+            course.title, paths = title, [*paths, "title"]
+        if capacity is not None:
+            course.capacity, paths = capacity, [*paths, "capacity"]
+        if waitlist_capacity is not None:
+            course.waitlist_capacity, paths = waitlist_capacity, [*paths, "waitlist_capacity"]
         request = pb.UpdateCourseRequest(
             course=course, update_mask=field_mask_pb2.FieldMask(paths=paths)
         )
@@ -295,12 +297,9 @@ class EnrollmentClient:
         self, student_id: int = 0, *, page_size: int = 0, page_token: str = ""
     ) -> Iterator[pb.Course]:
         """Every course from page_token on (the start by default), fetching page after page."""
-        while True:
-            page = self.list_courses(student_id, page_size, page_token)
-            yield from page.courses
-            page_token = _next_token(page_token, page.next_page_token)
-            if not page_token:
-                return
+        return _walk(
+            lambda token: self.list_courses(student_id, page_size, token), "courses", page_token
+        )
 
     def delete_course(
         self, course_id: int, force: bool = False, *, request_id: str | None = None
@@ -380,7 +379,7 @@ class EnrollmentClient:
         self,
         student_id: int = 0,
         course_id: int = 0,
-        state: int = pb.ENROLLMENT_STATE_UNSPECIFIED,
+        state: pb.EnrollmentState.ValueType = pb.ENROLLMENT_STATE_UNSPECIFIED,
         page_size: int = 0,
         page_token: str = "",
     ) -> pb.ListEnrollmentsResponse:
@@ -398,7 +397,7 @@ class EnrollmentClient:
         self,
         student_id: int = 0,
         course_id: int = 0,
-        state: int = pb.ENROLLMENT_STATE_UNSPECIFIED,
+        state: pb.EnrollmentState.ValueType = pb.ENROLLMENT_STATE_UNSPECIFIED,
         *,
         page_size: int = 0,
         page_token: str = "",
@@ -413,7 +412,7 @@ class EnrollmentClient:
                 return
 
 
-def _batch_results(results) -> list[BatchResult]:
+def _batch_results(results: Iterable[Any]) -> list[BatchResult]:
     out = []
     for result in results:
         error = None
@@ -425,11 +424,61 @@ def _batch_results(results) -> list[BatchResult]:
     return out
 
 
+def open_channel(
+    address: str,
+    *,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    lb_policy: str | None = None,
+) -> grpc.Channel:
+    """A channel to HOST:PORT: TLS when tls_ca (the server's CA; system roots otherwise) or
+    tls_cert is given, with tls_cert/tls_key as the client certificate for mutual TLS;
+    plaintext otherwise. Raises ValueError for a certificate without its key (or the
+    reverse) and OSError for a file that cannot be read. lb_policy: see channel_options."""
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("tls_cert and tls_key go together")
+    options = channel_options(lb_policy)
+    if not (tls_ca or tls_cert):
+        return grpc.insecure_channel(address, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls_ca),
+        private_key=_read(tls_key),
+        certificate_chain=_read(tls_cert),
+    )
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def channel_options(lb_policy: str | None = None) -> list[tuple[str, str]]:
+    """Channel options: a service config retrying UNAVAILABLE (RETRY_POLICY), and gRPC's
+    load-balancing policy lb_policy (one of LB_POLICIES; None leaves gRPC's default,
+    pick_first). Raises ValueError for another policy."""
+    config: dict[str, object] = {
+        "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": RETRY_POLICY}]
+    }
+    if lb_policy is not None:
+        if lb_policy not in LB_POLICIES:
+            raise ValueError(f"lb_policy must be one of {', '.join(LB_POLICIES)}")
+        config["loadBalancingConfig"] = [{lb_policy: {}}]
+    return [("grpc.service_config", json.dumps(config))]
+
+
 def _read(path: str | None) -> bytes | None:
     if not path:
         return None
     with open(path, "rb") as file:
         return file.read()
+
+
+def _walk(fetch: Callable[[str], Any], items: str, page_token: str) -> Iterator[Any]:
+    """The items of page after page from page_token on; fetch(token) makes one List* call
+    and items names the reply's repeated field."""
+    while True:
+        page = fetch(page_token)
+        yield from getattr(page, items)
+        page_token = _next_token(page_token, page.next_page_token)
+        if not page_token:
+            return
 
 
 def _next_token(current: str, following: str) -> str:

@@ -114,7 +114,9 @@ def _directory(client: EnrollmentClient) -> tuple[dict[str, int], dict[str, int]
     return students, courses
 
 
-def resolve(client: EnrollmentClient, columns: list[str], rows: list[Row], summary: Summary):
+def resolve(
+    client: EnrollmentClient, columns: list[str], rows: list[Row], summary: Summary
+) -> None:
     """Each row's (student_id, course_id), or a reject for a malformed or unknown one."""
     by_id = set(ID_COLUMNS) <= set(columns)
     known = None if by_id else _directory(client)
@@ -127,6 +129,7 @@ def resolve(client: EnrollmentClient, columns: list[str], rows: list[Row], summa
             row.pair = found
             continue
         email, code = row.values.get("email", ""), row.values.get("course_code", "")
+        assert known is not None
         students, courses = known
         if email.lower() not in students:
             summary.rejects.append(
@@ -170,7 +173,16 @@ def import_file(
     return summary
 
 
-def _import_rows(client, data, rows, summary, batch_size, dry_run, waitlist_if_full, progress):
+def _import_rows(
+    client: EnrollmentClient,
+    data: bytes,
+    rows: list[Row],
+    summary: Summary,
+    batch_size: int,
+    dry_run: bool,
+    waitlist_if_full: bool,
+    progress: Any,
+) -> None:
     columns = summary.columns
     resolve(client, columns, rows, summary)
     valid = [row for row in rows if row.pair is not None]
@@ -184,7 +196,7 @@ def _import_rows(client, data, rows, summary, batch_size, dry_run, waitlist_if_f
     content_hash = hashlib.sha256(data).hexdigest()
     for index, batch in enumerate(chunks(valid, batch_size)):
         results = client.batch_enroll(
-            [row.pair for row in batch],
+            [row.pair for row in batch if row.pair is not None],
             allow_partial_success=True,
             waitlist_if_full=waitlist_if_full,
             request_id=batch_request_id(content_hash, batch_size, index),
@@ -193,7 +205,10 @@ def _import_rows(client, data, rows, summary, batch_size, dry_run, waitlist_if_f
             if result.error is not None:
                 error = result.error
                 summary.rejects.append(Reject(row, error.code, error.reason, error.message))
-            elif result.enrollment.state == pb.ENROLLMENT_STATE_WAITLISTED:
+            elif (
+                result.enrollment is not None
+                and result.enrollment.state == pb.ENROLLMENT_STATE_WAITLISTED
+            ):
                 summary.waitlisted += 1
         if progress is not None:
             progress.update(len(batch))
@@ -205,6 +220,7 @@ def _check_existence(client: EnrollmentClient, rows: list[Row], summary: Summary
     students = {s.id for s in client.iter_students(page_size=1000)}
     courses = {c.id for c in client.iter_courses(page_size=1000)}
     for row in rows:
+        assert row.pair is not None
         student_id, course_id = row.pair
         if course_id not in courses:
             summary.rejects.append(
@@ -255,12 +271,12 @@ def _export_row(entry: pb.Enrollment) -> Iterable[object]:
             entry.create_time.ToJsonString(), enroll_time)  # fmt: skip
 
 
-def progress_bar(total: int, stream: IO[str] = sys.stderr):
+def progress_bar(total: int, stream: IO[str] = sys.stderr) -> Any:
     """A tqdm bar with rate and ETA on a terminal; None when not a TTY or without tqdm."""
     if not stream.isatty():
         return None
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
     except ImportError:  # the optional "progress" extra is not installed
         return None
     return tqdm(total=total, unit="row", file=stream, dynamic_ncols=True)

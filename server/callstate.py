@@ -11,7 +11,8 @@ _is_active: ContextVar[Callable[[], bool] | None] = ContextVar("call_is_active",
 
 
 def bind(is_active: Callable[[], bool]) -> Token:
-    """Bind the current call's liveness check (grpc's context.is_active) to this thread."""
+    """Bind the current call's liveness check to this context (the transport binds it to
+    the call's state and runs the call's database work in a copy of the context)."""
     return _is_active.set(is_active)
 
 

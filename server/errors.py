@@ -156,6 +156,33 @@ class DatabaseUnavailable(EnrollmentError):
         return cls("the database is unavailable; retry the call")
 
 
+class CommitOutcomeUnknown(EnrollmentError):
+    """The connection failed during COMMIT: the write may or may not have been made.
+
+    Unlike DatabaseUnavailable this does not say "nothing changed"; the server never
+    runs such a call again by itself.
+    """
+
+    code, reason = "UNAVAILABLE", "COMMIT_OUTCOME_UNKNOWN"
+
+    @classmethod
+    def of(cls) -> CommitOutcomeUnknown:
+        return cls(
+            "the database connection failed while committing: the change may have been made; "
+            "check before retrying"
+        )
+
+
+class StorageFull(EnrollmentError):
+    """The database has no space left for the write; nothing was changed."""
+
+    code, reason = "UNAVAILABLE", "STORAGE_FULL"
+
+    @classmethod
+    def of(cls) -> StorageFull:
+        return cls("the database's storage is full; nothing was changed, retry later")
+
+
 class Unauthenticated(EnrollmentError):
     """A bearer token that matches no configured token."""
 
@@ -174,6 +201,20 @@ class MissingToken(Unauthenticated):
     @classmethod
     def of(cls) -> MissingToken:
         return cls("this call needs the metadata 'authorization: Bearer <token>'")
+
+
+class AuthFailuresLimited(EnrollmentError):
+    """This peer sent too many wrong tokens lately; its calls wait for its bucket to refill."""
+
+    code, reason = "RESOURCE_EXHAUSTED", "AUTH_FAILURES_LIMITED"
+
+    @classmethod
+    def of(cls, retry_after: float) -> AuthFailuresLimited:
+        seconds = f"{retry_after:.1f}"
+        return cls(
+            f"too many failed authentications from this address; retry in {seconds}s",
+            {"retry_after_seconds": seconds},
+        )
 
 
 class PermissionDenied(EnrollmentError):
@@ -195,6 +236,21 @@ class CallEnded(EnrollmentError):
     @classmethod
     def of(cls) -> CallEnded:
         return cls("the call ended (deadline passed or cancelled) before its work committed")
+
+
+class RequestTimeout(EnrollmentError):
+    """The call's request message did not arrive within the server's bound
+    (--request-timeout): the call is ended before any work, so that a client that
+    opens calls and never sends their body holds nothing for long."""
+
+    code, reason = "DEADLINE_EXCEEDED", "REQUEST_TIMEOUT"
+
+    @classmethod
+    def of(cls, seconds: float) -> RequestTimeout:
+        return cls(
+            f"the request message did not arrive within {seconds:g} s of the call's start",
+            {"timeout_seconds": f"{seconds:g}"},
+        )
 
 
 class EtagMismatch(EnrollmentError):

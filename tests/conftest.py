@@ -9,6 +9,7 @@ cannot be reached skips its tests with the reason, except under CI=true, where i
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from enrollment.server.persistence import engine, migrator
 from enrollment.server.startup.config import ServerConfig
 from enrollment.server.startup.server import RunningServer, create_server
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from tests import databases
+from tests import databases, servers
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -178,3 +179,26 @@ def live(start_server) -> LiveServer:
 @pytest.fixture
 def stub(live: LiveServer) -> pb_grpc.EnrollmentServiceStub:
     return live.stub
+
+
+@pytest.fixture
+def server_process(tmp_path) -> Iterator[Callable[..., servers.ServerProcess]]:
+    """Start `enrollment-server` processes (see servers.start: args, argv, port, host, env,
+    cwd, credentials), each SERVING when returned; stopped with SIGTERM at teardown and
+    killed when they do not exit in time."""
+    started: list[servers.ServerProcess] = []
+
+    def start(*args: str, **options) -> servers.ServerProcess:
+        log_path = tmp_path / f"server-{len(started) + 1}.log"
+        server = servers.start(log_path, *args, **options)
+        started.append(server)
+        return server
+
+    yield start
+    late = []
+    for server in started:
+        try:
+            server.stop()
+        except subprocess.TimeoutExpired:
+            late.append(server.address)
+    assert not late, f"servers that did not stop within {servers.STOP_TIMEOUT}s of SIGTERM: {late}"

@@ -121,6 +121,40 @@ def table_counts(url: str) -> tuple[int, int, int]:
         )
 
 
+def miscounted_courses(url: str) -> list[str]:
+    """Each course whose enrolled_count differs from its roster, or whose roster exceeds
+    its capacity (0 = unlimited); the tests and the bench must leave none. Read with plain
+    SQL, not the server's models."""
+    rows = query(
+        url,
+        "SELECT c.id, c.capacity, c.enrolled_count, COUNT(sc.student_id) FROM courses c "
+        "LEFT JOIN student_courses sc ON sc.course_id = c.id "
+        "GROUP BY c.id, c.capacity, c.enrolled_count ORDER BY c.id",
+    )
+    return [
+        f"course {course_id}: enrolled_count {enrolled_count}, roster {roster}, capacity {capacity}"
+        for course_id, capacity, enrolled_count, roster in rows
+        if enrolled_count != roster or (capacity and roster > capacity)
+    ]
+
+
+def snapshot(url: str) -> dict[str, list[tuple]]:
+    """Every row of every table (update_time and counts included)."""
+    with connection(url) as db:
+        return {
+            "students": sql(db, "SELECT * FROM students ORDER BY id"),
+            "courses": sql(db, "SELECT * FROM courses ORDER BY id"),
+            "student_courses": sql(
+                db, "SELECT * FROM student_courses ORDER BY student_id, course_id"
+            ),
+            "request_records": sql(
+                db,
+                "SELECT request_id, method, fingerprint, create_time FROM request_records "
+                "ORDER BY request_id",
+            ),  # fmt: skip
+        }
+
+
 def empty_tables(url: str) -> None:
     with connection(url) as db, db.atomic():
         for table in TABLES:

@@ -13,6 +13,9 @@ class TcpProxy:
 
     cut(): closes every open connection and refuses new ones, as a database that
     went away would. restore(): accepts connections again on the same port.
+    cut_at_commit(): the next COMMIT a client sends reaches the database, and its
+    connection is then dropped before the database's answer gets back: the client
+    cannot know whether the transaction committed.
     """
 
     def __init__(self, target: tuple[str, int]) -> None:
@@ -21,6 +24,8 @@ class TcpProxy:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._listener: socket.socket | None = None
         self._closed = threading.Event()
+        self._commit_trap = threading.Event()
+        self.commits_cut = 0
         self.port = self._listen(0)
 
     def _listen(self, port: int) -> int:
@@ -51,18 +56,34 @@ class TcpProxy:
         selector = selectors.DefaultSelector()
         selector.register(a, selectors.EVENT_READ, b)
         selector.register(b, selectors.EVENT_READ, a)
+        committing = False  # a COMMIT went upstream; its answer is not passed back
         try:
             while True:
                 for key, _ in selector.select(timeout=1):
                     data = key.fileobj.recv(65536)
                     if not data:
                         return
+                    if key.fileobj is b and committing:
+                        with self._lock:
+                            self.commits_cut += 1
+                        return  # the answer to COMMIT is dropped with the connection
+                    if key.fileobj is a and b"COMMIT" in data.upper() and self._take_trap():
+                        committing = True
                     key.data.sendall(data)
         except (OSError, ValueError):
             return
         finally:
             selector.close()
             self._drop(a, b)
+
+    def cut_at_commit(self) -> None:
+        self._commit_trap.set()
+
+    def _take_trap(self) -> bool:
+        with self._lock:
+            armed = self._commit_trap.is_set()
+            self._commit_trap.clear()
+            return armed
 
     def _drop(self, a: socket.socket, b: socket.socket) -> None:
         for sock in (a, b):

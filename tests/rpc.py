@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import itertools
-import socket
-import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
@@ -16,13 +15,6 @@ from grpc_status import rpc_status
 from enrollment.v1 import enrollment_pb2 as pb
 
 TIMEOUT = 10
-SERVER = str(Path(sys.executable).parent / "enrollment-server")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -70,6 +62,22 @@ def expect_error(call, request, code: grpc.StatusCode, reason: str, fields=None)
     if fields is not None:
         assert sorted(got.fields) == sorted(fields), got
     return got
+
+
+def race(calls) -> list[grpc.StatusCode]:
+    """Run the calls at once from many threads; return each one's status code."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call):
+        barrier.wait()
+        try:
+            call()
+            return grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            return error.code()
+
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return list(pool.map(run, calls))
 
 
 _serial = itertools.count(1)

@@ -16,10 +16,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from enrollment.server.persistence import engine
 from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.startup.server import create_server
+from enrollment.server.transport.auth import FailureBuckets, peer_host
 from enrollment.v1 import enrollment_pb2 as pb
-from tests.rpc import SERVER, TIMEOUT, expect_error, failure
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+from tests.rpc import TIMEOUT, expect_error, failure
+from tests.servers import SERVER, scrape
 
 # Tokens and roles are checked before any database work.
 pytestmark = pytest.mark.databases("sqlite")
@@ -245,7 +249,9 @@ def test_serve_with_a_missing_tokens_file_exits_with_a_clear_error(db_url, tmp_p
     assert "cannot read the tokens file" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_arbitrary_authorization_values_are_only_ever_unauthenticated(secured):
+def test_arbitrary_authorization_values_are_only_ever_unauthenticated(start_server, tokens_file):
+    # 60 wrong tokens from one address: the failure limit (tested below) is set above it.
+    secured = start_server(auth_tokens=str(tokens_file), auth_failure_burst=1000)
     printable = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300)
 
     @settings(
@@ -266,3 +272,96 @@ def test_arbitrary_authorization_values_are_only_ever_unauthenticated(secured):
 
     property_()
     assert call(secured, "ListCourses", bearer(TOKENS["reader"])).courses == []
+
+
+# --------------------------------------------------------------- hostile callers
+
+
+@pytest.mark.parametrize("order", ["wrong first", "wrong last"])
+def test_two_authorization_values_are_refused(secured, order):
+    """A proxy in front may have checked only one of them: the call is refused whole."""
+    values = [("authorization", "Bearer wrong-secret"), *bearer(TOKENS["admin"])]
+    if order == "wrong last":
+        values.reverse()
+    for method in ("GetStudent", "CreateStudent"):
+        with pytest.raises(grpc.RpcError) as raised:
+            call(secured, method, tuple(values))
+        got = failure(raised.value)
+        assert (got.code, got.reason) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_TOKEN")
+        assert "more than one" in got.message
+    # The same token alone is fine.
+    assert call(secured, "ListCourses", bearer(TOKENS["admin"])).courses == []
+
+
+def test_wrong_tokens_are_counted_by_peer_and_limited_for_that_peer_only(db_url, tokens_file):
+    """20 wrong tokens from one address, then its calls are refused at once (even with a
+    good token) until its bucket refills; another address is served as before."""
+    config = ServerConfig(
+        address="[::]:0",
+        database_url=db_url,
+        auth_tokens=str(tokens_file),
+        metrics_address="127.0.0.1:0",
+        auth_failure_burst=20,
+        auth_failure_rate=0.5,
+    )
+    running = create_server(config)
+    attacker = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    other = grpc.insecure_channel(f"[::1]:{running.port}")
+    try:
+        stub = pb_grpc.EnrollmentServiceStub(attacker)
+        request = pb.ListCoursesRequest()
+
+        def attempt(token):
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.ListCourses(request, timeout=TIMEOUT, metadata=bearer(token))
+            return failure(raised.value)
+
+        reasons = [attempt(f"guess-{n}").reason for n in range(25)]
+        assert reasons == ["INVALID_TOKEN"] * 20 + ["AUTH_FAILURES_LIMITED"] * 5
+        limited = attempt(TOKENS["reader"])  # the right token is not even looked at now
+        assert limited.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert float(limited.metadata["retry_after_seconds"]) > 0
+
+        # Another address is not held back by the attacker's failures.
+        good = pb_grpc.EnrollmentServiceStub(other)
+        assert good.ListCourses(request, timeout=TIMEOUT, metadata=bearer(TOKENS["reader"]))
+
+        metrics = scrape(running.metrics_port)
+        key = "enrollment_auth_failures_total"
+        counted = {labels: n for (name, labels), n in metrics.items() if name == key}
+        by_peer = {
+            (dict(labels)["peer"], dict(labels)["reason"]): n for labels, n in counted.items()
+        }
+        assert len({peer for peer, _ in by_peer}) == 1, by_peer  # only the attacker
+        ((peer, _),) = [k for k in by_peer if k[1] == "INVALID_TOKEN"]
+        assert peer in ("ipv4:127.0.0.1", "ipv6:[::ffff:127.0.0.1]"), peer  # no port
+        assert by_peer == {(peer, "INVALID_TOKEN"): 20, (peer, "AUTH_FAILURES_LIMITED"): 6}
+    finally:
+        attacker.close()
+        other.close()
+        running.stop(None).wait(10)
+        running.wait_idle()
+        engine.close_pool()
+
+
+def test_failure_buckets_refill_and_stay_bounded():
+    now = [0.0]
+    buckets = FailureBuckets(burst=3, per_second=1.0, max_peers=2, clock=lambda: now[0])
+    for _ in range(3):
+        assert buckets.retry_after("a") == 0
+        buckets.failed("a")
+    assert buckets.retry_after("a") == pytest.approx(1.0)
+    assert buckets.retry_after("b") == 0
+    now[0] = 1.0
+    assert buckets.retry_after("a") == 0  # one more try a second
+    buckets.failed("a")
+    assert buckets.retry_after("a") > 0
+    buckets.failed("b")
+    buckets.failed("c")  # a third peer: the table holds two, the oldest goes
+    assert len(buckets._buckets) == 2
+
+
+def test_peer_host_drops_the_port():
+    assert peer_host("ipv4:10.0.0.7:51234") == "ipv4:10.0.0.7"
+    assert peer_host("ipv6:[::1]:51234") == "ipv6:[::1]"
+    assert peer_host("unix:/run/enrollment.sock") == "unix:/run/enrollment.sock"

@@ -3,7 +3,6 @@ waitlists, and races against single calls and other batches."""
 
 from __future__ import annotations
 
-import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,11 +11,8 @@ from google.rpc import code_pb2, error_details_pb2
 
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from tests import databases
+from tests import databases, servers
 from tests.rpc import TIMEOUT, expect_error, new_course, new_student
-from tests.test_concurrency import counts_match_rosters
-from tests.test_retries import snapshot
-from tests.test_waitlist_races import check_invariants, start_workers
 
 INVALID = (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
 
@@ -54,14 +50,14 @@ def test_all_or_nothing_leaves_nothing_and_names_the_first_failing_item(live):
     students = [new_student(stub).id for _ in range(4)]
     course, full = new_course(stub), new_course(stub, capacity=1)
     stub.EnrollStudent(pb.EnrollStudentRequest(student_id=students[3], course_id=full.id))
-    before = snapshot(url)
+    before = databases.snapshot(url)
     pairs = [(students[0], course.id), (students[1], full.id), (students[2], 999999)]
     got = expect_error(
         stub.BatchEnrollStudents, enrolls(pairs), grpc.StatusCode.FAILED_PRECONDITION,
         "COURSE_FULL",
     )  # fmt: skip
     assert got.metadata["index"] == "1" and got.message.startswith("requests[1]: ")
-    assert snapshot(url) == before
+    assert databases.snapshot(url) == before
     # A missing course, second in line: its BadRequest path is prefixed.
     pairs = [(students[0], course.id), (students[2], 999999)]
     got = expect_error(
@@ -78,13 +74,13 @@ def test_all_or_nothing_leaves_nothing_and_names_the_first_failing_item(live):
     assert got.metadata["index"] == "1"
     # Drops: NOT_ENROLLED of the second item undoes the first.
     stub.EnrollStudent(pb.EnrollStudentRequest(student_id=students[0], course_id=course.id))
-    before = snapshot(url)
+    before = databases.snapshot(url)
     pairs = [(students[0], course.id), (students[1], course.id)]
     got = expect_error(
         stub.BatchDropCourses, drops(pairs), grpc.StatusCode.NOT_FOUND, "NOT_ENROLLED"
     )
     assert got.metadata["index"] == "1"
-    assert snapshot(url) == before
+    assert databases.snapshot(url) == before
 
 
 def test_partial_success_applies_exactly_the_ok_items(live):
@@ -114,7 +110,7 @@ def test_partial_success_applies_exactly_the_ok_items(live):
     )
     assert rows == sorted([(s[0], course.id), (s[1], course.id), (s[3], full.id)],
                           key=lambda r: (r[1], r[0]))  # fmt: skip
-    counts_match_rosters(url)
+    assert databases.miscounted_courses(url) == []
     # Drops, partly: the missing entry fails alone.
     results = stub.BatchDropCourses(
         drops([(s[0], course.id), (s[2], course.id)], allow_partial_success=True),
@@ -176,7 +172,8 @@ def test_batches_waitlist_and_their_drops_promote(live):
     results = stub.BatchDropCourses(drops([(s[0], course.id), (s[1], course.id)])).results
     assert [r.promoted.student_id for r in results] == [s[2], s[3]]
     assert all(r.promoted.state == pb.ENROLLMENT_STATE_ENROLLED for r in results)
-    check_invariants(url)
+    assert databases.miscounted_courses(url) == []
+    assert databases.query(url, "SELECT waitlisted_count FROM courses") == [(0,)]
 
 
 def _stubs(address: str, n: int):
@@ -189,9 +186,9 @@ def _stubs(address: str, n: int):
     return channels, [pb_grpc.EnrollmentServiceStub(c) for c in channels]
 
 
-def test_batches_racing_single_enrolls_and_each_other_never_overfill_or_deadlock(db_url):
-    server, address = start_workers(db_url)
-    channels, stubs = _stubs(address, 8)
+def test_batches_racing_single_enrolls_and_each_other_never_overfill_or_deadlock(db_url, tmp_path):
+    server = servers.start(tmp_path / "server.log", "--database-url", db_url, "--workers", "2")
+    channels, stubs = _stubs(server.address, 8)
     try:
         stub = stubs[0]
         courses = [new_course(stub, capacity=20).id for _ in range(6)]
@@ -224,12 +221,11 @@ def test_batches_racing_single_enrolls_and_each_other_never_overfill_or_deadlock
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda i: batch(i) if i < 4 else singles(i), range(8)))
         assert errors == []
-        counts_match_rosters(db_url)
+        assert databases.miscounted_courses(db_url) == []
         full = databases.query(db_url, "SELECT enrolled_count FROM courses ORDER BY id")
         # 40 students by batch and 20 singly want each course of 20 seats: every seat taken.
         assert full == [(20,)] * 6
     finally:
         for channel in channels:
             channel.close()
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        server.stop()

@@ -6,7 +6,7 @@ import pytest
 
 from enrollment.client.api import ClientError, EnrollmentClient
 from enrollment.v1 import enrollment_pb2 as pb
-from tests.test_client import cli, key_values, ok, ok_json
+from tests.client_cli import cli, key_values, ok, ok_json
 
 
 def test_library_waitlist_story_and_updates(live):

@@ -1,46 +1,15 @@
 """Races: exactly-once enrollment, capacity never exceeded, enrolled_count equal to the roster."""
 
 import random
-import subprocess
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases
-from tests.rpc import SERVER, TIMEOUT, free_port, new_course, new_student
+from tests.rpc import TIMEOUT, new_course, new_student, race
 
 THREADS = 16
-
-
-def race(calls):
-    """Run the calls at once from many threads; return each one's status code."""
-    barrier = threading.Barrier(len(calls))
-
-    def run(call):
-        barrier.wait()
-        try:
-            call()
-            return grpc.StatusCode.OK
-        except grpc.RpcError as error:
-            return error.code()
-
-    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-        return list(pool.map(run, calls))
-
-
-def counts_match_rosters(database_url: str) -> None:
-    rows = databases.query(
-        database_url,
-        "SELECT c.id, c.capacity, c.enrolled_count, COUNT(sc.student_id) FROM courses c "
-        "LEFT JOIN student_courses sc ON sc.course_id = c.id "
-        "GROUP BY c.id, c.capacity, c.enrolled_count",
-    )
-    for course_id, capacity, enrolled_count, roster in rows:
-        assert enrolled_count == roster, f"course {course_id}: {enrolled_count} != {roster}"
-        assert capacity == 0 or roster <= capacity
 
 
 def test_same_enrollment_raced_from_many_threads_succeeds_once(live):
@@ -51,7 +20,7 @@ def test_same_enrollment_raced_from_many_threads_succeeds_once(live):
     assert codes.count(grpc.StatusCode.OK) == 1
     assert codes.count(grpc.StatusCode.ALREADY_EXISTS) == THREADS - 1
     assert stub.GetCourse(pb.GetCourseRequest(course_id=course.id)).course.enrolled_count == 1
-    counts_match_rosters(live.database_url)
+    assert not databases.miscounted_courses(live.database_url)
 
 
 def test_many_students_race_for_a_small_course(live):
@@ -74,7 +43,7 @@ def test_many_students_race_for_a_small_course(live):
     assert got.enrolled_count == capacity
     roster = stub.ListStudents(pb.ListStudentsRequest(course_id=course.id)).students
     assert len(roster) == capacity
-    counts_match_rosters(live.database_url)
+    assert not databases.miscounted_courses(live.database_url)
 
 
 def test_random_enrolls_drops_and_deletes_keep_counts_exact(live):
@@ -110,7 +79,7 @@ def test_random_enrolls_drops_and_deletes_keep_counts_exact(live):
     for _ in range(15):
         codes = race([one_call() for _ in range(40)])
         assert set(codes) <= expected, codes
-        counts_match_rosters(live.database_url)
+        assert not databases.miscounted_courses(live.database_url)
 
 
 def test_same_email_raced_creates_one_student(live):
@@ -121,22 +90,13 @@ def test_same_email_raced_creates_one_student(live):
     assert codes.count(grpc.StatusCode.ALREADY_EXISTS) == THREADS - 1
 
 
-def test_two_server_processes_on_one_database_never_overfill_a_course(db_url):
+def test_two_server_processes_on_one_database_never_overfill_a_course(db_url, server_process):
     """Two processes share the SQLite file; SQLite's write lock keeps the count exact."""
-    addresses, processes, channels = [], [], []
+    servers = [server_process("--database-url", db_url) for _ in range(2)]
+    channels = []
     try:
-        for _ in range(2):
-            port = free_port()
-            addresses.append(f"127.0.0.1:{port}")
-            processes.append(
-                subprocess.Popen(
-                    [SERVER, "serve", "--address", addresses[-1], "--database-url", db_url],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        for address in addresses:
-            channel = grpc.insecure_channel(address)
+        for server in servers:
+            channel = grpc.insecure_channel(server.address)
             grpc.channel_ready_future(channel).result(timeout=15)
             channels.append(channel)
         stubs = [pb_grpc.EnrollmentServiceStub(c) for c in channels]
@@ -163,6 +123,5 @@ def test_two_server_processes_on_one_database_never_overfill_a_course(db_url):
     finally:
         for channel in channels:
             channel.close()
-        for process in processes:
-            process.terminate()
-            process.wait(timeout=30)
+        for server in servers:
+            server.stop(timeout=30)

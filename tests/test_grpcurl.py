@@ -102,7 +102,7 @@ def test_walkthrough(grpcurl):
     kinds = {d["@type"].rsplit(".", 1)[-1]: d for d in error["details"]}
     assert kinds["ErrorInfo"]["reason"] == "COURSE_NOT_FOUND"
     assert kinds["ErrorInfo"]["domain"] == "enrollment.v1"
-    assert [v["field"] for v in kinds["BadRequest"]["field_violations"]] == ["course_id"]
+    assert [v["field"] for v in kinds["BadRequest"]["fieldViolations"]] == ["course_id"]
 
     assert json.loads(grpcurl(f"{SERVICE}/DropCourse", data=pair).stdout) == {}
     listed = json.loads(

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from enrollment.client.api import ClientError, EnrollmentClient
-from tests import databases
+from tests import databases, servers
 from tests.conftest import migrated
-from tests.test_retries import _serve
 
 CLIENT = str(Path(sys.executable).parent / "enrollment-client")
 STUDENTS, COURSES = 1990, 10
@@ -130,8 +129,9 @@ def test_a_20000_row_import_rejects_the_bad_rows_and_a_killed_one_reruns_exactly
     path = tmp_path / "enrollments.csv"
     expected = _file(path)
     clean_url = migrated(new_database())
-    clean, clean_address = _serve(clean_url)
-    killed, address = _serve(db_url)
+    clean = servers.start(tmp_path / "clean.log", "--database-url", clean_url)
+    killed = servers.start(tmp_path / "killed.log", "--database-url", db_url)
+    clean_address, address = clean.address, killed.address
     try:
         _world(clean_address)
         _world(address)
@@ -162,8 +162,7 @@ def test_a_20000_row_import_rejects_the_bad_rows_and_a_killed_one_reruns_exactly
         assert _state(db_url) == _state(clean_url)
     finally:
         for server in (clean, killed):
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
+            server.stop()
 
 
 def test_dry_run_checks_without_applying_and_export_round_trips(live, tmp_path):

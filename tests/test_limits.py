@@ -14,9 +14,9 @@ from enrollment.server.persistence import engine
 from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
+from tests import databases
 from tests.databases import sqlite_path
 from tests.rpc import TIMEOUT, expect_error, new_student
-from tests.test_status_table import table_counts
 
 # Limits and deadlines are the transport's, the same on every database; the deadline
 # tests hold SQLite's write lock to keep a write in progress.
@@ -178,7 +178,11 @@ def test_a_write_past_its_deadline_or_cancelled_is_rolled_back(start_server, cap
         )
 
     wait_for(logged, what="the abandoned call to finish")
-    assert table_counts(live) == (1, 1, 0)  # nothing of the enrollment was written
+    assert databases.table_counts(live.database_url) == (
+        1,
+        1,
+        0,
+    )  # nothing of the enrollment was written
     seat = live.stub.GetCourse(pb.GetCourseRequest(course_id=course.id), timeout=TIMEOUT)
     assert seat.course.enrolled_count == 0
     # The seat is still free for a caller who waits for the answer.
@@ -218,4 +222,4 @@ def test_parallel_threads_do_not_leak_liveness_between_calls(live):
     for thread in threads:
         thread.join(30)
     assert not errors
-    assert table_counts(live)[0] == 40
+    assert databases.table_counts(live.database_url)[0] == 40

@@ -7,14 +7,11 @@ import logging
 import re
 import socket
 import sqlite3
-import subprocess
 import sys
 import time
-import urllib.request
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from enrollment.server.operations.logs import JsonFormatter
 from enrollment.server.startup.config import ServerConfig, StartupError
@@ -22,22 +19,11 @@ from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests.databases import sqlite_path
-from tests.rpc import SERVER, TIMEOUT, free_port, new_student
+from tests.rpc import TIMEOUT, new_student
+from tests.servers import free_port, scrape
 
 # Metrics and logs are the same on every database; one test holds SQLite's write lock.
 pytestmark = pytest.mark.databases("sqlite")
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample on /metrics, keyed by (name, sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as reply:
-        assert reply.status == 200
-        text = reply.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def wait_for(predicate, timeout: float = 20.0) -> None:
@@ -135,17 +121,14 @@ def test_request_id_is_echoed_or_generated_in_trailing_metadata(live, caplog):
     assert "reason=EMAIL_TAKEN" in lines[2] and "request_id=req-43" in lines[2]
 
 
-def test_serve_with_json_logs_and_metrics(db_url):
-    port, metrics_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [SERVER, "serve", "--address", f"127.0.0.1:{port}", "--database-url", db_url]
-        + ["--log-format", "json", "--metrics-address", f"127.0.0.1:{metrics_port}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def test_serve_with_json_logs_and_metrics(db_url, server_process):
+    metrics_port = free_port()
+    process = server_process(
+        "--database-url", db_url,
+        "--log-format", "json", "--metrics-address", f"127.0.0.1:{metrics_port}",
+    )  # fmt: skip
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(process.address) as channel:
             grpc.channel_ready_future(channel).result(timeout=15)
             stub = pb_grpc.EnrollmentServiceStub(channel)
             stub.CreateCourse(
@@ -159,9 +142,9 @@ def test_serve_with_json_logs_and_metrics(db_url):
         key = ("enrollment_rpc_requests_total", (("code", "OK"), ("method", "CreateCourse")))
         assert metrics[key] == 1
     finally:
-        process.terminate()
-        out, _ = process.communicate(timeout=30)
-    assert process.returncode == 0, out
+        returncode = process.stop(timeout=30)
+    out = process.log
+    assert returncode == 0, out
     lines = [line for line in out.splitlines() if line.strip()]
     # Every line of ours is JSON; grpc's C core may add its own (I1127 12:00:00.000 ...).
     entries = [json.loads(line) for line in lines if not re.match(r"[IWE]\d{4} ", line)]

@@ -33,8 +33,8 @@ from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases
 from tests.proxy import TcpProxy
-from tests.rpc import SERVER, TIMEOUT, expect_error, free_port, new_course, new_student
-from tests.test_concurrency import counts_match_rosters, race
+from tests.rpc import TIMEOUT, expect_error, new_course, new_student, race
+from tests.servers import SERVER, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 M001, M002, M003, M004, M006 = (
@@ -126,19 +126,6 @@ def test_every_rpc_returns_its_connection_to_the_pool(live):
 # --------------------------------------------------------------------------- workers
 
 
-def start_workers(db_url: str, workers: int = 2, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [SERVER, "serve", "--address", address, "--database-url", db_url,
-         "--workers", str(workers), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
-    return process, address
-
-
 def worker_pids(parent: int) -> set[int]:
     children = Path(f"/proc/{parent}/task/{parent}/children")
     return {int(pid) for pid in children.read_text().split()} if children.exists() else set()
@@ -154,18 +141,18 @@ def wait_for(predicate, timeout: float, step: float = 0.05):
     return predicate()
 
 
-def test_two_workers_race_exactly_once_and_within_capacity(db_url):
-    server, address = start_workers(db_url)
+def test_two_workers_race_exactly_once_and_within_capacity(db_url, server_process):
+    server = server_process("--database-url", db_url, "--workers", "2")
     channels = []
     try:
         # Every channel is its own TCP connection; the kernel spreads them over the workers.
         # (A channel of its own subchannel pool: grpc would otherwise share one connection.)
         own_connection = [("grpc.use_local_subchannel_pool", 1)]
-        channels = [grpc.insecure_channel(address, options=own_connection) for _ in range(8)]
+        channels = [grpc.insecure_channel(server.address, options=own_connection) for _ in range(8)]
         for channel in channels:
             grpc.channel_ready_future(channel).result(timeout=30)
         stubs = [pb_grpc.EnrollmentServiceStub(c) for c in channels]
-        assert len(wait_for(lambda: worker_pids(server.pid), 10)) == 2
+        assert len(wait_for(lambda: worker_pids(server.proc.pid), 10)) == 2
 
         capacity = 7
         course = new_course(stubs[0], capacity=capacity)
@@ -206,13 +193,13 @@ def test_two_workers_race_exactly_once_and_within_capacity(db_url):
         allowed = {grpc.StatusCode.OK, grpc.StatusCode.ALREADY_EXISTS,
                    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND}  # fmt: skip
         assert set(codes) <= allowed, codes
-        counts_match_rosters(db_url)
+        assert not databases.miscounted_courses(db_url)
     finally:
         for channel in channels:
             channel.close()
-        server.send_signal(signal.SIGTERM)
-        out, _ = server.communicate(timeout=60)
-    assert server.returncode == 0, out
+        returncode = server.stop()
+    out = server.log
+    assert returncode == 0, out
     # Both workers served calls: each logs its own pid on its RPC lines.
     pids = set(re.findall(r"\[(\d+)\] enrollment\.rpc rpc method=", out))
     assert len(pids) == 2, out[-3000:]
@@ -220,12 +207,13 @@ def test_two_workers_race_exactly_once_and_within_capacity(db_url):
 
 
 @pytest.mark.databases("sqlite")
-def test_sigterm_to_the_parent_drains_and_stops_every_worker(db_url):
-    server, address = start_workers(db_url, 2, "--grace", "20", "--database-timeout", "20")
-    channel = grpc.insecure_channel(address)
-    try:
+def test_sigterm_to_the_parent_drains_and_stops_every_worker(db_url, server_process):
+    server = server_process(
+        "--database-url", db_url, "--workers", "2", "--grace", "20", "--database-timeout", "20"
+    )
+    with grpc.insecure_channel(server.address) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
-        pids = wait_for(lambda: worker_pids(server.pid), 10)
+        pids = wait_for(lambda: worker_pids(server.proc.pid), 10)
         assert len(pids) == 2
         stub = pb_grpc.EnrollmentServiceStub(channel)
         outcome = {}
@@ -238,56 +226,38 @@ def test_sigterm_to_the_parent_drains_and_stops_every_worker(db_url):
             caller = threading.Thread(target=in_flight)
             caller.start()
             time.sleep(0.5)  # inside a worker, waiting for the write lock
-            server.send_signal(signal.SIGTERM)
+            server.proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)
-            assert server.poll() is None, "the parent waits for its workers to drain"
+            assert server.proc.poll() is None, "the parent waits for its workers to drain"
             blocker.release()
             caller.join(timeout=30)
         assert outcome["student"].name == "Late"
-        out, _ = server.communicate(timeout=60)
-        assert server.returncode == 0, out
+        assert server.wait(timeout=60) == 0, server.log
         assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
-    finally:
-        channel.close()
-        if server.poll() is None:
-            server.kill()
-            server.communicate()
 
 
 @pytest.mark.databases("sqlite")
-def test_a_worker_that_dies_stops_the_server_with_an_error(db_url):
-    server, address = start_workers(db_url)
-    try:
-        with grpc.insecure_channel(address) as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
-        pids = sorted(wait_for(lambda: worker_pids(server.pid), 10))
-        assert len(pids) == 2
-        os.kill(pids[0], signal.SIGKILL)
-        out, _ = server.communicate(timeout=60)
-        assert server.returncode == 1, out
-        assert "exited with signal SIGKILL; stopping the others" in out
-        assert wait_for(lambda: not Path(f"/proc/{pids[1]}").exists(), 10)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.communicate()
+def test_a_worker_that_dies_stops_the_server_with_an_error(db_url, server_process):
+    server = server_process("--database-url", db_url, "--workers", "2")
+    pids = sorted(wait_for(lambda: worker_pids(server.proc.pid), 10))
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)
+    returncode = server.wait(timeout=60)
+    out = server.log
+    assert returncode == 1, out
+    assert "exited with signal SIGKILL; stopping the others" in out
+    assert wait_for(lambda: not Path(f"/proc/{pids[1]}").exists(), 10)
 
 
 @pytest.mark.databases("sqlite")
-def test_workers_refuse_a_port_already_in_use(db_url):
-    first, address = start_workers(db_url, 1)
-    try:
-        with grpc.insecure_channel(address) as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
-        second = subprocess.run(
-            [SERVER, "serve", "--address", address, "--database-url", db_url, "--workers", "2"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert second.returncode == 2, second.stderr
-        assert f"cannot listen on {address}" in second.stderr
-    finally:
-        first.terminate()
-        first.communicate(timeout=30)
+def test_workers_refuse_a_port_already_in_use(db_url, server_process):
+    first = server_process("--database-url", db_url, "--workers", "1")
+    second = subprocess.run(
+        [SERVER, "serve", "--address", first.address, "--database-url", db_url, "--workers", "2"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert second.returncode == 2, second.stderr
+    assert f"cannot listen on {first.address}" in second.stderr
 
 
 # --------------------------------------------------------------------------- outages
@@ -550,7 +520,9 @@ def image_commands() -> dict:
 
 
 @pytest.mark.databases("postgresql")
-def test_the_image_commands_migrate_then_serve_against_postgresql(new_database, tmp_path):
+def test_the_image_commands_migrate_then_serve_against_postgresql(
+    new_database, tmp_path, server_process
+):
     commands = image_commands()
     assert commands["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     url = new_database()
@@ -571,21 +543,17 @@ def test_the_image_commands_migrate_then_serve_against_postgresql(new_database, 
                              timeout=60, cwd=tmp_path)  # fmt: skip
     assert migrate.returncode == 0, migrate.stderr
     serve_command = commands["server"] or commands["cmd"]
-    server = subprocess.Popen(argv(serve_command), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, cwd=tmp_path)  # fmt: skip
-    try:
+    server = server_process(argv=argv(serve_command), port=port, host="0.0.0.0", env=env,
+                            cwd=tmp_path)  # fmt: skip
 
-        def healthy():
-            probe = subprocess.run(argv(commands["healthcheck"][1:]), env=env,
-                                   capture_output=True, text=True, timeout=30)  # fmt: skip
-            return probe.returncode == 0 and "SERVING" in probe.stdout
+    def healthy():
+        probe = subprocess.run(argv(commands["healthcheck"][1:]), env=env,
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+        return probe.returncode == 0 and "SERVING" in probe.stdout
 
-        assert commands["healthcheck"][0] == "enrollment-server"
-        assert wait_for(healthy, 30, step=0.3), shlex.join(commands["healthcheck"])
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.EnrollmentServiceStub(channel)
-            assert new_student(stub).id >= 1
-    finally:
-        server.send_signal(signal.SIGTERM)
-        out, _ = server.communicate(timeout=60)
-    assert server.returncode == 0, out
+    assert commands["healthcheck"][0] == "enrollment-server"
+    assert wait_for(healthy, 30, step=0.3), shlex.join(commands["healthcheck"])
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        assert new_student(stub).id >= 1
+    assert server.stop() == 0, server.log

@@ -4,15 +4,14 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import grpc
 import pytest
 
-from tests.rpc import free_port
+from tests.servers import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BIN = Path(sys.executable).parent
@@ -88,21 +87,19 @@ def sh_blocks(text: str) -> list[list[str]]:
     ]
 
 
-def wait_listening(address: str, timeout: float = 30) -> None:
-    host, port = address.split(":")
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((host, int(port)), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < end, f"nothing listens on {address}"
-            time.sleep(0.1)
+def client_credentials(calls: list[str], folder: Path) -> grpc.ChannelCredentials:
+    """The CA and client certificate the walkthrough's enrollment-client line uses."""
+    line = next(c for c in calls if "enrollment-client" in c)
+    words = shlex.split(line)
+    files = [(folder / words[words.index(flag) + 1]).read_bytes()
+             for flag in ("--tls-ca", "--tls-key", "--tls-cert")]  # fmt: skip
+    return grpc.ssl_channel_credentials(*files)
 
 
-def test_readme_security_walkthrough_runs_as_written(tmp_path):
+def test_readme_security_walkthrough_runs_as_written(tmp_path, server_process):
     setup, calls = sh_blocks(section("Security"))[:2]
-    address = f"127.0.0.1:{free_port()}"
+    port = free_port()
+    address = f"127.0.0.1:{port}"
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ['PATH']}",
@@ -124,20 +121,18 @@ def test_readme_security_walkthrough_runs_as_written(tmp_path):
     for line in prepare:
         result = bash(line)
         assert result.returncode == 0, (line, result.stderr)
-    server = subprocess.Popen(
-        ["bash", "-c", "exec " + serve.replace("127.0.0.1:50051", address)],
+    server = server_process(
+        argv=["bash", "-c", "exec " + serve.replace("127.0.0.1:50051", address)],
+        port=port,
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        credentials=client_credentials(calls, tmp_path),
     )
     try:
-        wait_listening(address)
         results = [bash(line) for line in calls if not line.startswith("export ")]
     finally:
-        server.terminate()
-        log, _ = server.communicate(timeout=30)
+        server.stop(timeout=30)
+    log = server.log
     created, listed, denied, health, client = results
     assert created.returncode == 0 and '"code": "SEC-101"' in created.stdout, created.stderr
     assert listed.returncode == 0 and '"SEC-101"' in listed.stdout, listed.stderr

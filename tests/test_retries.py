@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -18,32 +17,14 @@ from google.protobuf import field_mask_pb2
 
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from tests import databases
-from tests.rpc import SERVER, TIMEOUT, expect_error, free_port, new_course, new_student
-from tests.test_waitlist_races import start_workers
+from tests import databases, servers
+from tests.rpc import TIMEOUT, expect_error, new_course, new_student
 
 REUSED = (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")
 
 
 def rid() -> str:
     return str(uuid.uuid4())
-
-
-def snapshot(url: str) -> dict[str, list[tuple]]:
-    """Every row of every table (update_time and counts included)."""
-    with databases.connection(url) as db:
-        return {
-            "students": databases.sql(db, "SELECT * FROM students ORDER BY id"),
-            "courses": databases.sql(db, "SELECT * FROM courses ORDER BY id"),
-            "student_courses": databases.sql(
-                db, "SELECT * FROM student_courses ORDER BY student_id, course_id"
-            ),
-            "request_records": databases.sql(
-                db,
-                "SELECT request_id, method, fingerprint, create_time FROM request_records "
-                "ORDER BY request_id",
-            ),  # fmt: skip
-        }
 
 
 def records(url: str) -> int:
@@ -101,13 +82,13 @@ def test_replays_of_every_mutating_method_return_the_same_response_and_change_no
     for name, call, request in mutations(stub):
         request.request_id = rid()
         first = call(request, timeout=TIMEOUT)
-        before = snapshot(url)
+        before = databases.snapshot(url)
         time.sleep(0.002)  # a replay that ran again would move update_time
         # The id in upper case is the same id.
         request.request_id = request.request_id.upper()
         again = call(request, timeout=TIMEOUT)
         assert again == first, name
-        assert snapshot(url) == before, name
+        assert databases.snapshot(url) == before, name
     assert records(url) == 11
 
 
@@ -117,7 +98,7 @@ def test_a_reused_request_id_with_another_request_or_method_is_rejected(live):
     stub.CreateStudent(
         pb.CreateStudentRequest(name="A", email="a@example.com", request_id=key), timeout=TIMEOUT
     )
-    before = snapshot(url)
+    before = databases.snapshot(url)
     changed = pb.CreateStudentRequest(name="B", email="a@example.com", request_id=key)
     got = expect_error(stub.CreateStudent, changed, *REUSED, fields=["request_id"])
     assert "request_id" in got.message
@@ -132,7 +113,7 @@ def test_a_reused_request_id_with_another_request_or_method_is_rejected(live):
     # REQUEST_ID_REUSED comes before NOT_FOUND.
     missing = pb.DeleteCourseRequest(course_id=999999, request_id=key)
     expect_error(stub.DeleteCourse, missing, *REUSED, fields=["request_id"])
-    assert snapshot(url) == before
+    assert databases.snapshot(url) == before
 
 
 @pytest.mark.parametrize(
@@ -148,7 +129,7 @@ def test_a_reused_request_id_with_another_request_or_method_is_rejected(live):
 )
 def test_the_nil_uuid_and_non_uuids_are_invalid_fields(live, bad_id):
     stub, url = live.stub, live.database_url
-    before = snapshot(url)
+    before = databases.snapshot(url)
     request = pb.CreateStudentRequest(name="A", email="a@example.com", request_id=bad_id)
     expect_error(
         stub.CreateStudent, request, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD",
@@ -160,7 +141,7 @@ def test_the_nil_uuid_and_non_uuids_are_invalid_fields(live, bad_id):
         stub.CreateStudent, both, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD",
         ["name", "request_id"],
     )  # fmt: skip
-    assert snapshot(url) == before
+    assert databases.snapshot(url) == before
 
 
 def test_a_failed_call_records_nothing_and_its_retry_runs(live):
@@ -203,8 +184,9 @@ def test_expired_records_are_purged_and_the_id_runs_again(start_server):
 CONNECTIONS = 16
 
 
-def test_sixteen_connections_over_two_processes_create_one_student(db_url):
-    server, address = start_workers(db_url)
+def test_sixteen_connections_over_two_processes_create_one_student(db_url, tmp_path):
+    server = servers.start(tmp_path / "server.log", "--database-url", db_url, "--workers", "2")
+    address = server.address
     channels = []
     try:
         for _ in range(CONNECTIONS):
@@ -234,8 +216,7 @@ def test_sixteen_connections_over_two_processes_create_one_student(db_url):
     finally:
         for channel in channels:
             channel.close()
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        server.stop()
 
 
 class HoldingProxy:
@@ -280,22 +261,11 @@ class HoldingProxy:
             s.close()
 
 
-def _serve(url: str) -> tuple[subprocess.Popen, str]:
-    address = f"127.0.0.1:{free_port()}"
-    process = subprocess.Popen(
-        [SERVER, "serve", "--address", address, "--database-url", url],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    channel = grpc.insecure_channel(address)
-    grpc.channel_ready_future(channel).result(timeout=20)
-    channel.close()
-    return process, address
-
-
-def test_a_server_killed_after_its_commit_answers_the_retry_with_the_original_result(db_url):
-    first, address = _serve(db_url)
-    proxy = HoldingProxy(address)
+def test_a_server_killed_after_its_commit_answers_the_retry_with_the_original_result(
+    db_url, tmp_path
+):
+    first = servers.start(tmp_path / "first.log", "--database-url", db_url)
+    proxy = HoldingProxy(first.address)
     channel = grpc.insecure_channel(f"127.0.0.1:{proxy.port}")
     stub = pb_grpc.EnrollmentServiceStub(channel)
     key = rid()
@@ -314,23 +284,20 @@ def test_a_server_killed_after_its_commit_answers_the_retry_with_the_original_re
             time.sleep(0.01)
         assert found == [(1,)], "the call never committed"
         # The effect and its record committed; the answer is still on its way.
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=10)
+        first.stop(signal.SIGKILL)
         with pytest.raises(grpc.RpcError) as lost:
             pending.result()
         assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         proxy.close()
         channel.close()
-        if first.poll() is None:
-            first.kill()
+        first.stop(signal.SIGKILL)
     (stored,) = databases.query(db_url, "SELECT id, name, email FROM students")
-    second, address = _serve(db_url)
+    second = servers.start(tmp_path / "second.log", "--database-url", db_url)
     try:
-        with grpc.insecure_channel(address) as again:
+        with grpc.insecure_channel(second.address) as again:
             retried = pb_grpc.EnrollmentServiceStub(again).CreateStudent(request, timeout=TIMEOUT)
         assert (retried.student.id, retried.student.name, retried.student.email) == stored
         assert databases.query(db_url, "SELECT COUNT(*) FROM students") == [(1,)]
     finally:
-        second.send_signal(signal.SIGTERM)
-        second.wait(timeout=30)
+        second.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -17,26 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from enrollment.server.startup.cli import build_parser
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from tests import databases
-from tests.rpc import SERVER, TIMEOUT, free_port, new_student
+from tests import databases, servers
+from tests.rpc import TIMEOUT, new_student
+from tests.servers import SERVER, free_port
 
 SERVICE = "enrollment.v1.EnrollmentService"
-
-
-def start_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [SERVER, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def wait_serving(address: str, timeout: float = 15) -> grpc.Channel:
-    channel = grpc.insecure_channel(address)
-    grpc.channel_ready_future(channel).result(timeout=timeout)
-    return channel
 
 
 def test_flags_win_over_environment(monkeypatch):
@@ -80,25 +64,28 @@ def test_one_log_line_per_rpc(live, caplog):
     )
 
 
-def test_serve_from_env_then_refuse_a_port_already_in_use(db_url):
+def test_serve_from_env_then_refuse_a_port_already_in_use(db_url, server_process):
     port = free_port()
-    first = start_process(
-        "serve", env={"ENROLLMENT_ADDRESS": f"127.0.0.1:{port}", "ENROLLMENT_DATABASE_URL": db_url}
+    first = server_process(
+        argv=[SERVER, "serve"],
+        port=port,
+        env={"ENROLLMENT_ADDRESS": f"127.0.0.1:{port}", "ENROLLMENT_DATABASE_URL": db_url},
     )
-    try:
-        channel = wait_serving(f"127.0.0.1:{port}")
+    with grpc.insecure_channel(first.address) as channel:
         stub = pb_grpc.EnrollmentServiceStub(channel)
         student = new_student(stub)
-        second = start_process("serve", "--address", f"127.0.0.1:{port}", "--database-url", db_url)
-        out, _ = second.communicate(timeout=30)
+        second = subprocess.run(
+            [SERVER, "serve", "--address", f"127.0.0.1:{port}", "--database-url", db_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=30,
+        )
+        out = second.stdout
         assert second.returncode == 2, out
         assert f"cannot listen on 127.0.0.1:{port}" in out and "Traceback" not in out
         # The first server is unharmed.
         stub.GetStudent(pb.GetStudentRequest(student_id=student.id), timeout=TIMEOUT)
-        channel.close()
-    finally:
-        first.terminate()
-        first.communicate(timeout=30)
 
 
 @pytest.mark.parametrize(
@@ -146,15 +133,9 @@ def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
         assert "Traceback" not in result.stderr
 
 
-def test_sigterm_drains_in_flight_calls_then_exits(db_url):
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    server = start_process(
-        "serve", "--address", address, "--database-url", db_url, "--grace", "20",
-        "--database-timeout", "20",
-    )  # fmt: skip
-    try:
-        channel = wait_serving(address)
+def test_sigterm_drains_in_flight_calls_then_exits(db_url, server_process):
+    server = server_process("--database-url", db_url, "--grace", "20", "--database-timeout", "20")
+    with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.EnrollmentServiceStub(channel)
         outcome = {}
         # The next write waits for what the blocker holds.
@@ -167,21 +148,17 @@ def test_sigterm_drains_in_flight_calls_then_exits(db_url):
             caller = threading.Thread(target=in_flight)
             caller.start()
             time.sleep(0.5)  # the call is now inside the server, waiting for the lock
-            server.send_signal(signal.SIGTERM)
+            server.proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)
-            assert server.poll() is None, "the server must wait for the in-flight call"
+            assert server.proc.poll() is None, "the server must wait for the in-flight call"
             blocker.release()  # rolled back: the write goes ahead
             caller.join(timeout=30)
         assert outcome["student"].name == "Late"
-        out, _ = server.communicate(timeout=30)
-        assert server.returncode == 0, out
+        returncode = server.wait(timeout=30)
+        out = server.log
+        assert returncode == 0, out
         assert "SIGTERM: draining" in out and "stopped" in out
         assert "rpc method=CreateStudent code=OK" in out
-        channel.close()
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.communicate()
 
 
 def test_python_dash_m_server_is_the_same_command():
@@ -194,3 +171,9 @@ def test_python_dash_m_server_is_the_same_command():
     assert result.returncode == 0
     for command in ("serve", "migrate", "rollback", "status"):
         assert command in result.stdout
+
+
+def test_the_server_process_helper_fails_with_the_log_when_the_server_exits(tmp_path):
+    with pytest.raises(AssertionError, match=r"exited \(2\) before serving") as raised:
+        servers.start(tmp_path / "server.log", "--database-url", "oracle://localhost/test")
+    assert "unsupported database URL scheme" in str(raised.value)

@@ -12,10 +12,6 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 MAX_ID = 2**63 - 1
 
 
-def table_counts(live) -> tuple[int, int, int]:
-    return databases.table_counts(live.database_url)
-
-
 # --- INVALID_ARGUMENT / INVALID_FIELD -------------------------------------------------
 
 ID_CASES = [
@@ -86,7 +82,7 @@ def test_every_bad_field_is_named_at_once(stub, live):
     expect_error(
         stub.CreateCourse, request, INVALID, "INVALID_FIELD", ["code", "title", "capacity"]
     )
-    assert table_counts(live) == (0, 0, 0)
+    assert databases.table_counts(live.database_url) == (0, 0, 0)
 
 
 @pytest.mark.parametrize("code", ["", "  ", "C" * 33, "CS 101", "CS/101", "CS+1", "ÇS-1", "A\x01"])
@@ -213,7 +209,7 @@ def test_already_enrolled(stub, live):
     )
     assert got.metadata == {"student_id": str(student.id), "course_id": str(course.id)}
     assert stub.GetCourse(pb.GetCourseRequest(course_id=course.id)).course.enrolled_count == 1
-    assert table_counts(live) == (1, 1, 1)
+    assert databases.table_counts(live.database_url) == (1, 1, 1)
 
 
 def test_course_full(stub, live):
@@ -228,7 +224,7 @@ def test_course_full(stub, live):
     )
     # The failed call left nothing behind: no enrollment row, no count change.
     assert stub.GetCourse(pb.GetCourseRequest(course_id=course.id)).course.enrolled_count == 1
-    assert table_counts(live) == (2, 1, 1)
+    assert databases.table_counts(live.database_url) == (2, 1, 1)
 
 
 def test_already_enrolled_is_reported_before_course_full(stub):
@@ -276,7 +272,7 @@ def test_email_taken_ignoring_case(stub, live):
     for email in ("ada@example.com", "ADA@EXAMPLE.COM", "  ada@example.COM "):
         request = pb.CreateStudentRequest(name="Other", email=email)
         expect_error(stub.CreateStudent, request, grpc.StatusCode.ALREADY_EXISTS, "EMAIL_TAKEN")
-    assert table_counts(live) == (1, 0, 0)
+    assert databases.table_counts(live.database_url) == (1, 0, 0)
 
 
 def test_course_code_taken_ignoring_case(stub, live):
@@ -286,7 +282,7 @@ def test_course_code_taken_ignoring_case(stub, live):
         expect_error(
             stub.CreateCourse, request, grpc.StatusCode.ALREADY_EXISTS, "COURSE_CODE_TAKEN"
         )
-    assert table_counts(live) == (0, 1, 0)
+    assert databases.table_counts(live.database_url) == (0, 1, 0)
 
 
 def test_email_and_code_of_deleted_rows_can_be_used_again(stub):
@@ -317,14 +313,14 @@ def test_delete_student_with_enrollments_needs_force(stub, live):
         "HAS_ENROLLMENTS",
     )
     assert got.metadata["enrollments"] == "2"
-    assert table_counts(live) == (2, 2, 4)
+    assert databases.table_counts(live.database_url) == (2, 2, 4)
     stub.DeleteStudent(pb.DeleteStudentRequest(student_id=student.id, force=True))
     expect_error(
         stub.GetStudent, pb.GetStudentRequest(student_id=student.id), NOT_FOUND, "STUDENT_NOT_FOUND"
     )
     for course in courses:
         assert stub.GetCourse(pb.GetCourseRequest(course_id=course.id)).course.enrolled_count == 1
-    assert table_counts(live) == (1, 2, 2)
+    assert databases.table_counts(live.database_url) == (1, 2, 2)
 
 
 def test_delete_course_with_enrollments_needs_force(stub, live):
@@ -344,13 +340,13 @@ def test_delete_course_with_enrollments_needs_force(stub, live):
     )
     for student in students:
         assert not stub.ListCourses(pb.ListCoursesRequest(student_id=student.id)).courses
-    assert table_counts(live) == (3, 0, 0)
+    assert databases.table_counts(live.database_url) == (3, 0, 0)
 
 
 def test_delete_without_enrollments_needs_no_force(stub, live):
     stub.DeleteStudent(pb.DeleteStudentRequest(student_id=new_student(stub).id))
     stub.DeleteCourse(pb.DeleteCourseRequest(course_id=new_course(stub).id))
-    assert table_counts(live) == (0, 0, 0)
+    assert databases.table_counts(live.database_url) == (0, 0, 0)
 
 
 # --- the database itself --------------------------------------------------------------
@@ -371,7 +367,7 @@ def test_locked_database_is_unavailable_and_changes_nothing(start_server):
         # Readers are not blocked by a writer under WAL.
         read = live.stub.GetStudent(pb.GetStudentRequest(student_id=student.id), timeout=TIMEOUT)
         assert read.student.id == student.id
-    assert table_counts(live) == (1, 0, 0)
+    assert databases.table_counts(live.database_url) == (1, 0, 0)
     new_student(live.stub)  # serves again once the lock is gone
 
 
@@ -397,5 +393,5 @@ def test_undecodable_request_body_is_invalid_argument(live, body):
     raw = live.channel.unary_unary("/enrollment.v1.EnrollmentService/CreateStudent")
     got = expect_error(raw, body, INVALID, "INVALID_FIELD", fields=[])
     assert "enrollment.v1.CreateStudentRequest" in got.message
-    assert table_counts(live) == (0, 0, 0)
+    assert databases.table_counts(live.database_url) == (0, 0, 0)
     new_student(live.stub)  # and the server keeps serving

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import subprocess
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -11,8 +10,7 @@ from google.protobuf import field_mask_pb2
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases
-from tests.rpc import SERVER, TIMEOUT, free_port
-from tests.test_concurrency import race
+from tests.rpc import TIMEOUT, race
 
 CONNECTIONS = 8
 WAITLISTED = 2
@@ -59,17 +57,6 @@ def check_invariants(url: str) -> None:
             assert databases.sql(db, sql) == [], name
 
 
-def start_workers(db_url: str) -> tuple[subprocess.Popen, str]:
-    """serve --workers 2; its log goes nowhere (a pipe nobody reads would fill and block)."""
-    address = f"127.0.0.1:{free_port()}"
-    process = subprocess.Popen(
-        [SERVER, "serve", "--address", address, "--database-url", db_url, "--workers", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return process, address
-
-
 def _stubs(address: str):
     channels = [
         grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
@@ -80,8 +67,8 @@ def _stubs(address: str):
     return channels, [pb_grpc.EnrollmentServiceStub(c) for c in channels]
 
 
-def test_sixty_race_for_five_seats_and_ten_places_then_a_storm(db_url):
-    server, address = start_workers(db_url)
+def test_sixty_race_for_five_seats_and_ten_places_then_a_storm(db_url, server_process):
+    address = server_process("--database-url", db_url, "--workers", "2").address
     channels = []
     try:
         channels, stubs = _stubs(address)
@@ -170,5 +157,3 @@ def test_sixty_race_for_five_seats_and_ten_places_then_a_storm(db_url):
     finally:
         for channel in channels:
             channel.close()
-        server.terminate()
-        server.wait(timeout=30)

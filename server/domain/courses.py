@@ -10,6 +10,7 @@ from enrollment.server.domain import page_tokens
 from enrollment.server.domain.enrollments import drop_all_of_course, promote_next
 from enrollment.server.domain.lookups import find_course, find_student
 from enrollment.server.domain.retries import checked, mutation
+from enrollment.server.domain.rows import create_unique, list_page
 from enrollment.server.domain.updates import etag_of, masked_paths
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import (
@@ -69,21 +70,19 @@ def create_course(*, code: str, title: str, capacity: int, waitlist_capacity: in
     waitlist_capacity = fields.waitlist_capacity("waitlist_capacity", waitlist_capacity)
     checked(fields)
     now = utcnow()
-    try:
-        with savepoint():
-            return Course.create(
-                code=code,
-                code_key=lowercase_key(code),
-                title=title,
-                capacity=capacity,
-                enrolled_count=0,
-                waitlist_capacity=waitlist_capacity,
-                waitlisted_count=0,
-                create_time=now,
-                update_time=now,
-            )
-    except pw.IntegrityError:
-        raise CourseCodeTaken.of() from None
+    return create_unique(
+        Course,
+        CourseCodeTaken.of,
+        code=code,
+        code_key=lowercase_key(code),
+        title=title,
+        capacity=capacity,
+        enrolled_count=0,
+        waitlist_capacity=waitlist_capacity,
+        waitlisted_count=0,
+        create_time=now,
+        update_time=now,
+    )
 
 
 MUTABLE = ("code", "title", "capacity", "waitlist_capacity")
@@ -176,22 +175,16 @@ def get_course(*, course_id: int) -> Course:
 
 @transactional(write=False)
 def list_courses(*, student_id: int, page_size: int, page_token: str) -> CoursePage:
-    fields = Fields()
-    page = fields.page_request(
+    rows, token = list_page(
         page_tokens.Kind.COURSES,
         filter_field="student_id",
         filter_id=student_id,
         page_size=page_size,
         page_token=page_token,
+        every_row=_CATALOGUE_PAGE,
+        filtered=_STUDENT_COURSES_PAGE,
+        find_filter=find_student,  # no courses, or no such student?
     )
-    fields.check()
-    if page.filter_id:
-        rows, token = page.fetch(_STUDENT_COURSES_PAGE, page.filter_id)
-    else:
-        rows, token = page.fetch(_CATALOGUE_PAGE)
-    # No courses and a missing student look alike; only then ask which it is.
-    if page.filter_id and not rows:
-        find_student(page.filter_id)
     return CoursePage(rows, token)
 
 

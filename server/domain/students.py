@@ -10,6 +10,7 @@ from enrollment.server.domain import page_tokens
 from enrollment.server.domain.enrollments import drop_entry
 from enrollment.server.domain.lookups import find_course, find_student
 from enrollment.server.domain.retries import checked, mutation
+from enrollment.server.domain.rows import create_unique, list_page
 from enrollment.server.domain.updates import etag_of, masked_paths
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import EmailTaken, EtagMismatch, HasEnrollments
@@ -63,17 +64,15 @@ def create_student(*, name: str, email: str) -> Student:
     email = fields.email("email", email)
     checked(fields)
     now = utcnow()
-    try:
-        with savepoint():
-            return Student.create(
-                name=name,
-                email=email,
-                email_key=lowercase_key(email),
-                create_time=now,
-                update_time=now,
-            )
-    except pw.IntegrityError:
-        raise EmailTaken.of() from None
+    return create_unique(
+        Student,
+        EmailTaken.of,
+        name=name,
+        email=email,
+        email_key=lowercase_key(email),
+        create_time=now,
+        update_time=now,
+    )
 
 
 MUTABLE = ("name", "email")
@@ -129,22 +128,16 @@ def get_student(*, student_id: int) -> Student:
 
 @transactional(write=False)
 def list_students(*, course_id: int, page_size: int, page_token: str) -> StudentPage:
-    fields = Fields()
-    page = fields.page_request(
+    rows, token = list_page(
         page_tokens.Kind.STUDENTS,
         filter_field="course_id",
         filter_id=course_id,
         page_size=page_size,
         page_token=page_token,
+        every_row=_STUDENTS_PAGE,
+        filtered=_ROSTER_PAGE,
+        find_filter=find_course,  # an empty roster, or no such course?
     )
-    fields.check()
-    if page.filter_id:
-        rows, token = page.fetch(_ROSTER_PAGE, page.filter_id)
-    else:
-        rows, token = page.fetch(_STUDENTS_PAGE)
-    # An empty roster and a missing course look alike; only then ask which it is.
-    if page.filter_id and not rows:
-        find_course(page.filter_id)
     return StudentPage(rows, token)
 
 

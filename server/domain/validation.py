@@ -6,10 +6,8 @@ import re
 
 from enrollment.server.domain import page_tokens
 from enrollment.server.errors import FieldViolation, InvalidField
+from enrollment.server.persistence.models import CODE_MAX, EMAIL_MAX, NAME_MAX
 
-NAME_MAX = 200
-EMAIL_MAX = 254
-CODE_MAX = 32
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CODE = re.compile(r"[A-Za-z0-9._-]+")
 _WHITESPACE = re.compile(r"\s")

@@ -33,8 +33,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup(level: str, log_format: str = "text") -> None:
+class _WithoutSqlValues(logging.Filter):
+    """peewee logs each statement at DEBUG as (sql, bound values): the values are names
+    and emails, so only the SQL is kept, with how many values were left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, tuple) and len(record.msg) == 2:
+            sql, params = record.msg
+            count = len(params) if isinstance(params, list | tuple | dict) else 0
+            record.msg, record.args = "%s -- %d bound value(s) not logged", (sql, count)
+        return True
+
+
+_sql_filter = _WithoutSqlValues()
+
+
+def setup(level: str, log_format: str = "text", *, sql_values: bool = False) -> None:
     """Configure the root logger once, at process start.
+
+    sql_values: let peewee's DEBUG lines show the values bound to each statement
+    (--log-sql-values); by default they are left out, since they hold names and emails.
 
     Lines are written by the calling thread. A queue and one writing thread were tried
     (bench/PROFILE.md, "After the merge"): with four serving threads the hand-over cost
@@ -44,8 +62,13 @@ def setup(level: str, log_format: str = "text") -> None:
     text = _SecondCachedFormatter(TEXT_FORMAT)
     handler.setFormatter(JsonFormatter() if log_format == "json" else text)
     logging.basicConfig(level=level, handlers=[handler])
-    # The lines show none of these, and finding them costs each call a few microseconds
-    # (logging's own advice for speed: https://docs.python.org/3/howto/logging.html).
+    statements = logging.getLogger("peewee")
+    if sql_values:
+        statements.removeFilter(_sql_filter)
+    else:
+        statements.addFilter(_sql_filter)
+    # The lines show none of these, and finding them costs every call CPU (logging's
+    # own advice for speed: https://docs.python.org/3/howto/logging.html).
     # The process id stays: it tells the workers of `serve --workers N` apart.
     logging.logThreads = logging.logMultiprocessing = False
     logging._srcfile = None

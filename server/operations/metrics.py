@@ -7,9 +7,17 @@ from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+
+from enrollment.server import addresses
+from enrollment.server.persistence.failures import Occurrences, storage_full_events
 
 # Unary calls on a local database: most finish in milliseconds.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# Peer addresses are labels only up to this many, so an attacker with many addresses
+# cannot grow the metrics without end.
+MAX_PEER_LABELS = 100
 
 
 class RpcMetrics:
@@ -41,6 +49,21 @@ class RpcMetrics:
             registry=self.registry,
         )
         connections.set_function(connections_in_use)
+        self.registry.register(
+            _OccurrencesCollector(
+                "enrollment_storage_full",
+                "writes the database refused for want of space (STORAGE_FULL answers)",
+                storage_full_events,
+            )
+        )
+        self._auth_failures = Counter(
+            "enrollment_auth_failures",
+            "calls refused for their token (or for their address's earlier failures), "
+            f"by peer address (the first {MAX_PEER_LABELS}; then 'other') and reason",
+            ["peer", "reason"],
+            registry=self.registry,
+        )
+        self._peers: set[str] = set()
         self._children: dict[tuple[str, str], Counter] = {}
         self._lock = threading.Lock()
 
@@ -56,9 +79,32 @@ class RpcMetrics:
                 self._children[(method, code)] = child
         child.inc()
 
+    def auth_failure(self, peer: str, reason: str) -> None:
+        """One call refused by authentication, from peer (an address without its port)."""
+        if peer not in self._peers:
+            with self._lock:
+                if len(self._peers) < MAX_PEER_LABELS:
+                    self._peers.add(peer)
+                else:
+                    peer = "other"
+        self._auth_failures.labels(peer, reason).inc()
+
     def serve(self, address: str) -> tuple[WSGIServer, threading.Thread]:
         """Serve /metrics on HOST:PORT (port 0 picks a free one); returns the HTTP server."""
-        host, _, port = address.rpartition(":")
+        host, port = addresses.split(address)
         if not host or not port.isdigit():
             raise ValueError(f"the metrics address must be HOST:PORT, not {address!r}")
-        return start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        return start_http_server(int(port), addr=host, registry=self.registry)
+
+
+class _OccurrencesCollector:
+    """A counter kept by the layer that sees the condition (persistence), read at scrape."""
+
+    def __init__(self, name: str, documentation: str, source: Occurrences) -> None:
+        self._name, self._documentation, self._source = name, documentation, source
+
+    def describe(self):
+        return [CounterMetricFamily(self._name, self._documentation)]
+
+    def collect(self):
+        yield CounterMetricFamily(self._name, self._documentation, value=self._source.total)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import enum
 import sqlite3
+import threading
+import time
 
 import peewee as pw
 import psycopg2
+import psycopg2.errors
 import pymysql
 from playhouse.pool import MaxConnectionsExceeded
 
@@ -34,13 +37,19 @@ _PG_RETRY_CODES = ("40001", "40P01")
 _MYSQL_LOST = {1927, 2002, 2003, 2006, 2013, 2055, 4031}
 _MYSQL_TRANSIENT = _MYSQL_LOST | {1040, 1053, 1205, 1969, 3024}
 _MYSQL_RETRY = {1213}  # deadlock found when trying to get lock
+# No space left for the write: SQLite's SQLITE_FULL ("database or disk is full"),
+# PostgreSQL's disk_full, MariaDB's "disk full" (1021) and "table is full" (1114).
+_SQLITE_FULL = 13
+_PG_FULL_CODES = ("53100",)
+_MYSQL_FULL = {1021, 1114}
 
 
 class Verdict(enum.Enum):
     """What a failed transaction means for the call."""
 
     RETRY = "retry"  # a deadlock victim: its transaction was rolled back whole, run it again
-    UNAVAILABLE = "unavailable"  # down, locked, full or out of time: the caller may retry
+    UNAVAILABLE = "unavailable"  # down, locked or out of time: the caller may retry
+    FULL = "full"  # no space left for the write: nothing changed, retry once space is freed
 
 
 def _driver_error(exc: BaseException) -> BaseException:
@@ -49,12 +58,15 @@ def _driver_error(exc: BaseException) -> BaseException:
 
 
 def classify(exc: BaseException) -> Verdict | None:
-    """RETRY for a deadlock victim, UNAVAILABLE for a database that is down, locked,
-    full or out of time, None for anything else (a bug or a schema mismatch)."""
+    """RETRY for a deadlock victim, FULL for storage with no space left, UNAVAILABLE for
+    a database that is down, locked or out of time, None for anything else (a bug or a
+    schema mismatch)."""
     if isinstance(exc, MaxConnectionsExceeded | pw.InterfaceError):
         return Verdict.UNAVAILABLE
     if not isinstance(exc, pw.DatabaseError | sqlite3.Error):
         return None
+    if storage_full(exc):
+        return Verdict.FULL
     cause = _driver_error(exc)
     pgcode = getattr(cause, "pgcode", None)
     if isinstance(cause, psycopg2.Error):
@@ -92,6 +104,50 @@ def verdict(exc: BaseException) -> Verdict | None:
             return found
         current, seen = current.__context__, seen + 1
     return None
+
+
+def storage_full(exc: BaseException) -> bool:
+    """The database refused a write for want of space (disk, file system or table full)."""
+    cause = _driver_error(exc)
+    if isinstance(cause, psycopg2.Error):
+        # psycopg2 raises DiskFull for 53100 (its instances made elsewhere have no pgcode).
+        pgcode = getattr(cause, "pgcode", None)
+        return pgcode in _PG_FULL_CODES or isinstance(cause, psycopg2.errors.DiskFull)
+    if isinstance(cause, pymysql.Error):
+        return _mysql_errno(cause) in _MYSQL_FULL
+    if isinstance(cause, sqlite3.Error):
+        code = getattr(cause, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF == _SQLITE_FULL
+    return "database or disk is full" in str(exc).lower()
+
+
+class Occurrences:
+    """Counts a condition (for metrics) and says when it is worth one more log line:
+    at most one line per `every` seconds, telling how many were not logged."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._lock = threading.Lock()
+        self.total = 0
+        self._unlogged = 0
+        self._logged_at = float("-inf")
+
+    def record(self) -> int | None:
+        """Count one; the number of occurrences the log line should stand for, or None
+        when a line was written less than `every` seconds ago."""
+        now = time.monotonic()
+        with self._lock:
+            self.total += 1
+            self._unlogged += 1
+            if now - self._logged_at < self.every:
+                return None
+            self._logged_at, count, self._unlogged = now, self._unlogged, 0
+            return count
+
+
+# Writes refused for want of space, since the process started (metrics read .total).
+storage_full_events = Occurrences(every=10.0)
 
 
 def _mysql_errno(cause: BaseException) -> int | None:

@@ -12,6 +12,12 @@ proxy = pw.DatabaseProxy()
 # Email and code uniqueness ignores case on every database, so it is decided by a
 # unique index on a lower-cased key column computed here, not by a collation.
 KEY_LENGTH = 512
+# The longest name (and course title), email and course code the columns hold: the
+# contract's limits, which validation enforces with these same numbers. They live here,
+# beside the columns, because the domain may read persistence but not the other way round.
+NAME_MAX = 200
+EMAIL_MAX = 254
+CODE_MAX = 32
 
 
 def utcnow() -> dt.datetime:
@@ -70,8 +76,8 @@ class BaseModel(pw.Model):
 
 class Student(BaseModel):
     id = IdField()
-    name = pw.CharField(max_length=200)
-    email = pw.CharField(max_length=254)
+    name = pw.CharField(max_length=NAME_MAX)
+    email = pw.CharField(max_length=EMAIL_MAX)
     email_key = pw.CharField(max_length=KEY_LENGTH, unique=True)
     create_time = TimestampField(default=utcnow)
     # Migration 004 on: NULL only for rows older than it (then = create_time; 004 fills
@@ -86,9 +92,9 @@ class Student(BaseModel):
 
 class Course(BaseModel):
     id = IdField()
-    code = pw.CharField(max_length=32)
+    code = pw.CharField(max_length=CODE_MAX)
     code_key = pw.CharField(max_length=KEY_LENGTH, unique=True)
-    title = pw.CharField(max_length=200)
+    title = pw.CharField(max_length=NAME_MAX)
     capacity = pw.IntegerField(default=0, constraints=[pw.Check("capacity >= 0")])
     enrolled_count = pw.IntegerField(default=0, constraints=[pw.Check("enrolled_count >= 0")])
     create_time = TimestampField(default=utcnow)

@@ -16,7 +16,7 @@ class Prepared:
     """A peewee query built once with marker values, its SQL reused with each call's values.
 
     Peewee compiles a query to SQL on every execution, and for a one-row lookup that
-    costs several times the lookup itself (about 100 us against 30 us on SQLite). The
+    costs several times the lookup itself (`make bench-micro`; bench/PROFILE.md). The
     SQL depends only on the database (its quoting and placeholders), so it is compiled
     on first use and again only when the models are bound to another database.
     """

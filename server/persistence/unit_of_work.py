@@ -1,4 +1,9 @@
-"""The unit of work: one connection and one transaction per call, deadlock victims run again."""
+"""The unit of work: one connection and one transaction per call, deadlock victims run again.
+
+A write whose COMMIT fails on PostgreSQL or MariaDB may have committed (the database
+may have done it and only its answer was lost): that is CommitOutcomeUnknown, never
+"nothing changed", and never run again here.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +21,14 @@ import peewee as pw
 from playhouse.pool import MaxConnectionsExceeded
 
 from enrollment.server import callstate
-from enrollment.server.errors import DatabaseUnavailable
+from enrollment.server.errors import CommitOutcomeUnknown, DatabaseUnavailable, StorageFull
 from enrollment.server.persistence.engine import discard_idle
-from enrollment.server.persistence.failures import Verdict, lost_connection, verdict
+from enrollment.server.persistence.failures import (
+    Verdict,
+    lost_connection,
+    storage_full_events,
+    verdict,
+)
 from enrollment.server.persistence.models import proxy
 
 P = ParamSpec("P")
@@ -75,9 +85,10 @@ class FairLock:
 
 
 # SQLite admits one writer at a time, and a writer that finds the file locked polls with
-# sleeps of up to 100 ms: under 16 concurrent writers that made a 300 ms p99. Writers of
-# one process queue on this lock instead, in arrival order; only other processes meet
-# the busy timeout.
+# sleeps of up to 100 ms, which made the write p99 under concurrent writers many times
+# the call (bench/PROFILE.md, "Figures behind code comments"). Writers of one process
+# queue on this lock instead, in arrival order; only other processes meet the busy
+# timeout.
 _sqlite_writer = FairLock()
 
 
@@ -104,21 +115,61 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
     """
     callstate.ensure_active()
     db = proxy.obj
+    stage = "work"  # then "commit" while COMMIT runs, then "done"
     try:
         with proxy.connection_context(), _writer_turn(write):
             begin = ("IMMEDIATE",) if write and isinstance(db, pw.SqliteDatabase) else ()
             with proxy.atomic(*begin):
                 yield
                 callstate.ensure_active()
+                stage = "commit"
+            stage = "done"
     except (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded) as exc:
         found = verdict(exc)
         if found is Verdict.UNAVAILABLE and lost_connection(exc):
             # The idle connections went down with this one: drop them now, so the
             # calls after an outage open fresh connections instead of failing one by one.
             discard_idle()
+        if stage == "done":
+            # Committed; only handing the connection back failed. The answer stands.
+            log.warning("after a commit, releasing the connection failed: %s", _first_line(exc))
+            return
+        if found is Verdict.FULL:  # refused, at COMMIT too: the database said so
+            _storage_full(exc)
+            raise StorageFull.of() from exc
+        if stage == "commit" and write and _outcome_unknown(db, exc):
+            raise CommitOutcomeUnknown.of() from exc
         if found is not None:
             raise _Transient(found) from exc
         raise
+
+
+def _outcome_unknown(db: pw.Database, exc: BaseException) -> bool:
+    """Whether a failed COMMIT may still have committed. A database across a connection
+    may have committed and lost only its answer. SQLite's COMMIT runs in this process
+    and says what happened (locked, full: not committed), except after an I/O error,
+    when frames it wrote may be found committed when the file is next opened."""
+    if not isinstance(db, pw.SqliteDatabase):
+        return True
+    return "disk i/o error" in str(exc).lower()
+
+
+def _storage_full(exc: BaseException) -> None:
+    """Count a write refused for want of space; one log line (no traceback) at most
+    every few seconds, saying how many it stands for."""
+    count = storage_full_events.record()
+    if count is not None:
+        log.warning(
+            "storage full: the database refused %d write(s) for want of space "
+            "(reads still work; writes resume once space is freed): %s",
+            count,
+            _first_line(exc),
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Transient(Exception):

@@ -11,6 +11,8 @@ import grpc
 import peewee as pw
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from enrollment.client.api import open_channel
+from enrollment.server import addresses
 from enrollment.server.operations import logs
 from enrollment.server.persistence import engine, migrator
 from enrollment.server.startup.config import ServerConfig, StartupError
@@ -51,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ENROLLMENT_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (env ENROLLMENT_LOG_LEVEL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-sql-values",
+        action="store_true",
+        default=os.environ.get("ENROLLMENT_LOG_SQL_VALUES", "") == "1",
+        help="with --log-level DEBUG, also log the values bound to each SQL statement "
+        "(names, emails: personal data); off by default (env ENROLLMENT_LOG_SQL_VALUES=1)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -180,6 +189,21 @@ def _security_and_operations_flags(run: argparse.ArgumentParser) -> None:
         "<name>' (env ENROLLMENT_AUTH_TOKENS)",
     )
     run.add_argument(
+        "--auth-failure-burst",
+        type=int,
+        default=DEFAULTS.auth_failure_burst,
+        metavar="N",
+        help="wrong tokens one address may send at once before its calls are refused "
+        "(RESOURCE_EXHAUSTED AUTH_FAILURES_LIMITED) (default %(default)s)",
+    )
+    run.add_argument(
+        "--auth-failure-rate",
+        type=float,
+        default=DEFAULTS.auth_failure_rate,
+        metavar="R",
+        help="wrong tokens per second one address may send after the burst (default %(default)s)",
+    )
+    run.add_argument(
         "--max-message-bytes",
         type=int,
         default=DEFAULTS.max_message_bytes,
@@ -231,6 +255,46 @@ def _security_and_operations_flags(run: argparse.ArgumentParser) -> None:
         help="time in-flight calls get on such a connection (default %(default)s)",
     )
     run.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULTS.request_timeout,
+        metavar="S",
+        help="end a call whose request message has not arrived S seconds after the call "
+        "began (DEADLINE_EXCEEDED, reason REQUEST_TIMEOUT; default %(default)s)",
+    )
+    run.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=DEFAULTS.max_streams_per_connection,
+        metavar="N",
+        help="calls at once on one connection (HTTP/2 MAX_CONCURRENT_STREAMS); more wait "
+        "in the client (default %(default)s)",
+    )
+    run.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=DEFAULTS.handshake_timeout,
+        metavar="S",
+        help="close a new connection that has not finished its TLS handshake and HTTP/2 "
+        "preface within S seconds (default %(default)s)",
+    )
+    run.add_argument(
+        "--max-connection-idle",
+        type=float,
+        default=DEFAULTS.max_connection_idle,
+        metavar="S",
+        help="close a connection that has had no call for S seconds; 0 = never "
+        "(default %(default)s)",
+    )
+    run.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULTS.max_connections,
+        metavar="N",
+        help="connections at once; more are closed when accepted (default: the "
+        "descriptor limit, ulimit -n, less 64)",
+    )
+    run.add_argument(
         "--metrics-address",
         default=env("ENROLLMENT_METRICS_ADDRESS"),
         metavar="HOST:PORT",
@@ -248,16 +312,18 @@ def _security_and_operations_flags(run: argparse.ArgumentParser) -> None:
 
 def _security_and_operations_config(args: argparse.Namespace) -> dict:
     names = (
-        "tls_cert tls_key tls_client_ca auth_tokens max_message_bytes max_concurrent_rpcs "
+        "tls_cert tls_key tls_client_ca auth_tokens auth_failure_burst auth_failure_rate "
+        "max_message_bytes max_concurrent_rpcs "
         "keepalive_time keepalive_timeout keepalive_min_ping_interval max_connection_age "
-        "max_connection_age_grace metrics_address"
+        "max_connection_age_grace metrics_address request_timeout max_streams_per_connection "
+        "handshake_timeout max_connection_idle max_connections"
     )
     return {name: getattr(args, name) for name in names.split()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.setup(args.log_level, getattr(args, "log_format", "text"))
+    logs.setup(args.log_level, getattr(args, "log_format", "text"), sql_values=args.log_sql_values)
     # peewee-migrate logs every step at INFO through its own logger.
     logging.getLogger("peewee_migrate").setLevel(logging.WARNING)
     try:
@@ -305,24 +371,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def health_check(args: argparse.Namespace) -> int:
     """The container's HEALTHCHECK: one grpc.health.v1 Check of the whole server."""
-    host, _, port = args.address.rpartition(":")
-    if host in ("0.0.0.0", "[::]", ""):
+    host, port = addresses.split(args.address)
+    if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
-    target = f"{host}:{port}"
+    target = addresses.join(host, port)
     if bool(args.tls_cert) != bool(args.tls_key):
         print("enrollment-server: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
-    if args.tls_ca or args.tls_cert:
-        files = [args.tls_ca, args.tls_key, args.tls_cert]
-        try:
-            ca, key, cert = (open(f, "rb").read() if f else None for f in files)  # noqa: SIM115
-        except OSError as exc:
-            print(f"enrollment-server: {exc}", file=sys.stderr)
-            return 2
-        credentials = grpc.ssl_channel_credentials(ca, key, cert)
-        channel = grpc.secure_channel(target, credentials)
-    else:
-        channel = grpc.insecure_channel(target)
+    try:
+        channel = open_channel(
+            target, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+        )
+    except OSError as exc:
+        print(f"enrollment-server: {exc}", file=sys.stderr)
+        return 2
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(

@@ -11,8 +11,8 @@ class ServerConfig:
     database_url: str = "sqlite:///enrollment.db"
     grace_seconds: float = 10.0
     # Threads share one GIL: past a few, each SQLite call's GIL hand-off costs more CPU
-    # than the extra thread gains (make bench --threads-check 4: read +56% calls/s,
-    # mixed p99 42 -> 16 ms against 16 threads). More cores: serve more processes.
+    # than the extra thread gains (figures: bench/PROFILE.md, "Figures behind code
+    # comments"). More cores: serve more processes.
     max_workers: int = 4
     # Seconds a call waits for a lock or a new connection, and a statement may run.
     database_timeout: float = 5.0
@@ -32,6 +32,10 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     auth_tokens: str | None = None
+    # Wrong tokens one peer address may send at once, then per second (a token bucket);
+    # beyond it the address's calls are RESOURCE_EXHAUSTED until its bucket refills.
+    auth_failure_burst: int = 20
+    auth_failure_rate: float = 2.0
     max_message_bytes: int = 64 * 1024
     max_concurrent_rpcs: int = 1000
     keepalive_time: float = 60.0
@@ -40,6 +44,16 @@ class ServerConfig:
     max_connection_age: float = 1800.0
     max_connection_age_grace: float = 30.0
     metrics_address: str | None = None
+    # What one client can hold (README "Operations"): seconds a call's request message
+    # may take to arrive; streams at once per connection (HTTP/2 MAX_CONCURRENT_STREAMS);
+    # seconds a new connection gets for its TLS handshake and HTTP/2 preface; seconds a
+    # connection may stay open with no call; connections at once (None: what the
+    # process's descriptor limit leaves after a reserve for the database and logs).
+    request_timeout: float = 5.0
+    max_streams_per_connection: int = 100
+    handshake_timeout: float = 5.0
+    max_connection_idle: float = 300.0
+    max_connections: int | None = None
     # Seconds a successful call's request_id record is kept (AIP-155: at least 24 h).
     request_id_retention: float = 24 * 3600.0
 
@@ -59,6 +73,10 @@ class ServerConfig:
         if min(self.database_timeout, self.pool_timeout, self.health_interval) <= 0:
             raise StartupError(
                 "--database-timeout, --pool-timeout and the health interval must be above 0"
+            )
+        if self.auth_failure_burst < 1 or self.auth_failure_rate <= 0:
+            raise StartupError(
+                "--auth-failure-burst must be 1 or more, --auth-failure-rate above 0"
             )
         if self.request_id_retention <= 0:
             raise StartupError("--request-id-retention must be above 0")

@@ -1,13 +1,26 @@
-"""Builds the gRPC server (create_server) and runs it until SIGTERM/SIGINT (serve)."""
+"""Builds the gRPC server (create_server) and runs it until SIGTERM/SIGINT (serve).
+
+The transport is grpc.aio on an event loop of its own thread, and the database work
+runs in a bounded pool of --max-workers threads (peewee is synchronous). A call waiting
+for its request message, for a thread, or (later) for an event to watch is a coroutine
+on the loop, holding no thread and no database connection: so a client that opens
+calls and never sends their body cannot take the threads every other caller needs
+(the sync server's handler threads blocked reading the body, unbounded). How long a
+request may take to arrive, how many calls one connection may carry and how long an
+unfinished or idle connection is kept are bounded in transport/options.py and
+transport/interceptors.py. The process's other threads (health probe, metrics, the
+main thread waiting for a signal) talk to the loop only through RunningServer.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import peewee as pw
@@ -20,8 +33,14 @@ from enrollment.server.persistence.models import proxy
 from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.startup.purger import RequestRecordPurger
 from enrollment.server.transport import options, tls
-from enrollment.server.transport.auth import Authenticator, TokenFileError
+from enrollment.server.transport.auth import (
+    Authenticator,
+    FailureBuckets,
+    TokenFileError,
+    load_tokens,
+)
 from enrollment.server.transport.interceptors import RpcInterceptor
+from enrollment.server.transport.pool import WorkerPool
 from enrollment.server.transport.reflection import add_reflection
 from enrollment.server.transport.servicer import EnrollmentServicer
 from enrollment.v1 import enrollment_pb2 as pb
@@ -32,37 +51,99 @@ log = logging.getLogger("enrollment.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnrollmentService"].full_name
 
 
+class EventLoopThread:
+    """An asyncio event loop running in a thread of its own, for the grpc.aio server."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="grpc-loop", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coroutine) -> futures.Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def run(self, coroutine):
+        """Run coroutine on the loop and wait for its result (from another thread)."""
+        return self.submit(coroutine).result()
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
 @dataclass
 class RunningServer:
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
+    events: EventLoopThread
     monitor: HealthMonitor | None = None
     purger: RequestRecordPurger | None = None
     metrics_port: int | None = None
     metrics_server: object | None = None
-    executor: futures.ThreadPoolExecutor | None = None
+    pool: WorkerPool | None = None
+    terminated: threading.Event = field(default_factory=threading.Event)
 
     def wait_idle(self) -> None:
-        """After stop: wait until no handler thread runs any more. grpc stops answering
-        at the end of the grace period, but a handler still inside its transaction runs
-        on; the database is closed only after it has finished (or rolled back)."""
-        if self.executor is not None:
-            self.executor.shutdown(wait=True)
+        """After stop: wait until no pool thread runs any more, then end the loop. grpc
+        stops answering at the end of the grace period, but a call still inside its
+        transaction runs on; the database is closed only after it has finished (or
+        rolled back)."""
+        if self.pool is not None:
+            self.pool.shutdown()
+        self.events.close()
 
     def stop(self, grace: float | None) -> threading.Event:
-        """Report NOT_SERVING, stop taking calls, and let in-flight ones finish within grace."""
+        """Report NOT_SERVING, stop taking calls, and let in-flight ones finish within
+        grace; the event returned is set once the server has stopped."""
         if self.monitor is not None:
             self.monitor.stop()
         if self.purger is not None:
             self.purger.stop()
-        self.health.enter_graceful_shutdown()
-        stopped = self.server.stop(grace)
+        stopped = threading.Event()
+        if self.events.loop.is_closed():
+            stopped.set()
+            return stopped
+
+        def done(_future) -> None:
+            stopped.set()
+            self.terminated.set()
+
+        self.events.submit(self._stop(grace)).add_done_callback(done)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
             self.metrics_server = None
         return stopped
+
+    async def _stop(self, grace: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+    def wait_for_termination(self) -> None:
+        # Woken now and then, so that signal handlers run promptly in the main thread.
+        while not self.terminated.wait(0.5):
+            pass
+
+    def report(self, serving: bool) -> None:
+        """From any thread: health SERVING or NOT_SERVING for the server and the service."""
+        state = health_pb2.HealthCheckResponse.SERVING
+        if not serving:
+            state = health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def set_all() -> None:
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, state)
+
+        if not self.events.loop.is_closed():
+            self.events.submit(set_all())
 
 
 def check_schema() -> None:
@@ -117,54 +198,43 @@ def _start(config: ServerConfig) -> RunningServer:
     try:
         options.check(config)
         credentials = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        auth = Authenticator.from_file(config.auth_tokens) if config.auth_tokens else None
+        auth = None
+        if config.auth_tokens:
+            buckets = FailureBuckets(config.auth_failure_burst, config.auth_failure_rate)
+            auth = Authenticator(load_tokens(config.auth_tokens), buckets)
     except (options.LimitsError, tls.TlsConfigError, TokenFileError) as exc:
         raise StartupError(str(exc)) from exc
     metrics = RpcMetrics(engine.connections_in_use) if config.metrics_address else None
 
-    executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc")
-    server = grpc.server(
-        executor,
-        interceptors=[RpcInterceptor(authenticator=auth, metrics=metrics)],
-        options=options.grpc_options(config),
-        # Beyond this many calls at once grpc answers RESOURCE_EXHAUSTED at once;
-        # up to it, calls beyond max_workers wait in the executor's queue.
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-    )
-    pb_grpc.add_EnrollmentServiceServicer_to_server(EnrollmentServicer(), server)
-
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-    add_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
+    # The database work of at most max_workers calls at once; calls beyond wait for a
+    # thread as coroutines, up to --max-concurrent-rpcs.
+    pool = WorkerPool(config.max_workers)
+    events = EventLoopThread()
     try:
-        if credentials is None:
-            port = server.add_insecure_port(config.address)
-        else:
-            port = server.add_secure_port(config.address, credentials)
-    except RuntimeError:
-        port = 0
-    if not port:
-        raise StartupError(f"cannot listen on {config.address}: in use or not a local address")
+        server, health_servicer, port = events.run(_build(config, credentials, auth, metrics, pool))
+    except BaseException:
+        events.close()
+        pool.shutdown()
+        raise
     if credentials is None and not tls.is_loopback(config.address):
         log.warning(
             "serving PLAINTEXT on %s, which is not a loopback address: anyone on the "
             "network can read and alter calls (and bearer tokens); use --tls-cert/--tls-key",
             config.address,
         )
-    running = RunningServer(server, port, health_servicer, executor=executor)
+    running = RunningServer(server, port, health_servicer, events, pool=pool)
     if metrics is not None:
         try:
             running.metrics_server, _ = metrics.serve(config.metrics_address)
         except (OSError, ValueError) as exc:
-            server.stop(None)
+            events.run(server.stop(None))
+            events.close()
+            pool.shutdown()
             raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
         running.metrics_port = running.metrics_server.server_port
-    server.start()
+    events.run(server.start())
     running.monitor = HealthMonitor(
-        _reporter(health_servicer),
+        running.report,
         database_url=config.database_url,
         interval=config.health_interval,
         database_timeout=config.database_timeout,
@@ -178,15 +248,41 @@ def _start(config: ServerConfig) -> RunningServer:
     return running
 
 
-def _reporter(servicer: health.HealthServicer):
-    def report(serving: bool) -> None:
-        state = health_pb2.HealthCheckResponse.SERVING
-        if not serving:
-            state = health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            servicer.set(name, state)
+async def _build(config, credentials, auth, metrics, pool):
+    """On the loop (grpc.aio binds its objects to the running loop): the server, its
+    services and its port; not started."""
+    server = grpc.aio.server(
+        interceptors=[
+            RpcInterceptor(
+                pool=pool,
+                request_timeout=config.request_timeout,
+                authenticator=auth,
+                metrics=metrics,
+            )
+        ],
+        options=options.grpc_options(config),
+        # Beyond this many calls at once grpc answers RESOURCE_EXHAUSTED at once;
+        # up to it, calls beyond max_workers wait for a thread of the pool.
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    pb_grpc.add_EnrollmentServiceServicer_to_server(EnrollmentServicer(), server)
 
-    return report
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    add_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(config.address)
+        else:
+            port = server.add_secure_port(config.address, credentials)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise StartupError(f"cannot listen on {config.address}: in use or not a local address")
+    return server, health_servicer, port
 
 
 def close_database() -> None:
@@ -216,7 +312,7 @@ def serve_until_signalled(running: RunningServer, config: ServerConfig) -> None:
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
-    running.server.wait_for_termination()
+    running.wait_for_termination()
     running.wait_idle()
     engine.close_pool()
     log.info("stopped")

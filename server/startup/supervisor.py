@@ -14,6 +14,7 @@ import threading
 from dataclasses import replace
 from multiprocessing.connection import wait as wait_for_exit
 
+from enrollment.server import addresses
 from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.startup.server import (
     SERVICE_NAME,
@@ -95,10 +96,10 @@ def _for_worker(config: ServerConfig, number: int) -> ServerConfig:
     only its own calls, so each is scraped as a target of its own."""
     if not config.metrics_address:
         return config
-    host, _, port = config.metrics_address.rpartition(":")
+    host, port = addresses.split(config.metrics_address)
     if not port.isdigit() or int(port) == 0:
         return config
-    return replace(config, metrics_address=f"{host}:{int(port) + number - 1}")
+    return replace(config, metrics_address=addresses.join(host, int(port) + number - 1))
 
 
 def _worker_main(config: ServerConfig, number: int) -> None:
@@ -122,8 +123,8 @@ def _describe_exit(code: int | None) -> str:
 def _reserve_port(address: str) -> tuple[str, int, socket.socket]:
     """Check that the port is free, then hold it with SO_REUSEPORT so that only this
     server's workers (same user, same option) can bind it while it runs."""
-    host, _, port_text = address.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
+    host, port_text = addresses.split(address)
+    host = host or "0.0.0.0"
     try:
         port = int(port_text)
         family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]

@@ -6,10 +6,18 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from enrollment.server.errors import MissingToken, PermissionDenied, Unauthenticated
+from enrollment.server.errors import (
+    AuthFailuresLimited,
+    MissingToken,
+    PermissionDenied,
+    Unauthenticated,
+)
 
 ROLES = ("reader", "writer", "admin")
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
@@ -94,11 +102,88 @@ def load_tokens(path: str) -> tuple[Token, ...]:
     return tuple(tokens)
 
 
+def peer_host(peer: str) -> str:
+    """The caller's address without its port: 'ipv4:10.0.0.7:51234' -> 'ipv4:10.0.0.7'."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer
+
+
+class FailureBuckets:
+    """A token bucket of failed authentications per peer address.
+
+    Each address may fail `burst` times at once, then once per 1/`per_second` seconds;
+    while its bucket is empty its calls are refused at once, without looking at their
+    token, so guessing is held to that rate. Nothing sleeps: a refused call costs its
+    caller a round trip and no other caller a thread. At most `max_peers` addresses are
+    remembered (refilled buckets are forgotten first, then the oldest).
+    """
+
+    def __init__(
+        self, burst: int = 20, per_second: float = 2.0, max_peers: int = 4096, clock=time.monotonic
+    ) -> None:
+        self.burst, self.per_second, self.max_peers = burst, per_second, max_peers
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # host -> (tokens, at)
+
+    def _level(self, host: str, now: float) -> float:
+        tokens, at = self._buckets.get(host, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.per_second)
+
+    def retry_after(self, host: str) -> float:
+        """0 when host may try now; else seconds until its next try."""
+        if host not in self._buckets:  # the common case: no failures, no lock
+            return 0.0
+        with self._lock:
+            level = self._level(host, self._clock())
+        return 0.0 if level >= 1 else (1 - level) / self.per_second
+
+    def failed(self, host: str) -> None:
+        with self._lock:
+            now = self._clock()
+            level = self._level(host, now)
+            if host not in self._buckets and len(self._buckets) >= self.max_peers:
+                self._forget(now)
+            self._buckets[host] = (max(0.0, level - 1), now)
+
+    def _forget(self, now: float) -> None:
+        full = [h for h in self._buckets if self._level(h, now) >= self.burst]
+        for host in full or [next(iter(self._buckets))]:
+            del self._buckets[host]
+
+
 class Authenticator:
     """Checks a call's authorization metadata against the configured tokens."""
 
-    def __init__(self, tokens: tuple[Token, ...]) -> None:
+    def __init__(self, tokens: tuple[Token, ...], buckets: FailureBuckets | None = None) -> None:
         self._tokens = tokens
+        self.buckets = buckets or FailureBuckets()
+        # Told (peer host, reason) of every refused call: metrics count them.
+        self.on_failure: Callable[[str, str], None] | None = None
+
+    def authenticate_call(self, authorizations: Sequence[str], peer: str) -> Token:
+        """The token of a call's `authorization` metadata (all its values), from peer.
+
+        More than one value is refused (a proxy may have checked only the first); a peer
+        that failed too often is refused without its token being looked at.
+        """
+        host = peer_host(peer)
+        wait = self.buckets.retry_after(host)
+        try:
+            if wait > 0:
+                raise AuthFailuresLimited.of(wait)
+            if len(authorizations) > 1:
+                raise Unauthenticated(
+                    "the call has more than one 'authorization' metadata value; send one"
+                )
+            return self.authenticate(authorizations[0] if authorizations else None)
+        except (Unauthenticated, AuthFailuresLimited) as error:
+            if type(error) is Unauthenticated:  # a wrong token, not a missing one
+                self.buckets.failed(host)
+            if self.on_failure is not None:
+                self.on_failure(host, error.reason)
+            raise
 
     @classmethod
     def from_file(cls, path: str) -> Authenticator:

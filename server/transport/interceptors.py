@@ -1,7 +1,21 @@
-"""Wraps each EnrollmentService call: auth, errors to statuses, metrics, one log line."""
+"""Wraps each call: auth, errors to statuses, metrics, one log line; bounds a request's arrival.
+
+The server is grpc.aio (see startup/server.py): a call waiting for its request, or for
+a thread, is a coroutine on the event loop and holds no thread. Every method with a
+single request message is registered with grpc as request-streaming (the wire is the
+same for the client), so its handler starts as soon as the call's headers arrive and
+waits for the message itself, on the loop, for at most --request-timeout seconds; a
+call whose message has not arrived by then is ended with DEADLINE_EXCEEDED /
+REQUEST_TIMEOUT. grpc's own unary handling would wait for the message without any
+bound. Only then does an EnrollmentService call go to the bounded thread pool, where
+the synchronous database work runs: one thread per call being served, none per call
+waiting.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import re
 import time
@@ -11,10 +25,16 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from enrollment.server import callstate
-from enrollment.server.errors import CallEnded, EnrollmentError, InvalidField
+from enrollment.server.errors import (
+    CallEnded,
+    EnrollmentError,
+    InvalidField,
+    RequestTimeout,
+)
 from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.transport import error_status
 from enrollment.server.transport.auth import Authenticator, required_role
+from enrollment.server.transport.pool import WorkerPool
 
 log = logging.getLogger("enrollment.rpc")
 
@@ -25,29 +45,49 @@ SERVICE_PREFIX = "/enrollment.v1.EnrollmentService/"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
-class RpcInterceptor(grpc.ServerInterceptor):
+class RpcInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
         *,
+        pool: WorkerPool,
+        request_timeout: float,
         authenticator: Authenticator | None = None,
         metrics: RpcMetrics | None = None,
     ) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._pool = pool
+        self._request_timeout = request_timeout
         self._auth = authenticator
         self._metrics = metrics
+        if authenticator is not None and metrics is not None:
+            authenticator.on_failure = metrics.auth_failure
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is not None:
             return wrapped
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
             return handler
-        wrapped = handler._replace(
-            request_deserializer=_tolerant(handler.request_deserializer),
-            unary_unary=_guard(handler.unary_unary, method, self._auth, self._metrics),
-        )
+        if method.startswith(SERVICE_PREFIX) and handler.unary_unary is not None:
+            guard = _Guard(
+                handler.unary_unary,
+                method,
+                pool=self._pool,
+                request_timeout=self._request_timeout,
+                auth=self._auth,
+                metrics=self._metrics,
+            )
+            wrapped = handler._replace(
+                request_streaming=True,
+                request_deserializer=_tolerant(handler.request_deserializer),
+                unary_unary=None,
+                stream_unary=guard.serve,
+            )
+        else:
+            # Health Check and Watch: the same bound on the request's arrival.
+            wrapped = _bounded(handler, self._request_timeout)
         self._wrapped[method] = wrapped
         return wrapped
 
@@ -73,64 +113,211 @@ def _tolerant(deserialize):
     return parse
 
 
-def _guard(behavior, method: str, auth: Authenticator | None, metrics: RpcMetrics | None):
-    name = method.rsplit("/", 1)[-1]
-    needed = required_role(name)
-    latency = metrics.latency(name) if metrics is not None else None
+async def _request_of(context, timeout: float):
+    """The call's one request message, waited for on the event loop for at most timeout."""
+    try:
+        # asyncio.timeout: a timer on the loop, no extra task (wait_for makes one).
+        async with asyncio.timeout(timeout):
+            request = await context.read()
+    except TimeoutError:
+        raise RequestTimeout.of(timeout) from None
+    if request is grpc.aio.EOF:
+        raise InvalidField("the call carries no request message")
+    return request
 
-    def guarded(request, context: grpc.ServicerContext):
+
+def _bounded(handler: grpc.RpcMethodHandler, timeout: float) -> grpc.RpcMethodHandler:
+    """A unary-request handler of another service (health), run as request-streaming so
+    that its request's arrival is bounded too."""
+
+    async def abort(context, error: EnrollmentError):
+        await context.abort_with_status(error_status.to_status(error))
+
+    if handler.unary_unary is not None:
+        behavior = handler.unary_unary
+
+        async def unary(request_iterator, context):
+            try:
+                request = await _request_of(context, timeout)
+            except EnrollmentError as error:
+                await abort(context, error)
+            return await behavior(request, context)
+
+        return handler._replace(request_streaming=True, unary_unary=None, stream_unary=unary)
+
+    behavior = handler.unary_stream
+
+    async def stream(request_iterator, context):
+        try:
+            request = await _request_of(context, timeout)
+        except EnrollmentError as error:
+            await abort(context, error)
+        replies = behavior(request, context)
+        if hasattr(replies, "__aiter__"):
+            async for reply in replies:
+                await context.write(reply)
+        else:
+            await replies
+
+    return handler._replace(request_streaming=True, unary_stream=None, stream_stream=stream)
+
+
+class _CallState:
+    """Whether a call is still wanted, asked from the thread doing its database work:
+    not once its deadline has passed, or once grpc has cancelled its coroutine (the
+    client cancelled, or the server stopped after its grace period)."""
+
+    __slots__ = ("deadline", "ended")
+
+    def __init__(self, time_remaining: float | None) -> None:
+        self.deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        self.ended = False
+
+    def is_active(self) -> bool:
+        return not self.ended and (self.deadline is None or time.monotonic() < self.deadline)
+
+    def deadline_passed(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+class _Guard:
+    """One EnrollmentService method: auth and the request on the loop, the work in a thread."""
+
+    def __init__(
+        self,
+        behavior,
+        method: str,
+        *,
+        pool: WorkerPool,
+        request_timeout: float,
+        auth: Authenticator | None,
+        metrics: RpcMetrics | None,
+    ) -> None:
+        self._behavior = behavior
+        self._name = method.rsplit("/", 1)[-1]
+        self._needed = required_role(self._name)
+        self._pool = pool
+        self._request_timeout = request_timeout
+        self._auth = auth
+        self._metrics = metrics
+        self._latency = metrics.latency(self._name) if metrics is not None else None
+
+    async def serve(self, request_iterator, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
-        code, reason, caller = "OK", "", "-"
-        request_id = authorization = None
+        request_id = None
+        authorizations: list[str] = []
         for key, value in context.invocation_metadata():
             if key == "x-request-id":
                 request_id = value
             elif key == "authorization":
-                authorization = value
+                authorizations.append(value)
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             request_id = uuid.uuid4().hex
         trailer = (("x-request-id", request_id),)
         context.set_trailing_metadata(trailer)
-        if metrics is not None:
-            metrics.in_flight.inc()
-        bound = callstate.bind(context.is_active)
+        call = _Call(self, context, start, request_id)
+        if self._metrics is not None:
+            self._metrics.in_flight.inc()
+        state = _CallState(context.time_remaining())
         try:
-            if auth is not None:
-                token = auth.authenticate(authorization)
-                caller = token.name
-                auth.authorize(token, name, needed)
+            # Authentication needs only the headers: a caller without a valid token is
+            # answered before its body is waited for.
+            if self._auth is not None:
+                token = self._auth.authenticate_call(authorizations, call.peer)
+                call.caller = token.name
+                self._auth.authorize(token, self._name, self._needed)
+            request = await _request_of(context, self._request_timeout)
+        except EnrollmentError as error:
+            call.finish(error.code, error.reason)
+            await context.abort_with_status(
+                error_status.with_trailers(error_status.to_status(error), trailer)
+            )
+        except asyncio.CancelledError:
+            # The caller went away (or its deadline passed) before its request arrived.
+            state.ended = True
+            code = "DEADLINE_EXCEEDED" if state.deadline_passed() else "CANCELLED"
+            call.finish(code, "CALL_ENDED")
+            raise
+        # The database work runs in the pool, in a copy of this context: the unit of work
+        # asks callstate (bound here to this call's state) before it begins and commits.
+        bound = callstate.bind(state.is_active)
+        try:
+            work = contextvars.copy_context()
+        finally:
+            callstate.unbind(bound)
+        try:
+            response, status = await self._pool.run(work.run, call.run, request, state)
+        except asyncio.CancelledError:
+            # The caller cancelled, its deadline passed, or the server stopped after its
+            # grace period. The work is not abandoned half-way (queued, it still runs):
+            # it sees the call ended, does no database work or rolls back, and writes
+            # the call's log line itself.
+            state.ended = True
+            raise
+        if status is not None:
+            await context.abort_with_status(status)
+        return response
+
+
+class _Call:
+    """One call's bookkeeping: its log line and metrics, written exactly once."""
+
+    __slots__ = ("guard", "start", "request_id", "caller", "peer")
+
+    def __init__(self, guard: _Guard, context, start: float, request_id: str) -> None:
+        self.guard = guard
+        self.start = start
+        self.request_id = request_id
+        self.caller = "-"
+        self.peer = context.peer()
+
+    def run(self, request, state: _CallState):
+        """In a pool thread: the service call; returns (response, None) or (None, status)."""
+        guard = self.guard
+        trailer = (("x-request-id", self.request_id),)
+        code, reason, response, status = "OK", "", None, None
+        try:
             if isinstance(request, _Undecodable):
                 raise InvalidField(
                     f"the request is not a valid {request.type_name} (is every string field UTF-8?)"
                 )
-            return behavior(request, context)
+            response = guard._behavior(request, None)
         except CallEnded as error:
             # The caller is gone; its answer is already decided. This is for logs and metrics.
-            code = "DEADLINE_EXCEEDED" if context.time_remaining() <= 0 else "CANCELLED"
+            code = "DEADLINE_EXCEEDED" if state.deadline_passed() else "CANCELLED"
             reason = error.reason
-            context.abort_with_status(
-                error_status.with_trailers(error_status.to_status(error), trailer)
-            )
+            status = error_status.with_trailers(error_status.to_status(error), trailer)
         except EnrollmentError as error:
             code, reason = error.code, error.reason
-            context.abort_with_status(
-                error_status.with_trailers(error_status.to_status(error), trailer)
-            )
+            status = error_status.with_trailers(error_status.to_status(error), trailer)
         except Exception:
             code, reason = "INTERNAL", "INTERNAL"
-            log.exception("rpc %s failed unexpectedly", name)
-            context.abort_with_status(error_status.with_trailers(error_status.INTERNAL, trailer))
+            log.exception("rpc %s failed unexpectedly", guard._name)
+            status = error_status.with_trailers(error_status.INTERNAL, trailer)
         finally:
-            callstate.unbind(bound)
-            elapsed = time.perf_counter() - start
-            if metrics is not None:
-                metrics.in_flight.dec()
-                latency.observe(elapsed)
-                metrics.count(name, code)
-            if log.isEnabledFor(logging.INFO):
-                _log_call(name, code, reason or "-", elapsed, context.peer(), caller, request_id)
+            self.finish(code, reason)
+        return response, status
 
-    return guarded
+    def finish(self, code: str, reason: str) -> None:
+        """Called once per call: on the loop when the call ends before its work is handed
+        to the pool, otherwise by the pool thread when the work is over."""
+        guard = self.guard
+        elapsed = time.perf_counter() - self.start
+        metrics = guard._metrics
+        if metrics is not None:
+            metrics.in_flight.dec()
+            guard._latency.observe(elapsed)
+            metrics.count(guard._name, code)
+        if log.isEnabledFor(logging.INFO):
+            _log_call(
+                guard._name,
+                code,
+                reason or "-",
+                elapsed,
+                self.peer,
+                self.caller,
+                self.request_id,
+            )
 
 
 def _log_call(method, code, reason, elapsed, peer, caller, request_id) -> None:

@@ -1,6 +1,14 @@
-"""gRPC channel options for the server's limits: request size, keepalive, connection age."""
+"""gRPC channel options for the server's limits: request size, keepalive, connection age,
+and what one client can hold (streams per connection, handshake time, idle connections,
+connections in all)."""
 
 from __future__ import annotations
+
+import resource
+
+# Descriptors kept out of --max-connections' default: the database pool, the health
+# probe, the metrics server, log files, the listening sockets and grpc's own.
+DESCRIPTOR_RESERVE = 64
 
 
 class LimitsError(ValueError):
@@ -23,6 +31,28 @@ def check(config) -> None:
         raise LimitsError("--keepalive-min-ping-interval must be 0 or more")
     if config.max_connection_age < 0 or config.max_connection_age_grace < 0:
         raise LimitsError("--max-connection-age and --max-connection-age-grace must be 0 or more")
+    if config.request_timeout <= 0:
+        raise LimitsError("--request-timeout must be above 0")
+    if config.max_streams_per_connection < 1:
+        raise LimitsError("--max-streams-per-connection must be 1 or more")
+    if config.handshake_timeout <= 0:
+        raise LimitsError("--handshake-timeout must be above 0")
+    if config.max_connection_idle < 0:
+        raise LimitsError("--max-connection-idle must be 0 or more")
+    if config.max_connections is not None and config.max_connections < 1:
+        raise LimitsError("--max-connections must be 1 or more")
+
+
+def max_connections(config) -> int:
+    """--max-connections, or by default what the descriptor limit leaves after a reserve:
+    connections beyond it are closed as soon as they are accepted, so that however many
+    a client opens, the process keeps descriptors for its database and its callers."""
+    if config.max_connections is not None:
+        return config.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, soft - DESCRIPTOR_RESERVE)
 
 
 def grpc_options(config) -> list[tuple[str, int]]:
@@ -42,7 +72,19 @@ def grpc_options(config) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", _ms(config.keepalive_min_ping_interval)),
         ("grpc.http2.max_ping_strikes", 2),
+        # What one client can hold. Calls at once on one connection: more wait in the
+        # client (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS), so one connection cannot take
+        # the whole --max-concurrent-rpcs.
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        # A connection that has not finished its TLS handshake and sent the HTTP/2
+        # preface and SETTINGS within this is closed (grpc's default is 120 s).
+        ("grpc.server_handshake_timeout_ms", _ms(config.handshake_timeout)),
+        # Connections at once: beyond, new ones are closed at accept.
+        ("grpc.max_allowed_incoming_connections", max_connections(config)),
     ]
+    if config.max_connection_idle > 0:
+        # A connection with no call for this long is sent GOAWAY and closed.
+        options.append(("grpc.max_connection_idle_ms", _ms(config.max_connection_idle)))
     if config.max_connection_age > 0:
         # Connections are closed (GOAWAY, then grace for in-flight calls) after this age,
         # so clients reconnect and spread over servers added since; grpc adds +-10% jitter.

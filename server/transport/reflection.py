@@ -21,7 +21,10 @@ def _documented_files() -> dict[str, bytes]:
     }
 
 
-class DocumentedReflectionServicer(reflection.ReflectionServicer):
+class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
+    """grpc_reflection's asyncio servicer (the server is grpc.aio), serving the
+    descriptors of `make proto` with their comments."""
+
     def __init__(self, service_names):
         super().__init__(service_names)
         self._documented = _documented_files()

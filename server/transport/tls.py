@@ -8,6 +8,8 @@ from pathlib import Path
 
 import grpc
 
+from enrollment.server import addresses
+
 
 class TlsConfigError(ValueError):
     """The TLS files cannot be used; the message says which and why."""
@@ -56,7 +58,7 @@ def server_credentials(
 
 def is_loopback(address: str) -> bool:
     """True for localhost, 127.0.0.0/8 and ::1 listen addresses."""
-    host = address.rpartition(":")[0].strip("[]")
+    host, _ = addresses.split(address)
     if host == "localhost":
         return True
     try:

@@ -10,11 +10,22 @@ google.rpc.BadRequest naming the offending request field(s) by their proto
 names when the code is INVALID_ARGUMENT. Checks run in this order, so the
 first that applies decides the answer:
 
+  RESOURCE_EXHAUSTED  AUTH_FAILURES_LIMITED
+                                           the caller's address sent too
+                                           many wrong tokens lately (a
+                                           token bucket per address, 20 at
+                                           once then 2 a second by
+                                           default); its calls are refused
+                                           without their token being
+                                           checked until ErrorInfo metadata
+                                           "retry_after_seconds" has passed
   UNAUTHENTICATED     MISSING_TOKEN        the server requires bearer tokens
                                            and the call has no metadata
                                            "authorization: Bearer <token>"
   UNAUTHENTICATED     INVALID_TOKEN        the bearer token is not one the
-                                           server knows
+                                           server knows, or the call has
+                                           more than one "authorization"
+                                           value
   PERMISSION_DENIED   ROLE_TOO_LOW         the token's role may not call
                                            this method (ErrorInfo metadata
                                            "role", "required_role"): reader
@@ -60,8 +71,28 @@ first that applies decides the answer:
                                            below the waitlisted_count left
                                            after the update's promotions
   UNAVAILABLE         DATABASE_UNAVAILABLE the database is unreachable,
-                                           locked or timed out; retrying
-                                           the same call can help
+                                           locked or timed out; nothing
+                                           changed, and retrying the same
+                                           call can help
+  UNAVAILABLE         STORAGE_FULL         the database has no space left
+                                           for the write; nothing changed,
+                                           reads keep working, and writes
+                                           succeed again once the operator
+                                           frees space (retry with backoff)
+  UNAVAILABLE         COMMIT_OUTCOME_UNKNOWN
+                                           a write's connection to the
+                                           database failed during COMMIT:
+                                           the change may or may not have
+                                           been made. Unlike the reasons
+                                           above this is not "nothing
+                                           changed": read the data back
+                                           before repeating a call that is
+                                           not idempotent. The server never
+                                           retries such a call itself
+  DEADLINE_EXCEEDED   REQUEST_TIMEOUT      the request message did not
+                                           arrive within the server's bound
+                                           (5 s by default) of the call's
+                                           start; nothing was done
   INTERNAL            INTERNAL             anything unexpected; the server
                                            logs the details
 
@@ -78,7 +109,10 @@ whitespace is trimmed before any other check; the trimmed value is what is
 stored and returned.
 
 Every call runs in one database transaction: a call that fails changes
-nothing.
+nothing, except one answered COMMIT_OUTCOME_UNKNOWN, whose change may have
+been made. Besides the reasons listed under each method, every write
+(Create*, Delete*, EnrollStudent, DropCourse) may answer UNAVAILABLE with
+STORAGE_FULL or COMMIT_OUTCOME_UNKNOWN.
 
 Pagination (AIP-158): ListStudents and ListCourses return rows ordered by
 id; ListEnrollments by (course_id, student_id), or in waitlist order (see

@@ -129,6 +129,8 @@ class EnrollmentServiceServicer:
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,6 +141,8 @@ class EnrollmentServiceServicer:
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,6 +154,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
         page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,6 +171,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,6 +187,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
         (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,6 +199,8 @@ class EnrollmentServiceServicer:
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -201,6 +213,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
         page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
         student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -215,6 +229,8 @@ class EnrollmentServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
         false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -239,6 +255,8 @@ class EnrollmentServiceServicer:
         names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
         (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
         WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: writer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -257,6 +275,8 @@ class EnrollmentServiceServicer:
         names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
         student is neither enrolled in nor waiting for the course), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: writer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -273,6 +293,8 @@ class EnrollmentServiceServicer:
         student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
         (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -294,6 +316,8 @@ class EnrollmentServiceServicer:
         (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
         WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -307,6 +331,8 @@ class EnrollmentServiceServicer:
         STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
         nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -321,6 +347,8 @@ class EnrollmentServiceServicer:
         page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
         STUDENT_NOT_FOUND, when a filter names a missing course or student),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -331,12 +359,15 @@ class EnrollmentServiceServicer:
         each as EnrollStudent would (waitlist_if_full per item). Needs the writer
         role. See "Batches" above for the two modes.
 
-        Errors of the call: INVALID_ARGUMENT (INVALID_FIELD: requests,
-        requests[i].request_id, requests[i].student_id, requests[i].course_id,
-        request_id; REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE),
-        INTERNAL (INTERNAL); with allow_partial_success false also every error of
+        Per-item statuses (allow_partial_success): the errors of EnrollStudent.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+        requests[i].student_id, requests[i].course_id, request_id;
+        REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+        (INTERNAL); with allow_partial_success false also every error of
         EnrollStudent for the first failing item (ErrorInfo metadata "index").
-        Per-item statuses: the errors of EnrollStudent.
+
+        Role: writer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -347,12 +378,15 @@ class EnrollmentServiceServicer:
         each as DropCourse would (a freed seat promotes position 1 of the
         waitlist). Needs the writer role. See "Batches" above for the two modes.
 
-        Errors of the call: INVALID_ARGUMENT (INVALID_FIELD: requests,
-        requests[i].request_id, requests[i].student_id, requests[i].course_id,
-        request_id; REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE),
-        INTERNAL (INTERNAL); with allow_partial_success false also every error of
+        Per-item statuses (allow_partial_success): the errors of DropCourse.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+        requests[i].student_id, requests[i].course_id, request_id;
+        REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+        (INTERNAL); with allow_partial_success false also every error of
         DropCourse for the first failing item (ErrorInfo metadata "index").
-        Per-item statuses: the errors of DropCourse.
+
+        Role: writer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

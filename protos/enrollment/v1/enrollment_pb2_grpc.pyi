@@ -10,11 +10,22 @@ google.rpc.BadRequest naming the offending request field(s) by their proto
 names when the code is INVALID_ARGUMENT. Checks run in this order, so the
 first that applies decides the answer:
 
+  RESOURCE_EXHAUSTED  AUTH_FAILURES_LIMITED
+                                           the caller's address sent too
+                                           many wrong tokens lately (a
+                                           token bucket per address, 20 at
+                                           once then 2 a second by
+                                           default); its calls are refused
+                                           without their token being
+                                           checked until ErrorInfo metadata
+                                           "retry_after_seconds" has passed
   UNAUTHENTICATED     MISSING_TOKEN        the server requires bearer tokens
                                            and the call has no metadata
                                            "authorization: Bearer <token>"
   UNAUTHENTICATED     INVALID_TOKEN        the bearer token is not one the
-                                           server knows
+                                           server knows, or the call has
+                                           more than one "authorization"
+                                           value
   PERMISSION_DENIED   ROLE_TOO_LOW         the token's role may not call
                                            this method (ErrorInfo metadata
                                            "role", "required_role"): reader
@@ -60,8 +71,28 @@ first that applies decides the answer:
                                            below the waitlisted_count left
                                            after the update's promotions
   UNAVAILABLE         DATABASE_UNAVAILABLE the database is unreachable,
-                                           locked or timed out; retrying
-                                           the same call can help
+                                           locked or timed out; nothing
+                                           changed, and retrying the same
+                                           call can help
+  UNAVAILABLE         STORAGE_FULL         the database has no space left
+                                           for the write; nothing changed,
+                                           reads keep working, and writes
+                                           succeed again once the operator
+                                           frees space (retry with backoff)
+  UNAVAILABLE         COMMIT_OUTCOME_UNKNOWN
+                                           a write's connection to the
+                                           database failed during COMMIT:
+                                           the change may or may not have
+                                           been made. Unlike the reasons
+                                           above this is not "nothing
+                                           changed": read the data back
+                                           before repeating a call that is
+                                           not idempotent. The server never
+                                           retries such a call itself
+  DEADLINE_EXCEEDED   REQUEST_TIMEOUT      the request message did not
+                                           arrive within the server's bound
+                                           (5 s by default) of the call's
+                                           start; nothing was done
   INTERNAL            INTERNAL             anything unexpected; the server
                                            logs the details
 
@@ -78,7 +109,10 @@ whitespace is trimmed before any other check; the trimmed value is what is
 stored and returned.
 
 Every call runs in one database transaction: a call that fails changes
-nothing.
+nothing, except one answered COMMIT_OUTCOME_UNKNOWN, whose change may have
+been made. Besides the reasons listed under each method, every write
+(Create*, Delete*, EnrollStudent, DropCourse) may answer UNAVAILABLE with
+STORAGE_FULL or COMMIT_OUTCOME_UNKNOWN.
 
 Pagination (AIP-158): ListStudents and ListCourses return rows ordered by
 id; ListEnrollments by (course_id, student_id), or in waitlist order (see
@@ -189,12 +223,16 @@ class EnrollmentServiceStub:
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     GetStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetStudentRequest, _enrollment_pb2.GetStudentResponse]
     """Returns one student.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListStudents: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListStudentsRequest, _enrollment_pb2.ListStudentsResponse]
     """Lists all students, or the roster of one course, ordered by id.
@@ -202,6 +240,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
     page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteStudentRequest, _enrollment_pb2.DeleteStudentResponse]
     """Deletes a student. With force, also drops every course the student is
@@ -213,6 +253,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     CreateCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.CreateCourseRequest, _enrollment_pb2.CreateCourseResponse]
     """Creates a course.
@@ -223,12 +265,16 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetCourseRequest, _enrollment_pb2.GetCourseResponse]
     """Returns one course.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListCourses: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListCoursesRequest, _enrollment_pb2.ListCoursesResponse]
     """Lists the whole catalogue, or the courses one student is enrolled in,
@@ -237,6 +283,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
     page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
     student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteCourseRequest, _enrollment_pb2.DeleteCourseResponse]
     """Deletes a course. With force, also removes every enrollment in it.
@@ -247,6 +295,8 @@ class EnrollmentServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
     false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     EnrollStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollStudentRequest, _enrollment_pb2.EnrollStudentResponse]
     """Enrolls a student in a course and raises the course's enrolled_count by
@@ -267,6 +317,8 @@ class EnrollmentServiceStub:
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
     (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
     WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     DropCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DropCourseRequest, _enrollment_pb2.DropCourseResponse]
     """Removes a student from a course, enrolled or waitlisted, and lowers the
@@ -281,6 +333,8 @@ class EnrollmentServiceStub:
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
     student is neither enrolled in nor waiting for the course), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     UpdateStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateStudentRequest, _enrollment_pb2.UpdateStudentResponse]
     """Changes a student's name and/or email (the fields update_mask names). Needs
@@ -293,6 +347,8 @@ class EnrollmentServiceStub:
     student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
     (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     UpdateCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateCourseRequest, _enrollment_pb2.UpdateCourseResponse]
     """Changes a course's code, title, capacity and/or waitlist_capacity (the
@@ -310,6 +366,8 @@ class EnrollmentServiceStub:
     (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
     WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetEnrollment: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetEnrollmentRequest, _enrollment_pb2.GetEnrollmentResponse]
     """Returns one enrollment, enrolled or waitlisted. The course is checked
@@ -319,6 +377,8 @@ class EnrollmentServiceStub:
     STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
     nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: reader.
     """
     ListEnrollments: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ListEnrollmentsRequest, _enrollment_pb2.ListEnrollmentsResponse]
     """Lists enrollments, enrolled and waitlisted, filtered by student, course
@@ -329,30 +389,38 @@ class EnrollmentServiceStub:
     page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
     STUDENT_NOT_FOUND, when a filter names a missing course or student),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     BatchEnrollStudents: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.BatchEnrollStudentsRequest, _enrollment_pb2.BatchEnrollStudentsResponse]
     """Enrolls up to 1000 (student, course) pairs in order in one transaction,
     each as EnrollStudent would (waitlist_if_full per item). Needs the writer
     role. See "Batches" above for the two modes.
 
-    Errors of the call: INVALID_ARGUMENT (INVALID_FIELD: requests,
-    requests[i].request_id, requests[i].student_id, requests[i].course_id,
-    request_id; REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE),
-    INTERNAL (INTERNAL); with allow_partial_success false also every error of
+    Per-item statuses (allow_partial_success): the errors of EnrollStudent.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+    requests[i].student_id, requests[i].course_id, request_id;
+    REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+    (INTERNAL); with allow_partial_success false also every error of
     EnrollStudent for the first failing item (ErrorInfo metadata "index").
-    Per-item statuses: the errors of EnrollStudent.
+
+    Role: writer.
     """
     BatchDropCourses: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.BatchDropCoursesRequest, _enrollment_pb2.BatchDropCoursesResponse]
     """Drops up to 1000 (student, course) pairs in order in one transaction,
     each as DropCourse would (a freed seat promotes position 1 of the
     waitlist). Needs the writer role. See "Batches" above for the two modes.
 
-    Errors of the call: INVALID_ARGUMENT (INVALID_FIELD: requests,
-    requests[i].request_id, requests[i].student_id, requests[i].course_id,
-    request_id; REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE),
-    INTERNAL (INTERNAL); with allow_partial_success false also every error of
+    Per-item statuses (allow_partial_success): the errors of DropCourse.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+    requests[i].student_id, requests[i].course_id, request_id;
+    REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+    (INTERNAL); with allow_partial_success false also every error of
     DropCourse for the first failing item (ErrorInfo metadata "index").
-    Per-item statuses: the errors of DropCourse.
+
+    Role: writer.
     """
 
 @_typing.type_check_only
@@ -368,12 +436,16 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     GetStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetStudentRequest, _enrollment_pb2.GetStudentResponse]  # type: ignore[assignment]
     """Returns one student.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListStudents: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListStudentsRequest, _enrollment_pb2.ListStudentsResponse]  # type: ignore[assignment]
     """Lists all students, or the roster of one course, ordered by id.
@@ -381,6 +453,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
     page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteStudentRequest, _enrollment_pb2.DeleteStudentResponse]  # type: ignore[assignment]
     """Deletes a student. With force, also drops every course the student is
@@ -392,6 +466,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     CreateCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.CreateCourseRequest, _enrollment_pb2.CreateCourseResponse]  # type: ignore[assignment]
     """Creates a course.
@@ -402,12 +478,16 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetCourseRequest, _enrollment_pb2.GetCourseResponse]  # type: ignore[assignment]
     """Returns one course.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     ListCourses: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListCoursesRequest, _enrollment_pb2.ListCoursesResponse]  # type: ignore[assignment]
     """Lists the whole catalogue, or the courses one student is enrolled in,
@@ -416,6 +496,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
     page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
     student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     DeleteCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteCourseRequest, _enrollment_pb2.DeleteCourseResponse]  # type: ignore[assignment]
     """Deletes a course. With force, also removes every enrollment in it.
@@ -426,6 +508,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
     false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     EnrollStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollStudentRequest, _enrollment_pb2.EnrollStudentResponse]  # type: ignore[assignment]
     """Enrolls a student in a course and raises the course's enrolled_count by
@@ -446,6 +530,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
     (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
     WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     DropCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DropCourseRequest, _enrollment_pb2.DropCourseResponse]  # type: ignore[assignment]
     """Removes a student from a course, enrolled or waitlisted, and lowers the
@@ -460,6 +546,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
     student is neither enrolled in nor waiting for the course), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: writer.
     """
     UpdateStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateStudentRequest, _enrollment_pb2.UpdateStudentResponse]  # type: ignore[assignment]
     """Changes a student's name and/or email (the fields update_mask names). Needs
@@ -472,6 +560,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
     (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
     (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: admin.
     """
     UpdateCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateCourseRequest, _enrollment_pb2.UpdateCourseResponse]  # type: ignore[assignment]
     """Changes a course's code, title, capacity and/or waitlist_capacity (the
@@ -489,6 +579,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
     WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: admin.
     """
     GetEnrollment: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetEnrollmentRequest, _enrollment_pb2.GetEnrollmentResponse]  # type: ignore[assignment]
     """Returns one enrollment, enrolled or waitlisted. The course is checked
@@ -498,6 +590,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
     nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
     (INTERNAL).
+
+    Role: reader.
     """
     ListEnrollments: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ListEnrollmentsRequest, _enrollment_pb2.ListEnrollmentsResponse]  # type: ignore[assignment]
     """Lists enrollments, enrolled and waitlisted, filtered by student, course
@@ -508,30 +602,38 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
     STUDENT_NOT_FOUND, when a filter names a missing course or student),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+    Role: reader.
     """
     BatchEnrollStudents: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.BatchEnrollStudentsRequest, _enrollment_pb2.BatchEnrollStudentsResponse]  # type: ignore[assignment]
     """Enrolls up to 1000 (student, course) pairs in order in one transaction,
     each as EnrollStudent would (waitlist_if_full per item). Needs the writer
     role. See "Batches" above for the two modes.
 
-    Errors of the call: INVALID_ARGUMENT (INVALID_FIELD: requests,
-    requests[i].request_id, requests[i].student_id, requests[i].course_id,
-    request_id; REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE),
-    INTERNAL (INTERNAL); with allow_partial_success false also every error of
+    Per-item statuses (allow_partial_success): the errors of EnrollStudent.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+    requests[i].student_id, requests[i].course_id, request_id;
+    REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+    (INTERNAL); with allow_partial_success false also every error of
     EnrollStudent for the first failing item (ErrorInfo metadata "index").
-    Per-item statuses: the errors of EnrollStudent.
+
+    Role: writer.
     """
     BatchDropCourses: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.BatchDropCoursesRequest, _enrollment_pb2.BatchDropCoursesResponse]  # type: ignore[assignment]
     """Drops up to 1000 (student, course) pairs in order in one transaction,
     each as DropCourse would (a freed seat promotes position 1 of the
     waitlist). Needs the writer role. See "Batches" above for the two modes.
 
-    Errors of the call: INVALID_ARGUMENT (INVALID_FIELD: requests,
-    requests[i].request_id, requests[i].student_id, requests[i].course_id,
-    request_id; REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE),
-    INTERNAL (INTERNAL); with allow_partial_success false also every error of
+    Per-item statuses (allow_partial_success): the errors of DropCourse.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+    requests[i].student_id, requests[i].course_id, request_id;
+    REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+    (INTERNAL); with allow_partial_success false also every error of
     DropCourse for the first failing item (ErrorInfo metadata "index").
-    Per-item statuses: the errors of DropCourse.
+
+    Role: writer.
     """
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -550,6 +652,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -562,6 +666,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -575,6 +681,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD: course_id, page_size,
         page_token), NOT_FOUND (COURSE_NOT_FOUND when course_id names no course),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -592,6 +700,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -608,6 +718,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
         (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -620,6 +732,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -634,6 +748,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD: student_id, page_size,
         page_token), NOT_FOUND (STUDENT_NOT_FOUND when student_id names no
         student), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -650,6 +766,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
         false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -676,6 +794,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
         (ALREADY_ENROLLED, ALREADY_WAITLISTED), FAILED_PRECONDITION (COURSE_FULL,
         WAITLIST_FULL), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: writer.
         """
 
     @_abc_1.abstractmethod
@@ -696,6 +816,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
         student is neither enrolled in nor waiting for the course), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: writer.
         """
 
     @_abc_1.abstractmethod
@@ -714,6 +836,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
         (ETAG_MISMATCH), ALREADY_EXISTS (EMAIL_TAKEN), UNAVAILABLE
         (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -737,6 +861,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         (COURSE_CODE_TAKEN), FAILED_PRECONDITION (CAPACITY_BELOW_ENROLLMENT,
         WAITLIST_BELOW_WAITING), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: admin.
         """
 
     @_abc_1.abstractmethod
@@ -752,6 +878,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         STUDENT_NOT_FOUND, NOT_ENROLLED when the student is neither enrolled in
         nor waiting for the course), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
         (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -768,6 +896,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         page_size, page_token), NOT_FOUND (COURSE_NOT_FOUND, then
         STUDENT_NOT_FOUND, when a filter names a missing course or student),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
+
+        Role: reader.
         """
 
     @_abc_1.abstractmethod
@@ -780,12 +910,15 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         each as EnrollStudent would (waitlist_if_full per item). Needs the writer
         role. See "Batches" above for the two modes.
 
-        Errors of the call: INVALID_ARGUMENT (INVALID_FIELD: requests,
-        requests[i].request_id, requests[i].student_id, requests[i].course_id,
-        request_id; REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE),
-        INTERNAL (INTERNAL); with allow_partial_success false also every error of
+        Per-item statuses (allow_partial_success): the errors of EnrollStudent.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+        requests[i].student_id, requests[i].course_id, request_id;
+        REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+        (INTERNAL); with allow_partial_success false also every error of
         EnrollStudent for the first failing item (ErrorInfo metadata "index").
-        Per-item statuses: the errors of EnrollStudent.
+
+        Role: writer.
         """
 
     @_abc_1.abstractmethod
@@ -798,12 +931,15 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         each as DropCourse would (a freed seat promotes position 1 of the
         waitlist). Needs the writer role. See "Batches" above for the two modes.
 
-        Errors of the call: INVALID_ARGUMENT (INVALID_FIELD: requests,
-        requests[i].request_id, requests[i].student_id, requests[i].course_id,
-        request_id; REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE),
-        INTERNAL (INTERNAL); with allow_partial_success false also every error of
+        Per-item statuses (allow_partial_success): the errors of DropCourse.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+        requests[i].student_id, requests[i].course_id, request_id;
+        REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+        (INTERNAL); with allow_partial_success false also every error of
         DropCourse for the first failing item (ErrorInfo metadata "index").
-        Per-item statuses: the errors of DropCourse.
+
+        Role: writer.
         """
 
 def add_EnrollmentServiceServicer_to_server(servicer: EnrollmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,167 @@
+"""AsyncEnrollmentClient: EnrollmentClient's methods as coroutines on grpc.aio, for asyncio
+callers (FastAPI and the like) that must not block their event loop on a call."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from enrollment.client.api import (
+    DEFAULT_TIMEOUT,
+    ClientError,
+    _next_token,
+    _read,
+    channel_options,
+)
+from enrollment.v1 import enrollment_pb2 as pb
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+
+
+class AsyncEnrollmentClient:
+    """A grpc.aio channel to one server; `async with` it so the channel gets closed.
+
+    The same methods, arguments, errors (ClientError) and page walkers as
+    EnrollmentClient, each a coroutine (the walkers async iterators). Create it inside
+    the event loop that will use it.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        lb_policy: str | None = None,
+    ) -> None:
+        """As EnrollmentClient: TLS when tls_ca or tls_cert is given, token sent as
+        'authorization: Bearer <token>', lb_policy "round_robin" to spread calls."""
+        if timeout <= 0:
+            raise ValueError("timeout must be more than 0 seconds")
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        options = channel_options(lb_policy)
+        self.address = address
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        if tls_ca or tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca),
+                private_key=_read(tls_key),
+                certificate_chain=_read(tls_cert),
+            )
+            self._channel = aio.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = aio.insecure_channel(address, options=options)
+        self._stub = pb_grpc.EnrollmentServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncEnrollmentClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        # As the sync client: no wait_for_ready, so a server that is down fails the call now.
+        try:
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+        except aio.UsageError as error:
+            # A call on a closed client: the sync client's grpc raises ValueError here too.
+            raise ValueError(f"cannot call on a closed channel: {error}") from None
+
+    # Students
+
+    async def create_student(self, name: str, email: str) -> pb.Student:
+        request = pb.CreateStudentRequest(name=name, email=email)
+        response: pb.CreateStudentResponse = await self._call(self._stub.CreateStudent, request)
+        return response.student
+
+    async def get_student(self, student_id: int) -> pb.Student:
+        request = pb.GetStudentRequest(student_id=student_id)
+        response: pb.GetStudentResponse = await self._call(self._stub.GetStudent, request)
+        return response.student
+
+    async def list_students(
+        self, course_id: int = 0, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListStudentsResponse:
+        """One page of all students (course_id 0) or of one course's roster."""
+        request = pb.ListStudentsRequest(
+            course_id=course_id, page_size=page_size, page_token=page_token
+        )
+        response: pb.ListStudentsResponse = await self._call(self._stub.ListStudents, request)
+        return response
+
+    async def iter_students(
+        self, course_id: int = 0, *, page_size: int = 0, page_token: str = ""
+    ) -> AsyncIterator[pb.Student]:
+        """Every student from page_token on (the start by default), fetching page after page."""
+        while True:
+            page = await self.list_students(course_id, page_size, page_token)
+            for student in page.students:
+                yield student
+            page_token = _next_token(page_token, page.next_page_token)
+            if not page_token:
+                return
+
+    async def delete_student(self, student_id: int, force: bool = False) -> None:
+        request = pb.DeleteStudentRequest(student_id=student_id, force=force)
+        await self._call(self._stub.DeleteStudent, request)
+
+    # Courses
+
+    async def create_course(self, code: str, title: str, capacity: int = 0) -> pb.Course:
+        request = pb.CreateCourseRequest(code=code, title=title, capacity=capacity)
+        response: pb.CreateCourseResponse = await self._call(self._stub.CreateCourse, request)
+        return response.course
+
+    async def get_course(self, course_id: int) -> pb.Course:
+        request = pb.GetCourseRequest(course_id=course_id)
+        response: pb.GetCourseResponse = await self._call(self._stub.GetCourse, request)
+        return response.course
+
+    async def list_courses(
+        self, student_id: int = 0, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListCoursesResponse:
+        """One page of the catalogue (student_id 0) or of the courses one student takes."""
+        request = pb.ListCoursesRequest(
+            student_id=student_id, page_size=page_size, page_token=page_token
+        )
+        response: pb.ListCoursesResponse = await self._call(self._stub.ListCourses, request)
+        return response
+
+    async def iter_courses(
+        self, student_id: int = 0, *, page_size: int = 0, page_token: str = ""
+    ) -> AsyncIterator[pb.Course]:
+        """Every course from page_token on (the start by default), fetching page after page."""
+        while True:
+            page = await self.list_courses(student_id, page_size, page_token)
+            for course in page.courses:
+                yield course
+            page_token = _next_token(page_token, page.next_page_token)
+            if not page_token:
+                return
+
+    async def delete_course(self, course_id: int, force: bool = False) -> None:
+        request = pb.DeleteCourseRequest(course_id=course_id, force=force)
+        await self._call(self._stub.DeleteCourse, request)
+
+    # Enrollments
+
+    async def enroll(self, student_id: int, course_id: int) -> pb.Enrollment:
+        request = pb.EnrollStudentRequest(student_id=student_id, course_id=course_id)
+        response: pb.EnrollStudentResponse = await self._call(self._stub.EnrollStudent, request)
+        return response.enrollment
+
+    async def drop(self, student_id: int, course_id: int) -> None:
+        request = pb.DropCourseRequest(student_id=student_id, course_id=course_id)
+        await self._call(self._stub.DropCourse, request)

@@ -1,0 +1,61 @@
+"""What students and courses share: a row created under a unique key, a list read by keyset."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import peewee as pw
+
+from enrollment.server.domain import page_tokens
+from enrollment.server.domain.validation import Fields
+from enrollment.server.errors import EnrollmentError
+from enrollment.server.persistence.prepared import Prepared
+from enrollment.server.persistence.unit_of_work import savepoint
+
+M = TypeVar("M", bound=pw.Model)
+
+
+def create_unique(model: type[M], taken: Callable[[], EnrollmentError], **values) -> M:
+    """Insert one row; when its unique key is already held (the unique index decides, not
+    a look-up first) the insert is undone to its savepoint and taken() is raised."""
+    try:
+        with savepoint():
+            return model.create(**values)
+    except pw.IntegrityError:
+        raise taken() from None
+
+
+def list_page(
+    kind: page_tokens.Kind,
+    *,
+    filter_field: str,
+    filter_id: int,
+    page_size: int,
+    page_token: str,
+    every_row: Prepared,
+    filtered: Prepared,
+    find_filter: Callable[[int], object],
+) -> tuple[list, str]:
+    """One page of a List* call and the next page token.
+
+    every_row: the keyset query without a filter (filter id 0); filtered: the one taking
+    the filter id first; find_filter: raises NOT_FOUND for a filter id that names nothing.
+    """
+    fields = Fields()
+    page = fields.page_request(
+        kind,
+        filter_field=filter_field,
+        filter_id=filter_id,
+        page_size=page_size,
+        page_token=page_token,
+    )
+    fields.check()
+    if page.filter_id:
+        rows, token = page.fetch(filtered, page.filter_id)
+    else:
+        rows, token = page.fetch(every_row)
+    # An empty filtered page and a filter naming nothing look alike; only then ask which.
+    if page.filter_id and not rows:
+        find_filter(page.filter_id)
+    return rows, token

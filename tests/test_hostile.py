@@ -1,0 +1,296 @@
+"""Hostile clients: calls that never send their request, connections that never speak
+HTTP/2. The server keeps answering everyone else, ends what is stalled within its
+bounds, and gives back every descriptor once the attacker leaves."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import statistics
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.server import create_server
+from enrollment.v1 import enrollment_pb2 as pb
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+from tests.rpc import TIMEOUT, failure, new_student
+
+# The transport's, the same on every database.
+pytestmark = pytest.mark.databases("sqlite")
+
+STALLED_STREAMS = 50
+IDLE_CONNECTIONS = 1000
+REQUEST_TIMEOUT = 3.0
+HANDSHAKE_TIMEOUT = 4.0
+GET_STUDENT = "/enrollment.v1.EnrollmentService/GetStudent"
+
+
+# Channels to one address share their connection unless told otherwise.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+def descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_targets(pid: int) -> list[str]:
+    found = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def raise_descriptor_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"needs {needed} descriptors, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return (time.perf_counter() - start) * 1000
+
+
+def test_stalled_calls_and_silent_connections_do_not_stop_other_callers(server_process, db_url):
+    raise_descriptor_limit(IDLE_CONNECTIONS * 2 + 512)  # inherited by the server too
+    server = server_process(
+        "--database-url", db_url,
+        "--request-timeout", str(REQUEST_TIMEOUT),
+        "--handshake-timeout", str(HANDSHAKE_TIMEOUT),
+    )  # fmt: skip
+    process, address = server.proc, server.address
+    with grpc.insecure_channel(address) as setup:
+        stub = pb_grpc.EnrollmentServiceStub(setup)
+        student = new_student(stub)
+        # Calls at once, so that the database pool has opened what it keeps open.
+        request = pb.GetStudentRequest(student_id=student.id)
+        for _ in range(5):
+            burst = [stub.GetStudent.future(request, timeout=TIMEOUT) for _ in range(16)]
+            for call in burst:
+                call.result()
+    time.sleep(1)
+    baseline = descriptors(process.pid)
+    before = fd_targets(process.pid)
+
+    # The attacker: calls whose request never comes (no deadline), on one connection ...
+    release = threading.Event()
+
+    def never_sends():
+        release.wait()
+        return
+        yield  # a generator that yields nothing until released
+
+    attacker = grpc.insecure_channel(address, options=OWN_CONNECTION)
+    open_call = attacker.stream_unary(
+        GET_STUDENT,
+        request_serializer=pb.GetStudentRequest.SerializeToString,
+        response_deserializer=pb.GetStudentResponse.FromString,
+    )
+    opened = time.monotonic()
+    stalled = [open_call.future(never_sends()) for _ in range(STALLED_STREAMS)]
+    # ... and TCP connections that never send the HTTP/2 preface.
+    silent = [socket.create_connection(address.split(":")) for _ in range(IDLE_CONNECTIONS)]
+    try:
+        assert wait_until(
+            lambda: descriptors(process.pid) >= baseline + IDLE_CONNECTIONS * 0.9, 5
+        ), "the server should be holding the silent connections now"
+        held = descriptors(process.pid)
+
+        # Everyone else keeps being answered, on a connection of their own.
+        with grpc.insecure_channel(address, options=OWN_CONNECTION) as channel:
+            stub = pb_grpc.EnrollmentServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            get_ms, health_ms = [], []
+            for _ in range(10):
+                get_ms.append(
+                    timed(
+                        lambda: stub.GetStudent(
+                            pb.GetStudentRequest(student_id=student.id), timeout=2
+                        )
+                    )
+                )
+                health_ms.append(
+                    timed(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2))
+                )
+        answered_at = time.monotonic() - opened
+        print(
+            f"\nunder attack ({STALLED_STREAMS} stalled calls, {IDLE_CONNECTIONS} silent "
+            f"connections, server descriptors {baseline} -> {held}): GetStudent ms "
+            f"median {statistics.median(get_ms):.2f} max {max(get_ms):.2f}; "
+            f"health Check ms median {statistics.median(health_ms):.2f} "
+            f"max {max(health_ms):.2f}; answered {answered_at:.2f} s after the attack began"
+        )
+        assert answered_at < REQUEST_TIMEOUT, "the answers must come while the attack holds"
+
+        # Every stalled call is ended by the server, with a clear code, within the bound.
+        for call in stalled:
+            error = call.exception(timeout=REQUEST_TIMEOUT + TIMEOUT)
+            assert error is not None
+            got = failure(error)
+            assert (got.code, got.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "REQUEST_TIMEOUT")
+            assert "did not arrive within" in got.message
+        ended_after = time.monotonic() - opened
+        assert ended_after < REQUEST_TIMEOUT + 2, ended_after
+
+        # The silent connections are closed by the server (handshake timeout) while the
+        # attacker still holds its ends.
+        assert wait_until(lambda: descriptors(process.pid) <= baseline + 5, HANDSHAKE_TIMEOUT + 10)
+        silent[0].settimeout(5)
+        said = b""
+        while chunk := silent[0].recv(4096):  # grpc says why (GOAWAY), then closes
+            said += chunk
+        assert b"handshake timeout" in said
+    finally:
+        release.set()
+        for sock in silent:
+            sock.close()
+        attacker.close()
+    # Once the attacker has left, the server holds what it held before.
+    assert wait_until(lambda: descriptors(process.pid) <= baseline, 15), (
+        before,
+        fd_targets(process.pid),
+    )
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        stub.GetStudent(pb.GetStudentRequest(student_id=student.id), timeout=TIMEOUT)
+
+
+def test_a_stalled_call_is_logged_and_health_checks_are_bounded_too(start_server, caplog):
+    caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    live = start_server(request_timeout=0.5)
+    release = threading.Event()
+
+    def never_sends():
+        release.wait()
+        return
+        yield
+
+    try:
+        calls = {
+            name: live.channel.stream_unary(
+                path,
+                request_serializer=kind.SerializeToString,
+                response_deserializer=reply.FromString,
+            ).future(never_sends())
+            for name, path, kind, reply in (
+                ("GetStudent", GET_STUDENT, pb.GetStudentRequest, pb.GetStudentResponse),
+                (
+                    "Check",
+                    "/grpc.health.v1.Health/Check",
+                    health_pb2.HealthCheckRequest,
+                    health_pb2.HealthCheckResponse,
+                ),
+            )
+        }
+        for call in calls.values():
+            error = call.exception(timeout=TIMEOUT)
+            assert (error.code(), failure(error).reason) == (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "REQUEST_TIMEOUT",
+            )
+    finally:
+        release.set()
+    lines = [r.getMessage() for r in caplog.records if r.name == "enrollment.rpc"]
+    assert len(lines) == 1  # health checks are not logged, EnrollmentService calls once
+    assert lines[0].startswith(
+        "rpc method=GetStudent code=DEADLINE_EXCEEDED reason=REQUEST_TIMEOUT duration_ms="
+    )
+
+
+def test_one_connection_carries_at_most_max_streams_per_connection_calls(start_server):
+    live = start_server(max_streams_per_connection=2, request_timeout=30)
+    release = threading.Event()
+
+    def never_sends():
+        release.wait()
+        return
+        yield
+
+    open_call = live.channel.stream_unary(
+        GET_STUDENT,
+        request_serializer=pb.GetStudentRequest.SerializeToString,
+        response_deserializer=pb.GetStudentResponse.FromString,
+    )
+    try:
+        held = [open_call.future(never_sends()) for _ in range(2)]
+        # The third call on the same connection waits in the client for a free stream ...
+        with pytest.raises(grpc.RpcError) as raised:
+            live.stub.GetStudent(pb.GetStudentRequest(student_id=1), timeout=1)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # ... while another connection is served at once.
+        with grpc.insecure_channel(live.address, options=OWN_CONNECTION) as other:
+            with pytest.raises(grpc.RpcError) as raised:
+                pb_grpc.EnrollmentServiceStub(other).GetStudent(
+                    pb.GetStudentRequest(student_id=1), timeout=TIMEOUT
+                )
+            assert failure(raised.value).reason == "STUDENT_NOT_FOUND"
+    finally:
+        release.set()
+        for call in held:
+            call.cancel()
+
+
+@pytest.mark.parametrize(
+    "override, flag",
+    [
+        ({"request_timeout": 0}, "--request-timeout"),
+        ({"max_streams_per_connection": 0}, "--max-streams-per-connection"),
+        ({"handshake_timeout": -1}, "--handshake-timeout"),
+        ({"max_connection_idle": -1}, "--max-connection-idle"),
+        ({"max_connections": 0}, "--max-connections"),
+    ],
+)
+def test_hostile_client_limits_out_of_range_are_startup_errors(db_url, override, flag):
+    config = ServerConfig(address="127.0.0.1:0", database_url=db_url, **override)
+    with pytest.raises(StartupError, match=flag):
+        create_server(config)
+
+
+def test_connections_beyond_max_connections_are_closed_at_accept(server_process, db_url):
+    server = server_process(
+        "--database-url", db_url, "--max-connections", "20", "--handshake-timeout", "30"
+    )  # fmt: skip
+    process, port = server.proc, server.port
+    time.sleep(0.5)
+    baseline = descriptors(process.pid)
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+    try:
+        time.sleep(1)
+        held = descriptors(process.pid)
+        # The listener accepts, counts, and closes what is over the cap at once.
+        assert held <= baseline + 20 + 2, (baseline, held)
+        closed = 0
+        for sock in silent:
+            sock.settimeout(0.05)
+            try:
+                closed += sock.recv(1) == b""
+            except ConnectionResetError:
+                closed += 1
+            except TimeoutError:
+                pass  # still open: one of the 20 allowed
+        assert closed >= 150, closed
+    finally:
+        for sock in silent:
+            sock.close()
