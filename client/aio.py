@@ -3,7 +3,7 @@ callers (FastAPI and the like) that must not block their event loop on a call.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -11,10 +11,17 @@ from grpc import aio
 
 from enrollment.client.api import (
     DEFAULT_TIMEOUT,
+    BatchResult,
     ClientError,
     _next_token,
     _read,
+    batch_drop_request,
+    batch_enroll_request,
+    batch_results,
     channel_options,
+    update_course_request,
+    update_student_request,
+    with_request_id,
 )
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
@@ -81,9 +88,13 @@ class AsyncEnrollmentClient:
 
     # Students
 
-    async def create_student(self, name: str, email: str) -> pb.Student:
+    async def create_student(
+        self, name: str, email: str, *, request_id: str | None = None
+    ) -> pb.Student:
         request = pb.CreateStudentRequest(name=name, email=email)
-        response: pb.CreateStudentResponse = await self._call(self._stub.CreateStudent, request)
+        response: pb.CreateStudentResponse = await self._call(
+            self._stub.CreateStudent, with_request_id(request, request_id)
+        )
         return response.student
 
     async def get_student(self, student_id: int) -> pb.Student:
@@ -113,15 +124,45 @@ class AsyncEnrollmentClient:
             if not page_token:
                 return
 
-    async def delete_student(self, student_id: int, force: bool = False) -> None:
+    async def update_student(
+        self,
+        student_id: int,
+        *,
+        name: str | None = None,
+        email: str | None = None,
+        etag: str = "",
+        request_id: str | None = None,
+    ) -> pb.Student:
+        """Change the fields given (None leaves one as it is); etag guards the change."""
+        request = update_student_request(student_id, name=name, email=email, etag=etag)
+        response: pb.UpdateStudentResponse = await self._call(
+            self._stub.UpdateStudent, with_request_id(request, request_id)
+        )
+        return response.student
+
+    async def delete_student(
+        self, student_id: int, force: bool = False, *, request_id: str | None = None
+    ) -> None:
         request = pb.DeleteStudentRequest(student_id=student_id, force=force)
-        await self._call(self._stub.DeleteStudent, request)
+        await self._call(self._stub.DeleteStudent, with_request_id(request, request_id))
 
     # Courses
 
-    async def create_course(self, code: str, title: str, capacity: int = 0) -> pb.Course:
-        request = pb.CreateCourseRequest(code=code, title=title, capacity=capacity)
-        response: pb.CreateCourseResponse = await self._call(self._stub.CreateCourse, request)
+    async def create_course(
+        self,
+        code: str,
+        title: str,
+        capacity: int = 0,
+        waitlist_capacity: int = 0,
+        *,
+        request_id: str | None = None,
+    ) -> pb.Course:
+        request = pb.CreateCourseRequest(
+            code=code, title=title, capacity=capacity, waitlist_capacity=waitlist_capacity
+        )
+        response: pb.CreateCourseResponse = await self._call(
+            self._stub.CreateCourse, with_request_id(request, request_id)
+        )
         return response.course
 
     async def get_course(self, course_id: int) -> pb.Course:
@@ -151,17 +192,134 @@ class AsyncEnrollmentClient:
             if not page_token:
                 return
 
-    async def delete_course(self, course_id: int, force: bool = False) -> None:
+    async def update_course(
+        self,
+        course_id: int,
+        *,
+        code: str | None = None,
+        title: str | None = None,
+        capacity: int | None = None,
+        waitlist_capacity: int | None = None,
+        etag: str = "",
+        request_id: str | None = None,
+    ) -> pb.Course:
+        """Change the fields given (None leaves one as it is; capacity=0 means unlimited).
+        Raising the capacity promotes waitlisted students into the new seats."""
+        request = update_course_request(
+            course_id,
+            code=code,
+            title=title,
+            capacity=capacity,
+            waitlist_capacity=waitlist_capacity,
+            etag=etag,
+        )
+        response: pb.UpdateCourseResponse = await self._call(
+            self._stub.UpdateCourse, with_request_id(request, request_id)
+        )
+        return response.course
+
+    async def delete_course(
+        self, course_id: int, force: bool = False, *, request_id: str | None = None
+    ) -> None:
         request = pb.DeleteCourseRequest(course_id=course_id, force=force)
-        await self._call(self._stub.DeleteCourse, request)
+        await self._call(self._stub.DeleteCourse, with_request_id(request, request_id))
 
     # Enrollments
 
-    async def enroll(self, student_id: int, course_id: int) -> pb.Enrollment:
-        request = pb.EnrollStudentRequest(student_id=student_id, course_id=course_id)
-        response: pb.EnrollStudentResponse = await self._call(self._stub.EnrollStudent, request)
+    async def enroll(
+        self,
+        student_id: int,
+        course_id: int,
+        waitlist_if_full: bool = False,
+        *,
+        request_id: str | None = None,
+    ) -> pb.Enrollment:
+        """waitlist_if_full: join the course's waitlist when it is full."""
+        request = pb.EnrollStudentRequest(
+            student_id=student_id, course_id=course_id, waitlist_if_full=waitlist_if_full
+        )
+        response: pb.EnrollStudentResponse = await self._call(
+            self._stub.EnrollStudent, with_request_id(request, request_id)
+        )
         return response.enrollment
 
-    async def drop(self, student_id: int, course_id: int) -> None:
+    async def drop(
+        self, student_id: int, course_id: int, *, request_id: str | None = None
+    ) -> pb.Enrollment | None:
+        """Drop an enrolled or waitlisted entry; returns whoever took the freed seat."""
         request = pb.DropCourseRequest(student_id=student_id, course_id=course_id)
-        await self._call(self._stub.DropCourse, request)
+        response: pb.DropCourseResponse = await self._call(
+            self._stub.DropCourse, with_request_id(request, request_id)
+        )
+        return response.promoted if response.HasField("promoted") else None
+
+    async def batch_enroll(
+        self,
+        pairs: Iterable[tuple[int, int]],
+        *,
+        allow_partial_success: bool = False,
+        waitlist_if_full: bool = False,
+        request_id: str | None = None,
+    ) -> list[BatchResult]:
+        """As EnrollmentClient.batch_enroll."""
+        request = batch_enroll_request(pairs, allow_partial_success, waitlist_if_full)
+        response: pb.BatchEnrollStudentsResponse = await self._call(
+            self._stub.BatchEnrollStudents, with_request_id(request, request_id)
+        )
+        return batch_results(response.results)
+
+    async def batch_drop(
+        self,
+        pairs: Iterable[tuple[int, int]],
+        *,
+        allow_partial_success: bool = False,
+        request_id: str | None = None,
+    ) -> list[BatchResult]:
+        """As EnrollmentClient.batch_drop."""
+        request = batch_drop_request(pairs, allow_partial_success)
+        response: pb.BatchDropCoursesResponse = await self._call(
+            self._stub.BatchDropCourses, with_request_id(request, request_id)
+        )
+        return batch_results(response.results)
+
+    async def get_enrollment(self, student_id: int, course_id: int) -> pb.Enrollment:
+        request = pb.GetEnrollmentRequest(student_id=student_id, course_id=course_id)
+        response: pb.GetEnrollmentResponse = await self._call(self._stub.GetEnrollment, request)
+        return response.enrollment
+
+    async def list_enrollments(
+        self,
+        student_id: int = 0,
+        course_id: int = 0,
+        state: pb.EnrollmentState.ValueType = pb.ENROLLMENT_STATE_UNSPECIFIED,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> pb.ListEnrollmentsResponse:
+        """One page of enrollments (filters combine; 0 and UNSPECIFIED mean any)."""
+        request = pb.ListEnrollmentsRequest(
+            student_id=student_id,
+            course_id=course_id,
+            state=state,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response: pb.ListEnrollmentsResponse = await self._call(self._stub.ListEnrollments, request)
+        return response
+
+    async def iter_enrollments(
+        self,
+        student_id: int = 0,
+        course_id: int = 0,
+        state: pb.EnrollmentState.ValueType = pb.ENROLLMENT_STATE_UNSPECIFIED,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> AsyncIterator[pb.Enrollment]:
+        """Every enrollment from page_token on; a course's waitlist comes in line order."""
+        while True:
+            page = await self.list_enrollments(student_id, course_id, state, page_size, page_token)
+            for enrollment in page.enrollments:
+                yield enrollment
+            page_token = _next_token(page_token, page.next_page_token)
+            if not page_token:
+                return

@@ -33,6 +33,7 @@ RETRY_POLICY = {
 _CODES = {code.value[0]: code.value for code in grpc.StatusCode}
 
 _Response = TypeVar("_Response")
+_Request = TypeVar("_Request")
 # gRPC's load-balancing policies that need nothing but the addresses the target resolves
 # to: pick_first (gRPC's default) sends every call to one of them, round_robin spreads
 # calls over all of them (every pod behind a headless Service, say).
@@ -178,8 +179,7 @@ class EnrollmentClient:
     ) -> _Response:
         """A mutation with its request_id: the caller's, else a fresh one, so that the
         channel's retries (and the caller's own, passing the same id) apply it once."""
-        request.request_id = request_id or str(uuid.uuid4())
-        return self._call(method, request)
+        return self._call(method, with_request_id(request, request_id))
 
     # Students
 
@@ -219,15 +219,7 @@ class EnrollmentClient:
     ) -> pb.Student:
         """Change the fields given (None leaves one as it is). etag: the student's etag as
         last read, to refuse the change (ABORTED ETAG_MISMATCH) if it moved since."""
-        student = pb.Student(id=student_id, etag=etag)
-        paths: list[str] = []
-        if name is not None:
-            student.name, paths = name, [*paths, "name"]
-        if email is not None:
-            student.email, paths = email, [*paths, "email"]
-        request = pb.UpdateStudentRequest(
-            student=student, update_mask=field_mask_pb2.FieldMask(paths=paths)
-        )
+        request = update_student_request(student_id, name=name, email=email, etag=etag)
         return self._mutate(self._stub.UpdateStudent, request, request_id).student
 
     def delete_student(
@@ -265,18 +257,13 @@ class EnrollmentClient:
     ) -> pb.Course:
         """Change the fields given (None leaves one as it is; capacity=0 means unlimited).
         Raising the capacity promotes waitlisted students into the new seats."""
-        course = pb.Course(id=course_id, etag=etag)
-        paths: list[str] = []
-        if code is not None:
-            course.code, paths = code, [*paths, "code"]
-        if title is not None:
-            course.title, paths = title, [*paths, "title"]
-        if capacity is not None:
-            course.capacity, paths = capacity, [*paths, "capacity"]
-        if waitlist_capacity is not None:
-            course.waitlist_capacity, paths = waitlist_capacity, [*paths, "waitlist_capacity"]
-        request = pb.UpdateCourseRequest(
-            course=course, update_mask=field_mask_pb2.FieldMask(paths=paths)
+        request = update_course_request(
+            course_id,
+            code=code,
+            title=title,
+            capacity=capacity,
+            waitlist_capacity=waitlist_capacity,
+            etag=etag,
         )
         return self._mutate(self._stub.UpdateCourse, request, request_id).course
 
@@ -343,17 +330,9 @@ class EnrollmentClient:
         """Enroll up to 1000 (student_id, course_id) pairs in order in one transaction.
         All or nothing by default (the first failing item raises, its index in
         error.metadata["index"]); allow_partial_success: one BatchResult per pair."""
-        request = pb.BatchEnrollStudentsRequest(
-            requests=[
-                pb.EnrollStudentRequest(
-                    student_id=s, course_id=c, waitlist_if_full=waitlist_if_full
-                )
-                for s, c in pairs
-            ],
-            allow_partial_success=allow_partial_success,
-        )
+        request = batch_enroll_request(pairs, allow_partial_success, waitlist_if_full)
         response = self._mutate(self._stub.BatchEnrollStudents, request, request_id)
-        return _batch_results(response.results)
+        return batch_results(response.results)
 
     def batch_drop(
         self,
@@ -364,12 +343,9 @@ class EnrollmentClient:
     ) -> list[BatchResult]:
         """Drop up to 1000 (student_id, course_id) pairs in order in one transaction; as
         batch_enroll, each result's enrollment is whoever took the freed seat."""
-        request = pb.BatchDropCoursesRequest(
-            requests=[pb.DropCourseRequest(student_id=s, course_id=c) for s, c in pairs],
-            allow_partial_success=allow_partial_success,
-        )
+        request = batch_drop_request(pairs, allow_partial_success)
         response = self._mutate(self._stub.BatchDropCourses, request, request_id)
-        return _batch_results(response.results)
+        return batch_results(response.results)
 
     def get_enrollment(self, student_id: int, course_id: int) -> pb.Enrollment:
         request = pb.GetEnrollmentRequest(student_id=student_id, course_id=course_id)
@@ -412,7 +388,36 @@ class EnrollmentClient:
                 return
 
 
-def _batch_results(results: Iterable[Any]) -> list[BatchResult]:
+def with_request_id(request: _Request, request_id: str | None) -> _Request:
+    """The mutation request with request_id set: the caller's, else a fresh uuid4, so that
+    the channel's retries (and the caller's own, passing the same id) apply it once."""
+    request.request_id = request_id or str(uuid.uuid4())  # type: ignore[attr-defined]
+    return request
+
+
+def batch_enroll_request(
+    pairs: Iterable[tuple[int, int]], allow_partial_success: bool, waitlist_if_full: bool
+) -> pb.BatchEnrollStudentsRequest:
+    return pb.BatchEnrollStudentsRequest(
+        requests=[
+            pb.EnrollStudentRequest(student_id=s, course_id=c, waitlist_if_full=waitlist_if_full)
+            for s, c in pairs
+        ],
+        allow_partial_success=allow_partial_success,
+    )
+
+
+def batch_drop_request(
+    pairs: Iterable[tuple[int, int]], allow_partial_success: bool
+) -> pb.BatchDropCoursesRequest:
+    return pb.BatchDropCoursesRequest(
+        requests=[pb.DropCourseRequest(student_id=s, course_id=c) for s, c in pairs],
+        allow_partial_success=allow_partial_success,
+    )
+
+
+def batch_results(results: Iterable[Any]) -> list[BatchResult]:
+    """One BatchResult per item of a Batch*Response."""
     out = []
     for result in results:
         error = None
@@ -468,6 +473,44 @@ def _read(path: str | None) -> bytes | None:
         return None
     with open(path, "rb") as file:
         return file.read()
+
+
+def update_student_request(
+    student_id: int, *, name: str | None, email: str | None, etag: str
+) -> pb.UpdateStudentRequest:
+    """An UpdateStudent whose mask names exactly the fields given (None: left as is)."""
+    student = pb.Student(id=student_id, etag=etag)
+    paths: list[str] = []
+    if name is not None:
+        student.name, paths = name, [*paths, "name"]
+    if email is not None:
+        student.email, paths = email, [*paths, "email"]
+    return pb.UpdateStudentRequest(
+        student=student, update_mask=field_mask_pb2.FieldMask(paths=paths)
+    )
+
+
+def update_course_request(
+    course_id: int,
+    *,
+    code: str | None,
+    title: str | None,
+    capacity: int | None,
+    waitlist_capacity: int | None,
+    etag: str,
+) -> pb.UpdateCourseRequest:
+    """An UpdateCourse whose mask names exactly the fields given (None: left as is)."""
+    course = pb.Course(id=course_id, etag=etag)
+    paths: list[str] = []
+    if code is not None:
+        course.code, paths = code, [*paths, "code"]
+    if title is not None:
+        course.title, paths = title, [*paths, "title"]
+    if capacity is not None:
+        course.capacity, paths = capacity, [*paths, "capacity"]
+    if waitlist_capacity is not None:
+        course.waitlist_capacity, paths = waitlist_capacity, [*paths, "waitlist_capacity"]
+    return pb.UpdateCourseRequest(course=course, update_mask=field_mask_pb2.FieldMask(paths=paths))
 
 
 def _walk(fetch: Callable[[str], Any], items: str, page_token: str) -> Iterator[Any]:

@@ -79,6 +79,31 @@ def test_enroll_list_and_drop(live):
     run(scenario)
 
 
+def test_waitlist_promotion_and_updates(live):
+    async def scenario():
+        async with AsyncEnrollmentClient(live.address, timeout=10) as api:
+            course = await api.create_course("WL-1", "Waitlisted", capacity=1, waitlist_capacity=2)
+            a, b, c = [await api.create_student(n, f"{n}@example.org") for n in ("an", "bo", "cy")]
+            assert (await api.enroll(a.id, course.id)).state == pb.ENROLLMENT_STATE_ENROLLED
+            for waiting in (b, c):
+                got = await api.enroll(waiting.id, course.id, waitlist_if_full=True)
+                assert got.state == pb.ENROLLMENT_STATE_WAITLISTED
+            line = api.iter_enrollments(course_id=course.id, state=pb.ENROLLMENT_STATE_WAITLISTED)
+            assert [e.student_id async for e in line] == [b.id, c.id]
+            promoted = await api.drop(a.id, course.id)
+            assert promoted is not None and promoted.student_id == b.id
+            assert (await api.get_enrollment(c.id, course.id)).waitlist_position == 1
+            raised = await api.update_course(course.id, capacity=2, etag=course.etag)
+            assert (raised.enrolled_count, raised.waitlisted_count) == (2, 0)
+            renamed = await api.update_student(c.id, name="Cy Young")
+            assert renamed.name == "Cy Young" and renamed.etag != c.etag
+            with pytest.raises(ClientError) as stale:
+                await api.update_course(course.id, title="Other", etag=course.etag)
+            assert (stale.value.code, stale.value.reason) == ("ABORTED", "ETAG_MISMATCH")
+
+    run(scenario)
+
+
 def test_client_error_attributes(live):
     async def scenario():
         async with AsyncEnrollmentClient(live.address, timeout=10) as api:
