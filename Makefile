@@ -83,11 +83,11 @@ $(NODE_MODULES): tests/interop/node/package.json tests/interop/node/package-lock
 
 # target: migrate - apply pending migrations to DATABASE_URL (default sqlite:///enrollment.db)
 migrate: $(STAMP)
-	$(BIN)/enrollment-server migrate --database-url '$(DATABASE_URL)'
+	ENROLLMENT_DATABASE_URL='$(DATABASE_URL)' $(BIN)/enrollment-server migrate
 
 # target: run - migrate, then serve on ADDRESS (default 127.0.0.1:50051)
 run: migrate
-	$(BIN)/enrollment-server serve --address '$(ADDRESS)' --database-url '$(DATABASE_URL)'
+	ENROLLMENT_DATABASE_URL='$(DATABASE_URL)' $(BIN)/enrollment-server serve --address '$(ADDRESS)'
 
 # target: bench - the server against a bare grpcio ceiling: table, targets, bench/results/*.json
 bench: $(STAMP) h2load

@@ -36,6 +36,7 @@ def _write(folder: Path, stem: str, key, cert: x509.Certificate) -> Pem:
     folder.mkdir(parents=True, exist_ok=True)
     pem = Pem(folder / f"{stem}.crt", folder / f"{stem}.key")
     pem.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.key.touch(mode=0o600)  # a private key: readable by its owner only
     pem.key.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -116,16 +117,22 @@ class Authority:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write ca.crt, server.crt/.key (localhost, 127.0.0.1) and client.crt/.key into DIR."""
+    """Write ca.crt/.key, server.crt/.key (localhost, 127.0.0.1) and client.crt/.key into
+    DIR, and say so, naming every file."""
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 1:
         print("usage: python -m tests.certs DIR", file=sys.stderr)
         return 2
     folder = Path(args[0])
     ca = Authority(folder, "ca")
-    ca.issue("localhost", server=True, stem="server")
-    ca.issue("client", server=False, stem="client")
-    print(f"wrote ca.crt, server.crt, server.key, client.crt, client.key to {folder}/")
+    written = [
+        ca.pem,
+        ca.issue("localhost", server=True, stem="server"),
+        ca.issue("client", server=False, stem="client"),
+    ]
+    names = ", ".join(f"{pem.cert.name}, {pem.key.name}" for pem in written)
+    print(f"wrote {names} to {folder}/")
+    print("the .key files are private keys (this CA's too): keep them out of version control")
     return 0
 
 

@@ -32,6 +32,38 @@ def test_a_writer_waiting_past_the_timeout_is_unavailable(db_url):
         engine.close_pool()
 
 
+@pytest.mark.databases("sqlite")
+@pytest.mark.parametrize(
+    ("database_timeout", "pool_timeout"), [(0.3, 3.0), (1.5, 0.2)], ids=["short", "long"]
+)
+def test_a_writer_waits_the_database_timeout_not_the_pool_timeout(
+    db_url, database_timeout, pool_timeout
+):
+    """--database-timeout is how long a call waits for a lock (README, Configuration);
+    --pool-timeout only how long it waits for a free pooled connection."""
+    engine.open_pool(db_url, max_connections=4, timeout=database_timeout, pool_timeout=pool_timeout)
+    writing, done = threading.Event(), threading.Event()
+
+    def another_write():  # another call of this process, inside its transaction
+        with unit_of_work.unit_of_work(write=True):
+            writing.set()
+            done.wait(30)
+
+    writer = threading.Thread(target=another_write)
+    writer.start()
+    try:
+        assert writing.wait(10)
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            students.create_student(name="Ada", email="ada@example.com")
+        waited = time.monotonic() - started
+        assert database_timeout * 0.8 < waited < database_timeout + 1.0, waited
+    finally:
+        done.set()
+        writer.join(10)
+        engine.close_pool()
+
+
 def test_the_writer_lock_is_handed_over_in_arrival_order_and_times_out():
     lock = unit_of_work.FairLock()
     order: list[int] = []

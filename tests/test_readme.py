@@ -141,8 +141,47 @@ def test_readme_security_walkthrough_runs_as_written(tmp_path, server_process):
     assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
     assert client.returncode == 0 and "SEC-101" in client.stdout, client.stderr
     assert "token=ops" in log and "token=dashboard" in log
-    for token in ("ops.token", "dashboard.token"):
+    for token in (".secrets/ops.token", ".secrets/dashboard.token"):
         assert (tmp_path / token).read_text().strip() not in log
+
+
+def test_the_security_walkthrough_writes_only_files_git_ignores(tmp_path):
+    """Its keys, tokens and database stay out of version control: run from a checkout
+    (here a new repository with the project's .gitignore), git sees nothing new."""
+    setup, _ = sh_blocks(section("Security"))[:2]
+    *prepare, _serve = setup
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text((README.parent / ".gitignore").read_text())
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(README.parent)}
+    for line in prepare:
+        result = subprocess.run(
+            ["bash", "-c", line], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
+        )
+        assert result.returncode == 0, (line, result.stderr)
+    written = sorted(
+        str(path.relative_to(tmp_path))
+        for path in tmp_path.rglob("*")
+        if path.is_file() and ".git" not in path.relative_to(tmp_path).parts
+    )
+    assert any(name.endswith(".key") for name in written), written
+    assert any(name.endswith(".token") for name in written), written
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    ).stdout.split("\n")  # fmt: skip
+    assert [line for line in status if line] == ["?? .gitignore"], written
+
+
+def test_tests_certs_names_every_file_it_writes(tmp_path):
+    folder = tmp_path / "certs"
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.certs", str(folder)],
+        capture_output=True, text=True, timeout=60, cwd=README.parent, check=True,
+    )  # fmt: skip
+    written = sorted(path.name for path in folder.iterdir())
+    assert "ca.key" in written
+    for name in written:
+        assert name in result.stdout, (name, result.stdout)
 
 
 def test_readme_flags_exist():

@@ -70,6 +70,8 @@ def setup(level: str, log_format: str = "text", *, sql_values: bool = False) -> 
     # The lines show none of these, and finding them costs every call CPU (logging's
     # own advice for speed: https://docs.python.org/3/howto/logging.html).
     # The process id stays: it tells the workers of `serve --workers N` apart.
+    # _srcfile is private, but the HOWTO names it and there is no public switch;
+    # tests/test_private_internals.py fails when it stops working.
     logging.logThreads = logging.logMultiprocessing = False
     logging._srcfile = None
 

@@ -148,6 +148,23 @@ class MariaDBDatabase(_MySQLSession, pw.MySQLDatabase):
     """One unpooled connection with the same settings (health probes, tests)."""
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """The waits the serving pool was opened with, in seconds."""
+
+    database: float  # for a lock or a new connection (--database-timeout)
+    pool: float  # for a free pooled connection (--pool-timeout)
+    statement: float | None  # for one statement to run (None: no limit)
+
+
+_timeouts = Timeouts(database=5.0, pool=5.0, statement=None)
+
+
+def timeouts() -> Timeouts:
+    """The waits of the pool open_pool opened last (the defaults before any)."""
+    return _timeouts
+
+
 _POOLED = {
     "sqlite": PooledSqliteDatabase,
     "postgresql": PooledPostgresqlDatabase,
@@ -177,15 +194,22 @@ def open_pool(
     create: whether a missing SQLite file may be created (only migrate does; a
     mistyped path elsewhere is an error, not a new file).
     """
+    global _timeouts
     target = parse(url, create=create)
+    waits = Timeouts(
+        database=timeout,
+        pool=timeout if pool_timeout is None else pool_timeout,
+        statement=statement_timeout,
+    )
     db = _POOLED[target.kind](
         target.name,
         max_connections=max_connections,
         stale_timeout=None,
-        timeout=timeout if pool_timeout is None else pool_timeout,
+        timeout=waits.pool,
         **_driver_params(target, timeout, statement_timeout),
     )
     proxy.initialize(db)
+    _timeouts = waits
     return db
 
 

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import peewee as pw
 from peewee_migrate import Router
 from peewee_migrate.models import MIGRATE_TABLE
-from playhouse.migrate import Operation
 
 from enrollment.migrations import MIGRATIONS_DIR
 
@@ -143,16 +142,17 @@ def _refuse_loss(name: str, dropped: set[str], allow_data_loss: bool) -> None:
 
 
 def _tables_dropped_by_rollback(migrations: Router, name: str) -> set[str]:
-    """The tables the rollback of one migration drops, read from its plan, not run."""
+    """The tables the rollback of one migration drops, read from its plan, not run.
+
+    The router's migrator holds the models of the applied migrations (migrator.orm);
+    a rollback's remove_model takes its model out and plans the DROP TABLE, which runs
+    only when the migrator is called. This router is thrown away unrun.
+    """
     migrator = migrations.migrator
+    before = {model._meta.table_name for model in migrator.orm}
     _, undo = migrations.read(name)
     undo(migrator, migrations.database, fake=False)
-    planned, migrator.__ops__ = migrator.__ops__, []
-    return {
-        op.args[0]
-        for op in planned
-        if isinstance(op, Operation) and op.fn.__name__ == "drop_table" and op.args
-    }
+    return before - {model._meta.table_name for model in migrator.orm}
 
 
 def _has_rows(db: pw.Database, table: str) -> bool:

@@ -62,6 +62,8 @@ class Prepared:
         found = []
         for row in cursor.fetchall():
             data = {name: convert(v) for (name, convert), v in zip(converters, row, strict=True)}
+            # Private names, as in peewee's own wrapper: model(**data) would compute
+            # every default first (tests/test_private_internals.py guards them).
             instance = model(__no_default__=1, **data)
             instance._dirty.clear()
             found.append(instance)

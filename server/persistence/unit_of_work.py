@@ -22,6 +22,7 @@ from playhouse.pool import MaxConnectionsExceeded
 
 from enrollment.server import callstate
 from enrollment.server.errors import CommitOutcomeUnknown, DatabaseUnavailable, StorageFull
+from enrollment.server.persistence import engine
 from enrollment.server.persistence.engine import discard_idle
 from enrollment.server.persistence.failures import (
     Verdict,
@@ -97,8 +98,8 @@ def _writer_turn(write: bool) -> Iterator[None]:
     if not (write and isinstance(proxy.obj, pw.SqliteDatabase)):
         yield
         return
-    timeout = getattr(proxy.obj, "_wait_timeout", 5.0)  # the pool's, from --database-timeout
-    if not _sqlite_writer.acquire(timeout=timeout if timeout != float("inf") else -1):
+    # As long as SQLite's busy timeout: both are waits for the write lock.
+    if not _sqlite_writer.acquire(timeout=engine.timeouts().database):
         raise DatabaseUnavailable.of()
     try:
         yield

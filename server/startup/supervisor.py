@@ -4,6 +4,7 @@ thread pool and database pool."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
@@ -121,8 +122,8 @@ def _describe_exit(code: int | None) -> str:
 
 
 def _reserve_port(address: str) -> tuple[str, int, socket.socket]:
-    """Check that the port is free, then hold it with SO_REUSEPORT so that only this
-    server's workers (same user, same option) can bind it while it runs."""
+    """Check that nothing listens on the port, then hold it with SO_REUSEPORT so that
+    only this server's workers (same user, same option) can bind it while it runs."""
     host, port_text = addresses.split(address)
     host = host or "0.0.0.0"
     try:
@@ -131,12 +132,35 @@ def _reserve_port(address: str) -> tuple[str, int, socket.socket]:
     except (ValueError, OSError) as exc:
         raise StartupError(f"cannot listen on {address}: {exc}") from None
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as exclusive:
-            exclusive.bind(sockaddr)  # no SO_REUSEPORT: fails when anyone holds the port
-            port = exclusive.getsockname()[1]
-        held = socket.socket(family, socket.SOCK_STREAM)
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        held.bind((sockaddr[0], port, *sockaddr[2:]))
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR, as grpc's own listeners have: the connections a stopped
+            # server closed wait in TIME_WAIT on its port for a minute, and they must
+            # not stop it starting again. Linux still refuses the bind while any socket
+            # listens on the port; no SO_REUSEPORT, so a listener that has it counts too.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+            port = probe.getsockname()[1]
+        held = _hold(family, (sockaddr[0], port, *sockaddr[2:]))
     except OSError as exc:
         raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None
     return host, port, held
+
+
+def _hold(family: socket.AddressFamily, sockaddr: tuple) -> socket.socket:
+    """A socket bound to the port with SO_REUSEPORT, and without SO_REUSEADDR while
+    that works: another server's start-up check (which has SO_REUSEADDR) then fails
+    against it, before the workers listen. TIME_WAIT sockets left by workers have
+    SO_REUSEPORT and let it bind; those of a server without it (`serve` in one
+    process) need SO_REUSEADDR as well."""
+    for options in ((socket.SO_REUSEPORT,), (socket.SO_REUSEPORT, socket.SO_REUSEADDR)):
+        held = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            for option in options:
+                held.setsockopt(socket.SOL_SOCKET, option, 1)
+            held.bind(sockaddr)
+            return held
+        except OSError as exc:
+            held.close()
+            if exc.errno != errno.EADDRINUSE or socket.SO_REUSEADDR in options:
+                raise
+    raise AssertionError("unreachable")

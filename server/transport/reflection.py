@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 # protoc keeps comments (source info) only in the descriptor set that `make proto`
@@ -22,12 +22,44 @@ def _documented_files() -> dict[str, bytes]:
 
 
 class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
-    """grpc_reflection's asyncio servicer (the server is grpc.aio), serving the
-    descriptors of `make proto` with their comments."""
+    """grpc_reflection's asyncio servicer (the server is grpc.aio), answering requests
+    for our files with the descriptors of `make proto`, comments included; every other
+    request gets grpc's own answer (through the public ServerReflectionInfo, one
+    request at a time)."""
 
     def __init__(self, service_names):
         super().__init__(service_names)
         self._documented = _documented_files()
+        self._descriptors = descriptor_pool.Default()  # the pool grpc's servicer reads
+
+    async def ServerReflectionInfo(self, request_iterator, context):  # noqa: N802 (grpc's name)
+        async for request in request_iterator:
+            found = self._file_asked_for(request)
+            if found is None:
+                async for answer in super().ServerReflectionInfo(_only(request), context):
+                    yield answer
+            else:
+                yield self._response(found, request)
+
+    def _file_asked_for(self, request):
+        """The file a file_by_filename or file_containing_symbol request names, or None."""
+        if request.HasField("file_by_filename"):
+            names = (request.file_by_filename,)
+            find = self._descriptors.FindFileByName
+        elif request.HasField("file_containing_symbol"):
+            # The pool does not index methods: `grpcurl describe Service.Method` asks
+            # for one, so look up its service.
+            symbol = request.file_containing_symbol
+            names = (symbol, symbol.rpartition(".")[0])
+            find = self._descriptors.FindFileContainingSymbol
+        else:
+            return None
+        for name in names:
+            try:
+                return find(name)
+            except KeyError:
+                continue
+        return None
 
     def _response(self, descriptor, request):
         files, pending = {}, [descriptor]
@@ -49,21 +81,9 @@ class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
             original_request=request,
         )
 
-    def _file_by_filename(self, request, filename):
-        try:
-            return self._response(self._pool.FindFileByName(filename), request)
-        except KeyError:
-            return super()._file_by_filename(request, filename)
 
-    def _file_containing_symbol(self, request, fully_qualified_name):
-        # The pool does not index methods: `grpcurl describe Service.Method` asks for
-        # one, so look up its service.
-        for name in (fully_qualified_name, fully_qualified_name.rpartition(".")[0]):
-            try:
-                return self._response(self._pool.FindFileContainingSymbol(name), request)
-            except KeyError:
-                continue
-        return super()._file_containing_symbol(request, fully_qualified_name)
+async def _only(request):
+    yield request
 
 
 def add_reflection(server, service_names) -> None:
