@@ -4,7 +4,7 @@ callers (FastAPI and the like) that must not block their event loop on a call.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -12,12 +12,17 @@ from grpc import aio
 
 from enrollment.client.api import (
     DEFAULT_TIMEOUT,
+    BatchResult,
     ClientError,
     _next_token,
     _read,
+    batch_drop_request,
+    batch_enroll_request,
+    batch_results,
     channel_options,
     update_course_request,
     update_student_request,
+    with_request_id,
 )
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
@@ -84,9 +89,13 @@ class AsyncEnrollmentClient:
 
     # Students
 
-    async def create_student(self, name: str, email: str) -> pb.Student:
+    async def create_student(
+        self, name: str, email: str, *, request_id: str | None = None
+    ) -> pb.Student:
         request = pb.CreateStudentRequest(name=name, email=email)
-        response: pb.CreateStudentResponse = await self._call(self._stub.CreateStudent, request)
+        response: pb.CreateStudentResponse = await self._call(
+            self._stub.CreateStudent, with_request_id(request, request_id)
+        )
         return response.student
 
     async def get_student(self, student_id: int) -> pb.Student:
@@ -123,25 +132,38 @@ class AsyncEnrollmentClient:
         name: str | None = None,
         email: str | None = None,
         etag: str = "",
+        request_id: str | None = None,
     ) -> pb.Student:
         """Change the fields given (None leaves one as it is); etag guards the change."""
         request = update_student_request(student_id, name=name, email=email, etag=etag)
-        response: pb.UpdateStudentResponse = await self._call(self._stub.UpdateStudent, request)
+        response: pb.UpdateStudentResponse = await self._call(
+            self._stub.UpdateStudent, with_request_id(request, request_id)
+        )
         return response.student
 
-    async def delete_student(self, student_id: int, force: bool = False) -> None:
+    async def delete_student(
+        self, student_id: int, force: bool = False, *, request_id: str | None = None
+    ) -> None:
         request = pb.DeleteStudentRequest(student_id=student_id, force=force)
-        await self._call(self._stub.DeleteStudent, request)
+        await self._call(self._stub.DeleteStudent, with_request_id(request, request_id))
 
     # Courses
 
     async def create_course(
-        self, code: str, title: str, capacity: int = 0, waitlist_capacity: int = 0
+        self,
+        code: str,
+        title: str,
+        capacity: int = 0,
+        waitlist_capacity: int = 0,
+        *,
+        request_id: str | None = None,
     ) -> pb.Course:
         request = pb.CreateCourseRequest(
             code=code, title=title, capacity=capacity, waitlist_capacity=waitlist_capacity
         )
-        response: pb.CreateCourseResponse = await self._call(self._stub.CreateCourse, request)
+        response: pb.CreateCourseResponse = await self._call(
+            self._stub.CreateCourse, with_request_id(request, request_id)
+        )
         return response.course
 
     async def get_course(self, course_id: int) -> pb.Course:
@@ -180,6 +202,7 @@ class AsyncEnrollmentClient:
         capacity: int | None = None,
         waitlist_capacity: int | None = None,
         etag: str = "",
+        request_id: str | None = None,
     ) -> pb.Course:
         """Change the fields given (None leaves one as it is; capacity=0 means unlimited).
         Raising the capacity promotes waitlisted students into the new seats."""
@@ -191,30 +214,74 @@ class AsyncEnrollmentClient:
             waitlist_capacity=waitlist_capacity,
             etag=etag,
         )
-        response: pb.UpdateCourseResponse = await self._call(self._stub.UpdateCourse, request)
+        response: pb.UpdateCourseResponse = await self._call(
+            self._stub.UpdateCourse, with_request_id(request, request_id)
+        )
         return response.course
 
-    async def delete_course(self, course_id: int, force: bool = False) -> None:
+    async def delete_course(
+        self, course_id: int, force: bool = False, *, request_id: str | None = None
+    ) -> None:
         request = pb.DeleteCourseRequest(course_id=course_id, force=force)
-        await self._call(self._stub.DeleteCourse, request)
+        await self._call(self._stub.DeleteCourse, with_request_id(request, request_id))
 
     # Enrollments
 
     async def enroll(
-        self, student_id: int, course_id: int, waitlist_if_full: bool = False
+        self,
+        student_id: int,
+        course_id: int,
+        waitlist_if_full: bool = False,
+        *,
+        request_id: str | None = None,
     ) -> pb.Enrollment:
         """waitlist_if_full: join the course's waitlist when it is full."""
         request = pb.EnrollStudentRequest(
             student_id=student_id, course_id=course_id, waitlist_if_full=waitlist_if_full
         )
-        response: pb.EnrollStudentResponse = await self._call(self._stub.EnrollStudent, request)
+        response: pb.EnrollStudentResponse = await self._call(
+            self._stub.EnrollStudent, with_request_id(request, request_id)
+        )
         return response.enrollment
 
-    async def drop(self, student_id: int, course_id: int) -> pb.Enrollment | None:
+    async def drop(
+        self, student_id: int, course_id: int, *, request_id: str | None = None
+    ) -> pb.Enrollment | None:
         """Drop an enrolled or waitlisted entry; returns whoever took the freed seat."""
         request = pb.DropCourseRequest(student_id=student_id, course_id=course_id)
-        response: pb.DropCourseResponse = await self._call(self._stub.DropCourse, request)
+        response: pb.DropCourseResponse = await self._call(
+            self._stub.DropCourse, with_request_id(request, request_id)
+        )
         return response.promoted if response.HasField("promoted") else None
+
+    async def batch_enroll(
+        self,
+        pairs: Iterable[tuple[int, int]],
+        *,
+        allow_partial_success: bool = False,
+        waitlist_if_full: bool = False,
+        request_id: str | None = None,
+    ) -> list[BatchResult]:
+        """As EnrollmentClient.batch_enroll."""
+        request = batch_enroll_request(pairs, allow_partial_success, waitlist_if_full)
+        response: pb.BatchEnrollStudentsResponse = await self._call(
+            self._stub.BatchEnrollStudents, with_request_id(request, request_id)
+        )
+        return batch_results(response.results)
+
+    async def batch_drop(
+        self,
+        pairs: Iterable[tuple[int, int]],
+        *,
+        allow_partial_success: bool = False,
+        request_id: str | None = None,
+    ) -> list[BatchResult]:
+        """As EnrollmentClient.batch_drop."""
+        request = batch_drop_request(pairs, allow_partial_success)
+        response: pb.BatchDropCoursesResponse = await self._call(
+            self._stub.BatchDropCourses, with_request_id(request, request_id)
+        )
+        return batch_results(response.results)
 
     async def get_enrollment(self, student_id: int, course_id: int) -> pb.Enrollment:
         request = pb.GetEnrollmentRequest(student_id=student_id, course_id=course_id)

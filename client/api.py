@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -16,7 +18,23 @@ from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT = 5.0
+SERVICE = "enrollment.v1.EnrollmentService"
+# The channel retries a call that failed UNAVAILABLE (the server or its database was
+# away), and only that: every mutation carries a request_id, so a retry of one that
+# did commit gets the first answer back instead of running twice.
+RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+# google.rpc.Code numbers to grpc.StatusCode values.
+_CODES = {code.value[0]: code.value for code in grpc.StatusCode}
+
 _Response = TypeVar("_Response")
+_Request = TypeVar("_Request")
 # gRPC's load-balancing policies that need nothing but the addresses the target resolves
 # to: pick_first (gRPC's default) sends every call to one of them, round_robin spreads
 # calls over all of them (every pod behind a headless Service, say).
@@ -54,6 +72,24 @@ class ClientError(Exception):
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
     @classmethod
+    def from_status(cls, status: Any) -> ClientError:
+        """A batch item's google.rpc.Status as an error."""
+        info = error_details_pb2.ErrorInfo()
+        bad = error_details_pb2.BadRequest()
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                detail.Unpack(info)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                detail.Unpack(bad)
+        return cls(
+            code=grpc.StatusCode(_CODES[status.code]).name if status.code in _CODES else "UNKNOWN",
+            message=status.message,
+            reason=info.reason,
+            fields=[v.field for v in bad.field_violations],
+            metadata=dict(info.metadata),
+        )
+
+    @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> ClientError:
         # Every RpcError a unary call raises is also a grpc.Call; getattr guards the
         # odd one that is not (a bare RpcError from an interceptor, say).
@@ -80,6 +116,22 @@ class ClientError(Exception):
             fields=[v.field for v in bad.field_violations],
             metadata=dict(info.metadata),
         )
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One item of a batch: its enrollment (for a drop: whoever was promoted, if anyone)
+    when it was applied, else its error."""
+
+    enrollment: pb.Enrollment | None
+    error: ClientError | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+MAX_BATCH = 1000
 
 
 class EnrollmentClient:
@@ -137,11 +189,18 @@ class EnrollmentClient:
                 )
             raise failure from None
 
+    def _mutate(
+        self, method: Callable[..., _Response], request: Any, request_id: str | None
+    ) -> _Response:
+        """A mutation with its request_id: the caller's, else a fresh one, so that the
+        channel's retries (and the caller's own, passing the same id) apply it once."""
+        return self._call(method, with_request_id(request, request_id))
+
     # Students
 
-    def create_student(self, name: str, email: str) -> pb.Student:
+    def create_student(self, name: str, email: str, *, request_id: str | None = None) -> pb.Student:
         request = pb.CreateStudentRequest(name=name, email=email)
-        return self._call(self._stub.CreateStudent, request).student
+        return self._mutate(self._stub.CreateStudent, request, request_id).student
 
     def get_student(self, student_id: int) -> pb.Student:
         request = pb.GetStudentRequest(student_id=student_id)
@@ -171,25 +230,34 @@ class EnrollmentClient:
         name: str | None = None,
         email: str | None = None,
         etag: str = "",
+        request_id: str | None = None,
     ) -> pb.Student:
         """Change the fields given (None leaves one as it is). etag: the student's etag as
         last read, to refuse the change (ABORTED ETAG_MISMATCH) if it moved since."""
         request = update_student_request(student_id, name=name, email=email, etag=etag)
-        return self._call(self._stub.UpdateStudent, request).student
+        return self._mutate(self._stub.UpdateStudent, request, request_id).student
 
-    def delete_student(self, student_id: int, force: bool = False) -> None:
+    def delete_student(
+        self, student_id: int, force: bool = False, *, request_id: str | None = None
+    ) -> None:
         request = pb.DeleteStudentRequest(student_id=student_id, force=force)
-        self._call(self._stub.DeleteStudent, request)
+        self._mutate(self._stub.DeleteStudent, request, request_id)
 
     # Courses
 
     def create_course(
-        self, code: str, title: str, capacity: int = 0, waitlist_capacity: int = 0
+        self,
+        code: str,
+        title: str,
+        capacity: int = 0,
+        waitlist_capacity: int = 0,
+        *,
+        request_id: str | None = None,
     ) -> pb.Course:
         request = pb.CreateCourseRequest(
             code=code, title=title, capacity=capacity, waitlist_capacity=waitlist_capacity
         )
-        return self._call(self._stub.CreateCourse, request).course
+        return self._mutate(self._stub.CreateCourse, request, request_id).course
 
     def update_course(
         self,
@@ -200,6 +268,7 @@ class EnrollmentClient:
         capacity: int | None = None,
         waitlist_capacity: int | None = None,
         etag: str = "",
+        request_id: str | None = None,
     ) -> pb.Course:
         """Change the fields given (None leaves one as it is; capacity=0 means unlimited).
         Raising the capacity promotes waitlisted students into the new seats."""
@@ -211,7 +280,7 @@ class EnrollmentClient:
             waitlist_capacity=waitlist_capacity,
             etag=etag,
         )
-        return self._call(self._stub.UpdateCourse, request).course
+        return self._mutate(self._stub.UpdateCourse, request, request_id).course
 
     def get_course(self, course_id: int) -> pb.Course:
         request = pb.GetCourseRequest(course_id=course_id)
@@ -234,27 +303,64 @@ class EnrollmentClient:
             lambda token: self.list_courses(student_id, page_size, token), "courses", page_token
         )
 
-    def delete_course(self, course_id: int, force: bool = False) -> None:
+    def delete_course(
+        self, course_id: int, force: bool = False, *, request_id: str | None = None
+    ) -> None:
         request = pb.DeleteCourseRequest(course_id=course_id, force=force)
-        self._call(self._stub.DeleteCourse, request)
+        self._mutate(self._stub.DeleteCourse, request, request_id)
 
     # Enrollments
 
     def enroll(
-        self, student_id: int, course_id: int, waitlist_if_full: bool = False
+        self,
+        student_id: int,
+        course_id: int,
+        waitlist_if_full: bool = False,
+        *,
+        request_id: str | None = None,
     ) -> pb.Enrollment:
         """waitlist_if_full: join the course's waitlist when it is full (the answer's
         state is then ENROLLMENT_STATE_WAITLISTED, with its waitlist_position)."""
         request = pb.EnrollStudentRequest(
             student_id=student_id, course_id=course_id, waitlist_if_full=waitlist_if_full
         )
-        return self._call(self._stub.EnrollStudent, request).enrollment
+        return self._mutate(self._stub.EnrollStudent, request, request_id).enrollment
 
-    def drop(self, student_id: int, course_id: int) -> pb.Enrollment | None:
+    def drop(
+        self, student_id: int, course_id: int, *, request_id: str | None = None
+    ) -> pb.Enrollment | None:
         """Drop an enrolled or waitlisted entry; returns whoever took the freed seat."""
         request = pb.DropCourseRequest(student_id=student_id, course_id=course_id)
-        response = self._call(self._stub.DropCourse, request)
+        response = self._mutate(self._stub.DropCourse, request, request_id)
         return response.promoted if response.HasField("promoted") else None
+
+    def batch_enroll(
+        self,
+        pairs: Iterable[tuple[int, int]],
+        *,
+        allow_partial_success: bool = False,
+        waitlist_if_full: bool = False,
+        request_id: str | None = None,
+    ) -> list[BatchResult]:
+        """Enroll up to 1000 (student_id, course_id) pairs in order in one transaction.
+        All or nothing by default (the first failing item raises, its index in
+        error.metadata["index"]); allow_partial_success: one BatchResult per pair."""
+        request = batch_enroll_request(pairs, allow_partial_success, waitlist_if_full)
+        response = self._mutate(self._stub.BatchEnrollStudents, request, request_id)
+        return batch_results(response.results)
+
+    def batch_drop(
+        self,
+        pairs: Iterable[tuple[int, int]],
+        *,
+        allow_partial_success: bool = False,
+        request_id: str | None = None,
+    ) -> list[BatchResult]:
+        """Drop up to 1000 (student_id, course_id) pairs in order in one transaction; as
+        batch_enroll, each result's enrollment is whoever took the freed seat."""
+        request = batch_drop_request(pairs, allow_partial_success)
+        response = self._mutate(self._stub.BatchDropCourses, request, request_id)
+        return batch_results(response.results)
 
     def get_enrollment(self, student_id: int, course_id: int) -> pb.Enrollment:
         request = pb.GetEnrollmentRequest(student_id=student_id, course_id=course_id)
@@ -375,6 +481,47 @@ class EnrollmentClient:
             stream.cancel()
 
 
+def with_request_id(request: _Request, request_id: str | None) -> _Request:
+    """The mutation request with request_id set: the caller's, else a fresh uuid4, so that
+    the channel's retries (and the caller's own, passing the same id) apply it once."""
+    request.request_id = request_id or str(uuid.uuid4())  # type: ignore[attr-defined]
+    return request
+
+
+def batch_enroll_request(
+    pairs: Iterable[tuple[int, int]], allow_partial_success: bool, waitlist_if_full: bool
+) -> pb.BatchEnrollStudentsRequest:
+    return pb.BatchEnrollStudentsRequest(
+        requests=[
+            pb.EnrollStudentRequest(student_id=s, course_id=c, waitlist_if_full=waitlist_if_full)
+            for s, c in pairs
+        ],
+        allow_partial_success=allow_partial_success,
+    )
+
+
+def batch_drop_request(
+    pairs: Iterable[tuple[int, int]], allow_partial_success: bool
+) -> pb.BatchDropCoursesRequest:
+    return pb.BatchDropCoursesRequest(
+        requests=[pb.DropCourseRequest(student_id=s, course_id=c) for s, c in pairs],
+        allow_partial_success=allow_partial_success,
+    )
+
+
+def batch_results(results: Iterable[Any]) -> list[BatchResult]:
+    """One BatchResult per item of a Batch*Response."""
+    out = []
+    for result in results:
+        error = None
+        if result.status.code:
+            error = ClientError.from_status(result.status)
+        entry = result.enrollment if hasattr(result, "enrollment") else result.promoted
+        field = "enrollment" if hasattr(result, "enrollment") else "promoted"
+        out.append(BatchResult(entry if result.HasField(field) else None, error))
+    return out
+
+
 def open_channel(
     address: str,
     *,
@@ -401,13 +548,16 @@ def open_channel(
 
 
 def channel_options(lb_policy: str | None = None) -> list[tuple[str, str]]:
-    """Channel options for gRPC's load-balancing policy lb_policy (one of LB_POLICIES;
-    None leaves gRPC's default, pick_first). Raises ValueError for another policy."""
-    if lb_policy is None:
-        return []
-    if lb_policy not in LB_POLICIES:
-        raise ValueError(f"lb_policy must be one of {', '.join(LB_POLICIES)}")
-    config: dict[str, object] = {"loadBalancingConfig": [{lb_policy: {}}]}
+    """Channel options: a service config retrying UNAVAILABLE (RETRY_POLICY), and gRPC's
+    load-balancing policy lb_policy (one of LB_POLICIES; None leaves gRPC's default,
+    pick_first). Raises ValueError for another policy."""
+    config: dict[str, object] = {
+        "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": RETRY_POLICY}]
+    }
+    if lb_policy is not None:
+        if lb_policy not in LB_POLICIES:
+            raise ValueError(f"lb_policy must be one of {', '.join(LB_POLICIES)}")
+        config["loadBalancingConfig"] = [{lb_policy: {}}]
     return [("grpc.service_config", json.dumps(config))]
 
 

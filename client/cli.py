@@ -20,6 +20,7 @@ from google.protobuf import json_format  # noqa: E402
 from google.protobuf.message import Message  # noqa: E402
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
+from enrollment.client import bulk  # noqa: E402
 from enrollment.client.api import DEFAULT_TIMEOUT, ClientError, EnrollmentClient  # noqa: E402
 from enrollment.v1 import enrollment_pb2 as pb  # noqa: E402
 
@@ -428,6 +429,31 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
         action="store_true",
         help="keep printing new events as they commit (resumes by itself after a restart)",
     )
+
+    sub = add(
+        "import",
+        _import,
+        "enroll the rows of a CSV file (columns student_id,course_id or email,course_code; "
+        "header required) in batches (BatchEnrollStudents); safe to run again after a crash",
+    )
+    sub.add_argument("file", help="the CSV file")
+    sub.add_argument(
+        "--dry-run", action="store_true", help="check the file and the names in it; apply nothing"
+    )
+    sub.add_argument(
+        "--rejects",
+        metavar="PATH",
+        help="where the failing rows go, with their reasons (default FILE.rejects.csv)",
+    )
+    sub.add_argument(
+        "--batch-size", type=int, default=bulk.BATCH, metavar="N", help="rows per call (1-1000)"
+    )
+    sub.add_argument(
+        "--waitlist", action="store_true", help="join a full course's waitlist instead"
+    )
+
+    sub = add("export", _export, "write enrollments as CSV to stdout (ListEnrollments)")
+    sub.add_argument("--course", type=int64, default=0, metavar="N", help="only course N's")
     return parser
 
 
@@ -458,6 +484,45 @@ def event_line(event) -> str:
     if event.actor:
         parts.append(f"actor={event.actor}")
     return " ".join(parts)
+
+
+@dataclass
+class Finished:
+    """A subcommand that wrote its own output; the exit status."""
+
+    status: int
+
+
+def _import(client: EnrollmentClient, args: argparse.Namespace) -> Finished:
+    try:
+        with open(args.file, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        print(f"enrollment-client: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return Finished(2)
+    try:
+        summary = bulk.import_file(
+            client,
+            data,
+            batch_size=args.batch_size,
+            dry_run=args.dry_run,
+            waitlist_if_full=args.waitlist,
+            progress=bulk.progress_bar,
+        )
+    except (bulk.ImportFileError, ValueError) as exc:
+        print(f"enrollment-client: {args.file}: {exc}", file=sys.stderr)
+        return Finished(2)
+    path = args.rejects or f"{args.file}.rejects.csv"
+    if summary.rejects:
+        with open(path, "w", encoding="utf-8", newline="") as out:
+            bulk.write_rejects(out, summary)
+    print(summary.text(path))
+    return Finished(1 if summary.rejects else 0)
+
+
+def _export(client: EnrollmentClient, args: argparse.Namespace) -> Finished:
+    bulk.export(client, sys.stdout, course_id=args.course)
+    return Finished(0)
 
 
 # Rendering.
@@ -594,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
         with client:
             result = args.run(client, args)
+        if isinstance(result, Finished):
+            return result.status
         if result is not None:  # events prints its own lines as they come
             print(render(result, as_json=args.json))
     except ClientError as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -26,13 +27,31 @@ class EnrollmentError(Exception):
         return self.message
 
 
+def in_batch(error: EnrollmentError, index: int, *, call: bool) -> EnrollmentError:
+    """Item `index` of a batch's error: field paths prefixed "requests[i].". call: the
+    error fails the whole call, so its message says which item and ErrorInfo metadata
+    "index" names it."""
+    prefix = f"requests[{index}]."
+    violations = tuple(FieldViolation(prefix + v.field, v.description) for v in error.violations)
+    if not call:
+        return dataclasses.replace(error, violations=violations)
+    return dataclasses.replace(
+        error,
+        message=f"requests[{index}]: {error.message}",
+        metadata={**error.metadata, "index": str(index)},
+        violations=violations,
+    )
+
+
 class InvalidField(EnrollmentError):
     code, reason = "INVALID_ARGUMENT", "INVALID_FIELD"
 
     @classmethod
-    def of(cls, violations: list[FieldViolation]) -> InvalidField:
+    def of(
+        cls, violations: list[FieldViolation], metadata: dict[str, str] | None = None
+    ) -> InvalidField:
         message = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        return cls(message, violations=tuple(violations))
+        return cls(message, metadata=dict(metadata or {}), violations=tuple(violations))
 
 
 class UnknownCourseArgument(EnrollmentError):
@@ -335,3 +354,12 @@ class ShuttingDown(EnrollmentError):
         return cls(
             "the server is shutting down; resume with after_sequence = the last sequence received"
         )
+
+
+class RequestIdReused(EnrollmentError):
+    code, reason = "INVALID_ARGUMENT", "REQUEST_ID_REUSED"
+
+    @classmethod
+    def of(cls, field: str = "request_id") -> RequestIdReused:
+        text = "this request_id was used before with another method or a different request"
+        return cls(text, violations=(FieldViolation(field, text),))

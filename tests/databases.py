@@ -21,7 +21,7 @@ DEFAULT_URLS = {
     "postgresql": "postgresql://postgres@127.0.0.1:5432/test",
     "mysql": "mysql://root@127.0.0.1:3306/test",
 }
-TABLES = ("student_courses", "courses", "students")  # children first
+TABLES = ("student_courses", "courses", "students", "request_records")  # children first
 
 
 def selected(option: str | None) -> list[str]:
@@ -138,6 +138,23 @@ def miscounted_courses(url: str) -> list[str]:
         for course_id, capacity, enrolled_count, roster in rows
         if enrolled_count != roster or (capacity and roster > capacity)
     ]
+
+
+def snapshot(url: str) -> dict[str, list[tuple]]:
+    """Every row of every table (update_time and counts included)."""
+    with connection(url) as db:
+        return {
+            "students": sql(db, "SELECT * FROM students ORDER BY id"),
+            "courses": sql(db, "SELECT * FROM courses ORDER BY id"),
+            "student_courses": sql(
+                db, "SELECT * FROM student_courses ORDER BY student_id, course_id"
+            ),
+            "request_records": sql(
+                db,
+                "SELECT request_id, method, fingerprint, create_time FROM request_records "
+                "ORDER BY request_id",
+            ),  # fmt: skip
+        }
 
 
 def empty_tables(url: str) -> None:

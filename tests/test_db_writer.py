@@ -62,3 +62,30 @@ def test_a_writer_waits_the_database_timeout_not_the_pool_timeout(
         done.set()
         writer.join(10)
         engine.close_pool()
+
+
+def test_the_writer_lock_is_handed_over_in_arrival_order_and_times_out():
+    lock = unit_of_work.FairLock()
+    order: list[int] = []
+    lock.acquire()
+    threads = []
+    for i in range(5):
+
+        def take(i=i):
+            with lock:
+                order.append(i)
+
+        thread = threading.Thread(target=take)
+        thread.start()
+        threads.append(thread)
+        while len(lock._waiters) < i + 1:  # queued before the next one starts
+            time.sleep(0.001)
+    started = time.monotonic()
+    assert not lock.acquire(timeout=0.1)  # behind five others: gives up
+    assert time.monotonic() - started >= 0.1
+    lock.release()
+    for thread in threads:
+        thread.join(5)
+    assert order == [0, 1, 2, 3, 4]
+    assert lock.acquire(timeout=0)
+    lock.release()

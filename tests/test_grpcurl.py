@@ -26,6 +26,8 @@ METHODS = [
     "ListEnrollments",
     "ListEvents",
     "WatchEvents",
+    "BatchEnrollStudents",
+    "BatchDropCourses",
 ]
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
 

@@ -30,8 +30,11 @@ M002 = "002_create_student_courses"
 M003 = "003_mysql_utf8mb4_and_microseconds"  # changes nothing on SQLite
 M004 = "004_waitlists_updates_and_etags"
 M005 = "005_change_feed"
-ALL_MIGRATIONS = [M001, M002, M003, M004, M005]
-TABLES = ("students", "courses", "student_courses", "events", "event_counters")
+M006 = "006_request_records"
+ALL_MIGRATIONS = [M001, M002, M003, M004, M005, M006]
+TABLES = (
+    "students", "courses", "student_courses", "events", "event_counters", "request_records",
+)  # fmt: skip
 KEPT_TABLES = ("students", "courses")  # tables 002 and its rollback must not touch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -374,8 +377,10 @@ def test_every_step_of_001_002_rollback_002_keeps_every_row(app_database):
             assert_healthy(db)
 
     check("001", [M001], False)
-    assert migrator.migrate(db) == [M002, M003, M004, M005]
-    check("001+002+003+004+005", ALL_MIGRATIONS, True)
+    assert migrator.migrate(db) == [M002, M003, M004, M005, M006]
+    check("001 to 006", ALL_MIGRATIONS, True)
+    assert migrator.rollback(db) == M006
+    check("rollback 006", [M001, M002, M003, M004, M005], True)
     assert migrator.rollback(db) == M005
     check("rollback 005", [M001, M002, M003, M004], True)
     assert migrator.rollback(db) == M004
@@ -384,7 +389,7 @@ def test_every_step_of_001_002_rollback_002_keeps_every_row(app_database):
     check("rollback 003", [M001, M002], True)
     assert migrator.rollback(db) == M002
     check("rollback 002", [M001], False)
-    assert migrator.migrate(db) == [M002, M003, M004, M005]
+    assert migrator.migrate(db) == [M002, M003, M004, M005, M006]
     check("002 again", ALL_MIGRATIONS, True)
     with db.connection_context():
         assert migrator.pending_migrations(db) == []
@@ -511,6 +516,13 @@ EXPECTED_COLUMNS = {
         ("name", "VARCHAR(16)", 1, None, 1),
         ("value", "INTEGER", 1, None, 0),
     ],
+    "request_records": [
+        ("request_id", "VARCHAR(36)", 1, None, 1),
+        ("method", "VARCHAR(64)", 1, None, 0),
+        ("fingerprint", "VARCHAR(64)", 1, None, 0),
+        ("response", "BLOB", 1, None, 0),
+        ("create_time", "DATETIME", 1, None, 0),
+    ],
 }
 
 
@@ -531,6 +543,7 @@ EXPECTED_INDEX_COLUMNS = {
     ],
     "events": [(0, ("course_id", "sequence")), (0, ("student_id", "sequence"))],
     "event_counters": [(1, ("name",))],
+    "request_records": [(0, ("create_time",)), (1, ("request_id",))],
 }
 
 
@@ -559,6 +572,7 @@ EXPECTED_FOREIGN_KEYS = {
     ],
     "events": [],  # events outlive what they name
     "event_counters": [],
+    "request_records": [],
 }
 
 
@@ -702,8 +716,9 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     insert_enrollments(db)
     db.close()
 
-    # 005 drops the feed's tables, empty here, and 004 only its own columns: their
+    # 006 and 005 drop their tables, empty here, and 004 only its own columns: their
     # rollbacks go through and keep every row.
+    assert server_cli("rollback", path, tmp_path).stdout == f"rolled back {M006}\n"
     assert server_cli("rollback", path, tmp_path).stdout == f"rolled back {M005}\n"
     assert server_cli("rollback", path, tmp_path).stdout == f"rolled back {M004}\n"
     db.connect()
@@ -737,7 +752,7 @@ def test_enrollment_server_migrate_status_and_rollback(tmp_path, open_db):
     assert_healthy(db)
     db.close()
 
-    applied = f"applied {M002}, {M003}, {M004}, {M005}\n"
+    applied = f"applied {M002}, {M003}, {M004}, {M005}, {M006}\n"
     assert server_cli("migrate", path, tmp_path).stdout == applied
     db.connect()
     assert migrator.pending_migrations(db) == []

@@ -37,12 +37,13 @@ from tests.rpc import TIMEOUT, expect_error, new_course, new_student, race
 from tests.servers import SERVER, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-M001, M002, M003, M004, M005 = (
+M001, M002, M003, M004, M005, M006 = (
     "001_create_students_and_courses",
     "002_create_student_courses",
     "003_mysql_utf8mb4_and_microseconds",
     "004_waitlists_updates_and_etags",
     "005_change_feed",
+    "006_request_records",
 )
 BIG_ID = 2**40
 UNICODE = ("Zoë Ångström", "李小龍", "José 🙂 Núñez", "Ольга", 'O\'Brien "Q"; --')
@@ -397,12 +398,13 @@ def test_rows_written_at_001_survive_every_migration_and_rollback(new_database):
         before = {t: rows(db, t) for t in ("students", "courses")}
         assert len(before["students"]) == 40 and len(before["courses"]) == 6
 
-        assert migrator.migrate(db) == [M002, M003, M004, M005]
+        assert migrator.migrate(db) == [M002, M003, M004, M005, M006]
         assert {t: rows(db, t) for t in before} == before
         with db.connection_context(), db.atomic():
             enrollments = [(BIG_ID - 40 + i, BIG_ID, dt.datetime(2024, 2, 1)) for i in range(3)]
             insert(db, "student_courses", ("student_id", "course_id", "enroll_time"), enrollments)
 
+        assert migrator.rollback(db) == M006
         assert migrator.rollback(db) == M005
         assert migrator.rollback(db) == M004
         assert {t: rows(db, t) for t in before} == before
@@ -417,7 +419,7 @@ def test_rows_written_at_001_survive_every_migration_and_rollback(new_database):
             assert len(db.execute_sql("SELECT * FROM student_courses").fetchall()) == 3
         assert migrator.rollback(db, allow_data_loss=True) == M002
         assert {t: rows(db, t) for t in before} == before
-        assert migrator.migrate(db) == [M002, M003, M004, M005]
+        assert migrator.migrate(db) == [M002, M003, M004, M005, M006]
         assert {t: rows(db, t) for t in before} == before
 
         # New rows get fresh ids above every explicit one (sequences in step).
@@ -488,9 +490,10 @@ def test_two_migrates_at_once_leave_one_correct_history(new_database):
     outputs = [c.communicate(timeout=60) for c in commands]
     assert [c.returncode for c in commands] == [0, 0], outputs
     said = sorted(out for out, _ in outputs)
-    assert said == [f"applied {M001}, {M002}, {M003}, {M004}, {M005}\n", "schema is up to date\n"]
+    said_all = f"applied {M001}, {M002}, {M003}, {M004}, {M005}, {M006}\n"
+    assert said == [said_all, "schema is up to date\n"]
     rows_ = databases.query(url, "SELECT name, COUNT(*) FROM migratehistory GROUP BY name")
-    assert sorted(rows_) == [(M001, 1), (M002, 1), (M003, 1), (M004, 1), (M005, 1)]
+    assert sorted(rows_) == [(M, 1) for M in (M001, M002, M003, M004, M005, M006)]
 
 
 # --------------------------------------------------------------------------- deployment

@@ -265,3 +265,29 @@ def test_readme_feed_consumer_mirrors_rosters_across_its_restarts(live, tmp_path
                                         (big.id, people[2].id)}  # fmt: skip
     consume()  # nothing new: nothing repeated
     assert mirrored() == expected()
+
+
+@pytest.mark.own_database  # the example's ids start at 1
+def test_readme_bulk_load_example_runs_as_written(live, tmp_path):
+    """Each command of "Retries and bulk loads" runs against a live server on a new
+    database; the `# →` lines after one are its output."""
+    (block,) = re.findall(r"```sh\n(.*?)```", section("Retries and bulk loads"), re.S)
+    steps: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("# → "):
+            steps[-1][1].append(line.removeprefix("# → "))
+        elif line and not line.startswith("#"):
+            steps.append((line, []))
+    assert len(steps) == 9
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "ENROLLMENT_ADDRESS": live.address}
+    for command, expected in steps:
+        result = subprocess.run(
+            ["bash", "-c", command], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            env=env,
+        )  # fmt: skip
+        # import exits 1 when a row was rejected, as the example's files are.
+        assert result.returncode in ((0, 1) if " import " in command else (0,)), (
+            command, result.stderr,
+        )  # fmt: skip
+        if expected:
+            assert result.stdout.splitlines() == expected, command

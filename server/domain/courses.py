@@ -9,6 +9,7 @@ import peewee as pw
 from enrollment.server.domain import events, page_tokens
 from enrollment.server.domain.enrollments import drop_all_of_course, promote_next
 from enrollment.server.domain.lookups import find_course, find_student
+from enrollment.server.domain.retries import checked, mutation
 from enrollment.server.domain.rows import create_unique, list_page
 from enrollment.server.domain.updates import etag_of, masked_paths
 from enrollment.server.domain.validation import Fields
@@ -60,14 +61,14 @@ class CoursePage:
     next_page_token: str
 
 
-@transactional(write=True)
+@mutation
 def create_course(*, code: str, title: str, capacity: int, waitlist_capacity: int = 0) -> Course:
     fields = Fields()
     code = fields.code("code", code)
     title = fields.name("title", title)
     capacity = fields.capacity("capacity", capacity)
     waitlist_capacity = fields.waitlist_capacity("waitlist_capacity", waitlist_capacity)
-    fields.check()
+    checked(fields)
     now = utcnow()
     course = create_unique(
         Course,
@@ -92,7 +93,7 @@ OUTPUT_ONLY = (
 )  # fmt: skip
 
 
-@transactional(write=True)
+@mutation
 def update_course(
     *,
     course_id: int,
@@ -119,7 +120,7 @@ def update_course(
         fields.capacity("course.capacity", capacity)
     if "waitlist_capacity" in chosen:
         fields.waitlist_capacity("course.waitlist_capacity", waitlist_capacity)
-    fields.check()
+    checked(fields)
     # Locked: enrollments, drops and other updates of this course wait for this one.
     course = find_course(course_id, lock=True)
     if etag and etag != etag_of(course.version):
@@ -192,11 +193,11 @@ def list_courses(*, student_id: int, page_size: int, page_token: str) -> CourseP
     return CoursePage(rows, token)
 
 
-@transactional(write=True)
+@mutation
 def delete_course(*, course_id: int, force: bool) -> None:
     fields = Fields()
     fields.required_id("course_id", course_id)
-    fields.check()
+    checked(fields)
     course = find_course(course_id, lock=True)
     # Waitlist entries count too.
     count = StudentCourse.select().where(StudentCourse.course == course_id).count()

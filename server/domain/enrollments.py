@@ -1,7 +1,7 @@
 """Enrollment rules: who may join, wait for or leave a course, with its counts kept exact.
 
 Each kind of change is made in one function here, so whatever must go with a change
-(a change-feed event, say) is added in one place: _join makes an entry ENROLLED or
+(a change-feed event, say) is added in one place: join makes an entry ENROLLED or
 WAITLISTED, promote_next promotes, drop_entry and drop_all_of_course drop. Every one of
 them runs with the course's row locked (SELECT … FOR UPDATE; SQLite has one writer),
 taken first by every writer of a course's entries, and moves the counts by conditional
@@ -10,6 +10,7 @@ UPDATEs whose row counts the database decides.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import peewee as pw
 
 from enrollment.server.domain import events, page_tokens
 from enrollment.server.domain.lookups import course_or_none, find_course, find_student
+from enrollment.server.domain.retries import checked, mutation
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import (
     AlreadyEnrolled,
@@ -35,7 +37,7 @@ from enrollment.server.persistence.models import (
     utcnow,
 )
 from enrollment.server.persistence.prepared import Prepared
-from enrollment.server.persistence.unit_of_work import savepoint, transactional
+from enrollment.server.persistence.unit_of_work import statement_guard, transactional
 
 STATES = (ENROLLED, WAITLISTED)
 
@@ -64,10 +66,13 @@ def _entry(row: StudentCourse, position: int = 0) -> Entry:
     )
 
 
+# A duplicate (enrolled or waiting) inserts nothing instead of failing, so no savepoint
+# is needed for it even on PostgreSQL (ON CONFLICT DO NOTHING; INSERT OR IGNORE on
+# SQLite, INSERT IGNORE on MariaDB, which also turns a missing student into no row).
 _INSERT = Prepared(
     lambda student_id, course_id, enroll_time: StudentCourse.insert(
         student=student_id, course=course_id, enroll_time=enroll_time
-    ),
+    ).on_conflict_ignore(),
     3,
 )
 # One conditional UPDATE takes a seat; no row changed means the course is full.
@@ -121,7 +126,7 @@ def _validate_pair(
     fields = Fields()
     fields.required_id("student_id", student_id)
     fields.required_id("course_id", course_id)
-    fields.check()
+    checked(fields)  # a mutating call's request_id too
     # The course row is locked first, by every writer of its seats in the same order,
     # so PostgreSQL and MariaDB never deadlock two enrollments on the count.
     course = course_or_none(course_id, lock=lock)
@@ -151,23 +156,36 @@ def _shown(row: StudentCourse) -> Entry:
     return _entry(row)
 
 
-@transactional(write=True)
+@mutation
 def enroll_student(*, student_id: int, course_id: int, waitlist_if_full: bool = False) -> Entry:
     course = _validate_pair(student_id, course_id)
-    return _join(course, student_id, utcnow(), waitlist_if_full)
+    return join(course, student_id, utcnow(), waitlist_if_full)
 
 
-def _join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bool) -> Entry:
+def join(
+    course: Course,
+    student_id: int,
+    now: dt.datetime,
+    waitlist_if_full: bool,
+    *,
+    student_locked: bool = False,
+) -> Entry:
     """The one place an entry is made: ENROLLED when a seat is free, else WAITLISTED
-    when asked for and the waitlist has room."""
+    when asked for and the waitlist has room. student_locked: the caller holds a share
+    lock on the student's row, so its foreign key cannot fail and PostgreSQL needs no
+    savepoint around the insert."""
     course_id = course.id
+    guard = contextlib.nullcontext() if student_locked else statement_guard()
     try:
         # The primary key decides duplicates, enrolled or waiting.
-        with savepoint():
-            _INSERT.execute(student_id, course_id, now)
+        with guard:
+            inserted = _INSERT.execute(student_id, course_id, now)
     except pw.IntegrityError:
+        inserted = 0  # the student was deleted by a call that committed since
+    if inserted != 1:
         _raise_rejected_enrollment(student_id, course_id)
-        raise  # a constraint this code does not know: INTERNAL, with the traceback logged
+        # A constraint this code does not know: INTERNAL, with the traceback logged.
+        raise RuntimeError(f"enrollment of {student_id} in {course_id} inserted no row")
     if _TAKE_SEAT.execute(course_id) == 1:
         entry = Entry(student_id, course_id, ENROLLED, 0, now, now)
         events.entry_changed(events.ENROLLED, entry)
@@ -207,7 +225,7 @@ def _raise_rejected_enrollment(student_id: int, course_id: int) -> None:
     find_student(student_id)
 
 
-@transactional(write=True)
+@mutation
 def drop_course(*, student_id: int, course_id: int) -> Entry | None:
     """Drops the entry; returns the entry promoted into the freed seat, if any."""
     course = _validate_pair(student_id, course_id)

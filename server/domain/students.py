@@ -9,6 +9,7 @@ import peewee as pw
 from enrollment.server.domain import events, page_tokens
 from enrollment.server.domain.enrollments import drop_entry
 from enrollment.server.domain.lookups import find_course, find_student
+from enrollment.server.domain.retries import checked, mutation
 from enrollment.server.domain.rows import create_unique, list_page
 from enrollment.server.domain.updates import etag_of, masked_paths
 from enrollment.server.domain.validation import Fields
@@ -56,12 +57,12 @@ class StudentPage:
     next_page_token: str
 
 
-@transactional(write=True)
+@mutation
 def create_student(*, name: str, email: str) -> Student:
     fields = Fields()
     name = fields.name("name", name)
     email = fields.email("email", email)
-    fields.check()
+    checked(fields)
     now = utcnow()
     student = create_unique(
         Student,
@@ -80,7 +81,7 @@ MUTABLE = ("name", "email")
 OUTPUT_ONLY = ("id", "etag", "create_time", "update_time")
 
 
-@transactional(write=True)
+@mutation
 def update_student(
     *, student_id: int, etag: str, paths: list[str], name: str, email: str
 ) -> Student:
@@ -93,7 +94,7 @@ def update_student(
         values["name"] = fields.name("student.name", name)
     if "email" in chosen:
         values["email"] = fields.email("student.email", email)
-    fields.check()
+    checked(fields)
     student = find_student(student_id, lock=True)
     if etag and etag != etag_of(student.version):
         raise EtagMismatch.of("student", student_id)
@@ -144,11 +145,11 @@ def list_students(*, course_id: int, page_size: int, page_token: str) -> Student
     return StudentPage(rows, token)
 
 
-@transactional(write=True)
+@mutation
 def delete_student(*, student_id: int, force: bool) -> None:
     fields = Fields()
     fields.required_id("student_id", student_id)
-    fields.check()
+    checked(fields)
     # Locked first: an enrollment of this student racing the delete either committed
     # before (and is counted below) or waits and then finds no student.
     student = find_student(student_id, lock=True)

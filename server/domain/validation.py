@@ -18,13 +18,14 @@ class Fields:
 
     def __init__(self) -> None:
         self.violations: list[FieldViolation] = []
+        self.metadata: dict[str, str] = {}  # ErrorInfo metadata of the error, if any
 
     def invalid(self, field: str, description: str) -> None:
         self.violations.append(FieldViolation(field, description))
 
     def check(self) -> None:
         if self.violations:
-            raise InvalidField.of(self.violations)
+            raise InvalidField.of(self.violations, self.metadata)
 
     def required_id(self, field: str, value: int) -> int:
         if value <= 0:

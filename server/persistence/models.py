@@ -188,4 +188,31 @@ class EventCounter(BaseModel):
         table_name = "event_counters"
 
 
-MODELS = (Student, Course, StudentCourse, Event, EventCounter)
+class ResponseField(pw.BlobField):
+    """Serialized response bytes: LONGBLOB on MySQL, whose BLOB stops at 64 KiB (a batch
+    of 1000 results is larger)."""
+
+    def ddl_datatype(self, ctx):
+        if _is_mysql(self.model._meta.database):
+            return pw.SQL("LONGBLOB")
+        return super().ddl_datatype(ctx)
+
+
+class RequestRecord(BaseModel):
+    """A successful call that carried a request_id (AIP-155), written in the transaction
+    of its effect: a retry with the same id gets `response` back instead of running."""
+
+    # The canonical lower-case UUID: the primary key decides concurrent duplicates.
+    request_id = pw.CharField(max_length=36, primary_key=True)
+    method = pw.CharField(max_length=64)
+    # sha256 (hex) of the request serialized without its request_id.
+    fingerprint = pw.CharField(max_length=64)
+    response = ResponseField()
+    # Purged after --request-id-retention, oldest first, by this index.
+    create_time = TimestampField(index=True)
+
+    class Meta:
+        table_name = "request_records"
+
+
+MODELS = (Student, Course, StudentCourse, Event, EventCounter, RequestRecord)

@@ -259,6 +259,10 @@ class ServerConfig:
         None, DURATION, "keep change-feed events this long, purging older ones in small "
         "batches", metavar="DURATION", default_text="forever",
     )  # fmt: skip
+    request_id_retention: float = setting(
+        24 * 3600.0, DURATION, "how long a successful call's request_id is remembered for "
+        "safe retries (AIP-155: at least a day)", metavar="DURATION", default_text="24h",
+    )  # fmt: skip
     max_watchers: int = setting(
         1000, whole(0), "WatchEvents streams at once per server process; more are refused "
         "with TOO_MANY_WATCHERS", metavar="N",

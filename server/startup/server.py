@@ -31,6 +31,7 @@ from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.persistence import engine, migrator
 from enrollment.server.persistence.models import proxy
 from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.purger import RequestRecordPurger
 from enrollment.server.startup.quiet import quiet_bind
 from enrollment.server.startup.retention import EventPurger
 from enrollment.server.transport import options, tls
@@ -88,6 +89,7 @@ class RunningServer:
     events: EventLoopThread
     monitor: HealthMonitor | None = None
     purger: EventPurger | None = None
+    request_purger: RequestRecordPurger | None = None
     hub: WatchHub | None = None
     metrics_port: int | None = None
     metrics_server: object | None = None
@@ -110,6 +112,8 @@ class RunningServer:
             self.monitor.stop()
         if self.purger is not None:
             self.purger.stop()
+        if self.request_purger is not None:
+            self.request_purger.stop()
         stopped = threading.Event()
         if self.events.loop.is_closed():
             stopped.set()
@@ -254,6 +258,11 @@ def _start(config: ServerConfig) -> RunningServer:
     if config.event_retention is not None:
         running.purger = EventPurger(config.event_retention)
         running.purger.start()
+    # Looked at ten times per retention period, at most once a minute.
+    running.request_purger = RequestRecordPurger(
+        config.request_id_retention, min(60.0, config.request_id_retention / 10)
+    )
+    running.request_purger.start()
     return running
 
 

@@ -23,7 +23,9 @@ ROLES = ("reader", "writer", "admin")
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
 
 # The role each EnrollmentService method needs; a method not listed needs admin.
-_WRITER_METHODS = frozenset({"EnrollStudent", "DropCourse"})
+_WRITER_METHODS = frozenset(
+    {"EnrollStudent", "DropCourse", "BatchEnrollStudents", "BatchDropCourses"}
+)
 
 _HASH = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
@@ -42,8 +44,8 @@ class Token:
 
 def required_role(method: str) -> str:
     """reader for Get*/List* (GetEnrollment, ListEnrollments and ListEvents too) and
-    WatchEvents, writer for EnrollStudent/DropCourse, admin for the rest (UpdateStudent
-    and UpdateCourse too)."""
+    WatchEvents, writer for EnrollStudent/DropCourse and their batches, admin for the
+    rest (UpdateStudent and UpdateCourse too)."""
     if method.startswith(("Get", "List")) or method == "WatchEvents":
         return "reader"
     if method in _WRITER_METHODS:

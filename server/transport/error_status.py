@@ -20,6 +20,11 @@ def _pack(message) -> any_pb2.Any:
 
 def to_status(error: EnrollmentError) -> grpc.Status:
     """A grpc.Status carrying ErrorInfo, and BadRequest for INVALID_ARGUMENT."""
+    return rpc_status.to_status(status_of(error))
+
+
+def status_of(error: EnrollmentError) -> status_pb2.Status:
+    """The google.rpc.Status of an error (a batch item's result carries it as is)."""
     details = [
         _pack(
             error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
@@ -35,10 +40,9 @@ def to_status(error: EnrollmentError) -> grpc.Status:
             ]
         )
         details.append(_pack(bad_request))
-    status = status_pb2.Status(
+    return status_pb2.Status(
         code=code_pb2.Code.Value(error.code), message=error.message, details=details
     )
-    return rpc_status.to_status(status)
 
 
 INTERNAL = to_status(EnrollmentError("internal error; the server log has the details"))

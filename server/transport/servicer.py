@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from enrollment.server.domain import courses, enrollments, events, students
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.message import Message
+from google.rpc import status_pb2
+
+from enrollment.server.domain import batches, courses, enrollments, events, retries, students
 from enrollment.server.errors import ShuttingDown
 from enrollment.server.transport.convert import (
     course_to_proto,
@@ -10,6 +17,7 @@ from enrollment.server.transport.convert import (
     event_to_proto,
     student_to_proto,
 )
+from enrollment.server.transport.error_status import status_of
 from enrollment.server.transport.watch import WatchHub
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
@@ -18,13 +26,83 @@ from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 STREAM_BATCH = 100
 
 
+def fingerprint(request: Message) -> str:
+    """sha256 of the request as serialized without its request_id."""
+    bare = type(request)()
+    bare.CopyFrom(request)
+    bare.ClearField("request_id")
+    return hashlib.sha256(bare.SerializeToString(deterministic=True)).hexdigest()
+
+
+def mutate(request: Message, run: Callable[[], Any], build: Callable[[Any], Message]) -> Message:
+    """The one place a mutating call meets its request_id: run() calls the domain,
+    build() makes the response of its result. With a request_id the response is
+    recorded in the call's transaction, or replayed from an earlier call."""
+    if not request.request_id:  # type: ignore[attr-defined]
+        return build(run())
+    name = type(request).DESCRIPTOR.name
+    key = retries.Key(
+        method=name.removesuffix("Request"),
+        request_id=request.request_id,  # type: ignore[attr-defined]
+        fingerprint=fingerprint(request),
+        encode=lambda result: build(result).SerializeToString(deterministic=True),
+    )
+    response_type = getattr(pb, name.removesuffix("Request") + "Response")
+    return response_type.FromString(retries.run_once(key, run))
+
+
+def _dropped(promoted) -> pb.DropCourseResponse:
+    if promoted is None:
+        return pb.DropCourseResponse()
+    return pb.DropCourseResponse(promoted=enrollment_to_proto(promoted))
+
+
+def _items(requests) -> list[batches.Item]:
+    return [
+        batches.Item(
+            student_id=r.student_id,
+            course_id=r.course_id,
+            waitlist_if_full=getattr(r, "waitlist_if_full", False),
+            request_id=r.request_id,
+        )
+        for r in requests
+    ]
+
+
+def _status(outcome: batches.Outcome) -> status_pb2.Status:
+    return status_pb2.Status() if outcome.error is None else status_of(outcome.error)
+
+
+def _enroll_results(outcomes: list[batches.Outcome]) -> pb.BatchEnrollStudentsResponse:
+    results = []
+    for outcome in outcomes:
+        result = pb.BatchEnrollStudentsResult(status=_status(outcome))
+        if outcome.entry is not None:
+            result.enrollment.CopyFrom(enrollment_to_proto(outcome.entry))
+        results.append(result)
+    return pb.BatchEnrollStudentsResponse(results=results)
+
+
+def _drop_results(outcomes: list[batches.Outcome]) -> pb.BatchDropCoursesResponse:
+    results = []
+    for outcome in outcomes:
+        result = pb.BatchDropCoursesResult(status=_status(outcome))
+        if outcome.entry is not None:
+            result.promoted.CopyFrom(enrollment_to_proto(outcome.entry))
+        results.append(result)
+    return pb.BatchDropCoursesResponse(results=results)
+
+
 class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
     def __init__(self, hub: WatchHub | None = None) -> None:
         self._hub = hub
 
     def CreateStudent(self, request, context):
-        student = students.create_student(name=request.name, email=request.email)
-        return pb.CreateStudentResponse(student=student_to_proto(student))
+        return mutate(
+            request,
+            lambda: students.create_student(name=request.name, email=request.email),
+            lambda student: pb.CreateStudentResponse(student=student_to_proto(student)),
+        )
 
     def GetStudent(self, request, context):
         student = students.get_student(student_id=request.student_id)
@@ -42,17 +120,23 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         )
 
     def DeleteStudent(self, request, context):
-        students.delete_student(student_id=request.student_id, force=request.force)
-        return pb.DeleteStudentResponse()
+        return mutate(
+            request,
+            lambda: students.delete_student(student_id=request.student_id, force=request.force),
+            lambda _: pb.DeleteStudentResponse(),
+        )
 
     def CreateCourse(self, request, context):
-        course = courses.create_course(
-            code=request.code,
-            title=request.title,
-            capacity=request.capacity,
-            waitlist_capacity=request.waitlist_capacity,
+        return mutate(
+            request,
+            lambda: courses.create_course(
+                code=request.code,
+                title=request.title,
+                capacity=request.capacity,
+                waitlist_capacity=request.waitlist_capacity,
+            ),
+            lambda course: pb.CreateCourseResponse(course=course_to_proto(course)),
         )
-        return pb.CreateCourseResponse(course=course_to_proto(course))
 
     def GetCourse(self, request, context):
         course = courses.get_course(course_id=request.course_id)
@@ -70,48 +154,61 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         )
 
     def DeleteCourse(self, request, context):
-        courses.delete_course(course_id=request.course_id, force=request.force)
-        return pb.DeleteCourseResponse()
+        return mutate(
+            request,
+            lambda: courses.delete_course(course_id=request.course_id, force=request.force),
+            lambda _: pb.DeleteCourseResponse(),
+        )
 
     def EnrollStudent(self, request, context):
-        enrollment = enrollments.enroll_student(
-            student_id=request.student_id,
-            course_id=request.course_id,
-            waitlist_if_full=request.waitlist_if_full,
+        return mutate(
+            request,
+            lambda: enrollments.enroll_student(
+                student_id=request.student_id,
+                course_id=request.course_id,
+                waitlist_if_full=request.waitlist_if_full,
+            ),
+            lambda entry: pb.EnrollStudentResponse(enrollment=enrollment_to_proto(entry)),
         )
-        return pb.EnrollStudentResponse(enrollment=enrollment_to_proto(enrollment))
 
     def DropCourse(self, request, context):
-        promoted = enrollments.drop_course(
-            student_id=request.student_id, course_id=request.course_id
+        return mutate(
+            request,
+            lambda: enrollments.drop_course(
+                student_id=request.student_id, course_id=request.course_id
+            ),
+            _dropped,
         )
-        if promoted is None:
-            return pb.DropCourseResponse()
-        return pb.DropCourseResponse(promoted=enrollment_to_proto(promoted))
 
     def UpdateStudent(self, request, context):
         s = request.student
-        student = students.update_student(
-            student_id=s.id,
-            etag=s.etag,
-            paths=list(request.update_mask.paths),
-            name=s.name,
-            email=s.email,
+        return mutate(
+            request,
+            lambda: students.update_student(
+                student_id=s.id,
+                etag=s.etag,
+                paths=list(request.update_mask.paths),
+                name=s.name,
+                email=s.email,
+            ),
+            lambda student: pb.UpdateStudentResponse(student=student_to_proto(student)),
         )
-        return pb.UpdateStudentResponse(student=student_to_proto(student))
 
     def UpdateCourse(self, request, context):
         c = request.course
-        course = courses.update_course(
-            course_id=c.id,
-            etag=c.etag,
-            paths=list(request.update_mask.paths),
-            code=c.code,
-            title=c.title,
-            capacity=c.capacity,
-            waitlist_capacity=c.waitlist_capacity,
+        return mutate(
+            request,
+            lambda: courses.update_course(
+                course_id=c.id,
+                etag=c.etag,
+                paths=list(request.update_mask.paths),
+                code=c.code,
+                title=c.title,
+                capacity=c.capacity,
+                waitlist_capacity=c.waitlist_capacity,
+            ),
+            lambda course: pb.UpdateCourseResponse(course=course_to_proto(course)),
         )
-        return pb.UpdateCourseResponse(course=course_to_proto(course))
 
     def GetEnrollment(self, request, context):
         enrollment = enrollments.get_enrollment(
@@ -148,12 +245,32 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         batches as responses of at most STREAM_BATCH events."""
         if self._hub is None:
             raise ShuttingDown.of()
-        batches = self._hub.watch(
+        stream = self._hub.watch(
             after_sequence=request.after_sequence,
             student_id=request.student_id,
             course_id=request.course_id,
         )
-        async for batch in batches:
+        async for batch in stream:
             for start in range(0, len(batch), STREAM_BATCH):
                 chunk = batch[start : start + STREAM_BATCH]
                 yield pb.WatchEventsResponse(events=[event_to_proto(e) for e in chunk])
+
+    def BatchEnrollStudents(self, request, context):
+        return mutate(
+            request,
+            lambda: batches.batch_enroll(
+                items=_items(request.requests),
+                allow_partial_success=request.allow_partial_success,
+            ),
+            _enroll_results,
+        )
+
+    def BatchDropCourses(self, request, context):
+        return mutate(
+            request,
+            lambda: batches.batch_drop(
+                items=_items(request.requests),
+                allow_partial_success=request.allow_partial_success,
+            ),
+            _drop_results,
+        )

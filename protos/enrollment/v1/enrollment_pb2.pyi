@@ -36,8 +36,15 @@ first that applies decides the answer:
                                            EnrollStudent and DropCourse,
                                            admin every method (UpdateStudent
                                            and UpdateCourse included)
+                                           (BatchEnrollStudents and
+                                           BatchDropCourses: writer)
   INVALID_ARGUMENT    INVALID_FIELD        a malformed field (every malformed
                                            field is listed in BadRequest)
+  INVALID_ARGUMENT    REQUEST_ID_REUSED    the request_id was used before by
+                                           another method or a different
+                                           request (field "request_id");
+                                           a recorded identical call is
+                                           replayed at this point instead
   INVALID_ARGUMENT    COURSE_NOT_FOUND     EnrollStudent/DropCourse name a
                                            course that does not exist
   NOT_FOUND           STUDENT_NOT_FOUND    the student does not exist
@@ -129,6 +136,42 @@ issued with; page_size may change between pages. Rows created during a walk
 with ids after the current position appear on a later page; no row is
 returned twice.
 
+Safe retries (AIP-155): every mutating request has an optional request_id.
+Empty means no deduplication. Otherwise it must be a UUID in canonical text
+form (8-4-4-4-12 hex digits, any case, not the nil UUID), else
+INVALID_ARGUMENT (INVALID_FIELD, field "request_id"), checked with the
+other fields. Ids are compared in lower case. A call that succeeds is
+recorded, in the same transaction as its effect, with its method, its
+request (without request_id) and its response. A later call with the same
+request_id, method and request (compared field by field as serialized,
+request_id aside) gets the recorded response without running again: it
+changes nothing, emits no event and moves no update_time, even when the
+data changed since. The same request_id with another method or a different
+request is INVALID_ARGUMENT (REQUEST_ID_REUSED, field "request_id"). Both
+are decided right after INVALID_FIELD, before any other check. A failed
+call records nothing, so its retry runs again. Concurrent calls with one
+request_id run at most once: the others wait for the first to commit and
+get its response (or, when it failed, run themselves). Records are kept for
+the server's --request-id-retention (at least 24 hours by default), then
+purged; a request_id older than that runs as a new call.
+
+Batches (AIP-233 style): BatchEnrollStudents and BatchDropCourses take 1 to
+1000 requests (else INVALID_FIELD "requests") and apply them in order in
+one transaction. An item's own request_id must be empty (INVALID_FIELD
+"requests[i].request_id", failing the whole call in either mode); the
+batch's request_id covers the whole batch. BadRequest field names of an
+item are prefixed "requests[i]." (i counts from 0), in the call's error and
+in per-item statuses. Malformed item fields (ids below 1) are checked for
+every item before anything else. With allow_partial_success false (the
+default) the call is all or nothing: the first failing item, in order,
+fails the call with that item's code, reason and details, ErrorInfo
+metadata "index" = i, and nothing is applied. With allow_partial_success
+true the call is OK (unless a whole-call check fails) and results[i].status
+is each item's outcome: code 0 for success, else its code, message and
+ErrorInfo/BadRequest details; only the successful items are applied. The
+courses a batch touches are locked up front in ascending id order, so
+batches and single calls never deadlock each other.
+
 Updates (AIP-134): UpdateStudent and UpdateCourse take the resource and an
 update_mask of its field names. "*" (alone) means every mutable field, zero
 values included; an empty mask means every mutable field whose value in the
@@ -161,6 +204,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -470,6 +514,7 @@ class CreateStudentRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required: 1-200 characters after trimming surrounding whitespace."""
     email: _builtins.str
@@ -478,15 +523,21 @@ class CreateStudentRequest(_message.Message):
     separated by dots. Unique ignoring case; ALREADY_EXISTS (EMAIL_TAKEN)
     when in use. The email of a deleted student can be used again.
     """
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155): empty, or a UUID in canonical text
+    form (any case; not the nil UUID), else INVALID_FIELD "request_id". See
+    "Safe retries" above.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         email: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -634,6 +685,7 @@ class DeleteStudentRequest(_message.Message):
 
     STUDENT_ID_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     student_id: _builtins.int
     """Required: the student's id, 1 or more."""
     force: _builtins.bool
@@ -641,15 +693,21 @@ class DeleteStudentRequest(_message.Message):
     deleted; when false, such a student is FAILED_PRECONDITION
     (HAS_ENROLLMENTS).
     """
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155): empty, or a UUID in canonical text
+    form (any case; not the nil UUID), else INVALID_FIELD "request_id". See
+    "Safe retries" above.
+    """
     def __init__(
         self,
         *,
         student_id: _builtins.int = ...,
         force: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "student_id", b"student_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "request_id", b"request_id", "student_id", b"student_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -682,6 +740,7 @@ class CreateCourseRequest(_message.Message):
     TITLE_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
     WAITLIST_CAPACITY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """Required: 1-32 characters of A-Z a-z 0-9 . _ - after trimming
     surrounding whitespace. Unique ignoring case; ALREADY_EXISTS
@@ -699,6 +758,11 @@ class CreateCourseRequest(_message.Message):
     negative is INVALID_ARGUMENT (INVALID_FIELD, field waitlist_capacity). A
     waitlist on a course of unlimited capacity is allowed and stays empty.
     """
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155): empty, or a UUID in canonical text
+    form (any case; not the nil UUID), else INVALID_FIELD "request_id". See
+    "Safe retries" above.
+    """
     def __init__(
         self,
         *,
@@ -706,10 +770,11 @@ class CreateCourseRequest(_message.Message):
         title: _builtins.str = ...,
         capacity: _builtins.int = ...,
         waitlist_capacity: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "code", b"code", "title", b"title", "waitlist_capacity", b"waitlist_capacity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "code", b"code", "request_id", b"request_id", "title", b"title", "waitlist_capacity", b"waitlist_capacity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -857,21 +922,28 @@ class DeleteCourseRequest(_message.Message):
 
     COURSE_ID_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     course_id: _builtins.int
     """Required: the course's id, 1 or more."""
     force: _builtins.bool
     """When true, a course with students is emptied and deleted; when false,
     such a course is FAILED_PRECONDITION (HAS_ENROLLMENTS).
     """
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155): empty, or a UUID in canonical text
+    form (any case; not the nil UUID), else INVALID_FIELD "request_id". See
+    "Safe retries" above.
+    """
     def __init__(
         self,
         *,
         course_id: _builtins.int = ...,
         force: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "force", b"force"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "force", b"force", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -903,6 +975,7 @@ class EnrollStudentRequest(_message.Message):
     STUDENT_ID_FIELD_NUMBER: _builtins.int
     COURSE_ID_FIELD_NUMBER: _builtins.int
     WAITLIST_IF_FULL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     student_id: _builtins.int
     """Required: the student's id, 1 or more."""
     course_id: _builtins.int
@@ -914,16 +987,22 @@ class EnrollStudentRequest(_message.Message):
     with FAILED_PRECONDITION WAITLIST_FULL when the waitlist is full);
     false, or a course without a waitlist, fails with COURSE_FULL.
     """
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155): empty, or a UUID in canonical text
+    form (any case; not the nil UUID), else INVALID_FIELD "request_id". See
+    "Safe retries" above.
+    """
     def __init__(
         self,
         *,
         student_id: _builtins.int = ...,
         course_id: _builtins.int = ...,
         waitlist_if_full: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "student_id", b"student_id", "waitlist_if_full", b"waitlist_if_full"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "request_id", b"request_id", "student_id", b"student_id", "waitlist_if_full", b"waitlist_if_full"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -963,21 +1042,28 @@ class DropCourseRequest(_message.Message):
 
     STUDENT_ID_FIELD_NUMBER: _builtins.int
     COURSE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     student_id: _builtins.int
     """Required: the student's id, 1 or more."""
     course_id: _builtins.int
     """Required: the course's id, 1 or more. A course that does not exist is
     INVALID_ARGUMENT (COURSE_NOT_FOUND), checked before the student.
     """
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155): empty, or a UUID in canonical text
+    form (any case; not the nil UUID), else INVALID_FIELD "request_id". See
+    "Safe retries" above.
+    """
     def __init__(
         self,
         *,
         student_id: _builtins.int = ...,
         course_id: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "student_id", b"student_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "request_id", b"request_id", "student_id", b"student_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1018,6 +1104,12 @@ class UpdateStudentRequest(_message.Message):
 
     STUDENT_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155): empty, or a UUID in canonical text
+    form (any case; not the nil UUID), else INVALID_FIELD "request_id". See
+    "Safe retries" above.
+    """
     @_builtins.property
     def student(self) -> Global___Student:
         """Required: id names the student (1 or more, else INVALID_FIELD
@@ -1037,10 +1129,11 @@ class UpdateStudentRequest(_message.Message):
         *,
         student: Global___Student | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["student", b"student", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["student", b"student", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "student", b"student", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1078,6 +1171,12 @@ class UpdateCourseRequest(_message.Message):
 
     COURSE_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155): empty, or a UUID in canonical text
+    form (any case; not the nil UUID), else INVALID_FIELD "request_id". See
+    "Safe retries" above.
+    """
     @_builtins.property
     def course(self) -> Global___Course:
         """Required: id names the course (1 or more, else INVALID_FIELD
@@ -1101,10 +1200,11 @@ class UpdateCourseRequest(_message.Message):
         *,
         course: Global___Course | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["course", b"course", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["course", b"course", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course", b"course", "request_id", b"request_id", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1482,3 +1582,181 @@ class WatchEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchEventsResponse: _TypeAlias = WatchEventsResponse  # noqa: Y015
+
+@_typing.final
+class BatchEnrollStudentsRequest(_message.Message):
+    """Request for BatchEnrollStudents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ALLOW_PARTIAL_SUCCESS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    allow_partial_success: _builtins.bool
+    """false: all or nothing; true: each item succeeds or fails on its own."""
+    request_id: _builtins.str
+    """Optional idempotency key for the whole batch, as on EnrollStudent."""
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnrollStudentRequest]:
+        """1 to 1000 enrollments, applied in order; each item's request_id must be
+        empty.
+        """
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___EnrollStudentRequest] | None = ...,
+        allow_partial_success: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_partial_success", b"allow_partial_success", "request_id", b"request_id", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchEnrollStudentsRequest: _TypeAlias = BatchEnrollStudentsRequest  # noqa: Y015
+
+@_typing.final
+class BatchEnrollStudentsResult(_message.Message):
+    """One item's outcome in BatchEnrollStudents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> _status_pb2.Status:
+        """code 0 (OK) when the item was applied, else its error (code, message,
+        ErrorInfo, and BadRequest with fields prefixed "requests[i].").
+        """
+
+    @_builtins.property
+    def enrollment(self) -> Global___Enrollment:
+        """The new entry (ENROLLED or WAITLISTED) when status is OK."""
+
+    def __init__(
+        self,
+        *,
+        status: _status_pb2.Status | None = ...,
+        enrollment: Global___Enrollment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enrollment", b"enrollment", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment", b"enrollment", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchEnrollStudentsResult: _TypeAlias = BatchEnrollStudentsResult  # noqa: Y015
+
+@_typing.final
+class BatchEnrollStudentsResponse(_message.Message):
+    """Response for BatchEnrollStudents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchEnrollStudentsResult]:
+        """One result per request, in the order of the requests."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___BatchEnrollStudentsResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchEnrollStudentsResponse: _TypeAlias = BatchEnrollStudentsResponse  # noqa: Y015
+
+@_typing.final
+class BatchDropCoursesRequest(_message.Message):
+    """Request for BatchDropCourses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ALLOW_PARTIAL_SUCCESS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    allow_partial_success: _builtins.bool
+    """false: all or nothing; true: each item succeeds or fails on its own."""
+    request_id: _builtins.str
+    """Optional idempotency key for the whole batch, as on DropCourse."""
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___DropCourseRequest]:
+        """1 to 1000 drops, applied in order; each item's request_id must be empty."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___DropCourseRequest] | None = ...,
+        allow_partial_success: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_partial_success", b"allow_partial_success", "request_id", b"request_id", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchDropCoursesRequest: _TypeAlias = BatchDropCoursesRequest  # noqa: Y015
+
+@_typing.final
+class BatchDropCoursesResult(_message.Message):
+    """One item's outcome in BatchDropCourses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    PROMOTED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> _status_pb2.Status:
+        """code 0 (OK) when the item was applied, else its error (code, message,
+        ErrorInfo, and BadRequest with fields prefixed "requests[i].").
+        """
+
+    @_builtins.property
+    def promoted(self) -> Global___Enrollment:
+        """The waitlisted entry that took the freed seat, if any."""
+
+    def __init__(
+        self,
+        *,
+        status: _status_pb2.Status | None = ...,
+        promoted: Global___Enrollment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["promoted", b"promoted", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["promoted", b"promoted", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchDropCoursesResult: _TypeAlias = BatchDropCoursesResult  # noqa: Y015
+
+@_typing.final
+class BatchDropCoursesResponse(_message.Message):
+    """Response for BatchDropCourses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchDropCoursesResult]:
+        """One result per request, in the order of the requests."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___BatchDropCoursesResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchDropCoursesResponse: _TypeAlias = BatchDropCoursesResponse  # noqa: Y015

@@ -115,6 +115,16 @@ class EnrollmentServiceStub:
                 request_serializer=enrollment_dot_v1_dot_enrollment__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=enrollment_dot_v1_dot_enrollment__pb2.WatchEventsResponse.FromString,
                 _registered_method=True)
+        self.BatchEnrollStudents = channel.unary_unary(
+                '/enrollment.v1.EnrollmentService/BatchEnrollStudents',
+                request_serializer=enrollment_dot_v1_dot_enrollment__pb2.BatchEnrollStudentsRequest.SerializeToString,
+                response_deserializer=enrollment_dot_v1_dot_enrollment__pb2.BatchEnrollStudentsResponse.FromString,
+                _registered_method=True)
+        self.BatchDropCourses = channel.unary_unary(
+                '/enrollment.v1.EnrollmentService/BatchDropCourses',
+                request_serializer=enrollment_dot_v1_dot_enrollment__pb2.BatchDropCoursesRequest.SerializeToString,
+                response_deserializer=enrollment_dot_v1_dot_enrollment__pb2.BatchDropCoursesResponse.FromString,
+                _registered_method=True)
 
 
 class EnrollmentServiceServicer:
@@ -123,6 +133,9 @@ class EnrollmentServiceServicer:
 
     def CreateStudent(self, request, context):
         """Creates a student.
+
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -162,6 +175,9 @@ class EnrollmentServiceServicer:
         """Deletes a student. With force, also drops every course the student is
         enrolled in (each course's enrolled_count goes down by one).
 
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -174,6 +190,9 @@ class EnrollmentServiceServicer:
 
     def CreateCourse(self, request, context):
         """Creates a course.
+
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
         (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
@@ -214,6 +233,9 @@ class EnrollmentServiceServicer:
     def DeleteCourse(self, request, context):
         """Deletes a course. With force, also removes every enrollment in it.
 
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
         false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -228,13 +250,16 @@ class EnrollmentServiceServicer:
         """Enrolls a student in a course and raises the course's enrolled_count by
         one; or, when the course is full and the request sets waitlist_if_full,
         puts the student at the end of the course's waitlist (state WAITLISTED)
-        and raises its waitlisted_count by one. Not idempotent: a repeat answers
-        ALREADY_EXISTS. After the existence checks, in this order: already
+        and raises its waitlisted_count by one. A repeat answers ALREADY_EXISTS,
+        unless it carries the first call's request_id (then: its response). After the existence checks, in this order: already
         enrolled (ALREADY_ENROLLED), already waitlisted (ALREADY_WAITLISTED), a
         free seat (ENROLLED), full with waitlist_if_full and room on the waitlist
         (WAITLISTED), full with waitlist_if_full and a waitlist that is full
         (WAITLIST_FULL), otherwise COURSE_FULL (also with waitlist_if_full when
         the course has no waitlist).
+
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
         names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
@@ -253,6 +278,9 @@ class EnrollmentServiceServicer:
         student leaves and someone waits, waitlist position 1 takes the seat in
         the same transaction and is returned as promoted.
 
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
         Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
         names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
         student is neither enrolled in nor waiting for the course), UNAVAILABLE
@@ -267,6 +295,9 @@ class EnrollmentServiceServicer:
     def UpdateStudent(self, request, context):
         """Changes a student's name and/or email (the fields update_mask names). Needs
         the admin role. See "Updates" above for the mask, etag and check order.
+
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD: student.id, update_mask,
         student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
@@ -285,6 +316,9 @@ class EnrollmentServiceServicer:
         setting it to 0 (unlimited), promotes waitlisted students into the new
         seats, position 1 first, in the same transaction. See "Updates" above for
         the mask, etag and check order.
+
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD: course.id, update_mask,
         course.code, course.title, course.capacity, course.waitlist_capacity),
@@ -373,6 +407,44 @@ class EnrollmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchEnrollStudents(self, request, context):
+        """Enrolls up to 1000 (student, course) pairs in order in one transaction,
+        each as EnrollStudent would (waitlist_if_full per item). Needs the writer
+        role. See "Batches" above for the two modes.
+
+        Per-item statuses (allow_partial_success): the errors of EnrollStudent.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+        requests[i].student_id, requests[i].course_id, request_id;
+        REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+        (INTERNAL); with allow_partial_success false also every error of
+        EnrollStudent for the first failing item (ErrorInfo metadata "index").
+
+        Role: writer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchDropCourses(self, request, context):
+        """Drops up to 1000 (student, course) pairs in order in one transaction,
+        each as DropCourse would (a freed seat promotes position 1 of the
+        waitlist). Needs the writer role. See "Batches" above for the two modes.
+
+        Per-item statuses (allow_partial_success): the errors of DropCourse.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+        requests[i].student_id, requests[i].course_id, request_id;
+        REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+        (INTERNAL); with allow_partial_success false also every error of
+        DropCourse for the first failing item (ErrorInfo metadata "index").
+
+        Role: writer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnrollmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -455,6 +527,16 @@ def add_EnrollmentServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=enrollment_dot_v1_dot_enrollment__pb2.WatchEventsRequest.FromString,
                     response_serializer=enrollment_dot_v1_dot_enrollment__pb2.WatchEventsResponse.SerializeToString,
+            ),
+            'BatchEnrollStudents': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchEnrollStudents,
+                    request_deserializer=enrollment_dot_v1_dot_enrollment__pb2.BatchEnrollStudentsRequest.FromString,
+                    response_serializer=enrollment_dot_v1_dot_enrollment__pb2.BatchEnrollStudentsResponse.SerializeToString,
+            ),
+            'BatchDropCourses': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchDropCourses,
+                    request_deserializer=enrollment_dot_v1_dot_enrollment__pb2.BatchDropCoursesRequest.FromString,
+                    response_serializer=enrollment_dot_v1_dot_enrollment__pb2.BatchDropCoursesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -890,6 +972,60 @@ class EnrollmentService:
             '/enrollment.v1.EnrollmentService/WatchEvents',
             enrollment_dot_v1_dot_enrollment__pb2.WatchEventsRequest.SerializeToString,
             enrollment_dot_v1_dot_enrollment__pb2.WatchEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchEnrollStudents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/enrollment.v1.EnrollmentService/BatchEnrollStudents',
+            enrollment_dot_v1_dot_enrollment__pb2.BatchEnrollStudentsRequest.SerializeToString,
+            enrollment_dot_v1_dot_enrollment__pb2.BatchEnrollStudentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchDropCourses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/enrollment.v1.EnrollmentService/BatchDropCourses',
+            enrollment_dot_v1_dot_enrollment__pb2.BatchDropCoursesRequest.SerializeToString,
+            enrollment_dot_v1_dot_enrollment__pb2.BatchDropCoursesResponse.FromString,
             options,
             channel_credentials,
             insecure,

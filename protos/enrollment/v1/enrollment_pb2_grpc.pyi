@@ -36,8 +36,15 @@ first that applies decides the answer:
                                            EnrollStudent and DropCourse,
                                            admin every method (UpdateStudent
                                            and UpdateCourse included)
+                                           (BatchEnrollStudents and
+                                           BatchDropCourses: writer)
   INVALID_ARGUMENT    INVALID_FIELD        a malformed field (every malformed
                                            field is listed in BadRequest)
+  INVALID_ARGUMENT    REQUEST_ID_REUSED    the request_id was used before by
+                                           another method or a different
+                                           request (field "request_id");
+                                           a recorded identical call is
+                                           replayed at this point instead
   INVALID_ARGUMENT    COURSE_NOT_FOUND     EnrollStudent/DropCourse name a
                                            course that does not exist
   NOT_FOUND           STUDENT_NOT_FOUND    the student does not exist
@@ -129,6 +136,42 @@ issued with; page_size may change between pages. Rows created during a walk
 with ids after the current position appear on a later page; no row is
 returned twice.
 
+Safe retries (AIP-155): every mutating request has an optional request_id.
+Empty means no deduplication. Otherwise it must be a UUID in canonical text
+form (8-4-4-4-12 hex digits, any case, not the nil UUID), else
+INVALID_ARGUMENT (INVALID_FIELD, field "request_id"), checked with the
+other fields. Ids are compared in lower case. A call that succeeds is
+recorded, in the same transaction as its effect, with its method, its
+request (without request_id) and its response. A later call with the same
+request_id, method and request (compared field by field as serialized,
+request_id aside) gets the recorded response without running again: it
+changes nothing, emits no event and moves no update_time, even when the
+data changed since. The same request_id with another method or a different
+request is INVALID_ARGUMENT (REQUEST_ID_REUSED, field "request_id"). Both
+are decided right after INVALID_FIELD, before any other check. A failed
+call records nothing, so its retry runs again. Concurrent calls with one
+request_id run at most once: the others wait for the first to commit and
+get its response (or, when it failed, run themselves). Records are kept for
+the server's --request-id-retention (at least 24 hours by default), then
+purged; a request_id older than that runs as a new call.
+
+Batches (AIP-233 style): BatchEnrollStudents and BatchDropCourses take 1 to
+1000 requests (else INVALID_FIELD "requests") and apply them in order in
+one transaction. An item's own request_id must be empty (INVALID_FIELD
+"requests[i].request_id", failing the whole call in either mode); the
+batch's request_id covers the whole batch. BadRequest field names of an
+item are prefixed "requests[i]." (i counts from 0), in the call's error and
+in per-item statuses. Malformed item fields (ids below 1) are checked for
+every item before anything else. With allow_partial_success false (the
+default) the call is all or nothing: the first failing item, in order,
+fails the call with that item's code, reason and details, ErrorInfo
+metadata "index" = i, and nothing is applied. With allow_partial_success
+true the call is OK (unless a whole-call check fails) and results[i].status
+is each item's outcome: code 0 for success, else its code, message and
+ErrorInfo/BadRequest details; only the successful items are applied. The
+courses a batch touches are locked up front in ascending id order, so
+batches and single calls never deadlock each other.
+
 Updates (AIP-134): UpdateStudent and UpdateCourse take the resource and an
 update_mask of its field names. "*" (alone) means every mutable field, zero
 values included; an empty mask means every mutable field whose value in the
@@ -187,6 +230,9 @@ class EnrollmentServiceStub:
     CreateStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.CreateStudentRequest, _enrollment_pb2.CreateStudentResponse]
     """Creates a student.
 
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
 
@@ -213,6 +259,9 @@ class EnrollmentServiceStub:
     """Deletes a student. With force, also drops every course the student is
     enrolled in (each course's enrolled_count goes down by one).
 
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -221,6 +270,9 @@ class EnrollmentServiceStub:
     """
     CreateCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.CreateCourseRequest, _enrollment_pb2.CreateCourseResponse]
     """Creates a course.
+
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
@@ -249,6 +301,9 @@ class EnrollmentServiceStub:
     DeleteCourse: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteCourseRequest, _enrollment_pb2.DeleteCourseResponse]
     """Deletes a course. With force, also removes every enrollment in it.
 
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
     false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -259,13 +314,16 @@ class EnrollmentServiceStub:
     """Enrolls a student in a course and raises the course's enrolled_count by
     one; or, when the course is full and the request sets waitlist_if_full,
     puts the student at the end of the course's waitlist (state WAITLISTED)
-    and raises its waitlisted_count by one. Not idempotent: a repeat answers
-    ALREADY_EXISTS. After the existence checks, in this order: already
+    and raises its waitlisted_count by one. A repeat answers ALREADY_EXISTS,
+    unless it carries the first call's request_id (then: its response). After the existence checks, in this order: already
     enrolled (ALREADY_ENROLLED), already waitlisted (ALREADY_WAITLISTED), a
     free seat (ENROLLED), full with waitlist_if_full and room on the waitlist
     (WAITLISTED), full with waitlist_if_full and a waitlist that is full
     (WAITLIST_FULL), otherwise COURSE_FULL (also with waitlist_if_full when
     the course has no waitlist).
+
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
@@ -280,6 +338,9 @@ class EnrollmentServiceStub:
     student leaves and someone waits, waitlist position 1 takes the seat in
     the same transaction and is returned as promoted.
 
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
     Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
     student is neither enrolled in nor waiting for the course), UNAVAILABLE
@@ -290,6 +351,9 @@ class EnrollmentServiceStub:
     UpdateStudent: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateStudentRequest, _enrollment_pb2.UpdateStudentResponse]
     """Changes a student's name and/or email (the fields update_mask names). Needs
     the admin role. See "Updates" above for the mask, etag and check order.
+
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD: student.id, update_mask,
     student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
@@ -304,6 +368,9 @@ class EnrollmentServiceStub:
     setting it to 0 (unlimited), promotes waitlisted students into the new
     seats, position 1 first, in the same transaction. See "Updates" above for
     the mask, etag and check order.
+
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD: course.id, update_mask,
     course.code, course.title, course.capacity, course.waitlist_capacity),
@@ -372,6 +439,36 @@ class EnrollmentServiceStub:
 
     Role: reader.
     """
+    BatchEnrollStudents: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.BatchEnrollStudentsRequest, _enrollment_pb2.BatchEnrollStudentsResponse]
+    """Enrolls up to 1000 (student, course) pairs in order in one transaction,
+    each as EnrollStudent would (waitlist_if_full per item). Needs the writer
+    role. See "Batches" above for the two modes.
+
+    Per-item statuses (allow_partial_success): the errors of EnrollStudent.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+    requests[i].student_id, requests[i].course_id, request_id;
+    REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+    (INTERNAL); with allow_partial_success false also every error of
+    EnrollStudent for the first failing item (ErrorInfo metadata "index").
+
+    Role: writer.
+    """
+    BatchDropCourses: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.BatchDropCoursesRequest, _enrollment_pb2.BatchDropCoursesResponse]
+    """Drops up to 1000 (student, course) pairs in order in one transaction,
+    each as DropCourse would (a freed seat promotes position 1 of the
+    waitlist). Needs the writer role. See "Batches" above for the two modes.
+
+    Per-item statuses (allow_partial_success): the errors of DropCourse.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+    requests[i].student_id, requests[i].course_id, request_id;
+    REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+    (INTERNAL); with allow_partial_success false also every error of
+    DropCourse for the first failing item (ErrorInfo metadata "index").
+
+    Role: writer.
+    """
 
 @_typing.type_check_only
 class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
@@ -380,6 +477,9 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.CreateStudentRequest, _enrollment_pb2.CreateStudentResponse]  # type: ignore[assignment]
     """Creates a student.
+
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -407,6 +507,9 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     """Deletes a student. With force, also drops every course the student is
     enrolled in (each course's enrolled_count goes down by one).
 
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
     UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -415,6 +518,9 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     """
     CreateCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.CreateCourseRequest, _enrollment_pb2.CreateCourseResponse]  # type: ignore[assignment]
     """Creates a course.
+
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
     (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
@@ -443,6 +549,9 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     DeleteCourse: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.DeleteCourseRequest, _enrollment_pb2.DeleteCourseResponse]  # type: ignore[assignment]
     """Deletes a course. With force, also removes every enrollment in it.
 
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
     Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
     FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
     false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -453,13 +562,16 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     """Enrolls a student in a course and raises the course's enrolled_count by
     one; or, when the course is full and the request sets waitlist_if_full,
     puts the student at the end of the course's waitlist (state WAITLISTED)
-    and raises its waitlisted_count by one. Not idempotent: a repeat answers
-    ALREADY_EXISTS. After the existence checks, in this order: already
+    and raises its waitlisted_count by one. A repeat answers ALREADY_EXISTS,
+    unless it carries the first call's request_id (then: its response). After the existence checks, in this order: already
     enrolled (ALREADY_ENROLLED), already waitlisted (ALREADY_WAITLISTED), a
     free seat (ENROLLED), full with waitlist_if_full and room on the waitlist
     (WAITLISTED), full with waitlist_if_full and a waitlist that is full
     (WAITLIST_FULL), otherwise COURSE_FULL (also with waitlist_if_full when
     the course has no waitlist).
+
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
     names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
@@ -474,6 +586,9 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     student leaves and someone waits, waitlist position 1 takes the seat in
     the same transaction and is returned as promoted.
 
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
     Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
     names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
     student is neither enrolled in nor waiting for the course), UNAVAILABLE
@@ -484,6 +599,9 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     UpdateStudent: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.UpdateStudentRequest, _enrollment_pb2.UpdateStudentResponse]  # type: ignore[assignment]
     """Changes a student's name and/or email (the fields update_mask names). Needs
     the admin role. See "Updates" above for the mask, etag and check order.
+
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD: student.id, update_mask,
     student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
@@ -498,6 +616,9 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     setting it to 0 (unlimited), promotes waitlisted students into the new
     seats, position 1 first, in the same transaction. See "Updates" above for
     the mask, etag and check order.
+
+    With a request_id, a repeat is replayed; the id reused for another
+    request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD: course.id, update_mask,
     course.code, course.title, course.capacity, course.waitlist_capacity),
@@ -566,6 +687,36 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
 
     Role: reader.
     """
+    BatchEnrollStudents: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.BatchEnrollStudentsRequest, _enrollment_pb2.BatchEnrollStudentsResponse]  # type: ignore[assignment]
+    """Enrolls up to 1000 (student, course) pairs in order in one transaction,
+    each as EnrollStudent would (waitlist_if_full per item). Needs the writer
+    role. See "Batches" above for the two modes.
+
+    Per-item statuses (allow_partial_success): the errors of EnrollStudent.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+    requests[i].student_id, requests[i].course_id, request_id;
+    REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+    (INTERNAL); with allow_partial_success false also every error of
+    EnrollStudent for the first failing item (ErrorInfo metadata "index").
+
+    Role: writer.
+    """
+    BatchDropCourses: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.BatchDropCoursesRequest, _enrollment_pb2.BatchDropCoursesResponse]  # type: ignore[assignment]
+    """Drops up to 1000 (student, course) pairs in order in one transaction,
+    each as DropCourse would (a freed seat promotes position 1 of the
+    waitlist). Needs the writer role. See "Batches" above for the two modes.
+
+    Per-item statuses (allow_partial_success): the errors of DropCourse.
+
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+    requests[i].student_id, requests[i].course_id, request_id;
+    REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+    (INTERNAL); with allow_partial_success false also every error of
+    DropCourse for the first failing item (ErrorInfo metadata "index").
+
+    Role: writer.
+    """
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Keeps students, courses and the enrollments between them."""
@@ -577,6 +728,9 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_enrollment_pb2.CreateStudentResponse, _abc.Awaitable[_enrollment_pb2.CreateStudentResponse]]:
         """Creates a student.
+
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (EMAIL_TAKEN),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -622,6 +776,9 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Deletes a student. With force, also drops every course the student is
         enrolled in (each course's enrolled_count goes down by one).
 
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (STUDENT_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when enrolled and force is false),
         UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -636,6 +793,9 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_enrollment_pb2.CreateCourseResponse, _abc.Awaitable[_enrollment_pb2.CreateCourseResponse]]:
         """Creates a course.
+
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS
         (COURSE_CODE_TAKEN), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
@@ -682,6 +842,9 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_enrollment_pb2.DeleteCourseResponse, _abc.Awaitable[_enrollment_pb2.DeleteCourseResponse]]:
         """Deletes a course. With force, also removes every enrollment in it.
 
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
         Errors: INVALID_ARGUMENT (INVALID_FIELD), NOT_FOUND (COURSE_NOT_FOUND),
         FAILED_PRECONDITION (HAS_ENROLLMENTS when it has students and force is
         false), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
@@ -698,13 +861,16 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Enrolls a student in a course and raises the course's enrolled_count by
         one; or, when the course is full and the request sets waitlist_if_full,
         puts the student at the end of the course's waitlist (state WAITLISTED)
-        and raises its waitlisted_count by one. Not idempotent: a repeat answers
-        ALREADY_EXISTS. After the existence checks, in this order: already
+        and raises its waitlisted_count by one. A repeat answers ALREADY_EXISTS,
+        unless it carries the first call's request_id (then: its response). After the existence checks, in this order: already
         enrolled (ALREADY_ENROLLED), already waitlisted (ALREADY_WAITLISTED), a
         free seat (ENROLLED), full with waitlist_if_full and room on the waitlist
         (WAITLISTED), full with waitlist_if_full and a waitlist that is full
         (WAITLIST_FULL), otherwise COURSE_FULL (also with waitlist_if_full when
         the course has no waitlist).
+
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
         names no course), NOT_FOUND (STUDENT_NOT_FOUND), ALREADY_EXISTS
@@ -725,6 +891,9 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         student leaves and someone waits, waitlist position 1 takes the seat in
         the same transaction and is returned as promoted.
 
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
+
         Errors: INVALID_ARGUMENT (INVALID_FIELD; COURSE_NOT_FOUND when course_id
         names no course), NOT_FOUND (STUDENT_NOT_FOUND; NOT_ENROLLED when the
         student is neither enrolled in nor waiting for the course), UNAVAILABLE
@@ -741,6 +910,9 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_enrollment_pb2.UpdateStudentResponse, _abc.Awaitable[_enrollment_pb2.UpdateStudentResponse]]:
         """Changes a student's name and/or email (the fields update_mask names). Needs
         the admin role. See "Updates" above for the mask, etag and check order.
+
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD: student.id, update_mask,
         student.name, student.email), NOT_FOUND (STUDENT_NOT_FOUND), ABORTED
@@ -761,6 +933,9 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         setting it to 0 (unlimited), promotes waitlisted students into the new
         seats, position 1 first, in the same transaction. See "Updates" above for
         the mask, etag and check order.
+
+        With a request_id, a repeat is replayed; the id reused for another
+        request is INVALID_ARGUMENT (REQUEST_ID_REUSED). See "Safe retries".
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD: course.id, update_mask,
         course.code, course.title, course.capacity, course.waitlist_capacity),
@@ -852,6 +1027,48 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         DATABASE_UNAVAILABLE), INTERNAL (INTERNAL).
 
         Role: reader.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchEnrollStudents(
+        self,
+        request: _enrollment_pb2.BatchEnrollStudentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrollment_pb2.BatchEnrollStudentsResponse, _abc.Awaitable[_enrollment_pb2.BatchEnrollStudentsResponse]]:
+        """Enrolls up to 1000 (student, course) pairs in order in one transaction,
+        each as EnrollStudent would (waitlist_if_full per item). Needs the writer
+        role. See "Batches" above for the two modes.
+
+        Per-item statuses (allow_partial_success): the errors of EnrollStudent.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+        requests[i].student_id, requests[i].course_id, request_id;
+        REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+        (INTERNAL); with allow_partial_success false also every error of
+        EnrollStudent for the first failing item (ErrorInfo metadata "index").
+
+        Role: writer.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchDropCourses(
+        self,
+        request: _enrollment_pb2.BatchDropCoursesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrollment_pb2.BatchDropCoursesResponse, _abc.Awaitable[_enrollment_pb2.BatchDropCoursesResponse]]:
+        """Drops up to 1000 (student, course) pairs in order in one transaction,
+        each as DropCourse would (a freed seat promotes position 1 of the
+        waitlist). Needs the writer role. See "Batches" above for the two modes.
+
+        Per-item statuses (allow_partial_success): the errors of DropCourse.
+
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: requests, requests[i].request_id,
+        requests[i].student_id, requests[i].course_id, request_id;
+        REQUEST_ID_REUSED), UNAVAILABLE (DATABASE_UNAVAILABLE), INTERNAL
+        (INTERNAL); with allow_partial_success false also every error of
+        DropCourse for the first failing item (ErrorInfo metadata "index").
+
+        Role: writer.
         """
 
 def add_EnrollmentServiceServicer_to_server(servicer: EnrollmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

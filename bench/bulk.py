@@ -1,0 +1,182 @@
+"""`make bench-import`: CSV import throughput, and single-call latency while batches run.
+
+python -m bench.bulk [--database-url URL] [--rows 20000] [--seconds 10]: a server on a
+fresh database (a new SQLite file by default, or an empty database at URL), then
+1. `enrollment-client import` of a ROWS-row student_id,course_id file, timed from
+   start to exit: enrollments per second;
+2. single calls (EnrollStudent then DropCourse of one pair, and GetCourse) from 2
+   threads for SECONDS, first alone, then while 2 threads run BatchEnrollStudents and
+   BatchDropCourses of 1000 items back to back (half of each in the singles' courses):
+   p50/p99/max of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from enrollment.client.api import EnrollmentClient
+from enrollment.server.persistence import engine, migrator
+from enrollment.v1 import enrollment_pb2 as pb
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+from tests.rpc import free_port
+
+BIN = Path(sys.executable).parent
+COURSES = 10
+
+
+def _serve(url: str) -> tuple[subprocess.Popen, str]:
+    address = f"127.0.0.1:{free_port()}"
+    process = subprocess.Popen(
+        [str(BIN / "enrollment-server"), "serve", "--address", address, "--database-url", url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+    return process, address
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    if not values:
+        return {"n": 0}
+    pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
+    return {"n": len(values), "p50_ms": pick(0.5), "p99_ms": pick(0.99), "max_ms": values[-1]}
+
+
+def _singles(address: str, student_ids: list[int], course_id: int, stop: threading.Event):
+    """EnrollStudent + DropCourse of one pair, then GetCourse, in a loop: latencies (ms)."""
+    writes: list[float] = []
+    reads: list[float] = []
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        i = 0
+        while not stop.is_set():
+            student = student_ids[i % len(student_ids)]
+            i += 1
+            for call, request in (
+                (
+                    stub.EnrollStudent,
+                    pb.EnrollStudentRequest(student_id=student, course_id=course_id),
+                ),
+                (stub.DropCourse, pb.DropCourseRequest(student_id=student, course_id=course_id)),
+            ):
+                started = time.perf_counter()
+                call(request, timeout=30)
+                writes.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            stub.GetCourse(pb.GetCourseRequest(course_id=course_id), timeout=30)
+            reads.append((time.perf_counter() - started) * 1000)
+    return writes, reads
+
+
+def _batches(address: str, pairs: list[tuple[int, int]], stop: threading.Event) -> list[float]:
+    took: list[float] = []
+    with EnrollmentClient(address, timeout=60) as client:
+        while not stop.is_set():
+            for call in (client.batch_enroll, client.batch_drop):
+                started = time.perf_counter()
+                call(pairs)
+                took.append((time.perf_counter() - started) * 1000)
+    return took
+
+
+def _latency(address, singles_students, courses, batch_pairs, seconds: float) -> dict:
+    stop = threading.Event()
+    with ThreadPoolExecutor(4) as pool:
+        singles = [
+            pool.submit(_singles, address, singles_students[k::2], courses[k], stop)
+            for k in range(2)
+        ]
+        batches = [pool.submit(_batches, address, pairs, stop) for pairs in batch_pairs]
+        time.sleep(seconds)
+        stop.set()
+        writes = [w for f in singles for w in f.result()[0]]
+        reads = [r for f in singles for r in f.result()[1]]
+        batch_ms = [b for f in batches for b in f.result()]
+    return {
+        "single_writes": _percentiles(writes),
+        "single_reads": _percentiles(reads),
+        "batches_of_1000": _percentiles(batch_ms),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bulk", description=__doc__)
+    parser.add_argument("--database-url", default="")
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        url = args.database_url or f"sqlite:///{tmp}/bench.db"
+        db = engine.open_pool(url, max_connections=1, create=True)
+        migrator.migrate(db)
+        engine.close_pool()
+        server, address = _serve(url)
+        try:
+            per_course = args.rows // COURSES
+            with EnrollmentClient(address, timeout=60) as client:
+                courses = [client.create_course(f"B-{c}", "Bench").id for c in range(COURSES + 4)]
+                with ThreadPoolExecutor(4) as pool:
+                    students = list(
+                        pool.map(
+                            lambda i: client.create_student("S", f"b{i}@example.com").id,
+                            range(max(per_course, 2400)),
+                        )
+                    )
+            rows = [(s, c) for c in courses[:COURSES] for s in students[:per_course]]
+            random.Random(1).shuffle(rows)
+            path = Path(tmp) / "enrollments.csv"
+            with path.open("w", newline="") as out:
+                writer = csv.writer(out)
+                writer.writerow(["student_id", "course_id"])
+                writer.writerows(rows)
+            started = time.perf_counter()
+            subprocess.run(
+                [str(BIN / "enrollment-client"), "--address", address, "--timeout", "120",
+                 "import", str(path)],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            took = time.perf_counter() - started
+            print(
+                f"import: {len(rows)} rows in {took:.2f} s = {len(rows) / took:,.0f} enrollments/s"
+            )
+
+            extra = courses[COURSES:]
+            singles_students = students[-200:]
+            # Each batch: 500 pairs in a course of its own and 500 in the course the
+            # single calls use, so they meet on its row lock as well as the writer lock.
+            batch_pairs = [
+                [(s, extra[2 + k]) for s in students[k * 500 : k * 500 + 500]]
+                + [(s, extra[k]) for s in students[1000 + k * 500 : 1000 + k * 500 + 500]]
+                for k in range(2)
+            ]
+            alone = _latency(address, singles_students, extra[:2], [], args.seconds)
+            loaded = _latency(address, singles_students, extra[:2], batch_pairs, args.seconds)
+            for name, figures in (("alone", alone), ("during batches of 1000", loaded)):
+                for kind, p in figures.items():
+                    if p.get("n"):
+                        print(
+                            f"{name:>24} {kind:>16}: n={p['n']:>6} p50={p['p50_ms']:7.2f} ms "
+                            f"p99={p['p99_ms']:7.2f} ms max={p['max_ms']:7.2f} ms"
+                        )
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

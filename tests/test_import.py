@@ -1,0 +1,205 @@
+"""The client library's request ids and batches, and `enrollment-client import/export`:
+a 20,000-row file with bad rows, and an import killed at a random moment then run again."""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from enrollment.client.api import ClientError, EnrollmentClient
+from tests import databases, servers
+from tests.conftest import migrated
+
+CLIENT = str(Path(sys.executable).parent / "enrollment-client")
+STUDENTS, COURSES = 1990, 10
+SMALL_CAPACITY = 1500  # course C-9 is full after 1500 of its 1990 rows
+
+
+def test_client_mutations_carry_request_ids_and_batches(live):
+    with EnrollmentClient(live.address) as client:
+        key = str(uuid.uuid4())
+        first = client.create_student("A", "a@example.com", request_id=key)
+        assert client.create_student("A", "a@example.com", request_id=key) == first
+        # Without one, each call gets a fresh id: the repeat runs and is refused.
+        with pytest.raises(ClientError) as taken:
+            client.create_student("A", "a@example.com")
+        assert taken.value.reason == "EMAIL_TAKEN"
+        other = client.create_student("B", "b@example.com")
+        course = client.create_course("K-1", "K", capacity=1)
+        results = client.batch_enroll(
+            [(first.id, course.id), (other.id, course.id)], allow_partial_success=True
+        )
+        assert results[0].ok and results[0].enrollment.student_id == first.id
+        assert (results[1].error.code, results[1].error.reason) == (
+            "FAILED_PRECONDITION",
+            "COURSE_FULL",
+        )
+        with pytest.raises(ClientError) as failed:
+            client.batch_enroll([(other.id, course.id)])
+        assert (failed.value.reason, failed.value.metadata["index"]) == ("COURSE_FULL", "0")
+        dropped = client.batch_drop([(first.id, course.id)])
+        assert dropped[0].ok and dropped[0].enrollment is None
+
+
+def _world(address: str) -> None:
+    """STUDENTS students s<i>@example.com and COURSES courses C-0..C-9 (C-9 small)."""
+    with EnrollmentClient(address, timeout=30) as client:
+        for c in range(COURSES):
+            client.create_course(f"C-{c}", "T", capacity=SMALL_CAPACITY if c == 9 else 0)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: client.create_student("S", f"s{i}@example.com"),
+                          range(STUDENTS)))  # fmt: skip
+
+
+def _file(path: Path) -> dict[int, str]:
+    """Writes the 20,000-row file; returns the reason expected for each bad row's line."""
+    rows = [(f"s{i}@example.com", f"C-{c}") for c in range(COURSES) for i in range(STUDENTS)]
+    random.Random(7).shuffle(rows)
+    bad = [("", "C-1"), ("nobody@example.com", "C-1"), ("s1@example.com", "NO-SUCH")] * 25
+    bad += [(f"s{i}@example.com", "C-0") for i in range(25)]  # repeats: ALREADY_ENROLLED
+    spots = sorted(random.Random(8).sample(range(1, len(rows)), len(bad)))
+    for spot, row in zip(reversed(spots), reversed(bad), strict=True):
+        rows.insert(spot, row)
+    assert len(rows) == 20_000
+    expected: dict[int, str] = {}
+    seen: set[tuple[str, str]] = set()
+    small = 0
+    for line, (email, code) in enumerate(rows, start=2):
+        if not email or email.startswith("nobody"):
+            expected[line] = "STUDENT_NOT_FOUND"
+        elif code == "NO-SUCH":
+            expected[line] = "COURSE_NOT_FOUND"
+        elif (email, code) in seen:
+            expected[line] = "ALREADY_ENROLLED"
+        else:
+            seen.add((email, code))
+            if code == "C-9":
+                small += 1
+                if small > SMALL_CAPACITY:
+                    expected[line] = "COURSE_FULL"
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["email", "course_code"])
+        writer.writerows(rows)
+    return expected
+
+
+def _import(address: str, path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [CLIENT, "--address", address, "--timeout", "60", "import", str(path), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _state(url: str) -> list[tuple]:
+    """Every enrollment by email and code, with its state; every course's counts."""
+    rows = databases.query(
+        url,
+        "SELECT s.email, c.code, sc.state FROM student_courses sc "
+        "JOIN students s ON s.id = sc.student_id JOIN courses c ON c.id = sc.course_id "
+        "ORDER BY s.email, c.code",
+    )
+    counts = databases.query(
+        url, "SELECT code, enrolled_count, waitlisted_count FROM courses ORDER BY code"
+    )
+    return [tuple(r) for r in rows] + [tuple(c) for c in counts]
+
+
+def _rejects(path: Path) -> list[tuple]:
+    with path.open() as rejects:
+        return [(r["line"], r["email"], r["course_code"], r["code"], r["reason"])
+                for r in csv.DictReader(rejects)]  # fmt: skip
+
+
+def test_a_20000_row_import_rejects_the_bad_rows_and_a_killed_one_reruns_exactly(
+    db_url, new_database, tmp_path
+):
+    path = tmp_path / "enrollments.csv"
+    expected = _file(path)
+    clean_url = migrated(new_database())
+    clean = servers.start(tmp_path / "clean.log", "--database-url", clean_url)
+    killed = servers.start(tmp_path / "killed.log", "--database-url", db_url)
+    clean_address, address = clean.address, killed.address
+    try:
+        _world(clean_address)
+        _world(address)
+        # One clean run.
+        started = time.monotonic()
+        run = _import(clean_address, path, "--rejects", str(tmp_path / "clean.csv"))
+        out, err = run.communicate(timeout=600)
+        took = time.monotonic() - started
+        assert run.returncode == 1, err  # some rows were rejected
+        assert f"20000 rows: {20000 - len(expected)} enrolled" in out, out
+        with (tmp_path / "clean.csv").open() as rejects:
+            got = {int(r["line"]): r["reason"] for r in csv.DictReader(rejects)}
+        assert got == expected
+        # Killed at a random moment, then run to the end.
+        run = _import(address, path, "--rejects", str(tmp_path / "again.csv"))
+        time.sleep(random.uniform(0.1, max(0.2, took * 0.9)))
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=30)
+        run = _import(address, path, "--rejects", str(tmp_path / "again.csv"))
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 1, err
+        assert _state(db_url) == _state(clean_url)
+        # The same rejects (messages name ids, which differ between the two databases).
+        assert _rejects(tmp_path / "again.csv") == _rejects(tmp_path / "clean.csv")
+        # And a third run changes nothing.
+        run = _import(address, path, "--rejects", str(tmp_path / "third.csv"))
+        run.communicate(timeout=600)
+        assert _state(db_url) == _state(clean_url)
+    finally:
+        for server in (clean, killed):
+            server.stop()
+
+
+def test_dry_run_checks_without_applying_and_export_round_trips(live, tmp_path):
+    with EnrollmentClient(live.address) as client:
+        a, b = client.create_student("A", "a@example.com"), client.create_student("B", "b@x.io")
+        course = client.create_course("E-1", "E")
+    path = tmp_path / "ids.csv"
+    path.write_text(
+        f"student_id,course_id\n{a.id},{course.id}\n{b.id},{course.id}\nx,{course.id}\n{a.id},999\n"
+    )
+    run = _import(live.address, path, "--dry-run")
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 1 and "4 rows: 2 would be sent, 2 rejected" in out, (out, err)
+    assert databases.query(live.database_url, "SELECT COUNT(*) FROM student_courses") == [(0,)]
+    rejects = list(csv.DictReader((tmp_path / "ids.csv.rejects.csv").open()))
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        ("4", "INVALID_FIELD"),
+        ("5", "COURSE_NOT_FOUND"),
+    ]
+    path.write_text(f"student_id,course_id\n{a.id},{course.id}\n{b.id},{course.id}\n")
+    run = _import(live.address, path)
+    out, _ = run.communicate(timeout=60)
+    assert run.returncode == 0 and "2 rows: 2 enrolled, 0 rejected" in out, out
+    exported = subprocess.run(
+        [CLIENT, "--address", live.address, "export", "--course", str(course.id)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert exported.returncode == 0, exported.stderr
+    rows = list(csv.DictReader(io.StringIO(exported.stdout)))
+    assert [(int(r["student_id"]), r["state"]) for r in rows] == [
+        (a.id, "ENROLLED"),
+        (b.id, "ENROLLED"),
+    ]
+    # The export is an import file: importing it again is refused row by row.
+    (tmp_path / "roster.csv").write_text(exported.stdout)
+    run = _import(live.address, tmp_path / "roster.csv")
+    out, _ = run.communicate(timeout=60)
+    assert "2 rows: 0 enrolled, 2 rejected" in out, out
