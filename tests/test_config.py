@@ -124,6 +124,7 @@ def test_each_variable_reaches_the_config_and_its_flag_wins():
         "max_connections": ("50", 50),
         "event_retention": ("12h", 43200.0),
         "max_watchers": ("7", 7),
+        "request_id_retention": ("2d", 172800.0),
     }
     assert set(changed) == {setting.name for setting in SETTINGS}
     environ = {setting.env: changed[setting.name][0] for setting in SETTINGS}
