@@ -10,7 +10,10 @@ memory, open descriptors and threads are printed; every minute, calls and p99.
 Verdict: a measure that is still growing in the second half of the run fails it. RSS
 may grow by at most max(8 MiB, 5%) from the middle sample to the last; descriptors by
 4; threads by 2. Growth in the first half (caches warming, pools filling) is allowed.
-There is no change feed yet; its watchers join the mix when it exists.
+Change-feed watchers (--watchers, default 4: the whole feed, one course, and the rest
+alternating) follow WatchEvents the whole time, each reopening its stream every
+--rewatch seconds from its last sequence, so stream setup and teardown are soaked too;
+a watcher that ever sees a sequence not above the one before fails the run.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=6, help="client threads")
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
     parser.add_argument("--server-threads", type=int, default=4, help="serve --threads")
+    parser.add_argument("--watchers", type=int, default=4, help="WatchEvents streams held")
+    parser.add_argument(
+        "--rewatch", type=float, default=20.0, help="seconds before a watcher reopens its stream"
+    )
 
 
 def resources(pid: int) -> dict[str, float]:
@@ -127,6 +134,45 @@ def client(address: str, until: float, tally: Tally, seed: int) -> None:
     channel.close()
 
 
+class Watching:
+    """What the watchers saw: events delivered, streams opened, order violations."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events = 0
+        self.streams = 0
+        self.out_of_order: list[str] = []
+
+
+def watcher(address: str, until: float, seen: Watching, course_id: int, rewatch: float) -> None:
+    """Follows the feed (one course's, or all of it when course_id is 0) until `until`,
+    reopening the stream every `rewatch` seconds after the last sequence received."""
+    last = 0
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        while time.monotonic() < until:
+            timeout = max(0.5, min(rewatch, until - time.monotonic()))
+            stream = stub.WatchEvents(
+                pb.WatchEventsRequest(after_sequence=last, course_id=course_id), timeout=timeout
+            )
+            with seen.lock:
+                seen.streams += 1
+            try:
+                for response in stream:
+                    for event in response.events:
+                        if event.sequence <= last:
+                            with seen.lock:
+                                seen.out_of_order.append(f"{event.sequence} after {last}")
+                        last = event.sequence
+                    with seen.lock:
+                        seen.events += len(response.events)
+            except grpc.RpcError as error:
+                # The deadline ends each stream on purpose; anything else is a finding,
+                # but the watcher resumes as a real consumer would.
+                if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    time.sleep(0.2)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
@@ -163,10 +209,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.EnrollmentServiceStub(channel)
-            for n in range(20):
+            course_ids = [
                 stub.CreateCourse(
                     pb.CreateCourseRequest(code=f"SOAK-{n}", title="Soak", capacity=50), timeout=10
-                )
+                ).course.id
+                for n in range(20)
+            ]
         started = time.monotonic()
         until = started + args.seconds
         tally = Tally(started)
@@ -174,7 +222,22 @@ def main(args: argparse.Namespace) -> int:
             threading.Thread(target=client, args=(server.address, until, tally, seed), daemon=True)
             for seed in range(args.threads)
         ]
-        for thread in threads:
+        seen = Watching()
+        watchers = [
+            threading.Thread(
+                target=watcher,
+                args=(
+                    server.address,
+                    until,
+                    seen,
+                    0 if n % 2 == 0 else course_ids[n % 20],
+                    args.rewatch,
+                ),
+                daemon=True,
+            )  # fmt: skip
+            for n in range(args.watchers)
+        ]
+        for thread in threads + watchers:
             thread.start()
         samples = [resources(pid)]
         print(
@@ -193,7 +256,7 @@ def main(args: argparse.Namespace) -> int:
             while (now - started) // 60 > minute_reported:
                 print(_minute_line(minute_reported, tally), flush=True)
                 minute_reported += 1
-        for thread in threads:
+        for thread in threads + watchers:
             thread.join()
         samples.append(resources(pid))
         print(_sample_line(time.monotonic() - started, samples[-1], tally), flush=True)
@@ -205,7 +268,10 @@ def main(args: argparse.Namespace) -> int:
     finally:
         server.stop()
     print("answers: " + ", ".join(f"{c} {n}" for c, n in tally.codes.most_common()))
+    print(f"watchers: {args.watchers}, {seen.streams} streams opened, {seen.events} events")
     ok, problems = verdict(samples)
+    if seen.out_of_order:
+        ok, problems = False, [*problems, f"events out of order: {seen.out_of_order[:5]}"]
     first, middle, last = samples[0], samples[len(samples) // 2], samples[-1]
     summary = " ".join(
         f"{name} {first[name]:.1f}->{middle[name]:.1f}->{last[name]:.1f}"
