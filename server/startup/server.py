@@ -140,8 +140,8 @@ class RunningServer:
 
     def wait_for_termination(self) -> None:
         # Woken now and then, so that signal handlers run promptly in the main thread.
-        while not self.terminated.wait(0.5):
-            pass
+        while not self.terminated.is_set():
+            self.terminated.wait(0.5)
 
     def report(self, serving: bool) -> None:
         """From any thread: health SERVING or NOT_SERVING for the server and the service."""
