@@ -286,6 +286,11 @@ def purge_batch(*, older_than: dt.datetime, batch: int = PURGE_BATCH) -> int:
     return deleted
 
 
+def purge_oldest(retention: dt.timedelta, limit: int) -> int:
+    """One batch: up to `limit` of the events older than retention; how many went."""
+    return purge_batch(older_than=utcnow() - retention, batch=limit)
+
+
 def purge_expired(retention: dt.timedelta, *, batch: int = PURGE_BATCH) -> int:
     """Purge every event older than retention, batch by batch; returns how many."""
     older_than = utcnow() - retention

@@ -26,14 +26,15 @@ import grpc
 import peewee as pw
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from enrollment.server.domain.events import purge_oldest as purge_old_events
+from enrollment.server.domain.retries import purge_expired as purge_old_request_records
 from enrollment.server.operations.health import HealthMonitor
 from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.persistence import engine, migrator
 from enrollment.server.persistence.models import proxy
 from enrollment.server.startup.config import ServerConfig, StartupError
-from enrollment.server.startup.purger import RequestRecordPurger
+from enrollment.server.startup.purging import Purger
 from enrollment.server.startup.quiet import quiet_bind
-from enrollment.server.startup.retention import EventPurger
 from enrollment.server.transport import options, tls
 from enrollment.server.transport.auth import (
     Authenticator,
@@ -88,8 +89,8 @@ class RunningServer:
     health: health.aio.HealthServicer
     events: EventLoopThread
     monitor: HealthMonitor | None = None
-    purger: EventPurger | None = None
-    request_purger: RequestRecordPurger | None = None
+    purger: Purger | None = None
+    request_purger: Purger | None = None
     hub: WatchHub | None = None
     metrics_port: int | None = None
     metrics_server: object | None = None
@@ -256,11 +257,10 @@ def _start(config: ServerConfig) -> RunningServer:
     )
     running.monitor.start()
     if config.event_retention is not None:
-        running.purger = EventPurger(config.event_retention)
+        running.purger = Purger("events", config.event_retention, purge_old_events)
         running.purger.start()
-    # Looked at ten times per retention period, at most once a minute.
-    running.request_purger = RequestRecordPurger(
-        config.request_id_retention, min(60.0, config.request_id_retention / 10)
+    running.request_purger = Purger(
+        "request records", config.request_id_retention, purge_old_request_records
     )
     running.request_purger.start()
     return running

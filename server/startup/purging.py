@@ -1,0 +1,69 @@
+"""Background purges of what outlives its retention: request records and change-feed events."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+
+from enrollment.server.errors import EnrollmentError
+
+log = logging.getLogger("enrollment.server")
+
+BATCH = 500
+# Between two batches of one purge: callers waiting for the writer lock go first.
+PAUSE = 0.05
+
+
+class Purger:
+    """A daemon thread: ten times per retention period (at most once a minute, at least
+    once a second), deletes what is older than the retention, BATCH rows at a time, each
+    batch its own short transaction. Every server process runs one per kind; two deleting
+    the same batch is harmless.
+
+    purge_batch(retention, limit) deletes up to `limit` expired rows and says how many."""
+
+    def __init__(
+        self, what: str, retention_seconds: float, purge_batch: Callable[[dt.timedelta, int], int]
+    ) -> None:
+        self.what = what
+        self.retention = dt.timedelta(seconds=retention_seconds)
+        self.interval = min(60.0, max(1.0, retention_seconds / 10))
+        self._purge_batch = purge_batch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"{what.replace(' ', '-')}-purger", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def purge(self) -> int:
+        """Everything expired, BATCH at a time; how many went."""
+        total = 0
+        while not self._stop.is_set():
+            done = self._purge_batch(self.retention, BATCH)
+            total += done
+            if done < BATCH:
+                break
+            self._stop.wait(PAUSE)
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                purged = self.purge()
+            except EnrollmentError as exc:  # the database is away: try again next round
+                log.warning("purging %s: %s; retrying later", self.what, exc)
+                continue
+            except Exception:  # never let the thread die: the next round may work
+                log.exception("purging %s failed", self.what)
+                continue
+            if purged:
+                log.info("purged %d %s older than %s", purged, self.what, self.retention)
