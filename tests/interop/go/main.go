@@ -46,6 +46,24 @@ func ErrorDetails(err error) (*errdetails.ErrorInfo, []string) {
 	return info, fields
 }
 
+// EventsOf turns a WatchEvents stream's Recv into one event per call (a response may
+// carry several); it returns the stream's error, Canceled once its context is cancelled.
+func EventsOf(recv func() (*enrollmentv1.WatchEventsResponse, error)) func() (*enrollmentv1.Event, error) {
+	var pending []*enrollmentv1.Event
+	return func() (*enrollmentv1.Event, error) {
+		for len(pending) == 0 {
+			response, err := recv()
+			if err != nil {
+				return nil, err
+			}
+			pending = response.GetEvents()
+		}
+		event := pending[0]
+		pending = pending[1:]
+		return event, nil
+	}
+}
+
 func check(ok bool, format string, args ...interface{}) {
 	if !ok {
 		fmt.Fprintf(os.Stderr, "FAILED: "+format+"\n", args...)
@@ -121,8 +139,44 @@ func main() {
 	must(err, "GetStudent big id")
 	check(big.GetStudent().GetId() == bigID, "GetStudent returned id %d", big.GetStudent().GetId())
 	fmt.Printf("ok GetStudent %d\n", bigID)
+
+	// The change feed: the course's events so far, then a watch from the first of them.
+	// It replays the stored one after it, then streams the change made while it is open.
+	feed, err := api.ListEvents(ctx, &enrollmentv1.ListEventsRequest{CourseId: course.GetId()})
+	must(err, "ListEvents")
+	stored := feed.GetEvents()
+	check(len(stored) == 2 && stored[0].GetType() == enrollmentv1.EventType_EVENT_TYPE_COURSE_CREATED &&
+		stored[1].GetType() == enrollmentv1.EventType_EVENT_TYPE_ENROLLED &&
+		stored[0].GetSequence() < stored[1].GetSequence(), "ListEvents %v", feed)
+	fmt.Printf("ok ListEvents of the course: COURSE_CREATED %d, ENROLLED %d\n",
+		stored[0].GetSequence(), stored[1].GetSequence())
+	watchCtx, stopWatching := context.WithCancel(ctx)
+	defer stopWatching()
+	watch, err := api.WatchEvents(watchCtx, &enrollmentv1.WatchEventsRequest{
+		AfterSequence: stored[0].GetSequence(), CourseId: course.GetId(),
+	})
+	must(err, "WatchEvents")
+	next := EventsOf(watch.Recv)
+	replayed, err := next()
+	must(err, "WatchEvents replay")
+	check(replayed.GetType() == enrollmentv1.EventType_EVENT_TYPE_ENROLLED &&
+		replayed.GetSequence() == stored[1].GetSequence() &&
+		replayed.GetEnrollment().GetStudentId() == student.GetId(), "replayed %v", replayed)
 	_, err = api.EnrollStudent(ctx, &enrollmentv1.EnrollStudentRequest{StudentId: bigID, CourseId: course.GetId()})
 	must(err, "EnrollStudent big id")
+	streamed, err := next()
+	must(err, "WatchEvents stream")
+	check(streamed.GetType() == enrollmentv1.EventType_EVENT_TYPE_ENROLLED &&
+		streamed.GetSequence() > replayed.GetSequence() &&
+		streamed.GetStudentId() == bigID && streamed.GetCourseId() == course.GetId() &&
+		streamed.GetEnrollment().GetStudentId() == bigID && streamed.GetCourse().GetEnrolledCount() == 2,
+		"streamed %v", streamed)
+	stopWatching()
+	_, err = next()
+	check(status.Code(err) == codes.Canceled, "after cancel: %v", err)
+	fmt.Printf("ok WatchEvents after %d: replayed %d, streamed ENROLLED %d, cancelled\n",
+		stored[0].GetSequence(), replayed.GetSequence(), streamed.GetSequence())
+
 	roster, err := api.ListStudents(ctx, &enrollmentv1.ListStudentsRequest{CourseId: course.GetId()})
 	must(err, "ListStudents")
 	var ids []int64

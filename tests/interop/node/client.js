@@ -71,6 +71,12 @@ async function failure(method, request, through = client) {
   throw new Error(`${method} succeeded; it should have failed`);
 }
 
+// The events of a WatchEvents stream one by one (a response may carry several); it
+// throws the stream's error, CANCELLED after watch.cancel().
+async function* eventsOf(watch) {
+  for await (const response of watch) yield* response.events;
+}
+
 function ok(what) {
   console.log(`ok ${what}`);
 }
@@ -118,7 +124,38 @@ async function main() {
   const big = (await call('GetStudent', { student_id: bigId })).student;
   assert.equal(big.id, bigId);
   ok(`GetStudent ${bigId}`);
+
+  // The change feed: the course's events so far, then a watch from the first of them.
+  // It replays the stored one after it, then streams the change made while it is open.
+  const feed = await call('ListEvents', { course_id: course.id });
+  assert.deepEqual(feed.events.map((e) => e.type), ['EVENT_TYPE_COURSE_CREATED', 'EVENT_TYPE_ENROLLED']);
+  const [created, firstEnrolled] = feed.events;
+  assert.ok(BigInt(created.sequence) < BigInt(firstEnrolled.sequence));
+  ok(`ListEvents of the course: COURSE_CREATED ${created.sequence}, ENROLLED ${firstEnrolled.sequence}`);
+  const watch = client.WatchEvents(
+    { after_sequence: created.sequence, course_id: course.id },
+    { deadline: new Date(Date.now() + 20000) },
+  );
+  const events = eventsOf(watch);
+  const replayed = (await events.next()).value;
+  assert.deepEqual(
+    [replayed.type, replayed.sequence, replayed.enrollment.student_id],
+    ['EVENT_TYPE_ENROLLED', firstEnrolled.sequence, student.id],
+  );
   await call('EnrollStudent', { student_id: bigId, course_id: course.id });
+  const streamed = (await events.next()).value;
+  assert.equal(streamed.type, 'EVENT_TYPE_ENROLLED');
+  assert.ok(BigInt(streamed.sequence) > BigInt(replayed.sequence));
+  assert.deepEqual([streamed.student_id, streamed.course_id], [bigId, course.id]);
+  assert.deepEqual([streamed.enrollment.student_id, streamed.course.enrolled_count], [bigId, 2]);
+  watch.cancel();
+  const ended = await events.next().then(
+    () => null,
+    (err) => err,
+  );
+  assert.equal(ended && ended.code, grpc.status.CANCELLED);
+  ok(`WatchEvents after ${created.sequence}: replayed ${replayed.sequence}, streamed ENROLLED ${streamed.sequence}, cancelled`);
+
   const roster = await call('ListStudents', { course_id: course.id });
   const byId = (a, b) => (BigInt(a) < BigInt(b) ? -1 : 1); // ordered by id, not by text
   assert.deepEqual(roster.students.map((s) => s.id), [student.id, bigId].sort(byId));
