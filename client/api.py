@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, TypeVar, cast
 
 import grpc
-from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from enrollment.client import calls
+from enrollment.client.calls import MAX_BATCH as MAX_BATCH
+from enrollment.client.calls import Call, P, T
+from enrollment.client.errors import BatchResult as BatchResult
+from enrollment.client.errors import ClientError as ClientError
+from enrollment.client.errors import call_failure
+from enrollment.client.errors import connection_hint as connection_hint
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
@@ -29,109 +30,10 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
-
-# google.rpc.Code numbers to grpc.StatusCode values.
-_CODES = {code.value[0]: code.value for code in grpc.StatusCode}
-
-_Response = TypeVar("_Response")
-_Request = TypeVar("_Request")
 # gRPC's load-balancing policies that need nothing but the addresses the target resolves
 # to: pick_first (gRPC's default) sends every call to one of them, round_robin spreads
 # calls over all of them (every pod behind a headless Service, say).
 LB_POLICIES = ("pick_first", "round_robin")
-
-
-class ClientError(Exception):
-    """A failed call: the gRPC status code name, the ErrorInfo reason and the BadRequest fields."""
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        reason: str = "",
-        fields: list[str] | None = None,
-        metadata: dict[str, str] | None = None,
-        hint: str = "",
-    ) -> None:
-        super().__init__(code, message, reason)
-        self.code = code
-        self.message = message
-        self.reason = reason
-        self.fields = list(fields or [])
-        self.metadata = dict(metadata or {})
-        # What the failure suggests about this client's settings (see connection_hint).
-        self.hint = hint
-
-    def __str__(self) -> str:
-        head = f"{self.code} {self.reason}" if self.reason else self.code
-        return f"{head}: {self.explained}"
-
-    @property
-    def explained(self) -> str:
-        """The message, and the hint in brackets when there is one."""
-        return f"{self.message} ({self.hint})" if self.hint else self.message
-
-    @classmethod
-    def from_status(cls, status: Any) -> ClientError:
-        """A batch item's google.rpc.Status as an error."""
-        info = error_details_pb2.ErrorInfo()
-        bad = error_details_pb2.BadRequest()
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                detail.Unpack(info)
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                detail.Unpack(bad)
-        return cls(
-            code=grpc.StatusCode(_CODES[status.code]).name if status.code in _CODES else "UNKNOWN",
-            message=status.message,
-            reason=info.reason,
-            fields=[v.field for v in bad.field_violations],
-            metadata=dict(info.metadata),
-        )
-
-    @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError) -> ClientError:
-        # Every RpcError a unary call raises is also a grpc.Call; getattr guards the
-        # odd one that is not (a bare RpcError from an interceptor, say).
-        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-        message = (error.details() if hasattr(error, "details") else None) or ""
-        info = error_details_pb2.ErrorInfo()
-        bad = error_details_pb2.BadRequest()
-        try:
-            # grpc.aio's errors are not grpc.Call, but have the same code/details/trailers.
-            status = rpc_status.from_call(cast(grpc.Call, error))
-        except (ValueError, AttributeError):
-            # Details that contradict the status line are not trusted; code and message stand.
-            status = None
-        if status is not None:
-            for detail in status.details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    detail.Unpack(info)
-                elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    detail.Unpack(bad)
-        return cls(
-            code=code.name,
-            message=message,
-            reason=info.reason,
-            fields=[v.field for v in bad.field_violations],
-            metadata=dict(info.metadata),
-        )
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    """One item of a batch: its enrollment (for a drop: whoever was promoted, if anyone)
-    when it was applied, else its error."""
-
-    enrollment: pb.Enrollment | None
-    error: ClientError | None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-MAX_BATCH = 1000
 
 
 class EnrollmentClient:
@@ -174,53 +76,53 @@ class EnrollmentClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Callable[..., _Response], request: Any) -> _Response:
+    def _run(self, call: Call[T]) -> T:
         # No wait_for_ready: a server that is down should fail the call now, as
         # UNAVAILABLE, rather than hold it until the deadline.
+        method = getattr(self._stub, call.method)
         try:
             if self._metadata is None:
-                return method(request, timeout=self.timeout)
-            return method(request, timeout=self.timeout, metadata=self._metadata)
+                response = method(call.request, timeout=self.timeout)
+            else:
+                response = method(call.request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
-            failure = ClientError.from_rpc_error(error)
-            if failure.code == "UNAVAILABLE":
-                failure.hint = connection_hint(
-                    failure.message, tls=self._tls, client_cert=self._client_cert
-                )
-            raise failure from None
+            raise call_failure(error, tls=self._tls, client_cert=self._client_cert) from None
+        return call.result(response)
 
-    def _mutate(
-        self, method: Callable[..., _Response], request: Any, request_id: str | None
-    ) -> _Response:
-        """A mutation with its request_id: the caller's, else a fresh one, so that the
-        channel's retries (and the caller's own, passing the same id) apply it once."""
-        return self._call(method, with_request_id(request, request_id))
+    def _walk(
+        self, page: Callable[[str], Call[P]], items: Callable[[P], Iterable[T]], page_token: str
+    ) -> Iterator[T]:
+        """The items of page after page from page_token on; page(token) is one List* call
+        and items takes the page's items from its answer."""
+        while True:
+            answer = self._run(page(page_token))
+            yield from items(answer)
+            page_token = calls.next_token(page_token, answer.next_page_token)
+            if not page_token:
+                return
 
     # Students
 
     def create_student(self, name: str, email: str, *, request_id: str | None = None) -> pb.Student:
-        request = pb.CreateStudentRequest(name=name, email=email)
-        return self._mutate(self._stub.CreateStudent, request, request_id).student
+        return self._run(calls.create_student(name, email, request_id))
 
     def get_student(self, student_id: int) -> pb.Student:
-        request = pb.GetStudentRequest(student_id=student_id)
-        return self._call(self._stub.GetStudent, request).student
+        return self._run(calls.get_student(student_id))
 
     def list_students(
         self, course_id: int = 0, page_size: int = 0, page_token: str = ""
     ) -> pb.ListStudentsResponse:
         """One page of all students (course_id 0) or of one course's roster."""
-        request = pb.ListStudentsRequest(
-            course_id=course_id, page_size=page_size, page_token=page_token
-        )
-        return self._call(self._stub.ListStudents, request)
+        return self._run(calls.list_students(course_id, page_size, page_token))
 
     def iter_students(
         self, course_id: int = 0, *, page_size: int = 0, page_token: str = ""
     ) -> Iterator[pb.Student]:
         """Every student from page_token on (the start by default), fetching page after page."""
-        return _walk(
-            lambda token: self.list_students(course_id, page_size, token), "students", page_token
+        return self._walk(
+            lambda token: calls.list_students(course_id, page_size, token),
+            lambda page: page.students,
+            page_token,
         )
 
     def update_student(
@@ -234,14 +136,12 @@ class EnrollmentClient:
     ) -> pb.Student:
         """Change the fields given (None leaves one as it is). etag: the student's etag as
         last read, to refuse the change (ABORTED ETAG_MISMATCH) if it moved since."""
-        request = update_student_request(student_id, name=name, email=email, etag=etag)
-        return self._mutate(self._stub.UpdateStudent, request, request_id).student
+        return self._run(calls.update_student(student_id, name, email, etag, request_id))
 
     def delete_student(
         self, student_id: int, force: bool = False, *, request_id: str | None = None
     ) -> None:
-        request = pb.DeleteStudentRequest(student_id=student_id, force=force)
-        self._mutate(self._stub.DeleteStudent, request, request_id)
+        self._run(calls.delete_student(student_id, force, request_id))
 
     # Courses
 
@@ -254,10 +154,7 @@ class EnrollmentClient:
         *,
         request_id: str | None = None,
     ) -> pb.Course:
-        request = pb.CreateCourseRequest(
-            code=code, title=title, capacity=capacity, waitlist_capacity=waitlist_capacity
-        )
-        return self._mutate(self._stub.CreateCourse, request, request_id).course
+        return self._run(calls.create_course(code, title, capacity, waitlist_capacity, request_id))
 
     def update_course(
         self,
@@ -272,42 +169,41 @@ class EnrollmentClient:
     ) -> pb.Course:
         """Change the fields given (None leaves one as it is; capacity=0 means unlimited).
         Raising the capacity promotes waitlisted students into the new seats."""
-        request = update_course_request(
-            course_id,
-            code=code,
-            title=title,
-            capacity=capacity,
-            waitlist_capacity=waitlist_capacity,
-            etag=etag,
+        return self._run(
+            calls.update_course(
+                course_id,
+                code=code,
+                title=title,
+                capacity=capacity,
+                waitlist_capacity=waitlist_capacity,
+                etag=etag,
+                request_id=request_id,
+            )
         )
-        return self._mutate(self._stub.UpdateCourse, request, request_id).course
 
     def get_course(self, course_id: int) -> pb.Course:
-        request = pb.GetCourseRequest(course_id=course_id)
-        return self._call(self._stub.GetCourse, request).course
+        return self._run(calls.get_course(course_id))
 
     def list_courses(
         self, student_id: int = 0, page_size: int = 0, page_token: str = ""
     ) -> pb.ListCoursesResponse:
         """One page of the catalogue (student_id 0) or of the courses one student takes."""
-        request = pb.ListCoursesRequest(
-            student_id=student_id, page_size=page_size, page_token=page_token
-        )
-        return self._call(self._stub.ListCourses, request)
+        return self._run(calls.list_courses(student_id, page_size, page_token))
 
     def iter_courses(
         self, student_id: int = 0, *, page_size: int = 0, page_token: str = ""
     ) -> Iterator[pb.Course]:
         """Every course from page_token on (the start by default), fetching page after page."""
-        return _walk(
-            lambda token: self.list_courses(student_id, page_size, token), "courses", page_token
+        return self._walk(
+            lambda token: calls.list_courses(student_id, page_size, token),
+            lambda page: page.courses,
+            page_token,
         )
 
     def delete_course(
         self, course_id: int, force: bool = False, *, request_id: str | None = None
     ) -> None:
-        request = pb.DeleteCourseRequest(course_id=course_id, force=force)
-        self._mutate(self._stub.DeleteCourse, request, request_id)
+        self._run(calls.delete_course(course_id, force, request_id))
 
     # Enrollments
 
@@ -321,18 +217,13 @@ class EnrollmentClient:
     ) -> pb.Enrollment:
         """waitlist_if_full: join the course's waitlist when it is full (the answer's
         state is then ENROLLMENT_STATE_WAITLISTED, with its waitlist_position)."""
-        request = pb.EnrollStudentRequest(
-            student_id=student_id, course_id=course_id, waitlist_if_full=waitlist_if_full
-        )
-        return self._mutate(self._stub.EnrollStudent, request, request_id).enrollment
+        return self._run(calls.enroll(student_id, course_id, waitlist_if_full, request_id))
 
     def drop(
         self, student_id: int, course_id: int, *, request_id: str | None = None
     ) -> pb.Enrollment | None:
         """Drop an enrolled or waitlisted entry; returns whoever took the freed seat."""
-        request = pb.DropCourseRequest(student_id=student_id, course_id=course_id)
-        response = self._mutate(self._stub.DropCourse, request, request_id)
-        return response.promoted if response.HasField("promoted") else None
+        return self._run(calls.drop(student_id, course_id, request_id))
 
     def batch_enroll(
         self,
@@ -345,9 +236,9 @@ class EnrollmentClient:
         """Enroll up to 1000 (student_id, course_id) pairs in order in one transaction.
         All or nothing by default (the first failing item raises, its index in
         error.metadata["index"]); allow_partial_success: one BatchResult per pair."""
-        request = batch_enroll_request(pairs, allow_partial_success, waitlist_if_full)
-        response = self._mutate(self._stub.BatchEnrollStudents, request, request_id)
-        return batch_results(response.results)
+        return self._run(
+            calls.batch_enroll(pairs, allow_partial_success, waitlist_if_full, request_id)
+        )
 
     def batch_drop(
         self,
@@ -358,13 +249,10 @@ class EnrollmentClient:
     ) -> list[BatchResult]:
         """Drop up to 1000 (student_id, course_id) pairs in order in one transaction; as
         batch_enroll, each result's enrollment is whoever took the freed seat."""
-        request = batch_drop_request(pairs, allow_partial_success)
-        response = self._mutate(self._stub.BatchDropCourses, request, request_id)
-        return batch_results(response.results)
+        return self._run(calls.batch_drop(pairs, allow_partial_success, request_id))
 
     def get_enrollment(self, student_id: int, course_id: int) -> pb.Enrollment:
-        request = pb.GetEnrollmentRequest(student_id=student_id, course_id=course_id)
-        return self._call(self._stub.GetEnrollment, request).enrollment
+        return self._run(calls.get_enrollment(student_id, course_id))
 
     def list_enrollments(
         self,
@@ -375,14 +263,9 @@ class EnrollmentClient:
         page_token: str = "",
     ) -> pb.ListEnrollmentsResponse:
         """One page of enrollments (filters combine; 0 and UNSPECIFIED mean any)."""
-        request = pb.ListEnrollmentsRequest(
-            student_id=student_id,
-            course_id=course_id,
-            state=state,
-            page_size=page_size,
-            page_token=page_token,
+        return self._run(
+            calls.list_enrollments(student_id, course_id, state, page_size, page_token)
         )
-        return self._call(self._stub.ListEnrollments, request)
 
     def iter_enrollments(
         self,
@@ -395,12 +278,11 @@ class EnrollmentClient:
     ) -> Iterator[pb.Enrollment]:
         """Every enrollment from page_token on; a course's waitlist (course_id and
         ENROLLMENT_STATE_WAITLISTED) comes in line order."""
-        while True:
-            page = self.list_enrollments(student_id, course_id, state, page_size, page_token)
-            yield from page.enrollments
-            page_token = _next_token(page_token, page.next_page_token)
-            if not page_token:
-                return
+        return self._walk(
+            lambda token: calls.list_enrollments(student_id, course_id, state, page_size, token),
+            lambda page: page.enrollments,
+            page_token,
+        )
 
     # The change feed
 
@@ -413,13 +295,7 @@ class EnrollmentClient:
         page_size: int = 0,
     ) -> pb.ListEventsResponse:
         """One page of events after after_sequence, with the head_sequence of the call."""
-        request = pb.ListEventsRequest(
-            after_sequence=after_sequence,
-            page_size=page_size,
-            student_id=student_id,
-            course_id=course_id,
-        )
-        return self._call(self._stub.ListEvents, request)
+        return self._run(calls.list_events(after_sequence, student_id, course_id, page_size))
 
     def iter_events(
         self,
@@ -437,40 +313,23 @@ class EnrollmentClient:
         through WatchEvents where the server has it and by polling ListEvents where it
         does not, resuming by itself from the last sequence after UNAVAILABLE (a server
         restarting or shutting down) or WATCHER_TOO_SLOW; other errors are raised."""
-        last = after
-        watch = follow
+        feed = calls.Feed(after, student_id, course_id, follow)
         while True:
             try:
-                if watch:
-                    for event in self._watch(last, student_id, course_id):
-                        last = event.sequence
-                        yield event
+                if feed.watching:
+                    for event in self._watch(feed.watch_request()):
+                        yield feed.delivered(event)
                     continue  # the stream ended without an error: watch again
-                page = self.list_events(
-                    last, student_id=student_id, course_id=course_id, page_size=page_size
-                )
+                page = self._run(feed.list_call(page_size))
                 yield from page.events
-                if page.events:
-                    last = page.events[-1].sequence
-                if not page.events or last >= page.head_sequence:
-                    # Nothing matching up to the head: the next call may start there.
-                    last = max(last, page.head_sequence)
+                if feed.caught_up(page):
                     if not follow:
                         return
                     time.sleep(poll_interval)
             except ClientError as error:
-                if error.code == "UNIMPLEMENTED" and watch:
-                    watch = False  # a server without WatchEvents: poll ListEvents
-                    continue
-                resumable = error.code == "UNAVAILABLE" or error.reason == "WATCHER_TOO_SLOW"
-                if not (follow and resumable):
-                    raise
-                time.sleep(poll_interval)
+                time.sleep(feed.pause_after(error, poll_interval))
 
-    def _watch(self, after: int, student_id: int, course_id: int) -> Iterator[pb.Event]:
-        request = pb.WatchEventsRequest(
-            after_sequence=after, student_id=student_id, course_id=course_id
-        )
+    def _watch(self, request: pb.WatchEventsRequest) -> Iterator[pb.Event]:
         stream = self._stub.WatchEvents(request, metadata=self._metadata)
         try:
             for response in stream:
@@ -479,47 +338,6 @@ class EnrollmentClient:
             raise ClientError.from_rpc_error(error) from None
         finally:
             stream.cancel()
-
-
-def with_request_id(request: _Request, request_id: str | None) -> _Request:
-    """The mutation request with request_id set: the caller's, else a fresh uuid4, so that
-    the channel's retries (and the caller's own, passing the same id) apply it once."""
-    request.request_id = request_id or str(uuid.uuid4())  # type: ignore[attr-defined]
-    return request
-
-
-def batch_enroll_request(
-    pairs: Iterable[tuple[int, int]], allow_partial_success: bool, waitlist_if_full: bool
-) -> pb.BatchEnrollStudentsRequest:
-    return pb.BatchEnrollStudentsRequest(
-        requests=[
-            pb.EnrollStudentRequest(student_id=s, course_id=c, waitlist_if_full=waitlist_if_full)
-            for s, c in pairs
-        ],
-        allow_partial_success=allow_partial_success,
-    )
-
-
-def batch_drop_request(
-    pairs: Iterable[tuple[int, int]], allow_partial_success: bool
-) -> pb.BatchDropCoursesRequest:
-    return pb.BatchDropCoursesRequest(
-        requests=[pb.DropCourseRequest(student_id=s, course_id=c) for s, c in pairs],
-        allow_partial_success=allow_partial_success,
-    )
-
-
-def batch_results(results: Iterable[Any]) -> list[BatchResult]:
-    """One BatchResult per item of a Batch*Response."""
-    out = []
-    for result in results:
-        error = None
-        if result.status.code:
-            error = ClientError.from_status(result.status)
-        entry = result.enrollment if hasattr(result, "enrollment") else result.promoted
-        field = "enrollment" if hasattr(result, "enrollment") else "promoted"
-        out.append(BatchResult(entry if result.HasField(field) else None, error))
-    return out
 
 
 def open_channel(
@@ -534,17 +352,26 @@ def open_channel(
     tls_cert is given, with tls_cert/tls_key as the client certificate for mutual TLS;
     plaintext otherwise. Raises ValueError for a certificate without its key (or the
     reverse) and OSError for a file that cannot be read. lb_policy: see channel_options."""
+    options = channel_options(lb_policy)
+    credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def channel_credentials(
+    tls_ca: str | None, tls_cert: str | None, tls_key: str | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials when tls_ca or tls_cert is given (see open_channel), else None."""
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("tls_cert and tls_key go together")
-    options = channel_options(lb_policy)
     if not (tls_ca or tls_cert):
-        return grpc.insecure_channel(address, options=options)
-    credentials = grpc.ssl_channel_credentials(
+        return None
+    return grpc.ssl_channel_credentials(
         root_certificates=_read(tls_ca),
         private_key=_read(tls_key),
         certificate_chain=_read(tls_cert),
     )
-    return grpc.secure_channel(address, credentials, options=options)
 
 
 def channel_options(lb_policy: str | None = None) -> list[tuple[str, str]]:
@@ -561,89 +388,8 @@ def channel_options(lb_policy: str | None = None) -> list[tuple[str, str]]:
     return [("grpc.service_config", json.dumps(config))]
 
 
-def connection_hint(message: str, *, tls: bool, client_cert: bool) -> str:
-    """What an UNAVAILABLE's message suggests about the client's security settings, or "".
-
-    A TLS server closes a plaintext client's connection, and a mutual-TLS server that of a
-    client without a certificate, and grpc reports only "Socket closed"; a plaintext
-    server answers a TLS hello with bytes TLS cannot read (WRONG_VERSION_NUMBER).
-    Options are named as enrollment-client and `enrollment-server health` spell them
-    (EnrollmentClient takes the same names as keywords: tls_ca, tls_cert, tls_key).
-    """
-    if tls and "WRONG_VERSION_NUMBER" in message:
-        return "the server may not speak TLS: connect without --tls-ca and --tls-cert"
-    if tls and "CERTIFICATE_VERIFY_FAILED" in message:
-        return "the server's certificate is not signed by the CA of --tls-ca"
-    if "Socket closed" not in message:
-        return ""
-    if not tls:
-        return (
-            "the server may expect TLS: give --tls-ca (and --tls-cert/--tls-key when it "
-            "asks for a client certificate)"
-        )
-    if not client_cert:
-        return "the server may ask for a client certificate (mutual TLS): give --tls-cert/--tls-key"
-    return "the server may not accept this client certificate, or may not speak TLS"
-
-
 def _read(path: str | None) -> bytes | None:
     if not path:
         return None
     with open(path, "rb") as file:
         return file.read()
-
-
-def update_student_request(
-    student_id: int, *, name: str | None, email: str | None, etag: str
-) -> pb.UpdateStudentRequest:
-    """An UpdateStudent whose mask names exactly the fields given (None: left as is)."""
-    student = pb.Student(id=student_id, etag=etag)
-    paths: list[str] = []
-    if name is not None:
-        student.name, paths = name, [*paths, "name"]
-    if email is not None:
-        student.email, paths = email, [*paths, "email"]
-    return pb.UpdateStudentRequest(
-        student=student, update_mask=field_mask_pb2.FieldMask(paths=paths)
-    )
-
-
-def update_course_request(
-    course_id: int,
-    *,
-    code: str | None,
-    title: str | None,
-    capacity: int | None,
-    waitlist_capacity: int | None,
-    etag: str,
-) -> pb.UpdateCourseRequest:
-    """An UpdateCourse whose mask names exactly the fields given (None: left as is)."""
-    course = pb.Course(id=course_id, etag=etag)
-    paths: list[str] = []
-    if code is not None:
-        course.code, paths = code, [*paths, "code"]
-    if title is not None:
-        course.title, paths = title, [*paths, "title"]
-    if capacity is not None:
-        course.capacity, paths = capacity, [*paths, "capacity"]
-    if waitlist_capacity is not None:
-        course.waitlist_capacity, paths = waitlist_capacity, [*paths, "waitlist_capacity"]
-    return pb.UpdateCourseRequest(course=course, update_mask=field_mask_pb2.FieldMask(paths=paths))
-
-
-def _walk(fetch: Callable[[str], Any], items: str, page_token: str) -> Iterator[Any]:
-    """The items of page after page from page_token on; fetch(token) makes one List* call
-    and items names the reply's repeated field."""
-    while True:
-        page = fetch(page_token)
-        yield from getattr(page, items)
-        page_token = _next_token(page_token, page.next_page_token)
-        if not page_token:
-            return
-
-
-def _next_token(current: str, following: str) -> str:
-    # A server that hands back the token it was given would keep a walk going forever.
-    if following and following == current:
-        raise ClientError("INTERNAL", "the server returned the same page token twice")
-    return following
