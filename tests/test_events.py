@@ -288,10 +288,10 @@ def test_events_expired_after_a_purge(stub, live):
     people = [new_student(stub) for _ in range(5)]
     everything = feed(stub)
     assert len(everything) == 5
-    # The first three made old, then purged in batches of 2 through the server's own
-    # pool (the server runs in this process).
+    # The first three made old, then purged in batches of 2 by the server's own purge
+    # (purge_oldest, one batch a call) through its pool (it runs in this process).
     databases.age_events(live.database_url, through=everything[2].sequence, days=10)
-    assert domain_events.purge_expired(dt.timedelta(days=1), batch=2) == 3
+    assert [domain_events.purge_oldest(dt.timedelta(days=1), 2) for _ in range(3)] == [2, 1, 0]
     third = everything[2].sequence
     # Before the highest purged sequence: some events after the cursor are gone.
     for after in (1, third - 1):

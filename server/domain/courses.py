@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 import peewee as pw
 
@@ -11,12 +13,11 @@ from enrollment.server.domain.enrollments import drop_all_of_course, promote_nex
 from enrollment.server.domain.lookups import find_course, find_student
 from enrollment.server.domain.retries import checked, mutation
 from enrollment.server.domain.rows import create_unique, list_page
-from enrollment.server.domain.updates import etag_of, masked_paths
+from enrollment.server.domain.updates import Updatable, update
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import (
     CapacityBelowEnrollment,
     CourseCodeTaken,
-    EtagMismatch,
     HasEnrollments,
     WaitlistBelowWaiting,
 )
@@ -87,12 +88,6 @@ def create_course(*, code: str, title: str, capacity: int, waitlist_capacity: in
     return course
 
 
-MUTABLE = ("code", "title", "capacity", "waitlist_capacity")
-OUTPUT_ONLY = (
-    "id", "etag", "enrolled_count", "waitlisted_count", "create_time", "update_time",
-)  # fmt: skip
-
-
 @mutation
 def update_course(
     *,
@@ -106,32 +101,19 @@ def update_course(
 ) -> Course:
     """Checks in contract order: INVALID_FIELD, NOT_FOUND, ETAG_MISMATCH,
     COURSE_CODE_TAKEN, CAPACITY_BELOW_ENROLLMENT, WAITLIST_BELOW_WAITING."""
-    fields = Fields()
-    fields.required_id("course.id", course_id)
-    values = {
-        "code": code, "title": title, "capacity": capacity, "waitlist_capacity": waitlist_capacity
-    }  # fmt: skip
-    chosen = masked_paths(fields, paths, values, resource="Course", output_only=OUTPUT_ONLY)
-    if "code" in chosen:
-        values["code"] = fields.code("course.code", code)
-    if "title" in chosen:
-        values["title"] = fields.name("course.title", title)
-    if "capacity" in chosen:
-        fields.capacity("course.capacity", capacity)
-    if "waitlist_capacity" in chosen:
-        fields.waitlist_capacity("course.waitlist_capacity", waitlist_capacity)
-    checked(fields)
-    # Locked: enrollments, drops and other updates of this course wait for this one.
-    course = find_course(course_id, lock=True)
-    if etag and etag != etag_of(course.version):
-        raise EtagMismatch.of("course", course_id)
-    changes = {name: values[name] for name in chosen if getattr(course, name) != values[name]}
-    if not changes:
-        return course
-    return _apply_course_changes(course, changes, utcnow())
+    return update(
+        _UPDATABLE,
+        course_id,
+        etag,
+        paths,
+        code=code,
+        title=title,
+        capacity=capacity,
+        waitlist_capacity=waitlist_capacity,
+    )
 
 
-def _apply_course_changes(course: Course, changes: dict, now) -> Course:
+def _apply_course_changes(course: Course, changes: dict[str, Any], now: dt.datetime) -> Course:
     """The one place a course is updated (and its new seats filled from the waitlist)."""
     course_id = course.id
     this = Course.id == course_id
@@ -168,6 +150,29 @@ def _apply_course_changes(course: Course, changes: dict, now) -> Course:
         this
     ).execute()
     return find_course(course_id)
+
+
+_UPDATABLE = Updatable(
+    kind="course",
+    resource="Course",
+    checks={
+        "code": Fields.code,
+        "title": Fields.name,
+        "capacity": Fields.capacity,
+        "waitlist_capacity": Fields.waitlist_capacity,
+    },
+    output_only=(
+        "id",
+        "etag",
+        "enrolled_count",
+        "waitlisted_count",
+        "create_time",
+        "update_time",
+    ),  # fmt: skip
+    # Locked: enrollments, drops and other updates of this course wait for this one.
+    find=lambda course_id: find_course(course_id, lock=True),
+    apply=_apply_course_changes,
+)
 
 
 @transactional(write=False)

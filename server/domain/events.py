@@ -291,17 +291,6 @@ def purge_oldest(retention: dt.timedelta, limit: int) -> int:
     return purge_batch(older_than=utcnow() - retention, batch=limit)
 
 
-def purge_expired(retention: dt.timedelta, *, batch: int = PURGE_BATCH) -> int:
-    """Purge every event older than retention, batch by batch; returns how many."""
-    older_than = utcnow() - retention
-    total = 0
-    while True:
-        deleted = purge_batch(older_than=older_than, batch=batch)
-        total += deleted
-        if deleted < batch:
-            return total
-
-
 @transactional(write=False)
 def read_after(after_sequence: int, limit: int) -> tuple[list[EventRecord], int]:
     """Every event after after_sequence (at most limit), unfiltered, and the head: the

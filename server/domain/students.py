@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 import peewee as pw
 
@@ -11,9 +13,9 @@ from enrollment.server.domain.enrollments import drop_entry
 from enrollment.server.domain.lookups import find_course, find_student
 from enrollment.server.domain.retries import checked, mutation
 from enrollment.server.domain.rows import create_unique, list_page
-from enrollment.server.domain.updates import etag_of, masked_paths
+from enrollment.server.domain.updates import Updatable, update
 from enrollment.server.domain.validation import Fields
-from enrollment.server.errors import EmailTaken, EtagMismatch, HasEnrollments
+from enrollment.server.errors import EmailTaken, HasEnrollments
 from enrollment.server.persistence.models import (
     ENROLLED,
     Course,
@@ -77,49 +79,40 @@ def create_student(*, name: str, email: str) -> Student:
     return student
 
 
-MUTABLE = ("name", "email")
-OUTPUT_ONLY = ("id", "etag", "create_time", "update_time")
-
-
 @mutation
 def update_student(
     *, student_id: int, etag: str, paths: list[str], name: str, email: str
 ) -> Student:
     """Checks in contract order: INVALID_FIELD, NOT_FOUND, ETAG_MISMATCH, EMAIL_TAKEN."""
-    fields = Fields()
-    fields.required_id("student.id", student_id)
-    values = {"name": name, "email": email}
-    chosen = masked_paths(fields, paths, values, resource="Student", output_only=OUTPUT_ONLY)
-    if "name" in chosen:
-        values["name"] = fields.name("student.name", name)
-    if "email" in chosen:
-        values["email"] = fields.email("student.email", email)
-    checked(fields)
-    student = find_student(student_id, lock=True)
-    if etag and etag != etag_of(student.version):
-        raise EtagMismatch.of("student", student_id)
-    changes = {name: values[name] for name in chosen if getattr(student, name) != values[name]}
-    if not changes:
-        return student
-    return _apply_student_changes(student_id, changes, utcnow())
+    return update(_UPDATABLE, student_id, etag, paths, name=name, email=email)
 
 
-def _apply_student_changes(student_id: int, changes: dict, now) -> Student:
+def _apply_student_changes(student: Student, changes: dict[str, Any], now: dt.datetime) -> Student:
     """The one place a student is updated."""
-    update = {Student.version: Student.version + 1, Student.update_time: now}
+    columns: dict[Any, Any] = {Student.version: Student.version + 1, Student.update_time: now}
     if "name" in changes:
-        update[Student.name] = changes["name"]
+        columns[Student.name] = changes["name"]
     if "email" in changes:
-        update[Student.email] = changes["email"]
-        update[Student.email_key] = lowercase_key(changes["email"])
+        columns[Student.email] = changes["email"]
+        columns[Student.email_key] = lowercase_key(changes["email"])
     try:
         with savepoint():
-            Student.update(update).where(Student.id == student_id).execute()
+            Student.update(columns).where(Student.id == student.id).execute()
     except pw.IntegrityError:
         raise EmailTaken.of() from None
-    student = find_student(student_id)
+    student = find_student(student.id)
     events.student_updated(student)
     return student
+
+
+_UPDATABLE = Updatable(
+    kind="student",
+    resource="Student",
+    checks={"name": Fields.name, "email": Fields.email},
+    output_only=("id", "etag", "create_time", "update_time"),
+    find=lambda student_id: find_student(student_id, lock=True),
+    apply=_apply_student_changes,
+)
 
 
 @transactional(write=False)
