@@ -209,13 +209,12 @@ def checked_schema() -> None:
 
 def _start(config: ServerConfig) -> RunningServer:
     try:
-        options.check(config)
         credentials = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
         auth = None
         if config.auth_tokens:
             buckets = FailureBuckets(config.auth_failure_burst, config.auth_failure_rate)
             auth = Authenticator(load_tokens(config.auth_tokens), buckets)
-    except (options.LimitsError, tls.TlsConfigError, TokenFileError) as exc:
+    except (tls.TlsConfigError, TokenFileError) as exc:
         raise StartupError(str(exc)) from exc
     metrics = RpcMetrics(engine.connections_in_use) if config.metrics_address else None
 

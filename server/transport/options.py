@@ -1,6 +1,7 @@
 """gRPC channel options for the server's limits: request size, keepalive, connection age,
 and what one client can hold (streams per connection, handshake time, idle connections,
-connections in all)."""
+connections in all). Their ranges are ServerConfig's (startup/config.py), checked
+before any of these is built."""
 
 from __future__ import annotations
 
@@ -11,36 +12,8 @@ import resource
 DESCRIPTOR_RESERVE = 64
 
 
-class LimitsError(ValueError):
-    """A limit flag out of range; the message names the flag."""
-
-
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
-
-
-def check(config) -> None:
-    """Refuse limits that cannot work, naming the flag."""
-    if config.max_message_bytes < 1024:
-        raise LimitsError("--max-message-bytes must be 1024 or more")
-    if config.max_concurrent_rpcs < 1:
-        raise LimitsError("--max-concurrent-rpcs must be 1 or more")
-    if min(config.keepalive_time, config.keepalive_timeout) <= 0:
-        raise LimitsError("--keepalive-time and --keepalive-timeout must be above 0")
-    if config.keepalive_min_ping_interval < 0:
-        raise LimitsError("--keepalive-min-ping-interval must be 0 or more")
-    if config.max_connection_age < 0 or config.max_connection_age_grace < 0:
-        raise LimitsError("--max-connection-age and --max-connection-age-grace must be 0 or more")
-    if config.request_timeout <= 0:
-        raise LimitsError("--request-timeout must be above 0")
-    if config.max_streams_per_connection < 1:
-        raise LimitsError("--max-streams-per-connection must be 1 or more")
-    if config.handshake_timeout <= 0:
-        raise LimitsError("--handshake-timeout must be above 0")
-    if config.max_connection_idle < 0:
-        raise LimitsError("--max-connection-idle must be 0 or more")
-    if config.max_connections is not None and config.max_connections < 1:
-        raise LimitsError("--max-connections must be 1 or more")
 
 
 def max_connections(config) -> int:
