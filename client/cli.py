@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -214,10 +213,16 @@ def _list_enrollments(client: EnrollmentClient, args: argparse.Namespace) -> Lis
     return Listing(page, page.enrollments, page.next_page_token, "enrollments")
 
 
+# A subcommand: what it prints (None: it printed as it went), or Finished with an exit status.
+Command = Callable[
+    [EnrollmentClient, argparse.Namespace], "Item | Listing | Done | Finished | None"
+]
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are a JSON error object on stdout under --json."""
 
-    def __init__(self, *args, json_errors: bool = False, **kwargs) -> None:
+    def __init__(self, *args: Any, json_errors: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.json_errors = json_errors
 
@@ -239,10 +244,11 @@ def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> 
     # In a subcommand the defaults are SUPPRESS, so an option given there overrides
     # the one given before the subcommand and an absent one leaves it alone; their help
     # is the top-level command's, not repeated in each subcommand's.
-    def default(value):
+    def default(value: object) -> object:
         return argparse.SUPPRESS if in_subcommand else value
 
-    described = default  # help text too
+    def described(text: str) -> str:  # help text too
+        return argparse.SUPPRESS if in_subcommand else text
 
     parser.add_argument(
         "--address",
@@ -312,11 +318,17 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
         dest="command",
         required=True,
         metavar="SUBCOMMAND",
-        parser_class=functools.partial(_Parser, json_errors=json_errors),
+        parser_class=_Parser,
     )
 
-    def add(name: str, run, text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text, epilog=SUBCOMMAND_EPILOG)
+    def add(name: str, run: Command, text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=text,
+            description=text,
+            epilog=SUBCOMMAND_EPILOG,
+            json_errors=json_errors,
+        )
         _global_options(sub, in_subcommand=True)
         sub.set_defaults(run=run)
         return sub
@@ -469,7 +481,7 @@ def _events(client: EnrollmentClient, args: argparse.Namespace) -> None:
         print(line, flush=True)
 
 
-def event_line(event) -> str:
+def event_line(event: pb.Event) -> str:
     kind = pb.EventType.Name(event.type).removeprefix("EVENT_TYPE_")
     parts = [str(event.sequence), _time(event.event_time), kind]
     if event.student_id:
@@ -528,7 +540,7 @@ def _export(client: EnrollmentClient, args: argparse.Namespace) -> Finished:
 # Rendering.
 
 
-def _to_json(message: Message) -> dict:
+def _to_json(message: Message) -> dict[str, Any]:
     # protobuf's JSON mapping, as grpcurl prints it: lowerCamelCase names.
     return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
 
@@ -539,7 +551,7 @@ def _time(ts: Timestamp) -> str:
     return ts.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _state(state: int) -> str:
+def _state(state: pb.EnrollmentState.ValueType) -> str:
     return pb.EnrollmentState.Name(state).removeprefix("ENROLLMENT_STATE_").lower()
 
 
