@@ -10,13 +10,13 @@ from enrollment.server.errors import CallEnded
 _is_active: ContextVar[Callable[[], bool] | None] = ContextVar("call_is_active", default=None)
 
 
-def bind(is_active: Callable[[], bool]) -> Token:
+def bind(is_active: Callable[[], bool]) -> Token[Callable[[], bool] | None]:
     """Bind the current call's liveness check to this context (the transport binds it to
     the call's state and runs the call's database work in a copy of the context)."""
     return _is_active.set(is_active)
 
 
-def unbind(token: Token) -> None:
+def unbind(token: Token[Callable[[], bool] | None]) -> None:
     _is_active.reset(token)
 
 
@@ -31,12 +31,12 @@ def ensure_active() -> None:
 _caller: ContextVar[tuple[str, str]] = ContextVar("caller", default=("", ""))
 
 
-def bind_caller(request_id: str, actor: str) -> Token:
+def bind_caller(request_id: str, actor: str) -> Token[tuple[str, str]]:
     """Bind the call's x-request-id and its token's name ("" without auth)."""
     return _caller.set((request_id, actor))
 
 
-def unbind_caller(token: Token) -> None:
+def unbind_caller(token: Token[tuple[str, str]]) -> None:
     _caller.reset(token)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,10 @@ class EnrollmentError(Exception):
         return self.message
 
 
-def in_batch(error: EnrollmentError, index: int, *, call: bool) -> EnrollmentError:
+E = TypeVar("E", bound=EnrollmentError)
+
+
+def in_batch(error: E, index: int, *, call: bool) -> E:
     """Item `index` of a batch's error: field paths prefixed "requests[i].". call: the
     error fails the whole call, so its message says which item and ErrorInfo metadata
     "index" names it."""

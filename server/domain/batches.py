@@ -16,13 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from enrollment.server.domain.enrollments import Entry, drop_entry, join
-from enrollment.server.domain.lookups import course_or_none
+from enrollment.server.domain.lookups import find_course
 from enrollment.server.domain.retries import checked, mutation
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import (
     CallEnded,
     DatabaseUnavailable,
     EnrollmentError,
+    FieldViolation,
     InvalidField,
     StudentNotFound,
     UnknownCourseArgument,
@@ -79,7 +80,7 @@ def _enroll(item: Item, locked: _Locked) -> Entry | None:
 def _drop(item: Item, locked: _Locked) -> Entry | None:
     _course_and_student(item, locked)
     # Read again (the row is ours): earlier items may have moved its counts.
-    course = course_or_none(item.course_id)
+    course = find_course(item.course_id)
     promoted = drop_entry(course, item.student_id, locked.now)
     return promoted[0] if promoted else None
 
@@ -95,7 +96,7 @@ def _course_and_student(item: Item, locked: _Locked) -> Course:
     return course
 
 
-def _item_violations(item: Item) -> list:
+def _item_violations(item: Item) -> list[FieldViolation]:
     fields = Fields()
     fields.required_id("student_id", item.student_id)
     fields.required_id("course_id", item.course_id)
@@ -159,6 +160,6 @@ def _lock(items: list[Item], malformed: dict[int, InvalidField]) -> _Locked:
     students: set[int] = set()
     if student_ids:
         # Share-locked: none of them can be deleted until the batch ends.
-        query = Student.select(Student.id).where(Student.id.in_(student_ids))
-        students = {student_id for (student_id,) in sharing(query).tuples()}
+        ids = Student.select(Student.id).where(Student.id.in_(student_ids))
+        students = {student_id for (student_id,) in sharing(ids).tuples()}
     return _Locked(courses, students, utcnow())

@@ -34,13 +34,13 @@ from enrollment.server.persistence.unit_of_work import savepoint, transactional
 # A page of the catalogue, and of one student's courses: keyset on the course id. A
 # student's courses are ordered by the join table's course_id, the same values, so that
 # SQLite walks the primary key (student_id, course_id) in order instead of sorting.
-_CATALOGUE_PAGE = Prepared(
+_CATALOGUE_PAGE: Prepared[Course] = Prepared(
     lambda after_id, limit: (
         Course.select().where(Course.id > after_id).order_by(Course.id).limit(limit)
     ),
     2,
 )
-_STUDENT_COURSES_PAGE = Prepared(
+_STUDENT_COURSES_PAGE: Prepared[Course] = Prepared(
     lambda student_id, after_id, limit: (
         Course.select()
         .join(StudentCourse)

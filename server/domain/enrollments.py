@@ -69,14 +69,14 @@ def _entry(row: StudentCourse, position: int = 0) -> Entry:
 # A duplicate (enrolled or waiting) inserts nothing instead of failing, so no savepoint
 # is needed for it even on PostgreSQL (ON CONFLICT DO NOTHING; INSERT OR IGNORE on
 # SQLite, INSERT IGNORE on MariaDB, which also turns a missing student into no row).
-_INSERT = Prepared(
+_INSERT: Prepared[StudentCourse] = Prepared(
     lambda student_id, course_id, enroll_time: StudentCourse.insert(
         student=student_id, course=course_id, enroll_time=enroll_time
     ).on_conflict_ignore(),
     3,
 )
 # One conditional UPDATE takes a seat; no row changed means the course is full.
-_TAKE_SEAT = Prepared(
+_TAKE_SEAT: Prepared[Course] = Prepared(
     lambda course_id: Course.update(enrolled_count=Course.enrolled_count + 1).where(
         (Course.id == course_id)
         & ((Course.capacity == 0) | (Course.enrolled_count < Course.capacity))
@@ -84,20 +84,20 @@ _TAKE_SEAT = Prepared(
     1,
 )
 # And one takes a place on the waitlist, handing out the next join number.
-_JOIN_WAITLIST = Prepared(
+_JOIN_WAITLIST: Prepared[Course] = Prepared(
     lambda course_id: Course.update(
         waitlisted_count=Course.waitlisted_count + 1, waitlist_joins=Course.waitlist_joins + 1
     ).where((Course.id == course_id) & (Course.waitlisted_count < Course.waitlist_capacity)),
     1,
 )
-_ENTRY = Prepared(
+_ENTRY: Prepared[StudentCourse] = Prepared(
     lambda student_id, course_id: StudentCourse.select().where(
         (StudentCourse.student == student_id) & (StudentCourse.course == course_id)
     ),
     2,
 )
 # Deletes the entry when it is (still) in the state given.
-_DELETE = Prepared(
+_DELETE: Prepared[StudentCourse] = Prepared(
     lambda student_id, course_id, state: StudentCourse.delete().where(
         (StudentCourse.student == student_id)
         & (StudentCourse.course == course_id)
@@ -105,13 +105,13 @@ _DELETE = Prepared(
     ),
     3,
 )
-_FREE_SEAT = Prepared(
+_FREE_SEAT: Prepared[Course] = Prepared(
     lambda course_id: Course.update(enrolled_count=Course.enrolled_count - 1).where(
         (Course.id == course_id) & (Course.enrolled_count > 0)
     ),
     1,
 )
-_LEAVE_WAITLIST = Prepared(
+_LEAVE_WAITLIST: Prepared[Course] = Prepared(
     lambda course_id: Course.update(waitlisted_count=Course.waitlisted_count - 1).where(
         (Course.id == course_id) & (Course.waitlisted_count > 0)
     ),
@@ -120,7 +120,11 @@ _LEAVE_WAITLIST = Prepared(
 
 
 def _validate_pair(
-    student_id: int, course_id: int, *, lock: bool = True, missing_course=UnknownCourseArgument
+    student_id: int,
+    course_id: int,
+    *,
+    lock: bool = True,
+    missing_course: type[UnknownCourseArgument | CourseNotFound] = UnknownCourseArgument,
 ) -> Course:
     """Checks in contract order: malformed ids, then the course, then the student."""
     fields = Fields()

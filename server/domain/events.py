@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from enrollment.server import callstate
 from enrollment.server.domain.lookups import course_or_none
@@ -23,11 +25,19 @@ from enrollment.server.persistence import outbox
 from enrollment.server.persistence.models import (
     PURGED,
     SEQUENCE,
+    Course,
     Event,
     EventCounter,
+    Student,
     utcnow,
 )
 from enrollment.server.persistence.unit_of_work import transactional
+
+if TYPE_CHECKING:  # enrollments imports this module
+    from enrollment.server.domain.enrollments import Entry
+
+# An event's JSON payload, and the snapshots in it.
+Json = dict[str, Any]
 
 # The proto's EventType numbers.
 STUDENT_CREATED, STUDENT_UPDATED, STUDENT_DELETED = 1, 2, 3
@@ -43,7 +53,7 @@ def _time(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _student(row) -> dict:
+def _student(row: Student) -> Json:
     return {
         "id": row.id,
         "name": row.name,
@@ -54,7 +64,7 @@ def _student(row) -> dict:
     }
 
 
-def _course(row, **counts) -> dict:
+def _course(row: Course, **counts: int) -> Json:
     snapshot = {
         "id": row.id,
         "code": row.code,
@@ -71,7 +81,7 @@ def _course(row, **counts) -> dict:
     return snapshot
 
 
-def _entry(entry) -> dict:
+def _entry(entry: Entry) -> Json:
     return {
         "student_id": entry.student_id,
         "course_id": entry.course_id,
@@ -86,8 +96,8 @@ class _CallEvents:
     """The events of one transaction, in the order recorded, until it ends."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[int, int, int, dict]] = []
-        self.gone_courses: dict[int, dict] = {}  # deleted in this call: the last snapshot
+        self.items: list[tuple[int, int, int, Json]] = []
+        self.gone_courses: dict[int, Json] = {}  # deleted in this call: the last snapshot
         self.time = utcnow()
 
     def finish(self) -> None:
@@ -115,7 +125,7 @@ class _CallEvents:
             )
 
 
-def _record(kind: int, student_id: int, course_id: int, payload: dict) -> None:
+def _record(kind: int, student_id: int, course_id: int, payload: Json) -> None:
     call = _current_call()
     call.items.append((kind, student_id, course_id, payload))
 
@@ -130,15 +140,15 @@ def _current_call() -> _CallEvents:
 
 
 # One recorder per kind of change, called by the one function that makes it.
-def student_created(student) -> None:
+def student_created(student: Student) -> None:
     _record(STUDENT_CREATED, student.id, 0, {"student": _student(student)})
 
 
-def student_updated(student) -> None:
+def student_updated(student: Student) -> None:
     _record(STUDENT_UPDATED, student.id, 0, {"student": _student(student)})
 
 
-def student_deleted(student) -> None:
+def student_deleted(student: Student) -> None:
     _record(STUDENT_DELETED, student.id, 0, {"student": _student(student)})
 
 
@@ -150,7 +160,7 @@ def course_updated(course_id: int) -> None:
     _record(COURSE_UPDATED, 0, course_id, {})
 
 
-def course_deleted(course, *, emptied: bool) -> None:
+def course_deleted(course: Course, *, emptied: bool) -> None:
     """course: its row as read under the lock; emptied: its entries were dropped in this
     call (its counts are 0 at the end)."""
     counts = {"enrolled_count": 0, "waitlisted_count": 0} if emptied else {}
@@ -158,7 +168,7 @@ def course_deleted(course, *, emptied: bool) -> None:
     _record(COURSE_DELETED, 0, course.id, {})
 
 
-def entry_changed(kind: int, entry) -> None:
+def entry_changed(kind: int, entry: Entry) -> None:
     """ENROLLED, WAITLISTED, PROMOTED (the entry after) or DROPPED (the entry before)."""
     assert kind in _ENTRY_KINDS
     _record(kind, entry.student_id, entry.course_id, {"enrollment": _entry(entry)})
@@ -187,7 +197,7 @@ class EventPage:
     head_sequence: int
 
 
-def _snapshot(data: dict | None) -> SimpleNamespace | None:
+def _snapshot(data: Json | None) -> SimpleNamespace | None:
     if data is None:
         return None
     values = {
@@ -197,7 +207,7 @@ def _snapshot(data: dict | None) -> SimpleNamespace | None:
     return SimpleNamespace(**values)
 
 
-def to_record(row) -> EventRecord:
+def to_record(row: Event) -> EventRecord:
     payload = json.loads(row.payload)
     return EventRecord(
         sequence=row.sequence,
@@ -213,7 +223,7 @@ def to_record(row) -> EventRecord:
     )
 
 
-def check_request(fields: Fields, *, after_sequence: int, student_id: int, course_id: int):
+def check_request(fields: Fields, *, after_sequence: int, student_id: int, course_id: int) -> None:
     if after_sequence < 0:
         fields.invalid("after_sequence", "must be 0 (from the oldest kept event) or more")
     fields.optional_id("student_id", student_id)
@@ -236,7 +246,9 @@ def check_not_expired(after_sequence: int) -> None:
             raise EventsExpired.of(after_sequence, purged)
 
 
-def select_events(after_sequence: int, head: int, student_id: int, course_id: int, limit: int):
+def select_events(
+    after_sequence: int, head: int, student_id: int, course_id: int, limit: int
+) -> list[EventRecord]:
     query = Event.select().where((Event.sequence > after_sequence) & (Event.sequence <= head))
     if student_id:
         query = query.where(Event.student_id == student_id)
@@ -275,13 +287,13 @@ def purge_batch(*, older_than: dt.datetime, batch: int = PURGE_BATCH) -> int:
     enough to keep, so the kept events always follow the purged ones without a hole."""
     oldest = Event.select(Event.sequence, Event.event_time).order_by(Event.sequence).limit(batch)
     last = None
-    for sequence, event_time in oldest.tuples():
-        if event_time >= older_than:
+    for event in oldest:
+        if event.event_time >= older_than:
             break
-        last = sequence
+        last = event.sequence
     if last is None:
         return 0
-    deleted = Event.delete().where(Event.sequence <= last).execute()
+    deleted: int = Event.delete().where(Event.sequence <= last).execute()
     outbox.set_at_least(PURGED, last)
     return deleted
 
@@ -299,10 +311,10 @@ def read_after(after_sequence: int, limit: int) -> tuple[list[EventRecord], int]
     return select_events(after_sequence, head, 0, 0, limit), head
 
 
-def on_commit(listener) -> None:
+def on_commit(listener: Callable[[], None]) -> None:
     """listener() after each local commit that wrote events (see outbox.on_commit)."""
     outbox.on_commit(listener)
 
 
-def remove_listener(listener) -> None:
+def remove_listener(listener: Callable[[], None]) -> None:
     outbox.remove_listener(listener)

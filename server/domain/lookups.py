@@ -7,14 +7,18 @@ from enrollment.server.persistence.models import Course, Student
 from enrollment.server.persistence.prepared import Prepared
 from enrollment.server.persistence.unit_of_work import locking
 
-_STUDENT = Prepared(lambda student_id: Student.select().where(Student.id == student_id), 1)
-_COURSE = Prepared(lambda course_id: Course.select().where(Course.id == course_id), 1)
+_STUDENT: Prepared[Student] = Prepared(
+    lambda student_id: Student.select().where(Student.id == student_id), 1
+)
+_COURSE: Prepared[Course] = Prepared(
+    lambda course_id: Course.select().where(Course.id == course_id), 1
+)
 # The same with FOR UPDATE where the database has it (locking() decides when the SQL is
 # compiled, which happens again for each database the models are bound to).
-_STUDENT_LOCKED = Prepared(
+_STUDENT_LOCKED: Prepared[Student] = Prepared(
     lambda student_id: locking(Student.select().where(Student.id == student_id)), 1
 )
-_COURSE_LOCKED = Prepared(
+_COURSE_LOCKED: Prepared[Course] = Prepared(
     lambda course_id: locking(Course.select().where(Course.id == course_id)), 1
 )
 

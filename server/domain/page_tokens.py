@@ -7,6 +7,13 @@ import binascii
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import peewee as pw
+
+from enrollment.server.persistence.prepared import Prepared
+
+M = TypeVar("M", bound=pw.Model)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -49,6 +56,7 @@ def decode(token: str, *, kind: Kind, filter_id: int) -> int:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         version, token_kind, token_filter, after_id = _LAYOUT.unpack(raw)
+        assert isinstance(after_id, int)  # the layout's last field is a q
     except (binascii.Error, ValueError, struct.error, UnicodeEncodeError):
         raise BadToken("is not a page token issued by this method") from None
     if version != _VERSION or token_kind != kind or after_id < 1 or token_filter < 0:
@@ -91,7 +99,7 @@ class PageRequest:
     size: int
     after_id: int
 
-    def fetch(self, query, *filter_values) -> tuple[list, str]:
+    def fetch(self, query: Prepared[M], *filter_values: int) -> tuple[list[M], str]:
         """One keyset query for size + 1 rows; the extra row says whether a next page exists.
 
         query: a Prepared query taking the filter values (if any), the last id of the
@@ -101,4 +109,5 @@ class PageRequest:
         if len(rows) <= self.size:
             return rows, ""
         rows = rows[: self.size]
-        return rows, encode(kind=self.kind, filter_id=self.filter_id, after_id=rows[-1].id)
+        last: Any = rows[-1]  # a Student or a Course: both keyed by id
+        return rows, encode(kind=self.kind, filter_id=self.filter_id, after_id=last.id)

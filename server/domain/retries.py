@@ -165,8 +165,9 @@ def purge_expired(retention: dt.timedelta, limit: int = 500) -> int:
     ]
     if not expired:
         return 0
-    return (
+    deleted: int = (
         RequestRecord.delete()
         .where(RequestRecord.request_id.in_(expired) & (RequestRecord.create_time < cutoff))
         .execute()
     )
+    return deleted

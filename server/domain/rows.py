@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import peewee as pw
 
@@ -16,7 +16,7 @@ from enrollment.server.persistence.unit_of_work import savepoint
 M = TypeVar("M", bound=pw.Model)
 
 
-def create_unique(model: type[M], taken: Callable[[], EnrollmentError], **values) -> M:
+def create_unique(model: type[M], taken: Callable[[], EnrollmentError], **values: Any) -> M:
     """Insert one row; when its unique key is already held (the unique index decides, not
     a look-up first) the insert is undone to its savepoint and taken() is raised."""
     try:
@@ -33,10 +33,10 @@ def list_page(
     filter_id: int,
     page_size: int,
     page_token: str,
-    every_row: Prepared,
-    filtered: Prepared,
+    every_row: Prepared[M],
+    filtered: Prepared[M],
     find_filter: Callable[[int], object],
-) -> tuple[list, str]:
+) -> tuple[list[M], str]:
     """One page of a List* call and the next page token.
 
     every_row: the keyset query without a filter (filter id 0); filtered: the one taking

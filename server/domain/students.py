@@ -31,13 +31,13 @@ from enrollment.server.persistence.unit_of_work import locking, savepoint, trans
 # is ordered by the join table's student_id, the same values, so that SQLite reads the
 # (course_id, student_id) index in order and stops after one page instead of sorting
 # the whole roster.
-_STUDENTS_PAGE = Prepared(
+_STUDENTS_PAGE: Prepared[Student] = Prepared(
     lambda after_id, limit: (
         Student.select().where(Student.id > after_id).order_by(Student.id).limit(limit)
     ),
     2,
 )
-_ROSTER_PAGE = Prepared(
+_ROSTER_PAGE: Prepared[Student] = Prepared(
     lambda course_id, after_id, limit: (
         Student.select()
         .join(StudentCourse)

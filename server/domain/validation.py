@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from enrollment.server.domain import page_tokens
 from enrollment.server.errors import FieldViolation, InvalidField
@@ -38,7 +39,14 @@ class Fields:
             self.invalid(field, "must be 0 (no filter) or an id of 1 or more")
         return value
 
-    def _text(self, field: str, value: str, max_length: int, rule=None, rule_text="") -> str:
+    def _text(
+        self,
+        field: str,
+        value: str,
+        max_length: int,
+        rule: Callable[[str], object] | None = None,
+        rule_text: str = "",
+    ) -> str:
         """The trimmed value; a violation when it holds control characters, is blank,
         is too long, or fails rule (a predicate on the trimmed text)."""
         if _CONTROL.search(value):

@@ -76,6 +76,10 @@ def setup(level: str, log_format: str = "text", *, sql_values: bool = False) -> 
     logging._srcfile = None
 
 
+# logging.Formatter.default_msec_format, which the class never changes.
+_MSEC_FORMAT = logging.Formatter.default_msec_format or "%s,%03d"
+
+
 class _SecondCachedFormatter(logging.Formatter):
     """The same lines, with the date and time part of asctime computed once a second.
 
@@ -84,7 +88,9 @@ class _SecondCachedFormatter(logging.Formatter):
 
     _cache: tuple[int, str] = (-1, "")
 
-    def formatTime(self, record, datefmt=None):  # noqa: N802 (logging's name)
+    def formatTime(  # noqa: N802 (logging's name)
+        self, record: logging.LogRecord, datefmt: str | None = None
+    ) -> str:
         if datefmt:
             return super().formatTime(record, datefmt)
         second = int(record.created)
@@ -92,4 +98,4 @@ class _SecondCachedFormatter(logging.Formatter):
         if second != cached_second:
             prefix = time.strftime(self.default_time_format, self.converter(second))
             self._cache = (second, prefix)
-        return self.default_msec_format % (prefix, record.msecs)
+        return _MSEC_FORMAT % (prefix, record.msecs)

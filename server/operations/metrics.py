@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -103,8 +103,8 @@ class _OccurrencesCollector:
     def __init__(self, name: str, documentation: str, source: Occurrences) -> None:
         self._name, self._documentation, self._source = name, documentation, source
 
-    def describe(self):
+    def describe(self) -> list[CounterMetricFamily]:
         return [CounterMetricFamily(self._name, self._documentation)]
 
-    def collect(self):
+    def collect(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily(self._name, self._documentation, value=self._source.total)

@@ -79,7 +79,9 @@ def _check_sqlite_path(path: str, *, create: bool) -> None:
         )
 
 
-def _driver_params(target: Target, timeout: float, statement_timeout: float | None) -> dict:
+def _driver_params(
+    target: Target, timeout: float, statement_timeout: float | None
+) -> dict[str, Any]:
     """Connection parameters that make every wait end: connecting, locks, statements.
 
     statement_timeout None (schema commands) lets a long migration run to its end.
@@ -126,21 +128,23 @@ class _MySQLSession:
     """Runs session settings on every new connection (pymysql's init_command takes one
     statement, and the isolation level needs its own)."""
 
-    def __init__(self, *args, session_sql: str = "", **kwargs):
+    def __init__(self, *args: Any, session_sql: str = "", **kwargs: Any) -> None:
         self._session_sql = session_sql
         super().__init__(*args, **kwargs)
 
-    def _initialize_connection(self, conn):
+    def _initialize_connection(self, conn: Any) -> None:
         # peewee calls this at every checkout from the pool; the settings need one
         # round trip per new connection only.
-        super()._initialize_connection(conn)
+        # A mixin: the database class after it in the MRO has the method.
+        super()._initialize_connection(conn)  # type: ignore[misc]
         if self._session_sql and not getattr(conn, "enrollment_session", False):
             with conn.cursor() as cursor:
                 cursor.execute(self._session_sql)
             conn.enrollment_session = True
 
 
-class PooledMariaDBDatabase(_MySQLSession, PooledMySQLDatabase):
+# init: playhouse's (read from its source) and peewee's stubs spell it differently.
+class PooledMariaDBDatabase(_MySQLSession, PooledMySQLDatabase):  # type: ignore[misc]
     """The serving pool for mysql:// URLs (MariaDB or MySQL) with the session settings."""
 
 
@@ -165,12 +169,12 @@ def timeouts() -> Timeouts:
     return _timeouts
 
 
-_POOLED = {
+_POOLED: dict[str, type[pw.Database]] = {
     "sqlite": PooledSqliteDatabase,
     "postgresql": PooledPostgresqlDatabase,
     "mysql": PooledMariaDBDatabase,
 }
-_PLAIN = {
+_PLAIN: dict[str, type[pw.Database]] = {
     "sqlite": pw.SqliteDatabase,
     "postgresql": pw.PostgresqlDatabase,
     "mysql": MariaDBDatabase,

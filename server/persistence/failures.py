@@ -118,7 +118,7 @@ def storage_full(exc: BaseException) -> bool:
     if isinstance(cause, sqlite3.Error):
         code = getattr(cause, "sqlite_errorcode", None)
         if code is not None:
-            return code & 0xFF == _SQLITE_FULL
+            return int(code) & 0xFF == _SQLITE_FULL
     return "database or disk is full" in str(exc).lower()
 
 

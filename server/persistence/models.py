@@ -32,7 +32,7 @@ def lowercase_key(value: str) -> str:
 class IdField(pw.BigAutoField):
     """64-bit id that is never handed out twice, also on SQLite (AUTOINCREMENT)."""
 
-    def ddl(self, ctx):
+    def ddl(self, ctx: pw.Context) -> pw.NodeList:
         node = super().ddl(ctx)
         db = self.model._meta.database
         db = db.obj if isinstance(db, pw.DatabaseProxy) else db
@@ -45,13 +45,13 @@ class TimestampField(pw.DateTimeField):
     """Naive UTC time to the microsecond on every database (MySQL's DATETIME alone keeps
     whole seconds, so there it is DATETIME(6))."""
 
-    def ddl_datatype(self, ctx):
+    def ddl_datatype(self, ctx: pw.Context) -> pw.SQL:
         if _is_mysql(self.model._meta.database):
             return pw.SQL("DATETIME(6)")
         return super().ddl_datatype(ctx)
 
 
-def _is_mysql(db) -> bool:
+def _is_mysql(db: pw.Database | pw.DatabaseProxy) -> bool:
     db = db.obj if isinstance(db, pw.DatabaseProxy) else db
     return isinstance(db, pw.MySQLDatabase)
 
@@ -124,6 +124,10 @@ class StudentCourse(BaseModel):
         Student, column_name="student_id", on_delete="RESTRICT", index=False
     )
     course = pw.ForeignKeyField(Course, column_name="course_id", on_delete="RESTRICT", index=False)
+    # The ids the two keys hold, as peewee gives them (row.student_id): declared for
+    # type checkers only (a bare annotation is no field).
+    student_id: int
+    course_id: int
     # When the entry was made (Enrollment.create_time): for an entry that never waited
     # also when it took its seat.
     enroll_time = TimestampField(default=utcnow)
@@ -192,7 +196,7 @@ class ResponseField(pw.BlobField):
     """Serialized response bytes: LONGBLOB on MySQL, whose BLOB stops at 64 KiB (a batch
     of 1000 results is larger)."""
 
-    def ddl_datatype(self, ctx):
+    def ddl_datatype(self, ctx: pw.Context) -> pw.SQL:
         if _is_mysql(self.model._meta.database):
             return pw.SQL("LONGBLOB")
         return super().ddl_datatype(ctx)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar, Token
+from typing import Any
 
 import peewee as pw
 
@@ -40,20 +41,20 @@ class _Pending:
     __slots__ = ("data", "finishers", "rows")
 
     def __init__(self) -> None:
-        self.rows: list[dict] = []
+        self.rows: list[dict[str, Any]] = []
         self.finishers: list[Callable[[], None]] = []
-        self.data: dict = {}  # the domain's own per-transaction state
+        self.data: dict[str, Any] = {}  # the domain's own per-transaction state
 
 
 _pending: ContextVar[_Pending | None] = ContextVar("outbox_pending", default=None)
 
 
-def begin() -> Token:
+def begin() -> Token[_Pending | None]:
     """A write transaction starts: nothing pending."""
     return _pending.set(_Pending())
 
 
-def end(token: Token) -> None:
+def end(token: Token[_Pending | None]) -> None:
     """The transaction ended (committed or rolled back): whatever was pending is gone."""
     _pending.reset(token)
 
@@ -84,7 +85,7 @@ def committed() -> None:
         listener()
 
 
-def state() -> dict:
+def state() -> dict[str, Any]:
     """A dict that lives as long as the current write transaction (for the domain)."""
     return _current().data
 
@@ -95,7 +96,7 @@ def before_flush(finish: Callable[[], None]) -> None:
     _current().finishers.append(finish)
 
 
-def add(row: dict) -> None:
+def add(row: dict[str, Any]) -> None:
     """One event's columns, all but sequence; numbered in the order added."""
     _current().rows.append(row)
 
@@ -151,10 +152,13 @@ def advance(name: str, by: int) -> int:
         except pw.IntegrityError:
             if _ADVANCE[name].execute(by) != 1:
                 raise
-    return _COUNTER[name].first().value
+    counter = _COUNTER[name].first()
+    assert counter is not None  # made above when missing
+    value: int = counter.value
+    return value
 
 
-def _advance(name: str) -> Prepared:
+def _advance(name: str) -> Prepared[EventCounter]:
     # The name is a constant of the SQL (a text value cannot be a Prepared marker).
     return Prepared(
         lambda by: EventCounter.update(value=EventCounter.value + by).where(
@@ -164,7 +168,7 @@ def _advance(name: str) -> Prepared:
     )
 
 
-def _counter(name: str) -> Prepared:
+def _counter(name: str) -> Prepared[EventCounter]:
     return Prepared(lambda: EventCounter.select().where(EventCounter.name == name), 0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import peewee as pw
 
@@ -11,22 +12,27 @@ from enrollment.server.persistence.models import proxy
 # Stand-ins for the parameters while a query is compiled; no id, size or count is this low.
 _MARKER = -(2**62)
 
+M = TypeVar("M", bound=pw.Model)
+# (database, model, sql, binding, converters)
+_Compiled = tuple[Any, Any, str, Any, tuple[tuple[str, Callable[[Any], Any]], ...]]
 
-class Prepared:
+
+class Prepared(Generic[M]):
     """A peewee query built once with marker values, its SQL reused with each call's values.
 
     Peewee compiles a query to SQL on every execution, and for a one-row lookup that
     costs several times the lookup itself (`make bench-micro`; bench/PROFILE.md). The
     SQL depends only on the database (its quoting and placeholders), so it is compiled
-    on first use and again only when the models are bound to another database.
+    on first use and again only when the models are bound to another database. M is the
+    model a SELECT's rows are (for other statements, the model they change).
     """
 
     def __init__(self, build: Callable[..., pw.Query], arity: int) -> None:
         self._build = build
         self._markers = tuple(_MARKER - i for i in range(arity))
-        self._compiled: tuple | None = None  # (database, model, sql, binding, converters)
+        self._compiled: _Compiled | None = None
 
-    def _compile(self) -> tuple:
+    def _compile(self) -> _Compiled:
         db = proxy.obj
         compiled = self._compiled
         if compiled is None or compiled[0] is not db:
@@ -41,25 +47,28 @@ class Prepared:
             )
             if [b for b in binding if b[0]] != [(True, i) for i in range(len(self._markers))]:
                 raise ValueError(f"every value must appear once, in order: {sql}")
-            if all(is_value for is_value, _ in binding):
-                binding = None  # the common case: the values are the parameters
             # What peewee's own row wrapper does for a plain model select: each column
             # through its field's python_value, the instance built without defaults.
             fields = getattr(query, "selected_columns", None) or ()
             converters = tuple((f.name, f.python_value) for f in fields)
-            compiled = self._compiled = (db, query.model, sql, binding, converters)
+            # The common case, binding None: the values are the parameters.
+            bound = None if all(is_value for is_value, _ in binding) else binding
+            model = query.model  # type: ignore[attr-defined]  # every query here is a model's
+            compiled = self._compiled = (db, model, sql, bound, converters)
         return compiled
 
-    def _params(self, binding, values: tuple) -> tuple:
+    def _params(
+        self, binding: tuple[tuple[bool, Any], ...] | None, values: tuple[Any, ...]
+    ) -> tuple[Any, ...]:
         if binding is None:
             return values
         return tuple(values[v] if is_value else v for is_value, v in binding)
 
-    def rows(self, *values) -> list:
+    def rows(self, *values: Any) -> list[M]:
         """The model instances a SELECT of one model's fields returns."""
         _, model, sql, binding, converters = self._compile()
         cursor = proxy.execute_sql(sql, self._params(binding, values))
-        found = []
+        found: list[M] = []
         for row in cursor.fetchall():
             data = {name: convert(v) for (name, convert), v in zip(converters, row, strict=True)}
             # Private names, as in peewee's own wrapper: model(**data) would compute
@@ -69,13 +78,14 @@ class Prepared:
             found.append(instance)
         return found
 
-    def first(self, *values):
+    def first(self, *values: Any) -> M | None:
         """The first row of a SELECT, or None."""
         rows = self.rows(*values)
         return rows[0] if rows else None
 
-    def execute(self, *values) -> int:
+    def execute(self, *values: Any) -> int:
         """Run an INSERT, UPDATE or DELETE; the number of rows it changed."""
         _, _, sql, binding, _ = self._compile()
         cursor = proxy.execute_sql(sql, self._params(binding, values))
-        return cursor.rowcount
+        count: int = cursor.rowcount
+        return count

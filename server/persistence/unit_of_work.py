@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import peewee as pw
 from playhouse.pool import MaxConnectionsExceeded
@@ -191,12 +191,12 @@ class _Transient(Exception):
         self.verdict = found
 
 
-def savepoint():
+def savepoint() -> contextlib.AbstractContextManager[object]:
     """A nested transaction: a constraint error inside it leaves the outer one usable."""
     return proxy.atomic()
 
 
-def statement_guard():
+def statement_guard() -> contextlib.AbstractContextManager[object]:
     """What a statement that may break a constraint runs in, so that the transaction goes
     on after it: a savepoint on PostgreSQL, where any failed statement aborts the whole
     transaction; nothing on SQLite and MariaDB, where a failed statement undoes only
@@ -219,9 +219,9 @@ def sharing(query: pw.Select) -> pw.Select:
     db = proxy.obj
     if isinstance(db, pw.SqliteDatabase):
         return query
-    return query.for_update(
-        "LOCK IN SHARE MODE" if isinstance(db, pw.MySQLDatabase) else "FOR SHARE"
-    )
+    # peewee takes the locking clause as text too; its stubs declare only a bool.
+    clause: Any = "LOCK IN SHARE MODE" if isinstance(db, pw.MySQLDatabase) else "FOR SHARE"
+    return query.for_update(clause)
 
 
 def transactional(*, write: bool) -> Callable[[Callable[P, R]], Callable[P, R]]:

@@ -21,6 +21,7 @@ import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import peewee as pw
@@ -93,7 +94,7 @@ class RunningServer:
     request_purger: Purger | None = None
     hub: WatchHub | None = None
     metrics_port: int | None = None
-    metrics_server: object | None = None
+    metrics_server: WSGIServer | None = None
     pool: WorkerPool | None = None
     terminated: threading.Event = field(default_factory=threading.Event)
 
@@ -237,7 +238,7 @@ def _start(config: ServerConfig) -> RunningServer:
             config.address,
         )
     running = RunningServer(server, port, health_servicer, events, pool=pool, hub=hub)
-    if metrics is not None:
+    if metrics is not None and config.metrics_address is not None:
         try:
             running.metrics_server, _ = metrics.serve(config.metrics_address)
         except (OSError, ValueError) as exc:

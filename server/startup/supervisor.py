@@ -14,6 +14,7 @@ import sys
 import threading
 from dataclasses import replace
 from multiprocessing.connection import wait as wait_for_exit
+from typing import cast
 
 from enrollment.server import addresses
 from enrollment.server.startup.config import ServerConfig, StartupError
@@ -62,7 +63,7 @@ def serve_workers(config: ServerConfig) -> int:
         log.info("%s: stopping %d workers", signal.Signals(signum).name, len(workers))
         stopping.set()
         for worker in workers:
-            if worker.is_alive():
+            if worker.is_alive() and worker.pid is not None:
                 os.kill(worker.pid, signal.SIGTERM)
 
     for worker in workers:
@@ -81,7 +82,7 @@ def serve_workers(config: ServerConfig) -> int:
         running = {worker.sentinel: worker for worker in workers}
         while running:
             for sentinel in wait_for_exit(list(running), timeout=1.0):
-                worker = running.pop(sentinel)
+                worker = running.pop(cast(int, sentinel))  # wait_for_exit gives them back
                 worker.join()
                 if not stopping.is_set() or worker.exitcode != 0:
                     log.error(

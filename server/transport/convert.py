@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -36,12 +36,19 @@ class Course(Protocol):
 
 
 class Entry(Protocol):
-    student_id: int
-    course_id: int
-    state: int  # the proto's EnrollmentState numbers
-    waitlist_position: int
-    create_time: dt.datetime
-    enroll_time: dt.datetime | None
+    # Read-only: the domain's entries are frozen.
+    @property
+    def student_id(self) -> int: ...
+    @property
+    def course_id(self) -> int: ...
+    @property
+    def state(self) -> int: ...  # the proto's EnrollmentState numbers
+    @property
+    def waitlist_position(self) -> int: ...
+    @property
+    def create_time(self) -> dt.datetime: ...
+    @property
+    def enroll_time(self) -> dt.datetime | None: ...
 
 
 _EPOCH = dt.datetime(1970, 1, 1)
@@ -82,23 +89,34 @@ def course_to_proto(course: Course) -> pb.Course:
 
 
 class EventRecord(Protocol):
-    sequence: int
-    event_time: dt.datetime
-    type: int  # the proto's EventType numbers
-    student_id: int
-    course_id: int
-    student: Student | None
-    course: Course | None
-    enrollment: Entry | None
-    request_id: str
-    actor: str
+    # Read-only: the domain's records are frozen; the snapshots have their row's fields.
+    @property
+    def sequence(self) -> int: ...
+    @property
+    def event_time(self) -> dt.datetime: ...
+    @property
+    def type(self) -> int: ...  # the proto's EventType numbers
+    @property
+    def student_id(self) -> int: ...
+    @property
+    def course_id(self) -> int: ...
+    @property
+    def student(self) -> Any: ...  # a Student's fields
+    @property
+    def course(self) -> Any: ...  # a Course's fields
+    @property
+    def enrollment(self) -> Any: ...  # an Entry's fields
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def actor(self) -> str: ...
 
 
 def event_to_proto(event: EventRecord) -> pb.Event:
     message = pb.Event(
         sequence=event.sequence,
         event_time=timestamp(event.event_time),
-        type=event.type,
+        type=cast(pb.EventType.ValueType, event.type),
         student_id=event.student_id,
         course_id=event.course_id,
         request_id=event.request_id,
@@ -117,7 +135,7 @@ def enrollment_to_proto(enrollment: Entry) -> pb.Enrollment:
     message = pb.Enrollment(
         student_id=enrollment.student_id,
         course_id=enrollment.course_id,
-        state=enrollment.state,
+        state=cast(pb.EnrollmentState.ValueType, enrollment.state),
         waitlist_position=enrollment.waitlist_position,
         create_time=timestamp(enrollment.create_time),
     )

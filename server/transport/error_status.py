@@ -50,4 +50,6 @@ INTERNAL = to_status(EnrollmentError("internal error; the server log has the det
 
 def with_trailers(status: grpc.Status, extra: tuple[tuple[str, str], ...]) -> grpc.Status:
     """The same status with more trailing metadata (a request id, say)."""
-    return status._replace(trailing_metadata=tuple(status.trailing_metadata) + extra)
+    # rpc_status.to_status makes a namedtuple; grpc.Status declares only its fields.
+    replace = status._replace  # type: ignore[attr-defined]
+    return replace(trailing_metadata=tuple(status.trailing_metadata) + extra)

@@ -20,6 +20,7 @@ import logging
 import re
 import time
 import uuid
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -159,23 +160,30 @@ def _bounded(handler: grpc.RpcMethodHandler, timeout: float) -> grpc.RpcMethodHa
                 await abort(context, error)
             return await behavior(request, context)
 
-        return handler._replace(request_streaming=True, unary_unary=None, stream_unary=unary)
+        return grpc.stream_unary_rpc_method_handler(
+            unary, handler.request_deserializer, handler.response_serializer
+        )
 
-    behavior = handler.unary_stream
+    streaming = handler.unary_stream
+    if streaming is None:  # not a unary-request handler: nothing to bound
+        return handler
 
     async def stream(request_iterator, context):
         try:
             request = await _request_of(context, timeout)
         except EnrollmentError as error:
             await abort(context, error)
-        replies = behavior(request, context)
+        # Either an async generator (the service writes as it goes) or a coroutine.
+        replies: Any = streaming(request, context)
         if hasattr(replies, "__aiter__"):
             async for reply in replies:
                 await context.write(reply)
         else:
             await replies
 
-    return handler._replace(request_streaming=True, unary_stream=None, stream_stream=stream)
+    return grpc.stream_stream_rpc_method_handler(
+        stream, handler.request_deserializer, handler.response_serializer
+    )
 
 
 class _CallState:
@@ -225,7 +233,9 @@ class _Guard:
         start = time.perf_counter()
         request_id = None
         authorizations: list[str] = []
-        for key, value in context.invocation_metadata():
+        for key, value in context.invocation_metadata() or ():
+            if isinstance(value, bytes):
+                continue  # a -bin header: neither of these
             if key == "x-request-id":
                 request_id = value
             elif key == "authorization":
@@ -371,10 +381,10 @@ class _Call:
         to the pool, otherwise by the pool thread when the work is over."""
         guard = self.guard
         elapsed = time.perf_counter() - self.start
-        metrics = guard._metrics
-        if metrics is not None:
+        metrics, latency = guard._metrics, guard._latency
+        if metrics is not None and latency is not None:
             metrics.in_flight.dec()
-            guard._latency.observe(elapsed)
+            latency.observe(elapsed)
             metrics.count(guard._name, code)
         if log.isEnabledFor(logging.INFO):
             _log_call(

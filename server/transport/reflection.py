@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
@@ -43,6 +45,8 @@ class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
 
     def _file_asked_for(self, request):
         """The file a file_by_filename or file_containing_symbol request names, or None."""
+        names: tuple[str, ...]
+        find: Callable[[str], Any]
         if request.HasField("file_by_filename"):
             names = (request.file_by_filename,)
             find = self._descriptors.FindFileByName
