@@ -175,13 +175,7 @@ class AsyncEnrollmentClient:
         """Change the fields given (None leaves one as it is; capacity=0 means unlimited).
         Raising the capacity promotes waitlisted students into the new seats."""
         call = calls.update_course(
-            course_id,
-            code=code,
-            title=title,
-            capacity=capacity,
-            waitlist_capacity=waitlist_capacity,
-            etag=etag,
-            request_id=request_id,
+            course_id, code, title, capacity, waitlist_capacity, etag, request_id
         )
         return await self._run(call)
 

@@ -169,17 +169,10 @@ class EnrollmentClient:
     ) -> pb.Course:
         """Change the fields given (None leaves one as it is; capacity=0 means unlimited).
         Raising the capacity promotes waitlisted students into the new seats."""
-        return self._run(
-            calls.update_course(
-                course_id,
-                code=code,
-                title=title,
-                capacity=capacity,
-                waitlist_capacity=waitlist_capacity,
-                etag=etag,
-                request_id=request_id,
-            )
+        call = calls.update_course(
+            course_id, code, title, capacity, waitlist_capacity, etag, request_id
         )
+        return self._run(call)
 
     def get_course(self, course_id: int) -> pb.Course:
         return self._run(calls.get_course(course_id))

@@ -91,14 +91,18 @@ def update_student(
 ) -> Call[pb.Student]:
     """An UpdateStudent whose mask names exactly the fields given (None: left as is)."""
     student = pb.Student(id=student_id, etag=etag)
-    paths: list[str] = []
-    if name is not None:
-        student.name, paths = name, [*paths, "name"]
-    if email is not None:
-        student.email, paths = email, [*paths, "email"]
-    mask = field_mask_pb2.FieldMask(paths=paths)
+    mask = _given(student, name=name, email=email)
     request = pb.UpdateStudentRequest(student=student, update_mask=mask)
     return _mutation("UpdateStudent", request, request_id, lambda r: r.student)
+
+
+def _given(resource: Any, **values: object) -> field_mask_pb2.FieldMask:
+    """Set each value given on the resource message (None: leave the field alone); the
+    update mask naming exactly those fields."""
+    paths = [name for name, value in values.items() if value is not None]
+    for name in paths:
+        setattr(resource, name, values[name])
+    return field_mask_pb2.FieldMask(paths=paths)
 
 
 def delete_student(student_id: int, force: bool, request_id: str | None) -> Call[None]:
@@ -132,7 +136,6 @@ def list_courses(student_id: int, page_size: int, page_token: str) -> Call[pb.Li
 
 def update_course(
     course_id: int,
-    *,
     code: str | None,
     title: str | None,
     capacity: int | None,
@@ -142,16 +145,9 @@ def update_course(
 ) -> Call[pb.Course]:
     """An UpdateCourse whose mask names exactly the fields given (None: left as is)."""
     course = pb.Course(id=course_id, etag=etag)
-    paths: list[str] = []
-    if code is not None:
-        course.code, paths = code, [*paths, "code"]
-    if title is not None:
-        course.title, paths = title, [*paths, "title"]
-    if capacity is not None:
-        course.capacity, paths = capacity, [*paths, "capacity"]
-    if waitlist_capacity is not None:
-        course.waitlist_capacity, paths = waitlist_capacity, [*paths, "waitlist_capacity"]
-    mask = field_mask_pb2.FieldMask(paths=paths)
+    mask = _given(
+        course, code=code, title=title, capacity=capacity, waitlist_capacity=waitlist_capacity
+    )
     request = pb.UpdateCourseRequest(course=course, update_mask=mask)
     return _mutation("UpdateCourse", request, request_id, lambda r: r.course)
 
