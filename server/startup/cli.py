@@ -94,7 +94,12 @@ def _add_setting(
         )
 
 
-def _subcommand(commands, name: str, text: str, description: str | None = None):
+def _subcommand(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    text: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
     sub = commands.add_parser(
         name, help=text, description=description or text[0].upper() + text[1:] + "."
     )
@@ -264,7 +269,7 @@ def health_check(args: argparse.Namespace, address: str) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def _schema_command(args: argparse.Namespace, db) -> int:
+def _schema_command(args: argparse.Namespace, db: pw.Database) -> int:
     command = args.command
     try:
         if command == "migrate":

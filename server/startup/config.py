@@ -112,11 +112,14 @@ class Setting:
     def default(self) -> Any:
         return ServerConfig.__dataclass_fields__[self.name].default
 
-    def source(self, flags: Mapping[str, str | None], environ: Mapping[str, str]):
+    def source(
+        self, flags: Mapping[str, str | None], environ: Mapping[str, str]
+    ) -> tuple[str, str] | None:
         """(label, text) of where the value comes from, or None for the default."""
         for flag in (self.flag, *self.deprecated_flags):
-            if flags.get(flag) is not None:
-                return flag, flags[flag]
+            given = flags.get(flag)
+            if given is not None:
+                return flag, given
         # An empty variable counts as unset (compose files write VAR: ${VAR:-}).
         if environ.get(self.env):
             return self.env, environ[self.env]

@@ -19,12 +19,16 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Coroutine
 from concurrent import futures
 from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 import peewee as pw
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from enrollment.server.domain.events import purge_oldest as purge_old_events
@@ -51,6 +55,7 @@ from enrollment.server.transport.watch import WatchHub
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
+T = TypeVar("T")
 log = logging.getLogger("enrollment.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnrollmentService"].full_name
@@ -68,10 +73,10 @@ class EventLoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def submit(self, coroutine) -> futures.Future:
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
-    def run(self, coroutine):
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run coroutine on the loop and wait for its result (from another thread)."""
         return self.submit(coroutine).result()
 
@@ -87,7 +92,7 @@ class EventLoopThread:
 class RunningServer:
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: health_aio.HealthServicer
     events: EventLoopThread
     monitor: HealthMonitor | None = None
     purger: Purger | None = None
@@ -121,7 +126,7 @@ class RunningServer:
             stopped.set()
             return stopped
 
-        def done(_future) -> None:
+        def done(_future: futures.Future[None]) -> None:
             stopped.set()
             self.terminated.set()
 
@@ -266,7 +271,13 @@ def _start(config: ServerConfig) -> RunningServer:
     return running
 
 
-async def _build(config, credentials, auth, metrics, pool):
+async def _build(
+    config: ServerConfig,
+    credentials: grpc.ServerCredentials | None,
+    auth: Authenticator | None,
+    metrics: RpcMetrics | None,
+    pool: WorkerPool,
+) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int, WatchHub]:
     """On the loop (grpc.aio binds its objects to the running loop): the server, its
     services and its port; not started."""
     server = grpc.aio.server(
@@ -293,10 +304,15 @@ async def _build(config, credentials, auth, metrics, pool):
         raise
 
 
-async def _services(config, credentials, server, hub):
+async def _services(
+    config: ServerConfig,
+    credentials: grpc.ServerCredentials | None,
+    server: grpc.aio.Server,
+    hub: WatchHub,
+) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int, WatchHub]:
     pb_grpc.add_EnrollmentServiceServicer_to_server(EnrollmentServicer(hub), server)
 
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -350,7 +366,7 @@ def serve(config: ServerConfig) -> None:
 
 
 def serve_until_signalled(running: RunningServer, config: ServerConfig) -> None:
-    def shutdown(signum, _frame):
+    def shutdown(signum: int, _frame: FrameType | None) -> None:
         log.info(
             "%s: draining in-flight calls (grace %.1fs)",
             signal.Signals(signum).name,

@@ -14,7 +14,8 @@ import sys
 import threading
 from dataclasses import replace
 from multiprocessing.connection import wait as wait_for_exit
-from typing import cast
+from types import FrameType
+from typing import Any, cast
 
 from enrollment.server import addresses
 from enrollment.server.startup.config import ServerConfig, StartupError
@@ -59,7 +60,7 @@ def serve_workers(config: ServerConfig) -> int:
     ]
     stopping = threading.Event()
 
-    def shutdown(signum, _frame):
+    def shutdown(signum: int, _frame: FrameType | None) -> None:
         log.info("%s: stopping %d workers", signal.Signals(signum).name, len(workers))
         stopping.set()
         for worker in workers:
@@ -154,7 +155,7 @@ def _reserve_port(address: str) -> tuple[str, int, socket.socket]:
     return host, port, held
 
 
-def _hold(family: socket.AddressFamily, sockaddr: tuple) -> socket.socket:
+def _hold(family: socket.AddressFamily, sockaddr: tuple[Any, ...]) -> socket.socket:
     """A socket bound to the port with SO_REUSEPORT, and without SO_REUSEADDR while
     that works: another server's start-up check (which has SO_REUSEADDR) then fails
     against it, before the workers listen. TIME_WAIT sockets left by workers have

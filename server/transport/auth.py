@@ -120,7 +120,11 @@ class FailureBuckets:
     """
 
     def __init__(
-        self, burst: int = 20, per_second: float = 2.0, max_peers: int = 4096, clock=time.monotonic
+        self,
+        burst: int = 20,
+        per_second: float = 2.0,
+        max_peers: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.burst, self.per_second, self.max_peers = burst, per_second, max_peers
         self._clock = clock

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -12,7 +13,7 @@ from enrollment.server.errors import EnrollmentError
 DOMAIN = "enrollment.v1"
 
 
-def _pack(message) -> any_pb2.Any:
+def _pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
@@ -52,4 +53,5 @@ def with_trailers(status: grpc.Status, extra: tuple[tuple[str, str], ...]) -> gr
     """The same status with more trailing metadata (a request id, say)."""
     # rpc_status.to_status makes a namedtuple; grpc.Status declares only its fields.
     replace = status._replace  # type: ignore[attr-defined]
-    return replace(trailing_metadata=tuple(status.trailing_metadata) + extra)
+    replaced: grpc.Status = replace(trailing_metadata=tuple(status.trailing_metadata) + extra)
+    return replaced

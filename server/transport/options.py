@@ -6,17 +6,45 @@ before any of these is built."""
 from __future__ import annotations
 
 import resource
+from typing import Protocol
 
 # Descriptors kept out of --max-connections' default: the database pool, the health
 # probe, the metrics server, log files, the listening sockets and grpc's own.
 DESCRIPTOR_RESERVE = 64
 
 
+class Limits(Protocol):
+    """The settings read here (ServerConfig's, which this layer does not import)."""
+
+    @property
+    def reuse_port(self) -> bool: ...
+    @property
+    def max_message_bytes(self) -> int: ...
+    @property
+    def keepalive_time(self) -> float: ...
+    @property
+    def keepalive_timeout(self) -> float: ...
+    @property
+    def keepalive_min_ping_interval(self) -> float: ...
+    @property
+    def max_connection_age(self) -> float: ...
+    @property
+    def max_connection_age_grace(self) -> float: ...
+    @property
+    def max_streams_per_connection(self) -> int: ...
+    @property
+    def handshake_timeout(self) -> float: ...
+    @property
+    def max_connection_idle(self) -> float: ...
+    @property
+    def max_connections(self) -> int | None: ...
+
+
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
-def max_connections(config) -> int:
+def max_connections(config: Limits) -> int:
     """--max-connections, or by default what the descriptor limit leaves after a reserve:
     connections beyond it are closed as soon as they are accepted, so that however many
     a client opens, the process keeps descriptors for its database and its callers."""
@@ -25,10 +53,10 @@ def max_connections(config) -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    return max(16, soft - DESCRIPTOR_RESERVE)
+    return max(16, int(soft) - DESCRIPTOR_RESERVE)
 
 
-def grpc_options(config) -> list[tuple[str, int]]:
+def grpc_options(config: Limits) -> list[tuple[str, int]]:
     """The grpc.server options that carry the configured limits."""
     options = [
         # A second server on a busy port must fail, not silently share it; only the

@@ -17,10 +17,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+_Work = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+
 
 class WorkerPool:
     def __init__(self, threads: int, name: str = "rpc") -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # (loop, future, fn, args) per call; None ends a thread.
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}_{n}", daemon=True)
             for n in range(threads)
@@ -28,7 +31,7 @@ class WorkerPool:
         for thread in self._threads:
             thread.start()
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """On the loop: run fn(*args) in a pool thread; the future has its result. A
         cancelled future does not cancel the work: it runs (or finishes) all the same."""
         loop = asyncio.get_running_loop()
@@ -55,7 +58,7 @@ class WorkerPool:
             thread.join()
 
 
-def _settle(answer: asyncio.Future, outcome: tuple[bool, Any]) -> None:
+def _settle(answer: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
     if answer.done():  # the call ended (cancelled) while its work ran
         return
     ok, value = outcome

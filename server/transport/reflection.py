@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from importlib import resources
 from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool
+import grpc
+from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 # protoc keeps comments (source info) only in the descriptor set that `make proto`
@@ -29,12 +30,16 @@ class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
     request gets grpc's own answer (through the public ServerReflectionInfo, one
     request at a time)."""
 
-    def __init__(self, service_names):
-        super().__init__(service_names)
+    def __init__(self, service_names: Iterable[str]) -> None:
+        super().__init__(service_names)  # type: ignore[no-untyped-call]  # generated, untyped
         self._documented = _documented_files()
         self._descriptors = descriptor_pool.Default()  # the pool grpc's servicer reads
 
-    async def ServerReflectionInfo(self, request_iterator, context):  # noqa: N802 (grpc's name)
+    async def ServerReflectionInfo(  # noqa: N802 (grpc's name)
+        self,
+        request_iterator: AsyncIterable[reflection_pb2.ServerReflectionRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
         async for request in request_iterator:
             found = self._file_asked_for(request)
             if found is None:
@@ -43,10 +48,12 @@ class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
             else:
                 yield self._response(found, request)
 
-    def _file_asked_for(self, request):
+    def _file_asked_for(
+        self, request: reflection_pb2.ServerReflectionRequest
+    ) -> descriptor.FileDescriptor | None:
         """The file a file_by_filename or file_containing_symbol request names, or None."""
         names: tuple[str, ...]
-        find: Callable[[str], Any]
+        find: Callable[[str], descriptor.FileDescriptor]
         if request.HasField("file_by_filename"):
             names = (request.file_by_filename,)
             find = self._descriptors.FindFileByName
@@ -65,8 +72,11 @@ class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
                 continue
         return None
 
-    def _response(self, descriptor, request):
-        files, pending = {}, [descriptor]
+    def _response(
+        self, found: descriptor.FileDescriptor, request: reflection_pb2.ServerReflectionRequest
+    ) -> reflection_pb2.ServerReflectionResponse:
+        files: dict[str, bytes] = {}
+        pending = [found]
         while pending:
             current = pending.pop()
             if current.name in files:
@@ -86,11 +96,13 @@ class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
         )
 
 
-async def _only(request):
+async def _only(
+    request: reflection_pb2.ServerReflectionRequest,
+) -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
     yield request
 
 
-def add_reflection(server, service_names) -> None:
+def add_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
     names = (*service_names, reflection.SERVICE_NAME)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         DocumentedReflectionServicer(names), server

@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from enrollment.server.domain import events
+from enrollment.server.domain.events import EventRecord
 from enrollment.server.errors import (
     EnrollmentError,
     ShuttingDown,
@@ -53,10 +54,10 @@ class _Watcher:
 
     def __init__(self, student_id: int, course_id: int) -> None:
         self.student_id, self.course_id = student_id, course_id
-        self.queue: asyncio.Queue = asyncio.Queue()  # lists of events, or an error
+        self.queue: asyncio.Queue[list[EventRecord] | EnrollmentError] = asyncio.Queue()
         self.queued = 0
 
-    def wants(self, event) -> bool:
+    def wants(self, event: EventRecord) -> bool:
         return (not self.student_id or event.student_id == self.student_id) and (
             not self.course_id or event.course_id == self.course_id
         )
@@ -78,7 +79,7 @@ class WatchHub:
         self._watchers: set[_Watcher] = set()
         self._head = 0
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
 
@@ -133,7 +134,7 @@ class WatchHub:
             except Exception:
                 log.exception("watch poller failed unexpectedly")
 
-    def _deliver(self, found: list) -> None:
+    def _deliver(self, found: list[EventRecord]) -> None:
         for watcher in list(self._watchers):
             matching = [e for e in found if watcher.wants(e)]
             if not matching:
@@ -146,7 +147,7 @@ class WatchHub:
 
     async def watch(
         self, *, after_sequence: int, student_id: int, course_id: int
-    ) -> AsyncIterator[list]:
+    ) -> AsyncIterator[list[EventRecord]]:
         """Lists of events, ascending, each event once: the backlog, then live ones."""
         if self._stopping:
             raise ShuttingDown.of()
@@ -187,7 +188,7 @@ class WatchHub:
             self._watchers.discard(watcher)
 
 
-def _page(after: int, student_id: int, course_id: int):
+def _page(after: int, student_id: int, course_id: int) -> events.EventPage:
     return events.list_events(
         after_sequence=after, page_size=BATCH, student_id=student_id, course_id=course_id
     )
