@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, TypeVar
 
+import grpc
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
@@ -24,6 +25,7 @@ from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
 # Events per WatchEventsResponse: a backlog page is split so no message grows large.
 STREAM_BATCH = 100
+R = TypeVar("R", bound=Message)
 
 
 def fingerprint(request: Message) -> str:
@@ -34,7 +36,7 @@ def fingerprint(request: Message) -> str:
     return hashlib.sha256(bare.SerializeToString(deterministic=True)).hexdigest()
 
 
-def mutate(request: Message, run: Callable[[], Any], build: Callable[[Any], Message]) -> Message:
+def mutate(request: Message, run: Callable[[], Any], build: Callable[[Any], R]) -> R:
     """The one place a mutating call meets its request_id: run() calls the domain,
     build() makes the response of its result. With a request_id the response is
     recorded in the call's transaction, or replayed from an earlier call."""
@@ -48,16 +50,19 @@ def mutate(request: Message, run: Callable[[], Any], build: Callable[[Any], Mess
         encode=lambda result: build(result).SerializeToString(deterministic=True),
     )
     response_type = getattr(pb, name.removesuffix("Request") + "Response")
-    return response_type.FromString(retries.run_once(key, run))
+    response: R = response_type.FromString(retries.run_once(key, run))
+    return response
 
 
-def _dropped(promoted) -> pb.DropCourseResponse:
+def _dropped(promoted: enrollments.Entry | None) -> pb.DropCourseResponse:
     if promoted is None:
         return pb.DropCourseResponse()
     return pb.DropCourseResponse(promoted=enrollment_to_proto(promoted))
 
 
-def _items(requests) -> list[batches.Item]:
+def _items(
+    requests: Iterable[pb.EnrollStudentRequest] | Iterable[pb.DropCourseRequest],
+) -> list[batches.Item]:
     return [
         batches.Item(
             student_id=r.student_id,
@@ -97,18 +102,24 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
     def __init__(self, hub: WatchHub | None = None) -> None:
         self._hub = hub
 
-    def CreateStudent(self, request, context):
+    def CreateStudent(
+        self, request: pb.CreateStudentRequest, context: grpc.ServicerContext
+    ) -> pb.CreateStudentResponse:
         return mutate(
             request,
             lambda: students.create_student(name=request.name, email=request.email),
             lambda student: pb.CreateStudentResponse(student=student_to_proto(student)),
         )
 
-    def GetStudent(self, request, context):
+    def GetStudent(
+        self, request: pb.GetStudentRequest, context: grpc.ServicerContext
+    ) -> pb.GetStudentResponse:
         student = students.get_student(student_id=request.student_id)
         return pb.GetStudentResponse(student=student_to_proto(student))
 
-    def ListStudents(self, request, context):
+    def ListStudents(
+        self, request: pb.ListStudentsRequest, context: grpc.ServicerContext
+    ) -> pb.ListStudentsResponse:
         page = students.list_students(
             course_id=request.course_id,
             page_size=request.page_size,
@@ -119,14 +130,18 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             next_page_token=page.next_page_token,
         )
 
-    def DeleteStudent(self, request, context):
+    def DeleteStudent(
+        self, request: pb.DeleteStudentRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteStudentResponse:
         return mutate(
             request,
             lambda: students.delete_student(student_id=request.student_id, force=request.force),
             lambda _: pb.DeleteStudentResponse(),
         )
 
-    def CreateCourse(self, request, context):
+    def CreateCourse(
+        self, request: pb.CreateCourseRequest, context: grpc.ServicerContext
+    ) -> pb.CreateCourseResponse:
         return mutate(
             request,
             lambda: courses.create_course(
@@ -138,11 +153,15 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             lambda course: pb.CreateCourseResponse(course=course_to_proto(course)),
         )
 
-    def GetCourse(self, request, context):
+    def GetCourse(
+        self, request: pb.GetCourseRequest, context: grpc.ServicerContext
+    ) -> pb.GetCourseResponse:
         course = courses.get_course(course_id=request.course_id)
         return pb.GetCourseResponse(course=course_to_proto(course))
 
-    def ListCourses(self, request, context):
+    def ListCourses(
+        self, request: pb.ListCoursesRequest, context: grpc.ServicerContext
+    ) -> pb.ListCoursesResponse:
         page = courses.list_courses(
             student_id=request.student_id,
             page_size=request.page_size,
@@ -153,14 +172,18 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             next_page_token=page.next_page_token,
         )
 
-    def DeleteCourse(self, request, context):
+    def DeleteCourse(
+        self, request: pb.DeleteCourseRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteCourseResponse:
         return mutate(
             request,
             lambda: courses.delete_course(course_id=request.course_id, force=request.force),
             lambda _: pb.DeleteCourseResponse(),
         )
 
-    def EnrollStudent(self, request, context):
+    def EnrollStudent(
+        self, request: pb.EnrollStudentRequest, context: grpc.ServicerContext
+    ) -> pb.EnrollStudentResponse:
         return mutate(
             request,
             lambda: enrollments.enroll_student(
@@ -171,7 +194,9 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             lambda entry: pb.EnrollStudentResponse(enrollment=enrollment_to_proto(entry)),
         )
 
-    def DropCourse(self, request, context):
+    def DropCourse(
+        self, request: pb.DropCourseRequest, context: grpc.ServicerContext
+    ) -> pb.DropCourseResponse:
         return mutate(
             request,
             lambda: enrollments.drop_course(
@@ -180,7 +205,9 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             _dropped,
         )
 
-    def UpdateStudent(self, request, context):
+    def UpdateStudent(
+        self, request: pb.UpdateStudentRequest, context: grpc.ServicerContext
+    ) -> pb.UpdateStudentResponse:
         s = request.student
         return mutate(
             request,
@@ -194,7 +221,9 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             lambda student: pb.UpdateStudentResponse(student=student_to_proto(student)),
         )
 
-    def UpdateCourse(self, request, context):
+    def UpdateCourse(
+        self, request: pb.UpdateCourseRequest, context: grpc.ServicerContext
+    ) -> pb.UpdateCourseResponse:
         c = request.course
         return mutate(
             request,
@@ -210,13 +239,17 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             lambda course: pb.UpdateCourseResponse(course=course_to_proto(course)),
         )
 
-    def GetEnrollment(self, request, context):
+    def GetEnrollment(
+        self, request: pb.GetEnrollmentRequest, context: grpc.ServicerContext
+    ) -> pb.GetEnrollmentResponse:
         enrollment = enrollments.get_enrollment(
             student_id=request.student_id, course_id=request.course_id
         )
         return pb.GetEnrollmentResponse(enrollment=enrollment_to_proto(enrollment))
 
-    def ListEnrollments(self, request, context):
+    def ListEnrollments(
+        self, request: pb.ListEnrollmentsRequest, context: grpc.ServicerContext
+    ) -> pb.ListEnrollmentsResponse:
         page = enrollments.list_enrollments(
             student_id=request.student_id,
             course_id=request.course_id,
@@ -229,7 +262,9 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             next_page_token=page.next_page_token,
         )
 
-    def ListEvents(self, request, context):
+    def ListEvents(
+        self, request: pb.ListEventsRequest, context: grpc.ServicerContext
+    ) -> pb.ListEventsResponse:
         page = events.list_events(
             after_sequence=request.after_sequence,
             page_size=request.page_size,
@@ -240,7 +275,9 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             events=[event_to_proto(e) for e in page.events], head_sequence=page.head_sequence
         )
 
-    async def WatchEvents(self, request, context):
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.ServicerContext
+    ) -> AsyncIterator[pb.WatchEventsResponse]:
         """On the event loop (the interceptor streams what this yields): the hub's
         batches as responses of at most STREAM_BATCH events."""
         if self._hub is None:
@@ -255,7 +292,9 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
                 chunk = batch[start : start + STREAM_BATCH]
                 yield pb.WatchEventsResponse(events=[event_to_proto(e) for e in chunk])
 
-    def BatchEnrollStudents(self, request, context):
+    def BatchEnrollStudents(
+        self, request: pb.BatchEnrollStudentsRequest, context: grpc.ServicerContext
+    ) -> pb.BatchEnrollStudentsResponse:
         return mutate(
             request,
             lambda: batches.batch_enroll(
@@ -265,7 +304,9 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             _enroll_results,
         )
 
-    def BatchDropCourses(self, request, context):
+    def BatchDropCourses(
+        self, request: pb.BatchDropCoursesRequest, context: grpc.ServicerContext
+    ) -> pb.BatchDropCoursesResponse:
         return mutate(
             request,
             lambda: batches.batch_drop(
