@@ -25,7 +25,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e './client[progress]' -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e './client[progress,tracing]' -e '.[dev]'
 	touch $@
 
 # target: proto - regenerate stubs, .pyi, the descriptor set, the googleapis copies and docs/api.md
@@ -128,7 +128,7 @@ bench-import: $(STAMP)
 	$(BIN)/python -m bench.bulk $(if $(filter-out sqlite:///enrollment.db,$(DATABASE_URL)),--database-url '$(DATABASE_URL)') $(BENCH_ARGS)
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e './client[progress]' -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e './client[progress,tracing]' -e '.[dev,bench]'
 	touch $@
 
 # target: chaos - kill the server's database connections every 2 s under writes (DATABASE=postgresql|mysql, CHAOS_SECONDS=60); checks every answer

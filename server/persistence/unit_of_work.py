@@ -224,6 +224,20 @@ def sharing(query: pw.Select) -> pw.Select:
     )
 
 
+# With tracing on (operations/tracing.py), what each transaction of a transactional
+# function runs in: observer(function name, write, attempt), a span. None when off, and
+# then the one check below is all the hook costs.
+_observer: Callable[[str, bool, int], contextlib.AbstractContextManager[None]] | None = None
+
+
+def observe_transactions(
+    observer: Callable[[str, bool, int], contextlib.AbstractContextManager[None]] | None,
+) -> None:
+    """Run every transaction of a transactional function inside observer(...) (None: not)."""
+    global _observer
+    _observer = observer
+
+
 def transactional(*, write: bool) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Run the decorated service function as one unit of work; a deadlock victim is run
     again from the start (its transaction was rolled back whole), up to ATTEMPTS times."""
@@ -233,7 +247,10 @@ def transactional(*, write: bool) -> Callable[[Callable[P, R]], Callable[P, R]]:
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             for attempt in range(1, ATTEMPTS + 1):
                 try:
-                    with unit_of_work(write=write):
+                    if _observer is None:
+                        with unit_of_work(write=write):
+                            return fn(*args, **kwargs)
+                    with _observer(fn.__name__, write, attempt), unit_of_work(write=write):
                         return fn(*args, **kwargs)
                 except _Transient as exc:
                     if exc.verdict is not Verdict.RETRY or attempt == ATTEMPTS:

@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from enrollment.server.domain.events import purge_oldest as purge_old_events
 from enrollment.server.domain.retries import purge_expired as purge_old_request_records
+from enrollment.server.operations import tracing
 from enrollment.server.operations.health import HealthMonitor
 from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.persistence import engine, migrator
@@ -95,6 +96,7 @@ class RunningServer:
     metrics_port: int | None = None
     metrics_server: object | None = None
     pool: WorkerPool | None = None
+    traces: tracing.Tracing | None = None  # None: tracing off
     terminated: threading.Event = field(default_factory=threading.Event)
 
     def wait_idle(self) -> None:
@@ -105,6 +107,8 @@ class RunningServer:
         if self.pool is not None:
             self.pool.shutdown()
         self.events.close()
+        if self.traces is not None:
+            self.traces.shutdown()  # exports the last spans
 
     def stop(self, grace: float | None) -> threading.Event:
         """Report NOT_SERVING, stop taking calls, and let in-flight ones finish within
@@ -218,14 +222,45 @@ def _start(config: ServerConfig) -> RunningServer:
     except (options.LimitsError, tls.TlsConfigError, TokenFileError) as exc:
         raise StartupError(str(exc)) from exc
     metrics = RpcMetrics(engine.connections_in_use) if config.metrics_address else None
+    traced = start_tracing()
+    try:
+        running = _serving(config, credentials, auth, metrics, traced)
+    except BaseException:
+        if traced is not None:
+            traced.shutdown()
+        raise
+    running.traces = traced
+    return running
 
+
+def start_tracing() -> tracing.Tracing | None:
+    """This process's tracing when the OTEL_* environment asks for it; None when off
+    (then nothing of OpenTelemetry is imported)."""
+    if not tracing.requested():
+        return None
+    try:
+        return tracing.start()
+    except tracing.TracingError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def check_tracing() -> None:
+    """Refuse to start (before any worker forks) when the environment asks for tracing
+    that this installation cannot do, say without the tracing extra."""
+    try:
+        tracing.check()
+    except tracing.TracingError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def _serving(config, credentials, auth, metrics, traced) -> RunningServer:
     # The database work of at most config.threads calls at once; calls beyond wait for a
     # thread as coroutines, up to --max-concurrent-rpcs.
     pool = WorkerPool(config.threads)
     events = EventLoopThread()
     try:
         server, health_servicer, port, hub = events.run(
-            _build(config, credentials, auth, metrics, pool)
+            _build(config, credentials, auth, metrics, pool, traced)
         )
     except BaseException:
         events.close()
@@ -266,18 +301,24 @@ def _start(config: ServerConfig) -> RunningServer:
     return running
 
 
-async def _build(config, credentials, auth, metrics, pool):
+async def _build(config, credentials, auth, metrics, pool, traced):
     """On the loop (grpc.aio binds its objects to the running loop): the server, its
     services and its port; not started."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        RpcInterceptor(
+            pool=pool,
+            request_timeout=config.request_timeout,
+            authenticator=auth,
+            metrics=metrics,
+        )
+    ]
+    if traced is not None:
+        # Imported only when on; outermost, so its span is current for the whole call.
+        from enrollment.server.transport.tracing import TracingInterceptor
+
+        interceptors.insert(0, TracingInterceptor(traced.tracer))
     server = grpc.aio.server(
-        interceptors=[
-            RpcInterceptor(
-                pool=pool,
-                request_timeout=config.request_timeout,
-                authenticator=auth,
-                metrics=metrics,
-            )
-        ],
+        interceptors=interceptors,
         options=options.grpc_options(config),
         # Beyond this many calls at once grpc answers RESOURCE_EXHAUSTED at once;
         # up to it, calls beyond config.threads wait for a thread of the pool.
@@ -334,6 +375,7 @@ def close_database() -> None:
 def serve(config: ServerConfig) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight calls and close the database."""
     config.check()
+    check_tracing()
     if config.workers > 1:
         from enrollment.server.startup.supervisor import serve_workers
 
