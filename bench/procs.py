@@ -60,6 +60,7 @@ class Server:
     port: int
     log_path: Path
     process: subprocess.Popen | None = None
+    env: dict[str, str] | None = None  # the whole environment (None: this process's)
     pids: list[int] = field(default_factory=list)
 
     @property
@@ -68,7 +69,9 @@ class Server:
 
     def start(self, timeout: float = 30.0) -> Server:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

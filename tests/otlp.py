@@ -1,8 +1,8 @@
 """A small OTLP/HTTP trace receiver on a free local port: what a traced server exports.
 
 It answers every POST to /v1/traces with an empty ExportTraceServiceResponse and keeps
-the request bodies; spans() decodes them with opentelemetry-proto. bench/tracing.py
-uses it as the discard receiver of its traced rounds.
+the request bodies; spans() decodes them with opentelemetry-proto. With keep=False
+(bench/tracing.py's discard receiver) it only counts the server spans, as they come.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 TRACES_PATH = "/v1/traces"
+SERVER_KIND = 2  # opentelemetry.proto.trace.v1.Span.SpanKind.SPAN_KIND_SERVER
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,10 @@ class Receiver:
     """Start with `with Receiver() as receiver:`; receiver.endpoint is the base URL
     (OTEL_EXPORTER_OTLP_ENDPOINT)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep: bool = True) -> None:
         self._bodies: list[bytes] = []
         self._lock = threading.Lock()
+        self.server_spans = 0  # counted as they come (keep=False)
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,8 +50,7 @@ class Receiver:
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 if self.path == TRACES_PATH:
-                    with receiver._lock:
-                        receiver._bodies.append(body)
+                    receiver._received(body, keep)
                     self.send_response(200)
                 else:
                     self.send_response(404)
@@ -75,24 +76,27 @@ class Receiver:
         self._server.shutdown()
         self._server.server_close()
 
-    def requests(self) -> int:
+    def _received(self, body: bytes, keep: bool) -> None:
+        if keep:
+            with self._lock:
+                self._bodies.append(body)
+            return
+        count = sum(
+            1
+            for resource_spans in _decode(body).resource_spans
+            for scope_spans in resource_spans.scope_spans
+            for span in scope_spans.spans
+            if span.kind == SERVER_KIND
+        )
         with self._lock:
-            return len(self._bodies)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._bodies.clear()
+            self.server_spans += count
 
     def spans(self) -> list[Span]:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest,
-        )
-
         with self._lock:
             bodies = list(self._bodies)
         found = []
         for body in bodies:
-            request = ExportTraceServiceRequest.FromString(body)
+            request = _decode(body)
             for resource_spans in request.resource_spans:
                 resource = _attributes(resource_spans.resource.attributes)
                 for scope_spans in resource_spans.scope_spans:
@@ -123,6 +127,14 @@ class Receiver:
                 names = [(s.name, s.attributes.get("rpc.grpc.status_code")) for s in spans]
                 raise AssertionError(f"not among the {len(spans)} spans exported: {names}")
             time.sleep(0.05)
+
+
+def _decode(body: bytes):
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    return ExportTraceServiceRequest.FromString(body)
 
 
 def _attributes(pairs) -> dict[str, Any]:

@@ -22,12 +22,12 @@ from enrollment.client.aio import AsyncEnrollmentClient
 from enrollment.client.api import ClientError, EnrollmentClient
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from tests.otlp import Receiver, Span
+from tests.otlp import SERVER_KIND, Receiver, Span
 from tests.rpc import TIMEOUT
 from tests.servers import SERVER, free_port
 
 SERVICE = "enrollment.v1.EnrollmentService"
-SERVER_KIND, INTERNAL_KIND = 2, 1  # opentelemetry.proto.trace.v1.Span.SpanKind
+INTERNAL_KIND = 1  # opentelemetry.proto.trace.v1.Span.SpanKind
 STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.StatusCode
 CALLER_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
 CALLER_SPAN = 0xB7AD6B7169203331
