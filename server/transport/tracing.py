@@ -111,18 +111,19 @@ def _finish(span: trace.Span, context: grpc.aio.ServicerContext, code) -> None:
     if code is None:
         code = context.code()
     number = _number(code)
-    span.set_attribute("rpc.grpc.status_code", number)
+    attributes: dict[str, str | int] = {"rpc.grpc.status_code": number}
     trailers = context.trailing_metadata() or ()
     for key, value in trailers:
         if key == "x-request-id":
-            span.set_attribute(REQUEST_ID, value)
+            attributes[REQUEST_ID] = value
             break
     if number != 0:
         reason = error_status.reason_of(trailers)
         if reason:
-            span.set_attribute(REASON, reason)
+            attributes[REASON] = reason
         name = _NAMES.get(number, str(number))
         span.set_status(trace.StatusCode.ERROR, f"{name} {reason}".strip())
+    span.set_attributes(attributes)
     span.end()
 
 
