@@ -145,7 +145,8 @@ def report(
         (SAMPLED, "on, 1 in 10 calls sampled", _delta(cpu[SAMPLED], base)),
     )
     for name, label, delta in rows:
-        print(f"  {label:<46} {cpu[name]:>11.1f} {rate[name]:>8.0f} {p99[name]:>7.2f}  {delta}")
+        line = f"  {label:<46} {cpu[name]:>11.1f} {rate[name]:>8.0f} {p99[name]:>7.2f}  {delta}"
+        print(line.rstrip())
     print(f"  what off adds to a call (its hook's `is None` test, in-process): {added_us:.3f} us")
     print(
         "  client library, per call: "
