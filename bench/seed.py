@@ -1,11 +1,12 @@
 """Bulk seeding straight into the database, never through RPCs: the fastest path each
-database offers (one transaction; SQLite's own executemany, PostgreSQL and MariaDB in
+database offers (one transaction; SQLite's own executemany, PostgreSQL's COPY, MariaDB's
 multi-row INSERTs), with the secondary indexes dropped for the load and made again from
 the very definitions the migrations left (so the schema ends as migrated)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -160,6 +161,9 @@ def seed(database_url: str, shape: Shape, *, events: bool = False) -> None:
             indexes = _drop_indexes(db, target.kind)
             with db.atomic():
                 for table, columns, rows in _Rows(shape, dt.datetime(2026, 1, 1)).tables(events):
+                    if target.kind == "postgresql":
+                        _copy(db, table, columns, rows)
+                        continue
                     insert = pw.Table(table, columns)
                     for batch in _chunks(rows):
                         insert.insert(batch).bind(db).execute()
@@ -169,6 +173,16 @@ def seed(database_url: str, shape: Shape, *, events: bool = False) -> None:
                 db.execute_sql("ANALYZE")  # what autovacuum would have done by now
     finally:
         engine.close_pool()
+
+
+def _copy(db, table: str, columns: tuple[str, ...], rows: Iterable[tuple]) -> None:
+    """PostgreSQL's COPY FROM STDIN in text format, 100,000 rows at a time (the seeded
+    values hold no tab, newline or backslash, the characters it would escape)."""
+    sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+    cursor = db.cursor()
+    for batch in _chunks(rows, 100_000):
+        text = "".join("\t".join(map(str, row)) + "\n" for row in batch)
+        cursor.copy_expert(sql, io.StringIO(text))
 
 
 def _refuse_filled(db, database_url: str) -> None:
