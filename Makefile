@@ -14,7 +14,7 @@ CHAOS_SECONDS ?= 60
 SOAK_SECONDS ?= 600
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-scale bench-compare bench-micro bench-profile bench-migrate chaos soak bench-import
+.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-rush bench-scale bench-compare bench-micro bench-profile bench-migrate chaos soak bench-import
 
 # target: help - list the targets and what they do
 help:
@@ -103,7 +103,11 @@ h2load:
 	  { apt-get install -y -qq nghttp2-client || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }; } >/dev/null 2>&1 \
 	  || echo "could not install nghttp2-client: bench runs without h2load"; }
 
-# target: bench-scale - p99 at 10,000 vs 1,000,000 enrollments (a few minutes)
+# target: bench-rush - registration rush: 5,000 students x 5 tries at 50 courses (30 seats, waitlist 20), 64 callers, on SQLite and PostgreSQL (--workers 2); throughput vs the write mix, outcomes, exactness
+bench-rush: $(STAMP)
+	$(BIN)/python -m bench.rush $(BENCH_ARGS)
+
+# target: bench-scale - p99 at 10,000 vs 10,000,000 enrollments, seed time, size on disk, newest migrate time (BENCH_ARGS="--enrollments 1000000" for a quick run)
 bench-scale: $(STAMP)
 	$(BIN)/python -m bench scale $(BENCH_ARGS)
 
