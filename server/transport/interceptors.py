@@ -54,8 +54,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         request_timeout: float,
         authenticator: Authenticator | None = None,
         metrics: RpcMetrics | None = None,
+        on_loop: frozenset[str] = frozenset(),
     ) -> None:
+        """on_loop: names of methods whose work runs on the event loop itself rather than
+        in the pool (start-up chooses the cheap reads of a local SQLite file)."""
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._on_loop = on_loop
         self._pool = pool
         self._request_timeout = request_timeout
         self._auth = authenticator
@@ -79,6 +83,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 request_timeout=self._request_timeout,
                 auth=self._auth,
                 metrics=self._metrics,
+                on_loop=method.rsplit("/", 1)[-1] in self._on_loop,
             )
             if handler.unary_unary is not None:
                 served = {"unary_unary": None, "stream_unary": guard.serve}
@@ -197,8 +202,10 @@ class _Guard:
         request_timeout: float,
         auth: Authenticator | None,
         metrics: RpcMetrics | None,
+        on_loop: bool = False,
     ) -> None:
         self._behavior = behavior
+        self._on_loop = on_loop
         self._name = method.rsplit("/", 1)[-1]
         self._needed = required_role(self._name)
         self._pool = pool
@@ -265,8 +272,18 @@ class _Guard:
         finally:
             callstate.unbind_caller(who)
             callstate.unbind(bound)
+        if self._on_loop:
+            # Less work than the hand-over to a pool thread and back (bench/PROFILE.md).
+            response, status = work.run(call.run, request, state)
+        else:
+            response, status = await self._in_pool(work, call, request, state)
+        if status is not None:
+            await context.abort_with_status(status)
+        return response
+
+    async def _in_pool(self, work: contextvars.Context, call: _Call, request, state: _CallState):
         try:
-            response, status = await self._pool.run(work.run, call.run, request, state)
+            return await self._pool.run(work.run, call.run, request, state)
         except asyncio.CancelledError:
             # The caller cancelled, its deadline passed, or the server stopped after its
             # grace period. The work is not abandoned half-way (queued, it still runs):
@@ -274,9 +291,6 @@ class _Guard:
             # the call's log line itself.
             state.ended = True
             raise
-        if status is not None:
-            await context.abort_with_status(status)
-        return response
 
     async def serve_stream(self, request_iterator, context: grpc.aio.ServicerContext):
         """A server-streaming method: the same opening as serve (request id, auth, the
