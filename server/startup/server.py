@@ -55,6 +55,17 @@ log = logging.getLogger("enrollment.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnrollmentService"].full_name
 
+# On a local SQLite file these reads (an indexed lookup, a page of at most
+# 1000 rows) cost less CPU than handing them to a pool thread and back, and
+# never wait for a lock (WAL readers do not): they run on the event loop, with a
+# connection of their own (bench/PROFILE.md). Everything else, and every read of a
+# database across a connection, runs in the pool.
+READS_ON_LOOP = frozenset({"GetStudent", "GetCourse", "ListStudents", "ListCourses"})
+
+
+def _reads_on_loop(config: ServerConfig) -> frozenset[str]:
+    return READS_ON_LOOP if engine.parse(config.database_url).kind == "sqlite" else frozenset()
+
 
 class EventLoopThread:
     """An asyncio event loop running in a thread of its own, for the grpc.aio server."""
@@ -182,7 +193,8 @@ def open_database(config: ServerConfig) -> None:
     """Bind the models to this process's pool (each worker opens its own after the fork)."""
     engine.open_pool(
         config.database_url,
-        max_connections=config.connections,
+        # The loop thread's own, when reads run on it.
+        max_connections=config.connections + (1 if _reads_on_loop(config) else 0),
         timeout=config.database_timeout,
         pool_timeout=config.pool_timeout,
         statement_timeout=config.database_timeout,
@@ -310,6 +322,7 @@ async def _build(config, credentials, auth, metrics, pool, traced):
             request_timeout=config.request_timeout,
             authenticator=auth,
             metrics=metrics,
+            on_loop=_reads_on_loop(config),
         )
     ]
     if traced is not None:
