@@ -1,4 +1,4 @@
-"""python -m bench {run,scale,compare,profile,micro}: behind `make bench`, `bench-scale`, …"""
+"""python -m bench {run,scale,compare,profile,micro,tracing}: behind `make bench`, …"""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     micro.add_arguments(commands.add_parser("micro", help="servicer CPU per call, in-process"))
 
     profile.add_arguments(commands.add_parser("profile", help="py-spy the server under a mix"))
+    from bench import tracing
+
+    tracing.add_arguments(commands.add_parser("tracing", help="server CPU, tracing off vs on"))
     pair = commands.add_parser("compare", help="two result files side by side")
     pair.add_argument("a")
     pair.add_argument("b")
@@ -33,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return profile.main(args)
     if args.command == "micro":
         return micro.main(args)
+    if args.command == "tracing":
+        return tracing.main(args)
     print(compare.compare(args.a, args.b))
     return 0
 

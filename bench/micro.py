@@ -13,6 +13,7 @@ import datetime as dt
 import random
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -45,6 +46,10 @@ def _cpu_us(fn, calls: int, repeats: int = 7) -> float:
     return best
 
 
+def _request_id() -> str:
+    return str(uuid.uuid4())
+
+
 def _parts() -> dict:
     """What server/transport/convert.py and server/persistence/prepared.py say they save."""
     when = dt.datetime(2026, 1, 1, 12, 0, 0, 123456)
@@ -70,8 +75,15 @@ def main(args: argparse.Namespace) -> int:
         course = rng.randint(1, shape.courses)
         while course in taken:
             course = rng.randint(1, shape.courses)
-        servicer.EnrollStudent(pb.EnrollStudentRequest(student_id=who, course_id=course), None)
-        servicer.DropCourse(pb.DropCourseRequest(student_id=who, course_id=course), None)
+        # With request_ids, as the client sends them: their records are on the write path.
+        servicer.EnrollStudent(
+            pb.EnrollStudentRequest(student_id=who, course_id=course, request_id=_request_id()),
+            None,
+        )
+        servicer.DropCourse(
+            pb.DropCourseRequest(student_id=who, course_id=course, request_id=_request_id()),
+            None,
+        )
 
     calls = {
         "GetStudent": lambda: servicer.GetStudent(pb.GetStudentRequest(student_id=student()), None),

@@ -13,6 +13,7 @@ from enrollment.client import calls
 from enrollment.client.api import DEFAULT_TIMEOUT, channel_credentials, channel_options
 from enrollment.client.calls import Call, P, T
 from enrollment.client.errors import BatchResult, ClientError, call_failure
+from enrollment.client.tracecontext import call_metadata
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
@@ -65,7 +66,9 @@ class AsyncEnrollmentClient:
         # As the sync client: no wait_for_ready, so a server that is down fails the call now.
         method = getattr(self._stub, call.method)
         try:
-            response = await method(call.request, timeout=self.timeout, metadata=self._metadata)
+            response = await method(
+                call.request, timeout=self.timeout, metadata=call_metadata(self._metadata)
+            )
         except grpc.RpcError as error:
             raise call_failure(error, tls=self._tls, client_cert=self._client_cert) from None
         except aio.UsageError as error:
@@ -301,7 +304,7 @@ class AsyncEnrollmentClient:
                 await asyncio.sleep(feed.pause_after(error, poll_interval))
 
     async def _watch(self, request: pb.WatchEventsRequest) -> AsyncIterator[pb.Event]:
-        stream = self._stub.WatchEvents(request, metadata=self._metadata)
+        stream = self._stub.WatchEvents(request, metadata=call_metadata(self._metadata))
         try:
             async for response in stream:
                 for event in response.events:

@@ -15,6 +15,7 @@ from enrollment.client.errors import BatchResult as BatchResult
 from enrollment.client.errors import ClientError as ClientError
 from enrollment.client.errors import call_failure
 from enrollment.client.errors import connection_hint as connection_hint
+from enrollment.client.tracecontext import call_metadata
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
@@ -80,11 +81,12 @@ class EnrollmentClient:
         # No wait_for_ready: a server that is down should fail the call now, as
         # UNAVAILABLE, rather than hold it until the deadline.
         method = getattr(self._stub, call.method)
+        metadata = call_metadata(self._metadata)  # adds the caller's traceparent, if any
         try:
-            if self._metadata is None:
+            if metadata is None:
                 response = method(call.request, timeout=self.timeout)
             else:
-                response = method(call.request, timeout=self.timeout, metadata=self._metadata)
+                response = method(call.request, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as error:
             raise call_failure(error, tls=self._tls, client_cert=self._client_cert) from None
         return call.result(response)
@@ -323,7 +325,7 @@ class EnrollmentClient:
                 time.sleep(feed.pause_after(error, poll_interval))
 
     def _watch(self, request: pb.WatchEventsRequest) -> Iterator[pb.Event]:
-        stream = self._stub.WatchEvents(request, metadata=self._metadata)
+        stream = self._stub.WatchEvents(request, metadata=call_metadata(self._metadata))
         try:
             for response in stream:
                 yield from response.events

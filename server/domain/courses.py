@@ -39,6 +39,7 @@ _CATALOGUE_PAGE: Prepared[Course] = Prepared(
         Course.select().where(Course.id > after_id).order_by(Course.id).limit(limit)
     ),
     2,
+    plain=True,
 )
 _STUDENT_COURSES_PAGE: Prepared[Course] = Prepared(
     lambda student_id, after_id, limit: (
@@ -53,6 +54,7 @@ _STUDENT_COURSES_PAGE: Prepared[Course] = Prepared(
         .limit(limit)
     ),
     3,
+    plain=True,
 )
 
 
@@ -175,7 +177,7 @@ _UPDATABLE = Updatable(
 )
 
 
-@transactional(write=False)
+@transactional(write=False, snapshot=False)  # one statement
 def get_course(*, course_id: int) -> Course:
     fields = Fields()
     fields.required_id("course_id", course_id)
@@ -183,7 +185,7 @@ def get_course(*, course_id: int) -> Course:
     return find_course(course_id)
 
 
-@transactional(write=False)
+@transactional(write=False, snapshot=False)  # one statement
 def list_courses(*, student_id: int, page_size: int, page_token: str) -> CoursePage:
     rows, token = list_page(
         page_tokens.Kind.COURSES,

@@ -36,6 +36,7 @@ _STUDENTS_PAGE: Prepared[Student] = Prepared(
         Student.select().where(Student.id > after_id).order_by(Student.id).limit(limit)
     ),
     2,
+    plain=True,
 )
 _ROSTER_PAGE: Prepared[Student] = Prepared(
     lambda course_id, after_id, limit: (
@@ -50,6 +51,7 @@ _ROSTER_PAGE: Prepared[Student] = Prepared(
         .limit(limit)
     ),
     3,
+    plain=True,
 )
 
 
@@ -115,7 +117,7 @@ _UPDATABLE = Updatable(
 )
 
 
-@transactional(write=False)
+@transactional(write=False, snapshot=False)  # one statement
 def get_student(*, student_id: int) -> Student:
     fields = Fields()
     fields.required_id("student_id", student_id)
@@ -123,7 +125,7 @@ def get_student(*, student_id: int) -> Student:
     return find_student(student_id)
 
 
-@transactional(write=False)
+@transactional(write=False, snapshot=False)  # one statement
 def list_students(*, course_id: int, page_size: int, page_token: str) -> StudentPage:
     rows, token = list_page(
         page_tokens.Kind.STUDENTS,

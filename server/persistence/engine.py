@@ -243,6 +243,20 @@ def ping(db: pw.Database) -> None:
         raise
 
 
+def kind() -> str:
+    """The kind of the database the models are bound to: "sqlite", "postgresql" or
+    "mysql" (MariaDB too); "" before any."""
+    db = proxy.obj
+    for name, base in (
+        ("sqlite", pw.SqliteDatabase),
+        ("postgresql", pw.PostgresqlDatabase),
+        ("mysql", pw.MySQLDatabase),
+    ):
+        if isinstance(db, base):
+            return name
+    return ""
+
+
 def connections_in_use() -> int:
     """Pooled connections checked out right now (0 for a database without a pool)."""
     return len(getattr(proxy.obj, "_in_use", ()) or ())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -17,6 +18,18 @@ M = TypeVar("M", bound=pw.Model)
 _Compiled = tuple[Any, Any, str, Any, tuple[tuple[str, Callable[[Any], Any]], ...]]
 
 
+def raw(value: object) -> pw.Value:
+    """A parameter passed to the driver as it is: a text or blob field would otherwise turn
+    the compile-time marker into text, and the call's value is already what the driver
+    takes (str, bytes)."""
+    return pw.Value(value, converter=False)
+
+
+def _row_type(model_name: str, fields: list[str]) -> Any:
+    """The read-only row type of a plain Prepared: a named tuple of its fields."""
+    return namedtuple(f"{model_name}Row", fields)  # noqa: PYI024
+
+
 class Prepared(Generic[M]):
     """A peewee query built once with marker values, its SQL reused with each call's values.
 
@@ -27,9 +40,13 @@ class Prepared(Generic[M]):
     model a SELECT's rows are (for other statements, the model they change).
     """
 
-    def __init__(self, build: Callable[..., pw.Query], arity: int) -> None:
+    def __init__(self, build: Callable[..., pw.Query], arity: int, *, plain: bool = False) -> None:
+        """plain: rows() returns read-only named tuples of the selected fields instead of
+        model instances, for rows only read (a page turned into protobuf messages):
+        building a peewee instance per row cost more than the rest of the row's work."""
         self._build = build
         self._markers = tuple(_MARKER - i for i in range(arity))
+        self._plain = plain
         self._compiled: _Compiled | None = None
 
     def _compile(self) -> _Compiled:
@@ -53,7 +70,10 @@ class Prepared(Generic[M]):
             converters = tuple((f.name, f.python_value) for f in fields)
             # The common case, binding None: the values are the parameters.
             bound = None if all(is_value for is_value, _ in binding) else binding
-            model = query.model  # type: ignore[attr-defined]  # every query here is a model's
+            # Every query here is a model's (peewee's stubs declare model on some kinds only).
+            model: Any = query.model  # type: ignore[attr-defined]
+            if self._plain:
+                model = _row_type(model.__name__, [name for name, _ in converters])
             compiled = self._compiled = (db, model, sql, bound, converters)
         return compiled
 
@@ -65,9 +85,17 @@ class Prepared(Generic[M]):
         return tuple(values[v] if is_value else v for is_value, v in binding)
 
     def rows(self, *values: Any) -> list[M]:
-        """The model instances a SELECT of one model's fields returns."""
+        """The model instances a SELECT of one model's fields returns (named tuples of
+        the same fields when plain, typed as the model: they are only read)."""
         _, model, sql, binding, converters = self._compile()
         cursor = proxy.execute_sql(sql, self._params(binding, values))
+        if self._plain:
+            convert = [c for _, c in converters]
+            tuples: list[M] = [
+                model._make([f(v) for f, v in zip(convert, row, strict=True)])
+                for row in cursor.fetchall()
+            ]
+            return tuples
         found: list[M] = []
         for row in cursor.fetchall():
             data = {name: convert(v) for (name, convert), v in zip(converters, row, strict=True)}

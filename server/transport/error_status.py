@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
@@ -55,3 +57,20 @@ def with_trailers(status: grpc.Status, extra: tuple[tuple[str, str], ...]) -> gr
     replace = status._replace  # type: ignore[attr-defined]
     replaced: grpc.Status = replace(trailing_metadata=tuple(status.trailing_metadata) + extra)
     return replaced
+
+
+# rpc_status.GRPC_DETAILS_METADATA_KEY (not in its stubs).
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def reason_of(trailing_metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The ErrorInfo reason a status's trailers carry (as to_status put it there); ""
+    when they carry none."""
+    for key, value in trailing_metadata or ():
+        if key == _DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            info = error_details_pb2.ErrorInfo()
+            for detail in status.details:
+                if detail.Unpack(info):  # fills it only when the detail is an ErrorInfo
+                    return info.reason
+    return ""
