@@ -3,8 +3,10 @@
 A writing transaction with events sends NOTIFY on CHANNEL among its last statements
 (outbox.py), so PostgreSQL delivers it when, and only if, the transaction commits. Each
 server process keeps ONE connection of its own (not from the serving pool) LISTENing on
-CHANNEL, in a thread of its own (not one of the unary pool's): a notification only
-wakes the process's watch poller, which then reads what is new with its usual query.
+CHANNEL, in a thread of its own (not one of the unary pool's): a notification of
+another process's commit only wakes the process's watch poller, which then reads what
+is new with its usual query (its own commits wake it directly; their notifications
+carry the process's token and are skipped).
 So a notification carries nothing and losing one costs only latency: the poller still
 looks every --watch-poll-interval seconds, which is the fallback while this connection
 is down and the only way on SQLite and MariaDB.
@@ -21,6 +23,7 @@ import logging
 import os
 import select
 import threading
+import uuid
 from collections.abc import Callable
 
 import peewee as pw
@@ -34,6 +37,19 @@ CHANNEL = "enrollment_events"
 APPLICATION_NAME = "enrollment-listen"
 
 log = logging.getLogger("enrollment.watch")
+
+
+_token: tuple[int, str] | None = None
+
+
+def token() -> str:
+    """What this process's notifications carry, so that its listener can skip them
+    (its own commits wake its watchers directly, outbox.on_commit): made per process,
+    also in a worker forked after the first call."""
+    global _token
+    if _token is None or _token[0] != os.getpid():
+        _token = (os.getpid(), f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    return _token[1]
 
 
 def wanted(url: str) -> bool:
@@ -106,8 +122,10 @@ class CommitListener:
                 return
             if readable:
                 conn.poll()  # raises when the connection broke
-                if conn.notifies:
-                    conn.notifies.clear()
+                mine = token()
+                others = any(n.payload != mine for n in conn.notifies)
+                conn.notifies.clear()
+                if others:
                     self._wake()
 
     def _pause(self, seconds: float) -> None:

@@ -33,8 +33,8 @@ from contextvars import ContextVar, Token
 
 import peewee as pw
 
+from enrollment.server.persistence import notify
 from enrollment.server.persistence.models import SEQUENCE, EventCounter, proxy
-from enrollment.server.persistence.notify import CHANNEL
 
 
 class _Pending:
@@ -147,7 +147,7 @@ class _Statements:
 
         table, value, name = q("event_counters"), q("value"), q("name")
         where = f"WHERE {name} = {self.mark}"
-        self.notify = isinstance(db, pw.PostgresqlDatabase)
+        self.notifies = isinstance(db, pw.PostgresqlDatabase)
         if isinstance(db, pw.MySQLDatabase):
             self.kind = "last_insert_id"
             self.advance = (
@@ -159,10 +159,10 @@ class _Statements:
             self.read = f"SELECT {value} FROM {table} {where}"
         else:
             self.kind = "returning"
-            notify = f", pg_notify('{CHANNEL}', '')" if self.notify else ""
+            sends = f", pg_notify('{notify.CHANNEL}', '{notify.token()}')"
             self.advance = (
                 f"UPDATE {table} SET {value} = {value} + {self.mark} {where} "
-                f"RETURNING {value}{notify}"
+                f"RETURNING {value}{sends if self.notifies else ''}"
             )
         names = ", ".join(q(c) for c in _COLUMNS)
         self._row = "(" + ", ".join([self.mark] * len(_COLUMNS)) + ")"
@@ -219,8 +219,8 @@ def advance(name: str, by: int) -> int:
         if value is None:
             raise
         return value
-    if statements.notify:
-        proxy.execute_sql(f"NOTIFY {CHANNEL}")
+    if statements.notifies:
+        proxy.execute_sql(f"NOTIFY {notify.CHANNEL}, '{notify.token()}'")
     return by
 
 
