@@ -89,9 +89,10 @@ migrate: $(STAMP)
 run: migrate
 	ENROLLMENT_DATABASE_URL='$(DATABASE_URL)' $(BIN)/enrollment-server serve --address '$(ADDRESS)'
 
-# target: bench - the server against a bare grpcio ceiling: table, targets, bench/results/*.json
+# target: bench - the server against a bare grpcio ceiling: table, targets, bench/results/*.json; then the change feed (delivery latency, the outbox's cost)
 bench: $(STAMP) h2load
 	$(BIN)/python -m bench run $(BENCH_ARGS)
+	$(BIN)/python -m bench feed
 
 # h2load (Debian's nghttp2-client) is the cheap client of the read-h2 rows; where it
 # cannot be installed (no root, no apt) bench says so and the aio client drives every mix.
