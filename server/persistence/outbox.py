@@ -113,11 +113,19 @@ def flush() -> int:
     if not rows:
         return 0
     first = advance(SEQUENCE, len(rows)) - len(rows) + 1
-    values: list = []
-    for offset, row in enumerate(rows, start=first):
-        values += (offset, *(row[name] for name in _COLUMNS[1:]))
-    proxy.execute_sql(_statements().insert(len(rows)), values)
+    statements = _statements()
+    for start in range(0, len(rows), INSERT_ROWS):
+        chunk = rows[start : start + INSERT_ROWS]
+        values: list = []
+        for offset, row in enumerate(chunk, start=first + start):
+            values += (offset, *(row[name] for name in _COLUMNS[1:]))
+        proxy.execute_sql(statements.insert(len(chunk)), values)
     return len(rows)
+
+
+# Events per INSERT: a forced delete of a large course writes thousands, and SQLite
+# takes at most 32766 bound values per statement (MariaDB 65535).
+INSERT_ROWS = 500
 
 
 _COLUMNS = (
