@@ -91,6 +91,16 @@ class Prepared:
             found.append(instance)
         return found
 
+    def value_rows(self, *values) -> list[dict]:
+        """Each row as {field name: value}, converted as rows() does but with no model
+        instance built (a snapshot needs the values only)."""
+        _, _, sql, binding, converters = self._compile()
+        cursor = proxy.execute_sql(sql, self._params(binding, values))
+        return [
+            {name: convert(v) for (name, convert), v in zip(converters, row, strict=True)}
+            for row in cursor.fetchall()
+        ]
+
     def first(self, *values):
         """The first row of a SELECT, or None."""
         rows = self.rows(*values)
