@@ -1,4 +1,4 @@
-"""python -m bench {run,scale,compare,profile,micro,tracing,feed}: behind `make bench`, `bench-scale`, …"""
+"""python -m bench {run,scale,compare,profile,micro,tracing,feed}: behind `make bench*`."""
 
 from __future__ import annotations
 
