@@ -89,10 +89,11 @@ migrate: $(STAMP)
 run: migrate
 	ENROLLMENT_DATABASE_URL='$(DATABASE_URL)' $(BIN)/enrollment-server serve --address '$(ADDRESS)'
 
-# target: bench - the server against a bare grpcio ceiling: table, targets, bench/results/*.json; tracing off vs on
+# target: bench - the server against bare grpcio ceilings: table, targets, memory, bench/results/*.json; then tracing off vs on, and the change feed (delivery latency, the outbox's cost)
 bench: $(STAMP) h2load
 	$(BIN)/python -m bench run $(BENCH_ARGS)
 	$(BIN)/python -m bench tracing $(filter --strict,$(BENCH_ARGS))
+	$(BIN)/python -m bench feed $(filter --strict,$(BENCH_ARGS))
 
 # h2load (Debian's nghttp2-client) is the cheap client of the read-h2 rows; where it
 # cannot be installed (no root, no apt) bench says so and the aio client drives every mix.

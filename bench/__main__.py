@@ -1,4 +1,4 @@
-"""python -m bench {run,scale,compare,profile,micro,tracing}: behind `make bench`, …"""
+"""python -m bench {run,scale,compare,profile,micro,tracing,feed}: behind `make bench*`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ def main(argv: list[str] | None = None) -> int:
     from bench import scale
 
     scale.add_arguments(scale_parser)
-    from bench import micro, profile
+    from bench import feed, micro, profile
+
+    feed.add_arguments(
+        commands.add_parser("feed", help="change-feed delivery latency and the outbox's cost")
+    )
 
     micro.add_arguments(commands.add_parser("micro", help="servicer CPU per call, in-process"))
 
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return micro.main(args)
     if args.command == "tracing":
         return tracing.main(args)
+    if args.command == "feed":
+        return feed.main(args)
     print(compare.compare(args.a, args.b))
     return 0
 

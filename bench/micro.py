@@ -19,6 +19,7 @@ from pathlib import Path
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench import procs
+from bench.nofeed import without_feed
 from bench.seed import Shape, seed
 from enrollment.server.domain import lookups
 from enrollment.server.persistence import engine
@@ -105,6 +106,10 @@ def main(args: argparse.Namespace) -> int:
             for name, fn in calls.items():
                 n = args.calls // 4 if "Enroll" in name else args.calls
                 print(f"{name:30} {_cpu_us(fn, n):11.0f}")
+            # What the change feed's outbox costs the write pair (bench/nofeed.py).
+            with without_feed():
+                us = _cpu_us(enroll_and_drop, args.calls // 4)
+            print(f"{'  the same, no change feed':30} {us:11.0f}")
             print(f"\n{'part, cited in code comments':30} {'CPU us/call':>11}")
             with db.connection_context():
                 for name, fn in _parts().items():

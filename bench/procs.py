@@ -129,10 +129,12 @@ def enrollment_server(
     workers: int,
     log_level: str,
     executable: str = "",
+    command: tuple[str, ...] = (),
 ) -> Server:
-    """This checkout's server, or the `enrollment-server` executable of another one."""
+    """This checkout's server, or the `enrollment-server` executable of another one;
+    command: what runs this checkout's server CLI instead (`python -m bench.nofeed`)."""
     argv = [
-        executable or str(BIN / "enrollment-server"),
+        *(command or (executable or str(BIN / "enrollment-server"),)),
         "--log-level",
         log_level,
         "serve",

@@ -6,6 +6,7 @@ import contextlib
 import selectors
 import socket
 import threading
+from urllib.parse import urlsplit, urlunsplit
 
 
 class TcpProxy:
@@ -110,3 +111,11 @@ class TcpProxy:
 
     def close(self) -> None:
         self.cut()
+
+
+def through(proxy: TcpProxy, url: str) -> str:
+    """The database URL with the proxy's address in place of the database's."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    credentials = netloc[0] + "@" if len(netloc) == 2 else ""
+    return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{proxy.port}"))

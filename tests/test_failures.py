@@ -8,7 +8,7 @@ import errno
 import logging
 import os
 import subprocess
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import grpc
 import peewee as pw
@@ -23,18 +23,11 @@ from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases
-from tests.proxy import TcpProxy
+from tests.proxy import TcpProxy, through
 from tests.rpc import expect_error, new_course, new_student
 from tests.servers import scrape
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-
-
-def through(proxy: TcpProxy, url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    credentials = netloc[0] + "@" if len(netloc) == 2 else ""
-    return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{proxy.port}"))
 
 
 @contextlib.contextmanager

@@ -217,10 +217,12 @@ def open_pool(
     return db
 
 
-def open_probe(url: str, *, timeout: float) -> pw.Database:
-    """An unpooled database for health probes: its failures never touch the RPC pool."""
+def open_probe(url: str, *, timeout: float, **overrides: Any) -> pw.Database:
+    """An unpooled database for health probes: its failures never touch the RPC pool.
+    overrides: driver parameters of its own (a PostgreSQL application_name)."""
     target = parse(url)
-    return _PLAIN[target.kind](target.name, **_driver_params(target, timeout, timeout))
+    params = {**_driver_params(target, timeout, timeout), **overrides}
+    return _PLAIN[target.kind](target.name, **params)
 
 
 def discard_idle() -> None:

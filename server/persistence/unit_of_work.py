@@ -26,6 +26,7 @@ from enrollment.server.persistence import engine, outbox
 from enrollment.server.persistence.engine import discard_idle
 from enrollment.server.persistence.failures import (
     Verdict,
+    first_line,
     lost_connection,
     storage_full_events,
     verdict,
@@ -144,7 +145,7 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
             discard_idle()
         if stage == "done":
             # Committed; only handing the connection back failed. The answer stands.
-            log.warning("after a commit, releasing the connection failed: %s", _first_line(exc))
+            log.warning("after a commit, releasing the connection failed: %s", first_line(exc))
             return
         if found is Verdict.FULL:  # refused, at COMMIT too: the database said so
             _storage_full(exc)
@@ -178,13 +179,8 @@ def _storage_full(exc: BaseException) -> None:
             "storage full: the database refused %d write(s) for want of space "
             "(reads still work; writes resume once space is freed): %s",
             count,
-            _first_line(exc),
+            first_line(exc),
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Transient(Exception):

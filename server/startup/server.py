@@ -36,8 +36,9 @@ from enrollment.server.domain.retries import purge_expired as purge_old_request_
 from enrollment.server.operations import tracing
 from enrollment.server.operations.health import HealthMonitor
 from enrollment.server.operations.metrics import RpcMetrics
-from enrollment.server.persistence import engine, migrator
+from enrollment.server.persistence import engine, migrator, notify
 from enrollment.server.persistence.models import proxy
+from enrollment.server.persistence.notify import CommitListener
 from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.startup.purging import Purger
 from enrollment.server.startup.quiet import quiet_bind
@@ -110,6 +111,7 @@ class RunningServer:
     purger: Purger | None = None
     request_purger: Purger | None = None
     hub: WatchHub | None = None
+    listener: CommitListener | None = None
     metrics_port: int | None = None
     metrics_server: WSGIServer | None = None
     pool: WorkerPool | None = None
@@ -136,6 +138,8 @@ class RunningServer:
             self.purger.stop()
         if self.request_purger is not None:
             self.request_purger.stop()
+        if self.listener is not None:
+            self.listener.stop()
         stopped = threading.Event()
         if self.events.loop.is_closed():
             stopped.set()
@@ -307,6 +311,12 @@ def _serving(
             raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
         running.metrics_port = running.metrics_server.server_port
     events.run(server.start())
+    if notify.wanted(config.database_url):
+        # Other processes' commits wake this one's watchers at once (PostgreSQL).
+        running.listener = CommitListener(
+            config.database_url, hub.wake, timeout=config.database_timeout
+        )
+        running.listener.start()
     running.monitor = HealthMonitor(
         running.report,
         database_url=config.database_url,
@@ -356,7 +366,12 @@ async def _build(
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     # WatchEvents: one poller for every watcher of this process (transport/watch.py).
-    hub = WatchHub(pool.run, max_watchers=config.max_watchers)
+    hub = WatchHub(
+        pool.run,
+        max_watchers=config.max_watchers,
+        max_queued=config.watch_queue,
+        interval=config.watch_poll_interval,
+    )
     await hub.start()
     try:
         return await _services(config, credentials, server, hub)
