@@ -49,6 +49,18 @@ class ServerProcess:
         """Everything the process has written so far."""
         return self.log_path.read_text(errors="replace")
 
+    def wait_workers(self, workers: int, timeout: float = READY_TIMEOUT) -> None:
+        """With `--workers N`, return once every worker has logged that it serves: health
+        answers from the first one up, and connections made before the others listen all
+        land on it."""
+        if workers <= 1:
+            return
+        deadline = time.monotonic() + timeout
+        while self.log.count(" serving on ") < workers:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"not all {workers} workers are serving:\n{self.log}")
+            time.sleep(0.05)
+
     def wait_serving(self, timeout: float = READY_TIMEOUT) -> None:
         """Return once grpc.health.v1 says SERVING; fail with the log when the process
         exits first or nothing serves within timeout seconds."""
@@ -96,6 +108,16 @@ class ServerProcess:
             raise
 
 
+def _workers(command: list[str]) -> int:
+    """N of a `--workers N` (or `--workers=N`) in the command; 1 without one."""
+    for i, arg in enumerate(command):
+        if arg == "--workers" and i + 1 < len(command) and command[i + 1].isdigit():
+            return int(command[i + 1])
+        if arg.startswith("--workers=") and arg[len("--workers=") :].isdigit():
+            return int(arg[len("--workers=") :])
+    return 1
+
+
 def start(
     log_path: Path,
     *args: str,
@@ -125,6 +147,7 @@ def start(
     server = ServerProcess(proc, port, addresses.join(dial, port), log_path, credentials)
     try:
         server.wait_serving()
+        server.wait_workers(_workers(command))
     except BaseException:
         if proc.poll() is None:
             proc.kill()
