@@ -17,6 +17,7 @@ from enrollment.v1 import enrollment_pb2 as pb
 from tests import databases
 from tests.databases import sqlite_path
 from tests.rpc import TIMEOUT, expect_error, new_student
+from tests.servers import scrape
 
 # Limits and deadlines are the transport's, the same on every database; the deadline
 # tests hold SQLite's write lock to keep a write in progress.
@@ -62,7 +63,7 @@ def test_max_message_bytes_is_configurable(start_server):
 
 
 def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once(start_server):
-    live = start_server(max_concurrent_rpcs=2, database_timeout=30)
+    live = start_server(max_concurrent_rpcs=2, database_timeout=30, metrics_address="127.0.0.1:0")
     blocker = sqlite3.connect(sqlite_path(live), isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # the two writers below wait for this lock
     try:
@@ -72,7 +73,11 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once(start_server):
             )
             for i in range(2)
         ]
-        wait_for(lambda: engine.connections_in_use() == 2, what="two calls in progress")
+        # In progress: on SQLite one holds the writer thread, the other waits for it.
+        wait_for(
+            lambda: scrape(live.running.metrics_port)[("enrollment_rpcs_in_flight", ())] == 2,
+            what="two calls in progress",
+        )
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as raised:
             live.stub.ListCourses(pb.ListCoursesRequest(), timeout=TIMEOUT)
@@ -187,6 +192,48 @@ def test_a_write_past_its_deadline_or_cancelled_is_rolled_back(start_server, cap
     assert seat.course.enrolled_count == 0
     # The seat is still free for a caller who waits for the answer.
     live.stub.EnrollStudent(request, timeout=TIMEOUT)
+
+
+def test_a_write_whose_deadline_passes_while_queued_behind_another_is_not_written(
+    start_server, caplog
+):
+    # On SQLite the writes run one at a time (one writer thread): the second waits in
+    # line behind the first, and its deadline passes there. It must not run late.
+    caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    live = start_server(database_timeout=30)
+    course = live.stub.CreateCourse(
+        pb.CreateCourseRequest(code="CS-1", title="Intro", capacity=5), timeout=TIMEOUT
+    ).course
+    first, second = new_student(live.stub), new_student(live.stub)
+    blocker = hold_the_write_lock(live)
+    try:
+        ahead = live.stub.EnrollStudent.future(
+            pb.EnrollStudentRequest(student_id=first.id, course_id=course.id), timeout=60
+        )
+        wait_for(lambda: engine.connections_in_use() == 1, what="the first write in progress")
+        queued = live.stub.EnrollStudent.future(
+            pb.EnrollStudentRequest(student_id=second.id, course_id=course.id), timeout=1.0
+        )
+        with pytest.raises(grpc.RpcError):
+            queued.result(timeout=TIMEOUT)
+        assert queued.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Reads (here one run by the pool's threads) are not in the writes' line.
+        live.stub.ListEvents(pb.ListEventsRequest(), timeout=TIMEOUT)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert ahead.result(timeout=TIMEOUT).enrollment.student_id == first.id
+
+    def logged() -> bool:
+        return any(
+            "method=EnrollStudent" in r.getMessage() and "code=DEADLINE_EXCEEDED" in r.getMessage()
+            for r in caplog.records
+        )
+
+    wait_for(logged, what="the queued call to finish")
+    seat = live.stub.GetCourse(pb.GetCourseRequest(course_id=course.id), timeout=TIMEOUT)
+    assert seat.course.enrolled_count == 1  # the first student's only
+    assert databases.table_counts(live.database_url)[2] == 1
 
 
 @pytest.mark.parametrize(

@@ -71,7 +71,27 @@ READS_ON_LOOP = frozenset({"GetStudent", "GetCourse", "ListStudents", "ListCours
 
 
 def _reads_on_loop(config: ServerConfig) -> frozenset[str]:
-    return READS_ON_LOOP if engine.parse(config.database_url).kind == "sqlite" else frozenset()
+    return READS_ON_LOOP if _sqlite(config) else frozenset()
+
+
+def _sqlite(config: ServerConfig) -> bool:
+    return engine.parse(config.database_url).kind == "sqlite"
+
+
+# SQLite has one writer at a time: writes spread over the pool's threads each hold a
+# connection and queue for the write lock, and every turn is a hand-over between
+# threads (and of the GIL) that costs CPU (bench/PROFILE.md, "Issue 15"). On SQLite
+# every method that may write runs on one thread of its own, in arrival order; the
+# reads keep the pool. PostgreSQL and MariaDB lock rows: they write from every thread.
+def _writer_pool(config: ServerConfig) -> WorkerPool | None:
+    return WorkerPool(1, name="writer") if _sqlite(config) else None
+
+
+def _shut(*pools: WorkerPool | None) -> None:
+    """Let each pool's queued work finish, then end its threads."""
+    for pool in pools:
+        if pool is not None:
+            pool.shutdown()
 
 
 class EventLoopThread:
@@ -115,6 +135,7 @@ class RunningServer:
     metrics_port: int | None = None
     metrics_server: WSGIServer | None = None
     pool: WorkerPool | None = None
+    writer: WorkerPool | None = None  # SQLite's one writer thread
     traces: tracing.Tracing | None = None  # None: tracing off
     terminated: threading.Event = field(default_factory=threading.Event)
 
@@ -123,8 +144,7 @@ class RunningServer:
         stops answering at the end of the grace period, but a call still inside its
         transaction runs on; the database is closed only after it has finished (or
         rolled back)."""
-        if self.pool is not None:
-            self.pool.shutdown()
+        _shut(self.pool, self.writer)
         self.events.close()
         if self.traces is not None:
             self.traces.shutdown()  # exports the last spans
@@ -203,8 +223,8 @@ def open_database(config: ServerConfig) -> None:
     """Bind the models to this process's pool (each worker opens its own after the fork)."""
     engine.open_pool(
         config.database_url,
-        # The loop thread's own, when reads run on it.
-        max_connections=config.connections + (1 if _reads_on_loop(config) else 0),
+        # The loop thread's own, when reads run on it, and the writer thread's.
+        max_connections=config.connections + (2 if _sqlite(config) else 0),
         timeout=config.database_timeout,
         pool_timeout=config.pool_timeout,
         statement_timeout=config.database_timeout,
@@ -284,14 +304,15 @@ def _serving(
     # The database work of at most config.threads calls at once; calls beyond wait for a
     # thread as coroutines, up to --max-concurrent-rpcs.
     pool = WorkerPool(config.threads)
+    writer = _writer_pool(config)
     events = EventLoopThread()
     try:
         server, health_servicer, port, hub = events.run(
-            _build(config, credentials, auth, metrics, pool, traced)
+            _build(config, credentials, auth, metrics, (pool, writer), traced)
         )
     except BaseException:
         events.close()
-        pool.shutdown()
+        _shut(pool, writer)
         raise
     if credentials is None and not tls.is_loopback(config.address):
         log.warning(
@@ -299,7 +320,9 @@ def _serving(
             "network can read and alter calls (and bearer tokens); use --tls-cert/--tls-key",
             config.address,
         )
-    running = RunningServer(server, port, health_servicer, events, pool=pool, hub=hub)
+    running = RunningServer(
+        server, port, health_servicer, events, pool=pool, writer=writer, hub=hub
+    )
     if metrics is not None and config.metrics_address is not None:
         try:
             running.metrics_server, _ = metrics.serve(config.metrics_address)
@@ -307,7 +330,7 @@ def _serving(
             events.run(server.stop(None))
             events.run(hub.stop())
             events.close()
-            pool.shutdown()
+            _shut(pool, writer)
             raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
         running.metrics_port = running.metrics_server.server_port
     events.run(server.start())
@@ -339,14 +362,16 @@ async def _build(
     credentials: grpc.ServerCredentials | None,
     auth: Authenticator | None,
     metrics: RpcMetrics | None,
-    pool: WorkerPool,
+    pools: tuple[WorkerPool, WorkerPool | None],
     traced: tracing.Tracing | None,
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int, WatchHub]:
     """On the loop (grpc.aio binds its objects to the running loop): the server, its
     services and its port; not started."""
+    pool, writer = pools
     interceptors: list[grpc.aio.ServerInterceptor] = [
         RpcInterceptor(
             pool=pool,
+            writer=writer,
             request_timeout=config.request_timeout,
             authenticator=auth,
             metrics=metrics,

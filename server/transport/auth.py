@@ -42,11 +42,16 @@ class Token:
     name: str
 
 
+def reads_only(method: str) -> bool:
+    """Get*/List* and WatchEvents; every other method of the service may write."""
+    return method.startswith(("Get", "List")) or method == "WatchEvents"
+
+
 def required_role(method: str) -> str:
     """reader for Get*/List* (GetEnrollment, ListEnrollments and ListEvents too) and
     WatchEvents, writer for EnrollStudent/DropCourse and their batches, admin for the
     rest (UpdateStudent and UpdateCourse too)."""
-    if method.startswith(("Get", "List")) or method == "WatchEvents":
+    if reads_only(method):
         return "reader"
     if method in _WRITER_METHODS:
         return "writer"

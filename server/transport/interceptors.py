@@ -35,7 +35,7 @@ from enrollment.server.errors import (
 from enrollment.server.operations import logs
 from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.transport import error_status
-from enrollment.server.transport.auth import Authenticator, required_role
+from enrollment.server.transport.auth import Authenticator, reads_only, required_role
 from enrollment.server.transport.pool import WorkerPool
 
 log = logging.getLogger("enrollment.rpc")
@@ -56,12 +56,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         authenticator: Authenticator | None = None,
         metrics: RpcMetrics | None = None,
         on_loop: frozenset[str] = frozenset(),
+        writer: WorkerPool | None = None,
     ) -> None:
         """on_loop: names of methods whose work runs on the event loop itself rather than
-        in the pool (start-up chooses the cheap reads of a local SQLite file)."""
+        in the pool (start-up chooses the cheap reads of a local SQLite file). writer: when
+        given, the pool (of one thread, for SQLite) where every method that may write runs."""
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         self._on_loop = on_loop
         self._pool = pool
+        self._writer = writer
         self._request_timeout = request_timeout
         self._auth = authenticator
         self._metrics = metrics
@@ -77,14 +80,16 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_streaming:
             return handler
         if method.startswith(SERVICE_PREFIX):
+            name = method.rsplit("/", 1)[-1]
+            writes = self._writer is not None and not reads_only(name)
             guard = _Guard(
                 handler.unary_unary or handler.unary_stream,
                 method,
-                pool=self._pool,
+                pool=self._writer if writes and self._writer is not None else self._pool,
                 request_timeout=self._request_timeout,
                 auth=self._auth,
                 metrics=self._metrics,
-                on_loop=method.rsplit("/", 1)[-1] in self._on_loop,
+                on_loop=name in self._on_loop,
             )
             if handler.unary_unary is not None:
                 served = {"unary_unary": None, "stream_unary": guard.serve}

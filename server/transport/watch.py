@@ -99,6 +99,11 @@ class WatchHub:
     def wake(self) -> None:
         """From any thread: poll now (a local commit wrote events, or PostgreSQL
         notified one of another process's)."""
+        if not self._watchers:
+            # Nobody to feed: the poller would wake only to skip its query, and the hop
+            # onto the loop (a task for its wait_for) cost every write CPU on the loop.
+            # A watcher registering now reads the head after this commit (watch()).
+            return
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._wake.set)
