@@ -30,7 +30,7 @@ from enrollment.client.api import EnrollmentClient
 from enrollment.server.persistence import engine, migrator
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from tests.rpc import free_port
+from tests.servers import free_port
 
 BIN = Path(sys.executable).parent
 COURSES = 10
