@@ -24,8 +24,6 @@ deleted while the batch shares its row.
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
@@ -47,6 +45,7 @@ from enrollment.server.errors import (
     WaitlistFull,
     in_batch,
 )
+from enrollment.server.persistence.bulk import ids_in, insert_rows, pairs_in
 from enrollment.server.persistence.models import (
     ENROLLED,
     WAITLISTED,
@@ -275,13 +274,13 @@ def _read(items: list[Item], waitlists: bool) -> _Batch:
     student_ids = sorted({item.student_id for item in items})
     courses: dict[int, _Course] = {}
     if course_ids:
-        query = Course.select().where(Course.id.in_(course_ids)).order_by(Course.id)
+        query = Course.select().where(ids_in(Course.id, course_ids)).order_by(Course.id)
         for c in locking(query):
             counts = (c.enrolled_count, c.waitlisted_count, c.waitlist_joins)
             courses[c.id] = _Course(c.capacity, c.waitlist_capacity, *counts, read=counts)
     students: set[int] = set()
     if student_ids:
-        query = Student.select(Student.id).where(Student.id.in_(student_ids))
+        query = Student.select(Student.id).where(ids_in(Student.id, student_ids))
         students = {student_id for (student_id,) in sharing(query).tuples()}
     pairs = {
         (item.student_id, item.course_id)
@@ -293,8 +292,8 @@ def _read(items: list[Item], waitlists: bool) -> _Batch:
     if waitlists:
         waiting = [course_id for course_id, c in courses.items() if c.waitlisted]
         if waiting:
-            line = StudentCourse.course.in_(waiting) & (StudentCourse.state == WAITLISTED)
-            wanted = line if wanted is None else (wanted | line)
+            line = ids_in(StudentCourse.course, waiting) & (StudentCourse.state == WAITLISTED)
+            wanted = line if wanted is None else (wanted | line)  # type: ignore[operator]
     if wanted is not None:
         query = StudentCourse.select(
             StudentCourse.student, StudentCourse.course, StudentCourse.state,
@@ -307,17 +306,10 @@ def _read(items: list[Item], waitlists: bool) -> _Batch:
     return _Batch(courses, students, utcnow(), rows, {})
 
 
-def _pairs_condition(pairs: Iterable[Pair]) -> pw.Expression | None:
-    """WHERE the entry is one of pairs: per course, course_id = c AND student_id IN (…),
-    the courses OR-ed (tuple IN lists are not portable to every database's SQL)."""
-    by_course: dict[int, list[int]] = {}
-    for student_id, course_id in sorted(pairs):
-        by_course.setdefault(course_id, []).append(student_id)
-    terms = [
-        (StudentCourse.course == course_id) & StudentCourse.student.in_(student_ids)
-        for course_id, student_ids in sorted(by_course.items())
-    ]
-    return functools.reduce(operator.or_, terms) if terms else None
+def _pairs_condition(pairs: Iterable[Pair]) -> pw.SQL | None:
+    """WHERE the entry is one of pairs (student_id, course_id)."""
+    by_course = ((course_id, student_id) for student_id, course_id in pairs)
+    return pairs_in(StudentCourse.course, StudentCourse.student, by_course)
 
 
 def _write(batch: _Batch) -> None:
@@ -339,19 +331,15 @@ def _write(batch: _Batch) -> None:
         StudentCourse.update(state=ENROLLED, join_number=0, promote_time=batch.now).where(
             _pairs_condition(promoted)
         ).execute()
-    if inserted:
-        StudentCourse.insert_many(
-            [
-                {
-                    "student": student_id,
-                    "course": course_id,
-                    "enroll_time": row.enroll_time,
-                    "state": row.state,
-                    "join_number": row.join_number,
-                }
-                for (student_id, course_id), row in sorted(inserted)
-            ]
-        ).execute()
+    columns = (
+        StudentCourse.student, StudentCourse.course, StudentCourse.enroll_time,
+        StudentCourse.state, StudentCourse.join_number,
+    )  # fmt: skip
+    insert_rows(
+        StudentCourse,
+        columns,
+        [(*pair, row.enroll_time, row.state, row.join_number) for pair, row in sorted(inserted)],
+    )
     _write_counts(batch)
 
 
@@ -370,4 +358,4 @@ def _write_counts(batch: _Batch) -> None:
             column: pw.Case(Course.id, [(course_id, value(c)) for course_id, c in moved.items()])
             for column, value in columns
         }
-    ).where(Course.id.in_(sorted(moved))).execute()
+    ).where(ids_in(Course.id, sorted(moved))).execute()
