@@ -329,7 +329,7 @@ def test_a_batch_does_what_its_items_do_one_by_one(live):
     stub, url = live.stub, live.database_url
     rng = random.Random(12)
     students = [new_student(stub).id for _ in range(8)]
-    shapes = [(1, 2), (2, 1), (3, 0)]
+    shapes = [(1, 3), (2, 2), (3, 0)]
     mine, mirror = [], []
     for capacity, waitlist in shapes:
         for side in (mine, mirror):
