@@ -13,7 +13,8 @@ COPY protos ./protos
 COPY server ./server
 COPY client ./client
 COPY migrations ./migrations
-RUN pip install ./client . \
+# The tracing extras: off unless OTEL_TRACES_EXPORTER is set (README "Tracing").
+RUN pip install './client[tracing]' '.[tracing]' \
     && useradd --system --uid 10001 --home-dir /data --create-home enrollment
 
 USER enrollment

@@ -15,7 +15,7 @@ CHAOS_SECONDS ?= 60
 SOAK_SECONDS ?= 600
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-scale bench-compare bench-micro bench-profile bench-migrate chaos soak bench-import
+.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-rush bench-scale bench-compare bench-micro bench-profile bench-migrate chaos soak bench-import
 
 # target: help - list the targets and what they do
 help:
@@ -26,7 +26,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e './client[progress]' -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e './client[progress,tracing]' -e '.[dev]'
 	touch $@
 
 # target: proto - regenerate stubs, .pyi, the descriptor set, the googleapis copies and docs/api.md
@@ -90,10 +90,12 @@ migrate: $(STAMP)
 run: migrate
 	ENROLLMENT_DATABASE_URL='$(DATABASE_URL)' $(BIN)/enrollment-server serve --address '$(ADDRESS)'
 
-# target: bench - the server against a bare grpcio ceiling: table, targets, bench/results/*.json; then a 20,000-row CSV import and single-call p99 during batches of 1000 (BULK_ARGS)
+# target: bench - the server against bare grpcio ceilings: table, targets, memory, bench/results/*.json; then tracing off vs on, the change feed (delivery latency, the outbox's cost), and bulk loads (a 20,000-row CSV import, single-call p99 during batches of 1000; BULK_ARGS)
 bench: $(STAMP) h2load
 	$(BIN)/python -m bench run $(BENCH_ARGS)
-	$(BIN)/python -m bench bulk $(BULK_ARGS)
+	$(BIN)/python -m bench tracing $(filter --strict,$(BENCH_ARGS))
+	$(BIN)/python -m bench feed $(filter --strict,$(BENCH_ARGS))
+	$(BIN)/python -m bench bulk $(BULK_ARGS) $(filter --strict,$(BENCH_ARGS))
 
 # h2load (Debian's nghttp2-client) is the cheap client of the read-h2 rows; where it
 # cannot be installed (no root, no apt) bench says so and the aio client drives every mix.
@@ -104,7 +106,11 @@ h2load:
 	  { apt-get install -y -qq nghttp2-client || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }; } >/dev/null 2>&1 \
 	  || echo "could not install nghttp2-client: bench runs without h2load"; }
 
-# target: bench-scale - p99 at 10,000 vs 1,000,000 enrollments (a few minutes)
+# target: bench-rush - registration rush: 5,000 students x 5 tries at 50 courses (30 seats, waitlist 20), 64 callers, on SQLite and PostgreSQL (--workers 2); throughput vs the write mix, outcomes, exactness
+bench-rush: $(STAMP)
+	$(BIN)/python -m bench.rush $(BENCH_ARGS)
+
+# target: bench-scale - p99 at 10,000 vs 10,000,000 enrollments, seed time, size on disk, newest migrate time (BENCH_ARGS="--enrollments 1000000" for a quick run)
 bench-scale: $(STAMP)
 	$(BIN)/python -m bench scale $(BENCH_ARGS)
 
@@ -130,7 +136,7 @@ bench-import: $(STAMP)
 	$(BIN)/python -m bench bulk $(if $(filter-out sqlite:///enrollment.db,$(DATABASE_URL)),--database-url '$(DATABASE_URL)') $(BENCH_ARGS)
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e './client[progress]' -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e './client[progress,tracing]' -e '.[dev,bench]'
 	touch $@
 
 # target: chaos - kill the server's database connections every 2 s under writes (DATABASE=postgresql|mysql, CHAOS_SECONDS=60); checks every answer

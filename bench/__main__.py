@@ -1,4 +1,4 @@
-"""python -m bench {run,bulk,scale,compare,profile,micro}: behind `make bench`, `bench-scale`, …"""
+"""python -m bench {run,bulk,scale,compare,profile,micro,tracing,feed}: behind `make bench*`."""
 
 from __future__ import annotations
 
@@ -19,11 +19,18 @@ def main(argv: list[str] | None = None) -> int:
     from bench import scale
 
     scale.add_arguments(scale_parser)
-    from bench import micro, profile
+    from bench import feed, micro, profile
+
+    feed.add_arguments(
+        commands.add_parser("feed", help="change-feed delivery latency and the outbox's cost")
+    )
 
     micro.add_arguments(commands.add_parser("micro", help="servicer CPU per call, in-process"))
 
     profile.add_arguments(commands.add_parser("profile", help="py-spy the server under a mix"))
+    from bench import tracing
+
+    tracing.add_arguments(commands.add_parser("tracing", help="server CPU, tracing off vs on"))
     pair = commands.add_parser("compare", help="two result files side by side")
     pair.add_argument("a")
     pair.add_argument("b")
@@ -38,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         return profile.main(args)
     if args.command == "micro":
         return micro.main(args)
+    if args.command == "tracing":
+        return tracing.main(args)
+    if args.command == "feed":
+        return feed.main(args)
     print(compare.compare(args.a, args.b))
     return 0
 

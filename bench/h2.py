@@ -73,6 +73,7 @@ def drive(
     server0, client0 = server.cpu_seconds(), cpu_seconds(client.pid)
     time.sleep(duration)
     server1, client1 = server.cpu_seconds(), cpu_seconds(client.pid)
+    rss = server.rss_kib()
     end = time.time()
     output, _ = client.communicate(timeout=60)
     if client.returncode:
@@ -112,4 +113,5 @@ def drive(
         server_cpu_s=server1 - server0,
         client_cpu_s=client1 - client0,
         methods={"mean_ms": {"all": statistics.fmean(latencies) / 1e6}} if latencies else {},
+        server_rss_kib=rss,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from array import array
 from collections import Counter
 from dataclasses import dataclass
@@ -74,11 +75,19 @@ class _Driver:
                 course = rng.randint(1, shape.courses)
                 while course in taken:
                     course = rng.randint(1, shape.courses)
+                # Each with a request_id, as enrollment.client sends every mutation: the
+                # server records it with the change (and its event) in one transaction.
                 await self.call(
-                    "EnrollStudent", pb.EnrollStudentRequest(student_id=student, course_id=course)
+                    "EnrollStudent",
+                    pb.EnrollStudentRequest(
+                        student_id=student, course_id=course, request_id=str(uuid.uuid4())
+                    ),
                 )
                 await self.call(
-                    "DropCourse", pb.DropCourseRequest(student_id=student, course_id=course)
+                    "DropCourse",
+                    pb.DropCourseRequest(
+                        student_id=student, course_id=course, request_id=str(uuid.uuid4())
+                    ),
                 )
             else:
                 student = rng.randint(1, shape.students)

@@ -28,6 +28,7 @@ class Round:
     server_cpu_us_per_call: float
     server_cpu_share: float  # of the whole machine (all cores), 0..1
     client_cpu_share: float
+    server_rss_kib: float = 0.0  # at the end of the window
     methods: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -40,6 +41,7 @@ def window_round(
     server_cpu_s: float,
     client_cpu_s: float,
     methods: dict[str, dict[str, float]],
+    server_rss_kib: float = 0.0,
 ) -> Round:
     """The figures of one measured window; latencies_ns sorted, CPU times in seconds."""
     return Round(
@@ -52,6 +54,7 @@ def window_round(
         server_cpu_us_per_call=server_cpu_s / calls * 1e6 if calls else float("nan"),
         server_cpu_share=server_cpu_s / (duration * CPUS),
         client_cpu_share=client_cpu_s / (duration * CPUS),
+        server_rss_kib=server_rss_kib,
         methods=methods,
     )
 
@@ -96,6 +99,7 @@ def drive(
         time.sleep(max(0.0, (end_ns - time.monotonic_ns()) / 1e9))
         server1 = server.cpu_seconds()
         client1 = sum(cpu_seconds(w.pid) for w in workers)
+        rss = server.rss_kib()
         reports = []
         for pipe in pipes:
             if not pipe.poll(120):
@@ -134,6 +138,7 @@ def drive(
         server_cpu_s=server1 - server0,
         client_cpu_s=client1 - client0,
         methods=methods,
+        server_rss_kib=rss,
     )
 
 
@@ -145,6 +150,7 @@ NUMBERS = (
     "server_cpu_us_per_call",
     "server_cpu_share",
     "client_cpu_share",
+    "server_rss_kib",
 )
 
 

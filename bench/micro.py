@@ -13,11 +13,13 @@ import datetime as dt
 import random
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench import procs
+from bench.nofeed import without_feed
 from bench.seed import Shape, seed
 from enrollment.server.domain import lookups
 from enrollment.server.persistence import engine
@@ -45,6 +47,10 @@ def _cpu_us(fn, calls: int, repeats: int = 7) -> float:
     return best
 
 
+def _request_id() -> str:
+    return str(uuid.uuid4())
+
+
 def _parts() -> dict:
     """What server/transport/convert.py and server/persistence/prepared.py say they save."""
     when = dt.datetime(2026, 1, 1, 12, 0, 0, 123456)
@@ -70,8 +76,15 @@ def main(args: argparse.Namespace) -> int:
         course = rng.randint(1, shape.courses)
         while course in taken:
             course = rng.randint(1, shape.courses)
-        servicer.EnrollStudent(pb.EnrollStudentRequest(student_id=who, course_id=course), None)
-        servicer.DropCourse(pb.DropCourseRequest(student_id=who, course_id=course), None)
+        # With request_ids, as the client sends them: their records are on the write path.
+        servicer.EnrollStudent(
+            pb.EnrollStudentRequest(student_id=who, course_id=course, request_id=_request_id()),
+            None,
+        )
+        servicer.DropCourse(
+            pb.DropCourseRequest(student_id=who, course_id=course, request_id=_request_id()),
+            None,
+        )
 
     calls = {
         "GetStudent": lambda: servicer.GetStudent(pb.GetStudentRequest(student_id=student()), None),
@@ -93,6 +106,10 @@ def main(args: argparse.Namespace) -> int:
             for name, fn in calls.items():
                 n = args.calls // 4 if "Enroll" in name else args.calls
                 print(f"{name:30} {_cpu_us(fn, n):11.0f}")
+            # What the change feed's outbox costs the write pair (bench/nofeed.py).
+            with without_feed():
+                us = _cpu_us(enroll_and_drop, args.calls // 4)
+            print(f"{'  the same, no change feed':30} {us:11.0f}")
             print(f"\n{'part, cited in code comments':30} {'CPU us/call':>11}")
             with db.connection_context():
                 for name, fn in _parts().items():

@@ -64,6 +64,27 @@ def seed_v1(db: pw.Database, enrollments: int) -> None:
             e_table.insert(batch).bind(db).execute()
 
 
+def migrate_all_but_newest(database_url: str) -> None:
+    """Create the schema as the migration before the newest leaves it."""
+    db = engine.open_pool(database_url, max_connections=1, create=True)
+    try:
+        with db.connection_context():
+            Router(db, migrate_dir=MIGRATIONS_DIR).run(migrator.known_migrations()[-2])
+    finally:
+        engine.close_pool()
+
+
+def migrate_timed(database_url: str) -> tuple[list[str], float]:
+    """Apply the pending migrations: their names and the wall time it took."""
+    db = engine.open_pool(database_url, max_connections=1)
+    try:
+        started = time.perf_counter()
+        applied = migrator.migrate(db)
+        return applied, time.perf_counter() - started
+    finally:
+        engine.close_pool()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.migration", description=__doc__)
     parser.add_argument("--database-url", required=True)

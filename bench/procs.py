@@ -51,6 +51,17 @@ def tree_cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
 
 
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process in KiB (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 @dataclass
 class Server:
     """A server subprocess listening on 127.0.0.1:port."""
@@ -60,6 +71,7 @@ class Server:
     port: int
     log_path: Path
     process: subprocess.Popen | None = None
+    env: dict[str, str] | None = None  # the whole environment (None: this process's)
     pids: list[int] = field(default_factory=list)
 
     @property
@@ -68,7 +80,9 @@ class Server:
 
     def start(self, timeout: float = 30.0) -> Server:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -91,6 +105,10 @@ class Server:
         self.pids = descendants(self.process.pid)
         return tree_cpu_seconds(self.pids)
 
+    def rss_kib(self) -> int:
+        """Resident memory of the server and the workers it forked, in KiB."""
+        return sum(rss_kib(p) for p in descendants(self.process.pid))
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -111,10 +129,12 @@ def enrollment_server(
     workers: int,
     log_level: str,
     executable: str = "",
+    command: tuple[str, ...] = (),
 ) -> Server:
-    """This checkout's server, or the `enrollment-server` executable of another one."""
+    """This checkout's server, or the `enrollment-server` executable of another one;
+    command: what runs this checkout's server CLI instead (`python -m bench.nofeed`)."""
     argv = [
-        executable or str(BIN / "enrollment-server"),
+        *(command or (executable or str(BIN / "enrollment-server"),)),
         "--log-level",
         log_level,
         "serve",
@@ -134,17 +154,20 @@ def enrollment_server(
     return Server("enrollment-server", argv, port, log_path)
 
 
-def ceiling_server(port: int, log_path: Path, *, threads: int) -> Server:
+def ceiling_server(port: int, log_path: Path, *, threads: int, kind: str = "sync") -> Server:
+    """A bare server of bench/ceiling.py: grpcio's sync server (threads) or grpc.aio."""
     argv = [
         sys.executable,
         "-m",
         "bench.ceiling",
         "--address",
         f"127.0.0.1:{port}",
+        "--kind",
+        kind,
         "--threads",
         str(threads),
     ]
-    return Server("ceiling", argv, port, log_path)
+    return Server(f"ceiling ({kind})", argv, port, log_path)
 
 
 def serve_has_workers_flag() -> bool:

@@ -1,8 +1,15 @@
-"""`make bench`: the real server against the bare grpcio ceiling, rounds alternating."""
+"""`make bench`: the real server against the bare grpcio ceilings, rounds alternating.
+
+The ceiling of a mix is the cheaper per call of two bare servers on the same proto
+(grpcio's sync server and grpc.aio, bench/ceiling.py), measured in the same rounds; the
+targets are those of the performance issue (server CPU per call as a multiple of the
+ceiling's, `--workers 2` read throughput, memory per idle watcher).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import platform
@@ -14,18 +21,30 @@ from pathlib import Path
 
 import grpc
 
-from bench import h2, load, measure, procs
+from bench import h2, load, measure, memory, procs
 from bench.seed import Shape, seed
 from enrollment.server.startup.config import ServerConfig
 from tests import databases
 from tests.servers import free_port
 
-PROJECT, CEILING, WORKERS, THREADS = "enrollment", "ceiling", "enrollment-w", "enrollment-t"
+PROJECT, WORKERS, THREADS = "enrollment", "enrollment-w", "enrollment-t"
+CEILING, CEILING_AIO = "ceiling", "ceiling-aio"  # grpcio's sync server; grpc.aio
+CEILINGS = (CEILING, CEILING_AIO)
+POSTGRESQL = "enrollment-pg"  # the same server on a PostgreSQL database, in `mixed`
 OTHER = "other"
 # `read` driven by h2load: one student per round, ListCourses and GetStudent in turn.
 H2_READ = "read-h2"
 EXPECTED_CODES = {"OK"}
 H2_CONNECTIONS = 8
+
+# The performance issue's targets: server CPU per call as a multiple of the ceiling's.
+CPU_TARGETS = (
+    ("read", PROJECT, 2.1),
+    ("write", PROJECT, 3.5),
+    ("mixed", PROJECT, 2.3),
+    ("mixed", POSTGRESQL, 3.0),
+)
+WORKERS_TARGET = 1.8  # `--workers 2` read throughput over one process's
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per round")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--processes", type=int, default=2, help="load processes")
-    parser.add_argument("--coroutines", type=int, default=8, help="concurrent calls per process")
+    parser.add_argument(
+        "--coroutines", type=int, default=32, help="concurrent calls per process (64 in all)"
+    )
     parser.add_argument(
         "--threads",
         "--max-workers",  # the old name, as serve's
@@ -78,6 +99,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="also drive `read` with h2load, a client cheaper than Python (auto: when installed)",
     )
+    parser.add_argument(
+        "--postgresql",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also run `mixed` against a PostgreSQL database created for the run and dropped "
+        "after it (auto: when the server at TEST_POSTGRESQL_URL answers)",
+    )
+    parser.add_argument(
+        "--watchers",
+        type=int,
+        default=memory.WATCHERS,
+        help="idle WatchEvents streams for the memory figure (0: skip)",
+    )
     parser.add_argument("--log-level", default="INFO", help="the server's --log-level")
     parser.add_argument("--students", type=int, default=10_000)
     parser.add_argument("--courses", type=int, default=500)
@@ -115,7 +149,12 @@ def main(args: argparse.Namespace) -> int:
             print("h2load not found: the aio client drives every mix", file=sys.stderr)
     if args.workers != 1 and not has_workers:
         raise SystemExit("this checkout's `enrollment-server serve` has no --workers flag")
-    with tempfile.TemporaryDirectory(prefix="enrollment-bench-") as tmp:
+    postgresql = _postgresql(args) if "mixed" in mixes else None
+    pg_url = ""
+    with (
+        contextlib.ExitStack() as cleanup,
+        tempfile.TemporaryDirectory(prefix="enrollment-bench-") as tmp,
+    ):
         tmpdir = Path(tmp)
         url = args.database_url or f"sqlite:///{tmpdir / 'bench.db'}"
         started = time.monotonic()
@@ -126,6 +165,11 @@ def main(args: argparse.Namespace) -> int:
             f"{shape.enrollments} enrollments in {time.monotonic() - started:.1f}s",
             file=sys.stderr,
         )
+        if postgresql is not None:
+            pg_url = postgresql.create(prefix="enrollment_bench")
+            cleanup.callback(postgresql.drop, pg_url)
+            procs.migrate(pg_url)
+            seed(pg_url, shape)
 
         def project(log_name: str, *, threads: int, workers: int, executable: str = ""):
             return procs.enrollment_server(
@@ -140,10 +184,22 @@ def main(args: argparse.Namespace) -> int:
 
         servers = {
             PROJECT: project("server.log", threads=args.threads, workers=args.workers),
-            CEILING: procs.ceiling_server(
-                free_port(), tmpdir / "ceiling.log", threads=args.threads
-            ),
+            **{
+                name: procs.ceiling_server(
+                    free_port(), tmpdir / f"{name}.log", threads=args.threads, kind=kind
+                )
+                for name, kind in ((CEILING, "sync"), (CEILING_AIO, "aio"))
+            },
         }
+        if pg_url:
+            servers[POSTGRESQL] = procs.enrollment_server(
+                free_port(),
+                pg_url,
+                tmpdir / "server-pg.log",
+                threads=args.threads,
+                workers=args.workers,
+                log_level=args.log_level,
+            )
         workers_check = args.workers_check if has_workers and "read" in mixes else 0
         if workers_check == args.workers:
             workers_check = 0
@@ -165,12 +221,21 @@ def main(args: argparse.Namespace) -> int:
         try:
             for server in servers.values():
                 server.start()
+            time.sleep(memory.SETTLE_S)
+            idle_kib = servers[PROJECT].rss_kib()
             results = _run_rounds(servers, mixes, shape, args, tmpdir)
+            watchers = (
+                memory.with_watchers(servers[PROJECT], shape, args.watchers)
+                if args.watchers
+                else None
+            )
         finally:
             for server in servers.values():
                 server.stop()
         log_tail = (tmpdir / "server.log").read_text(errors="replace").splitlines()[-3:]
         miscounted = databases.miscounted_courses(url)
+        if pg_url:
+            miscounted += [f"postgresql {m}" for m in databases.miscounted_courses(pg_url)]
 
     report = {
         "meta": {
@@ -185,8 +250,10 @@ def main(args: argparse.Namespace) -> int:
             "command": " ".join(sys.argv),
             "args": vars(args),
             "workers_flag": has_workers,
+            "postgresql": bool(pg_url),
         },
         "series": results,
+        "memory": _memory(idle_kib, results, watchers),
     }
     report["targets"] = targets(report, workers_check)
     print(render(report))
@@ -212,6 +279,34 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _postgresql(args: argparse.Namespace) -> databases.Server | None:
+    """The PostgreSQL server `mixed` also runs on, or None (said on stderr)."""
+    if args.postgresql == "off":
+        return None
+    server = databases.Server("postgresql", databases.admin_url("postgresql"))
+    try:
+        server.check()
+    except Exception as exc:  # noqa: BLE001 - the driver's reason, whatever it is
+        if args.postgresql == "on":
+            raise SystemExit(f"--postgresql on: cannot reach {server.url}: {exc}") from None
+        print(f"PostgreSQL not reachable ({exc}): no PostgreSQL rows", file=sys.stderr)
+        return None
+    return server
+
+
+def _memory(idle_kib: int, results: dict, watchers: memory.Watchers | None) -> dict:
+    read = results.get("read", {}).get(PROJECT)
+    found: dict = {"idle_kib": idle_kib, "read_kib": read["server_rss_kib"] if read else None}
+    if watchers is not None:
+        found.update(
+            watchers=watchers.watchers,
+            before_watchers_kib=watchers.rss_before_kib,
+            with_watchers_kib=watchers.rss_with_kib,
+            per_watcher_kib=watchers.per_watcher_kib,
+        )
+    return found
+
+
 def _default_json_path(report: dict) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("bench/results") / f"bench-{stamp}-{report['meta']['commit']}.json"
@@ -220,9 +315,13 @@ def _default_json_path(report: dict) -> Path:
 def _run_rounds(servers, mixes, shape, args, tmpdir: Path) -> dict:
     results: dict[str, dict] = {}
     for mix in mixes:
-        names = [PROJECT, CEILING]
-        if mix in ("read", H2_READ) and WORKERS in servers:
+        names = [PROJECT, *CEILINGS]
+        # --workers is judged on the cheapest client: h2load's rows when they run.
+        workers_mix = H2_READ if H2_READ in mixes else "read"
+        if mix == workers_mix and WORKERS in servers:
             names.append(WORKERS)
+        if mix == "mixed" and POSTGRESQL in servers:
+            names.append(POSTGRESQL)
         if THREADS in servers:
             names.append(THREADS)
         if OTHER in servers:
@@ -244,7 +343,7 @@ def _run_rounds(servers, mixes, shape, args, tmpdir: Path) -> dict:
                         duration=args.duration,
                         warmup=args.warmup,
                         student=1 + (index * 7919) % shape.students,
-                        log_path=None if name == CEILING else server.log_path,
+                        log_path=None if name in CEILINGS else server.log_path,
                     )
                 else:
                     result = measure.drive(
@@ -273,6 +372,12 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def ceiling_of(by_server: dict) -> str:
+    """The mix's ceiling: the bare server cheaper per call in its rounds."""
+    present = [name for name in CEILINGS if name in by_server]
+    return min(present, key=lambda name: by_server[name]["server_cpu_us_per_call"])
+
+
 def targets(report: dict, workers_check: int) -> list[dict]:
     series = report["series"]
     found = []
@@ -295,43 +400,19 @@ def targets(report: dict, workers_check: int) -> list[dict]:
             }
         )
 
-    def pair(mix: str):
-        s = series.get(mix)
-        return (s[PROJECT], s[CEILING]) if s else (None, None)
-
-    read, read_ceiling = pair("read")
-    write, write_ceiling = pair("write")
-    mixed, mixed_ceiling = pair("mixed")
     cpu = "server_cpu_us_per_call"
-    add(
-        "read: server CPU/call vs ceiling",
-        read and _ratio(read[cpu], read_ceiling[cpu]),
-        2.5,
-        "max",
-        "x",
-    )
-    add(
-        "read: throughput vs ceiling",
-        read and _ratio(read["calls_per_s"], read_ceiling["calls_per_s"]),
-        0.5,
-        "min",
-        "x",
-    )
-    add(
-        "write: server CPU/call vs ceiling",
-        write and _ratio(write[cpu], write_ceiling[cpu]),
-        5.0,
-        "max",
-        "x",
-    )
-    for mix, ours, ceiling in (("read", read, read_ceiling), ("mixed", mixed, mixed_ceiling)):
-        add(
-            f"{mix}: p99 vs ceiling p99 (concurrency {report['meta']['concurrency']})",
-            ours and _ratio(ours["p99_ms"], ceiling["p99_ms"]),
-            3.0,
-            "max",
-            "x",
-        )
+    for mix, name, limit in CPU_TARGETS:
+        by_server = series.get(mix, {})
+        ours = by_server.get(name)
+        value, note = None, "not run"
+        if ours is not None:
+            ceiling = ceiling_of(by_server)
+            value = _ratio(ours[cpu], by_server[ceiling][cpu])
+            note = f"ceiling: {ceiling}"
+        elif name == POSTGRESQL and mix in series:
+            note = "no PostgreSQL server (--postgresql)"
+        label = f"{mix}{' (PostgreSQL)' if name == POSTGRESQL else ''}: server CPU/call vs ceiling"
+        add(label, value, limit, "max", "x", note)
     # The workers check wants the cheapest client: h2load's rows when they were run.
     workers_mix = H2_READ if WORKERS in series.get(H2_READ, {}) else "read"
     workers = series.get(workers_mix, {}).get(WORKERS)
@@ -343,13 +424,24 @@ def targets(report: dict, workers_check: int) -> list[dict]:
             "serve has no --workers flag yet" if not report["meta"]["workers_flag"] else "not run"
         )
     )
+    if workers and workers_mix != H2_READ:
+        note = "no h2load: the Python client's rows"
     add(
         f"{workers_mix}: --workers {workers_check or 2} throughput vs one process",
         workers and _ratio(workers["calls_per_s"], single["calls_per_s"]),
-        1.5,
+        WORKERS_TARGET,
         "min",
         "x",
         note,
+    )
+    per_watcher = report["memory"].get("per_watcher_kib")
+    add(
+        "memory: RSS per idle WatchEvents stream",
+        per_watcher,
+        memory.PER_WATCHER_LIMIT_KIB,
+        "max",
+        " KiB",
+        "" if per_watcher is not None else "--watchers 0",
     )
     return found
 
@@ -366,9 +458,10 @@ def render(report: dict) -> str:
         f"{'p99 x':>5}  codes",
     ]
     for mix, by_server in report["series"].items():
-        ceiling = by_server[CEILING]
+        best = ceiling_of(by_server)
+        ceiling = by_server[best]
         for name, s in by_server.items():
-            if name == CEILING:
+            if name in CEILINGS:
                 rel = f"{'':>6} {'':>5} {'':>5}"
             else:
                 cpu = "server_cpu_us_per_call"
@@ -380,7 +473,10 @@ def render(report: dict) -> str:
             label = {
                 WORKERS: f"enroll -w{meta['args']['workers_check']}",
                 THREADS: f"enroll -t{meta['args'].get('threads_check')}",
+                POSTGRESQL: "enroll pg",
             }.get(name, name)
+            if name == best:
+                label += " *"
             codes = " ".join(f"{c}={n}" for c, n in sorted(s["codes"].items()))
             lines.append(
                 f"{mix:7} {label:13} {s['calls_per_s']:8.0f} {s['p50_ms']:7.2f} "
@@ -390,16 +486,29 @@ def render(report: dict) -> str:
             )
     lines += [
         "",
+        "ceiling (*): the cheaper per call of the two bare servers in that mix (grpcio sync, "
+        "grpc.aio);",
         "srv/cli CPU: share of all the machine's cores over the window; "
-        "% ceil, cpu x, p99 x: against the ceiling in the same mix",
-        "",
-        "targets:",
+        "% ceil, cpu x, p99 x: against that ceiling",
     ]
+    mem = report["memory"]
+    lines += ["", "memory (server RSS):"]
+    lines.append(f"  idle, after start                      {mem['idle_kib'] / 1024:8.1f} MiB")
+    if mem.get("read_kib") is not None:
+        lines.append(f"  under the read mix (end of window)     {mem['read_kib'] / 1024:8.1f} MiB")
+    if "per_watcher_kib" in mem:
+        lines.append(
+            f"  with {mem['watchers']} idle WatchEvents streams     "
+            f"{mem['with_watchers_kib'] / 1024:8.1f} MiB (from "
+            f"{mem['before_watchers_kib'] / 1024:.1f} MiB: "
+            f"{mem['per_watcher_kib']:.1f} KiB per stream)"
+        )
+    lines += ["", "targets:"]
     for t in report["targets"]:
         value = "-" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
         bound = "<=" if t["better"] == "max" else ">="
         note = f"  ({t['note']})" if t["note"] else ""
         lines.append(
-            f"  {t['verdict']:4}  {t['target']:52} {value:>8} (want {bound} {t['limit']}){note}"
+            f"  {t['verdict']:4}  {t['target']:52} {value:>9} (want {bound} {t['limit']}){note}"
         )
     return "\n".join(lines)

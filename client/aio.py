@@ -24,6 +24,7 @@ from enrollment.client.api import (
     update_student_request,
     with_request_id,
 )
+from enrollment.client.tracecontext import call_metadata
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
@@ -80,7 +81,9 @@ class AsyncEnrollmentClient:
     async def _call(self, method: Any, request: Any) -> Any:
         # As the sync client: no wait_for_ready, so a server that is down fails the call now.
         try:
-            return await method(request, timeout=self.timeout, metadata=self._metadata)
+            return await method(
+                request, timeout=self.timeout, metadata=call_metadata(self._metadata)
+            )
         except grpc.RpcError as error:
             raise ClientError.from_rpc_error(error) from None
         except aio.UsageError as error:
@@ -366,7 +369,7 @@ class AsyncEnrollmentClient:
                     request = pb.WatchEventsRequest(
                         after_sequence=last, student_id=student_id, course_id=course_id
                     )
-                    stream = self._stub.WatchEvents(request, metadata=self._metadata)
+                    stream = self._stub.WatchEvents(request, metadata=call_metadata(self._metadata))
                     try:
                         async for response in stream:
                             for event in response.events:

@@ -14,6 +14,7 @@ from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from enrollment.client.tracecontext import call_metadata
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
@@ -177,10 +178,11 @@ class EnrollmentClient:
     def _call(self, method: Callable[..., _Response], request: Any) -> _Response:
         # No wait_for_ready: a server that is down should fail the call now, as
         # UNAVAILABLE, rather than hold it until the deadline.
+        metadata = call_metadata(self._metadata)  # adds the caller's traceparent, if any
         try:
-            if self._metadata is None:
+            if metadata is None:
                 return method(request, timeout=self.timeout)
-            return method(request, timeout=self.timeout, metadata=self._metadata)
+            return method(request, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as error:
             failure = ClientError.from_rpc_error(error)
             if failure.code == "UNAVAILABLE":
@@ -471,7 +473,7 @@ class EnrollmentClient:
         request = pb.WatchEventsRequest(
             after_sequence=after, student_id=student_id, course_id=course_id
         )
-        stream = self._stub.WatchEvents(request, metadata=self._metadata)
+        stream = self._stub.WatchEvents(request, metadata=call_metadata(self._metadata))
         try:
             for response in stream:
                 yield from response.events

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import sqlite3
 import time
 
 import grpc
@@ -181,6 +182,48 @@ def test_forced_deletes_drop_and_promote_per_entry_before_the_delete(stub):
     assert got[1].enrollment.state == ENROLLED
     for event in got:
         assert (event.course.enrolled_count, event.course.waitlisted_count) == (0, 0)
+
+
+def test_a_forced_delete_of_a_large_course_writes_every_event(live):
+    """More events than SQLite binds in one statement (32766 values in its default
+    build): the outbox inserts them in chunks, numbered without a gap."""
+    big = course(live.stub, capacity=0, code="BIG")
+    roster = 1200  # three INSERTs of the outbox (INSERT_ROWS each at most)
+    if databases.kind_of(live.database_url) == "sqlite":
+        # Above what this SQLite binds in one statement (the server runs the same one);
+        # PostgreSQL's and MariaDB's drivers put the values in the SQL text themselves.
+        limit = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        roster = limit // 8 + 1
+    with databases.connection(live.database_url) as db, db.atomic():
+        mark = db.param
+        first = databases.sql(db, "SELECT COALESCE(MAX(id), 0) FROM students")[0][0] + 1
+        for n in range(first, first + roster):
+            db.execute_sql(
+                f"INSERT INTO students (id, name, email, email_key, create_time) "
+                f"VALUES ({mark}, {mark}, {mark}, {mark}, {mark})",
+                (n, "R", f"r{n}@x.io", f"r{n}@x.io", "2026-01-01 00:00:00"),
+            )
+            db.execute_sql(
+                f"INSERT INTO student_courses (student_id, course_id, enroll_time) "
+                f"VALUES ({mark}, {mark}, {mark})",
+                (n, big.id, "2026-01-01 00:00:00"),
+            )
+        db.execute_sql(
+            f"UPDATE courses SET enrolled_count = {mark} WHERE id = {mark}", (roster, big.id)
+        )
+    start = head(live.stub)
+    live.stub.DeleteCourse(pb.DeleteCourseRequest(course_id=big.id, force=True), timeout=60)
+    got = databases.query(
+        live.database_url,
+        "SELECT sequence, type, student_id FROM events WHERE sequence > ? ORDER BY sequence",
+        (start,),
+    )
+    assert [row[0] for row in got] == list(range(start + 1, start + roster + 2))
+    assert [row[1] for row in got] == [E.EVENT_TYPE_DROPPED] * roster + [
+        E.EVENT_TYPE_COURSE_DELETED
+    ]
+    assert sorted(row[2] for row in got[:-1]) == list(range(first, first + roster))
+    assert head(live.stub) == start + roster + 1
 
 
 def test_course_updated_comes_before_the_promotions_it_causes(stub):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import peewee as pw
 import pytest
 
-from enrollment.server.domain import courses, enrollments, students
+from enrollment.server.domain import courses, enrollments, events, students
 from enrollment.server.domain.page_tokens import Kind, encode
 from enrollment.server.persistence import engine
 
@@ -75,6 +75,17 @@ CALLS = [
         "ListStudents, an empty roster",
         lambda: students.list_students(course_id=3, page_size=0, page_token=""),
         2,
+    ),
+    (
+        "ListEvents from the middle of the feed",
+        lambda: events.list_events(after_sequence=6, page_size=0, student_id=0, course_id=0),
+        # the head, the page, the purged counter
+        3,
+    ),
+    (
+        "ListEvents of a course",
+        lambda: events.list_events(after_sequence=6, page_size=0, student_id=0, course_id=1),
+        3,
     ),
     (
         "EnrollStudent",

@@ -14,6 +14,7 @@ from enrollment.server.errors import (
     UnknownCourseArgument,
 )
 from enrollment.server.persistence import engine
+from enrollment.server.persistence.models import Course, Student
 
 
 @pytest.fixture
@@ -77,3 +78,29 @@ def test_enrollment_rules(services):
     assert courses.get_course(course_id=course.id).enrolled_count == 0
     page = courses.list_courses(student_id=student.id, page_size=0, page_token="")
     assert page.courses == [] and page.next_page_token == ""
+
+
+def test_list_pages_hold_the_same_values_as_the_models(services):
+    """The hot pages come back as named tuples (Prepared plain=True) and the one-statement
+    reads run without a transaction: each row's fields are the model's, converted alike."""
+    made = [students.create_student(name=f"S{i}", email=f"s{i}@example.com") for i in range(3)]
+    course = courses.create_course(code="P-1", title="Plain", capacity=10)
+    for student in made[:2]:
+        enrollments.enroll_student(student_id=student.id, course_id=course.id)
+    with engine.proxy.connection_context():
+        expected_students = {s.id: s.__data__ for s in Student.select()}
+        expected_course = Course.get_by_id(course.id).__data__
+    page = students.list_students(course_id=0, page_size=0, page_token="")
+    assert [s._asdict() for s in page.students] == list(expected_students.values())
+    roster = students.list_students(course_id=course.id, page_size=1, page_token="")
+    assert [s._asdict() for s in roster.students] == [expected_students[made[0].id]]
+    following = students.list_students(
+        course_id=course.id, page_size=1, page_token=roster.next_page_token
+    )
+    assert [s.id for s in following.students] == [made[1].id]
+    (listed,) = courses.list_courses(student_id=made[0].id, page_size=0, page_token="").courses
+    assert listed._asdict() == expected_course
+    assert courses.list_courses(student_id=made[2].id, page_size=0, page_token="").courses == []
+    with pytest.raises(StudentNotFound):
+        courses.list_courses(student_id=999, page_size=0, page_token="")
+    assert students.get_student(student_id=made[1].id).__data__ == expected_students[made[1].id]

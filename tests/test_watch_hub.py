@@ -149,8 +149,12 @@ def test_a_watcher_too_slow_is_ended_and_told_where_to_resume(db_url, pool):
 
     delivered, error = asyncio.run(scenario())
     assert delivered[0].student_id == s
-    # The queue held 5 of the 10; the stream ends after them, naming where to resume.
-    assert len(delivered) == 1 + 5
+    # The queue held at most 5 of the 10 (fewer when the poller read several commits
+    # in one look, on a loaded machine); the stream ends after them, naming where to
+    # resume.
+    assert 1 + 1 <= len(delivered) <= 1 + 5
+    sequences = [e.sequence for e in delivered]
+    assert sequences == list(range(sequences[0], sequences[0] + len(sequences)))
     assert error.metadata["last_sequence"] == str(delivered[-1].sequence)
 
 

@@ -38,6 +38,7 @@ _CATALOGUE_PAGE = Prepared(
         Course.select().where(Course.id > after_id).order_by(Course.id).limit(limit)
     ),
     2,
+    plain=True,
 )
 _STUDENT_COURSES_PAGE = Prepared(
     lambda student_id, after_id, limit: (
@@ -52,6 +53,7 @@ _STUDENT_COURSES_PAGE = Prepared(
         .limit(limit)
     ),
     3,
+    plain=True,
 )
 
 
@@ -170,7 +172,7 @@ def _apply_course_changes(course: Course, changes: dict, now) -> Course:
     return find_course(course_id)
 
 
-@transactional(write=False)
+@transactional(write=False, snapshot=False)  # one statement
 def get_course(*, course_id: int) -> Course:
     fields = Fields()
     fields.required_id("course_id", course_id)
@@ -178,7 +180,7 @@ def get_course(*, course_id: int) -> Course:
     return find_course(course_id)
 
 
-@transactional(write=False)
+@transactional(write=False, snapshot=False)  # one statement
 def list_courses(*, student_id: int, page_size: int, page_token: str) -> CoursePage:
     rows, token = list_page(
         page_tokens.Kind.COURSES,

@@ -16,17 +16,18 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from enrollment.server import callstate
-from enrollment.server.domain.lookups import course_or_none
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import EventsExpired
 from enrollment.server.persistence import outbox
 from enrollment.server.persistence.models import (
     PURGED,
     SEQUENCE,
+    Course,
     Event,
     EventCounter,
     utcnow,
 )
+from enrollment.server.persistence.prepared import Prepared
 from enrollment.server.persistence.unit_of_work import transactional
 
 # The proto's EventType numbers.
@@ -52,6 +53,24 @@ def _student(row) -> dict:
         "update_time": _time(row.update_time or row.create_time),
         "version": row.version,
     }
+
+
+# A course's snapshot fields, read when the call ends (see _CallEvents.finish).
+_COURSE_SNAPSHOT = Prepared(
+    lambda course_id: Course.select(
+        Course.id,
+        Course.code,
+        Course.title,
+        Course.capacity,
+        Course.enrolled_count,
+        Course.waitlist_capacity,
+        Course.waitlisted_count,
+        Course.create_time,
+        Course.update_time,
+        Course.version,
+    ).where(Course.id == course_id),
+    1,
+)
 
 
 def _course(row, **counts) -> dict:
@@ -94,10 +113,11 @@ class _CallEvents:
         wanted = {course_id for kind, _, course_id, _ in self.items if kind > STUDENT_DELETED}
         wanted -= self.gone_courses.keys()
         courses = dict(self.gone_courses)
-        for course_id in sorted(wanted):
-            row = course_or_none(course_id)  # a compiled lookup: usually one course
-            if row is not None:
-                courses[course_id] = _course(row)
+        for course_id in sorted(wanted):  # usually one course
+            for values in _COURSE_SNAPSHOT.value_rows(course_id):
+                values["create_time"] = _time(values["create_time"])
+                values["update_time"] = _time(values["update_time"]) or values["create_time"]
+                courses[course_id] = values
         request_id, actor = callstate.caller()
         for kind, student_id, course_id, payload in self.items:
             if kind > STUDENT_DELETED:

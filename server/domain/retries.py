@@ -22,12 +22,11 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
-import peewee as pw
-
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import RequestIdReused
 from enrollment.server.persistence.models import RequestRecord, utcnow
-from enrollment.server.persistence.unit_of_work import savepoint, sharing, transactional
+from enrollment.server.persistence.prepared import Prepared, raw
+from enrollment.server.persistence.unit_of_work import sharing, transactional
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -35,6 +34,28 @@ R = TypeVar("R")
 FIELD = "request_id"
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NIL = "00000000-0000-0000-0000-000000000000"
+
+# The claim: a held id inserts nothing instead of failing (ON CONFLICT DO NOTHING, INSERT
+# OR IGNORE, INSERT IGNORE), so no savepoint is needed around it on any database; a
+# concurrent duplicate still waits on the primary key for the first transaction to end.
+_CLAIM = Prepared(
+    lambda request_id, method, fingerprint, create_time: RequestRecord.insert(
+        {
+            RequestRecord.request_id: raw(request_id),
+            RequestRecord.method: raw(method),
+            RequestRecord.fingerprint: raw(fingerprint),
+            RequestRecord.response: b"",
+            RequestRecord.create_time: create_time,
+        }
+    ).on_conflict_ignore(),
+    4,
+)
+_RECORD_RESPONSE = Prepared(
+    lambda response, request_id: RequestRecord.update(
+        {RequestRecord.response: raw(response)}
+    ).where(RequestRecord.request_id == raw(request_id)),
+    2,
+)
 
 
 def canonical(request_id: str) -> str | None:
@@ -109,24 +130,15 @@ def checked(fields: Fields) -> None:
 def _claim(call: _Call, request_id: str) -> None:
     key = call.key
     for _ in range(3):
-        try:
-            # Insert first: a concurrent call with this id waits here for ours to end.
-            with savepoint():
-                RequestRecord.insert(
-                    request_id=request_id,
-                    method=key.method,
-                    fingerprint=key.fingerprint,
-                    response=b"",
-                    create_time=utcnow(),
-                ).execute()
-        except pw.IntegrityError:
+        # Insert first: a concurrent call with this id waits here for ours to end.
+        if _CLAIM.execute(request_id, key.method, key.fingerprint, utcnow()) != 1:
             query = RequestRecord.select().where(RequestRecord.request_id == request_id)
             found = sharing(query).first()
             if found is None:
                 continue  # purged in between: claim again
             if found.method != key.method or found.fingerprint != key.fingerprint:
-                raise RequestIdReused.of(FIELD) from None
-            raise Replayed(bytes(found.response)) from None
+                raise RequestIdReused.of(FIELD)
+            raise Replayed(bytes(found.response))
         call.claimed = request_id
         return
     raise RuntimeError("request record neither insertable nor readable")
@@ -143,9 +155,7 @@ def mutation(fn: Callable[P, R]) -> Callable[P, R]:
         call = _current.get()
         if call is not None and call.claimed is not None:
             call.response = call.key.encode(result)
-            RequestRecord.update(response=call.response).where(
-                RequestRecord.request_id == call.claimed
-            ).execute()
+            _RECORD_RESPONSE.execute(call.response, call.claimed)
         return result
 
     return recorded

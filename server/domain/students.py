@@ -34,6 +34,7 @@ _STUDENTS_PAGE = Prepared(
         Student.select().where(Student.id > after_id).order_by(Student.id).limit(limit)
     ),
     2,
+    plain=True,
 )
 _ROSTER_PAGE = Prepared(
     lambda course_id, after_id, limit: (
@@ -48,6 +49,7 @@ _ROSTER_PAGE = Prepared(
         .limit(limit)
     ),
     3,
+    plain=True,
 )
 
 
@@ -122,7 +124,7 @@ def _apply_student_changes(student_id: int, changes: dict, now) -> Student:
     return student
 
 
-@transactional(write=False)
+@transactional(write=False, snapshot=False)  # one statement
 def get_student(*, student_id: int) -> Student:
     fields = Fields()
     fields.required_id("student_id", student_id)
@@ -130,7 +132,7 @@ def get_student(*, student_id: int) -> Student:
     return find_student(student_id)
 
 
-@transactional(write=False)
+@transactional(write=False, snapshot=False)  # one statement
 def list_students(*, course_id: int, page_size: int, page_token: str) -> StudentPage:
     rows, token = list_page(
         page_tokens.Kind.STUDENTS,

@@ -46,6 +46,13 @@ class _WithoutSqlValues(logging.Filter):
 
 
 _sql_filter = _WithoutSqlValues()
+_structured = False
+
+
+def structured() -> bool:
+    """Whether lines are JSON objects (--log-format json), the only format that reads a
+    per-RPC record's fields: text lines need none, so a call builds none for them."""
+    return _structured
 
 
 def setup(level: str, log_format: str = "text", *, sql_values: bool = False) -> None:
@@ -58,6 +65,8 @@ def setup(level: str, log_format: str = "text", *, sql_values: bool = False) -> 
     (bench/PROFILE.md, "After the merge"): with four serving threads the hand-over cost
     more than the write.
     """
+    global _structured
+    _structured = log_format == "json"
     handler = logging.StreamHandler()
     text = _SecondCachedFormatter(TEXT_FORMAT)
     handler.setFormatter(JsonFormatter() if log_format == "json" else text)

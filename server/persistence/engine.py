@@ -213,10 +213,12 @@ def open_pool(
     return db
 
 
-def open_probe(url: str, *, timeout: float) -> pw.Database:
-    """An unpooled database for health probes: its failures never touch the RPC pool."""
+def open_probe(url: str, *, timeout: float, **overrides: Any) -> pw.Database:
+    """An unpooled database for health probes: its failures never touch the RPC pool.
+    overrides: driver parameters of its own (a PostgreSQL application_name)."""
     target = parse(url)
-    return _PLAIN[target.kind](target.name, **_driver_params(target, timeout, timeout))
+    params = {**_driver_params(target, timeout, timeout), **overrides}
+    return _PLAIN[target.kind](target.name, **params)
 
 
 def discard_idle() -> None:
@@ -237,6 +239,20 @@ def ping(db: pw.Database) -> None:
         with contextlib.suppress(Exception):
             db.close()
         raise
+
+
+def kind() -> str:
+    """The kind of the database the models are bound to: "sqlite", "postgresql" or
+    "mysql" (MariaDB too); "" before any."""
+    db = proxy.obj
+    for name, base in (
+        ("sqlite", pw.SqliteDatabase),
+        ("postgresql", pw.PostgresqlDatabase),
+        ("mysql", pw.MySQLDatabase),
+    ):
+        if isinstance(db, base):
+            return name
+    return ""
 
 
 def connections_in_use() -> int:

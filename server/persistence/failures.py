@@ -166,3 +166,9 @@ def lost_connection(exc: BaseException) -> bool:
         errno = _mysql_errno(cause)
         return errno is None or errno in _MYSQL_LOST
     return False
+
+
+def first_line(exc: BaseException) -> str:
+    """What a log line says of a database error: its first line, or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -27,13 +27,14 @@ has the figures.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 
 import peewee as pw
 
-from enrollment.server.persistence.models import PURGED, SEQUENCE, EventCounter, proxy
-from enrollment.server.persistence.prepared import Prepared
+from enrollment.server.persistence import notify
+from enrollment.server.persistence.models import SEQUENCE, EventCounter, proxy
 
 
 class _Pending:
@@ -111,31 +112,102 @@ def flush() -> int:
     rows, pending.rows = pending.rows, []
     if not rows:
         return 0
-    last = advance(SEQUENCE, len(rows))
-    sql = _insert_sql()
-    for offset, row in enumerate(rows, start=last - len(rows) + 1):
-        proxy.execute_sql(sql, (offset, *(row[name] for name in _COLUMNS[1:])))
+    first = advance(SEQUENCE, len(rows)) - len(rows) + 1
+    statements = _statements()
+    for start in range(0, len(rows), INSERT_ROWS):
+        chunk = rows[start : start + INSERT_ROWS]
+        values: list = []
+        for offset, row in enumerate(chunk, start=first + start):
+            values += (offset, *(row[name] for name in _COLUMNS[1:]))
+        proxy.execute_sql(statements.insert(len(chunk)), values)
     return len(rows)
+
+
+# Events per INSERT: a forced delete of a large course writes thousands, and SQLite
+# takes at most 32766 bound values per statement (MariaDB 65535).
+INSERT_ROWS = 500
 
 
 _COLUMNS = (
     "sequence", "event_time", "type", "student_id", "course_id", "payload", "request_id", "actor"
 )  # fmt: skip
-_insert: tuple[object, str] | None = None
 
 
-def _insert_sql() -> str:
-    """The INSERT of one event, written once per database: peewee would compile it on
-    every call (the Prepared helper cannot mark text values), which cost more than the
-    insert itself."""
-    global _insert
-    db = proxy.obj
-    if _insert is None or _insert[0] is not db:
+class _Statements:
+    """The outbox's SQL, written once per database: peewee would compile it on every
+    call (the Prepared helper cannot mark text values), which cost more than running it.
+
+    The counter is raised and read back in ONE statement where the database can:
+    UPDATE … RETURNING on SQLite (3.35+) and PostgreSQL; on MariaDB, whose UPDATE has no
+    RETURNING, the new value goes through LAST_INSERT_ID(expr), which the UPDATE's own
+    answer carries back (the cursor's lastrowid). On PostgreSQL the same statement sends
+    the NOTIFY that wakes other processes' watchers (persistence/notify.py): PostgreSQL
+    delivers it at commit, and only if the transaction commits.
+    """
+
+    def __init__(self, db: pw.Database) -> None:
+        self.db = db
         open_, close = db.quote
-        names = ", ".join(f"{open_}{c}{close}" for c in _COLUMNS)
-        marks = ", ".join([db.param] * len(_COLUMNS))
-        _insert = (db, f"INSERT INTO {open_}events{close} ({names}) VALUES ({marks})")
-    return _insert[1]
+        self.mark = db.param
+
+        def q(name: str) -> str:
+            return f"{open_}{name}{close}"
+
+        table, value, name = q("event_counters"), q("value"), q("name")
+        where = f"WHERE {name} = {self.mark}"
+        self.notifies = isinstance(db, pw.PostgresqlDatabase)
+        if isinstance(db, pw.MySQLDatabase):
+            self.kind = "last_insert_id"
+            self.advance = (
+                f"UPDATE {table} SET {value} = LAST_INSERT_ID({value} + {self.mark}) {where}"
+            )
+        elif isinstance(db, pw.SqliteDatabase) and sqlite3.sqlite_version_info < (3, 35):
+            self.kind = "select"  # no RETURNING yet: read it back
+            self.advance = f"UPDATE {table} SET {value} = {value} + {self.mark} {where}"
+            self.read = f"SELECT {value} FROM {table} {where}"
+        else:
+            self.kind = "returning"
+            sends = f", pg_notify('{notify.CHANNEL}', '{notify.token()}')"
+            self.advance = (
+                f"UPDATE {table} SET {value} = {value} + {self.mark} {where} "
+                f"RETURNING {value}{sends if self.notifies else ''}"
+            )
+        names = ", ".join(q(c) for c in _COLUMNS)
+        self._row = "(" + ", ".join([self.mark] * len(_COLUMNS)) + ")"
+        self._insert = f"INSERT INTO {q('events')} ({names}) VALUES "
+        self._inserts: dict[int, str] = {}
+
+    def insert(self, count: int) -> str:
+        """The INSERT of count events, in one statement."""
+        found = self._inserts.get(count)
+        if found is None:
+            found = self._insert + ", ".join([self._row] * count)
+            if count <= 16:  # the common sizes; a forced delete's hundreds are not kept
+                self._inserts[count] = found
+        return found
+
+    def raise_counter(self, name: str, by: int) -> int | None:
+        """The counter's new value, or None when its row is not made yet."""
+        cursor = proxy.execute_sql(self.advance, (by, name))
+        if self.kind == "returning":
+            found = cursor.fetchall()  # all: SQLite's statement then ends
+            return found[0][0] if found else None
+        if cursor.rowcount != 1:
+            return None
+        if self.kind == "last_insert_id":
+            return cursor.lastrowid
+        return proxy.execute_sql(self.read, (name,)).fetchone()[0]
+
+
+_cached: _Statements | None = None
+
+
+def _statements() -> _Statements:
+    global _cached
+    db = proxy.obj
+    if _cached is None or _cached.db is not db:
+        _cached = _Statements(db)
+    return _cached
 
 
 def advance(name: str, by: int) -> int:
@@ -143,33 +215,21 @@ def advance(name: str, by: int) -> int:
     the transaction ends. The row is made by the first use (migration 005 inserts none,
     so that rolling back an unused feed drops no rows): when two first writers race,
     the second one's insert waits for the first's commit, fails, and updates instead."""
-    if _ADVANCE[name].execute(by) == 0:
-        try:
-            with proxy.atomic():  # a savepoint: the duplicate leaves the transaction usable
-                EventCounter.insert(name=name, value=by).execute()
-            return by
-        except pw.IntegrityError:
-            if _ADVANCE[name].execute(by) != 1:
-                raise
-    return _COUNTER[name].first().value
-
-
-def _advance(name: str) -> Prepared:
-    # The name is a constant of the SQL (a text value cannot be a Prepared marker).
-    return Prepared(
-        lambda by: EventCounter.update(value=EventCounter.value + by).where(
-            EventCounter.name == name
-        ),
-        1,
-    )
-
-
-def _counter(name: str) -> Prepared:
-    return Prepared(lambda: EventCounter.select().where(EventCounter.name == name), 0)
-
-
-_ADVANCE = {name: _advance(name) for name in (SEQUENCE, PURGED)}
-_COUNTER = {name: _counter(name) for name in (SEQUENCE, PURGED)}
+    statements = _statements()
+    value = statements.raise_counter(name, by)
+    if value is not None:
+        return value
+    try:
+        with proxy.atomic():  # a savepoint: the duplicate leaves the transaction usable
+            EventCounter.insert(name=name, value=by).execute()
+    except pw.IntegrityError:
+        value = statements.raise_counter(name, by)
+        if value is None:
+            raise
+        return value
+    if statements.notifies:
+        proxy.execute_sql(f"NOTIFY {notify.CHANNEL}, '{notify.token()}'")
+    return by
 
 
 def set_at_least(name: str, value: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import Callable
 
 import peewee as pw
@@ -10,6 +11,13 @@ from enrollment.server.persistence.models import proxy
 
 # Stand-ins for the parameters while a query is compiled; no id, size or count is this low.
 _MARKER = -(2**62)
+
+
+def raw(value) -> pw.Value:
+    """A parameter passed to the driver as it is: a text or blob field would otherwise turn
+    the compile-time marker into text, and the call's value is already what the driver
+    takes (str, bytes)."""
+    return pw.Value(value, converter=False)
 
 
 class Prepared:
@@ -21,9 +29,13 @@ class Prepared:
     on first use and again only when the models are bound to another database.
     """
 
-    def __init__(self, build: Callable[..., pw.Query], arity: int) -> None:
+    def __init__(self, build: Callable[..., pw.Query], arity: int, *, plain: bool = False) -> None:
+        """plain: rows() returns read-only named tuples of the selected fields instead of
+        model instances, for rows only read (a page turned into protobuf messages):
+        building a peewee instance per row cost more than the rest of the row's work."""
         self._build = build
         self._markers = tuple(_MARKER - i for i in range(arity))
+        self._plain = plain
         self._compiled: tuple | None = None  # (database, model, sql, binding, converters)
 
     def _compile(self) -> tuple:
@@ -47,7 +59,10 @@ class Prepared:
             # through its field's python_value, the instance built without defaults.
             fields = getattr(query, "selected_columns", None) or ()
             converters = tuple((f.name, f.python_value) for f in fields)
-            compiled = self._compiled = (db, query.model, sql, binding, converters)
+            model = query.model
+            if self._plain:
+                model = namedtuple(f"{model.__name__}Row", [name for name, _ in converters])  # type: ignore[misc]  # noqa: PYI024
+            compiled = self._compiled = (db, model, sql, binding, converters)
         return compiled
 
     def _params(self, binding, values: tuple) -> tuple:
@@ -56,9 +71,16 @@ class Prepared:
         return tuple(values[v] if is_value else v for is_value, v in binding)
 
     def rows(self, *values) -> list:
-        """The model instances a SELECT of one model's fields returns."""
+        """The model instances a SELECT of one model's fields returns (named tuples when
+        plain)."""
         _, model, sql, binding, converters = self._compile()
         cursor = proxy.execute_sql(sql, self._params(binding, values))
+        if self._plain:
+            convert = [c for _, c in converters]
+            return [
+                model._make([f(v) for f, v in zip(convert, row, strict=True)])
+                for row in cursor.fetchall()
+            ]
         found = []
         for row in cursor.fetchall():
             data = {name: convert(v) for (name, convert), v in zip(converters, row, strict=True)}
@@ -68,6 +90,16 @@ class Prepared:
             instance._dirty.clear()
             found.append(instance)
         return found
+
+    def value_rows(self, *values) -> list[dict]:
+        """Each row as {field name: value}, converted as rows() does but with no model
+        instance built (a snapshot needs the values only)."""
+        _, _, sql, binding, converters = self._compile()
+        cursor = proxy.execute_sql(sql, self._params(binding, values))
+        return [
+            {name: convert(v) for (name, convert), v in zip(converters, row, strict=True)}
+            for row in cursor.fetchall()
+        ]
 
     def first(self, *values):
         """The first row of a SELECT, or None."""

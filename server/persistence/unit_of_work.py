@@ -26,6 +26,7 @@ from enrollment.server.persistence import engine, outbox
 from enrollment.server.persistence.engine import discard_idle
 from enrollment.server.persistence.failures import (
     Verdict,
+    first_line,
     lost_connection,
     storage_full_events,
     verdict,
@@ -108,11 +109,15 @@ def _writer_turn(write: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def unit_of_work(*, write: bool) -> Iterator[None]:
+def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
     """One connection and one transaction; writers take SQLite's write lock up front.
 
     A call whose deadline passed or that was cancelled does not start, and does not
     commit: CallEnded raised before the commit rolls the transaction back.
+
+    snapshot=False (reads only): no transaction, each statement in autocommit is its own
+    snapshot. For a read of one statement that is the same answer without BEGIN and
+    COMMIT, two round trips to the database (bench/PROFILE.md).
     """
     callstate.ensure_active()
     db = proxy.obj
@@ -122,7 +127,7 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
     try:
         with proxy.connection_context(), _writer_turn(write):
             begin = ("IMMEDIATE",) if write and isinstance(db, pw.SqliteDatabase) else ()
-            with proxy.atomic(*begin):
+            with proxy.atomic(*begin) if snapshot else contextlib.nullcontext():
                 yield
                 callstate.ensure_active()
                 if write:
@@ -140,7 +145,7 @@ def unit_of_work(*, write: bool) -> Iterator[None]:
             discard_idle()
         if stage == "done":
             # Committed; only handing the connection back failed. The answer stands.
-            log.warning("after a commit, releasing the connection failed: %s", _first_line(exc))
+            log.warning("after a commit, releasing the connection failed: %s", first_line(exc))
             return
         if found is Verdict.FULL:  # refused, at COMMIT too: the database said so
             _storage_full(exc)
@@ -174,13 +179,8 @@ def _storage_full(exc: BaseException) -> None:
             "storage full: the database refused %d write(s) for want of space "
             "(reads still work; writes resume once space is freed): %s",
             count,
-            _first_line(exc),
+            first_line(exc),
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Transient(Exception):
@@ -224,16 +224,44 @@ def sharing(query: pw.Select) -> pw.Select:
     )
 
 
-def transactional(*, write: bool) -> Callable[[Callable[P, R]], Callable[P, R]]:
+# With tracing on (operations/tracing.py), what each transaction of a transactional
+# function runs in: observer(function name, write, attempt), a span. None when off, and
+# then the one check below is all the hook costs.
+_observer: Callable[[str, bool, int], contextlib.AbstractContextManager[None]] | None = None
+
+
+def observe_transactions(
+    observer: Callable[[str, bool, int], contextlib.AbstractContextManager[None]] | None,
+) -> None:
+    """Run every transaction of a transactional function inside observer(...) (None: not)."""
+    global _observer
+    _observer = observer
+
+
+def transactional(
+    *, write: bool, snapshot: bool = True
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Run the decorated service function as one unit of work; a deadlock victim is run
-    again from the start (its transaction was rolled back whole), up to ATTEMPTS times."""
+    again from the start (its transaction was rolled back whole), up to ATTEMPTS times.
+
+    snapshot=False: a read whose answer is one statement (a second one at most to tell
+    an empty result from a missing filter, which needs no common snapshot) runs it
+    without a transaction; see unit_of_work."""
+    if write and not snapshot:
+        raise ValueError("a write always runs in a transaction")
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             for attempt in range(1, ATTEMPTS + 1):
                 try:
-                    with unit_of_work(write=write):
+                    if _observer is None:
+                        with unit_of_work(write=write, snapshot=snapshot):
+                            return fn(*args, **kwargs)
+                    with (
+                        _observer(fn.__name__, write, attempt),
+                        unit_of_work(write=write, snapshot=snapshot),
+                    ):
                         return fn(*args, **kwargs)
                 except _Transient as exc:
                     if exc.verdict is not Verdict.RETRY or attempt == ATTEMPTS:

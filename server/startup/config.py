@@ -267,6 +267,15 @@ class ServerConfig:
         1000, whole(0), "WatchEvents streams at once per server process; more are refused "
         "with TOO_MANY_WATCHERS", metavar="N",
     )  # fmt: skip
+    watch_poll_interval: float = setting(
+        0.25, seconds(above_zero=True), "seconds between a server process's looks for "
+        "change-feed events committed by other processes (on PostgreSQL LISTEN/NOTIFY "
+        "wakes it at once; the look stays as the fallback)", metavar="S",
+    )  # fmt: skip
+    watch_queue: int = setting(
+        10_000, whole(1), "change-feed events held for one WatchEvents stream whose client "
+        "does not read; beyond, the stream ends with WATCHER_TOO_SLOW", metavar="N",
+    )  # fmt: skip
     metrics_address: str | None = setting(
         None, TEXT, "serve Prometheus metrics at http://HOST:PORT/metrics",
         metavar="HOST:PORT", default_text="off",

@@ -28,10 +28,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from enrollment.server.domain.events import purge_oldest as purge_old_events
 from enrollment.server.domain.retries import purge_expired as purge_old_request_records
+from enrollment.server.operations import tracing
 from enrollment.server.operations.health import HealthMonitor
 from enrollment.server.operations.metrics import RpcMetrics
-from enrollment.server.persistence import engine, migrator
+from enrollment.server.persistence import engine, migrator, notify
 from enrollment.server.persistence.models import proxy
+from enrollment.server.persistence.notify import CommitListener
 from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.startup.purging import Purger
 from enrollment.server.startup.quiet import quiet_bind
@@ -53,6 +55,17 @@ from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 log = logging.getLogger("enrollment.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnrollmentService"].full_name
+
+# On a local SQLite file these reads (an indexed lookup, a page of at most
+# 1000 rows) cost less CPU than handing them to a pool thread and back, and
+# never wait for a lock (WAL readers do not): they run on the event loop, with a
+# connection of their own (bench/PROFILE.md). Everything else, and every read of a
+# database across a connection, runs in the pool.
+READS_ON_LOOP = frozenset({"GetStudent", "GetCourse", "ListStudents", "ListCourses"})
+
+
+def _reads_on_loop(config: ServerConfig) -> frozenset[str]:
+    return READS_ON_LOOP if engine.parse(config.database_url).kind == "sqlite" else frozenset()
 
 
 class EventLoopThread:
@@ -92,9 +105,11 @@ class RunningServer:
     purger: Purger | None = None
     request_purger: Purger | None = None
     hub: WatchHub | None = None
+    listener: CommitListener | None = None
     metrics_port: int | None = None
     metrics_server: object | None = None
     pool: WorkerPool | None = None
+    traces: tracing.Tracing | None = None  # None: tracing off
     terminated: threading.Event = field(default_factory=threading.Event)
 
     def wait_idle(self) -> None:
@@ -105,6 +120,8 @@ class RunningServer:
         if self.pool is not None:
             self.pool.shutdown()
         self.events.close()
+        if self.traces is not None:
+            self.traces.shutdown()  # exports the last spans
 
     def stop(self, grace: float | None) -> threading.Event:
         """Report NOT_SERVING, stop taking calls, and let in-flight ones finish within
@@ -115,6 +132,8 @@ class RunningServer:
             self.purger.stop()
         if self.request_purger is not None:
             self.request_purger.stop()
+        if self.listener is not None:
+            self.listener.stop()
         stopped = threading.Event()
         if self.events.loop.is_closed():
             stopped.set()
@@ -178,7 +197,8 @@ def open_database(config: ServerConfig) -> None:
     """Bind the models to this process's pool (each worker opens its own after the fork)."""
     engine.open_pool(
         config.database_url,
-        max_connections=config.connections,
+        # The loop thread's own, when reads run on it.
+        max_connections=config.connections + (1 if _reads_on_loop(config) else 0),
         timeout=config.database_timeout,
         pool_timeout=config.pool_timeout,
         statement_timeout=config.database_timeout,
@@ -218,14 +238,45 @@ def _start(config: ServerConfig) -> RunningServer:
     except (options.LimitsError, tls.TlsConfigError, TokenFileError) as exc:
         raise StartupError(str(exc)) from exc
     metrics = RpcMetrics(engine.connections_in_use) if config.metrics_address else None
+    traced = start_tracing()
+    try:
+        running = _serving(config, credentials, auth, metrics, traced)
+    except BaseException:
+        if traced is not None:
+            traced.shutdown()
+        raise
+    running.traces = traced
+    return running
 
+
+def start_tracing() -> tracing.Tracing | None:
+    """This process's tracing when the OTEL_* environment asks for it; None when off
+    (then nothing of OpenTelemetry is imported)."""
+    if not tracing.requested():
+        return None
+    try:
+        return tracing.start()
+    except tracing.TracingError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def check_tracing() -> None:
+    """Refuse to start (before any worker forks) when the environment asks for tracing
+    that this installation cannot do, say without the tracing extra."""
+    try:
+        tracing.check()
+    except tracing.TracingError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def _serving(config, credentials, auth, metrics, traced) -> RunningServer:
     # The database work of at most config.threads calls at once; calls beyond wait for a
     # thread as coroutines, up to --max-concurrent-rpcs.
     pool = WorkerPool(config.threads)
     events = EventLoopThread()
     try:
         server, health_servicer, port, hub = events.run(
-            _build(config, credentials, auth, metrics, pool)
+            _build(config, credentials, auth, metrics, pool, traced)
         )
     except BaseException:
         events.close()
@@ -249,6 +300,12 @@ def _start(config: ServerConfig) -> RunningServer:
             raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
         running.metrics_port = running.metrics_server.server_port
     events.run(server.start())
+    if notify.wanted(config.database_url):
+        # Other processes' commits wake this one's watchers at once (PostgreSQL).
+        running.listener = CommitListener(
+            config.database_url, hub.wake, timeout=config.database_timeout
+        )
+        running.listener.start()
     running.monitor = HealthMonitor(
         running.report,
         database_url=config.database_url,
@@ -266,25 +323,37 @@ def _start(config: ServerConfig) -> RunningServer:
     return running
 
 
-async def _build(config, credentials, auth, metrics, pool):
+async def _build(config, credentials, auth, metrics, pool, traced):
     """On the loop (grpc.aio binds its objects to the running loop): the server, its
     services and its port; not started."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        RpcInterceptor(
+            pool=pool,
+            request_timeout=config.request_timeout,
+            authenticator=auth,
+            metrics=metrics,
+            on_loop=_reads_on_loop(config),
+        )
+    ]
+    if traced is not None:
+        # Imported only when on; outermost, so its span is current for the whole call.
+        from enrollment.server.transport.tracing import TracingInterceptor
+
+        interceptors.insert(0, TracingInterceptor(traced.tracer))
     server = grpc.aio.server(
-        interceptors=[
-            RpcInterceptor(
-                pool=pool,
-                request_timeout=config.request_timeout,
-                authenticator=auth,
-                metrics=metrics,
-            )
-        ],
+        interceptors=interceptors,
         options=options.grpc_options(config),
         # Beyond this many calls at once grpc answers RESOURCE_EXHAUSTED at once;
         # up to it, calls beyond config.threads wait for a thread of the pool.
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     # WatchEvents: one poller for every watcher of this process (transport/watch.py).
-    hub = WatchHub(pool.run, max_watchers=config.max_watchers)
+    hub = WatchHub(
+        pool.run,
+        max_watchers=config.max_watchers,
+        max_queued=config.watch_queue,
+        interval=config.watch_poll_interval,
+    )
     await hub.start()
     try:
         return await _services(config, credentials, server, hub)
@@ -334,6 +403,7 @@ def close_database() -> None:
 def serve(config: ServerConfig) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight calls and close the database."""
     config.check()
+    check_tracing()
     if config.workers > 1:
         from enrollment.server.startup.supervisor import serve_workers
 

@@ -51,3 +51,17 @@ INTERNAL = to_status(EnrollmentError("internal error; the server log has the det
 def with_trailers(status: grpc.Status, extra: tuple[tuple[str, str], ...]) -> grpc.Status:
     """The same status with more trailing metadata (a request id, say)."""
     return status._replace(trailing_metadata=tuple(status.trailing_metadata) + extra)
+
+
+def reason_of(trailing_metadata) -> str:
+    """The ErrorInfo reason a status's trailers carry (as to_status put it there); ""
+    when they carry none."""
+    for key, value in trailing_metadata or ():
+        if key == rpc_status.GRPC_DETAILS_METADATA_KEY:
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    return info.reason
+    return ""

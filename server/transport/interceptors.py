@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 import re
 import time
-import uuid
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -31,6 +31,7 @@ from enrollment.server.errors import (
     InvalidField,
     RequestTimeout,
 )
+from enrollment.server.operations import logs
 from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.transport import error_status
 from enrollment.server.transport.auth import Authenticator, required_role
@@ -53,8 +54,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         request_timeout: float,
         authenticator: Authenticator | None = None,
         metrics: RpcMetrics | None = None,
+        on_loop: frozenset[str] = frozenset(),
     ) -> None:
+        """on_loop: names of methods whose work runs on the event loop itself rather than
+        in the pool (start-up chooses the cheap reads of a local SQLite file)."""
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._on_loop = on_loop
         self._pool = pool
         self._request_timeout = request_timeout
         self._auth = authenticator
@@ -70,36 +75,25 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:
             return handler
-        if method.startswith(SERVICE_PREFIX) and handler.unary_unary is not None:
+        if method.startswith(SERVICE_PREFIX):
             guard = _Guard(
-                handler.unary_unary,
+                handler.unary_unary or handler.unary_stream,
                 method,
                 pool=self._pool,
                 request_timeout=self._request_timeout,
                 auth=self._auth,
                 metrics=self._metrics,
+                on_loop=method.rsplit("/", 1)[-1] in self._on_loop,
             )
+            if handler.unary_unary is not None:
+                served = {"unary_unary": None, "stream_unary": guard.serve}
+            else:
+                # WatchEvents: an async generator on the loop (it holds no pool thread).
+                served = {"unary_stream": None, "stream_stream": guard.serve_stream}
             wrapped = handler._replace(
                 request_streaming=True,
                 request_deserializer=_tolerant(handler.request_deserializer),
-                unary_unary=None,
-                stream_unary=guard.serve,
-            )
-        elif method.startswith(SERVICE_PREFIX) and handler.unary_stream is not None:
-            # WatchEvents: an async generator on the loop (it holds no pool thread).
-            guard = _Guard(
-                handler.unary_stream,
-                method,
-                pool=self._pool,
-                request_timeout=self._request_timeout,
-                auth=self._auth,
-                metrics=self._metrics,
-            )
-            wrapped = handler._replace(
-                request_streaming=True,
-                request_deserializer=_tolerant(handler.request_deserializer),
-                unary_stream=None,
-                stream_stream=guard.serve_stream,
+                **served,
             )
         else:
             # Health Check and Watch: the same bound on the request's arrival.
@@ -208,8 +202,10 @@ class _Guard:
         request_timeout: float,
         auth: Authenticator | None,
         metrics: RpcMetrics | None,
+        on_loop: bool = False,
     ) -> None:
         self._behavior = behavior
+        self._on_loop = on_loop
         self._name = method.rsplit("/", 1)[-1]
         self._needed = required_role(self._name)
         self._pool = pool
@@ -217,11 +213,13 @@ class _Guard:
         self._auth = auth
         self._metrics = metrics
         self._latency = metrics.latency(self._name) if metrics is not None else None
+        # Decided once: a JSON log line takes the call's fields apart, a text line does not.
+        self._log_fields = logs.structured()
 
-    async def serve_stream(self, request_iterator, context: grpc.aio.ServicerContext):
-        await _serve_stream(self, request_iterator, context)
-
-    async def serve(self, request_iterator, context: grpc.aio.ServicerContext):
+    def _open(self, context) -> tuple[_Call, list[str]]:
+        """What every call does first, unary or streaming: its request id (the caller's
+        x-request-id when short and plain, else a fresh one) sent back as a trailer, its
+        bookkeeping, and the authorization headers, read in the same pass."""
         start = time.perf_counter()
         request_id = None
         authorizations: list[str] = []
@@ -231,25 +229,32 @@ class _Guard:
             elif key == "authorization":
                 authorizations.append(value)
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-            request_id = uuid.uuid4().hex
-        trailer = (("x-request-id", request_id),)
-        context.set_trailing_metadata(trailer)
+            request_id = os.urandom(16).hex()  # uuid4().hex's form, without building a UUID
         call = _Call(self, context, start, request_id)
+        context.set_trailing_metadata(call.trailer)
         if self._metrics is not None:
             self._metrics.in_flight.inc()
+        return call, authorizations
+
+    async def _request(self, call: _Call, authorizations: list[str], context):
+        """The caller checked (without tokens configured, nothing to do), then the request.
+        Authentication needs only the headers: a caller without a valid token is answered
+        before its body is waited for."""
+        if self._auth is not None:
+            token = self._auth.authenticate_call(authorizations, call.peer)
+            call.caller = token.name
+            self._auth.authorize(token, self._name, self._needed)
+        return await _request_of(context, self._request_timeout)
+
+    async def serve(self, request_iterator, context: grpc.aio.ServicerContext):
+        call, authorizations = self._open(context)
         state = _CallState(context.time_remaining())
         try:
-            # Authentication needs only the headers: a caller without a valid token is
-            # answered before its body is waited for.
-            if self._auth is not None:
-                token = self._auth.authenticate_call(authorizations, call.peer)
-                call.caller = token.name
-                self._auth.authorize(token, self._name, self._needed)
-            request = await _request_of(context, self._request_timeout)
+            request = await self._request(call, authorizations, context)
         except EnrollmentError as error:
             call.finish(error.code, error.reason)
             await context.abort_with_status(
-                error_status.with_trailers(error_status.to_status(error), trailer)
+                error_status.with_trailers(error_status.to_status(error), call.trailer)
             )
         except asyncio.CancelledError:
             # The caller went away (or its deadline passed) before its request arrived.
@@ -261,14 +266,24 @@ class _Guard:
         # asks callstate (bound here to this call's state) before it begins and commits.
         bound = callstate.bind(state.is_active)
         # And who made it, for the change feed's events (request_id, actor).
-        who = callstate.bind_caller(request_id, call.caller if self._auth is not None else "")
+        who = callstate.bind_caller(call.request_id, call.caller if self._auth is not None else "")
         try:
             work = contextvars.copy_context()
         finally:
             callstate.unbind_caller(who)
             callstate.unbind(bound)
+        if self._on_loop:
+            # Less work than the hand-over to a pool thread and back (bench/PROFILE.md).
+            response, status = work.run(call.run, request, state)
+        else:
+            response, status = await self._in_pool(work, call, request, state)
+        if status is not None:
+            await context.abort_with_status(status)
+        return response
+
+    async def _in_pool(self, work: contextvars.Context, call: _Call, request, state: _CallState):
         try:
-            response, status = await self._pool.run(work.run, call.run, request, state)
+            return await self._pool.run(work.run, call.run, request, state)
         except asyncio.CancelledError:
             # The caller cancelled, its deadline passed, or the server stopped after its
             # grace period. The work is not abandoned half-way (queued, it still runs):
@@ -276,73 +291,53 @@ class _Guard:
             # the call's log line itself.
             state.ended = True
             raise
+
+    async def serve_stream(self, request_iterator, context: grpc.aio.ServicerContext):
+        """A server-streaming method: the same opening as serve (request id, auth, the
+        request within --request-timeout), then the servicer's async generator on the
+        loop, each reply written as it comes; an EnrollmentError it raises ends the
+        stream with its status. One log line when the stream ends."""
+        call, authorizations = self._open(context)
+        code, reason, status = "OK", "", None
+        try:
+            request = await self._request(call, authorizations, context)
+            if isinstance(request, _Undecodable):
+                raise InvalidField(f"the request is not a valid {request.type_name}")
+            async for reply in self._behavior(request, context):
+                await context.write(reply)
+        except EnrollmentError as error:
+            code, reason = error.code, error.reason
+            status = error_status.with_trailers(error_status.to_status(error), call.trailer)
+        except asyncio.CancelledError:
+            code, reason = "CANCELLED", "CALL_ENDED"  # the client went away: the usual end
+            raise
+        except Exception:
+            code, reason = "INTERNAL", "INTERNAL"
+            log.exception("rpc %s failed unexpectedly", self._name)
+            status = error_status.with_trailers(error_status.INTERNAL, call.trailer)
+        finally:
+            call.finish(code, reason)
         if status is not None:
             await context.abort_with_status(status)
-        return response
-
-
-async def _serve_stream(guard: _Guard, request_iterator, context) -> None:
-    """A server-streaming method: the unary prologue (request id, auth, the request
-    within --request-timeout), then the servicer's async generator on the loop, each
-    reply written as it comes; an EnrollmentError it raises ends the stream with its
-    status. One log line when the stream ends."""
-    start = time.perf_counter()
-    request_id, authorizations = None, []
-    for key, value in context.invocation_metadata():
-        if key == "x-request-id":
-            request_id = value
-        elif key == "authorization":
-            authorizations.append(value)
-    if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-        request_id = uuid.uuid4().hex
-    trailer = (("x-request-id", request_id),)
-    context.set_trailing_metadata(trailer)
-    call = _Call(guard, context, start, request_id)
-    if guard._metrics is not None:
-        guard._metrics.in_flight.inc()
-    code, reason, status = "OK", "", None
-    try:
-        if guard._auth is not None:
-            token = guard._auth.authenticate_call(authorizations, call.peer)
-            call.caller = token.name
-            guard._auth.authorize(token, guard._name, guard._needed)
-        request = await _request_of(context, guard._request_timeout)
-        if isinstance(request, _Undecodable):
-            raise InvalidField(f"the request is not a valid {request.type_name}")
-        async for reply in guard._behavior(request, context):
-            await context.write(reply)
-    except EnrollmentError as error:
-        code, reason = error.code, error.reason
-        status = error_status.with_trailers(error_status.to_status(error), trailer)
-    except asyncio.CancelledError:
-        code, reason = "CANCELLED", "CALL_ENDED"  # the client went away: the usual end
-        raise
-    except Exception:
-        code, reason = "INTERNAL", "INTERNAL"
-        log.exception("rpc %s failed unexpectedly", guard._name)
-        status = error_status.with_trailers(error_status.INTERNAL, trailer)
-    finally:
-        call.finish(code, reason)
-    if status is not None:
-        await context.abort_with_status(status)
 
 
 class _Call:
     """One call's bookkeeping: its log line and metrics, written exactly once."""
 
-    __slots__ = ("guard", "start", "request_id", "caller", "peer")
+    __slots__ = ("guard", "start", "request_id", "trailer", "caller", "peer")
 
     def __init__(self, guard: _Guard, context, start: float, request_id: str) -> None:
         self.guard = guard
         self.start = start
         self.request_id = request_id
+        self.trailer = (("x-request-id", request_id),)
         self.caller = "-"
         self.peer = context.peer()
 
     def run(self, request, state: _CallState):
         """In a pool thread: the service call; returns (response, None) or (None, status)."""
         guard = self.guard
-        trailer = (("x-request-id", self.request_id),)
+        trailer = self.trailer
         code, reason, response, status = "OK", "", None, None
         try:
             if isinstance(request, _Undecodable):
@@ -377,37 +372,32 @@ class _Call:
             guard._latency.observe(elapsed)
             metrics.count(guard._name, code)
         if log.isEnabledFor(logging.INFO):
-            _log_call(
-                guard._name,
-                code,
-                reason or "-",
-                elapsed,
-                self.peer,
-                self.caller,
-                self.request_id,
-            )
+            self._log(code, reason or "-", round(elapsed * 1000, 2))
 
-
-def _log_call(method, code, reason, elapsed, peer, caller, request_id) -> None:
-    duration_ms = round(elapsed * 1000, 2)
-    log.info(
-        "rpc method=%s code=%s reason=%s duration_ms=%.2f peer=%s token=%s request_id=%s",
-        method,
-        code,
-        reason,
-        duration_ms,
-        peer,
-        caller,
-        request_id,
-        extra={
-            "rpc": {
-                "method": method,
-                "code": code,
-                "reason": reason,
-                "duration_ms": duration_ms,
-                "peer": peer,
-                "token": caller,
-                "request_id": request_id,
+    def _log(self, code: str, reason: str, duration_ms: float) -> None:
+        """The call's one log line."""
+        method, peer, caller, request_id = self.guard._name, self.peer, self.caller, self.request_id
+        fields = None
+        if self.guard._log_fields:
+            fields = {
+                "rpc": {
+                    "method": method,
+                    "code": code,
+                    "reason": reason,
+                    "duration_ms": duration_ms,
+                    "peer": peer,
+                    "token": caller,
+                    "request_id": request_id,
+                }
             }
-        },
-    )
+        log.info(
+            "rpc method=%s code=%s reason=%s duration_ms=%.2f peer=%s token=%s request_id=%s",
+            method,
+            code,
+            reason,
+            duration_ms,
+            peer,
+            caller,
+            request_id,
+            extra=fields,
+        )

@@ -8,10 +8,12 @@ threads, and hands each watcher the events that match its filters. It wakes
 
 - at once after a commit in this process that wrote events (outbox.on_commit, called
   from the committing thread, hops onto the loop with call_soon_threadsafe), and
-- every `interval` seconds otherwise, which is how commits of other server processes
-  (other --workers, other hosts on the same PostgreSQL or MariaDB, SQLite files shared
-  by processes) arrive. PostgreSQL LISTEN/NOTIFY would make that immediate too; it is
-  not wired yet (see the note in the report).
+- at once after a commit of another server process on PostgreSQL (other --workers,
+  other hosts): the process's one LISTENing connection (persistence/notify.py, started
+  by startup/server.py) calls wake(), and
+- every `interval` seconds otherwise (--watch-poll-interval), which is how commits of
+  other processes arrive on SQLite (a file shared by processes) and MariaDB, and on
+  PostgreSQL while the listening connection is down.
 
 Order and exactly-once come from the feed's guarantee (persistence/outbox.py): the
 poller reads "after the last sequence I saw", and nothing at or below a seen sequence
@@ -45,6 +47,7 @@ from enrollment.server.errors import (
 log = logging.getLogger("enrollment.watch")
 
 BATCH = 1000  # events per poll query and per backlog page
+RETRY = 0.5  # seconds before the poller looks again after a failed look
 RunInPool = Callable[..., Awaitable[Any]]
 
 
@@ -89,11 +92,12 @@ class WatchHub:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         _, self._head = await self._run(events.read_after, 2**62, 1)
-        events.on_commit(self._committed)
+        events.on_commit(self.wake)
         self._task = asyncio.create_task(self._poll(), name="watch-poller")
 
-    def _committed(self) -> None:
-        # From a database thread, right after its commit.
+    def wake(self) -> None:
+        """From any thread: poll now (a local commit wrote events, or PostgreSQL
+        notified one of another process's)."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._wake.set)
@@ -101,7 +105,7 @@ class WatchHub:
     async def stop(self) -> None:
         """End every stream with UNAVAILABLE SHUTTING_DOWN, and the poller."""
         self._stopping = True
-        events.remove_listener(self._committed)
+        events.remove_listener(self.wake)
         for watcher in list(self._watchers):
             self._end(watcher, ShuttingDown.of())
         if self._task is not None:
@@ -114,10 +118,12 @@ class WatchHub:
         watcher.queue.put_nowait(error)
 
     async def _poll(self) -> None:
+        wait = self.interval
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
+            wait = self.interval
             if not self._watchers:
                 continue  # nobody to feed: no query (the first watcher reads the head)
             try:
@@ -128,10 +134,14 @@ class WatchHub:
                         self._head = found[-1].sequence
                     if len(found) < BATCH:
                         break
-            except EnrollmentError as exc:  # the database is away: try again next time
+            except EnrollmentError as exc:
+                # The database is away. The wake-up that brought us here is spent, and
+                # the next may be a long interval away: look again soon.
                 log.warning("watch poller: %s", exc)
+                wait = min(self.interval, RETRY)
             except Exception:
                 log.exception("watch poller failed unexpectedly")
+                wait = min(self.interval, RETRY)
 
     def _deliver(self, found: list) -> None:
         for watcher in list(self._watchers):

@@ -1,0 +1,133 @@
+"""PostgreSQL LISTEN/NOTIFY for the change feed: commits of other processes wake this one.
+
+A writing transaction with events sends NOTIFY on CHANNEL among its last statements
+(outbox.py), so PostgreSQL delivers it when, and only if, the transaction commits. Each
+server process keeps ONE connection of its own (not from the serving pool) LISTENing on
+CHANNEL, in a thread of its own (not one of the unary pool's): a notification of
+another process's commit only wakes the process's watch poller, which then reads what
+is new with its usual query (its own commits wake it directly; their notifications
+carry the process's token and are skipped).
+So a notification carries nothing and losing one costs only latency: the poller still
+looks every --watch-poll-interval seconds, which is the fallback while this connection
+is down and the only way on SQLite and MariaDB.
+
+The connection is re-made after it breaks (the database restarted, the line was cut,
+the backend was terminated), every `retry` seconds until it succeeds; each time it is
+(re)made the poller is woken once, for whatever committed while nobody listened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+import uuid
+from collections.abc import Callable
+
+import peewee as pw
+import psycopg2
+
+from enrollment.server.persistence import engine
+from enrollment.server.persistence.failures import first_line
+
+CHANNEL = "enrollment_events"
+# Its connections can be told from the serving pool's (application_name "enrollment").
+APPLICATION_NAME = "enrollment-listen"
+
+log = logging.getLogger("enrollment.watch")
+
+
+_token: tuple[int, str] | None = None
+
+
+def token() -> str:
+    """What this process's notifications carry, so that its listener can skip them
+    (its own commits wake its watchers directly, outbox.on_commit): made per process,
+    also in a worker forked after the first call."""
+    global _token
+    if _token is None or _token[0] != os.getpid():
+        _token = (os.getpid(), f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    return _token[1]
+
+
+def wanted(url: str) -> bool:
+    """Whether the database of url can notify (PostgreSQL)."""
+    return engine.parse(url).kind == "postgresql"
+
+
+class CommitListener:
+    """LISTEN on CHANNEL; wake() (thread-safe, cheap) after each notification."""
+
+    def __init__(
+        self, url: str, wake: Callable[[], None], *, timeout: float, retry: float = 1.0
+    ) -> None:
+        self._url, self._wake = url, wake
+        self._timeout, self._retry = timeout, retry
+        self._stop_read, self._stop_write = os.pipe()
+        self._stopping = threading.Event()
+        self.listening = threading.Event()  # set while a connection LISTENs
+        self._thread = threading.Thread(target=self._run, name="feed-listen", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._stop_write, b"x")
+        self._thread.join()
+        for fd in (self._stop_read, self._stop_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            db = engine.open_probe(
+                self._url, timeout=self._timeout, application_name=APPLICATION_NAME
+            )
+            try:
+                db.connect()
+                conn = db.connection()
+                conn.autocommit = True
+                with conn.cursor() as cursor:
+                    cursor.execute(f"LISTEN {CHANNEL}")
+                if failures:
+                    log.info("change-feed listener: listening again")
+                failures = 0
+                self.listening.set()
+                self._wake()  # whatever committed while nobody listened
+                self._listen(conn)
+            except (pw.DatabaseError, pw.InterfaceError, psycopg2.Error, OSError) as exc:
+                failures += 1
+                if failures == 1:  # once per outage, not once per retry
+                    log.warning(
+                        "change-feed listener: %s; watchers here see other processes' "
+                        "events at the next poll until it is back",
+                        first_line(exc),
+                    )
+            finally:
+                self.listening.clear()
+                with contextlib.suppress(Exception):
+                    db.close()
+            self._pause(self._retry)
+
+    def _listen(self, conn) -> None:
+        while not self._stopping.is_set():
+            # Idle for long: TCP keepalives (engine.py) end a connection whose peer vanished.
+            readable, _, _ = select.select([conn, self._stop_read], [], [], 60)
+            if self._stop_read in readable:
+                return
+            if readable:
+                conn.poll()  # raises when the connection broke
+                mine = token()
+                others = any(n.payload != mine for n in conn.notifies)
+                conn.notifies.clear()
+                if others:
+                    self._wake()
+
+    def _pause(self, seconds: float) -> None:
+        if not self._stopping.is_set():
+            select.select([self._stop_read], [], [], seconds)

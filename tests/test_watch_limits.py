@@ -1,0 +1,114 @@
+"""The watcher bounds over gRPC, on a real server: --max-watchers refuses one stream too
+many with RESOURCE_EXHAUSTED TOO_MANY_WATCHERS; a stream whose client stops reading
+while many events are written ends with RESOURCE_EXHAUSTED WATCHER_TOO_SLOW, naming the
+last sequence it delivered, and a stream resumed from there gets every later event."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from enrollment.v1 import enrollment_pb2 as pb
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+from tests import watching
+from tests.rpc import TIMEOUT, failure
+
+QUEUE = 50  # --watch-queue: events held for one stream whose client does not read
+STUDENTS = 400
+COURSES = 5  # STUDENTS x COURSES enrollment events in batches: far beyond what the
+# HTTP/2 windows and the queue hold together
+
+
+def _stream(address: str, after: int = 0):
+    made = watching.channel(address)
+    return made, pb_grpc.EnrollmentServiceStub(made).WatchEvents(
+        pb.WatchEventsRequest(after_sequence=after)
+    )
+
+
+def test_a_watcher_too_many_is_refused(db_url, server_process):
+    server = server_process("--database-url", db_url, "--max-watchers", "2")
+    opened = []
+    try:
+        with watching.channel(server.address) as channel:
+            pb_grpc.EnrollmentServiceStub(channel).CreateCourse(
+                pb.CreateCourseRequest(code="M", title="M"), timeout=TIMEOUT
+            )
+        for _ in range(2):
+            opened.append(_stream(server.address))
+            next(opened[-1][1])  # open: its backlog came
+        third = _stream(server.address)
+        opened.append(third)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(third[1])
+        got = failure(refused.value)
+        assert (got.code, got.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS")
+        assert got.metadata == {"max_watchers": "2"}
+        # A bound on streams at once: when one ends, another is let in.
+        opened[0][1].cancel()
+        fourth = _stream(server.address)
+        opened.append(fourth)
+        for _ in range(50):
+            try:
+                assert next(fourth[1]).events[0].sequence == 1
+                break
+            except grpc.RpcError as error:  # the cancelled one may not be gone yet
+                assert failure(error).reason == "TOO_MANY_WATCHERS"
+                fourth = _stream(server.address)
+                opened.append(fourth)
+        else:
+            raise AssertionError("no stream was let in after one ended")
+    finally:
+        for made, call in opened:
+            call.cancel()
+            made.close()
+
+
+def test_a_watcher_that_does_not_read_is_ended_and_resumes(db_url, server_process):
+    server = server_process("--database-url", db_url, "--watch-queue", str(QUEUE))
+    with watching.channel(server.address) as channel:
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        courses = [
+            stub.CreateCourse(
+                pb.CreateCourseRequest(code=f"S{i}", title="S"), timeout=TIMEOUT
+            ).course.id
+            for i in range(COURSES)
+        ]
+        made, slow = _stream(server.address)
+        received = [e.sequence for e in next(slow).events]  # open; then it stops reading
+        students = [
+            stub.CreateStudent(
+                pb.CreateStudentRequest(name=f"S{i}", email=f"s{i}@x.io"), timeout=TIMEOUT
+            ).student.id
+            for i in range(STUDENTS)
+        ]
+        for course in courses:
+            stub.BatchEnrollStudents(
+                pb.BatchEnrollStudentsRequest(
+                    requests=[
+                        pb.EnrollStudentRequest(student_id=s, course_id=course) for s in students
+                    ]
+                ),
+                timeout=60,
+            )
+        head = stub.ListEvents(pb.ListEventsRequest(page_size=1), timeout=TIMEOUT).head_sequence
+        # Now it reads: what was sent or queued before it was ended, then the end.
+        with pytest.raises(grpc.RpcError) as ended:
+            for response in slow:
+                received += [e.sequence for e in response.events]
+        made.close()
+        got = failure(ended.value)
+        assert (got.code, got.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW")
+        assert got.metadata == {"last_sequence": str(received[-1])}
+        assert received[-1] < head
+        made, resumed = _stream(server.address, after=received[-1])
+        try:
+            for response in resumed:
+                received += [e.sequence for e in response.events]
+                if received[-1] >= head:
+                    break
+        finally:
+            resumed.cancel()
+            made.close()
+    assert received == watching.expected(db_url), "every event once, in order"
+    assert head == COURSES + STUDENTS + STUDENTS * COURSES
