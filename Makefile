@@ -8,6 +8,7 @@ ADDRESS ?= 127.0.0.1:50051
 DATABASE_URL ?= sqlite:///enrollment.db
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+BULK_ARGS ?= --seconds 5
 MIX ?= read
 DATABASE ?= postgresql
 CHAOS_SECONDS ?= 60
@@ -89,11 +90,12 @@ migrate: $(STAMP)
 run: migrate
 	ENROLLMENT_DATABASE_URL='$(DATABASE_URL)' $(BIN)/enrollment-server serve --address '$(ADDRESS)'
 
-# target: bench - the server against bare grpcio ceilings: table, targets, memory, bench/results/*.json; then tracing off vs on, and the change feed (delivery latency, the outbox's cost)
+# target: bench - the server against bare grpcio ceilings: table, targets, memory, bench/results/*.json; then tracing off vs on, the change feed (delivery latency, the outbox's cost), and bulk loads (a 20,000-row CSV import, single-call p99 during batches of 1000; BULK_ARGS)
 bench: $(STAMP) h2load
 	$(BIN)/python -m bench run $(BENCH_ARGS)
 	$(BIN)/python -m bench tracing $(filter --strict,$(BENCH_ARGS))
 	$(BIN)/python -m bench feed $(filter --strict,$(BENCH_ARGS))
+	$(BIN)/python -m bench bulk $(BULK_ARGS) $(filter --strict,$(BENCH_ARGS))
 
 # h2load (Debian's nghttp2-client) is the cheap client of the read-h2 rows; where it
 # cannot be installed (no root, no apt) bench says so and the aio client drives every mix.
@@ -131,7 +133,7 @@ bench-migrate: $(STAMP)
 
 # target: bench-import - enrollments/s of a 20,000-row CSV import, and single-call p50/p99 alone vs during batches of 1000 (DATABASE_URL: an empty database; default a new SQLite file)
 bench-import: $(STAMP)
-	$(BIN)/python -m bench.bulk $(if $(filter-out sqlite:///enrollment.db,$(DATABASE_URL)),--database-url '$(DATABASE_URL)') $(BENCH_ARGS)
+	$(BIN)/python -m bench bulk $(if $(filter-out sqlite:///enrollment.db,$(DATABASE_URL)),--database-url '$(DATABASE_URL)') $(BENCH_ARGS)
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e './client[progress,tracing]' -e '.[dev,bench]'

@@ -1,17 +1,20 @@
-"""python -m bench {run,scale,compare,profile,micro,tracing,feed}: behind `make bench*`."""
+"""python -m bench {run,bulk,scale,compare,profile,micro,tracing,feed}: behind `make bench*`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from bench import compare, run
+from bench import bulk, compare, run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run.add_arguments(commands.add_parser("run", help="the server against the grpcio ceiling"))
+    bulk.add_arguments(
+        commands.add_parser("bulk", help="CSV import rate, single calls during batches")
+    )
     scale_parser = commands.add_parser("scale", help="latency at 10,000 vs 1,000,000 rows")
     from bench import scale
 
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return run.main(args)
+    if args.command == "bulk":
+        return bulk.main(args)
     if args.command == "scale":
         return scale.main(args)
     if args.command == "profile":

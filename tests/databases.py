@@ -124,19 +124,24 @@ def table_counts(url: str) -> tuple[int, int, int]:
 
 
 def miscounted_courses(url: str) -> list[str]:
-    """Each course whose enrolled_count differs from its roster, or whose roster exceeds
-    its capacity (0 = unlimited); the tests and the bench must leave none. Read with plain
-    SQL, not the server's models."""
+    """Each course whose enrolled_count or waitlisted_count differs from its entries in
+    that state, or whose roster exceeds its capacity (0 = unlimited); the tests and the
+    bench must leave none. Read with plain SQL, not the server's models."""
     rows = query(
         url,
-        "SELECT c.id, c.capacity, c.enrolled_count, COUNT(sc.student_id) FROM courses c "
+        "SELECT c.id, c.capacity, c.enrolled_count, c.waitlisted_count, "
+        "SUM(CASE WHEN sc.state = 1 THEN 1 ELSE 0 END), "
+        "SUM(CASE WHEN sc.state = 2 THEN 1 ELSE 0 END) FROM courses c "
         "LEFT JOIN student_courses sc ON sc.course_id = c.id "
-        "GROUP BY c.id, c.capacity, c.enrolled_count ORDER BY c.id",
+        "GROUP BY c.id, c.capacity, c.enrolled_count, c.waitlisted_count ORDER BY c.id",
     )
     return [
-        f"course {course_id}: enrolled_count {enrolled_count}, roster {roster}, capacity {capacity}"
-        for course_id, capacity, enrolled_count, roster in rows
-        if enrolled_count != roster or (capacity and roster > capacity)
+        f"course {course_id}: enrolled_count {enrolled}, roster {roster}, "
+        f"waitlisted_count {waitlisted}, waiting {waiting}, capacity {capacity}"
+        for course_id, capacity, enrolled, waitlisted, roster, waiting in (
+            (r[0], r[1], r[2], r[3], int(r[4] or 0), int(r[5] or 0)) for r in rows
+        )
+        if enrolled != roster or waitlisted != waiting or (capacity and roster > capacity)
     ]
 
 

@@ -6,7 +6,15 @@ import contextlib
 import selectors
 import socket
 import threading
+from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
+
+import grpc
+
+from enrollment.server.persistence import engine
+from enrollment.server.startup.config import ServerConfig
+from enrollment.server.startup.server import create_server
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
 
 class TcpProxy:
@@ -16,7 +24,9 @@ class TcpProxy:
     went away would. restore(): accepts connections again on the same port.
     cut_at_commit(): the next COMMIT a client sends reaches the database, and its
     connection is then dropped before the database's answer gets back: the client
-    cannot know whether the transaction committed.
+    cannot know whether the transaction committed. cut_before(marker): the next
+    statement a client sends with marker in it (b"INSERT", say) never reaches the
+    database; its connection is dropped instead: nothing of its transaction commits.
     """
 
     def __init__(self, target: tuple[str, int]) -> None:
@@ -27,6 +37,8 @@ class TcpProxy:
         self._closed = threading.Event()
         self._commit_trap = threading.Event()
         self.commits_cut = 0
+        self._before: bytes | None = None
+        self.statements_cut = 0
         self.port = self._listen(0)
 
     def _listen(self, port: int) -> int:
@@ -68,6 +80,8 @@ class TcpProxy:
                         with self._lock:
                             self.commits_cut += 1
                         return  # the answer to COMMIT is dropped with the connection
+                    if key.fileobj is a and self._take_before(data):
+                        return  # the statement goes down with the connection
                     if key.fileobj is a and b"COMMIT" in data.upper() and self._take_trap():
                         committing = True
                     key.data.sendall(data)
@@ -85,6 +99,18 @@ class TcpProxy:
             armed = self._commit_trap.is_set()
             self._commit_trap.clear()
             return armed
+
+    def cut_before(self, marker: bytes) -> None:
+        with self._lock:
+            self._before = marker.upper()
+
+    def _take_before(self, data: bytes) -> bool:
+        with self._lock:
+            if self._before is None or self._before not in data.upper():
+                return False
+            self._before = None
+            self.statements_cut += 1
+            return True
 
     def _drop(self, a: socket.socket, b: socket.socket) -> None:
         for sock in (a, b):
@@ -114,8 +140,39 @@ class TcpProxy:
 
 
 def through(proxy: TcpProxy, url: str) -> str:
-    """The database URL with the proxy's address in place of the database's."""
+    """The database URL with its host and port replaced by the proxy's."""
     parts = urlsplit(url)
     netloc = parts.netloc.rsplit("@", 1)
     credentials = netloc[0] + "@" if len(netloc) == 2 else ""
     return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{proxy.port}"))
+
+
+@contextlib.contextmanager
+def server_through_proxy(db_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """A server in this process reaching the database at db_url through a TcpProxy:
+    (the proxy, the server's address)."""
+    target = urlsplit(db_url)
+    assert target.hostname is not None and target.port is not None
+    proxy = TcpProxy((target.hostname, target.port))
+    config = ServerConfig(
+        address="127.0.0.1:0",
+        database_url=through(proxy, db_url),
+        database_timeout=2.0,
+        pool_timeout=2.0,
+        health_interval=60.0,  # the probe stays off the line while a statement is trapped
+    )
+    running = create_server(config)
+    try:
+        yield proxy, f"127.0.0.1:{running.port}"
+    finally:
+        running.stop(None).wait(10)
+        running.wait_idle()
+        engine.close_pool()
+        proxy.close()
+
+
+@contextlib.contextmanager
+def stub_through_proxy(db_url: str) -> Iterator[tuple[TcpProxy, pb_grpc.EnrollmentServiceStub]]:
+    """server_through_proxy with a plain stub (no retries) on a channel to it."""
+    with server_through_proxy(db_url) as (proxy, address), grpc.insecure_channel(address) as ch:
+        yield proxy, pb_grpc.EnrollmentServiceStub(ch)

@@ -3,6 +3,7 @@ waitlists, and races against single calls and other batches."""
 
 from __future__ import annotations
 
+import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +13,7 @@ from google.rpc import code_pb2, error_details_pb2
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases, servers
-from tests.rpc import TIMEOUT, expect_error, new_course, new_student
+from tests.rpc import TIMEOUT, expect_error, failure, new_course, new_student
 
 INVALID = (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
 
@@ -229,3 +230,147 @@ def test_batches_racing_single_enrolls_and_each_other_never_overfill_or_deadlock
         for channel in channels:
             channel.close()
         server.stop()
+
+
+MISSING = 999_999
+
+
+def _entry_of(entry) -> tuple:
+    return ("OK", (entry.student_id, entry.state, entry.waitlist_position))
+
+
+def _singly(stub, kind: str, items) -> list[tuple]:
+    """Each item made alone with EnrollStudent/DropCourse: ("OK", entry or None) or
+    (code, reason)."""
+    out: list[tuple] = []
+    for student, course, waitlist in items:
+        try:
+            if kind == "enroll":
+                request = pb.EnrollStudentRequest(
+                    student_id=student, course_id=course, waitlist_if_full=waitlist
+                )
+                out.append(_entry_of(stub.EnrollStudent(request, timeout=TIMEOUT).enrollment))
+            else:
+                request = pb.DropCourseRequest(student_id=student, course_id=course)
+                response = stub.DropCourse(request, timeout=TIMEOUT)
+                out.append(_entry_of(response.promoted) if response.HasField("promoted")
+                           else ("OK", None))  # fmt: skip
+        except grpc.RpcError as exc:
+            out.append((exc.code().name, failure(exc).reason))
+    return out
+
+
+def _batch_request(kind: str, items, partial: bool):
+    if kind == "enroll":
+        return stub_call("BatchEnrollStudents"), pb.BatchEnrollStudentsRequest(
+            requests=[
+                pb.EnrollStudentRequest(student_id=s, course_id=c, waitlist_if_full=w)
+                for s, c, w in items
+            ],
+            allow_partial_success=partial,
+        )
+    return stub_call("BatchDropCourses"), drops([(s, c) for s, c, _ in items],
+                                                allow_partial_success=partial)  # fmt: skip
+
+
+def stub_call(name: str):
+    return lambda stub: getattr(stub, name)
+
+
+def _batched(stub, kind: str, items) -> list[tuple]:
+    """The items as one batch with allow_partial_success, outcomes as _singly's."""
+    method, request = _batch_request(kind, items, True)
+    out: list[tuple] = []
+    for result in method(stub)(request, timeout=60).results:
+        entry = result.enrollment if kind == "enroll" else result.promoted
+        if result.status.code:
+            out.append((grpc.StatusCode(_CODES[result.status.code]).name, reason(result.status)))
+        elif result.HasField("enrollment" if kind == "enroll" else "promoted"):
+            out.append(_entry_of(entry))
+        else:
+            out.append(("OK", None))
+    return out
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _state(url: str, course_ids: list[int]) -> list:
+    """Per course: its counts, who is enrolled, and who waits in line order."""
+    found = []
+    for course_id in course_ids:
+        counts = databases.query(
+            url, "SELECT enrolled_count, waitlisted_count FROM courses WHERE id = ?", (course_id,)
+        )
+        rows = databases.query(
+            url,
+            "SELECT student_id, state FROM student_courses WHERE course_id = ? "
+            "ORDER BY state, join_number, student_id",
+            (course_id,),
+        )
+        found.append((counts, rows))
+    return found
+
+
+def _events(stub, course_id: int) -> list[tuple]:
+    page = stub.ListEvents(pb.ListEventsRequest(course_id=course_id, page_size=1000))
+    return [
+        (e.type, e.enrollment.student_id, e.enrollment.state, e.enrollment.waitlist_position)
+        for e in page.events
+    ]
+
+
+def test_a_batch_does_what_its_items_do_one_by_one(live):
+    """Random rounds of enroll and drop batches over small courses with waitlists (with
+    duplicates, missing students and courses, full courses and waitlists) against a
+    mirror of the same courses where each item is made alone: the same outcome per
+    item, the same rosters and waitlists, the same events. All or nothing, tried
+    first in some rounds, fails at the first item that fails alone and changes nothing."""
+    stub, url = live.stub, live.database_url
+    rng = random.Random(12)
+    students = [new_student(stub).id for _ in range(8)]
+    shapes = [(1, 3), (2, 2), (3, 0)]
+    mine, mirror = [], []
+    for capacity, waitlist in shapes:
+        for side in (mine, mirror):
+            request = pb.CreateCourseRequest(
+                code=f"D-{len(mine)}-{len(mirror)}", title="D", capacity=capacity,
+                waitlist_capacity=waitlist,
+            )  # fmt: skip
+            side.append(stub.CreateCourse(request, timeout=TIMEOUT).course.id)
+    to_mirror = dict(zip(mine, mirror, strict=True))
+    seen: set = set()
+    for round_ in range(8):
+        kind = "enroll" if round_ % 2 == 0 else "drop"
+        items = [
+            (
+                MISSING if rng.random() < 0.05 else rng.choice(students),
+                MISSING if rng.random() < 0.05 else rng.choice(mine),
+                rng.random() < 0.7,
+            )
+            for _ in range(14)
+        ]
+        expected = _singly(stub, kind, [(s, to_mirror.get(c, c), w) for s, c, w in items])
+        seen |= {(kind, o[1] if o[0] != "OK" else o[1] and o[1][1]) for o in expected}
+        if rng.random() < 0.5:
+            before = databases.snapshot(url)
+            method, request = _batch_request(kind, items, False)
+            failing = [i for i, outcome in enumerate(expected) if outcome[0] != "OK"]
+            if failing:
+                got = expect_error(method(stub), request, grpc.StatusCode[expected[failing[0]][0]],
+                                   expected[failing[0]][1])  # fmt: skip
+                assert got.metadata["index"] == str(failing[0])
+                assert databases.snapshot(url) == before
+        assert _batched(stub, kind, items) == expected, (round_, kind, items)
+        assert _state(url, mine) == _state(url, mirror), round_
+    # The rounds met every outcome: seats, waitlist places, promotions, each failure.
+    assert seen >= {
+        ("enroll", pb.ENROLLMENT_STATE_ENROLLED), ("enroll", pb.ENROLLMENT_STATE_WAITLISTED),
+        ("drop", pb.ENROLLMENT_STATE_ENROLLED), ("drop", None), ("enroll", "COURSE_FULL"),
+        ("enroll", "WAITLIST_FULL"), ("enroll", "ALREADY_ENROLLED"),
+        ("enroll", "ALREADY_WAITLISTED"), ("drop", "NOT_ENROLLED"),
+        ("enroll", "COURSE_NOT_FOUND"), ("enroll", "STUDENT_NOT_FOUND"),
+    }, seen  # fmt: skip
+    for course, twin in to_mirror.items():
+        assert _events(stub, course) == _events(stub, twin)
+    assert databases.miscounted_courses(url) == []

@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import grpc
 import peewee as pw
@@ -32,7 +32,7 @@ from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases
-from tests.proxy import TcpProxy
+from tests.proxy import TcpProxy, through
 from tests.rpc import TIMEOUT, expect_error, new_course, new_student, race
 from tests.servers import SERVER, free_port
 
@@ -262,13 +262,6 @@ def test_workers_refuse_a_port_already_in_use(db_url, server_process):
 
 
 # --------------------------------------------------------------------------- outages
-
-
-def through(proxy: TcpProxy, url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    credentials = netloc[0] + "@" if len(netloc) == 2 else ""
-    return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{proxy.port}"))
 
 
 @pytest.mark.databases("postgresql", "mysql")

@@ -261,19 +261,205 @@ class HoldingProxy:
             s.close()
 
 
+def _course(stub, capacity: int, waitlist: int = 0) -> pb.Course:
+    request = pb.CreateCourseRequest(
+        code=f"K-{uuid.uuid4().hex[:8]}", title="T", capacity=capacity, waitlist_capacity=waitlist
+    )
+    return stub.CreateCourse(request, timeout=TIMEOUT).course
+
+
+def _waiting(stub, course: pb.Course) -> tuple[int, int]:
+    """A student enrolled in the (one-seat) course and one on its waitlist."""
+    first, second = new_student(stub), new_student(stub)
+    stub.EnrollStudent(
+        pb.EnrollStudentRequest(student_id=first.id, course_id=course.id), timeout=TIMEOUT
+    )
+    stub.EnrollStudent(
+        pb.EnrollStudentRequest(student_id=second.id, course_id=course.id, waitlist_if_full=True),
+        timeout=TIMEOUT,
+    )
+    return first.id, second.id
+
+
+def _rows(url: str, table: str) -> list[tuple]:
+    if table == "student_courses":
+        return databases.query(url, "SELECT student_id, course_id, state FROM student_courses "
+                               "ORDER BY course_id, student_id")  # fmt: skip
+    return databases.query(url, f"SELECT * FROM {table} ORDER BY id")
+
+
+def _killed_create_student(stub):
+    request = pb.CreateStudentRequest(name="Kept", email="kept@example.com")
+
+    def check(response, url):
+        (row,) = databases.query(url, "SELECT id, name, email FROM students")
+        assert (response.student.id, response.student.name, response.student.email) == row
+
+    return request, check
+
+
+def _killed_update_student(stub):
+    student = new_student(stub)
+    request = pb.UpdateStudentRequest(
+        student=pb.Student(id=student.id, name="Renamed"),
+        update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+    )
+
+    def check(response, url):
+        assert (response.student.name, response.student.etag) != (student.name, student.etag)
+        row = databases.query(url, "SELECT name, version FROM students")
+        assert row == [("Renamed", 2)]  # renamed once
+
+    return request, check
+
+
+def _killed_delete_student(stub):
+    student = new_student(stub)
+    course = _course(stub, 5)
+    stub.EnrollStudent(
+        pb.EnrollStudentRequest(student_id=student.id, course_id=course.id), timeout=TIMEOUT
+    )
+    request = pb.DeleteStudentRequest(student_id=student.id, force=True)
+
+    def check(response, url):
+        assert _rows(url, "students") == []
+        assert databases.query(url, "SELECT enrolled_count FROM courses") == [(0,)]
+
+    return request, check
+
+
+def _killed_create_course(stub):
+    request = pb.CreateCourseRequest(code="KEPT-1", title="Kept", capacity=3)
+
+    def check(response, url):
+        (row,) = databases.query(url, "SELECT id, code, capacity FROM courses")
+        assert (response.course.id, response.course.code, response.course.capacity) == row
+
+    return request, check
+
+
+def _killed_update_course(stub):
+    course = _course(stub, 1, waitlist=3)
+    _, waiting = _waiting(stub, course)
+    request = pb.UpdateCourseRequest(
+        course=pb.Course(id=course.id, capacity=2),
+        update_mask=field_mask_pb2.FieldMask(paths=["capacity"]),
+    )
+
+    def check(response, url):
+        assert (response.course.capacity, response.course.enrolled_count) == (2, 2)
+        counts = "SELECT capacity, enrolled_count, waitlisted_count, version FROM courses"
+        assert databases.query(url, counts) == [(2, 2, 0, 2)]
+
+    return request, check
+
+
+def _killed_delete_course(stub):
+    course = _course(stub, 1, waitlist=3)
+    _waiting(stub, course)
+    request = pb.DeleteCourseRequest(course_id=course.id, force=True)
+
+    def check(response, url):
+        assert _rows(url, "courses") == [] and _rows(url, "student_courses") == []
+
+    return request, check
+
+
+def _killed_enroll_student(stub):
+    student, course = new_student(stub), _course(stub, 5)
+    request = pb.EnrollStudentRequest(student_id=student.id, course_id=course.id)
+
+    def check(response, url):
+        enrollment = response.enrollment
+        assert (enrollment.student_id, enrollment.course_id) == (student.id, course.id)
+        assert enrollment.state == pb.ENROLLMENT_STATE_ENROLLED
+        assert databases.query(url, "SELECT enrolled_count FROM courses") == [(1,)]
+
+    return request, check
+
+
+def _killed_drop_course(stub):
+    course = _course(stub, 1, waitlist=3)
+    enrolled, waiting = _waiting(stub, course)
+    request = pb.DropCourseRequest(student_id=enrolled, course_id=course.id)
+
+    def check(response, url):
+        assert response.promoted.student_id == waiting  # promoted once, by the first
+        assert _rows(url, "student_courses") == [(waiting, course.id, 1)]
+
+    return request, check
+
+
+def _killed_batch_enroll(stub):
+    course = _course(stub, 2, waitlist=2)
+    students = [new_student(stub).id for _ in range(3)]
+    request = pb.BatchEnrollStudentsRequest(
+        requests=[
+            pb.EnrollStudentRequest(student_id=s, course_id=course.id, waitlist_if_full=True)
+            for s in students
+        ]
+    )
+
+    def check(response, url):
+        states = [r.enrollment.state for r in response.results]
+        assert states == [pb.ENROLLMENT_STATE_ENROLLED] * 2 + [pb.ENROLLMENT_STATE_WAITLISTED]
+        counts = "SELECT enrolled_count, waitlisted_count FROM courses"
+        assert databases.query(url, counts) == [(2, 1)]
+
+    return request, check
+
+
+def _killed_batch_drop(stub):
+    course = _course(stub, 1, waitlist=3)
+    enrolled, waiting = _waiting(stub, course)
+    request = pb.BatchDropCoursesRequest(
+        requests=[pb.DropCourseRequest(student_id=enrolled, course_id=course.id)]
+    )
+
+    def check(response, url):
+        assert [r.promoted.student_id for r in response.results] == [waiting]
+        assert _rows(url, "student_courses") == [(waiting, course.id, 1)]
+
+    return request, check
+
+
+# Per mutating method: setup(stub) makes what the call needs and returns its request
+# and check(response, url), which asserts the answer and the database show one effect.
+KILLED = {
+    "CreateStudent": _killed_create_student,
+    "UpdateStudent": _killed_update_student,
+    "DeleteStudent": _killed_delete_student,
+    "CreateCourse": _killed_create_course,
+    "UpdateCourse": _killed_update_course,
+    "DeleteCourse": _killed_delete_course,
+    "EnrollStudent": _killed_enroll_student,
+    "DropCourse": _killed_drop_course,
+    "BatchEnrollStudents": _killed_batch_enroll,
+    "BatchDropCourses": _killed_batch_drop,
+}
+
+
+@pytest.mark.parametrize("method", list(KILLED))
 def test_a_server_killed_after_its_commit_answers_the_retry_with_the_original_result(
-    db_url, tmp_path
+    db_url, tmp_path, method
 ):
-    first = servers.start(tmp_path / "first.log", "--database-url", db_url)
+    # The server that answers the retry starts alongside (it serves nothing before).
+    with ThreadPoolExecutor(2) as pool:
+        starting = [
+            pool.submit(servers.start, tmp_path / f"{name}.log", "--database-url", db_url)
+            for name in ("first", "second")
+        ]
+        first, second = [f.result() for f in starting]
     proxy = HoldingProxy(first.address)
     channel = grpc.insecure_channel(f"127.0.0.1:{proxy.port}")
     stub = pb_grpc.EnrollmentServiceStub(channel)
     key = rid()
-    request = pb.CreateStudentRequest(name="Kept", email="kept@example.com", request_id=key)
     try:
+        request, check = KILLED[method](stub)
+        request.request_id = key
         stub.ListStudents(pb.ListStudentsRequest(), timeout=TIMEOUT)  # the connection is up
         proxy.hold.set()
-        pending = stub.CreateStudent.future(request, timeout=60)
+        pending = getattr(stub, method).future(request, timeout=60)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             found = databases.query(
@@ -288,16 +474,22 @@ def test_a_server_killed_after_its_commit_answers_the_retry_with_the_original_re
         with pytest.raises(grpc.RpcError) as lost:
             pending.result()
         assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+    except BaseException:
+        second.stop()
+        raise
     finally:
         proxy.close()
         channel.close()
         first.stop(signal.SIGKILL)
-    (stored,) = databases.query(db_url, "SELECT id, name, email FROM students")
-    second = servers.start(tmp_path / "second.log", "--database-url", db_url)
+    before = databases.snapshot(db_url)
+    events = databases.query(db_url, "SELECT COUNT(*) FROM events")
     try:
         with grpc.insecure_channel(second.address) as again:
-            retried = pb_grpc.EnrollmentServiceStub(again).CreateStudent(request, timeout=TIMEOUT)
-        assert (retried.student.id, retried.student.name, retried.student.email) == stored
-        assert databases.query(db_url, "SELECT COUNT(*) FROM students") == [(1,)]
+            retried = getattr(pb_grpc.EnrollmentServiceStub(again), method)(
+                request, timeout=TIMEOUT
+            )
+        check(retried, db_url)
+        assert databases.snapshot(db_url) == before
+        assert databases.query(db_url, "SELECT COUNT(*) FROM events") == events
     finally:
         second.stop()

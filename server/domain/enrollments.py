@@ -1,16 +1,17 @@
 """Enrollment rules: who may join, wait for or leave a course, with its counts kept exact.
 
-Each kind of change is made in one function here, so whatever must go with a change
-(a change-feed event, say) is added in one place: join makes an entry ENROLLED or
-WAITLISTED, promote_next promotes, drop_entry and drop_all_of_course drop. Every one of
-them runs with the course's row locked (SELECT … FOR UPDATE; SQLite has one writer),
-taken first by every writer of a course's entries, and moves the counts by conditional
-UPDATEs whose row counts the database decides.
+Each kind of change a single call makes is made in one function here, so whatever
+must go with a change (a change-feed event, say) is added in one place: join makes an
+entry ENROLLED or WAITLISTED, promote_next promotes, drop_entry and drop_all_of_course
+drop. Every one of them runs with the course's row locked (SELECT … FOR UPDATE; SQLite
+has one writer), taken first by every writer of a course's entries, and moves the
+counts by conditional UPDATEs whose row counts the database decides. Batches
+(batches.py) apply the same rules to many items at once, set-based, under the same
+locks; tests/test_batches.py holds them to what the items do one by one here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 from dataclasses import dataclass
 
@@ -54,15 +55,29 @@ class Entry:
     enroll_time: dt.datetime | None  # when the seat was taken; None while waiting
 
 
-def _entry(row: StudentCourse, position: int = 0) -> Entry:
-    enrolled = row.state == ENROLLED
+def stored_entry(
+    student_id: int,
+    course_id: int,
+    state: int,
+    enroll_time: dt.datetime,
+    promote_time: dt.datetime | None,
+    position: int = 0,
+) -> Entry:
+    """A stored entry's columns as the API shows it (position: its place in line)."""
+    enrolled = state == ENROLLED
     return Entry(
-        student_id=row.student_id,
-        course_id=row.course_id,
-        state=row.state,
+        student_id=student_id,
+        course_id=course_id,
+        state=state,
         waitlist_position=0 if enrolled else position,
-        create_time=row.enroll_time,
-        enroll_time=(row.promote_time or row.enroll_time) if enrolled else None,
+        create_time=enroll_time,
+        enroll_time=(promote_time or enroll_time) if enrolled else None,
+    )
+
+
+def _entry(row: StudentCourse, position: int = 0) -> Entry:
+    return stored_entry(
+        row.student_id, row.course_id, row.state, row.enroll_time, row.promote_time, position
     )
 
 
@@ -166,23 +181,14 @@ def enroll_student(*, student_id: int, course_id: int, waitlist_if_full: bool = 
     return join(course, student_id, utcnow(), waitlist_if_full)
 
 
-def join(
-    course: Course,
-    student_id: int,
-    now: dt.datetime,
-    waitlist_if_full: bool,
-    *,
-    student_locked: bool = False,
-) -> Entry:
-    """The one place an entry is made: ENROLLED when a seat is free, else WAITLISTED
-    when asked for and the waitlist has room. student_locked: the caller holds a share
-    lock on the student's row, so its foreign key cannot fail and PostgreSQL needs no
-    savepoint around the insert."""
+def join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bool) -> Entry:
+    """The one place a single call makes an entry: ENROLLED when a seat is free, else
+    WAITLISTED when asked for and the waitlist has room (batches.py decides a batch's
+    items by these same rules, set-based)."""
     course_id = course.id
-    guard = contextlib.nullcontext() if student_locked else statement_guard()
     try:
         # The primary key decides duplicates, enrolled or waiting.
-        with guard:
+        with statement_guard():
             inserted = _INSERT.execute(student_id, course_id, now)
     except pw.IntegrityError:
         inserted = 0  # the student was deleted by a call that committed since

@@ -78,24 +78,28 @@ def _status(outcome: batches.Outcome) -> status_pb2.Status:
     return status_pb2.Status() if outcome.error is None else status_of(outcome.error)
 
 
-def _enroll_results(outcomes: list[batches.Outcome]) -> pb.BatchEnrollStudentsResponse:
-    results = []
-    for outcome in outcomes:
-        result = pb.BatchEnrollStudentsResult(status=_status(outcome))
-        if outcome.entry is not None:
-            result.enrollment.CopyFrom(enrollment_to_proto(outcome.entry))
-        results.append(result)
-    return pb.BatchEnrollStudentsResponse(results=results)
+def _batch_results(
+    response: type[R], result: type[Message], entry_field: str
+) -> Callable[[list[batches.Outcome]], R]:
+    """The builder of a Batch*Response: per outcome, a result with its status, and its
+    entry (if any) in entry_field."""
+
+    def build(outcomes: list[batches.Outcome]) -> R:
+        results = []
+        for outcome in outcomes:
+            entry = (
+                {} if outcome.entry is None else {entry_field: enrollment_to_proto(outcome.entry)}
+            )
+            results.append(result(status=_status(outcome), **entry))
+        return response(results=results)
+
+    return build
 
 
-def _drop_results(outcomes: list[batches.Outcome]) -> pb.BatchDropCoursesResponse:
-    results = []
-    for outcome in outcomes:
-        result = pb.BatchDropCoursesResult(status=_status(outcome))
-        if outcome.entry is not None:
-            result.promoted.CopyFrom(enrollment_to_proto(outcome.entry))
-        results.append(result)
-    return pb.BatchDropCoursesResponse(results=results)
+_enroll_results = _batch_results(
+    pb.BatchEnrollStudentsResponse, pb.BatchEnrollStudentsResult, "enrollment"
+)
+_drop_results = _batch_results(pb.BatchDropCoursesResponse, pb.BatchDropCoursesResult, "promoted")
 
 
 class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
