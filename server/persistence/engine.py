@@ -12,6 +12,7 @@ import peewee as pw
 from playhouse.db_url import parse as parse_db_url
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase, PooledSqliteDatabase
 
+from enrollment.server.persistence.checkpoint import AUTOCHECKPOINT_PAGES
 from enrollment.server.persistence.models import proxy
 
 SQLITE_PRAGMAS = {
@@ -19,6 +20,9 @@ SQLITE_PRAGMAS = {
     "foreign_keys": 1,
     # WAL with synchronous=FULL: a committed call survives power loss.
     "synchronous": "full",
+    # A safety net only: the serving process checkpoints in the background
+    # (persistence/checkpoint.py), off the write path.
+    "wal_autocheckpoint": AUTOCHECKPOINT_PAGES,
 }
 
 SCHEMES = {

@@ -37,6 +37,7 @@ from enrollment.server.operations import tracing
 from enrollment.server.operations.health import HealthMonitor
 from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.persistence import engine, migrator, notify
+from enrollment.server.persistence.checkpoint import Checkpointer
 from enrollment.server.persistence.models import proxy
 from enrollment.server.persistence.notify import CommitListener
 from enrollment.server.startup.config import ServerConfig, StartupError
@@ -132,6 +133,7 @@ class RunningServer:
     request_purger: Purger | None = None
     hub: WatchHub | None = None
     listener: CommitListener | None = None
+    checkpointer: Checkpointer | None = None  # SQLite's WAL checkpoints, off the write path
     metrics_port: int | None = None
     metrics_server: WSGIServer | None = None
     pool: WorkerPool | None = None
@@ -160,6 +162,8 @@ class RunningServer:
             self.request_purger.stop()
         if self.listener is not None:
             self.listener.stop()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         stopped = threading.Event()
         if self.events.loop.is_closed():
             stopped.set()
@@ -340,6 +344,10 @@ def _serving(
             config.database_url, hub.wake, timeout=config.database_timeout
         )
         running.listener.start()
+    target = engine.parse(config.database_url)
+    if target.kind == "sqlite":
+        running.checkpointer = Checkpointer(target.name, timeout=config.database_timeout)
+        running.checkpointer.start()
     running.monitor = HealthMonitor(
         running.report,
         database_url=config.database_url,
