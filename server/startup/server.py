@@ -344,9 +344,9 @@ def _serving(
             config.database_url, hub.wake, timeout=config.database_timeout
         )
         running.listener.start()
-    target = engine.parse(config.database_url)
-    if target.kind == "sqlite":
-        running.checkpointer = Checkpointer(target.name, timeout=config.database_timeout)
+    if _sqlite(config):
+        path = engine.parse(config.database_url).name
+        running.checkpointer = Checkpointer(path, timeout=config.database_timeout)
         running.checkpointer.start()
     running.monitor = HealthMonitor(
         running.report,
