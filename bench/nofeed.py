@@ -26,6 +26,7 @@ RECORDERS = (
     "course_updated",
     "course_deleted",
     "entry_changed",
+    "course_after",
 )
 
 

@@ -184,7 +184,8 @@ def enroll_student(*, student_id: int, course_id: int, waitlist_if_full: bool = 
 def join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bool) -> Entry:
     """The one place a single call makes an entry: ENROLLED when a seat is free, else
     WAITLISTED when asked for and the waitlist has room (batches.py decides a batch's
-    items by these same rules, set-based)."""
+    items by these same rules, set-based). course: its row, read under the row lock
+    this transaction holds; the course's snapshot in the event is made from it."""
     course_id = course.id
     try:
         # The primary key decides duplicates, enrolled or waiting.
@@ -199,6 +200,7 @@ def join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bo
     if _TAKE_SEAT.execute(course_id) == 1:
         entry = Entry(student_id, course_id, ENROLLED, 0, now, now)
         events.entry_changed(events.ENROLLED, entry)
+        events.course_after(course, enrolled=1, waitlisted=0)
         return entry
     # Full. Raising rolls the new entry back with the transaction.
     if not waitlist_if_full or course.waitlist_capacity == 0:
@@ -212,6 +214,7 @@ def join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bo
     ).execute()
     entry = Entry(student_id, course_id, WAITLISTED, position_of(course_id, join_number), now, None)
     events.entry_changed(events.WAITLISTED, entry)
+    events.course_after(course, enrolled=0, waitlisted=1)
     return entry
 
 
@@ -245,8 +248,9 @@ def drop_course(*, student_id: int, course_id: int) -> Entry | None:
 
 def drop_entry(course: Course, student_id: int, now: dt.datetime) -> list[Entry]:
     """The one place a single entry is dropped, enrolled or waiting. course: its row, read
-    under the row lock the caller holds. A freed seat goes to position 1 of the
-    waitlist; returns who was promoted."""
+    under the row lock the caller holds, at most once per call (the course's snapshot in
+    the events is made from it). A freed seat goes to position 1 of the waitlist;
+    returns who was promoted."""
     # Read first for the DROPPED event's snapshot (the entry as it was); the course's
     # lock keeps it as read until the delete below.
     row = _ENTRY.first(student_id, course.id)
@@ -257,8 +261,12 @@ def drop_entry(course: Course, student_id: int, now: dt.datetime) -> list[Entry]
         _FREE_SEAT.execute(course.id)
         # Nobody waits while a seat is free, so the count read under the lock says
         # whether anyone is in line for this one.
-        return promote_next(course.id, 1, now) if course.waitlisted_count else []
+        promoted = promote_next(course.id, 1, now) if course.waitlisted_count else []
+        moved = len(promoted)
+        events.course_after(course, enrolled=moved - 1, waitlisted=-moved)
+        return promoted
     _LEAVE_WAITLIST.execute(course.id)
+    events.course_after(course, enrolled=0, waitlisted=-1)
     return []
 
 
