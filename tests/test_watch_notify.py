@@ -6,11 +6,13 @@ to the database is cut and restored."""
 
 from __future__ import annotations
 
+import threading
 import time
 from urllib.parse import urlsplit
 
 import pytest
 
+from enrollment.server.persistence.notify import CHANNEL, CommitListener
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases, watching
@@ -106,3 +108,37 @@ def test_the_listener_comes_back_after_the_database_line_is_cut(db_url, server_p
         assert "change-feed listener" in here.log
     finally:
         proxy.close()
+
+
+def test_a_process_listens_only_while_it_has_watchers(db_url):
+    """Without watchers nobody here needs other processes' commits: the listener's
+    connection stays open but does not LISTEN, so no commit anywhere wakes it."""
+    wakes = threading.Semaphore(0)
+    listener = CommitListener(db_url, wakes.release, timeout=2.0)
+
+    def notify() -> None:
+        databases.query(db_url, f"NOTIFY {CHANNEL}, 'another-process'")
+
+    def woken(within: float) -> bool:
+        return wakes.acquire(timeout=within)
+
+    listener.start()
+    try:
+        deadline = time.monotonic() + 15
+        while _listeners(db_url) != 1:  # connected, not listening
+            assert time.monotonic() < deadline, "the listener did not connect"
+            time.sleep(0.05)
+        notify()
+        assert not woken(1.0), "woken without watchers"
+        listener.want(True)  # the first watcher
+        assert woken(5.0), "not woken when LISTEN started (for what committed before)"
+        notify()
+        assert woken(5.0), "a notification did not wake it"
+        listener.want(False)  # the last watcher went
+        time.sleep(0.5)  # UNLISTEN
+        while woken(0):
+            pass
+        notify()
+        assert not woken(1.0), "woken after the last watcher went"
+    finally:
+        listener.stop()

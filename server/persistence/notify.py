@@ -11,6 +11,13 @@ So a notification carries nothing and losing one costs only latency: the poller 
 looks every --watch-poll-interval seconds, which is the fallback while this connection
 is down and the only way on SQLite and MariaDB.
 
+The connection LISTENs only while the process has watchers (want(), called by the
+watch hub): a process with none would wake this thread for every commit anywhere, its
+own included, to do nothing but take the GIL from the threads serving calls. The
+connection itself stays open,
+so a first watcher waits for one LISTEN, not for a new connection. Each time LISTEN
+starts the poller is woken once, for whatever committed while nobody listened.
+
 The connection is re-made after it breaks (the database restarted, the line was cut,
 the backend was terminated), every `retry` seconds until it succeeds; each time it is
 (re)made the poller is woken once, for whatever committed while nobody listened.
@@ -23,6 +30,7 @@ import logging
 import os
 import select
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -69,7 +77,15 @@ class CommitListener:
         self._stop_read, self._stop_write = os.pipe()
         self._stopping = threading.Event()
         self.listening = threading.Event()  # set while a connection LISTENs
+        self._wanted = False  # whether this process has watchers (want())
         self._thread = threading.Thread(target=self._run, name="feed-listen", daemon=True)
+
+    def want(self, wanted: bool) -> None:
+        """From any thread: LISTEN (True: the process has watchers) or not (False)."""
+        if wanted != self._wanted:
+            self._wanted = wanted
+            with contextlib.suppress(OSError):
+                os.write(self._stop_write, b"w")  # wakes the thread to LISTEN or UNLISTEN
 
     def start(self) -> None:
         self._thread.start()
@@ -93,13 +109,9 @@ class CommitListener:
                 db.connect()
                 conn = db.connection()
                 conn.autocommit = True
-                with conn.cursor() as cursor:
-                    cursor.execute(f"LISTEN {CHANNEL}")
                 if failures:
-                    log.info("change-feed listener: listening again")
+                    log.info("change-feed listener: connected again")
                 failures = 0
-                self.listening.set()
-                self._wake()  # whatever committed while nobody listened
                 self._listen(conn)
             except (pw.DatabaseError, pw.InterfaceError, psycopg2.Error, OSError) as exc:
                 failures += 1
@@ -117,18 +129,34 @@ class CommitListener:
 
     def _listen(self, conn: Any) -> None:
         while not self._stopping.is_set():
+            wanted = self._wanted
+            if wanted != self.listening.is_set():
+                with conn.cursor() as cursor:
+                    cursor.execute(f"{'' if wanted else 'UN'}LISTEN {CHANNEL}")
+                if wanted:
+                    self.listening.set()
+                    self._wake()  # whatever committed while nobody listened
+                else:
+                    self.listening.clear()
             # Idle for long: TCP keepalives (engine.py) end a connection whose peer vanished.
             readable, _, _ = select.select([conn, self._stop_read], [], [], 60)
             if self._stop_read in readable:
-                return
+                os.read(self._stop_read, 512)  # want() or stop(): the loop looks again
+                continue
             if readable:
                 conn.poll()  # raises when the connection broke
                 mine = token()
                 others = any(n.payload != mine for n in conn.notifies)
                 conn.notifies.clear()
-                if others:
+                if others and self.listening.is_set():
                     self._wake()
 
     def _pause(self, seconds: float) -> None:
-        if not self._stopping.is_set():
-            select.select([self._stop_read], [], [], seconds)
+        deadline = time.monotonic() + seconds
+        while not self._stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            readable, _, _ = select.select([self._stop_read], [], [], left)
+            if readable:  # want() (the pause goes on) or stop()
+                os.read(self._stop_read, 512)

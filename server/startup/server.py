@@ -343,6 +343,9 @@ def _serving(
         running.listener = CommitListener(
             config.database_url, hub.wake, timeout=config.database_timeout
         )
+        # It LISTENs while the process has watchers; one may have come already.
+        hub.on_demand = running.listener.want
+        running.listener.want(hub.watchers > 0)
         running.listener.start()
     if _sqlite(config):
         path = engine.parse(config.database_url).name

@@ -10,7 +10,7 @@ threads, and hands each watcher the events that match its filters. It wakes
   from the committing thread, hops onto the loop with call_soon_threadsafe), and
 - at once after a commit of another server process on PostgreSQL (other --workers,
   other hosts): the process's one LISTENing connection (persistence/notify.py, started
-  by startup/server.py) calls wake(), and
+  by startup/server.py, LISTENing while there are watchers: on_demand) calls wake(), and
 - every `interval` seconds otherwise (--watch-poll-interval), which is how commits of
   other processes arrive on SQLite (a file shared by processes) and MariaDB, and on
   PostgreSQL while the listening connection is down.
@@ -85,6 +85,13 @@ class WatchHub:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        # Told True when the first watcher comes and False when the last goes (PostgreSQL:
+        # the process LISTENs only while it has watchers, persistence/notify.py).
+        self.on_demand: Callable[[bool], None] | None = None
+
+    def _demand(self) -> None:
+        if self.on_demand is not None:
+            self.on_demand(bool(self._watchers))
 
     @property
     def watchers(self) -> int:
@@ -121,6 +128,7 @@ class WatchHub:
 
     def _end(self, watcher: _Watcher, error: EnrollmentError) -> None:
         self._watchers.discard(watcher)
+        self._demand()
         watcher.queue.put_nowait(error)
 
     async def _poll(self) -> None:
@@ -176,6 +184,7 @@ class WatchHub:
                 self._head = max(self._head, head)
         watcher = _Watcher(student_id, course_id)
         self._watchers.add(watcher)  # first: from here on nothing after the head is missed
+        self._demand()
         registered_at = self._head
         last = after_sequence
         try:
@@ -201,6 +210,7 @@ class WatchHub:
                     yield fresh
         finally:
             self._watchers.discard(watcher)
+            self._demand()
 
 
 def _page(after: int, student_id: int, course_id: int) -> events.EventPage:
