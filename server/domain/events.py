@@ -46,6 +46,10 @@ COURSE_CREATED, COURSE_UPDATED, COURSE_DELETED = 4, 5, 6
 ENROLLED, WAITLISTED, PROMOTED, DROPPED = 7, 8, 9, 10
 _ENTRY_KINDS = frozenset({ENROLLED, WAITLISTED, PROMOTED, DROPPED})
 
+# json.dumps with any option builds a new JSONEncoder on every call; this one is built
+# once.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -141,7 +145,7 @@ class _CallEvents:
                     "type": kind,
                     "student_id": student_id,
                     "course_id": course_id,
-                    "payload": json.dumps(payload, separators=(",", ":")),
+                    "payload": _compact_json(payload),
                     "request_id": request_id[:128],
                     "actor": actor[:64],
                 }
