@@ -17,8 +17,6 @@ from tests import servers, watching
 from tests.rpc import TIMEOUT, failure
 from tests.watching import Watcher
 
-CONNECTIONS = 8
-
 
 def test_three_watchers_on_two_workers_get_exactly_their_events(db_url, tmp_path):
     server = servers.start(tmp_path / "server.log", "--database-url", db_url, "--workers", "2")
@@ -26,21 +24,9 @@ def test_three_watchers_on_two_workers_get_exactly_their_events(db_url, tmp_path
         channel = watching.channel(server.address)
         stub = pb_grpc.EnrollmentServiceStub(channel)
         people, rooms = watching.people_and_rooms(stub)
-        filters = [{"student_id": people[0]}, {"course_id": rooms[1]}, {}]
-        watchers = [Watcher(server.address, **each) for each in filters]
-        for w in watchers:
-            w.start()
+        watchers = watching.three_watchers(server.address, people, rooms)
         stop = threading.Event()
-        writers = [
-            threading.Thread(
-                target=watching.writer,
-                args=([server.address], people, rooms, stop, n),
-                daemon=True,
-            )
-            for n in range(CONNECTIONS)
-        ]
-        for w in writers:
-            w.start()
+        writers = watching.start_writers(lambda n: [server.address], people, rooms, stop)
         time.sleep(4)
         stop.set()
         for w in writers:
@@ -51,10 +37,10 @@ def test_three_watchers_on_two_workers_get_exactly_their_events(db_url, tmp_path
         channel.close()
     finally:
         server.stop()
-    for watcher, each in zip(watchers, filters, strict=True):
-        expected = watching.expected(db_url, **each)
+    for watcher in watchers:
+        expected = watching.expected(db_url, **watcher.filters)
         assert len(expected) > 10
-        assert watcher.seen == expected, (each, len(watcher.seen), len(expected))
+        assert watcher.seen == expected, (watcher.filters, len(watcher.seen), len(expected))
         assert watcher.error is not None and watcher.error.code() == grpc.StatusCode.CANCELLED
 
 

@@ -18,8 +18,6 @@ from tests import watching
 from tests.rpc import TIMEOUT
 from tests.watching import Watcher
 
-CONNECTIONS = 8
-
 
 def _wait_for_events(watchers: list[Watcher], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
@@ -34,23 +32,11 @@ def test_a_watcher_resumes_on_another_process_after_kill_9(db_url, server_proces
     with watching.channel(other.address) as channel:
         stub = pb_grpc.EnrollmentServiceStub(channel)
         people, rooms = watching.people_and_rooms(stub)
-        filters = [{"student_id": people[0]}, {"course_id": rooms[1]}, {}]
-        watchers = [Watcher(doomed.address, **each) for each in filters]
-        for w in watchers:
-            w.start()
+        watchers = watching.three_watchers(doomed.address, people, rooms)
         stop = threading.Event()
-        writers = [
-            threading.Thread(
-                target=watching.writer,
-                # Half start on the doomed process and go on through the other.
-                args=([doomed.address, other.address][:: 1 if n % 2 else -1], people, rooms),
-                kwargs={"stop": stop, "seed": n},
-                daemon=True,
-            )
-            for n in range(CONNECTIONS)
-        ]
-        for w in writers:
-            w.start()
+        # Half start on the doomed process and go on through the other.
+        pair = [doomed.address, other.address]
+        writers = watching.start_writers(lambda n: pair[:: 1 if n % 2 else -1], people, rooms, stop)
         time.sleep(2)
         _wait_for_events(watchers)
         doomed.proc.send_signal(signal.SIGKILL)  # mid-stream, mid-write

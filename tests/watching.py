@@ -8,6 +8,7 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -107,6 +108,32 @@ def writer(addresses: list[str], people, rooms, stop: threading.Event, seed: int
             continue  # that server is gone: the next one
         finally:
             made.close()
+
+
+def three_watchers(address: str, people: list[int], rooms: list[int]) -> list[Watcher]:
+    """One started watcher per filter kind: a student's, a course's, everything."""
+    filters: list[dict[str, int]] = [{"student_id": people[0]}, {"course_id": rooms[1]}, {}]
+    watchers = [Watcher(address, **each) for each in filters]
+    for w in watchers:
+        w.start()
+    return watchers
+
+
+def start_writers(
+    addresses: Callable[[int], list[str]],
+    people: list[int],
+    rooms: list[int],
+    stop: threading.Event,
+    count: int = 8,
+) -> list[threading.Thread]:
+    """count writer threads (see writer), the n-th through addresses(n), started."""
+    threads = [
+        threading.Thread(target=writer, args=(addresses(n), people, rooms, stop, n), daemon=True)
+        for n in range(count)
+    ]
+    for t in threads:
+        t.start()
+    return threads
 
 
 def people_and_rooms(stub, *, people: int = 12, rooms: int = 3) -> tuple[list[int], list[int]]:
