@@ -1,9 +1,9 @@
 """Imports go one way: the layer rules of the style guide, read from the source with ast.
 
 startup > transport > domain > persistence; operations is used by transport and startup
-and uses persistence; errors.py, callstate.py and addresses.py are the base every layer
-may use. The client library never imports the server; migrations import nothing of the
-application.
+and uses persistence; errors.py, callstate.py, addresses.py and periodic.py are the
+base every layer may use. The client library never imports the server; migrations
+import nothing of the application.
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ PACKAGES = {
     "migrations": "enrollment.migrations",
 }
 # The base every layer may use; the server package itself (its __init__) counts as base.
-BASE = ("enrollment.server.errors", "enrollment.server.callstate", "enrollment.server.addresses")
+BASE = (
+    "enrollment.server.errors",
+    "enrollment.server.callstate",
+    "enrollment.server.addresses",
+    "enrollment.server.periodic",
+)
 ROOMS = ("transport", "domain", "persistence", "operations", "startup")
 
 # The rooms each room may import from (its own always included).

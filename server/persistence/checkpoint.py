@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
+
+from enrollment.server.periodic import Periodic
 
 log = logging.getLogger("enrollment.server")
 
@@ -28,39 +29,29 @@ INTERVAL = 0.25
 AUTOCHECKPOINT_PAGES = 10_000
 
 
-class Checkpointer:
+class Checkpointer(Periodic):
     def __init__(self, path: str, *, interval: float = INTERVAL, timeout: float = 5.0) -> None:
+        super().__init__("wal-checkpointer", interval)
         self.path = path
-        self.interval = interval
         self.timeout = timeout
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="wal-checkpointer", daemon=True)
+        self._connection: sqlite3.Connection | None = None
+        self._failing = False
 
-    def start(self) -> None:
-        self._thread.start()
+    def tick(self) -> None:
+        try:
+            if self._connection is None:
+                self._connection = sqlite3.connect(
+                    self.path, timeout=self.timeout, check_same_thread=False
+                )
+            self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._failing = False
+        except sqlite3.Error as exc:  # the writers' own checkpoint still works
+            if not self._failing:
+                log.warning("WAL checkpoint failed (%s); retrying", type(exc).__name__)
+            self._failing = True
+            self.finish()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        connection: sqlite3.Connection | None = None
-        failing = False
-        while not self._stop.wait(self.interval):
-            try:
-                if connection is None:
-                    connection = sqlite3.connect(
-                        self.path, timeout=self.timeout, check_same_thread=False
-                    )
-                connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                failing = False
-            except sqlite3.Error as exc:  # the writers' own checkpoint still works
-                if not failing:
-                    log.warning("WAL checkpoint failed (%s); retrying", type(exc).__name__)
-                failing = True
-                if connection is not None:
-                    connection.close()
-                    connection = None
-        if connection is not None:
-            connection.close()
+    def finish(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None

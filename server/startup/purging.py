@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 from collections.abc import Callable
 
 from enrollment.server.errors import EnrollmentError
+from enrollment.server.periodic import Periodic
 
 log = logging.getLogger("enrollment.server")
 
@@ -16,7 +16,7 @@ BATCH = 500
 PAUSE = 0.05
 
 
-class Purger:
+class Purger(Periodic):
     """A daemon thread: ten times per retention period (at most once a minute, at least
     once a second), deletes what is older than the retention, BATCH rows at a time, each
     batch its own short transaction. Every server process runs one per kind; two deleting
@@ -27,43 +27,32 @@ class Purger:
     def __init__(
         self, what: str, retention_seconds: float, purge_batch: Callable[[dt.timedelta, int], int]
     ) -> None:
+        super().__init__(
+            f"{what.replace(' ', '-')}-purger", min(60.0, max(1.0, retention_seconds / 10))
+        )
         self.what = what
         self.retention = dt.timedelta(seconds=retention_seconds)
-        self.interval = min(60.0, max(1.0, retention_seconds / 10))
         self._purge_batch = purge_batch
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"{what.replace(' ', '-')}-purger", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
 
     def purge(self) -> int:
         """Everything expired, BATCH at a time; how many went."""
         total = 0
-        while not self._stop.is_set():
+        while not self.stopping:
             done = self._purge_batch(self.retention, BATCH)
             total += done
             if done < BATCH:
                 break
-            self._stop.wait(PAUSE)
+            self.pause(PAUSE)
         return total
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                purged = self.purge()
-            except EnrollmentError as exc:  # the database is away: try again next round
-                log.warning("purging %s: %s; retrying later", self.what, exc)
-                continue
-            except Exception:  # never let the thread die: the next round may work
-                log.exception("purging %s failed", self.what)
-                continue
-            if purged:
-                log.info("purged %d %s older than %s", purged, self.what, self.retention)
+    def tick(self) -> None:
+        try:
+            purged = self.purge()
+        except EnrollmentError as exc:  # the database is away: try again next round
+            log.warning("purging %s: %s; retrying later", self.what, exc)
+            return
+        except Exception:  # never let the thread die: the next round may work
+            log.exception("purging %s failed", self.what)
+            return
+        if purged:
+            log.info("purged %d %s older than %s", purged, self.what, self.retention)
