@@ -49,9 +49,12 @@ class Checkpointer(Periodic):
             if not self._failing:
                 log.warning("WAL checkpoint failed (%s); retrying", type(exc).__name__)
             self._failing = True
-            self.finish()
+            self._close()  # a new connection next round
 
     def finish(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None

@@ -14,9 +14,9 @@ is down and the only way on SQLite and MariaDB.
 The connection LISTENs only while the process has watchers (want(), called by the
 watch hub): a process with none would wake this thread for every commit anywhere, its
 own included, to do nothing but take the GIL from the threads serving calls. The
-connection itself stays open,
-so a first watcher waits for one LISTEN, not for a new connection. Each time LISTEN
-starts the poller is woken once, for whatever committed while nobody listened.
+connection itself stays open, so a first watcher waits for one LISTEN, not for a new
+connection. Each time LISTEN starts the poller is woken once, for whatever committed
+while nobody listened.
 
 The connection is re-made after it breaks (the database restarted, the line was cut,
 the backend was terminated), every `retry` seconds until it succeeds; each time it is
@@ -74,7 +74,8 @@ class CommitListener:
     ) -> None:
         self._url, self._wake = url, wake
         self._timeout, self._retry = timeout, retry
-        self._stop_read, self._stop_write = os.pipe()
+        # Written by want() and stop(): wakes the thread out of its select().
+        self._signal_read, self._signal_write = os.pipe()
         self._stopping = threading.Event()
         self.listening = threading.Event()  # set while a connection LISTENs
         self._wanted = False  # whether this process has watchers (want())
@@ -85,7 +86,7 @@ class CommitListener:
         if wanted != self._wanted:
             self._wanted = wanted
             with contextlib.suppress(OSError):
-                os.write(self._stop_write, b"w")  # wakes the thread to LISTEN or UNLISTEN
+                os.write(self._signal_write, b"w")  # wakes the thread to LISTEN or UNLISTEN
 
     def start(self) -> None:
         self._thread.start()
@@ -93,9 +94,9 @@ class CommitListener:
     def stop(self) -> None:
         self._stopping.set()
         with contextlib.suppress(OSError):
-            os.write(self._stop_write, b"x")
+            os.write(self._signal_write, b"x")
         self._thread.join()
-        for fd in (self._stop_read, self._stop_write):
+        for fd in (self._signal_read, self._signal_write):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -139,9 +140,9 @@ class CommitListener:
                 else:
                     self.listening.clear()
             # Idle for long: TCP keepalives (engine.py) end a connection whose peer vanished.
-            readable, _, _ = select.select([conn, self._stop_read], [], [], 60)
-            if self._stop_read in readable:
-                os.read(self._stop_read, 512)  # want() or stop(): the loop looks again
+            readable, _, _ = select.select([conn, self._signal_read], [], [], 60)
+            if self._signal_read in readable:
+                os.read(self._signal_read, 512)  # want() or stop(): the loop looks again
                 continue
             if readable:
                 conn.poll()  # raises when the connection broke
@@ -157,6 +158,6 @@ class CommitListener:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            readable, _, _ = select.select([self._stop_read], [], [], left)
+            readable, _, _ = select.select([self._signal_read], [], [], left)
             if readable:  # want() (the pause goes on) or stop()
-                os.read(self._stop_read, 512)
+                os.read(self._signal_read, 512)

@@ -122,11 +122,16 @@ def flush() -> int:
     first = advance(SEQUENCE, len(rows)) - len(rows) + 1
     for start in range(0, len(rows), INSERT_ROWS):
         chunk = rows[start : start + INSERT_ROWS]
-        values: list[Any] = []
-        for offset, row in enumerate(chunk, start=first + start):
-            values += (offset, *(row[name] for name in _COLUMNS[1:]))
-        proxy.execute_sql(statements.insert(len(chunk)), values)
+        proxy.execute_sql(statements.insert(len(chunk)), _numbered(chunk, first + start))
     return len(rows)
+
+
+def _numbered(rows: list[dict[str, Any]], first: int) -> list[Any]:
+    """The rows' values for a VALUES list, each row's number (first, first + 1, …) first."""
+    values: list[Any] = []
+    for number, row in enumerate(rows, start=first):
+        values += (number, *(row[name] for name in _COLUMNS[1:]))
+    return values
 
 
 # Events per INSERT: a forced delete of a large course writes thousands, and SQLite
@@ -186,7 +191,7 @@ class _Statements:
         names = ", ".join(q(c) for c in _COLUMNS)
         self._row = "(" + ", ".join([self.mark] * len(_COLUMNS)) + ")"
         self._insert = f"INSERT INTO {q('events')} ({names}) VALUES "
-        self._inserts: dict[int, str] = {}
+        self._sql: dict[tuple[str, int], str] = {}  # by (kind, row count)
         self.numbering = self.notifies  # PostgreSQL: see above
         if self.numbering:
             # v.k is the event's place in the call (1, 2, …), the VALUES' first column.
@@ -197,29 +202,27 @@ class _Statements:
                 f"SELECT c.{value} - {self.mark} + v.k, {taken} FROM c, (VALUES "
             )
             self._numbered_as = f") AS v(k, {', '.join(_COLUMNS[1:])})"
-            self._numbereds: dict[int, str] = {}
+
+    def _rows(self, kind: str, count: int, head: str, tail: str = "") -> str:
+        """head, count VALUES rows, tail: kept for the common sizes (a forced delete's
+        hundreds are not)."""
+        found = self._sql.get((kind, count))
+        if found is None:
+            found = head + ", ".join([self._row] * count) + tail
+            if count <= 16:
+                self._sql[(kind, count)] = found
+        return found
 
     def insert(self, count: int) -> str:
         """The INSERT of count events, in one statement."""
-        found = self._inserts.get(count)
-        if found is None:
-            found = self._insert + ", ".join([self._row] * count)
-            if count <= 16:  # the common sizes; a forced delete's hundreds are not kept
-                self._inserts[count] = found
-        return found
+        return self._rows("insert", count, self._insert)
 
     def insert_numbered(self, rows: list[dict[str, Any]]) -> int:
         """Raise the counter and insert the rows numbered from it, in one statement;
         how many rows it inserted (0 when the counter's row is not made yet)."""
         count = len(rows)
-        sql = self._numbereds.get(count)
-        if sql is None:
-            sql = self._numbered + ", ".join([self._row] * count) + self._numbered_as
-            if count <= 16:
-                self._numbereds[count] = sql
-        values: list[Any] = [count, SEQUENCE, count]
-        for place, row in enumerate(rows, start=1):
-            values += (place, *(row[name] for name in _COLUMNS[1:]))
+        sql = self._rows("numbered", count, self._numbered, self._numbered_as)
+        values: list[Any] = [count, SEQUENCE, count, *_numbered(rows, 1)]
         rowcount: int = proxy.execute_sql(sql, values).rowcount
         return rowcount
 
