@@ -15,7 +15,7 @@ CHAOS_SECONDS ?= 60
 SOAK_SECONDS ?= 600
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-rush bench-scale bench-compare bench-micro bench-profile bench-migrate chaos soak bench-import
+.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-rush bench-scale bench-compare bench-micro bench-icount bench-profile bench-migrate chaos soak bench-import
 
 # target: help - list the targets and what they do
 help:
@@ -122,6 +122,14 @@ bench-compare: $(STAMP)
 # target: bench-micro - servicer CPU per call in-process (one thread, no gRPC): steadier than bench
 bench-micro: $(STAMP)
 	$(BIN)/python -m bench micro $(BENCH_ARGS)
+
+# target: bench-icount - servicer instructions per call in-process (valgrind's callgrind): repeats within ~1%, for changes bench-micro's noise hides
+bench-icount: $(STAMP)
+	@command -v valgrind >/dev/null 2>&1 || { \
+	  echo "valgrind is missing: installing it"; \
+	  { apt-get install -y -qq valgrind || { apt-get update -qq && apt-get install -y -qq valgrind; }; } >/dev/null 2>&1 \
+	  || echo "could not install valgrind"; }
+	$(BIN)/python -m bench icount $(BENCH_ARGS)
 
 # target: bench-profile - py-spy the server under one mix (MIX=read|write|mixed); top lines
 bench-profile: $(BENCH_STAMP)

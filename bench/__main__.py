@@ -1,4 +1,4 @@
-"""python -m bench {run,bulk,scale,compare,profile,micro,tracing,feed}: behind `make bench*`."""
+"""python -m bench {run,bulk,scale,compare,profile,micro,icount,tracing,feed}: `make bench*`."""
 
 from __future__ import annotations
 
@@ -19,13 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     from bench import scale
 
     scale.add_arguments(scale_parser)
-    from bench import feed, micro, profile
+    from bench import feed, icount, micro, profile
 
     feed.add_arguments(
         commands.add_parser("feed", help="change-feed delivery latency and the outbox's cost")
     )
 
     micro.add_arguments(commands.add_parser("micro", help="servicer CPU per call, in-process"))
+    icount.add_arguments(
+        commands.add_parser("icount", help="servicer instructions per call, in-process")
+    )
 
     profile.add_arguments(commands.add_parser("profile", help="py-spy the server under a mix"))
     from bench import tracing
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         return profile.main(args)
     if args.command == "micro":
         return micro.main(args)
+    if args.command == "icount":
+        return icount.main(args)
     if args.command == "tracing":
         return tracing.main(args)
     if args.command == "feed":

@@ -14,6 +14,7 @@ import random
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -47,10 +48,6 @@ def _cpu_us(fn, calls: int, repeats: int = 7) -> float:
     return best
 
 
-def _request_id() -> str:
-    return str(uuid.uuid4())
-
-
 def _parts() -> dict:
     """What server/transport/convert.py and server/persistence/prepared.py say they save."""
     when = dt.datetime(2026, 1, 1, 12, 0, 0, 123456)
@@ -62,13 +59,17 @@ def _parts() -> dict:
     }
 
 
-def main(args: argparse.Namespace) -> int:
-    shape = Shape()
-    rng = random.Random(1)
+def workload(shape: Shape, rng: random.Random) -> dict[str, Callable[[], object]]:
+    """The calls measured, by name, each a servicer call in-process (the database is the
+    one engine.open_pool opened); rng picks the rows, so a seed repeats the same ones."""
     servicer = EnrollmentServicer()
 
     def student() -> int:
         return rng.randint(1, shape.students)
+
+    def request_id() -> str:
+        # As the client sends them (their records are on the write path), from rng.
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
     def enroll_and_drop() -> None:
         who = student()
@@ -76,17 +77,16 @@ def main(args: argparse.Namespace) -> int:
         course = rng.randint(1, shape.courses)
         while course in taken:
             course = rng.randint(1, shape.courses)
-        # With request_ids, as the client sends them: their records are on the write path.
         servicer.EnrollStudent(
-            pb.EnrollStudentRequest(student_id=who, course_id=course, request_id=_request_id()),
+            pb.EnrollStudentRequest(student_id=who, course_id=course, request_id=request_id()),
             None,
         )
         servicer.DropCourse(
-            pb.DropCourseRequest(student_id=who, course_id=course, request_id=_request_id()),
+            pb.DropCourseRequest(student_id=who, course_id=course, request_id=request_id()),
             None,
         )
 
-    calls = {
+    return {
         "GetStudent": lambda: servicer.GetStudent(pb.GetStudentRequest(student_id=student()), None),
         "ListCourses of a student": lambda: servicer.ListCourses(
             pb.ListCoursesRequest(student_id=student()), None
@@ -96,6 +96,12 @@ def main(args: argparse.Namespace) -> int:
         ),
         "EnrollStudent + DropCourse": enroll_and_drop,
     }
+
+
+def main(args: argparse.Namespace) -> int:
+    shape = Shape()
+    calls = workload(shape, random.Random(1))
+    enroll_and_drop = calls["EnrollStudent + DropCourse"]
     with tempfile.TemporaryDirectory(prefix="enrollment-micro-") as tmp:
         url = f"sqlite:///{Path(tmp) / 'bench.db'}"
         procs.migrate(url)
