@@ -15,6 +15,7 @@ import datetime as dt
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from json import encoder as json_encoder
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +47,32 @@ COURSE_CREATED, COURSE_UPDATED, COURSE_DELETED = 4, 5, 6
 ENROLLED, WAITLISTED, PROMOTED, DROPPED = 7, 8, 9, 10
 _ENTRY_KINDS = frozenset({ENROLLED, WAITLISTED, PROMOTED, DROPPED})
 
-# json.dumps with any option builds a new JSONEncoder on every call; this one is built
-# once.
-_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+# An event's payload as compact JSON. json.dumps with any option builds a JSONEncoder
+# per call, and JSONEncoder.encode builds its C encoder per call; this C encoder is made
+# once, as JSONEncoder.iterencode makes it but without the check for circular
+# references (a snapshot is plain data). Where Python has no C encoder (its name is
+# not in the typing stubs either), one JSONEncoder built once does the same.
+_make_encoder: Callable[..., Callable[[Json, int], list[str]]] | None = getattr(
+    json_encoder, "c_make_encoder", None
+)
+if _make_encoder is None:
+    _compact_json: Callable[[Json], str] = json.JSONEncoder(separators=(",", ":")).encode
+else:
+    _encode = _make_encoder(
+        None,  # no circular-reference check
+        json.JSONEncoder().default,  # raises TypeError, as json.dumps does
+        json_encoder.encode_basestring_ascii,
+        None,  # no indent
+        ":",
+        ",",
+        False,  # keys as inserted
+        False,  # no key skipped
+        True,  # NaN as json.dumps writes it
+    )
+
+    def _compact_json(payload: Json) -> str:
+        return "".join(_encode(payload, 0))
+
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -136,20 +160,12 @@ class _CallEvents:
                 values["update_time"] = _time(values["update_time"]) or values["create_time"]
                 courses[course_id] = values
         request_id, actor = callstate.caller()
+        request_id, actor = request_id[:128], actor[:64]
         for kind, student_id, course_id, payload in self.items:
             if kind > STUDENT_DELETED:
                 payload["course"] = courses[course_id]
-            outbox.add(
-                {
-                    "event_time": self.time,
-                    "type": kind,
-                    "student_id": student_id,
-                    "course_id": course_id,
-                    "payload": _compact_json(payload),
-                    "request_id": request_id[:128],
-                    "actor": actor[:64],
-                }
-            )
+            text = _compact_json(payload)
+            outbox.add(outbox.Row(self.time, kind, student_id, course_id, text, request_id, actor))
 
 
 def _record(kind: int, student_id: int, course_id: int, payload: Json) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import sys
 
 import peewee as pw
 
@@ -20,9 +21,15 @@ EMAIL_MAX = 254
 CODE_MAX = 32
 
 
-def utcnow() -> dt.datetime:
+def _utcnow() -> dt.datetime:
     """Naive UTC timestamp, as stored in every datetime column."""
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+# The same, made in one C call where it is not deprecated: datetime.replace() costs
+# ten times now() on Python 3.11 (keyword parsing), and a write takes several of these.
+# Python 3.12 deprecates utcnow(); there the way above is taken.
+utcnow = dt.datetime.utcnow if sys.version_info < (3, 12) else _utcnow
 
 
 def lowercase_key(value: str) -> str:

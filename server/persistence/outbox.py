@@ -27,10 +27,11 @@ has the figures.
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 from collections.abc import Callable
 from contextvars import ContextVar, Token
-from typing import Any
+from typing import Any, NamedTuple
 
 import peewee as pw
 
@@ -38,11 +39,23 @@ from enrollment.server.persistence import notify
 from enrollment.server.persistence.models import SEQUENCE, EventCounter, proxy
 
 
+class Row(NamedTuple):
+    """One event's columns but its sequence, in the order of the table's (_COLUMNS)."""
+
+    event_time: dt.datetime
+    type: int
+    student_id: int
+    course_id: int
+    payload: str
+    request_id: str
+    actor: str
+
+
 class _Pending:
     __slots__ = ("data", "finishers", "rows")
 
     def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[Row] = []
         self.finishers: list[Callable[[], None]] = []
         self.data: dict[str, Any] = {}  # the domain's own per-transaction state
 
@@ -97,8 +110,8 @@ def before_flush(finish: Callable[[], None]) -> None:
     _current().finishers.append(finish)
 
 
-def add(row: dict[str, Any]) -> None:
-    """One event's columns, all but sequence; numbered in the order added."""
+def add(row: Row) -> None:
+    """One event; numbered in the order added."""
     _current().rows.append(row)
 
 
@@ -126,11 +139,11 @@ def flush() -> int:
     return len(rows)
 
 
-def _numbered(rows: list[dict[str, Any]], first: int) -> list[Any]:
+def _numbered(rows: list[Row], first: int) -> list[Any]:
     """The rows' values for a VALUES list, each row's number (first, first + 1, …) first."""
     values: list[Any] = []
     for number, row in enumerate(rows, start=first):
-        values += (number, *(row[name] for name in _COLUMNS[1:]))
+        values += (number, *row)
     return values
 
 
@@ -139,9 +152,7 @@ def _numbered(rows: list[dict[str, Any]], first: int) -> list[Any]:
 INSERT_ROWS = 500
 
 
-_COLUMNS = (
-    "sequence", "event_time", "type", "student_id", "course_id", "payload", "request_id", "actor"
-)  # fmt: skip
+_COLUMNS = ("sequence", *Row._fields)
 
 
 class _Statements:
@@ -217,7 +228,7 @@ class _Statements:
         """The INSERT of count events, in one statement."""
         return self._rows("insert", count, self._insert)
 
-    def insert_numbered(self, rows: list[dict[str, Any]]) -> int:
+    def insert_numbered(self, rows: list[Row]) -> int:
         """Raise the counter and insert the rows numbered from it, in one statement;
         how many rows it inserted (0 when the counter's row is not made yet)."""
         count = len(rows)
