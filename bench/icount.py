@@ -12,12 +12,15 @@ A call's figure is (instructions of a run making N calls - those of a run making
 / N. Each run is a new process under valgrind on a fresh copy of one seeded SQLite file
 and makes one unmeasured call first (it compiles the statements), so start-up, imports
 and that call cancel out. The calls are bench/micro.py's, their rows drawn from one
-seeded generator.
+seeded generator; the enroll/drop pair is counted also without the change feed and
+with the feed's Python but none of its statements (bench/nofeed.py), which splits what
+the feed costs into its Python and its SQL.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -29,36 +32,45 @@ from pathlib import Path
 
 from bench import procs
 from bench.micro import workload
-from bench.nofeed import without_feed
+from bench.nofeed import without_feed, without_feed_statements
 from bench.seed import Shape, seed
 
 PAIR = "EnrollStudent + DropCourse"
+# The change feed in a child run: as it is, without (bench/nofeed.py), or its Python
+# without its statements; the pair's rows for the last two.
+FEEDS = {
+    "on": contextlib.nullcontext,
+    "off": without_feed,
+    "no-statements": without_feed_statements,
+}
+FEED_ROWS = (
+    ("off", "  the same, no change feed"),
+    ("no-statements", "  the feed's Python, no SQL"),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calls", type=int, default=200, help="calls in the measured run")
     parser.add_argument("--child", nargs=3, metavar=("URL", "CALL", "N"), help=argparse.SUPPRESS)
-    parser.add_argument("--no-feed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--feed", choices=FEEDS, default="on", help=argparse.SUPPRESS
+    )  # of a child run
 
 
-def _child(url: str, name: str, count: int, *, feed: bool) -> int:
+def _child(url: str, name: str, count: int, *, feed: str) -> int:
     """In the process valgrind runs: one call unmeasured, then count more."""
     from enrollment.server.persistence import engine
 
     engine.open_pool(url, max_connections=4)
     call = workload(Shape(), random.Random(1))[name]
-    if feed:
+    with FEEDS[feed]():
         for _ in range(count + 1):
             call()
-    else:
-        with without_feed():
-            for _ in range(count + 1):
-                call()
     engine.close_pool()
     return 0
 
 
-def _instructions(seeded: Path, name: str, count: int, *, feed: bool = True) -> int:
+def _instructions(seeded: Path, name: str, count: int, *, feed: str = "on") -> int:
     """The instructions valgrind counted in a new process making count calls."""
     run = seeded.with_name("run.db")
     for leftover in (run, run.with_name("run.db-wal"), run.with_name("run.db-shm")):
@@ -67,7 +79,8 @@ def _instructions(seeded: Path, name: str, count: int, *, feed: bool = True) -> 
     command = [
         "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
         sys.executable, "-m", "bench", "icount", "--child", f"sqlite:///{run}", name, str(count),
-    ] + (["--no-feed"] if not feed else [])  # fmt: skip
+        "--feed", feed,
+    ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     found = re.search(r"Collected : (\d+)", done.stderr)
@@ -79,7 +92,7 @@ def _instructions(seeded: Path, name: str, count: int, *, feed: bool = True) -> 
 def main(args: argparse.Namespace) -> int:
     if args.child:
         url, name, count = args.child
-        return _child(url, name, int(count), feed=not args.no_feed)
+        return _child(url, name, int(count), feed=args.feed)
     if shutil.which("valgrind") is None:
         print("valgrind is missing (Debian's package valgrind): cannot count instructions")
         return 1
@@ -93,10 +106,10 @@ def main(args: argparse.Namespace) -> int:
         url = f"sqlite:///{seeded}"
         procs.migrate(url)
         seed(url, shape)
-        rows = [(name, True) for name in workload(shape, random.Random(1))] + [(PAIR, False)]
-        for name, feed in rows:
+        rows = [(name, "on", name) for name in workload(shape, random.Random(1))]
+        rows += [(PAIR, feed, label) for feed, label in FEED_ROWS]
+        for name, feed, label in rows:
             base = _instructions(seeded, name, 0, feed=feed)
             total = _instructions(seeded, name, args.calls, feed=feed)
-            label = name if feed else "  the same, no change feed"
             print(f"{label:30} {(total - base) / args.calls:17,.0f}", flush=True)
     return 0

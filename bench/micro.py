@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import random
 import tempfile
 import time
@@ -22,8 +23,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from bench import procs
 from bench.nofeed import without_feed
 from bench.seed import Shape, seed
-from enrollment.server.domain import lookups
-from enrollment.server.persistence import engine
+from enrollment.server.domain import events, lookups
+from enrollment.server.persistence import engine, models
 from enrollment.server.persistence.models import Student
 from enrollment.server.transport import convert
 from enrollment.server.transport.servicer import EnrollmentServicer
@@ -49,13 +50,28 @@ def _cpu_us(fn, calls: int, repeats: int = 7) -> float:
 
 
 def _parts() -> dict:
-    """What server/transport/convert.py and server/persistence/prepared.py say they save."""
+    """What server/transport/convert.py, server/persistence/prepared.py, models.utcnow
+    and the event payload's encoder (domain/events.py) say they save."""
     when = dt.datetime(2026, 1, 1, 12, 0, 0, 123456)
+    # An ENROLLED event's payload: the entry and the course after, as events.py makes them.
+    stamp = when.isoformat()
+    payload = {
+        "enrollment": {"student_id": 1, "course_id": 2, "state": 1, "waitlist_position": 0,
+                       "create_time": stamp, "enroll_time": stamp},
+        "course": {"id": 2, "code": "CS-101", "title": "Intro", "capacity": 30,
+                   "enrolled_count": 7, "waitlist_capacity": 5, "waitlisted_count": 0,
+                   "create_time": stamp, "update_time": stamp, "version": 3},
+    }  # fmt: skip
+    _encode = json.JSONEncoder(separators=(",", ":")).encode
     return {
         "Timestamp.FromDatetime": lambda: Timestamp().FromDatetime(when),
         "convert.timestamp": lambda: convert.timestamp(when),
         "peewee compiles a lookup's SQL": lambda: Student.select().where(Student.id == 1).sql(),
         "the lookup, SQL prepared once": lambda: lookups.find_student(1),
+        "utcnow(), now().replace()": models._utcnow,
+        "utcnow() as used": models.utcnow,
+        "event JSON, JSONEncoder.encode": lambda: _encode(payload),
+        "event JSON, as used": lambda: events._compact_json(payload),
     }
 
 

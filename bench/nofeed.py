@@ -1,7 +1,8 @@
 """`python -m bench.nofeed [enrollment-server arguments]`: the server with the change
 feed's recorders replaced by no-ops, for the "without the outbox" rows of
-`python -m bench feed` only (never a way to run the service); `make bench-micro` uses
-without_feed() in-process for its "no change feed" row.
+`python -m bench feed` only (never a way to run the service); `make bench-micro` and
+`make bench-icount` use without_feed() in-process for their "no change feed" rows, and
+bench-icount without_feed_statements() for the feed's Python alone.
 
 Every change calls one recorder of server/domain/events.py (student_created,
 entry_changed, …); with them doing nothing, a write builds no snapshot, raises no
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Iterator
 
 from enrollment.server.domain import events
+from enrollment.server.persistence import outbox
 from enrollment.server.startup import cli
 
 RECORDERS = (
@@ -45,6 +47,29 @@ def without_feed() -> Iterator[None]:
     finally:
         for name, recorder in saved.items():
             setattr(events, name, recorder)
+
+
+def _flush_without_statements() -> int:
+    """outbox.flush as far as its statements: the domain's finishers make the snapshots
+    and their JSON, then the rows are dropped unwritten."""
+    pending = outbox._pending.get()
+    if pending is not None:
+        while pending.finishers:
+            pending.finishers.pop(0)()
+        pending.rows = []
+    return 0
+
+
+@contextlib.contextmanager
+def without_feed_statements() -> Iterator[None]:
+    """In this process, the change feed does all its Python (recorders, snapshots, JSON)
+    but runs none of its statements (no counter, no event row) until the block ends."""
+    saved = outbox.flush
+    outbox.flush = _flush_without_statements
+    try:
+        yield
+    finally:
+        outbox.flush = saved
 
 
 if __name__ == "__main__":

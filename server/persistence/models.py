@@ -26,9 +26,9 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
-# The same, made in one C call where it is not deprecated: datetime.replace() costs
-# ten times now() on Python 3.11 (keyword parsing), and a write takes several of these.
-# Python 3.12 deprecates utcnow(); there the way above is taken.
+# The same, made in one C call where it is not deprecated: the replace() above costs
+# many times the now() (`make bench-micro`'s parts table times both forms), and a write
+# takes several of these. Python 3.12 deprecates utcnow(); there the way above is taken.
 utcnow = dt.datetime.utcnow if sys.version_info < (3, 12) else _utcnow
 
 
