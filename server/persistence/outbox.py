@@ -115,15 +115,22 @@ def add(row: Row) -> None:
     _current().rows.append(row)
 
 
-def flush() -> int:
-    """Number and insert the pending events; the last statements before the commit.
-    Returns how many were written."""
+def take() -> list[Row]:
+    """Run the finishers (the domain's snapshots), then hand over the pending events and
+    forget them: what flush() numbers and inserts."""
     pending = _pending.get()
     if pending is None:
-        return 0
+        return []
     while pending.finishers:
         pending.finishers.pop(0)()
     rows, pending.rows = pending.rows, []
+    return rows
+
+
+def flush() -> int:
+    """Number and insert the pending events; the last statements before the commit.
+    Returns how many were written."""
+    rows = take()
     if not rows:
         return 0
     statements = _statements()
