@@ -59,11 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _child(url: str, name: str, count: int, *, feed: str) -> int:
     """In the process valgrind runs: one call unmeasured, then count more."""
-    from enrollment.server.persistence import engine
+    from enrollment.server.persistence import engine, unit_of_work
 
     engine.open_pool(url, max_connections=4)
     call = workload(Shape(), random.Random(1))[name]
-    with FEEDS[feed]():
+    # As the server's SQLite threads run them: keeping their connection.
+    with unit_of_work.connection_kept(), FEEDS[feed]():
         for _ in range(count + 1):
             call()
     engine.close_pool()

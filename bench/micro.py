@@ -24,7 +24,7 @@ from bench import procs
 from bench.nofeed import without_feed
 from bench.seed import Shape, seed
 from enrollment.server.domain import events, lookups
-from enrollment.server.persistence import engine, models
+from enrollment.server.persistence import engine, models, unit_of_work
 from enrollment.server.persistence.models import Student
 from enrollment.server.transport import convert
 from enrollment.server.transport.servicer import EnrollmentServicer
@@ -73,6 +73,12 @@ def _parts() -> dict:
         "event JSON, JSONEncoder.encode": lambda: _encode(payload),
         "event JSON, as used": lambda: events._compact_json(payload),
     }
+
+
+def _empty_read() -> None:
+    """A unit of work of no statement: what taking its connection costs."""
+    with unit_of_work.unit_of_work(write=False, snapshot=False):
+        pass
 
 
 def workload(shape: Shape, rng: random.Random) -> dict[str, Callable[[], object]]:
@@ -125,17 +131,24 @@ def main(args: argparse.Namespace) -> int:
         db = engine.open_pool(url, max_connections=4)
         try:
             print(f"{'call':30} {'CPU us/call':>11}   (in-process, one thread, best of 7 batches)")
-            for name, fn in calls.items():
-                n = args.calls // 4 if "Enroll" in name else args.calls
-                print(f"{name:30} {_cpu_us(fn, n):11.0f}")
-            # What the change feed's outbox costs the write pair (bench/nofeed.py).
-            with without_feed():
-                us = _cpu_us(enroll_and_drop, args.calls // 4)
-            print(f"{'  the same, no change feed':30} {us:11.0f}")
+            # As the server's SQLite threads run them: keeping their connection.
+            with unit_of_work.connection_kept():
+                for name, fn in calls.items():
+                    n = args.calls // 4 if "Enroll" in name else args.calls
+                    print(f"{name:30} {_cpu_us(fn, n):11.0f}")
+                # What the change feed's outbox costs the write pair (bench/nofeed.py).
+                with without_feed():
+                    us = _cpu_us(enroll_and_drop, args.calls // 4)
+                print(f"{'  the same, no change feed':30} {us:11.0f}")
             print(f"\n{'part, cited in code comments':30} {'CPU us/call':>11}")
             with db.connection_context():
                 for name, fn in _parts().items():
                     print(f"{name:30} {_cpu_us(fn, args.calls):11.1f}")
+            us = _cpu_us(_empty_read, args.calls)
+            print(f"{'empty read, pooled connection':30} {us:11.1f}")
+            with unit_of_work.connection_kept():
+                us = _cpu_us(_empty_read, args.calls)
+            print(f"{'empty read, kept connection':30} {us:11.1f}")
         finally:
             engine.close_pool()
     return 0

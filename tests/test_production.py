@@ -108,6 +108,37 @@ def test_a_statement_over_its_time_limit_is_unavailable(db_url):
         engine.close_pool()
 
 
+def test_a_thread_that_keeps_its_connection_reuses_it_and_hands_it_back(db_url):
+    """unit_of_work.connection_kept: the same connection from call to call, idle
+    between them; a database error hands it back; leaving hands it back."""
+    db = engine.open_pool(db_url, max_connections=2)
+
+    @unit_of_work.transactional(write=False, snapshot=False)
+    def connection_of_a_call() -> object:
+        assert engine.connections_in_use() == 1
+        return db.connection()
+
+    @unit_of_work.transactional(write=False)
+    def broken() -> None:
+        db.execute_sql("SELECT no_such_column FROM students")
+
+    try:
+        with unit_of_work.connection_kept():
+            first = connection_of_a_call()
+            assert connection_of_a_call() is first
+            assert engine.connections_in_use() == 0
+            assert len(db._in_use) == 1  # checked out, kept between calls
+            with pytest.raises(pw.DatabaseError):
+                broken()
+            assert db._in_use == {}  # handed back, in case the error broke it
+            connection_of_a_call()
+            assert len(db._in_use) == 1
+        assert db._in_use == {}
+        assert engine.connections_in_use() == 0
+    finally:
+        engine.close_pool()
+
+
 def test_every_rpc_returns_its_connection_to_the_pool(live):
     stub = live.stub
     student = new_student(stub)
@@ -121,7 +152,8 @@ def test_every_rpc_returns_its_connection_to_the_pool(live):
     ):
         with pytest.raises(grpc.RpcError):
             call(request, timeout=TIMEOUT)
-    assert engine.proxy.obj._in_use == {}
+    # None is in a call any more (on SQLite the loop and writer threads keep theirs).
+    assert engine.connections_in_use() == 0
 
 
 # --------------------------------------------------------------------------- workers

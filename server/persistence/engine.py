@@ -217,6 +217,7 @@ def open_pool(
         **_driver_params(target, timeout, statement_timeout),
     )
     proxy.initialize(db)
+    kept_idle.clear()  # no thread keeps a connection of this pool yet
     _timeouts = waits
     return db
 
@@ -263,9 +264,16 @@ def kind() -> str:
     return ""
 
 
+# The threads whose kept connection (unit_of_work.connection_kept) is checked out of
+# the pool but in no unit of work right now.
+kept_idle: set[int] = set()
+
+
 def connections_in_use() -> int:
-    """Pooled connections checked out right now (0 for a database without a pool)."""
-    return len(getattr(proxy.obj, "_in_use", ()) or ())
+    """Pooled connections in a unit of work right now (0 for a database without a
+    pool): those checked out, less those a thread keeps between its calls."""
+    checked_out = len(getattr(proxy.obj, "_in_use", ()) or ())
+    return max(0, checked_out - len(kept_idle))
 
 
 def close_pool() -> None:

@@ -94,18 +94,78 @@ class FairLock:
 _sqlite_writer = FairLock()
 
 
+class _WriterTurn:
+    """SQLite's write lock of this process, for a unit of work that writes."""
+
+    def __enter__(self) -> None:
+        # As long as SQLite's busy timeout: both are waits for the write lock.
+        if not _sqlite_writer.acquire(timeout=engine.timeouts().database):
+            raise DatabaseUnavailable.of()
+
+    def __exit__(self, *exc: object) -> None:
+        _sqlite_writer.release()
+
+
+_NOTHING = contextlib.nullcontext()
+
+
+def _writer_turn(write: bool) -> contextlib.AbstractContextManager[None]:
+    if write and isinstance(proxy.obj, pw.SqliteDatabase):
+        return _WriterTurn()
+    return _NOTHING
+
+
+class _Keeper(threading.local):
+    on = False  # whether this thread keeps its connection between units of work
+    ident = 0
+
+
+_keeper = _Keeper()
+
+
 @contextlib.contextmanager
-def _writer_turn(write: bool) -> Iterator[None]:
-    if not (write and isinstance(proxy.obj, pw.SqliteDatabase)):
-        yield
-        return
-    # As long as SQLite's busy timeout: both are waits for the write lock.
-    if not _sqlite_writer.acquire(timeout=engine.timeouts().database):
-        raise DatabaseUnavailable.of()
+def connection_kept() -> Iterator[None]:
+    """Inside: this thread keeps its pooled connection from one unit of work to the
+    next instead of handing it back to the pool and taking it out again for every call
+    (peewee's pool takes two locks and wakes a waiter each way: the largest single item
+    of a read's own CPU, bench/PROFILE.md). For the threads that run a process's calls
+    one after another for its whole life, which the pool has a connection set aside for
+    each (SQLite's loop thread and writer thread, startup/server.py). Between calls the
+    connection counts as idle in engine.connections_in_use; a database error hands it
+    back, so the next call takes a fresh one. On leaving, it goes back to the pool."""
+    _keeper.on, _keeper.ident = True, threading.get_ident()
     try:
         yield
     finally:
-        _sqlite_writer.release()
+        _keeper.on = False
+        _hand_back(proxy.obj)
+
+
+def _hand_back(db: pw.Database | None) -> None:
+    engine.kept_idle.discard(_keeper.ident)
+    if db is not None and not db.is_closed():
+        with contextlib.suppress(Exception):
+            db.close()
+
+
+class _KeptConnection:
+    """A unit of work's connection on a thread that keeps it (connection_kept)."""
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: pw.Database) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        if self.db.is_closed():
+            self.db.connect()
+        engine.kept_idle.discard(_keeper.ident)
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None and issubclass(kind, (pw.DatabaseError, pw.InterfaceError)):
+            _hand_back(self.db)  # it may be broken: the next call takes another
+        elif not self.db.is_closed():
+            engine.kept_idle.add(_keeper.ident)
 
 
 @contextlib.contextmanager
@@ -125,9 +185,10 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
     written = 0
     stage = "work"  # then "commit" while COMMIT runs, then "done"
     try:
-        with proxy.connection_context(), _writer_turn(write):
+        connection = _KeptConnection(db) if _keeper.on else db.connection_context()
+        with connection, _writer_turn(write):
             begin = ("IMMEDIATE",) if write and isinstance(db, pw.SqliteDatabase) else ()
-            with proxy.atomic(*begin) if snapshot else contextlib.nullcontext():
+            with db.atomic(*begin) if snapshot else _NOTHING:
                 yield
                 callstate.ensure_active()
                 if write:

@@ -15,11 +15,12 @@ main thread waiting for a signal) talk to the loop only through RunningServer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass, field
 from types import FrameType
@@ -36,7 +37,7 @@ from enrollment.server.domain.retries import purge_expired as purge_old_request_
 from enrollment.server.operations import tracing
 from enrollment.server.operations.health import HealthMonitor
 from enrollment.server.operations.metrics import RpcMetrics
-from enrollment.server.persistence import engine, migrator, notify
+from enrollment.server.persistence import engine, migrator, notify, unit_of_work
 from enrollment.server.persistence.checkpoint import Checkpointer
 from enrollment.server.persistence.models import proxy
 from enrollment.server.persistence.notify import CommitListener
@@ -85,7 +86,9 @@ def _sqlite(config: ServerConfig) -> bool:
 # every method that may write runs on one thread of its own, in arrival order; the
 # reads keep the pool. PostgreSQL and MariaDB lock rows: they write from every thread.
 def _writer_pool(config: ServerConfig) -> WorkerPool | None:
-    return WorkerPool(1, name="writer") if _sqlite(config) else None
+    if not _sqlite(config):
+        return None
+    return WorkerPool(1, name="writer", scope=unit_of_work.connection_kept)
 
 
 def _shut(*pools: WorkerPool | None) -> None:
@@ -96,16 +99,21 @@ def _shut(*pools: WorkerPool | None) -> None:
 
 
 class EventLoopThread:
-    """An asyncio event loop running in a thread of its own, for the grpc.aio server."""
+    """An asyncio event loop running in a thread of its own, for the grpc.aio server.
+    scope: what the loop runs inside, from its start to its end."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, scope: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    ) -> None:
         self.loop = asyncio.new_event_loop()
+        self._scope = scope
         self._thread = threading.Thread(target=self._run, name="grpc-loop", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        with self._scope():
+            self.loop.run_forever()
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
@@ -309,7 +317,10 @@ def _serving(
     # thread as coroutines, up to --max-concurrent-rpcs.
     pool = WorkerPool(config.threads)
     writer = _writer_pool(config)
-    events = EventLoopThread()
+    # The reads on the loop (SQLite) keep the loop thread's connection between calls.
+    events = EventLoopThread(
+        unit_of_work.connection_kept if _reads_on_loop(config) else contextlib.nullcontext
+    )
     try:
         server, health_servicer, port, hub = events.run(
             _build(config, credentials, auth, metrics, (pool, writer), traced)

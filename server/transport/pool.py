@@ -21,9 +21,16 @@ _Work = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., An
 
 
 class WorkerPool:
-    def __init__(self, threads: int, name: str = "rpc") -> None:
+    def __init__(
+        self,
+        threads: int,
+        name: str = "rpc",
+        scope: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> None:
+        """scope: what each thread runs its calls inside, from its start to its end."""
         # (loop, future, fn, args) per call; None ends a thread.
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._scope = scope
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}_{n}", daemon=True)
             for n in range(threads)
@@ -40,6 +47,10 @@ class WorkerPool:
         return answer
 
     def _work(self) -> None:
+        with self._scope():
+            self._serve()
+
+    def _serve(self) -> None:
         while (item := self._queue.get()) is not None:
             loop, answer, fn, args = item
             try:
