@@ -9,6 +9,7 @@ savings code comments cite (bench/PROFILE.md, "Figures behind code comments").
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import random
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -27,6 +29,7 @@ from enrollment.server.domain import events, lookups
 from enrollment.server.persistence import engine, models, unit_of_work
 from enrollment.server.persistence.models import Student
 from enrollment.server.transport import convert
+from enrollment.server.transport.interceptors import RequestReads
 from enrollment.server.transport.servicer import EnrollmentServicer
 from enrollment.v1 import enrollment_pb2 as pb
 
@@ -73,6 +76,45 @@ def _parts() -> dict:
         "event JSON, JSONEncoder.encode": lambda: _encode(payload),
         "event JSON, as used": lambda: events._compact_json(payload),
     }
+
+
+class _Arrived:
+    """A call whose request message is already there, as a unary call's mostly is."""
+
+    async def read(self) -> object:
+        return self
+
+
+def _request_reads(calls: int) -> dict[str, float]:
+    """CPU per read of a call's request message, bounded by asyncio.timeout() per call
+    and by RequestReads (server/transport/interceptors.py), best of 7 batches."""
+    context, reads = _Arrived(), RequestReads(30.0)
+
+    async def one_timer_per_call() -> None:
+        async with asyncio.timeout(30.0):
+            await context.read()
+
+    async def bounded_reads() -> None:
+        await reads.read(context)
+
+    async def measure(read: Callable[[], Any]) -> float:
+        for _ in range(min(200, calls)):
+            await read()
+        best, batch = float("inf"), max(1, calls // 7)
+        for _ in range(7):
+            start = time.process_time()
+            for _ in range(batch):
+                await read()
+            best = min(best, (time.process_time() - start) / batch * 1e6)
+        return best
+
+    async def both() -> dict[str, float]:
+        return {
+            "request read, asyncio.timeout": await measure(one_timer_per_call),
+            "request read, as used": await measure(bounded_reads),
+        }
+
+    return asyncio.run(both())
 
 
 def _empty_read() -> None:
@@ -144,6 +186,8 @@ def main(args: argparse.Namespace) -> int:
             with db.connection_context():
                 for name, fn in _parts().items():
                     print(f"{name:30} {_cpu_us(fn, args.calls):11.1f}")
+            for name, us in _request_reads(args.calls).items():
+                print(f"{name:30} {us:11.1f}")
             us = _cpu_us(_empty_read, args.calls)
             print(f"{'empty read, pooled connection':30} {us:11.1f}")
             with unit_of_work.connection_kept():

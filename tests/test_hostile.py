@@ -219,6 +219,68 @@ def test_a_stalled_call_is_logged_and_health_checks_are_bounded_too(start_server
     )
 
 
+def test_each_stalled_call_ends_at_its_own_deadline(start_server, caplog):
+    """The reads' one timer (RequestReads): calls stalled at different times each end
+    request_timeout after their own start, not at an earlier call's deadline; a call its
+    client cancels ends CANCELLED (not REQUEST_TIMEOUT, nor INVALID_FIELD for the
+    message it never sent); and the timer is set again for stalled calls after the
+    others have gone."""
+    caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    bound = 0.6
+    live = start_server(request_timeout=bound)
+    release = threading.Event()
+    open_call = live.channel.stream_unary(
+        GET_STUDENT,
+        request_serializer=pb.GetStudentRequest.SerializeToString,
+        response_deserializer=pb.GetStudentResponse.FromString,
+    )
+
+    def never_sends():
+        release.wait()
+        return
+        yield
+
+    def stall():
+        began = time.monotonic()
+        call = open_call.future(never_sends())
+        ended: list[float] = []
+        call.add_done_callback(lambda _: ended.append(time.monotonic() - began))
+        return call, ended
+
+    try:
+        first, first_took = stall()
+        time.sleep(bound / 2)
+        second, second_took = stall()
+        cancelled, _ = stall()
+        time.sleep(bound / 4)
+        cancelled.cancel()
+        for call in (first, second):
+            error = call.exception(timeout=TIMEOUT)
+            assert (error.code(), failure(error).reason) == (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "REQUEST_TIMEOUT",
+            )
+        assert bound * 0.9 <= first_took[0] < bound + 2, first_took
+        assert bound * 0.9 <= second_took[0] < bound + 2, second_took  # its own deadline
+        # A call stalled after those have gone is still ended.
+        later, later_took = stall()
+        error = later.exception(timeout=TIMEOUT)
+        assert failure(error).reason == "REQUEST_TIMEOUT"
+        assert bound * 0.9 <= later_took[0] < bound + 2, later_took
+        # A call that ends its requests without sending one is told so.
+        error = open_call.future(iter(())).exception(timeout=TIMEOUT)
+        assert failure(error).code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "carries no request message" in failure(error).message
+    finally:
+        release.set()
+    lines = [r.getMessage().split(" duration_ms")[0] for r in caplog.records]
+    assert sorted(lines) == sorted(
+        ["rpc method=GetStudent code=DEADLINE_EXCEEDED reason=REQUEST_TIMEOUT"] * 3
+        + ["rpc method=GetStudent code=CANCELLED reason=CALL_ENDED"]
+        + ["rpc method=GetStudent code=INVALID_ARGUMENT reason=INVALID_FIELD"]
+    ), lines
+
+
 def test_one_connection_carries_at_most_max_streams_per_connection_calls(start_server):
     live = start_server(max_streams_per_connection=2, request_timeout=30)
     release = threading.Event()
