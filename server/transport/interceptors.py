@@ -136,12 +136,13 @@ class RequestReads:
     """Reads each call's one request message on the event loop, ending a call whose
     message has not arrived within timeout seconds (RequestTimeout).
 
-    asyncio.timeout() per call would arm and cancel a timer of the loop's own each time
-    (about 4.5 us of a call's CPU, bench/PROFILE.md). Every read waits the same timeout,
-    so the reads in progress, kept in a dict in the order they began, are also in the
-    order of their deadlines: one timer, set for the oldest read's deadline, ends
-    whatever is due when it fires and is set again for the next oldest. A read that ends
-    in time leaves the dict and costs no timer at all. Only on the event loop.
+    asyncio.timeout() per call would arm and cancel a timer of the loop's own each time,
+    several times the CPU of the rest of the read's bookkeeping (bench/PROFILE.md,
+    "Figures behind code comments"). Every read waits the same timeout, so the reads in
+    progress, kept in a dict in the order they began, are also in the order of their
+    deadlines: one timer, set for the oldest read's deadline, ends whatever is due when
+    it fires and is set again for the next oldest. A read that ends in time leaves the
+    dict and costs no timer at all. Only on the event loop.
     """
 
     def __init__(self, timeout: float) -> None:
