@@ -11,6 +11,7 @@ import socket
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -48,6 +49,13 @@ def fd_targets(pid: int) -> list[str]:
         except OSError:
             continue
     return sorted(found)
+
+
+def never_sends(release: threading.Event) -> Iterator[object]:
+    """A call's requests that never come: nothing is sent until release is set."""
+    release.wait()
+    return
+    yield  # a generator that yields nothing until released
 
 
 def wait_until(predicate, timeout: float) -> bool:
@@ -97,11 +105,6 @@ def test_stalled_calls_and_silent_connections_do_not_stop_other_callers(server_p
     # The attacker: calls whose request never comes (no deadline), on one connection ...
     release = threading.Event()
 
-    def never_sends():
-        release.wait()
-        return
-        yield  # a generator that yields nothing until released
-
     attacker = grpc.insecure_channel(address, options=OWN_CONNECTION)
     open_call = attacker.stream_unary(
         GET_STUDENT,
@@ -109,7 +112,7 @@ def test_stalled_calls_and_silent_connections_do_not_stop_other_callers(server_p
         response_deserializer=pb.GetStudentResponse.FromString,
     )
     opened = time.monotonic()
-    stalled = [open_call.future(never_sends()) for _ in range(STALLED_STREAMS)]
+    stalled = [open_call.future(never_sends(release)) for _ in range(STALLED_STREAMS)]
     # ... and TCP connections that never send the HTTP/2 preface.
     silent = [socket.create_connection(address.split(":")) for _ in range(IDLE_CONNECTIONS)]
     try:
@@ -182,18 +185,13 @@ def test_a_stalled_call_is_logged_and_health_checks_are_bounded_too(start_server
     live = start_server(request_timeout=0.5)
     release = threading.Event()
 
-    def never_sends():
-        release.wait()
-        return
-        yield
-
     try:
         calls = {
             name: live.channel.stream_unary(
                 path,
                 request_serializer=kind.SerializeToString,
                 response_deserializer=reply.FromString,
-            ).future(never_sends())
+            ).future(never_sends(release))
             for name, path, kind, reply in (
                 ("GetStudent", GET_STUDENT, pb.GetStudentRequest, pb.GetStudentResponse),
                 (
@@ -235,14 +233,9 @@ def test_each_stalled_call_ends_at_its_own_deadline(start_server, caplog):
         response_deserializer=pb.GetStudentResponse.FromString,
     )
 
-    def never_sends():
-        release.wait()
-        return
-        yield
-
     def stall():
         began = time.monotonic()
-        call = open_call.future(never_sends())
+        call = open_call.future(never_sends(release))
         ended: list[float] = []
         call.add_done_callback(lambda _: ended.append(time.monotonic() - began))
         return call, ended
@@ -285,18 +278,13 @@ def test_one_connection_carries_at_most_max_streams_per_connection_calls(start_s
     live = start_server(max_streams_per_connection=2, request_timeout=30)
     release = threading.Event()
 
-    def never_sends():
-        release.wait()
-        return
-        yield
-
     open_call = live.channel.stream_unary(
         GET_STUDENT,
         request_serializer=pb.GetStudentRequest.SerializeToString,
         response_deserializer=pb.GetStudentResponse.FromString,
     )
     try:
-        held = [open_call.future(never_sends()) for _ in range(2)]
+        held = [open_call.future(never_sends(release)) for _ in range(2)]
         # The third call on the same connection waits in the client for a free stream ...
         with pytest.raises(grpc.RpcError) as raised:
             live.stub.GetStudent(pb.GetStudentRequest(student_id=1), timeout=1)
