@@ -161,7 +161,8 @@ class DatabaseUnavailable(EnrollmentError):
 
 
 class CommitOutcomeUnknown(EnrollmentError):
-    """The connection failed during COMMIT: the write may or may not have been made.
+    """The COMMIT's answer was lost (the connection failed, or a timeout struck while it
+    ran): the write may or may not have been made.
 
     Unlike DatabaseUnavailable this does not say "nothing changed"; the server never
     runs such a call again by itself.
@@ -172,8 +173,8 @@ class CommitOutcomeUnknown(EnrollmentError):
     @classmethod
     def of(cls) -> CommitOutcomeUnknown:
         return cls(
-            "the database connection failed while committing: the change may have been made; "
-            "check before retrying"
+            "the database did not confirm the commit (the connection failed or timed out "
+            "while committing): the change may have been made; check before retrying"
         )
 
 

@@ -14,9 +14,12 @@ import peewee as pw
 import psycopg2.errors
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from playhouse.pool import PooledPostgresqlDatabase
 
+from enrollment.server.domain import students
 from enrollment.server.persistence import engine, migrator
 from enrollment.server.persistence.failures import Verdict, classify
+from enrollment.server.persistence.models import proxy
 from enrollment.server.startup.config import ServerConfig
 from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
@@ -73,6 +76,80 @@ def test_connection_lost_at_commit_is_outcome_unknown_not_unavailable(db_url):
             "DATABASE_UNAVAILABLE",
         )
         proxy.restore()
+
+
+COUNTER = "SELECT value FROM event_counters WHERE name = 'sequence'"
+
+
+@pytest.mark.databases("postgresql")
+def test_the_events_statement_carries_the_commit_and_its_failures_say_what_is_known(db_url):
+    """On PostgreSQL a write's COMMIT goes in one round trip with the statement that
+    numbers its events (outbox.py). An error the database answers that statement with
+    means nothing was committed, and the caller is told "nothing changed"; a timeout
+    may have struck the COMMIT itself, so it is "may have been made"."""
+    with stub_through_proxy(db_url) as (_proxy, stub):
+        course = new_course(stub, capacity=5)
+        student = new_student(stub)
+        request = pb.EnrollStudentRequest(student_id=student.id, course_id=course.id)
+        (before,) = databases.query(db_url, COUNTER)[0]
+
+        # The statement fails inside: a trigger on the event rows refuses them.
+        with databases.connection(db_url) as db:
+            db.execute_sql(
+                "CREATE FUNCTION refuse_events() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'refused'; END $$ LANGUAGE plpgsql"
+            )
+            db.execute_sql(
+                "CREATE TRIGGER refuse_events BEFORE INSERT ON events "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_events()"
+            )
+        try:
+            expect_error(stub.EnrollStudent, request, grpc.StatusCode.INTERNAL, "INTERNAL")
+        finally:
+            with databases.connection(db_url) as db:
+                db.execute_sql("DROP TRIGGER refuse_events ON events")
+                db.execute_sql("DROP FUNCTION refuse_events()")
+
+        # The statement times out waiting for the counter's row, which another
+        # transaction holds past --database-timeout: the server cannot tell that from
+        # a timeout of the COMMIT, so it does not say "nothing changed".
+        with databases.connection(db_url) as holder, holder.atomic():
+            holder.execute_sql(f"{COUNTER} FOR UPDATE")
+            expect_error(stub.EnrollStudent, request, UNAVAILABLE, "COMMIT_OUTCOME_UNKNOWN")
+
+        # Neither committed anything.
+        enrolled = databases.query(
+            db_url, "SELECT COUNT(*) FROM student_courses WHERE student_id = ?", (student.id,)
+        )
+        assert enrolled[0][0] == 0
+        assert databases.query(db_url, COUNTER)[0][0] == before
+        # With the row free again the same call goes through, its events numbered next.
+        stub.EnrollStudent(request)
+        assert databases.query(db_url, COUNTER)[0][0] == before + 1
+
+
+@pytest.mark.databases("postgresql")
+def test_a_write_with_events_sends_no_commit_of_its_own(db_url, monkeypatch):
+    """The COMMIT went with the events' statement: the unit of work's own commit sends
+    nothing (the write committed all the same), and the next transaction starts anew."""
+    sent: list[str] = []
+    commit = PooledPostgresqlDatabase.commit
+
+    def counted(self):
+        sent.append("COMMIT")
+        return commit(self)
+
+    monkeypatch.setattr(PooledPostgresqlDatabase, "commit", counted)
+    engine.open_pool(db_url, max_connections=2)
+    try:
+        students.create_student(name="One", email="one@example.com")  # events: 1
+        assert sent == []
+        with proxy.atomic():  # a transaction of its own, committed as usual
+            proxy.execute_sql("SELECT 1")
+        assert sent == ["COMMIT"]
+    finally:
+        engine.close_pool()
+    assert databases.query(db_url, "SELECT COUNT(*) FROM students")[0][0] == 1
 
 
 @pytest.mark.databases("postgresql", "mysql")

@@ -140,6 +140,9 @@ def _capture(db, monkeypatch, call) -> list[tuple[str, tuple]]:
         call()
     finally:
         monkeypatch.undo()
+    # PostgreSQL's events statement carries its transaction's COMMIT (outbox.py): the
+    # statement before it is what is planned, the COMMIT is transaction control.
+    statements = [(sql.removesuffix("; COMMIT"), params) for sql, params in statements]
     return [s for s in statements if not s[0].lstrip().upper().startswith(_TRANSACTION)]
 
 

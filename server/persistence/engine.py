@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,40 @@ class MariaDBDatabase(_MySQLSession, pw.MySQLDatabase):
     """One unpooled connection with the same settings (health probes, tests)."""
 
 
+class _EndedByStatement(threading.local):
+    ended = False
+
+
+class PooledPostgresDatabase(PooledPostgresqlDatabase):
+    """The serving pool for postgresql:// URLs. A write's last statement may carry its
+    COMMIT (the outbox's numbered INSERT does, persistence/outbox.py says why):
+    committed_by_statement() then tells the unit of work's commit() that the transaction
+    has ended already, so it sends no second COMMIT."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._ended = _EndedByStatement()
+
+    def committed_by_statement(self) -> None:
+        self._ended.ended = True
+
+    def begin(self, *args: Any, **kwargs: Any) -> None:
+        self._ended.ended = False
+        super().begin(*args, **kwargs)
+
+    def commit(self) -> None:
+        if self._ended.ended:
+            self._ended.ended = False
+            return
+        super().commit()
+
+    def rollback(self) -> None:
+        if self._ended.ended:  # nothing is left to roll back
+            self._ended.ended = False
+            return
+        super().rollback()
+
+
 @dataclass(frozen=True)
 class Timeouts:
     """The waits the serving pool was opened with, in seconds."""
@@ -175,7 +210,7 @@ def timeouts() -> Timeouts:
 
 _POOLED: dict[str, type[pw.Database]] = {
     "sqlite": PooledSqliteDatabase,
-    "postgresql": PooledPostgresqlDatabase,
+    "postgresql": PooledPostgresDatabase,
     "mysql": PooledMariaDBDatabase,
 }
 _PLAIN: dict[str, type[pw.Database]] = {

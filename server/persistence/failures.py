@@ -168,6 +168,16 @@ def lost_connection(exc: BaseException) -> bool:
     return False
 
 
+def may_have_committed(exc: BaseException) -> bool:
+    """A statement that ended with COMMIT failed: whether the COMMIT may have run. The
+    database answering with an error means it did not (the statement failed before
+    it, or the COMMIT itself failed), except a cancel (57014: a statement timeout or
+    pg_cancel_backend), which can land just after the commit; a lost answer may hide
+    either outcome."""
+    cause = _driver_error(exc)
+    return lost_connection(exc) or getattr(cause, "pgcode", None) == "57014"
+
+
 def first_line(exc: BaseException) -> str:
     """What a log line says of a database error: its first line, or its type."""
     text = str(exc).strip()

@@ -21,7 +21,8 @@ transaction takes its counter update with it, so sequences have no gaps but thos
 retention purge makes.
 
 The price: writers that have events take turns for the counter from their last
-statement to their commit (not while they check and lock their rows). bench/PROFILE.md
+statement to their commit (not while they check and lock their rows); on PostgreSQL
+the COMMIT goes in the same round trip as that statement (_Statements says why). bench/PROFILE.md
 has the figures.
 """
 
@@ -35,7 +36,7 @@ from typing import Any, NamedTuple
 
 import peewee as pw
 
-from enrollment.server.persistence import notify
+from enrollment.server.persistence import engine, notify
 from enrollment.server.persistence.models import SEQUENCE, EventCounter, proxy
 
 
@@ -52,9 +53,10 @@ class Row(NamedTuple):
 
 
 class _Pending:
-    __slots__ = ("data", "finishers", "rows")
+    __slots__ = ("commit_sent", "data", "finishers", "rows")
 
     def __init__(self) -> None:
+        self.commit_sent = False
         self.rows: list[Row] = []
         self.finishers: list[Callable[[], None]] = []
         self.data: dict[str, Any] = {}  # the domain's own per-transaction state
@@ -129,21 +131,27 @@ def take() -> list[Row]:
 
 def flush() -> int:
     """Number and insert the pending events; the last statements before the commit.
-    Returns how many were written."""
+    On PostgreSQL the statement that does it carries the COMMIT too (see _Statements;
+    commit_sent() tells). Returns how many events were written."""
     rows = take()
     if not rows:
         return 0
     statements = _statements()
-    # PostgreSQL: one statement. When it inserts nothing, the counter's row is not made
-    # yet (the first events ever): the way below makes it.
-    numbered = statements.numbering and len(rows) <= INSERT_ROWS
-    if numbered and statements.insert_numbered(rows) == len(rows):
+    if statements.numbering and len(rows) <= INSERT_ROWS:
+        statements.insert_numbered(rows)
         return len(rows)
     first = advance(SEQUENCE, len(rows)) - len(rows) + 1
     for start in range(0, len(rows), INSERT_ROWS):
         chunk = rows[start : start + INSERT_ROWS]
         proxy.execute_sql(statements.insert(len(chunk)), _numbered(chunk, first + start))
     return len(rows)
+
+
+def commit_sent() -> bool:
+    """Whether this transaction's COMMIT went out with its events (flush): then a
+    failure of that statement may or may not have committed it."""
+    pending = _pending.get()
+    return pending is not None and pending.commit_sent
 
 
 def _numbered(rows: list[Row], first: int) -> list[Any]:
@@ -173,10 +181,20 @@ class _Statements:
     the NOTIFY that wakes other processes' watchers (persistence/notify.py): PostgreSQL
     delivers it at commit, and only if the transaction commits.
 
-    On PostgreSQL the counter's UPDATE and the events' INSERT go as ONE statement
-    (`numbering`: a data-modifying WITH numbers the rows from the value it raised):
-    one round trip to the database fewer per write. When the counter's row is not made
-    yet it inserts nothing, and the two-statement way below makes it.
+    On PostgreSQL the counter's raise and the events' INSERT go as ONE statement
+    (`numbering`: a data-modifying WITH numbers the rows from the value it raised),
+    and the COMMIT goes in the same round trip, after it. The counter's row is locked
+    from that statement to the commit, so every writer with events waits for the one
+    before it to commit: with the COMMIT sent apart, that wait took in the way back to
+    Python and the committing thread's wait for the GIL (5 ms at worst with the other
+    threads busy) before COMMIT went out, for every writer queued behind it. Sent
+    together, the lock is held for the database's own work only (the write mix's
+    outbox cost: bench/PROFILE.md). The raise is an upsert there, so the one statement
+    also makes the counter's row when it is not made yet (the first events ever); the
+    two-statement way (advance) does that elsewhere. A failure of the statement is
+    a failed commit (unit_of_work asks commit_sent()).
+    MariaDB's driver sends one statement at a time (pymysql without
+    CLIENT.MULTI_STATEMENTS), so there the COMMIT still goes on its own.
     """
 
     def __init__(self, db: pw.Database) -> None:
@@ -211,15 +229,22 @@ class _Statements:
         self._insert = f"INSERT INTO {q('events')} ({names}) VALUES "
         self._sql: dict[tuple[str, int], str] = {}  # by (kind, row count)
         self.numbering = self.notifies  # PostgreSQL: see above
+        # The serving pool's class knows that the COMMIT went out (engine.py).
+        self.commits = isinstance(db, engine.PooledPostgresDatabase)
         if self.numbering:
             # v.k is the event's place in the call (1, 2, …), the VALUES' first column.
             taken = ", ".join(f"v.{c}" for c in _COLUMNS[1:])
             self._numbered = (
-                f"WITH c AS ({self.advance}) "
+                f"WITH c AS (INSERT INTO {table} ({name}, {value}) "
+                f"VALUES ({self.mark}, {self.mark}) ON CONFLICT ({name}) "
+                f"DO UPDATE SET {value} = {table}.{value} + EXCLUDED.{value} "
+                f"RETURNING {value}{sends}) "
                 f"INSERT INTO {q('events')} ({names}) "
                 f"SELECT c.{value} - {self.mark} + v.k, {taken} FROM c, (VALUES "
             )
             self._numbered_as = f") AS v(k, {', '.join(_COLUMNS[1:])})"
+            if self.commits:
+                self._numbered_as += "; COMMIT"
 
     def _rows(self, kind: str, count: int, head: str, tail: str = "") -> str:
         """head, count VALUES rows, tail: kept for the common sizes (a forced delete's
@@ -235,14 +260,18 @@ class _Statements:
         """The INSERT of count events, in one statement."""
         return self._rows("insert", count, self._insert)
 
-    def insert_numbered(self, rows: list[Row]) -> int:
+    def insert_numbered(self, rows: list[Row]) -> None:
         """Raise the counter and insert the rows numbered from it, in one statement;
-        how many rows it inserted (0 when the counter's row is not made yet)."""
+        on the serving pool of PostgreSQL, the transaction's COMMIT with it."""
         count = len(rows)
         sql = self._rows("numbered", count, self._numbered, self._numbered_as)
-        values: list[Any] = [count, SEQUENCE, count, *_numbered(rows, 1)]
-        rowcount: int = proxy.execute_sql(sql, values).rowcount
-        return rowcount
+        values: list[Any] = [SEQUENCE, count, count, *_numbered(rows, 1)]
+        if not self.commits:
+            proxy.execute_sql(sql, values)
+            return
+        _current().commit_sent = True
+        proxy.execute_sql(sql, values)
+        self.db.committed_by_statement()  # type: ignore[attr-defined]
 
     def raise_counter(self, name: str, by: int) -> int | None:
         """The counter's new value, or None when its row is not made yet."""

@@ -28,6 +28,7 @@ from enrollment.server.persistence.failures import (
     Verdict,
     first_line,
     lost_connection,
+    may_have_committed,
     storage_full_events,
     verdict,
 )
@@ -192,7 +193,8 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
                 yield
                 callstate.ensure_active()
                 if write:
-                    # The change's events, numbered: the last statements before the commit.
+                    # The change's events, numbered: the last statements before the
+                    # commit (on PostgreSQL the COMMIT goes with them: commit_sent()).
                     written = outbox.flush()
                 stage = "commit"
             stage = "done"
@@ -212,6 +214,8 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
             _storage_full(exc)
             raise StorageFull.of() from exc
         if stage == "commit" and write and _outcome_unknown(db, exc):
+            raise CommitOutcomeUnknown.of() from exc
+        if write and outbox.commit_sent() and may_have_committed(exc):
             raise CommitOutcomeUnknown.of() from exc
         if found is not None:
             raise _Transient(found) from exc

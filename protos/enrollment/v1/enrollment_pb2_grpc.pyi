@@ -93,8 +93,10 @@ first that applies decides the answer:
                                            frees space (retry with backoff)
   UNAVAILABLE         COMMIT_OUTCOME_UNKNOWN
                                            a write's connection to the
-                                           database failed during COMMIT:
-                                           the change may or may not have
+                                           database failed, or timed out,
+                                           during COMMIT: the database did
+                                           not confirm it, and the change
+                                           may or may not have
                                            been made. Unlike the reasons
                                            above this is not "nothing
                                            changed": read the data back
