@@ -14,8 +14,10 @@
    write mix (bench/load.py, 2 processes x 8 calls at once, enroll/drop pairs) against
    the server as it is and against the same server started through bench/nofeed.py,
    whose change-feed recorders do nothing (no snapshot, no counter, no event row).
-   Rounds alternate between the two; the medians are compared. Target: the outbox
-   costs writes at most 15%.
+   Rounds alternate between the two. Both the medians and each pair of rounds (one of
+   each server, measured one right after the other) are compared; the target is
+   judged on the median of the pairs, which the machine's drift over a run moves
+   least. Target: the outbox costs writes at most 15%.
 
 Figures measured while other work loads the machine are provisional.
 """
@@ -26,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -55,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="latency: writes per second")
     parser.add_argument("--writers", type=int, default=4, help="latency: writer connections")
     parser.add_argument("--watchers", type=int, default=6, help="latency: watcher connections")
-    parser.add_argument("--rounds", type=int, default=3, help="throughput: rounds per server")
+    parser.add_argument("--rounds", type=int, default=5, help="throughput: rounds per server")
     parser.add_argument("--duration", type=float, default=3.0, help="throughput: seconds/round")
     parser.add_argument("--warmup", type=float, default=0.5, help="throughput: unmeasured s")
     parser.add_argument(
@@ -327,14 +330,26 @@ def throughput(kind: str, url: str, tmpdir: Path, args: argparse.Namespace) -> l
     ratio = summary["with"]["calls_per_s"] / summary["without"]["calls_per_s"]
     cpu = summary["with"]["server_cpu_us_per_call"] / summary["without"]["server_cpu_us_per_call"]
     print(
-        f"{'':10} the outbox costs {(1 - ratio) * 100:.1f}% of the throughput "
-        f"(server CPU per call x{cpu:.2f}); medians of {args.rounds} alternating rounds"
+        f"{'':10} the medians: the outbox costs {(1 - ratio) * 100:.1f}% of the throughput "
+        f"(server CPU per call x{cpu:.2f}); {args.rounds} alternating rounds"
+    )
+    # Each round of one server next to the same round of the other (measured one right
+    # after the other): the machine's speed drifts over a run by more than the cost
+    # measured, and a pair sees nearly the same machine. The target is judged on these.
+    costs = sorted(
+        1 - w.calls_per_s / wo.calls_per_s
+        for w, wo in zip(rounds["with"], rounds["without"], strict=True)
+    )
+    cost = statistics.median(costs)
+    print(
+        f"{'':10} round by round: the outbox costs {cost * 100:.1f}% (median of {len(costs)}; "
+        f"each: {', '.join(f'{c * 100:.1f}%' for c in costs)})"
     )
     ok_codes = all(set(s["codes"]) == {"OK"} for s in summary.values())
     return [
         (
             f"{kind}: the outbox costs the write mix <= {COST_TARGET:.0%}",
-            ok_codes and 1 - ratio <= COST_TARGET,
+            ok_codes and cost <= COST_TARGET,
         )
     ]
 
