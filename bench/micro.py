@@ -4,6 +4,10 @@ The figure each server-side optimisation was judged by: unlike `make bench`, it 
 moves with the load on a shared machine, and it shows what the code costs before
 threads, the GIL and the network multiply it. A second table measures the parts whose
 savings code comments cite (bench/PROFILE.md, "Figures behind code comments").
+
+Two rows of the first table measure what the server does not do, for bench/PROFILE.md:
+the write pair with SQLite's synchronous=NORMAL (no fsync at each commit), and with 8
+pairs in one transaction (what group commit would save).
 """
 
 from __future__ import annotations
@@ -168,6 +172,13 @@ def workload(shape: Shape, rng: random.Random) -> dict[str, Callable[[], object]
     }
 
 
+def _one_commit(db, call: Callable[[], object], count: int) -> None:
+    """count calls in one transaction: each call's unit of work is a savepoint in it."""
+    with db.atomic("IMMEDIATE"):
+        for _ in range(count):
+            call()
+
+
 def main(args: argparse.Namespace) -> int:
     shape = Shape()
     calls = workload(shape, random.Random(1))
@@ -188,6 +199,18 @@ def main(args: argparse.Namespace) -> int:
                 with without_feed():
                     us = _cpu_us(enroll_and_drop, args.calls // 4)
                 print(f"{'  the same, no change feed':30} {us:11.0f}")
+                # What the server does not do, for bench/PROFILE.md: the commit's fsync
+                # (synchronous=NORMAL syncs the WAL only at checkpoints), and one commit
+                # for several calls (group commit: 8 pairs in one transaction, each
+                # call's unit of work a savepoint in it).
+                db.execute_sql("PRAGMA synchronous = NORMAL")
+                try:
+                    us = _cpu_us(enroll_and_drop, args.calls // 4)
+                finally:
+                    db.execute_sql(f"PRAGMA synchronous = {engine.SQLITE_PRAGMAS['synchronous']}")
+                print(f"{'  synchronous=NORMAL (unused)':30} {us:11.0f}")
+                us = _cpu_us(lambda: _one_commit(db, enroll_and_drop, 8), args.calls // 32) / 8
+                print(f"{'  8 pairs a commit (unused)':30} {us:11.0f}")
             print(f"\n{'part, cited in code comments':30} {'CPU us/call':>11}")
             with db.connection_context():
                 for name, fn in _parts().items():
