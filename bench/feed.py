@@ -299,24 +299,35 @@ def throughput(kind: str, url: str, tmpdir: Path, args: argparse.Namespace) -> l
         ),
     }  # fmt: skip
     rounds: dict[str, list] = {name: [] for name in servers}
+    # CPU by thread over the rounds (warm-up included), to see where the feed's goes.
+    by_thread: dict[str, dict[str, float]] = {name: {} for name in servers}
+    calls: dict[str, int] = dict.fromkeys(servers, 0)
     try:
         for server in servers.values():
             server.start()
+        names = {name: procs.thread_names(s.process.pid) for name, s in servers.items()}
         for index in range(args.rounds):
             order = list(servers) if index % 2 == 0 else list(reversed(servers))
             for name in order:
-                rounds[name].append(
-                    measure.drive(
-                        servers[name],
-                        "write",
-                        SHAPE,
-                        processes=2,
-                        coroutines=8,
-                        duration=args.duration,
-                        warmup=args.warmup,
-                        seed=100 + index,
-                    )
+                pids = procs.descendants(servers[name].process.pid)
+                before = procs.thread_cpu_seconds(pids, names[name])
+                found = measure.drive(
+                    servers[name],
+                    "write",
+                    SHAPE,
+                    processes=2,
+                    coroutines=8,
+                    duration=args.duration,
+                    warmup=args.warmup,
+                    seed=100 + index,
                 )
+                rounds[name].append(found)
+                after = procs.thread_cpu_seconds(pids, names[name])
+                for thread, seconds in after.items():
+                    spent = seconds - before.get(thread, 0.0)
+                    by_thread[name][thread] = by_thread[name].get(thread, 0.0) + spent
+                # The calls of the whole window, warm-up included, as the CPU is.
+                calls[name] += round(found.calls * (1 + args.warmup / args.duration))
     finally:
         for server in servers.values():
             server.stop()
@@ -327,6 +338,14 @@ def throughput(kind: str, url: str, tmpdir: Path, args: argparse.Namespace) -> l
             f"p99 {s['p99_ms']:6.2f} ms  server {s['server_cpu_us_per_call']:5.0f} us/call  "
             f"codes {s['codes']}"
         )
+    threads = sorted(by_thread["with"], key=lambda t: -by_thread["with"][t])
+    shares = [
+        f"{thread} {by_thread['with'][thread] / calls['with'] * 1e6:.0f}/"
+        f"{by_thread['without'].get(thread, 0.0) / max(calls['without'], 1) * 1e6:.0f}"
+        for thread in threads
+        if by_thread["with"][thread] / max(calls["with"], 1) * 1e6 >= 1
+    ]
+    print(f"{'':10} server CPU per call by thread, us (with/without): {', '.join(shares)}")
     ratio = summary["with"]["calls_per_s"] / summary["without"]["calls_per_s"]
     cpu = summary["with"]["server_cpu_us_per_call"] / summary["without"]["server_cpu_us_per_call"]
     print(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,9 +16,10 @@ TICKS = os.sysconf("SC_CLK_TCK")
 BIN = Path(sys.executable).parent
 
 
-def _stat(pid: int) -> list[str] | None:
+def _stat(pid: int, task: int | None = None) -> list[str] | None:
+    where = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        text = Path(where).read_text()
     except OSError:
         return None
     # The command name may hold spaces; fields after it are space separated.
@@ -49,6 +52,46 @@ def descendants(pid: int) -> list[int]:
 
 def tree_cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """The Python name of each thread of a process, by its native id, as py-spy (the
+    bench extra) dumps them; {} where py-spy is missing or may not attach."""
+    spy = BIN / "py-spy"
+    if not spy.exists():
+        return {}
+    done = subprocess.run(
+        [str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, check=False
+    )
+    names = {}
+    for line in done.stdout.splitlines():
+        found = re.match(r'Thread (0x[0-9A-Fa-f]+|\d+) \([^)]*\): "([^"]+)"', line)
+        if found:
+            ident = found.group(1)
+            names[int(ident, 16) if ident.startswith("0x") else int(ident)] = found.group(2)
+    return names
+
+
+def thread_cpu_seconds(pids: list[int], names: dict[int, str]) -> dict[str, float]:
+    """User + system CPU time by thread: a Python thread by its name (names, from
+    thread_names), any other by its command name (grpc's own threads)."""
+    seconds: dict[str, float] = {}
+    for pid in pids:
+        try:
+            tasks = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for task in tasks:
+            fields = _stat(pid, task)
+            if fields is None:
+                continue
+            name = names.get(task)
+            if name is None:
+                with contextlib.suppress(OSError):
+                    name = Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
+            key = name or str(task)
+            seconds[key] = seconds.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
+    return seconds
 
 
 def rss_kib(pid: int) -> int:
