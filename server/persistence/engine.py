@@ -184,12 +184,6 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
             return
         super().commit()
 
-    def rollback(self) -> None:
-        if self._ended.ended:  # nothing is left to roll back
-            self._ended.ended = False
-            return
-        super().rollback()
-
 
 @dataclass(frozen=True)
 class Timeouts:
