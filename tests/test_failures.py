@@ -19,7 +19,7 @@ from playhouse.pool import PooledPostgresqlDatabase
 from enrollment.server.domain import students
 from enrollment.server.persistence import engine, migrator
 from enrollment.server.persistence.failures import Verdict, classify
-from enrollment.server.persistence.models import proxy
+from enrollment.server.persistence.models import proxy as database
 from enrollment.server.startup.config import ServerConfig
 from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
@@ -85,7 +85,7 @@ COUNTER = "SELECT value FROM event_counters WHERE name = 'sequence'"
 def test_the_events_statement_carries_the_commit_and_its_failures_say_what_is_known(db_url):
     """On PostgreSQL a write's COMMIT goes in one round trip with the statement that
     numbers its events (outbox.py). An error the database answers that statement with
-    means nothing was committed, and the caller is told "nothing changed"; a timeout
+    means nothing was committed, and the caller gets that error's own status; a timeout
     may have struck the COMMIT itself, so it is "may have been made"."""
     with stub_through_proxy(db_url) as (_proxy, stub):
         course = new_course(stub, capacity=5)
@@ -142,14 +142,14 @@ def test_a_write_with_events_sends_no_commit_of_its_own(db_url, monkeypatch):
     monkeypatch.setattr(PooledPostgresqlDatabase, "commit", counted)
     engine.open_pool(db_url, max_connections=2)
     try:
-        with proxy.connection_context():  # one connection throughout, to read its notices
+        with database.connection_context():  # one connection throughout: its notices
             students.create_student(name="One", email="one@example.com")  # events: 1
             assert sent == []
-            with proxy.atomic():  # a transaction of its own, committed as usual
-                proxy.execute_sql("SELECT 1")
+            with database.atomic():  # a transaction of its own, committed as usual
+                database.execute_sql("SELECT 1")
             assert sent == ["COMMIT"]
             # A second COMMIT sent anyway would have drawn PostgreSQL's warning.
-            notices = proxy.connection().notices
+            notices = database.connection().notices
             assert not [n for n in notices if "no transaction in progress" in n], notices
     finally:
         engine.close_pool()
