@@ -338,12 +338,15 @@ def throughput(kind: str, url: str, tmpdir: Path, args: argparse.Namespace) -> l
             f"p99 {s['p99_ms']:6.2f} ms  server {s['server_cpu_us_per_call']:5.0f} us/call  "
             f"codes {s['codes']}"
         )
+
+    def us_per_call(name: str, thread: str) -> float:
+        return by_thread[name].get(thread, 0.0) / max(calls[name], 1) * 1e6
+
     threads = sorted(by_thread["with"], key=lambda t: -by_thread["with"][t])
     shares = [
-        f"{thread} {by_thread['with'][thread] / calls['with'] * 1e6:.0f}/"
-        f"{by_thread['without'].get(thread, 0.0) / max(calls['without'], 1) * 1e6:.0f}"
-        for thread in threads
-        if by_thread["with"][thread] / max(calls["with"], 1) * 1e6 >= 1
+        f"{t} {us_per_call('with', t):.0f}/{us_per_call('without', t):.0f}"
+        for t in threads
+        if us_per_call("with", t) >= 1
     ]
     print(f"{'':10} server CPU per call by thread, us (with/without): {', '.join(shares)}")
     ratio = summary["with"]["calls_per_s"] / summary["without"]["calls_per_s"]

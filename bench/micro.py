@@ -7,7 +7,7 @@ savings code comments cite (bench/PROFILE.md, "Figures behind code comments").
 
 Two rows of the first table measure what the server does not do, for bench/PROFILE.md:
 the write pair with SQLite's synchronous=NORMAL (no fsync at each commit), and with 8
-pairs in one transaction (what group commit would save).
+pairs in one transaction (what group commit would save), with and without the feed.
 """
 
 from __future__ import annotations
@@ -211,6 +211,9 @@ def main(args: argparse.Namespace) -> int:
                 print(f"{'  synchronous=NORMAL (unused)':30} {us:11.0f}")
                 us = _cpu_us(lambda: _one_commit(db, enroll_and_drop, 8), args.calls // 32) / 8
                 print(f"{'  8 pairs a commit (unused)':30} {us:11.0f}")
+                with without_feed():
+                    us = _cpu_us(lambda: _one_commit(db, enroll_and_drop, 8), args.calls // 32)
+                print(f"{'    the same, no change feed':30} {us / 8:11.0f}")
             print(f"\n{'part, cited in code comments':30} {'CPU us/call':>11}")
             with db.connection_context():
                 for name, fn in _parts().items():

@@ -26,12 +26,16 @@ def _stat(pid: int, task: int | None = None) -> list[str] | None:
     return text[text.rindex(")") + 2 :].split()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads)."""
-    fields = _stat(pid)
+def _cpu(fields: list[str] | None) -> float:
+    """User + system CPU time, in seconds, of a stat line's fields (0 once it is gone)."""
     if fields is None:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads)."""
+    return _cpu(_stat(pid))
 
 
 def descendants(pid: int) -> list[int]:
@@ -65,10 +69,10 @@ def thread_names(pid: int) -> dict[int, str]:
     )
     names = {}
     for line in done.stdout.splitlines():
-        found = re.match(r'Thread (0x[0-9A-Fa-f]+|\d+) \([^)]*\): "([^"]+)"', line)
+        # "Thread 326 (idle): "writer_0"": the native id, as /proc/<pid>/task lists it.
+        found = re.match(r'Thread (\d+) \([^)]*\): "([^"]+)"', line)
         if found:
-            ident = found.group(1)
-            names[int(ident, 16) if ident.startswith("0x") else int(ident)] = found.group(2)
+            names[int(found.group(1))] = found.group(2)
     return names
 
 
@@ -82,15 +86,12 @@ def thread_cpu_seconds(pids: list[int], names: dict[int, str]) -> dict[str, floa
         except OSError:
             continue
         for task in tasks:
-            fields = _stat(pid, task)
-            if fields is None:
-                continue
             name = names.get(task)
             if name is None:
                 with contextlib.suppress(OSError):
                     name = Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
             key = name or str(task)
-            seconds[key] = seconds.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
+            seconds[key] = seconds.get(key, 0.0) + _cpu(_stat(pid, task))
     return seconds
 
 

@@ -22,8 +22,8 @@ retention purge makes.
 
 The price: writers that have events take turns for the counter from their last
 statement to their commit (not while they check and lock their rows); on PostgreSQL
-the COMMIT goes in the same round trip as that statement (_Statements says why). bench/PROFILE.md
-has the figures.
+the COMMIT goes in the same round trip as that statement (_Statements says why).
+bench/PROFILE.md has the figures.
 """
 
 from __future__ import annotations
@@ -229,8 +229,8 @@ class _Statements:
         self._insert = f"INSERT INTO {q('events')} ({names}) VALUES "
         self._sql: dict[tuple[str, int], str] = {}  # by (kind, row count)
         self.numbering = self.notifies  # PostgreSQL: see above
-        # The serving pool's class knows that the COMMIT went out (engine.py).
-        self.commits = isinstance(db, engine.PooledPostgresDatabase)
+        # The serving pool, whose commit() is told that the COMMIT went out (engine.py).
+        self.committing = db if isinstance(db, engine.PooledPostgresDatabase) else None
         if self.numbering:
             # v.k is the event's place in the call (1, 2, …), the VALUES' first column.
             taken = ", ".join(f"v.{c}" for c in _COLUMNS[1:])
@@ -243,7 +243,7 @@ class _Statements:
                 f"SELECT c.{value} - {self.mark} + v.k, {taken} FROM c, (VALUES "
             )
             self._numbered_as = f") AS v(k, {', '.join(_COLUMNS[1:])})"
-            if self.commits:
+            if self.committing is not None:
                 self._numbered_as += "; COMMIT"
 
     def _rows(self, kind: str, count: int, head: str, tail: str = "") -> str:
@@ -266,12 +266,12 @@ class _Statements:
         count = len(rows)
         sql = self._rows("numbered", count, self._numbered, self._numbered_as)
         values: list[Any] = [SEQUENCE, count, count, *_numbered(rows, 1)]
-        if not self.commits:
+        if self.committing is None:
             proxy.execute_sql(sql, values)
             return
         _current().commit_sent = True
         proxy.execute_sql(sql, values)
-        self.db.committed_by_statement()  # type: ignore[attr-defined]
+        self.committing.committed_by_statement()
 
     def raise_counter(self, name: str, by: int) -> int | None:
         """The counter's new value, or None when its row is not made yet."""
