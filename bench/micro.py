@@ -16,7 +16,10 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import logging
+import os
 import random
+import sys
 import tempfile
 import time
 import uuid
@@ -30,6 +33,7 @@ from bench import procs
 from bench.nofeed import without_feed
 from bench.seed import Shape, seed
 from enrollment.server.domain import events, lookups
+from enrollment.server.operations import logs
 from enrollment.server.persistence import engine, models, unit_of_work
 from enrollment.server.persistence.models import Student
 from enrollment.server.transport import convert
@@ -125,6 +129,28 @@ def _request_reads(calls: int) -> dict[str, float]:
         }
     finally:
         loop.close()
+
+
+def _log_lines(calls: int) -> dict[str, float]:
+    """A call's log line as the server writes it (operations/logs.py, setup("INFO") with
+    its stream on /dev/null) against logging's own way (Logger.info), at the end: it
+    sets up this process's logging."""
+    logs.setup("INFO")
+    logger = logging.getLogger("enrollment.rpc")
+    args = ("GetStudent", "OK", "-", 1.25, "ipv4:127.0.0.1:50000", "-", os.urandom(16).hex())
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    with open(os.devnull, "w") as devnull:
+        handler.setStream(devnull)
+        try:
+            return {
+                "log line, Logger.info": _cpu_us(
+                    lambda: logger.info(logs.RPC_MESSAGE, *args, extra=None), calls
+                ),
+                "log line, as used": _cpu_us(lambda: logs.rpc(logger, args, None), calls),
+            }
+        finally:
+            handler.setStream(sys.stderr)
 
 
 def _empty_read() -> None:
@@ -225,6 +251,8 @@ def main(args: argparse.Namespace) -> int:
             with unit_of_work.connection_kept():
                 us = _cpu_us(_empty_read, args.calls)
             print(f"{'empty read, kept connection':30} {us:11.1f}")
+            for name, us in _log_lines(args.calls).items():
+                print(f"{name:30} {us:11.1f}")
         finally:
             engine.close_pool()
     return 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import time
 
 import grpc
 import pytest
@@ -59,3 +62,100 @@ def test_log_sql_values_flag_asks_for_them(server_process, db_url):
         server_process, db_url, "--log-level", "DEBUG", "--log-sql-values"
     )
     assert "zq@secret.example" in out
+
+
+@pytest.fixture()
+def text_logging():
+    """logs.setup("INFO")'s handler, writing to a StringIO; the root's previous handlers
+    and level come back afterwards."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logs._text_handler
+    root.handlers.clear()
+    logs.setup("INFO")
+    stream = io.StringIO()
+    logs._text_handler.setStream(stream)
+    yield stream
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    logs._text_handler = saved[2]
+
+
+@contextlib.contextmanager
+def alone():
+    """The root logger with setup()'s handler only, as in the server (pytest adds its
+    capturing handlers to the root during each test)."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers[:] = [logs._text_handler]
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
+
+
+ARGS = ("GetStudent", "OK", "-", 1.5, "ipv4:127.0.0.1:5000", "-", "0123456789abcdef")
+
+
+def test_a_call_line_written_directly_equals_logging_own(text_logging, monkeypatch):
+    """rpc() writes the handler's line itself while nothing else would see the record;
+    a filter on the way sends the same call through logging, and the lines are equal."""
+    logger = logging.getLogger("enrollment.rpc")
+    seen = []
+    with alone():
+        lines(logger, seen, text_logging, monkeypatch)
+    assert len(seen) == 3  # the filter saw each record: logging's own way ran
+
+
+def lines(logger, seen, text_logging, monkeypatch):
+    for created in (1795792000.25, 1795792000.999, 1795795600.0):
+        monkeypatch.setattr(time, "time", lambda created=created: created)
+        assert logs._direct(logger, logs._text_handler)
+        logs.rpc(logger, ARGS, None)
+        direct = text_logging.getvalue()
+        text_logging.seek(0)
+        text_logging.truncate()
+
+        def keep(record, seen=seen):
+            seen.append(record)
+            return True
+
+        logger.addFilter(keep)
+        try:
+            assert not logs._direct(logger, logs._text_handler)
+            logs.rpc(logger, ARGS, None)
+        finally:
+            logger.removeFilter(keep)
+        through_logging = text_logging.getvalue()
+        text_logging.seek(0)
+        text_logging.truncate()
+        assert direct == through_logging, (direct, through_logging)
+        assert direct.endswith(
+            " enrollment.rpc rpc method=GetStudent code=OK reason=- "
+            "duration_ms=1.50 peer=ipv4:127.0.0.1:5000 token=- "
+            "request_id=0123456789abcdef\n"
+        ), direct
+
+
+def test_anything_else_listening_gets_logging_records(text_logging, caplog):
+    """A second handler (here pytest's capture), a disabled logger or a level above INFO
+    on the handler: the direct way is not taken."""
+    logger = logging.getLogger("enrollment.rpc")
+    with caplog.at_level(logging.INFO, logger="enrollment.rpc"):
+        logs.rpc(logger, ARGS, None)
+    assert [r.getMessage() for r in caplog.records] == [logs.RPC_MESSAGE % ARGS]
+    assert "method=GetStudent" in text_logging.getvalue()  # and the handler still has it
+    handler = logs._text_handler
+    assert not logs._direct(logger, handler)  # pytest's handlers are on the root
+    with alone():
+        assert logs._direct(logger, handler)
+        handler.setLevel(logging.WARNING)
+        assert not logs._direct(logger, handler)
+        handler.setLevel(logging.NOTSET)
+        logger.disabled = True
+        try:
+            assert not logs._direct(logger, handler)
+        finally:
+            logger.disabled = False
+        assert logs._direct(logger, handler)
+    logs.setup("INFO", "json")
+    assert logs._text_handler is None  # JSON lines always go through logging

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from typing import Any
 
 LOG_FORMATS = ("text", "json")
 # The process id tells the workers of `serve --workers N` apart.
@@ -47,6 +49,9 @@ class _WithoutSqlValues(logging.Filter):
 
 _sql_filter = _WithoutSqlValues()
 _structured = False
+# The handler setup() made for text lines: while it is the only one a record of a
+# logger would reach, that logger's per-call lines are written to it directly (rpc()).
+_text_handler: logging.StreamHandler[Any] | None = None
 
 
 def structured() -> bool:
@@ -65,11 +70,12 @@ def setup(level: str, log_format: str = "text", *, sql_values: bool = False) -> 
     (bench/PROFILE.md, "After the merge"): with four serving threads the hand-over cost
     more than the write.
     """
-    global _structured
+    global _structured, _text_handler
     _structured = log_format == "json"
     handler = logging.StreamHandler()
     text = _SecondCachedFormatter(TEXT_FORMAT)
     handler.setFormatter(JsonFormatter() if log_format == "json" else text)
+    _text_handler = None if _structured else handler
     logging.basicConfig(level=level, handlers=[handler])
     statements = logging.getLogger("peewee")
     if sql_values:
@@ -90,21 +96,97 @@ _MSEC_FORMAT = logging.Formatter.default_msec_format or "%s,%03d"
 
 
 class _SecondCachedFormatter(logging.Formatter):
-    """The same lines, with the date and time part of asctime computed once a second.
-
-    The cache is one (second, text) pair replaced whole, so threads need no lock.
-    """
-
-    _cache: tuple[int, str] = (-1, "")
+    """The same lines, with the date and time part of asctime computed once a second."""
 
     def formatTime(  # noqa: N802 (logging's name)
         self, record: logging.LogRecord, datefmt: str | None = None
     ) -> str:
-        if datefmt:
+        if datefmt or self.converter is not time.localtime:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
-        cached_second, prefix = self._cache
-        if second != cached_second:
-            prefix = time.strftime(self.default_time_format, self.converter(second))
-            self._cache = (second, prefix)
-        return _MSEC_FORMAT % (prefix, record.msecs)
+        return _MSEC_FORMAT % (_second(int(record.created)), record.msecs)
+
+
+# The date and time part of asctime for one second: one (second, text) pair replaced
+# whole, so threads need no lock.
+_cached_second: tuple[int, str] = (-1, "")
+
+
+def _second(second: int) -> str:
+    global _cached_second
+    cached, text = _cached_second
+    if second != cached:
+        text = time.strftime(logging.Formatter.default_time_format, time.localtime(second))
+        _cached_second = (second, text)
+    return text
+
+
+# The one line of every call (transport/interceptors.py), without the time and level.
+RPC_MESSAGE = "rpc method=%s code=%s reason=%s duration_ms=%.2f peer=%s token=%s request_id=%s"
+
+
+def rpc(logger: logging.Logger, args: tuple[Any, ...], fields: dict[str, Any] | None) -> None:
+    """Log a call's line at INFO (the caller has checked that INFO is enabled): args for
+    RPC_MESSAGE, fields for a JSON line (extra=).
+
+    logging's way costs about three times the rest of this: a LogRecord, the walk to the
+    handlers, the handler's format(), each call (bench/PROFILE.md, "Figures behind code
+    comments"). When a text line would reach only the handler setup() made, through no
+    filter (_direct), the same line (tests/test_logs.py compares them) is written to that
+    handler's stream under its lock, as its emit() would. Anything else that listens
+    (a test's capture, a filter, another handler) gets logging's own way."""
+    handler = _text_handler
+    lock = None if handler is None else handler.lock
+    if handler is None or lock is None or not _direct(logger, handler):
+        logger.info(RPC_MESSAGE, *args, extra=fields)
+        return
+    now = time.time()
+    line = "%s INFO [%d] %s %s%s" % (  # noqa: UP031 (the formatter's own %-format)
+        _stamp(now),
+        os.getpid(),
+        logger.name,
+        RPC_MESSAGE % args,
+        handler.terminator,
+    )
+    try:
+        with lock:
+            stream = handler.stream
+            stream.write(line)
+            stream.flush()
+    except Exception:  # as StreamHandler.emit: report it, never fail the call
+        record = logger.makeRecord(
+            logger.name, logging.INFO, "(direct)", 0, RPC_MESSAGE, args, None
+        )
+        handler.handleError(record)
+
+
+def _direct(logger: logging.Logger, handler: logging.StreamHandler[Any]) -> bool:
+    """Whether an INFO record of logger would reach handler alone, unfiltered, and be
+    formatted as TEXT_FORMAT: no logger on its way to the root has a filter or a handler
+    of its own, the root's only handler is this one, and nothing was changed in it."""
+    if logger.disabled:
+        return False
+    node: logging.Logger | None = logger
+    root = logging.root
+    while node is not root:
+        if node is None or node.handlers or node.filters or not node.propagate:
+            return False
+        node = node.parent
+    handlers = root.handlers
+    return (
+        len(handlers) == 1
+        and handlers[0] is handler
+        and not root.filters
+        and not handler.filters
+        and handler.level <= logging.INFO
+        and type(handler.formatter) is _SecondCachedFormatter
+        and handler.formatter._fmt == TEXT_FORMAT
+        and handler.formatter.converter is time.localtime
+        and logging.logProcesses
+    )
+
+
+def _stamp(created: float) -> str:
+    """asctime as _SecondCachedFormatter writes it for a record created at `created`
+    (LogRecord's msecs: the milliseconds, truncated)."""
+    second = int(created)
+    return _MSEC_FORMAT % (_second(second), int((created - second) * 1000))

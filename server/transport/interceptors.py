@@ -454,14 +454,4 @@ class _Call:
                     "request_id": request_id,
                 }
             }
-        log.info(
-            "rpc method=%s code=%s reason=%s duration_ms=%.2f peer=%s token=%s request_id=%s",
-            method,
-            code,
-            reason,
-            duration_ms,
-            peer,
-            caller,
-            request_id,
-            extra=fields,
-        )
+        logs.rpc(log, (method, code, reason, duration_ms, peer, caller, request_id), fields)
