@@ -426,6 +426,15 @@ def targets(report: dict, workers_check: int) -> list[dict]:
     )
     if workers and workers_mix != H2_READ:
         note = "no h2load: the Python client's rows"
+    if workers and single and single["server_cpu_share"] > 0:
+        # What the machine's cores allow at one process's CPU per call: the share the
+        # two-process row's client left over, over the share one process used.
+        bound = (1 - workers["client_cpu_share"]) / single["server_cpu_share"]
+        used = single["server_cpu_share"] * measure.CPUS
+        note = (note + "; " if note else "") + (
+            f"one process used {used:.2f} of {measure.CPUS} cores: "
+            f"at its CPU per call the cores allow {bound:.2f}x"
+        )
     add(
         f"{workers_mix}: --workers {workers_check or 2} throughput vs one process",
         workers and _ratio(workers["calls_per_s"], single["calls_per_s"]),
