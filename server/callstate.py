@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar, Token
+from typing import TypeVar
 
 from enrollment.server.errors import CallEnded
+
+T = TypeVar("T")
 
 _is_active: ContextVar[Callable[[], bool] | None] = ContextVar("call_is_active", default=None)
 
@@ -43,3 +46,28 @@ def unbind_caller(token: Token[tuple[str, str]]) -> None:
 def caller() -> tuple[str, str]:
     """(request_id, actor) of the current call; ("", "") outside one."""
     return _caller.get()
+
+
+class WouldWait(Exception):  # noqa: N818 (not an error: a signal to the transport)
+    """The call's database work would have had to wait for a lock, and was told not to
+    (without_waiting): nothing was done, and the work can run again where waiting holds
+    nothing else up."""
+
+
+# Whether the current call's database work may wait for a lock (the default). The
+# transport runs some SQLite writes on the event loop first (transport/interceptors.py,
+# LoopWrites), where a wait would hold up every call of the process.
+_may_wait: ContextVar[bool] = ContextVar("call_may_wait", default=True)
+
+
+def may_wait() -> bool:
+    return _may_wait.get()
+
+
+def without_waiting(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args), whose database work raises WouldWait instead of waiting for a lock."""
+    token = _may_wait.set(False)
+    try:
+        return fn(*args)
+    finally:
+        _may_wait.reset(token)

@@ -122,6 +122,19 @@ def storage_full(exc: BaseException) -> bool:
     return "database or disk is full" in str(exc).lower()
 
 
+_SQLITE_BUSY = 5
+
+
+def sqlite_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY: another connection holds the lock the statement needed ("database is
+    locked"), and the busy timeout ran out."""
+    cause = _driver_error(exc)
+    code = getattr(cause, "sqlite_errorcode", None)
+    if isinstance(cause, sqlite3.Error) and code is not None:
+        return int(code) & 0xFF == _SQLITE_BUSY
+    return "database is locked" in str(exc).lower()
+
+
 class Occurrences:
     """Counts a condition (for metrics) and says when it is worth one more log line:
     at most one line per `every` seconds, telling how many were not logged."""

@@ -7,6 +7,7 @@ may have done it and only its answer was lost): that is CommitOutcomeUnknown, ne
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import functools
@@ -15,7 +16,8 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, ParamSpec, TypeVar
+from contextvars import ContextVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import peewee as pw
 from playhouse.pool import MaxConnectionsExceeded
@@ -29,6 +31,7 @@ from enrollment.server.persistence.failures import (
     first_line,
     lost_connection,
     may_have_committed,
+    sqlite_busy,
     storage_full_events,
     verdict,
 )
@@ -43,6 +46,10 @@ log = logging.getLogger("enrollment.db")
 ATTEMPTS = 3
 
 
+class _Waiter(Protocol):
+    def release(self) -> None: ...
+
+
 class FairLock:
     """A lock handed to its waiters in arrival order. threading.Lock is not: a thread that
     releases it and asks again (a batch after a batch) may get it back before one that
@@ -52,7 +59,7 @@ class FairLock:
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._held = False
-        self._waiters: collections.deque[threading.Lock] = collections.deque()
+        self._waiters: collections.deque[_Waiter] = collections.deque()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         with self._guard:
@@ -72,6 +79,26 @@ class FairLock:
                 return False
         return True  # handed over just as the wait timed out: ours after all
 
+    async def acquire_on_loop(self) -> None:
+        """On an event loop: wait for the lock as a coroutine (the loop thread goes on
+        serving other calls), in the same arrival order as the threads that wait."""
+        with self._guard:
+            if not self._held and not self._waiters:
+                self._held = True
+                return
+            loop = asyncio.get_running_loop()
+            turn = _LoopTurn(loop, loop.create_future())
+            self._waiters.append(turn)
+        try:
+            await turn.future
+        except asyncio.CancelledError:
+            with self._guard:
+                if turn in self._waiters:
+                    self._waiters.remove(turn)
+                    raise
+            self.release()  # handed over as the wait was cancelled: pass it on
+            raise
+
     def release(self) -> None:
         with self._guard:
             if self._waiters:
@@ -87,6 +114,23 @@ class FairLock:
         self.release()
 
 
+class _LoopTurn:
+    """A coroutine waiting in a FairLock's line: release() hands it the lock."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+        self.loop, self.future = loop, future
+
+    def release(self) -> None:
+        self.loop.call_soon_threadsafe(_hand_over, self.future)
+
+
+def _hand_over(future: asyncio.Future[None]) -> None:
+    if not future.done():  # else cancelled: its waiter passes the lock on
+        future.set_result(None)
+
+
 # SQLite admits one writer at a time, and a writer that finds the file locked polls with
 # sleeps of up to 100 ms, which made the write p99 under concurrent writers many times
 # the call (bench/PROFILE.md, "Figures behind code comments"). Writers of one process
@@ -95,16 +139,46 @@ class FairLock:
 _sqlite_writer = FairLock()
 
 
+# Set while a call on the event loop holds _sqlite_writer (LoopTurn): its unit of work
+# neither takes the lock nor gives it back.
+_turn_held: ContextVar[bool] = ContextVar("sqlite_writer_held", default=False)
+
+
 class _WriterTurn:
     """SQLite's write lock of this process, for a unit of work that writes."""
 
+    __slots__ = ("taken",)
+
     def __enter__(self) -> None:
+        self.taken = not _turn_held.get()
         # As long as SQLite's busy timeout: both are waits for the write lock.
-        if not _sqlite_writer.acquire(timeout=engine.timeouts().database):
+        if self.taken and not _sqlite_writer.acquire(timeout=engine.timeouts().database):
             raise DatabaseUnavailable.of()
 
     def __exit__(self, *exc: object) -> None:
+        if self.taken:
+            _sqlite_writer.release()
+
+
+class LoopTurn:
+    """For a SQLite write run on the event loop (transport/interceptors.py, LoopWrites):
+    `async with turn:` waits for this process's writer lock as a coroutine, then
+    turn.run(fn, *args) runs fn(*args) holding it, without waiting for the file's lock
+    (callstate.without_waiting: WouldWait when another process holds it)."""
+
+    async def __aenter__(self) -> None:
+        await _sqlite_writer.acquire_on_loop()
+
+    async def __aexit__(self, *exc: object) -> None:
         _sqlite_writer.release()
+
+    @staticmethod
+    def run(fn: Callable[..., R], *args: object) -> R:
+        token = _turn_held.set(True)
+        try:
+            return callstate.without_waiting(fn, *args)
+        finally:
+            _turn_held.reset(token)
 
 
 _NOTHING = contextlib.nullcontext()
@@ -188,8 +262,7 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
     try:
         connection = _KeptConnection(db) if _keeper.on else db.connection_context()
         with connection, _writer_turn(write):
-            begin = ("IMMEDIATE",) if write and isinstance(db, pw.SqliteDatabase) else ()
-            with db.atomic(*begin) if snapshot else _NOTHING:
+            with _transaction(db, write=write, snapshot=snapshot):
                 yield
                 callstate.ensure_active()
                 if write:
@@ -223,6 +296,40 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
     finally:
         if pending is not None:
             outbox.end(pending)
+
+
+def _transaction(
+    db: pw.Database, *, write: bool, snapshot: bool
+) -> contextlib.AbstractContextManager[object]:
+    """The unit of work's transaction: none for a read without a snapshot; on SQLite a
+    write's is BEGIN IMMEDIATE (the write lock up front), which gives way instead of
+    waiting when the call may not wait (callstate.without_waiting)."""
+    if not snapshot:
+        return _NOTHING
+    if not (write and isinstance(db, pw.SqliteDatabase)):
+        return db.atomic()
+    if callstate.may_wait():
+        return db.atomic("IMMEDIATE")
+    return _immediate_or_give_way(db)
+
+
+@contextlib.contextmanager
+def _immediate_or_give_way(db: pw.SqliteDatabase) -> Iterator[None]:
+    """BEGIN IMMEDIATE with SQLite's busy timeout at 0 for that statement: when another
+    process holds the file's write lock, WouldWait at once instead of a wait of up to
+    --database-timeout (on the event loop, every call would wait with it)."""
+    transaction = contextlib.ExitStack()
+    db.execute_sql("PRAGMA busy_timeout = 0")
+    try:
+        transaction.enter_context(db.atomic("IMMEDIATE"))
+    except pw.OperationalError as exc:
+        if sqlite_busy(exc):
+            raise callstate.WouldWait from exc
+        raise
+    finally:
+        db.execute_sql(f"PRAGMA busy_timeout = {int(engine.timeouts().database * 1000)}")
+    with transaction:
+        yield
 
 
 def _outcome_unknown(db: pw.Database, exc: BaseException) -> bool:

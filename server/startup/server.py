@@ -76,6 +76,27 @@ def _reads_on_loop(config: ServerConfig) -> frozenset[str]:
     return READS_ON_LOOP if _sqlite(config) else frozenset()
 
 
+# On a local SQLite file these writes (a few rows each) run on the event loop too when
+# they can start without waiting for a lock, and otherwise in the writer thread below
+# (transport/interceptors.py, LoopWrites, says why and what bounds their time there).
+# Deletes (a student's or a course's entries go with them) and batches stay in the
+# writer thread.
+WRITES_ON_LOOP = frozenset(
+    {
+        "EnrollStudent",
+        "DropCourse",
+        "CreateStudent",
+        "UpdateStudent",
+        "CreateCourse",
+        "UpdateCourse",
+    }
+)
+
+
+def _writes_on_loop(config: ServerConfig) -> frozenset[str]:
+    return WRITES_ON_LOOP if _sqlite(config) else frozenset()
+
+
 def _sqlite(config: ServerConfig) -> bool:
     return engine.parse(config.database_url).kind == "sqlite"
 
@@ -398,6 +419,8 @@ async def _build(
             authenticator=auth,
             metrics=metrics,
             on_loop=_reads_on_loop(config),
+            writes_on_loop=_writes_on_loop(config),
+            loop_turn=unit_of_work.LoopTurn() if _writes_on_loop(config) else None,
         )
     ]
     if traced is not None:

@@ -20,12 +20,14 @@ import logging
 import os
 import re
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from enrollment.server import callstate
+from enrollment.server.callstate import WouldWait
 from enrollment.server.errors import (
     CallEnded,
     EnrollmentError,
@@ -57,12 +59,18 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         metrics: RpcMetrics | None = None,
         on_loop: frozenset[str] = frozenset(),
         writer: WorkerPool | None = None,
+        writes_on_loop: frozenset[str] = frozenset(),
+        loop_turn: Turn | None = None,
     ) -> None:
         """on_loop: names of methods whose work runs on the event loop itself rather than
         in the pool (start-up chooses the cheap reads of a local SQLite file). writer: when
-        given, the pool (of one thread, for SQLite) where every method that may write runs."""
+        given, the pool (of one thread, for SQLite) where every method that may write runs.
+        writes_on_loop: methods of the writer's run on the loop when they can (LoopWrites),
+        holding loop_turn."""
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         self._on_loop = on_loop
+        self._loop_writes = LoopWrites(loop_turn) if loop_turn is not None else None
+        self._writes_on_loop = writes_on_loop
         self._pool = pool
         self._writer = writer
         self._reads = RequestReads(request_timeout)
@@ -90,6 +98,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 auth=self._auth,
                 metrics=self._metrics,
                 on_loop=name in self._on_loop,
+                loop_first=self._loop_writes if name in self._writes_on_loop else None,
             )
             if handler.unary_unary is not None:
                 served = {"unary_unary": None, "stream_unary": guard.serve}
@@ -234,6 +243,65 @@ def _bounded(handler: grpc.RpcMethodHandler, reads: RequestReads) -> grpc.RpcMet
     )
 
 
+class Turn(Protocol):
+    """The process's SQLite writer lock for a call on the loop (persistence's LoopTurn)."""
+
+    async def __aenter__(self) -> None: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+
+class LoopWrites:
+    """SQLite writes run on the event loop instead of the writer thread, when they can.
+
+    On SQLite a write handed to the writer thread costs the process far more CPU than
+    the same write run on the loop (bench/PROFILE.md, "Figures behind code comments"):
+    each of its statements gives up the GIL and takes it back while the loop thread
+    wants it too. So a write of the methods start-up names (a few rows each) runs on the
+    loop, as the cheap reads do. It waits for this process's writer lock as a coroutine
+    (behind a batch in the writer thread, say), then runs holding it, without waiting
+    for the file's lock: when another process holds that, it raises WouldWait before
+    doing anything and goes to the writer thread, which waits as before. The loop is
+    held for the write's own work and its COMMIT's fsync: when these writes have held it
+    longer than `budget` seconds on average (a slow disk; one slow write among fast ones
+    does not count for much), they go to the writer thread for `pause` seconds, then
+    are tried here again. Only on the event loop."""
+
+    BUDGET = 0.002
+    PAUSE = 1.0
+    WEIGHT = 0.1  # of the newest write in the average (an exponentially weighted one)
+
+    def __init__(self, turn: Turn, budget: float = BUDGET, pause: float = PAUSE) -> None:
+        self.turn = turn
+        self.budget, self.pause = budget, pause
+        self.average = 0.0  # seconds a write held the loop, lately (from none at all)
+        self._resume = 0.0  # time.monotonic() from which writes run here again
+
+    async def run(self, work: contextvars.Context, call: _Call, request, state: _CallState):
+        """call.run(request, state) in work, on the loop, holding the writer lock; None
+        when it would have waited for the file (nothing done) or writes are paused here."""
+        if time.monotonic() < self._resume:
+            return None
+        async with self.turn:
+            start = time.monotonic()
+            try:
+                return work.run(self.turn.run, call.run, request, state)
+            except WouldWait:
+                return None
+            finally:
+                self.held(time.monotonic() - start, start)
+
+    def held(self, seconds: float, now: float) -> None:
+        """A write held the loop this long: pause here when they do so on average."""
+        average = self.average + self.WEIGHT * (seconds - self.average)
+        if average > self.budget:
+            self._resume = now + seconds + self.pause
+            average = 0.0  # measured afresh once writes run here again
+        self.average = average
+
+
 class _CallState:
     """Whether a call is still wanted, asked from the thread doing its database work:
     not once its deadline has passed, or once grpc has cancelled its coroutine (the
@@ -265,9 +333,11 @@ class _Guard:
         auth: Authenticator | None,
         metrics: RpcMetrics | None,
         on_loop: bool = False,
+        loop_first: LoopWrites | None = None,
     ) -> None:
         self._behavior = behavior
         self._on_loop = on_loop
+        self._loop_first = loop_first
         self._name = method.rsplit("/", 1)[-1]
         self._needed = required_role(self._name)
         self._pool = pool
@@ -340,7 +410,21 @@ class _Guard:
             # Less work than the hand-over to a pool thread and back (bench/PROFILE.md).
             response, status = work.run(call.run, request, state)
         else:
-            response, status = await self._in_pool(work, call, request, state)
+            done = None
+            if self._loop_first is not None:
+                try:
+                    done = await self._loop_first.run(work, call, request, state)
+                except asyncio.CancelledError:
+                    # Ended while it waited for its turn, before any of its work.
+                    state.ended = True
+                    call.finish(
+                        "DEADLINE_EXCEEDED" if state.deadline_passed() else "CANCELLED",
+                        "CALL_ENDED",
+                    )
+                    raise
+            if done is None:
+                done = await self._in_pool(work, call, request, state)
+            response, status = done
         if status is not None:
             await context.abort_with_status(status)
         return response
@@ -403,12 +487,16 @@ class _Call:
         guard = self.guard
         trailer = self.trailer
         code, reason, response, status = "OK", "", None, None
+        ended = True
         try:
             if isinstance(request, _Undecodable):
                 raise InvalidField(
                     f"the request is not a valid {request.type_name} (is every string field UTF-8?)"
                 )
             response = guard._behavior(request, None)
+        except WouldWait:
+            ended = False  # nothing was done: the call runs again in the writer thread
+            raise
         except CallEnded as error:
             # The caller is gone; its answer is already decided. This is for logs and metrics.
             code = "DEADLINE_EXCEEDED" if state.deadline_passed() else "CANCELLED"
@@ -422,7 +510,8 @@ class _Call:
             log.exception("rpc %s failed unexpectedly", guard._name)
             status = error_status.with_trailers(error_status.INTERNAL, trailer)
         finally:
-            self.finish(code, reason)
+            if ended:
+                self.finish(code, reason)
         return response, status
 
     def finish(self, code: str, reason: str) -> None:

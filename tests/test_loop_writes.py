@@ -1,0 +1,180 @@
+"""SQLite writes on the event loop (transport/interceptors.py, LoopWrites): they give way
+to another process's lock instead of holding the loop, take turns with the writer
+thread in arrival order, and stop running there when they hold the loop too long."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from enrollment.server.callstate import WouldWait
+from enrollment.server.persistence import engine, unit_of_work
+from enrollment.server.transport.interceptors import LoopWrites
+from enrollment.v1 import enrollment_pb2 as pb
+from tests.rpc import TIMEOUT, new_student
+from tests.test_limits import hold_the_write_lock, wait_for
+
+
+@pytest.mark.databases("sqlite")
+def test_a_write_that_finds_the_file_locked_does_not_hold_the_loop(start_server):
+    """Another process holds the file's write lock: EnrollStudent (a write run on the
+    loop when it can) goes to the writer thread to wait, and the loop goes on answering
+    reads meanwhile; the write is done once the lock is released."""
+    live = start_server(database_timeout=30)
+    course = live.stub.CreateCourse(
+        pb.CreateCourseRequest(code="CS-1", title="Intro", capacity=5), timeout=TIMEOUT
+    ).course
+    student = new_student(live.stub)
+    blocker = hold_the_write_lock(live)
+    try:
+        request = pb.EnrollStudentRequest(student_id=student.id, course_id=course.id)
+        waiting = live.stub.EnrollStudent.future(request, timeout=60)
+        wait_for(lambda: engine.connections_in_use() == 1, what="the write waiting for the lock")
+        for _ in range(3):  # reads on the loop: answered while the write waits
+            started = time.monotonic()
+            found = live.stub.GetStudent(pb.GetStudentRequest(student_id=student.id), timeout=5)
+            assert found.student.id == student.id
+            assert time.monotonic() - started < 2.5
+        assert not waiting.done()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert waiting.result(timeout=TIMEOUT).enrollment.course_id == course.id
+    seat = live.stub.GetCourse(pb.GetCourseRequest(course_id=course.id), timeout=TIMEOUT)
+    assert seat.course.enrolled_count == 1
+    # The lock is free again: the next write runs on the loop and is done too.
+    other = new_student(live.stub)
+    live.stub.EnrollStudent(
+        pb.EnrollStudentRequest(student_id=other.id, course_id=course.id), timeout=TIMEOUT
+    )
+
+
+def test_the_loop_waits_for_the_writer_lock_in_line_with_threads():
+    """A coroutine waiting for the lock takes its turn after the thread that asked
+    before it and before the one that asked after it; one cancelled while it waits
+    leaves the line, and one cancelled as the lock reaches it passes the lock on."""
+    lock = unit_of_work.FairLock()
+    order: list[str] = []
+    lock.acquire()
+
+    def thread_turn(name: str) -> threading.Thread:
+        def take() -> None:
+            with lock:
+                order.append(name)
+
+        thread = threading.Thread(target=take)
+        queued = len(lock._waiters)
+        thread.start()
+        while len(lock._waiters) == queued:
+            time.sleep(0.001)
+        return thread
+
+    async def main() -> None:
+        first = thread_turn("thread 1")
+
+        async def loop_turn() -> None:
+            await lock.acquire_on_loop()
+            order.append("loop")
+            lock.release()
+
+        mine = asyncio.create_task(loop_turn())
+        gone = asyncio.create_task(lock.acquire_on_loop())
+        while len(lock._waiters) < 3:
+            await asyncio.sleep(0.001)
+        gone.cancel()  # leaves the line before its turn
+        await asyncio.gather(gone, return_exceptions=True)
+        assert len(lock._waiters) == 2
+        second = thread_turn("thread 2")
+        lock.release()
+        await mine
+        for thread in (first, second):
+            await asyncio.to_thread(thread.join, 5)
+
+        # Handed over just as its wait is cancelled: the lock goes on to the next one.
+        lock.acquire()
+        late = asyncio.create_task(lock.acquire_on_loop())
+        while not lock._waiters:
+            await asyncio.sleep(0.001)
+        third = thread_turn("thread 3")
+        lock.release()  # the coroutine's turn, not yet resumed...
+        late.cancel()  # ...when it is cancelled
+        await asyncio.gather(late, return_exceptions=True)
+        await asyncio.to_thread(third.join, 5)
+        assert not third.is_alive()
+
+    asyncio.run(main())
+    assert order == ["thread 1", "loop", "thread 2", "thread 3"]
+    assert lock.acquire(timeout=0)  # free at the end
+    lock.release()
+
+
+class _Turn:
+    """LoopWrites' lock, without a database: counts its uses."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+
+    async def __aenter__(self) -> None:
+        self.entered += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def run(self, fn, *args):
+        return fn(*args)
+
+
+class _Work:
+    """contextvars.Context's run, for calls that take a while or would wait."""
+
+    def run(self, fn, *args):
+        return fn(*args)
+
+
+def test_writes_that_hold_the_loop_too_long_on_average_go_to_the_writer_thread():
+    writes = LoopWrites(_Turn(), budget=0.002, pause=60)
+    now = 1000.0
+    for _ in range(20):
+        writes.held(0.0005, now)
+    writes.held(0.012, now)  # one slow write among fast ones: still here
+    assert 0 < writes.average < 0.002
+    assert asyncio.run(writes.run(_Work(), _Call(lambda: "ran"), None, None)) == "ran"
+    for _ in range(10):
+        writes.held(0.004, time.monotonic())  # a slow disk: they all take long
+    turn = writes.turn
+    before = turn.entered
+    assert asyncio.run(writes.run(_Work(), _Call(lambda: "ran"), None, None)) is None
+    assert turn.entered == before  # paused: not tried on the loop at all
+
+
+def test_a_write_that_would_wait_is_handed_on_and_the_pause_ends():
+    writes = LoopWrites(_Turn(), budget=0.002, pause=0.05)
+
+    def would_wait():
+        raise WouldWait
+
+    assert asyncio.run(writes.run(_Work(), _Call(would_wait), None, None)) is None
+    for _ in range(3):
+        writes.held(0.03, time.monotonic())
+    assert asyncio.run(writes.run(_Work(), _Call(lambda: "ran"), None, None)) is None
+    time.sleep(0.1)
+    assert asyncio.run(writes.run(_Work(), _Call(lambda: "ran"), None, None)) == "ran"
+
+
+class _Call:
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def run(self, request, state):
+        return self.fn()
+
+
+def test_the_loop_writes_are_those_of_a_few_rows():
+    from enrollment.server.startup.server import READS_ON_LOOP, WRITES_ON_LOOP
+
+    assert {"EnrollStudent", "DropCourse"} <= WRITES_ON_LOOP
+    assert not any(name.startswith(("Batch", "Delete")) for name in WRITES_ON_LOOP)
+    assert not WRITES_ON_LOOP & READS_ON_LOOP
