@@ -65,9 +65,11 @@ def test_log_sql_values_flag_asks_for_them(server_process, db_url):
 
 
 @pytest.fixture()
-def text_logging():
+def text_logging(monkeypatch):
     """logs.setup("INFO")'s handler, writing to a StringIO; the root's previous handlers
-    and level come back afterwards."""
+    and level, and the logging globals setup() sets, come back afterwards."""
+    for name in ("_srcfile", "logThreads", "logMultiprocessing"):
+        monkeypatch.setattr(logging, name, getattr(logging, name))
     root = logging.getLogger()
     saved = root.handlers[:], root.level, logs._text_handler
     root.handlers.clear()

@@ -302,6 +302,9 @@ class LoopWrites:
         self.average = average
 
 
+_DEADLINE_SLACK = 0.05  # seconds
+
+
 class _CallState:
     """Whether a call is still wanted, asked from the thread doing its database work:
     not once its deadline has passed, or once grpc has cancelled its coroutine (the
@@ -318,6 +321,15 @@ class _CallState:
 
     def deadline_passed(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def end(self) -> str:
+        """grpc cancelled the call on the loop: ended, and why (its status code name). A
+        caller's deadline passes at the caller a moment before it does here (the caller
+        counts from before its request left, and cancels the call itself): a cancel that
+        close to the deadline is the deadline's."""
+        self.ended = True
+        near = self.deadline is not None and time.monotonic() >= self.deadline - _DEADLINE_SLACK
+        return "DEADLINE_EXCEEDED" if near else "CANCELLED"
 
 
 class _Guard:
@@ -392,9 +404,7 @@ class _Guard:
             )
         except asyncio.CancelledError:
             # The caller went away (or its deadline passed) before its request arrived.
-            state.ended = True
-            code = "DEADLINE_EXCEEDED" if state.deadline_passed() else "CANCELLED"
-            call.finish(code, "CALL_ENDED")
+            call.finish(state.end(), "CALL_ENDED")
             raise
         # The database work runs in the pool, in a copy of this context: the unit of work
         # asks callstate (bound here to this call's state) before it begins and commits.
@@ -416,11 +426,7 @@ class _Guard:
                     done = await self._loop_first.run(work, call, request, state)
                 except asyncio.CancelledError:
                     # Ended while it waited for its turn, before any of its work.
-                    state.ended = True
-                    call.finish(
-                        "DEADLINE_EXCEEDED" if state.deadline_passed() else "CANCELLED",
-                        "CALL_ENDED",
-                    )
+                    call.finish(state.end(), "CALL_ENDED")
                     raise
             if done is None:
                 done = await self._in_pool(work, call, request, state)
