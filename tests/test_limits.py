@@ -150,20 +150,34 @@ def hold_the_write_lock(live) -> sqlite3.Connection:
     return blocker
 
 
-@pytest.mark.parametrize("how", ["deadline", "cancel"])
-def test_a_write_past_its_deadline_or_cancelled_is_rolled_back(start_server, caplog, how):
-    caplog.set_level(logging.INFO, logger="enrollment.rpc")
-    live = start_server(database_timeout=30)
+def enroll_behind_the_lock(live, capacity: int, timeout: float):
+    """A course and a student, the file's write lock held by another connection, and an
+    EnrollStudent of them waiting for it: (course, student, blocker, the call, its
+    request). The caller rolls the blocker back."""
     course = live.stub.CreateCourse(
-        pb.CreateCourseRequest(code="CS-1", title="Intro", capacity=1), timeout=TIMEOUT
+        pb.CreateCourseRequest(code="CS-1", title="Intro", capacity=capacity), timeout=TIMEOUT
     ).course
     student = new_student(live.stub)
     blocker = hold_the_write_lock(live)
     try:
         request = pb.EnrollStudentRequest(student_id=student.id, course_id=course.id)
-        call = live.stub.EnrollStudent.future(request, timeout=1.0 if how == "deadline" else 60)
+        call = live.stub.EnrollStudent.future(request, timeout=timeout)
         # The server has the call: its connection is out of the pool, waiting for the lock.
         wait_for(lambda: engine.connections_in_use() == 1, what="the call in progress")
+    except BaseException:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        raise
+    return course, student, blocker, call, request
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_a_write_past_its_deadline_or_cancelled_is_rolled_back(start_server, caplog, how):
+    caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    live = start_server(database_timeout=30)
+    timeout = 1.0 if how == "deadline" else 60
+    course, _, blocker, call, request = enroll_behind_the_lock(live, 1, timeout)
+    try:
         if how == "cancel":
             assert call.cancel()
         with pytest.raises(grpc.FutureCancelledError if how == "cancel" else grpc.RpcError):

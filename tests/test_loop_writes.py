@@ -11,11 +11,11 @@ import time
 import pytest
 
 from enrollment.server.callstate import WouldWait
-from enrollment.server.persistence import engine, unit_of_work
+from enrollment.server.persistence import unit_of_work
 from enrollment.server.transport.interceptors import LoopWrites
 from enrollment.v1 import enrollment_pb2 as pb
 from tests.rpc import TIMEOUT, new_student
-from tests.test_limits import hold_the_write_lock, wait_for
+from tests.test_limits import enroll_behind_the_lock
 
 
 @pytest.mark.databases("sqlite")
@@ -24,15 +24,8 @@ def test_a_write_that_finds_the_file_locked_does_not_hold_the_loop(start_server)
     loop when it can) goes to the writer thread to wait, and the loop goes on answering
     reads meanwhile; the write is done once the lock is released."""
     live = start_server(database_timeout=30)
-    course = live.stub.CreateCourse(
-        pb.CreateCourseRequest(code="CS-1", title="Intro", capacity=5), timeout=TIMEOUT
-    ).course
-    student = new_student(live.stub)
-    blocker = hold_the_write_lock(live)
+    course, student, blocker, waiting, _ = enroll_behind_the_lock(live, 5, 60)
     try:
-        request = pb.EnrollStudentRequest(student_id=student.id, course_id=course.id)
-        waiting = live.stub.EnrollStudent.future(request, timeout=60)
-        wait_for(lambda: engine.connections_in_use() == 1, what="the write waiting for the lock")
         for _ in range(3):  # reads on the loop: answered while the write waits
             started = time.monotonic()
             found = live.stub.GetStudent(pb.GetStudentRequest(student_id=student.id), timeout=5)
