@@ -171,3 +171,30 @@ def test_the_loop_writes_are_those_of_a_few_rows():
     assert {"EnrollStudent", "DropCourse"} <= WRITES_ON_LOOP
     assert not any(name.startswith(("Batch", "Delete")) for name in WRITES_ON_LOOP)
     assert not WRITES_ON_LOOP & READS_ON_LOOP
+
+
+def test_a_write_that_gives_way_leaves_no_failed_transaction_span():
+    """With tracing on, a loop write that gives way (WouldWait) is marked so, not failed;
+    a transaction that fails still is."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from enrollment.server.operations import tracing
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    tracer = provider.get_tracer("test")
+    spans = tracing._TransactionSpans(tracer)
+    with tracer.start_as_current_span("call"):
+        with pytest.raises(WouldWait), spans.span("enroll_student", True, 1):
+            raise WouldWait
+        with pytest.raises(ValueError), spans.span("enroll_student", True, 1):
+            raise ValueError("a bug")
+    gave_way, failed = [s for s in exported.get_finished_spans() if s.name != "call"]
+    assert gave_way.attributes["enrollment.db.gave_way"] is True
+    assert gave_way.status.status_code is StatusCode.UNSET
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.attributes["error.type"] == "ValueError"

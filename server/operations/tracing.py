@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from enrollment.server.callstate import WouldWait
 from enrollment.server.persistence import engine, unit_of_work
 
 EXPORTERS = "opentelemetry_traces_exporter"  # the SDK's entry point group
@@ -184,6 +185,11 @@ class _TransactionSpans:
         span = self._tracer.start_span(TRANSACTION_SPAN, kind=self._kind, attributes=attributes)
         try:
             yield
+        except WouldWait:
+            # Not a failure: the write gave way on the event loop, before any of its work,
+            # and runs again in the writer thread (transport/interceptors.py, LoopWrites).
+            span.set_attribute("enrollment.db.gave_way", True)
+            raise
         except BaseException as exc:
             # The class only: a message may hold SQL or a caller's values.
             span.set_attribute("error.type", type(exc).__name__)
