@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar, Token
-from typing import TypeVar
 
 from enrollment.server.errors import CallEnded
-
-T = TypeVar("T")
 
 _is_active: ContextVar[Callable[[], bool] | None] = ContextVar("call_is_active", default=None)
 
@@ -49,25 +46,6 @@ def caller() -> tuple[str, str]:
 
 
 class WouldWait(Exception):  # noqa: N818 (not an error: a signal to the transport)
-    """The call's database work would have had to wait for a lock, and was told not to
-    (without_waiting): nothing was done, and the work can run again where waiting holds
-    nothing else up."""
-
-
-# Whether the current call's database work may wait for a lock (the default). The
-# transport runs some SQLite writes on the event loop first (transport/interceptors.py,
-# LoopWrites), where a wait would hold up every call of the process.
-_may_wait: ContextVar[bool] = ContextVar("call_may_wait", default=True)
-
-
-def may_wait() -> bool:
-    return _may_wait.get()
-
-
-def without_waiting(fn: Callable[..., T], *args: object) -> T:
-    """fn(*args), whose database work raises WouldWait instead of waiting for a lock."""
-    token = _may_wait.set(False)
-    try:
-        return fn(*args)
-    finally:
-        _may_wait.reset(token)
+    """A write run on the event loop would have had to wait for another process's lock
+    on the SQLite file (persistence/unit_of_work.py, LoopTurn): nothing was done, and
+    the transport runs it again in the writer thread, where waiting holds nothing up."""

@@ -140,7 +140,7 @@ _sqlite_writer = FairLock()
 
 
 # Set while a call on the event loop holds _sqlite_writer (LoopTurn): its unit of work
-# neither takes the lock nor gives it back.
+# neither takes the lock nor gives it back, nor waits for the file's (_transaction).
 _turn_held: ContextVar[bool] = ContextVar("sqlite_writer_held", default=False)
 
 
@@ -164,7 +164,7 @@ class LoopTurn:
     """For a SQLite write run on the event loop (transport/interceptors.py, LoopWrites):
     `async with turn:` waits for this process's writer lock as a coroutine, then
     turn.run(fn, *args) runs fn(*args) holding it, without waiting for the file's lock
-    (callstate.without_waiting: WouldWait when another process holds it)."""
+    (WouldWait when another process holds it)."""
 
     async def __aenter__(self) -> None:
         await _sqlite_writer.acquire_on_loop()
@@ -176,7 +176,7 @@ class LoopTurn:
     def run(fn: Callable[..., R], *args: object) -> R:
         token = _turn_held.set(True)
         try:
-            return callstate.without_waiting(fn, *args)
+            return fn(*args)
         finally:
             _turn_held.reset(token)
 
@@ -303,12 +303,12 @@ def _transaction(
 ) -> contextlib.AbstractContextManager[object]:
     """The unit of work's transaction: none for a read without a snapshot; on SQLite a
     write's is BEGIN IMMEDIATE (the write lock up front), which gives way instead of
-    waiting when the call may not wait (callstate.without_waiting)."""
+    waiting on the event loop (LoopTurn)."""
     if not snapshot:
         return _NOTHING
     if not (write and isinstance(db, pw.SqliteDatabase)):
         return db.atomic()
-    if callstate.may_wait():
+    if not _turn_held.get():
         return db.atomic("IMMEDIATE")
     return _immediate_or_give_way(db)
 
