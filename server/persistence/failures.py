@@ -115,10 +115,9 @@ def storage_full(exc: BaseException) -> bool:
         return pgcode in _PG_FULL_CODES or isinstance(cause, psycopg2.errors.DiskFull)
     if isinstance(cause, pymysql.Error):
         return _mysql_errno(cause) in _MYSQL_FULL
-    if isinstance(cause, sqlite3.Error):
-        code = getattr(cause, "sqlite_errorcode", None)
-        if code is not None:
-            return int(code) & 0xFF == _SQLITE_FULL
+    code = _sqlite_code(cause)
+    if code is not None:
+        return code == _SQLITE_FULL
     return "database or disk is full" in str(exc).lower()
 
 
@@ -128,11 +127,18 @@ _SQLITE_BUSY = 5
 def sqlite_busy(exc: BaseException) -> bool:
     """SQLITE_BUSY: another connection holds the lock the statement needed ("database is
     locked"), and the busy timeout ran out."""
-    cause = _driver_error(exc)
+    code = _sqlite_code(_driver_error(exc))
+    if code is not None:
+        return code == _SQLITE_BUSY
+    return "database is locked" in str(exc).lower()
+
+
+def _sqlite_code(cause: BaseException) -> int | None:
+    """The primary result code of a sqlite3 error (Python 3.11+ gives the extended one)."""
     code = getattr(cause, "sqlite_errorcode", None)
     if isinstance(cause, sqlite3.Error) and code is not None:
-        return int(code) & 0xFF == _SQLITE_BUSY
-    return "database is locked" in str(exc).lower()
+        return int(code) & 0xFF
+    return None
 
 
 class Occurrences:

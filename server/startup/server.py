@@ -411,6 +411,7 @@ async def _build(
     """On the loop (grpc.aio binds its objects to the running loop): the server, its
     services and its port; not started."""
     pool, writer = pools
+    writes_on_loop = _writes_on_loop(config)
     interceptors: list[grpc.aio.ServerInterceptor] = [
         RpcInterceptor(
             pool=pool,
@@ -419,8 +420,8 @@ async def _build(
             authenticator=auth,
             metrics=metrics,
             on_loop=_reads_on_loop(config),
-            writes_on_loop=_writes_on_loop(config),
-            loop_turn=unit_of_work.LoopTurn() if _writes_on_loop(config) else None,
+            writes_on_loop=writes_on_loop,
+            loop_turn=unit_of_work.LoopTurn() if writes_on_loop else None,
         )
     ]
     if traced is not None:

@@ -319,17 +319,18 @@ class _CallState:
     def is_active(self) -> bool:
         return not self.ended and (self.deadline is None or time.monotonic() < self.deadline)
 
-    def deadline_passed(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
-
-    def end(self) -> str:
-        """grpc cancelled the call on the loop: ended, and why (its status code name). A
-        caller's deadline passes at the caller a moment before it does here (the caller
-        counts from before its request left, and cancels the call itself): a cancel that
-        close to the deadline is the deadline's."""
-        self.ended = True
+    def why_ended(self) -> str:
+        """Why a call that ended before its answer did (its status code name). A caller's
+        deadline passes at the caller a moment before it does here (the caller counts
+        from before its request left, and cancels the call itself): an end that close to
+        the deadline is the deadline's."""
         near = self.deadline is not None and time.monotonic() >= self.deadline - _DEADLINE_SLACK
         return "DEADLINE_EXCEEDED" if near else "CANCELLED"
+
+    def end(self) -> str:
+        """grpc cancelled the call on the loop: ended, and why_ended()."""
+        self.ended = True
+        return self.why_ended()
 
 
 class _Guard:
@@ -505,7 +506,7 @@ class _Call:
             raise
         except CallEnded as error:
             # The caller is gone; its answer is already decided. This is for logs and metrics.
-            code = "DEADLINE_EXCEEDED" if state.deadline_passed() else "CANCELLED"
+            code = state.why_ended()
             reason = error.reason
             status = error_status.with_trailers(error_status.to_status(error), trailer)
         except EnrollmentError as error:
