@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="latency: writes per second")
     parser.add_argument("--writers", type=int, default=4, help="latency: writer connections")
     parser.add_argument("--watchers", type=int, default=6, help="latency: watcher connections")
-    parser.add_argument("--rounds", type=int, default=5, help="throughput: rounds per server")
+    # 9: with 5, the median of the pairs moved from 8% to 17% between two runs of the
+    # same tree an hour apart (bench/PROFILE.md, fifth session); 9 cost a minute more.
+    parser.add_argument("--rounds", type=int, default=9, help="throughput: rounds per server")
     parser.add_argument("--duration", type=float, default=3.0, help="throughput: seconds/round")
     parser.add_argument("--warmup", type=float, default=0.5, help="throughput: unmeasured s")
     parser.add_argument(
