@@ -11,9 +11,12 @@ import time
 import pytest
 
 from enrollment.server.callstate import WouldWait
-from enrollment.server.persistence import unit_of_work
+from enrollment.server.errors import EnrollmentError, InvalidField
+from enrollment.server.persistence import engine, unit_of_work
+from enrollment.server.persistence.models import proxy
 from enrollment.server.transport.interceptors import LoopWrites
 from enrollment.v1 import enrollment_pb2 as pb
+from tests import databases
 from tests.rpc import TIMEOUT, new_student
 from tests.test_limits import enroll_behind_the_lock
 
@@ -198,3 +201,129 @@ def test_a_write_that_gives_way_leaves_no_failed_transaction_span():
     assert gave_way.status.status_code is StatusCode.UNSET
     assert failed.status.status_code is StatusCode.ERROR
     assert failed.attributes["error.type"] == "ValueError"
+
+
+# ------------------------------------------------------------------------ group commit
+
+
+class _Member:
+    """A write for LoopWrites' groups: attempt() runs fn in a unit of work of its own (a
+    savepoint of the group's transaction when grouped); finish() is recorded."""
+
+    trailer = (("x-request-id", "test"),)
+
+    def __init__(self, fn, seen: list) -> None:
+        self.fn, self.seen = fn, seen
+
+    def attempt(self, request, state):
+        @unit_of_work.transactional(write=True)
+        def work():
+            return self.fn()
+
+        try:
+            response = work()
+        except EnrollmentError as error:
+            self.seen.append(("failed", error.code))
+            return None, ("status", error.code), error.code, error.reason
+        self.seen.append(("ran", response))
+        return response, None, "OK", ""
+
+    def run(self, request, state):
+        response, status, code, reason = self.attempt(request, state)
+        self.finish(code, reason)
+        return response, status
+
+    def finish(self, code: str, reason: str) -> None:
+        self.seen.append(("finished", code))
+
+
+def _insert(name: str):
+    def insert() -> str:
+        proxy.obj.execute_sql(
+            "INSERT INTO students (name, email, email_key, create_time) "
+            "VALUES (?, ?, ?, '2026-11-30 00:00:00')",
+            (name, f"{name}@x.test", f"{name}@x.test"),
+        )
+        return name
+
+    return insert
+
+
+def _names(url: str) -> list[str]:
+    return [row[0] for row in databases.query(url, "SELECT name FROM students ORDER BY id")]
+
+
+def _together(db_url: str, members: list[_Member], statements: list[str] | None = None) -> list:
+    """The members' writes queued in one turn of the loop, the loop thread keeping its
+    connection as the server's does; their answers (statements: SQLite's, as run)."""
+    db = engine.open_pool(db_url, max_connections=2)
+    if statements is not None:
+        hooks = db._add_conn_hooks
+
+        def traced(connection):
+            hooks(connection)
+            connection.set_trace_callback(statements.append)
+
+        db._add_conn_hooks = traced
+
+    async def main():
+        writes = LoopWrites(unit_of_work.LoopTurn())
+        with unit_of_work.connection_kept():
+            return await asyncio.gather(
+                *(writes.run(_Work(), member, None, None) for member in members)
+            )
+
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.close_pool()
+
+
+@pytest.mark.databases("sqlite")
+def test_writes_queued_together_commit_together_and_are_answered_after_the_commit(db_url):
+    seen: list = []
+    statements: list[str] = []
+    members = [_Member(_insert(f"s{i}"), seen) for i in range(3)]
+    answers = _together(db_url, members, statements)
+    assert answers == [(f"s{i}", None) for i in range(3)]
+    # One transaction, each write a savepoint in it; all answered after its COMMIT.
+    kinds = [s.split()[0].upper() for s in statements if not s.startswith("PRAGMA")]
+    assert kinds.count("BEGIN") == 1 and kinds.count("COMMIT") == 1
+    assert kinds.count("SAVEPOINT") == 3 and kinds[-1] == "COMMIT"
+    assert [kind for kind, _ in seen] == ["ran"] * 3 + ["finished"] * 3
+    assert _names(db_url) == ["s0", "s1", "s2"]
+
+
+@pytest.mark.databases("sqlite")
+def test_a_write_that_fails_in_a_group_rolls_back_alone(db_url):
+    def insert_then_fail():
+        _insert("lost")()
+        raise InvalidField("no")
+
+    seen: list = []
+    members = [_Member(f, seen) for f in (_insert("a"), insert_then_fail, _insert("b"))]
+    answers = _together(db_url, members)
+    assert answers == [("a", None), (None, ("status", "INVALID_ARGUMENT")), ("b", None)]
+    assert _names(db_url) == ["a", "b"]
+
+
+@pytest.mark.databases("sqlite")
+def test_a_group_whose_commit_fails_fails_every_write_and_commits_none(db_url):
+    """SQLite checks deferred foreign keys at COMMIT: one write's dangling reference
+    makes the group's COMMIT fail. No write of it is answered as done."""
+
+    def dangling():
+        proxy.obj.execute_sql("PRAGMA defer_foreign_keys = ON")
+        proxy.obj.execute_sql(
+            "INSERT INTO student_courses (student_id, course_id, enroll_time) "
+            "VALUES (999, 999, '2026-11-30 00:00:00')"
+        )
+        return "dangling"
+
+    seen: list = []
+    members = [_Member(f, seen) for f in (_insert("a"), dangling, _insert("b"))]
+    answers = _together(db_url, members)
+    assert all(response is None and status is not None for response, status in answers)
+    assert [code for kind, code in seen if kind == "finished"] == ["INTERNAL"] * 3
+    assert _names(db_url) == []
+    assert databases.query(db_url, "SELECT count(*) FROM student_courses") == [(0,)]

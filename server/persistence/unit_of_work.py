@@ -180,6 +180,64 @@ class LoopTurn:
         finally:
             _turn_held.reset(token)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def together() -> Iterator[_Group]:
+        """Holding the turn: one transaction and one COMMIT (one fsync) for several
+        writes, each run through group.run(...) as a savepoint of it (a write that
+        fails rolls back its own savepoint only). BEGIN IMMEDIATE gives way as a single
+        write's does (WouldWait, nothing done). A failed COMMIT raises the
+        EnrollmentError that every member that had succeeded is answered with; nothing
+        of the group is committed then, or, where the database cannot tell
+        (COMMIT_OUTCOME_UNKNOWN), no member is told that nothing changed."""
+        db = proxy.obj
+        group = _Group(db)
+        committing = False
+        try:
+            connection = _KeptConnection(db) if _keeper.on else db.connection_context()
+            with connection, _immediate_or_give_way(db):
+                yield group
+                committing = True
+        except (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded) as exc:
+            failure = _failure(db, exc, verdict(exc), committing=committing)
+            if isinstance(failure, _Transient):
+                raise DatabaseUnavailable.of() from exc
+            if failure is exc:
+                raise
+            raise failure from exc
+        if group.wrote:
+            outbox.committed()
+
+
+class _Group:
+    """Several SQLite writes on the event loop in one transaction (LoopTurn.together)."""
+
+    __slots__ = ("db", "wrote")
+
+    def __init__(self, db: pw.Database) -> None:
+        self.db = db
+        self.wrote = False  # a member's unit of work wrote events: wake watchers after
+
+    def run(self, fn: Callable[..., R], *args: object) -> R:
+        """fn(*args) as a member of the group: its unit of work is a savepoint of the
+        group's transaction, and holds the writer lock through the group."""
+        held, grouped = _turn_held.set(True), _grouped.set(self)
+        try:
+            return fn(*args)
+        finally:
+            _grouped.reset(grouped)
+            _turn_held.reset(held)
+
+    def intact(self) -> bool:
+        """Whether the group's transaction is still open. SQLite rolls a whole
+        transaction back by itself on some errors (a full disk, an I/O error): then the
+        members before have nothing left to commit."""
+        return bool(self.db.connection().in_transaction)
+
+
+# Set while a write runs as a member of a group (_Group.run).
+_grouped: ContextVar[_Group | None] = ContextVar("sqlite_write_group", default=None)
+
 
 _NOTHING = contextlib.nullcontext()
 
@@ -237,7 +295,8 @@ class _KeptConnection:
         engine.kept_idle.discard(_keeper.ident)
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
-        if kind is not None and issubclass(kind, (pw.DatabaseError, pw.InterfaceError)):
+        broken = kind is not None and issubclass(kind, (pw.DatabaseError, pw.InterfaceError))
+        if broken and _grouped.get() is None:  # a group's member: the group's to decide
             _hand_back(self.db)  # it may be broken: the next call takes another
         elif not self.db.is_closed():
             engine.kept_idle.add(_keeper.ident)
@@ -272,30 +331,57 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
                 stage = "commit"
             stage = "done"
         if written:
-            outbox.committed()  # wakes this process's watchers now, not at their next poll
+            group = _grouped.get()
+            if group is None:
+                outbox.committed()  # wakes this process's watchers now, not at their next poll
+            else:
+                group.wrote = True  # at the group's COMMIT
     except (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded) as exc:
         found = verdict(exc)
-        if found is Verdict.UNAVAILABLE and lost_connection(exc):
-            # The idle connections went down with this one: drop them now, so the
-            # calls after an outage open fresh connections instead of failing one by one.
-            discard_idle()
         if stage == "done":
+            _failure(db, exc, found, committing=False)  # the connection bookkeeping
             # Committed; only handing the connection back failed. The answer stands.
             log.warning("after a commit, releasing the connection failed: %s", first_line(exc))
             return
-        if found is Verdict.FULL:  # refused, at COMMIT too: the database said so
-            _storage_full(exc)
-            raise StorageFull.of() from exc
-        if stage == "commit" and write and _outcome_unknown(db, exc):
-            raise CommitOutcomeUnknown.of() from exc
-        if write and outbox.commit_sent() and may_have_committed(exc):
-            raise CommitOutcomeUnknown.of() from exc
-        if found is not None:
-            raise _Transient(found) from exc
-        raise
+        failure = _failure(
+            db,
+            exc,
+            found,
+            committing=stage == "commit" and write,
+            commit_sent=write and outbox.commit_sent(),
+        )
+        if failure is exc:
+            raise
+        raise failure from exc
     finally:
         if pending is not None:
             outbox.end(pending)
+
+
+def _failure(
+    db: pw.Database,
+    exc: BaseException,
+    found: Verdict | None,
+    *,
+    committing: bool,
+    commit_sent: bool = False,
+) -> BaseException:
+    """What a transaction's database failure is raised as: StorageFull,
+    CommitOutcomeUnknown, _Transient (found: its verdict), or exc itself."""
+    if found is Verdict.UNAVAILABLE and lost_connection(exc):
+        # The idle connections went down with this one: drop them now, so the calls
+        # after an outage open fresh connections instead of failing one by one.
+        discard_idle()
+    if found is Verdict.FULL:  # refused, at COMMIT too: the database said so
+        _storage_full(exc)
+        return StorageFull.of()
+    if committing and _outcome_unknown(db, exc):
+        return CommitOutcomeUnknown.of()
+    if commit_sent and may_have_committed(exc):
+        return CommitOutcomeUnknown.of()
+    if found is not None:
+        return _Transient(found)
+    return exc
 
 
 def _transaction(
@@ -306,8 +392,8 @@ def _transaction(
     waiting on the event loop (LoopTurn)."""
     if not snapshot:
         return _NOTHING
-    if not (write and isinstance(db, pw.SqliteDatabase)):
-        return db.atomic()
+    if not (write and isinstance(db, pw.SqliteDatabase)) or _grouped.get() is not None:
+        return db.atomic()  # in a group (LoopTurn.together), a savepoint of its transaction
     if not _turn_held.get():
         return db.atomic("IMMEDIATE")
     return _immediate_or_give_way(db)

@@ -15,6 +15,7 @@ waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -30,6 +31,7 @@ from enrollment.server import callstate
 from enrollment.server.callstate import WouldWait
 from enrollment.server.errors import (
     CallEnded,
+    DatabaseUnavailable,
     EnrollmentError,
     InvalidField,
     RequestTimeout,
@@ -243,6 +245,14 @@ def _bounded(handler: grpc.RpcMethodHandler, reads: RequestReads) -> grpc.RpcMet
     )
 
 
+class Group(Protocol):
+    """Writes run together in one transaction (persistence's _Group)."""
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+    def intact(self) -> bool: ...
+
+
 class Turn(Protocol):
     """The process's SQLite writer lock for a call on the loop (persistence's LoopTurn)."""
 
@@ -252,46 +262,176 @@ class Turn(Protocol):
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any: ...
 
+    def together(self) -> contextlib.AbstractContextManager[Group]: ...
+
+
+class _Queued:
+    """A write waiting for its group."""
+
+    __slots__ = ("call", "future", "request", "state", "work")
+
+    def __init__(self, work: contextvars.Context, call: _Call, request, state: _CallState, future):
+        self.work, self.call, self.request, self.state = work, call, request, state
+        self.future: asyncio.Future[tuple[Any, Any] | None] = future
+
+
+class _GroupLost(Exception):
+    """The group's transaction is gone before its COMMIT (see _Group.intact)."""
+
 
 class LoopWrites:
-    """SQLite writes run on the event loop instead of the writer thread, when they can.
+    """SQLite writes run on the event loop instead of the writer thread, when they can,
+    and those that arrive together commit together.
 
     On SQLite a write handed to the writer thread costs the process far more CPU than
     the same write run on the loop (bench/PROFILE.md, "Figures behind code comments"):
     each of its statements gives up the GIL and takes it back while the loop thread
     wants it too. So a write of the methods start-up names (a few rows each) runs on the
-    loop, as the cheap reads do. It waits for this process's writer lock as a coroutine
-    (behind a batch in the writer thread, say), then runs holding it, without waiting
-    for the file's lock: when another process holds that, it raises WouldWait before
-    doing anything and goes to the writer thread, which waits as before. The loop is
-    held for the write's own work and its COMMIT's fsync: when these writes have held it
-    longer than `budget` seconds on average (a slow disk; one slow write among fast ones
-    does not count for much), they go to the writer thread for `pause` seconds, then
-    are tried here again. Only on the event loop."""
+    loop, as the cheap reads do.
+
+    Group commit: a write queues, and the writes queued by the time the loop gets to
+    them (those whose requests arrived in the same turn of the loop, or while the lock
+    was held by another) run one after another in ONE transaction, each as a savepoint
+    of it (one that fails rolls back alone), with one COMMIT and one fsync for all
+    (`synchronous=FULL` still: no write is answered before the COMMIT that made it
+    durable). Their answers, log lines and metrics all wait for that COMMIT; a COMMIT
+    that fails fails every write of the group that had succeeded, with its status. At
+    most MAX_GROUP writes a group, so the loop is held for a few writes at a time.
+
+    The group waits for this process's writer lock as a coroutine (behind a batch in
+    the writer thread, say), then runs holding it, without waiting for the file's lock:
+    when another process holds that, BEGIN IMMEDIATE raises WouldWait before anything
+    is done and every write of the group goes to the writer thread, which waits as
+    before. The loop is held for the group's work and its COMMIT's fsync: when writes
+    have held it longer than `budget` seconds each on average (a slow disk; one slow
+    write among fast ones does not count for much), they go to the writer thread for
+    `pause` seconds, then are tried here again. Only on the event loop."""
 
     BUDGET = 0.002
     PAUSE = 1.0
     WEIGHT = 0.1  # of the newest write in the average (an exponentially weighted one)
+    MAX_GROUP = 8
 
     def __init__(self, turn: Turn, budget: float = BUDGET, pause: float = PAUSE) -> None:
         self.turn = turn
         self.budget, self.pause = budget, pause
         self.average = 0.0  # seconds a write held the loop, lately (from none at all)
         self._resume = 0.0  # time.monotonic() from which writes run here again
+        self._queue: list[_Queued] = []
+        self._runner: asyncio.Task[None] | None = None
 
     async def run(self, work: contextvars.Context, call: _Call, request, state: _CallState):
-        """call.run(request, state) in work, on the loop, holding the writer lock; None
-        when it would have waited for the file (nothing done) or writes are paused here."""
+        """(response, status) of call.run(request, state) run in work, on the loop, in
+        a group: the call is finished (logged) by then. None when it would have waited
+        for the file (nothing done, not finished) or writes are paused here."""
         if time.monotonic() < self._resume:
             return None
-        async with self.turn:
-            start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        queued = _Queued(work, call, request, state, loop.create_future())
+        self._queue.append(queued)
+        if self._runner is None:
+            self._runner = loop.create_task(self._drain())
+        try:
+            return await queued.future
+        except asyncio.CancelledError:
+            # The caller went away or the server is stopping. Still queued, the write
+            # runs with its group, sees the call ended (no database work) and is
+            # finished there; handed back (None), it is finished here.
+            state.ended = True
+            future = queued.future
+            if future.done() and not future.cancelled() and future.result() is None:
+                call.finish(state.why_ended(), "CALL_ENDED")
+            raise
+
+    async def _drain(self) -> None:
+        group: list[_Queued] = []
+        try:
+            async with self.turn:
+                group, self._queue = self._queue[: self.MAX_GROUP], self._queue[self.MAX_GROUP :]
+                self._runner = None
+                if self._queue:  # more than a group: the next waits for the lock again
+                    self._runner = asyncio.get_running_loop().create_task(self._drain())
+                start = time.monotonic()
+                try:
+                    self._run(group)
+                except Exception:
+                    log.exception("a group of writes failed unexpectedly")
+                    for queued in group:
+                        if not queued.future.done():
+                            status = error_status.with_trailers(
+                                error_status.INTERNAL, queued.call.trailer
+                            )
+                            queued.call.finish("INTERNAL", "INTERNAL")
+                            queued.future.set_result((None, status))
+                finally:
+                    self.held((time.monotonic() - start) / len(group), start)
+        except asyncio.CancelledError:
+            if not group:
+                # Cancelled while waiting for the lock (the server is stopping): the
+                # writes queued go to the writer thread, as a write that would wait does.
+                self._runner = None
+                queued_now, self._queue = self._queue, []
+                for queued in queued_now:
+                    _settle(queued, None)
+            raise
+
+    def _run(self, group: list[_Queued]) -> None:
+        if len(group) == 1:
+            queued = group[0]
             try:
-                return work.run(self.turn.run, call.run, request, state)
+                result = queued.work.run(
+                    self.turn.run, queued.call.run, queued.request, queued.state
+                )
             except WouldWait:
-                return None
-            finally:
-                self.held(time.monotonic() - start, start)
+                result = None
+            _settle(queued, result)
+            return
+        outcomes: list[tuple[Any, Any, str, str]] = []
+        failure: EnrollmentError | None = None
+        internal = False
+        try:
+            with self.turn.together() as together:
+                for queued in group:
+                    outcome = queued.work.run(
+                        together.run, queued.call.attempt, queued.request, queued.state
+                    )
+                    outcomes.append(outcome)
+                    if not together.intact():
+                        raise _GroupLost
+        except WouldWait:
+            for queued in group:
+                _settle(queued, None)
+            return
+        except _GroupLost:
+            # The last write's failure took the whole transaction (SQLite rolled it
+            # back): the ones before it changed nothing after all, and may be tried
+            # again; the ones after it were not run, and go to the writer thread.
+            failure = DatabaseUnavailable.of()
+        except EnrollmentError as error:  # the COMMIT failed
+            failure = error
+        except Exception:
+            log.exception("a group of writes failed unexpectedly at its commit")
+            failure = None
+            internal = True
+        for index, queued in enumerate(group):
+            if index >= len(outcomes):
+                _settle(queued, None)
+                continue
+            response, status, code, reason = outcomes[index]
+            if status is None and (failure is not None or internal):
+                # It had succeeded, and its group did not commit.
+                response, code, reason = None, "INTERNAL", "INTERNAL"
+                if failure is None:
+                    status = error_status.INTERNAL
+                else:
+                    status, code, reason = (
+                        error_status.to_status(failure),
+                        failure.code,
+                        failure.reason,
+                    )
+                status = error_status.with_trailers(status, queued.call.trailer)
+            queued.call.finish(code, reason)
+            _settle(queued, (response, status))
 
     def held(self, seconds: float, now: float) -> None:
         """A write held the loop this long: pause here when they do so on average."""
@@ -300,6 +440,15 @@ class LoopWrites:
             self._resume = now + seconds + self.pause
             average = 0.0  # measured afresh once writes run here again
         self.average = average
+
+
+def _settle(queued: _Queued, result: tuple[Any, Any] | None) -> None:
+    future = queued.future
+    if not future.done():
+        future.set_result(result)
+    elif result is None:
+        # Its caller went away while it was queued, and it is not run here after all.
+        queued.call.finish(queued.state.why_ended(), "CALL_ENDED")
 
 
 _DEADLINE_SLACK = 0.05  # seconds
@@ -423,12 +572,8 @@ class _Guard:
         else:
             done = None
             if self._loop_first is not None:
-                try:
-                    done = await self._loop_first.run(work, call, request, state)
-                except asyncio.CancelledError:
-                    # Ended while it waited for its turn, before any of its work.
-                    call.finish(state.end(), "CALL_ENDED")
-                    raise
+                # Cancelled meanwhile, the call is finished there (LoopWrites.run).
+                done = await self._loop_first.run(work, call, request, state)
             if done is None:
                 done = await self._in_pool(work, call, request, state)
             response, status = done
@@ -491,35 +636,34 @@ class _Call:
 
     def run(self, request, state: _CallState):
         """In a pool thread: the service call; returns (response, None) or (None, status)."""
+        response, status, code, reason = self.attempt(request, state)
+        self.finish(code, reason)
+        return response, status
+
+    def attempt(self, request, state: _CallState) -> tuple[Any, Any, str, str]:
+        """The service call, not yet finished: (response, None, "OK", "") or (None,
+        status, code, reason). WouldWait: nothing was done, it runs again elsewhere."""
         guard = self.guard
         trailer = self.trailer
-        code, reason, response, status = "OK", "", None, None
-        ended = True
         try:
             if isinstance(request, _Undecodable):
                 raise InvalidField(
                     f"the request is not a valid {request.type_name} (is every string field UTF-8?)"
                 )
-            response = guard._behavior(request, None)
+            return guard._behavior(request, None), None, "OK", ""
         except WouldWait:
-            ended = False  # nothing was done: the call runs again in the writer thread
-            raise
+            raise  # nothing was done: the call runs again in the writer thread
         except CallEnded as error:
             # The caller is gone; its answer is already decided. This is for logs and metrics.
-            code = state.why_ended()
-            reason = error.reason
             status = error_status.with_trailers(error_status.to_status(error), trailer)
+            return None, status, state.why_ended(), error.reason
         except EnrollmentError as error:
-            code, reason = error.code, error.reason
             status = error_status.with_trailers(error_status.to_status(error), trailer)
+            return None, status, error.code, error.reason
         except Exception:
-            code, reason = "INTERNAL", "INTERNAL"
             log.exception("rpc %s failed unexpectedly", guard._name)
             status = error_status.with_trailers(error_status.INTERNAL, trailer)
-        finally:
-            if ended:
-                self.finish(code, reason)
-        return response, status
+            return None, status, "INTERNAL", "INTERNAL"
 
     def finish(self, code: str, reason: str) -> None:
         """Called once per call: on the loop when the call ends before its work is handed
