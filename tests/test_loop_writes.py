@@ -224,9 +224,12 @@ class _Member:
             response = work()
         except EnrollmentError as error:
             self.seen.append(("failed", error.code))
-            return None, ("status", error.code), error.code, error.reason
+            return self.failed(error)
         self.seen.append(("ran", response))
         return response, None, "OK", ""
+
+    def failed(self, error):
+        return None, ("status", error.code), error.code, error.reason
 
     def run(self, request, state):
         response, status, code, reason = self.attempt(request, state)

@@ -339,7 +339,7 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
     except (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded) as exc:
         found = verdict(exc)
         if stage == "done":
-            _failure(db, exc, found, committing=False)  # the connection bookkeeping
+            _discard_if_lost(exc, found)
             # Committed; only handing the connection back failed. The answer stands.
             log.warning("after a commit, releasing the connection failed: %s", first_line(exc))
             return
@@ -358,6 +358,13 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
             outbox.end(pending)
 
 
+def _discard_if_lost(exc: BaseException, found: Verdict | None) -> None:
+    """The idle connections went down with this one: drop them now, so the calls after
+    an outage open fresh connections instead of failing one by one."""
+    if found is Verdict.UNAVAILABLE and lost_connection(exc):
+        discard_idle()
+
+
 def _failure(
     db: pw.Database,
     exc: BaseException,
@@ -368,10 +375,7 @@ def _failure(
 ) -> BaseException:
     """What a transaction's database failure is raised as: StorageFull,
     CommitOutcomeUnknown, _Transient (found: its verdict), or exc itself."""
-    if found is Verdict.UNAVAILABLE and lost_connection(exc):
-        # The idle connections went down with this one: drop them now, so the calls
-        # after an outage open fresh connections instead of failing one by one.
-        discard_idle()
+    _discard_if_lost(exc, found)
     if found is Verdict.FULL:  # refused, at COMMIT too: the database said so
         _storage_full(exc)
         return StorageFull.of()

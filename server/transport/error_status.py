@@ -48,7 +48,9 @@ def status_of(error: EnrollmentError) -> status_pb2.Status:
     )
 
 
-INTERNAL = to_status(EnrollmentError("internal error; the server log has the details"))
+# What an unexpected failure is answered with (its code and reason: INTERNAL).
+INTERNAL_ERROR = EnrollmentError("internal error; the server log has the details")
+INTERNAL = to_status(INTERNAL_ERROR)
 
 
 def with_trailers(status: grpc.Status, extra: tuple[tuple[str, str], ...]) -> grpc.Status:

@@ -358,10 +358,10 @@ class LoopWrites:
                     log.exception("a group of writes failed unexpectedly")
                     for queued in group:
                         if not queued.future.done():
-                            status = error_status.with_trailers(
-                                error_status.INTERNAL, queued.call.trailer
+                            _, status, code, reason = queued.call.failed(
+                                error_status.INTERNAL_ERROR
                             )
-                            queued.call.finish("INTERNAL", "INTERNAL")
+                            queued.call.finish(code, reason)
                             queued.future.set_result((None, status))
                 finally:
                     self.held((time.monotonic() - start) / len(group), start)
@@ -376,7 +376,7 @@ class LoopWrites:
             raise
 
     def _run(self, group: list[_Queued]) -> None:
-        if len(group) == 1:
+        if len(group) == 1:  # alone: its own transaction, without a savepoint in it
             queued = group[0]
             try:
                 result = queued.work.run(
@@ -387,8 +387,7 @@ class LoopWrites:
             _settle(queued, result)
             return
         outcomes: list[tuple[Any, Any, str, str]] = []
-        failure: EnrollmentError | None = None
-        internal = False
+        failure: EnrollmentError | None = None  # why the group did not commit
         try:
             with self.turn.together() as together:
                 for queued in group:
@@ -411,25 +410,15 @@ class LoopWrites:
             failure = error
         except Exception:
             log.exception("a group of writes failed unexpectedly at its commit")
-            failure = None
-            internal = True
+            failure = error_status.INTERNAL_ERROR
         for index, queued in enumerate(group):
             if index >= len(outcomes):
                 _settle(queued, None)
                 continue
             response, status, code, reason = outcomes[index]
-            if status is None and (failure is not None or internal):
+            if status is None and failure is not None:
                 # It had succeeded, and its group did not commit.
-                response, code, reason = None, "INTERNAL", "INTERNAL"
-                if failure is None:
-                    status = error_status.INTERNAL
-                else:
-                    status, code, reason = (
-                        error_status.to_status(failure),
-                        failure.code,
-                        failure.reason,
-                    )
-                status = error_status.with_trailers(status, queued.call.trailer)
+                response, status, code, reason = queued.call.failed(failure)
             queued.call.finish(code, reason)
             _settle(queued, (response, status))
 
@@ -549,9 +538,7 @@ class _Guard:
             request = await self._request(call, authorizations, context)
         except EnrollmentError as error:
             call.finish(error.code, error.reason)
-            await context.abort_with_status(
-                error_status.with_trailers(error_status.to_status(error), call.trailer)
-            )
+            await context.abort_with_status(call.status_of(error))
         except asyncio.CancelledError:
             # The caller went away (or its deadline passed) before its request arrived.
             call.finish(state.end(), "CALL_ENDED")
@@ -606,15 +593,13 @@ class _Guard:
             async for reply in self._behavior(request, context):
                 await context.write(reply)
         except EnrollmentError as error:
-            code, reason = error.code, error.reason
-            status = error_status.with_trailers(error_status.to_status(error), call.trailer)
+            _, status, code, reason = call.failed(error)
         except asyncio.CancelledError:
             code, reason = "CANCELLED", "CALL_ENDED"  # the client went away: the usual end
             raise
         except Exception:
-            code, reason = "INTERNAL", "INTERNAL"
             log.exception("rpc %s failed unexpectedly", self._name)
-            status = error_status.with_trailers(error_status.INTERNAL, call.trailer)
+            _, status, code, reason = call.failed(error_status.INTERNAL_ERROR)
         finally:
             call.finish(code, reason)
         if status is not None:
@@ -634,6 +619,15 @@ class _Call:
         self.caller = "-"
         self.peer = context.peer()
 
+    def status_of(self, error: EnrollmentError) -> grpc.Status:
+        """The status an error answers this call with, its x-request-id in the trailers."""
+        status = error_status.INTERNAL if error is error_status.INTERNAL_ERROR else None
+        return error_status.with_trailers(status or error_status.to_status(error), self.trailer)
+
+    def failed(self, error: EnrollmentError) -> tuple[None, grpc.Status, str, str]:
+        """attempt()'s outcome for a call that failed with error."""
+        return None, self.status_of(error), error.code, error.reason
+
     def run(self, request, state: _CallState):
         """In a pool thread: the service call; returns (response, None) or (None, status)."""
         response, status, code, reason = self.attempt(request, state)
@@ -644,7 +638,6 @@ class _Call:
         """The service call, not yet finished: (response, None, "OK", "") or (None,
         status, code, reason). WouldWait: nothing was done, it runs again elsewhere."""
         guard = self.guard
-        trailer = self.trailer
         try:
             if isinstance(request, _Undecodable):
                 raise InvalidField(
@@ -655,15 +648,12 @@ class _Call:
             raise  # nothing was done: the call runs again in the writer thread
         except CallEnded as error:
             # The caller is gone; its answer is already decided. This is for logs and metrics.
-            status = error_status.with_trailers(error_status.to_status(error), trailer)
-            return None, status, state.why_ended(), error.reason
+            return None, self.status_of(error), state.why_ended(), error.reason
         except EnrollmentError as error:
-            status = error_status.with_trailers(error_status.to_status(error), trailer)
-            return None, status, error.code, error.reason
+            return self.failed(error)
         except Exception:
             log.exception("rpc %s failed unexpectedly", guard._name)
-            status = error_status.with_trailers(error_status.INTERNAL, trailer)
-            return None, status, "INTERNAL", "INTERNAL"
+            return self.failed(error_status.INTERNAL_ERROR)
 
     def finish(self, code: str, reason: str) -> None:
         """Called once per call: on the loop when the call ends before its work is handed
