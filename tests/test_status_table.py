@@ -9,6 +9,7 @@ from tests.rpc import TIMEOUT, enroll, expect_error, new_course, new_student
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 MAX_ID = 2**63 - 1
 
 
@@ -171,6 +172,44 @@ def test_missing_student_is_not_found_everywhere(stub):
     for call, request in cases:
         got = expect_error(call, request, NOT_FOUND, "STUDENT_NOT_FOUND")
         assert got.fields == []
+
+
+def test_missing_student_is_said_before_a_full_course_and_changes_nothing(stub):
+    """EnrollStudent and DropCourse look the student up only when their own statement
+    finds no entry (the entry's foreign key says the student exists): the contract's
+    order still holds, a missing student before a full course or a missing entry, and
+    the failed call leaves no request record and no event behind."""
+    course = new_course(stub, capacity=1)
+    enroll(stub, new_student(stub).id, course.id)  # full, no waitlist
+    head = stub.ListEvents(pb.ListEventsRequest(), timeout=TIMEOUT).head_sequence
+    rid = "123e4567-e89b-42d3-a456-426614174404"
+    for call, request in [
+        (stub.EnrollStudent, pb.EnrollStudentRequest(student_id=404, course_id=course.id)),
+        (
+            stub.EnrollStudent,
+            pb.EnrollStudentRequest(
+                student_id=404, course_id=course.id, waitlist_if_full=True, request_id=rid
+            ),
+        ),
+        (stub.DropCourse, pb.DropCourseRequest(student_id=404, course_id=course.id)),
+        (
+            stub.DropCourse,
+            pb.DropCourseRequest(student_id=404, course_id=course.id, request_id=rid),
+        ),
+    ]:
+        expect_error(call, request, NOT_FOUND, "STUDENT_NOT_FOUND")
+    assert stub.ListEvents(pb.ListEventsRequest(), timeout=TIMEOUT).head_sequence == head
+    # The id was not recorded: used now for another request, it runs, it does not
+    # answer REQUEST_ID_REUSED.
+    other = new_student(stub)
+    expect_error(
+        stub.EnrollStudent,
+        pb.EnrollStudentRequest(student_id=other.id, course_id=course.id, request_id=rid),
+        FAILED_PRECONDITION,
+        "COURSE_FULL",
+    )
+    got = stub.GetCourse(pb.GetCourseRequest(course_id=course.id), timeout=TIMEOUT)
+    assert got.course.enrolled_count == 1
 
 
 def test_missing_course_is_not_found_in_get_delete_and_roster(stub):

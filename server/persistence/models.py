@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+from typing import Any
 
 import peewee as pw
 
@@ -56,6 +57,21 @@ class TimestampField(pw.DateTimeField):
         if _is_mysql(self.model._meta.database):
             return pw.SQL("DATETIME(6)")
         return super().ddl_datatype(ctx)
+
+    def python_value(self, value: Any) -> Any:
+        """SQLite's text as a datetime: datetime.fromisoformat reads what this field
+        stores ('YYYY-MM-DD HH:MM:SS[.ffffff]') at once, where peewee's adapt first
+        rewrites the text and tries its formats (about 0.7 us a value, two a row of a
+        page). Anything else (the drivers' datetimes, other text) goes peewee's way."""
+        if type(value) is str:
+            try:
+                return _fromisoformat(value)
+            except ValueError:
+                pass
+        return super().python_value(value)  # type: ignore[no-untyped-call]
+
+
+_fromisoformat = dt.datetime.fromisoformat
 
 
 def _is_mysql(db: pw.Database | pw.DatabaseProxy) -> bool:
