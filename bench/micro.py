@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -33,6 +34,7 @@ from bench import procs
 from bench.nofeed import without_feed
 from bench.seed import Shape, seed
 from enrollment.server.domain import events, lookups
+from enrollment.server.domain.updates import etag_of
 from enrollment.server.operations import logs
 from enrollment.server.persistence import engine, models, unit_of_work
 from enrollment.server.persistence.models import Student
@@ -82,9 +84,26 @@ def _parts() -> dict:
                    "create_time": stamp, "update_time": stamp, "version": 3},
     }  # fmt: skip
     _encode = json.JSONEncoder(separators=(",", ":")).encode
+    # A course row as a page hands it to convert.course_to_proto.
+    course = SimpleNamespace(
+        id=2, code="CS-101", title="Intro", capacity=30, enrolled_count=7, create_time=when,
+        waitlist_capacity=5, waitlisted_count=0, update_time=when, version=3,
+    )  # fmt: skip
+
+    def course_with_timestamps() -> pb.Course:
+        # course_to_proto as it was before 2026-11-30's sixth session: Timestamps copied in.
+        return pb.Course(
+            id=course.id, code=course.code, title=course.title, capacity=course.capacity,
+            enrolled_count=course.enrolled_count, create_time=convert.timestamp(course.create_time),
+            waitlist_capacity=course.waitlist_capacity, waitlisted_count=course.waitlisted_count,
+            update_time=convert.timestamp(course.update_time), etag=etag_of(course.version),
+        )  # fmt: skip
+
     return {
         "Timestamp.FromDatetime": lambda: Timestamp().FromDatetime(when),
         "convert.timestamp": lambda: convert.timestamp(when),
+        "a Course, Timestamps copied in": course_with_timestamps,
+        "a Course, as used": lambda: convert.course_to_proto(course),
         "peewee compiles a lookup's SQL": lambda: Student.select().where(Student.id == 1).sql(),
         "the lookup, SQL prepared once": lambda: lookups.find_student(1),
         "utcnow(), now().replace()": models._utcnow,

@@ -61,14 +61,22 @@ def timestamp(value: dt.datetime) -> Timestamp:
     return Timestamp(seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000)
 
 
+def _stamp(value: dt.datetime) -> Any:
+    """timestamp(value)'s fields, for a message's constructor: given a dict, the field is
+    filled in place, where a Timestamp is first built and then copied into it (a Course
+    message about 1-2 µs less; bench/PROFILE.md, "Figures behind code comments")."""
+    since = value - _EPOCH
+    return {"seconds": since.days * 86400 + since.seconds, "nanos": since.microseconds * 1000}
+
+
 def student_to_proto(student: Student) -> pb.Student:
     return pb.Student(
         id=student.id,
         name=student.name,
         email=student.email,
-        create_time=timestamp(student.create_time),
+        create_time=_stamp(student.create_time),
         # NULL only on rows from before update_time existed: never updated since.
-        update_time=timestamp(student.update_time or student.create_time),
+        update_time=_stamp(student.update_time or student.create_time),
         etag=etag_of(student.version),
     )
 
@@ -80,10 +88,10 @@ def course_to_proto(course: Course) -> pb.Course:
         title=course.title,
         capacity=course.capacity,
         enrolled_count=course.enrolled_count,
-        create_time=timestamp(course.create_time),
+        create_time=_stamp(course.create_time),
         waitlist_capacity=course.waitlist_capacity,
         waitlisted_count=course.waitlisted_count,
-        update_time=timestamp(course.update_time or course.create_time),
+        update_time=_stamp(course.update_time or course.create_time),
         etag=etag_of(course.version),
     )
 
@@ -115,7 +123,7 @@ class EventRecord(Protocol):
 def event_to_proto(event: EventRecord) -> pb.Event:
     message = pb.Event(
         sequence=event.sequence,
-        event_time=timestamp(event.event_time),
+        event_time=_stamp(event.event_time),
         type=cast(pb.EventType.ValueType, event.type),
         student_id=event.student_id,
         course_id=event.course_id,
@@ -137,7 +145,7 @@ def enrollment_to_proto(enrollment: Entry) -> pb.Enrollment:
         course_id=enrollment.course_id,
         state=cast(pb.EnrollmentState.ValueType, enrollment.state),
         waitlist_position=enrollment.waitlist_position,
-        create_time=timestamp(enrollment.create_time),
+        create_time=_stamp(enrollment.create_time),
     )
     if enrollment.enroll_time is not None:
         message.enroll_time.CopyFrom(timestamp(enrollment.enroll_time))
