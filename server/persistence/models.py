@@ -67,7 +67,7 @@ class TimestampField(pw.DateTimeField):
             try:
                 return _fromisoformat(value)
             except ValueError:
-                pass
+                return super().python_value(value)  # type: ignore[no-untyped-call]
         return super().python_value(value)  # type: ignore[no-untyped-call]
 
 
