@@ -60,3 +60,6 @@ def test_messages_carry_the_times_protobuf_would():
         assert got_course.update_time == _protobufs(value)  # never updated: create_time
         entry = enrollment_to_proto(Entry(1, 2, pb.ENROLLMENT_STATE_ENROLLED, 0, value, later))
         assert (entry.create_time, entry.enroll_time) == (_protobufs(value), _protobufs(later))
+        waiting = enrollment_to_proto(Entry(1, 2, pb.ENROLLMENT_STATE_WAITLISTED, 1, value, None))
+        assert waiting.create_time == _protobufs(value)
+        assert not waiting.HasField("enroll_time")  # no seat taken yet

@@ -57,8 +57,7 @@ _EPOCH = dt.datetime(1970, 1, 1)
 def timestamp(value: dt.datetime) -> Timestamp:
     """A naive UTC datetime as a Timestamp: what Timestamp.FromDatetime gives, for less CPU
     (`make bench-micro`; bench/PROFILE.md)."""
-    since = value - _EPOCH
-    return Timestamp(seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000)
+    return Timestamp(**_stamp(value))
 
 
 def _stamp(value: dt.datetime) -> Any:
@@ -140,13 +139,13 @@ def event_to_proto(event: EventRecord) -> pb.Event:
 
 
 def enrollment_to_proto(enrollment: Entry) -> pb.Enrollment:
-    message = pb.Enrollment(
+    enroll_time = enrollment.enroll_time
+    return pb.Enrollment(
         student_id=enrollment.student_id,
         course_id=enrollment.course_id,
         state=cast(pb.EnrollmentState.ValueType, enrollment.state),
         waitlist_position=enrollment.waitlist_position,
         create_time=_stamp(enrollment.create_time),
+        # None leaves the field unset: still waiting, no seat taken.
+        enroll_time=None if enroll_time is None else _stamp(enroll_time),
     )
-    if enrollment.enroll_time is not None:
-        message.enroll_time.CopyFrom(timestamp(enrollment.enroll_time))
-    return message
