@@ -34,6 +34,7 @@ from bench import procs
 from bench.nofeed import without_feed
 from bench.seed import Shape, seed
 from enrollment.server.domain import events, lookups
+from enrollment.server.domain.enrollments import Entry
 from enrollment.server.domain.updates import etag_of
 from enrollment.server.operations import logs
 from enrollment.server.persistence import engine, models, unit_of_work
@@ -84,6 +85,19 @@ def _parts() -> dict:
                    "create_time": stamp, "update_time": stamp, "version": 3},
     }  # fmt: skip
     _encode = json.JSONEncoder(separators=(",", ":")).encode
+    # The same payload as events.py writes it: the entry's and the course's templates.
+    entry = Entry(student_id=1, course_id=2, state=1, waitlist_position=0, create_time=when,
+                  enroll_time=when)  # fmt: skip
+    snapshot_row = SimpleNamespace(
+        id=2, code="CS-101", title="Intro", capacity=30, waitlist_capacity=5, create_time=when,
+        update_time=when, version=3,
+    )  # fmt: skip
+
+    def event_json() -> str:
+        head = f'{{"enrollment":{events._entry(entry)},"course":'
+        return f"{head}{events._course(snapshot_row, 7, 0)}}}"
+
+    assert json.loads(event_json()) == payload
     # A course row as a page hands it to convert.course_to_proto.
     course = SimpleNamespace(
         id=2, code="CS-101", title="Intro", capacity=30, enrolled_count=7, create_time=when,
@@ -109,7 +123,7 @@ def _parts() -> dict:
         "utcnow(), now().replace()": models._utcnow,
         "utcnow() as used": models.utcnow,
         "event JSON, JSONEncoder.encode": lambda: _encode(payload),
-        "event JSON, as used": lambda: events._compact_json(payload),
+        "event JSON, as used": event_json,
     }
 
 

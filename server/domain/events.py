@@ -38,7 +38,7 @@ from enrollment.server.persistence.unit_of_work import transactional
 if TYPE_CHECKING:  # enrollments imports this module
     from enrollment.server.domain.enrollments import Entry
 
-# An event's JSON payload, and the snapshots in it.
+# An event's payload read back, and the snapshots in it.
 Json = dict[str, Any]
 
 # The proto's EventType numbers.
@@ -47,50 +47,43 @@ COURSE_CREATED, COURSE_UPDATED, COURSE_DELETED = 4, 5, 6
 ENROLLED, WAITLISTED, PROMOTED, DROPPED = 7, 8, 9, 10
 _ENTRY_KINDS = frozenset({ENROLLED, WAITLISTED, PROMOTED, DROPPED})
 
-# An event's payload as compact JSON. json.dumps with any option builds a JSONEncoder
-# per call, and JSONEncoder.encode builds its C encoder per call; this C encoder is made
-# once, as JSONEncoder.iterencode makes it but without the check for circular
-# references (a snapshot is plain data). Where Python has no C encoder (its name is
-# not in the typing stubs either), one JSONEncoder built once does the same.
-_make_encoder: Callable[..., Callable[[Json, int], list[str]]] | None = getattr(
-    json_encoder, "c_make_encoder", None
+# An event's payload is compact JSON ({"student": …}, {"course": …} or {"enrollment": …,
+# "course": …}), written from one template per snapshot: the text json.dumps(payload,
+# separators=(",", ":")) gives for the same dicts (tests/test_event_payloads.py holds
+# them to it), at about half its CPU (`make bench-micro`'s parts table: "event JSON").
+# Text goes through the encoder json.dumps uses for strings (escapes, non-ASCII as \u);
+# a time's isoformat() has only digits, '-', ':', 'T' and '.', nothing to escape; the
+# other values are non-null integer columns.
+_json_string: Callable[[str], str] = json_encoder.encode_basestring_ascii
+
+
+def _json_time(value: dt.datetime | None) -> str:
+    return "null" if value is None else f'"{value.isoformat()}"'
+
+
+_STUDENT_JSON = '{"id":%d,"name":%s,"email":%s,"create_time":%s,"update_time":%s,"version":%d}'
+_COURSE_JSON = (
+    '{"id":%d,"code":%s,"title":%s,"capacity":%d,"enrolled_count":%d,"waitlist_capacity":%d,'
+    '"waitlisted_count":%d,"create_time":%s,"update_time":%s,"version":%d}'
 )
-if _make_encoder is None:
-    _compact_json: Callable[[Json], str] = json.JSONEncoder(separators=(",", ":")).encode
-else:
-    _encode = _make_encoder(
-        None,  # no circular-reference check
-        json.JSONEncoder().default,  # raises TypeError, as json.dumps does
-        json_encoder.encode_basestring_ascii,
-        None,  # no indent
-        ":",
-        ",",
-        False,  # keys as inserted
-        False,  # no key skipped
-        True,  # NaN as json.dumps writes it
-    )
-
-    def _compact_json(payload: Json) -> str:
-        return "".join(_encode(payload, 0))
-
+_ENTRY_JSON = (
+    '{"student_id":%d,"course_id":%d,"state":%d,"waitlist_position":%d,'
+    '"create_time":%s,"enroll_time":%s}'
+)
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
 
-def _time(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def _student(row: Student) -> Json:
-    return {
-        "id": row.id,
-        "name": row.name,
-        "email": row.email,
-        "create_time": _time(row.create_time),
-        "update_time": _time(row.update_time or row.create_time),
-        "version": row.version,
-    }
+def _student(row: Student) -> str:
+    return _STUDENT_JSON % (
+        row.id,
+        _json_string(row.name),
+        _json_string(row.email),
+        _json_time(row.create_time),
+        _json_time(row.update_time or row.create_time),
+        row.version,
+    )
 
 
 # A course's snapshot fields, read when the call ends (see _CallEvents.finish).
@@ -108,67 +101,70 @@ _COURSE_SNAPSHOT: Prepared[Course] = Prepared(
         Course.version,
     ).where(Course.id == course_id),
     1,
+    plain=True,
 )
 
 
-def _course(row: Course, **counts: int) -> Json:
-    snapshot = {
-        "id": row.id,
-        "code": row.code,
-        "title": row.title,
-        "capacity": row.capacity,
-        "enrolled_count": row.enrolled_count,
-        "waitlist_capacity": row.waitlist_capacity,
-        "waitlisted_count": row.waitlisted_count,
-        "create_time": _time(row.create_time),
-        "update_time": _time(row.update_time or row.create_time),
-        "version": row.version,
-    }
-    snapshot.update(counts)
-    return snapshot
+def _course(row: Course, enrolled_count: int, waitlisted_count: int) -> str:
+    """The course's snapshot with these two counts (the rest as in row)."""
+    return _COURSE_JSON % (
+        row.id,
+        _json_string(row.code),
+        _json_string(row.title),
+        row.capacity,
+        enrolled_count,
+        row.waitlist_capacity,
+        waitlisted_count,
+        _json_time(row.create_time),
+        _json_time(row.update_time or row.create_time),
+        row.version,
+    )
 
 
-def _entry(entry: Entry) -> Json:
-    return {
-        "student_id": entry.student_id,
-        "course_id": entry.course_id,
-        "state": entry.state,
-        "waitlist_position": entry.waitlist_position,
-        "create_time": _time(entry.create_time),
-        "enroll_time": _time(entry.enroll_time),
-    }
+def _entry(entry: Entry) -> str:
+    return _ENTRY_JSON % (
+        entry.student_id,
+        entry.course_id,
+        entry.state,
+        entry.waitlist_position,
+        _json_time(entry.create_time),
+        _json_time(entry.enroll_time),
+    )
 
 
 class _CallEvents:
-    """The events of one transaction, in the order recorded, until it ends."""
+    """The events of one transaction, in the order recorded, until it ends. Each item's
+    payload is complete for a student's event; a course's or an entry's ends where its
+    course's snapshot goes, known only when the call ends."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[int, int, int, Json]] = []
-        self.gone_courses: dict[int, Json] = {}  # deleted in this call: the last snapshot
+        self.items: list[tuple[int, int, int, str]] = []
+        self.gone_courses: dict[int, str] = {}  # deleted in this call: the last snapshot
         # Known without reading the row back (course_after); None: told twice, read it.
-        self.known_courses: dict[int, Json | None] = {}
+        self.known_courses: dict[int, str | None] = {}
         self.time = utcnow()
 
+    def _course_at_end(self, course_id: int) -> str:
+        snapshot = self.gone_courses.get(course_id) or self.known_courses.get(course_id)
+        if snapshot is None:
+            row = _COURSE_SNAPSHOT.first(course_id)
+            if row is None:
+                raise LookupError(f"course {course_id} of an event is gone without its snapshot")
+            snapshot = _course(row, row.enrolled_count, row.waitlisted_count)
+            self.known_courses[course_id] = snapshot  # read once for all its events
+        return snapshot
+
     def finish(self) -> None:
-        wanted = {course_id for kind, _, course_id, _ in self.items if kind > STUDENT_DELETED}
-        courses = {k: v for k, v in self.known_courses.items() if v is not None}
-        courses.update(self.gone_courses)
-        wanted -= courses.keys()
-        for course_id in sorted(wanted):  # usually one course
-            for values in _COURSE_SNAPSHOT.value_rows(course_id):
-                values["create_time"] = _time(values["create_time"])
-                values["update_time"] = _time(values["update_time"]) or values["create_time"]
-                courses[course_id] = values
         request_id, actor = callstate.caller()
         request_id, actor = request_id[:128], actor[:64]
+        add, time = outbox.add, self.time
         for kind, student_id, course_id, payload in self.items:
             if kind > STUDENT_DELETED:
-                payload["course"] = courses[course_id]
-            text = _compact_json(payload)
-            outbox.add(outbox.Row(self.time, kind, student_id, course_id, text, request_id, actor))
+                payload = f"{payload}{self._course_at_end(course_id)}}}"
+            add(outbox.Row(time, kind, student_id, course_id, payload, request_id, actor))
 
 
-def _record(kind: int, student_id: int, course_id: int, payload: Json) -> None:
+def _record(kind: int, student_id: int, course_id: int, payload: str) -> None:
     call = _current_call()
     call.items.append((kind, student_id, course_id, payload))
 
@@ -184,31 +180,34 @@ def _current_call() -> _CallEvents:
 
 # One recorder per kind of change, called by the one function that makes it.
 def student_created(student: Student) -> None:
-    _record(STUDENT_CREATED, student.id, 0, {"student": _student(student)})
+    _record(STUDENT_CREATED, student.id, 0, f'{{"student":{_student(student)}}}')
 
 
 def student_updated(student: Student) -> None:
-    _record(STUDENT_UPDATED, student.id, 0, {"student": _student(student)})
+    _record(STUDENT_UPDATED, student.id, 0, f'{{"student":{_student(student)}}}')
 
 
 def student_deleted(student: Student) -> None:
-    _record(STUDENT_DELETED, student.id, 0, {"student": _student(student)})
+    _record(STUDENT_DELETED, student.id, 0, f'{{"student":{_student(student)}}}')
+
+
+_COURSE_ONLY = '{"course":'  # a course's event: its snapshot and "}" follow at the end
 
 
 def course_created(course_id: int) -> None:
-    _record(COURSE_CREATED, 0, course_id, {})
+    _record(COURSE_CREATED, 0, course_id, _COURSE_ONLY)
 
 
 def course_updated(course_id: int) -> None:
-    _record(COURSE_UPDATED, 0, course_id, {})
+    _record(COURSE_UPDATED, 0, course_id, _COURSE_ONLY)
 
 
 def course_deleted(course: Course, *, emptied: bool) -> None:
     """course: its row as read under the lock; emptied: its entries were dropped in this
     call (its counts are 0 at the end)."""
-    counts = {"enrolled_count": 0, "waitlisted_count": 0} if emptied else {}
-    _current_call().gone_courses[course.id] = _course(course, **counts)
-    _record(COURSE_DELETED, 0, course.id, {})
+    enrolled, waitlisted = (0, 0) if emptied else (course.enrolled_count, course.waitlisted_count)
+    _current_call().gone_courses[course.id] = _course(course, enrolled, waitlisted)
+    _record(COURSE_DELETED, 0, course.id, _COURSE_ONLY)
 
 
 def course_after(course: Course, *, enrolled: int, waitlisted: int) -> None:
@@ -222,16 +221,14 @@ def course_after(course: Course, *, enrolled: int, waitlisted: int) -> None:
         calls[course.id] = None
         return
     calls[course.id] = _course(
-        course,
-        enrolled_count=course.enrolled_count + enrolled,
-        waitlisted_count=course.waitlisted_count + waitlisted,
+        course, course.enrolled_count + enrolled, course.waitlisted_count + waitlisted
     )
 
 
 def entry_changed(kind: int, entry: Entry) -> None:
     """ENROLLED, WAITLISTED, PROMOTED (the entry after) or DROPPED (the entry before)."""
     assert kind in _ENTRY_KINDS
-    _record(kind, entry.student_id, entry.course_id, {"enrollment": _entry(entry)})
+    _record(kind, entry.student_id, entry.course_id, f'{{"enrollment":{_entry(entry)},"course":')
 
 
 # ----------------------------------------------------------------------------- reading

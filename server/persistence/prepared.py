@@ -138,13 +138,6 @@ class Prepared(Generic[M]):
             found.append(instance)
         return found
 
-    def value_rows(self, *values: Any) -> list[dict[str, Any]]:
-        """Each row as {field name: value}, converted as rows() does but with no model
-        instance built (a snapshot needs the values only)."""
-        _, _, sql, binding, converters = self._compile()
-        cursor = proxy.execute_sql(sql, self._params(binding, values))
-        return [_values(converters, row) for row in cursor.fetchall()]
-
     def first(self, *values: Any) -> M | None:
         """The first row of a SELECT, or None."""
         rows = self.rows(*values)
