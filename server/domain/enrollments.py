@@ -37,7 +37,7 @@ from enrollment.server.persistence.models import (
     StudentCourse,
     utcnow,
 )
-from enrollment.server.persistence.prepared import Prepared
+from enrollment.server.persistence.prepared import Prepared, deletes_returning
 from enrollment.server.persistence.unit_of_work import statement_guard, transactional
 
 STATES = (ENROLLED, WAITLISTED)
@@ -119,6 +119,17 @@ _DELETE: Prepared[StudentCourse] = Prepared(
         & (StudentCourse.state == state)
     ),
     3,
+)
+# Deletes the entry and gives back what it was, in one statement where the database
+# runs DELETE … RETURNING (prepared.deletes_returning); elsewhere the entry is read
+# first and deleted by _DELETE, the course's lock keeping it as read in between.
+_DELETE_RETURNING: Prepared[StudentCourse] = Prepared(
+    lambda student_id, course_id: (
+        StudentCourse.delete()
+        .where((StudentCourse.student == student_id) & (StudentCourse.course == course_id))
+        .returning(*StudentCourse._meta.sorted_fields)
+    ),
+    2,
 )
 _FREE_SEAT: Prepared[Course] = Prepared(
     lambda course_id: Course.update(enrolled_count=Course.enrolled_count - 1).where(
@@ -260,15 +271,18 @@ def drop_entry(course: Course, student_id: int, now: dt.datetime) -> list[Entry]
     under the row lock the caller holds, at most once per call (the course's snapshot in
     the events is made from it). A freed seat goes to position 1 of the waitlist;
     returns who was promoted."""
-    # Read first for the DROPPED event's snapshot (the entry as it was); the course's
-    # lock keeps it as read until the delete below.
-    row = _ENTRY.first(student_id, course.id)
+    # The entry as it was, for the DROPPED event's snapshot and what its state frees.
+    if deletes_returning():
+        row = _DELETE_RETURNING.first(student_id, course.id)
+    else:
+        # Read first; the course's lock keeps it as read until the delete below.
+        row = _ENTRY.first(student_id, course.id)
+        if row is not None and _DELETE.execute(student_id, course.id, row.state) != 1:
+            raise NotEnrolled.of(student_id, course.id)
     if row is None:
         # No entry: a student that does not exist is said first, as the contract
         # orders the checks (an entry's foreign key says its student exists).
         find_student(student_id)
-        raise NotEnrolled.of(student_id, course.id)
-    if _DELETE.execute(student_id, course.id, row.state) != 1:
         raise NotEnrolled.of(student_id, course.id)
     events.entry_changed(events.DROPPED, _shown(row))
     if row.state == ENROLLED:

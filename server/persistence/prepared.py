@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections import namedtuple
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -25,6 +26,16 @@ def raw(value: object) -> pw.Value:
     the compile-time marker into text, and the call's value is already what the driver
     takes (str, bytes)."""
     return pw.Value(value, converter=False)
+
+
+def deletes_returning() -> bool:
+    """Whether the database the models are bound to runs DELETE … RETURNING: SQLite from
+    3.35, PostgreSQL. MariaDB does too, but MySQL, which the same URL scheme reaches,
+    does not, so neither is asked to."""
+    db = proxy.obj
+    if isinstance(db, pw.SqliteDatabase):
+        return sqlite3.sqlite_version_info >= (3, 35)
+    return isinstance(db, pw.PostgresqlDatabase)
 
 
 def _kept(field: pw.Field) -> frozenset[type]:
@@ -91,7 +102,9 @@ class Prepared(Generic[M]):
                 raise ValueError(f"every value must appear once, in order: {sql}")
             # What peewee's own row wrapper does for a plain model select: each column
             # through its field's python_value, the instance built without defaults.
-            fields = getattr(query, "selected_columns", None) or ()
+            # (A SELECT's columns, or what a write query's RETURNING gives back.)
+            fields = getattr(query, "selected_columns", None) or getattr(query, "_returning", ())
+            fields = fields or ()
             converters = tuple((f.name, f.python_value, _kept(f)) for f in fields)
             # The common case, binding None: the values are the parameters.
             bound = None if all(is_value for is_value, _ in binding) else binding
@@ -111,7 +124,8 @@ class Prepared(Generic[M]):
 
     def rows(self, *values: Any) -> list[M]:
         """The model instances a SELECT of one model's fields returns (named tuples of
-        the same fields when plain, typed as the model: they are only read)."""
+        the same fields when plain, typed as the model: they are only read); or those
+        an INSERT, UPDATE or DELETE … RETURNING of the model's fields gives back."""
         _, model, sql, binding, converters = self._compile()
         cursor = proxy.execute_sql(sql, self._params(binding, values))
         if self._plain:
