@@ -91,12 +91,12 @@ CALLS = [
     (
         "EnrollStudent",
         lambda: enrollments.enroll_student(student_id=3, course_id=2),
-        # 3 (the course under its lock, the entry, the seat; the entry's foreign key
-        # says the student exists, no SELECT of it), then the feed's: the counter raised
-        # and read in one UPDATE … RETURNING, the event; on PostgreSQL both in one
-        # statement (WITH … INSERT). The course's snapshot is made from its row read
-        # under the lock, not read again.
-        {"sqlite": 5, "postgresql": 4},
+        # 2 (the seat, whose UPDATE … RETURNING locks the course's row and gives it
+        # back; the entry, whose foreign key says the student exists, no SELECT of
+        # it), then the feed's: the counter raised and read in one UPDATE … RETURNING,
+        # the event; on PostgreSQL both in one statement (WITH … INSERT). The course's
+        # snapshot is made from the row the seat's UPDATE gave back, not read again.
+        {"sqlite": 4, "postgresql": 3},
     ),
     (
         "DropCourse",

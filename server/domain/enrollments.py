@@ -37,7 +37,7 @@ from enrollment.server.persistence.models import (
     StudentCourse,
     utcnow,
 )
-from enrollment.server.persistence.prepared import Prepared, deletes_returning
+from enrollment.server.persistence.prepared import Prepared, writes_return_rows
 from enrollment.server.persistence.unit_of_work import statement_guard, transactional
 
 STATES = (ENROLLED, WAITLISTED)
@@ -98,6 +98,19 @@ _TAKE_SEAT: Prepared[Course] = Prepared(
     ),
     1,
 )
+# The same, giving back the course's row after it where the database runs UPDATE …
+# RETURNING (prepared.writes_return_rows): no row means full or no such course.
+_TAKE_SEAT_RETURNING: Prepared[Course] = Prepared(
+    lambda course_id: (
+        Course.update(enrolled_count=Course.enrolled_count + 1)
+        .where(
+            (Course.id == course_id)
+            & ((Course.capacity == 0) | (Course.enrolled_count < Course.capacity))
+        )
+        .returning(*Course._meta.sorted_fields)
+    ),
+    1,
+)
 # And one takes a place on the waitlist, handing out the next join number.
 _JOIN_WAITLIST: Prepared[Course] = Prepared(
     lambda course_id: Course.update(
@@ -121,7 +134,7 @@ _DELETE: Prepared[StudentCourse] = Prepared(
     3,
 )
 # Deletes the entry and gives back what it was, in one statement where the database
-# runs DELETE … RETURNING (prepared.deletes_returning); elsewhere the entry is read
+# runs DELETE … RETURNING (prepared.writes_return_rows); elsewhere the entry is read
 # first and deleted by _DELETE, the course's lock keeping it as read in between.
 _DELETE_RETURNING: Prepared[StudentCourse] = Prepared(
     lambda student_id, course_id: (
@@ -145,6 +158,14 @@ _LEAVE_WAITLIST: Prepared[Course] = Prepared(
 )
 
 
+def _check_pair(student_id: int, course_id: int) -> None:
+    """Malformed ids (and a mutating call's request_id), the first of the checks."""
+    fields = Fields()
+    fields.required_id("student_id", student_id)
+    fields.required_id("course_id", course_id)
+    checked(fields)  # a mutating call's request_id too
+
+
 def _validate_pair(
     student_id: int,
     course_id: int,
@@ -152,17 +173,17 @@ def _validate_pair(
     lock: bool = True,
     missing_course: type[UnknownCourseArgument | CourseNotFound] = UnknownCourseArgument,
     student: bool = True,
+    ids_checked: bool = False,
 ) -> Course:
-    """Checks in contract order: malformed ids, then the course, then the student.
+    """Checks in contract order: malformed ids (unless ids_checked: _check_pair ran),
+    then the course, then the student.
 
     student=False leaves the student to the caller, which looks it up only when its own
     statement finds no entry: an entry's foreign key already says that its student
     exists, so a call that succeeds needs no SELECT of the student (EnrollStudent's
     insert and DropCourse's entry do; bench/PROFILE.md, sixth session)."""
-    fields = Fields()
-    fields.required_id("student_id", student_id)
-    fields.required_id("course_id", course_id)
-    checked(fields)  # a mutating call's request_id too
+    if not ids_checked:
+        _check_pair(student_id, course_id)
     # The course row is locked first, by every writer of its seats in the same order,
     # so PostgreSQL and MariaDB never deadlock two enrollments on the count.
     course = course_or_none(course_id, lock=lock)
@@ -195,17 +216,26 @@ def _shown(row: StudentCourse) -> Entry:
 
 @mutation
 def enroll_student(*, student_id: int, course_id: int, waitlist_if_full: bool = False) -> Entry:
-    # A missing student fails the insert's foreign key (join says which row is missing).
-    course = _validate_pair(student_id, course_id, student=False)
-    return join(course, student_id, utcnow(), waitlist_if_full)
+    # A missing student fails the insert's foreign key (_insert says which row is missing).
+    _check_pair(student_id, course_id)
+    now = utcnow()
+    if writes_return_rows():
+        # A free seat, the common case, in one statement that also locks the course's
+        # row first (the order every writer of its seats keeps) and gives it back, after
+        # the seat, for the event's snapshot; the entry's insert then decides the rest,
+        # and a rejected one rolls the seat back with the call.
+        course = _TAKE_SEAT_RETURNING.first(course_id)
+        if course is not None:
+            _insert(student_id, course_id, now)
+            return _enrolled(course, student_id, now, taken=0)
+    # Full, or no such course (or a database without RETURNING): from the course's row
+    # read under its lock.
+    course = _validate_pair(student_id, course_id, student=False, ids_checked=True)
+    return join(course, student_id, now, waitlist_if_full)
 
 
-def join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bool) -> Entry:
-    """The one place a single call makes an entry: ENROLLED when a seat is free, else
-    WAITLISTED when asked for and the waitlist has room (batches.py decides a batch's
-    items by these same rules, set-based). course: its row, read under the row lock
-    this transaction holds; the course's snapshot in the event is made from it."""
-    course_id = course.id
+def _insert(student_id: int, course_id: int, now: dt.datetime) -> None:
+    """The entry's row, ENROLLED; a duplicate or a missing student raises why."""
     try:
         # The primary key decides duplicates, enrolled or waiting.
         with statement_guard():
@@ -216,11 +246,27 @@ def join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bo
         _raise_rejected_enrollment(student_id, course_id)
         # A constraint this code does not know: INTERNAL, with the traceback logged.
         raise RuntimeError(f"enrollment of {student_id} in {course_id} inserted no row")
+
+
+def _enrolled(course: Course, student_id: int, now: dt.datetime, *, taken: int) -> Entry:
+    """The entry enrolled and its event; taken: the seat not yet in course's count (1),
+    or already (0)."""
+    entry = Entry(student_id, course.id, ENROLLED, 0, now, now)
+    events.entry_changed(events.ENROLLED, entry)
+    events.course_after(course, enrolled=taken, waitlisted=0)
+    return entry
+
+
+def join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bool) -> Entry:
+    """A single call's entry from its course's row read under the row lock this
+    transaction holds: ENROLLED when a seat is free, else WAITLISTED when asked for and
+    the waitlist has room (batches.py decides a batch's items by these same rules,
+    set-based; enroll_student takes a free seat itself first where the database gives
+    the row back with it). The course's snapshot in the event is made from the row."""
+    course_id = course.id
+    _insert(student_id, course_id, now)
     if _TAKE_SEAT.execute(course_id) == 1:
-        entry = Entry(student_id, course_id, ENROLLED, 0, now, now)
-        events.entry_changed(events.ENROLLED, entry)
-        events.course_after(course, enrolled=1, waitlisted=0)
-        return entry
+        return _enrolled(course, student_id, now, taken=1)
     # Full. Raising rolls the new entry back with the transaction.
     if not waitlist_if_full or course.waitlist_capacity == 0:
         raise CourseFull.of(course_id, course.capacity)
@@ -272,7 +318,7 @@ def drop_entry(course: Course, student_id: int, now: dt.datetime) -> list[Entry]
     the events is made from it). A freed seat goes to position 1 of the waitlist;
     returns who was promoted."""
     # The entry as it was, for the DROPPED event's snapshot and what its state frees.
-    if deletes_returning():
+    if writes_return_rows():
         row = _DELETE_RETURNING.first(student_id, course.id)
     else:
         # Read first; the course's lock keeps it as read until the delete below.

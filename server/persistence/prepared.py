@@ -28,10 +28,10 @@ def raw(value: object) -> pw.Value:
     return pw.Value(value, converter=False)
 
 
-def deletes_returning() -> bool:
-    """Whether the database the models are bound to runs DELETE … RETURNING: SQLite from
-    3.35, PostgreSQL. MariaDB does too, but MySQL, which the same URL scheme reaches,
-    does not, so neither is asked to."""
+def writes_return_rows() -> bool:
+    """Whether the database the models are bound to runs INSERT, UPDATE and DELETE …
+    RETURNING: SQLite from 3.35, PostgreSQL. Not MariaDB (no UPDATE … RETURNING) or
+    MySQL (none at all), which the same URL scheme reaches."""
     db = proxy.obj
     if isinstance(db, pw.SqliteDatabase):
         return sqlite3.sqlite_version_info >= (3, 35)
