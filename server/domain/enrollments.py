@@ -265,12 +265,17 @@ def join(course: Course, student_id: int, now: dt.datetime, waitlist_if_full: bo
     the row back with it). The course's snapshot in the event is made from the row."""
     course_id = course.id
     _insert(student_id, course_id, now)
-    if _TAKE_SEAT.execute(course_id) == 1:
+    # The row read under the lock shows the counts as they are until this transaction
+    # ends, so a full course or waitlist needs no statement to find out (a registration
+    # rush's many rejected calls); the conditional UPDATEs still check again.
+    seat_free = course.capacity == 0 or course.enrolled_count < course.capacity
+    if seat_free and _TAKE_SEAT.execute(course_id) == 1:
         return _enrolled(course, student_id, now, taken=1)
     # Full. Raising rolls the new entry back with the transaction.
     if not waitlist_if_full or course.waitlist_capacity == 0:
         raise CourseFull.of(course_id, course.capacity)
-    if _JOIN_WAITLIST.execute(course_id) != 1:
+    line_free = course.waitlisted_count < course.waitlist_capacity
+    if not line_free or _JOIN_WAITLIST.execute(course_id) != 1:
         raise WaitlistFull.of(course_id, course.waitlist_capacity)
     # The course's row is ours until commit: the number just taken is this entry's.
     (join_number,) = Course.select(Course.waitlist_joins).where(Course.id == course_id).tuples()[0]
