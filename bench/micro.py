@@ -97,6 +97,30 @@ def _parts() -> dict:
         head = f'{{"enrollment":{events._entry(entry)},"course":'
         return f"{head}{events._course(snapshot_row, 7, 0)}}}"
 
+    def event_dicts() -> str:
+        # As events.py made it before 2026-12-01's seventh session: the snapshots as
+        # dicts of the same rows (their times through isoformat), then one encoder.
+        row = snapshot_row
+        return _encode(
+            {
+                "enrollment": {
+                    "student_id": entry.student_id, "course_id": entry.course_id,
+                    "state": entry.state, "waitlist_position": entry.waitlist_position,
+                    "create_time": entry.create_time.isoformat(),
+                    "enroll_time": entry.enroll_time.isoformat() if entry.enroll_time else None,
+                },
+                "course": {
+                    "id": row.id, "code": row.code, "title": row.title, "capacity": row.capacity,
+                    "enrolled_count": 7, "waitlist_capacity": row.waitlist_capacity,
+                    "waitlisted_count": 0, "create_time": row.create_time.isoformat(),
+                    "update_time": (row.update_time or row.create_time).isoformat(),
+                    "version": row.version,
+                },
+            }
+        )  # fmt: skip
+
+    assert event_dicts() == event_json()
+
     assert json.loads(event_json()) == payload
     # A course row as a page hands it to convert.course_to_proto.
     course = SimpleNamespace(
@@ -123,7 +147,8 @@ def _parts() -> dict:
         "utcnow(), now().replace()": models._utcnow,
         "utcnow() as used": models.utcnow,
         "event JSON, JSONEncoder.encode": lambda: _encode(payload),
-        "event JSON, as used": event_json,
+        "event snapshots + JSON, dicts": event_dicts,
+        "event snapshots + JSON, as used": event_json,
     }
 
 

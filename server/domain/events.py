@@ -50,7 +50,8 @@ _ENTRY_KINDS = frozenset({ENROLLED, WAITLISTED, PROMOTED, DROPPED})
 # An event's payload is compact JSON ({"student": …}, {"course": …} or {"enrollment": …,
 # "course": …}), written from one template per snapshot: the text json.dumps(payload,
 # separators=(",", ":")) gives for the same dicts (tests/test_event_payloads.py holds
-# them to it), at about half its CPU (`make bench-micro`'s parts table: "event JSON").
+# them to it), for less CPU than the dicts and an encoder (`make bench-micro`'s parts
+# table: "event snapshots + JSON"; bench/PROFILE.md, seventh session).
 # Text goes through the encoder json.dumps uses for strings (escapes, non-ASCII as \u);
 # a time's isoformat() has only digits, '-', ':', 'T' and '.', nothing to escape; the
 # other values are non-null integer columns.
