@@ -90,26 +90,21 @@ _INSERT: Prepared[StudentCourse] = Prepared(
     ).on_conflict_ignore(),
     3,
 )
-# One conditional UPDATE takes a seat; no row changed means the course is full.
-_TAKE_SEAT: Prepared[Course] = Prepared(
-    lambda course_id: Course.update(enrolled_count=Course.enrolled_count + 1).where(
+
+
+def _taking_seat(course_id: int) -> pw.ModelUpdate:
+    """One conditional UPDATE takes a seat; no row changed means the course is full."""
+    return Course.update(enrolled_count=Course.enrolled_count + 1).where(
         (Course.id == course_id)
         & ((Course.capacity == 0) | (Course.enrolled_count < Course.capacity))
-    ),
-    1,
-)
+    )
+
+
+_TAKE_SEAT: Prepared[Course] = Prepared(_taking_seat, 1)
 # The same, giving back the course's row after it where the database runs UPDATE …
 # RETURNING (prepared.writes_return_rows): no row means full or no such course.
 _TAKE_SEAT_RETURNING: Prepared[Course] = Prepared(
-    lambda course_id: (
-        Course.update(enrolled_count=Course.enrolled_count + 1)
-        .where(
-            (Course.id == course_id)
-            & ((Course.capacity == 0) | (Course.enrolled_count < Course.capacity))
-        )
-        .returning(*Course._meta.sorted_fields)
-    ),
-    1,
+    lambda course_id: _taking_seat(course_id).returning(*Course._meta.sorted_fields), 1
 )
 # And one takes a place on the waitlist, handing out the next join number.
 _JOIN_WAITLIST: Prepared[Course] = Prepared(
