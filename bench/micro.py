@@ -88,19 +88,20 @@ def _parts() -> dict:
     # The same payload as events.py writes it: the entry's and the course's templates.
     entry = Entry(student_id=1, course_id=2, state=1, waitlist_position=0, create_time=when,
                   enroll_time=when)  # fmt: skip
-    snapshot_row = SimpleNamespace(
-        id=2, code="CS-101", title="Intro", capacity=30, waitlist_capacity=5, create_time=when,
-        update_time=when, version=3,
+    # A course row as a page hands it to convert.course_to_proto, and as the snapshot reads it.
+    course = SimpleNamespace(
+        id=2, code="CS-101", title="Intro", capacity=30, enrolled_count=7, create_time=when,
+        waitlist_capacity=5, waitlisted_count=0, update_time=when, version=3,
     )  # fmt: skip
 
     def event_json() -> str:
         head = f'{{"enrollment":{events._entry(entry)},"course":'
-        return f"{head}{events._course(snapshot_row, 7, 0)}}}"
+        return f"{head}{events._course(course, course.enrolled_count, course.waitlisted_count)}}}"
 
     def event_dicts() -> str:
         # As events.py made it before 2026-12-01's seventh session: the snapshots as
         # dicts of the same rows (their times through isoformat), then one encoder.
-        row = snapshot_row
+        row = course
         return _encode(
             {
                 "enrollment": {
@@ -111,8 +112,10 @@ def _parts() -> dict:
                 },
                 "course": {
                     "id": row.id, "code": row.code, "title": row.title, "capacity": row.capacity,
-                    "enrolled_count": 7, "waitlist_capacity": row.waitlist_capacity,
-                    "waitlisted_count": 0, "create_time": row.create_time.isoformat(),
+                    "enrolled_count": row.enrolled_count,
+                    "waitlist_capacity": row.waitlist_capacity,
+                    "waitlisted_count": row.waitlisted_count,
+                    "create_time": row.create_time.isoformat(),
                     "update_time": (row.update_time or row.create_time).isoformat(),
                     "version": row.version,
                 },
@@ -122,11 +125,6 @@ def _parts() -> dict:
     assert event_dicts() == event_json()
 
     assert json.loads(event_json()) == payload
-    # A course row as a page hands it to convert.course_to_proto.
-    course = SimpleNamespace(
-        id=2, code="CS-101", title="Intro", capacity=30, enrolled_count=7, create_time=when,
-        waitlist_capacity=5, waitlisted_count=0, update_time=when, version=3,
-    )  # fmt: skip
 
     def course_with_timestamps() -> pb.Course:
         # course_to_proto as it was before 2026-11-30's sixth session: Timestamps copied in.

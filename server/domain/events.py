@@ -180,16 +180,20 @@ def _current_call() -> _CallEvents:
 
 
 # One recorder per kind of change, called by the one function that makes it.
+def _student_event(kind: int, student: Student) -> None:
+    _record(kind, student.id, 0, f'{{"student":{_student(student)}}}')
+
+
 def student_created(student: Student) -> None:
-    _record(STUDENT_CREATED, student.id, 0, f'{{"student":{_student(student)}}}')
+    _student_event(STUDENT_CREATED, student)
 
 
 def student_updated(student: Student) -> None:
-    _record(STUDENT_UPDATED, student.id, 0, f'{{"student":{_student(student)}}}')
+    _student_event(STUDENT_UPDATED, student)
 
 
 def student_deleted(student: Student) -> None:
-    _record(STUDENT_DELETED, student.id, 0, f'{{"student":{_student(student)}}}')
+    _student_event(STUDENT_DELETED, student)
 
 
 _COURSE_ONLY = '{"course":'  # a course's event: its snapshot and "}" follow at the end

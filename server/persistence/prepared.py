@@ -103,8 +103,9 @@ class Prepared(Generic[M]):
             # What peewee's own row wrapper does for a plain model select: each column
             # through its field's python_value, the instance built without defaults.
             # (A SELECT's columns, or what a write query's RETURNING gives back.)
-            fields = getattr(query, "selected_columns", None) or getattr(query, "_returning", ())
-            fields = fields or ()
+            fields = (
+                getattr(query, "selected_columns", None) or getattr(query, "_returning", None) or ()
+            )
             converters = tuple((f.name, f.python_value, _kept(f)) for f in fields)
             # The common case, binding None: the values are the parameters.
             bound = None if all(is_value for is_value, _ in binding) else binding
