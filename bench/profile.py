@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -12,11 +13,18 @@ from pathlib import Path
 from bench import load, measure, procs
 from bench.seed import Shape, seed
 from enrollment.server.startup.config import ServerConfig
+from tests import databases
 from tests.servers import free_port
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mix", default="read", choices=load.MIXES)
+    parser.add_argument(
+        "--database",
+        default="sqlite",
+        choices=("sqlite", "postgresql"),
+        help="a new SQLite file, or a new database on the PostgreSQL server the tests use",
+    )
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--coroutines", type=int, default=8)
@@ -59,9 +67,16 @@ def main(args: argparse.Namespace) -> int:
     if not spy.exists():
         raise SystemExit("py-spy is missing: `make bench-profile` installs the bench extra")
     shape = Shape()
-    with tempfile.TemporaryDirectory(prefix="enrollment-profile-") as tmp:
+    with (
+        contextlib.ExitStack() as cleanup,
+        tempfile.TemporaryDirectory(prefix="enrollment-profile-") as tmp,
+    ):
         tmpdir = Path(tmp)
         url = f"sqlite:///{tmpdir / 'bench.db'}"
+        if args.database == "postgresql":
+            postgresql = databases.Server("postgresql", databases.admin_url("postgresql"))
+            url = postgresql.create(prefix="enrollment_profile")
+            cleanup.callback(postgresql.drop, url)
         procs.migrate(url)
         seed(url, shape)
         server = procs.enrollment_server(

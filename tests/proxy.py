@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import selectors
 import socket
 import threading
@@ -15,6 +16,10 @@ from enrollment.server.persistence import engine
 from enrollment.server.startup.config import ServerConfig
 from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+
+# The statement COMMIT, not the word inside "READ COMMITTED" (which a new MariaDB
+# connection sends when it starts its session).
+_COMMIT = re.compile(rb"\bCOMMIT\b")
 
 
 class TcpProxy:
@@ -82,7 +87,7 @@ class TcpProxy:
                         return  # the answer to COMMIT is dropped with the connection
                     if key.fileobj is a and self._take_before(data):
                         return  # the statement goes down with the connection
-                    if key.fileobj is a and b"COMMIT" in data.upper() and self._take_trap():
+                    if key.fileobj is a and _COMMIT.search(data.upper()) and self._take_trap():
                         committing = True
                     key.data.sendall(data)
         except (OSError, ValueError):

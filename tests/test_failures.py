@@ -3,6 +3,7 @@ and a full disk (STORAGE_FULL, reads keep working, recovery without a restart)."
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -171,6 +172,39 @@ def test_a_read_lost_at_commit_is_still_database_unavailable(db_url):
             "DATABASE_UNAVAILABLE",
         )
         assert proxy.commits_cut == 1
+
+
+@pytest.mark.databases("postgresql", "mysql")
+def test_kept_connections_cut_by_the_database_cost_no_call(db_url):
+    """The serving threads keep their connections between calls on PostgreSQL and
+    MariaDB, without the pool's test on checkout (startup/server.py). When the database
+    drops them all (a restart, an idle timeout), the calls after still succeed, each
+    run again once on a new connection, and a write so run again is made once."""
+
+    def at_once(call, count=16):
+        with concurrent.futures.ThreadPoolExecutor(count) as running:
+            return list(running.map(lambda _: call(), range(count)))
+
+    with stub_through_proxy(db_url) as (proxy, stub):
+        student = new_student(stub)
+        read = pb.GetStudentRequest(student_id=student.id)
+        at_once(lambda: stub.GetStudent(read, timeout=10))  # every thread keeps one
+        proxy.cut()
+        proxy.restore()
+        got = at_once(lambda: stub.GetStudent(read, timeout=10))
+        assert {reply.student.id for reply in got} == {student.id}
+
+        at_once(lambda: stub.GetStudent(read, timeout=10))
+        (before,) = databases.query(db_url, "SELECT COUNT(*) FROM events")[0]
+        proxy.cut()
+        proxy.restore()
+        made = at_once(lambda: new_student(stub))
+        assert len({s.id for s in made}) == 16
+        ids = ", ".join(str(s.id) for s in made)
+        assert databases.query(db_url, f"SELECT COUNT(*) FROM students WHERE id IN ({ids})")[0] == (
+            16,
+        )
+        assert databases.query(db_url, "SELECT COUNT(*) FROM events")[0] == (before + 16,)
 
 
 # ------------------------------------------------------------------------- storage full

@@ -261,9 +261,11 @@ def connection_kept() -> Iterator[None]:
     """Inside: this thread keeps its pooled connection from one unit of work to the
     next instead of handing it back to the pool and taking it out again for every call
     (peewee's pool takes two locks and wakes a waiter each way: the largest single item
-    of a read's own CPU, bench/PROFILE.md). For the threads that run a process's calls
-    one after another for its whole life, which the pool has a connection set aside for
-    each (SQLite's loop thread and writer thread, startup/server.py). Between calls the
+    of a read's own CPU, bench/PROFILE.md; on PostgreSQL and MariaDB also a round trip
+    that tests the connection). For the threads that run a process's calls one after
+    another for its whole life: SQLite's loop thread and writer thread, which the pool
+    has a connection set aside for each, and the serving pool's threads on PostgreSQL
+    and MariaDB (startup/server.py). Between calls the
     connection counts as idle in engine.connections_in_use; a database error hands it
     back, so the next call takes a fresh one. On leaving, it goes back to the pool."""
     _keeper.on, _keeper.ident = True, threading.get_ident()
@@ -282,16 +284,25 @@ def _hand_back(db: pw.Database | None) -> None:
 
 
 class _KeptConnection:
-    """A unit of work's connection on a thread that keeps it (connection_kept)."""
+    """A unit of work's connection on a thread that keeps it (connection_kept).
 
-    __slots__ = ("db",)
+    A kept connection is used again without the pool's test on checkout (a round trip
+    on PostgreSQL and MariaDB), so one that died while kept (the database restarted, an
+    idle timeout cut it) is found by the call's first statement: `reused` tells
+    unit_of_work, which runs such a call once more on a new connection when nothing
+    of it can have committed (_StaleConnection)."""
+
+    __slots__ = ("db", "reused")
 
     def __init__(self, db: pw.Database) -> None:
         self.db = db
+        self.reused = False
 
     def __enter__(self) -> None:
         if self.db.is_closed():
             self.db.connect()
+        else:
+            self.reused = True
         engine.kept_idle.discard(_keeper.ident)
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
@@ -318,8 +329,8 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
     pending = outbox.begin() if write else None
     written = 0
     stage = "work"  # then "commit" while COMMIT runs, then "done"
+    connection = _KeptConnection(db) if _keeper.on else db.connection_context()
     try:
-        connection = _KeptConnection(db) if _keeper.on else db.connection_context()
         with connection, _writer_turn(write):
             with _transaction(db, write=write, snapshot=snapshot):
                 yield
@@ -343,13 +354,21 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
             # Committed; only handing the connection back failed. The answer stands.
             log.warning("after a commit, releasing the connection failed: %s", first_line(exc))
             return
+        commit_sent = write and outbox.commit_sent()
         failure = _failure(
-            db,
-            exc,
-            found,
-            committing=stage == "commit" and write,
-            commit_sent=write and outbox.commit_sent(),
+            db, exc, found, committing=stage == "commit" and write, commit_sent=commit_sent
         )
+        if (
+            isinstance(failure, _Transient)
+            and stage == "work"
+            and not commit_sent
+            and isinstance(connection, _KeptConnection)
+            and connection.reused
+            and lost_connection(exc)
+        ):
+            # No COMMIT went out: the database rolled the transaction back with the
+            # connection, and the call may run again on a new one.
+            raise _StaleConnection(found or Verdict.UNAVAILABLE) from exc
         if failure is exc:
             raise
         raise failure from exc
@@ -453,6 +472,11 @@ class _Transient(Exception):
         self.verdict = found
 
 
+class _StaleConnection(_Transient):
+    """A kept connection was found dead by the call's first use of it, before any
+    COMMIT went out (_KeptConnection): the call runs once more, on a new connection."""
+
+
 def savepoint() -> contextlib.AbstractContextManager[object]:
     """A nested transaction: a constraint error inside it leaves the outer one usable."""
     return proxy.atomic()
@@ -525,6 +549,10 @@ def transactional(
                         unit_of_work(write=write, snapshot=snapshot),
                     ):
                         return fn(*args, **kwargs)
+                except _StaleConnection as exc:
+                    if attempt > 1:  # a new connection lost too: the database is away
+                        raise DatabaseUnavailable.of() from exc.__cause__
+                    log.debug("%s: kept connection lost, running again", fn.__name__)
                 except _Transient as exc:
                     if exc.verdict is not Verdict.RETRY or attempt == ATTEMPTS:
                         raise DatabaseUnavailable.of() from exc.__cause__

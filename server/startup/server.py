@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -110,6 +111,20 @@ def _writer_pool(config: ServerConfig) -> WorkerPool | None:
     if not _sqlite(config):
         return None
     return WorkerPool(1, name="writer", scope=unit_of_work.connection_kept)
+
+
+# On PostgreSQL and MariaDB the pool's threads keep their connection from one call to
+# the next: checking one out and in per call was two pool locks and, on checkout, a
+# round trip to test it (peewee's pool sends SELECT 1 on PostgreSQL and a ping on
+# MariaDB), ~15% of PostgreSQL's mixed mix (bench/PROFILE.md, "eighth session"). A kept
+# connection found dead (the database restarted, an idle timeout) costs its call one
+# failed statement and a new connection (unit_of_work._KeptConnection). These threads
+# then hold up to --threads connections between calls, so the background purges run
+# their batches on them too (WorkerPool.call) instead of needing a connection of their
+# own. On SQLite the pool's threads do not keep theirs: the reads and writes that
+# matter run on the loop's and the writer's, which do.
+def _pool_scope(config: ServerConfig) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    return contextlib.nullcontext if _sqlite(config) else unit_of_work.connection_kept
 
 
 def _shut(*pools: WorkerPool | None) -> None:
@@ -336,7 +351,7 @@ def _serving(
 ) -> RunningServer:
     # The database work of at most config.threads calls at once; calls beyond wait for a
     # thread as coroutines, up to --max-concurrent-rpcs.
-    pool = WorkerPool(config.threads)
+    pool = WorkerPool(config.threads, scope=_pool_scope(config))
     writer = _writer_pool(config)
     # The reads on the loop (SQLite) keep the loop thread's connection between calls.
     events = EventLoopThread(
@@ -390,11 +405,16 @@ def _serving(
         database_timeout=config.database_timeout,
     )
     running.monitor.start()
+    # Each batch runs on a thread of the pool, in line with the calls (_pool_scope).
     if config.event_retention is not None:
-        running.purger = Purger("events", config.event_retention, purge_old_events)
+        running.purger = Purger(
+            "events", config.event_retention, functools.partial(pool.call, purge_old_events)
+        )
         running.purger.start()
     running.request_purger = Purger(
-        "request records", config.request_id_retention, purge_old_request_records
+        "request records",
+        config.request_id_retention,
+        functools.partial(pool.call, purge_old_request_records),
     )
     running.request_purger.start()
     return running

@@ -11,13 +11,21 @@ way out.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
-_Work = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+# (loop, future, fn, args); loop None: a thread's call (WorkerPool.call), future a
+# concurrent one.
+_Work = tuple[
+    "asyncio.AbstractEventLoop | None",
+    "asyncio.Future[Any] | concurrent.futures.Future[Any]",
+    Callable[..., Any],
+    tuple[Any, ...],
+]
 
 
 class WorkerPool:
@@ -31,6 +39,7 @@ class WorkerPool:
         # (loop, future, fn, args) per call; None ends a thread.
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._scope = scope
+        self._shut = False
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}_{n}", daemon=True)
             for n in range(threads)
@@ -46,6 +55,17 @@ class WorkerPool:
         self._queue.put((loop, answer, fn, args))
         return answer
 
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """From a thread that is not the loop's (a background purge): run fn(*args) in a
+        pool thread, in line with the calls, and wait for its result. On PostgreSQL and
+        MariaDB the pool's threads keep every connection of the process
+        (startup/server.py), so work of the process's own goes through them too."""
+        if self._shut:
+            raise RuntimeError("the worker pool is shut down")
+        answer: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put((None, answer, fn, args))
+        return answer.result()
+
     def _work(self) -> None:
         with self._scope():
             self._serve()
@@ -57,19 +77,25 @@ class WorkerPool:
                 outcome = (True, fn(*args))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting call
                 outcome = (False, exc)
+            if loop is None:  # a thread waits (call)
+                _settle(answer, outcome)
+                continue
             # A closed loop (RuntimeError) has nobody waiting for this answer any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle, answer, outcome)
 
     def shutdown(self) -> None:
         """Let the queued work finish, then end the threads; returns when they have."""
+        self._shut = True
         for _ in self._threads:
             self._queue.put(None)
         for thread in self._threads:
             thread.join()
 
 
-def _settle(answer: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+def _settle(
+    answer: asyncio.Future[Any] | concurrent.futures.Future[Any], outcome: tuple[bool, Any]
+) -> None:
     if answer.done():  # the call ended (cancelled) while its work ran
         return
     ok, value = outcome
