@@ -157,6 +157,63 @@ def test_a_write_with_events_sends_no_commit_of_its_own(db_url, monkeypatch):
     assert databases.query(db_url, "SELECT COUNT(*) FROM students")[0][0] == 1
 
 
+class _Sent:
+    """A cursor that records the text of every round trip it makes."""
+
+    def __init__(self, cursor, sent: list[str]) -> None:
+        self._cursor, self._sent = cursor, sent
+
+    def execute(self, sql, params=None):
+        self._sent.append(sql)
+        return self._cursor.execute(sql, params)
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
+
+
+@pytest.mark.databases("postgresql")
+def test_begin_goes_with_the_first_statement(db_url, monkeypatch):
+    """On PostgreSQL a transaction's BEGIN goes in the round trip of its first
+    statement (engine.PooledPostgresDatabase); one that runs no statement sends
+    nothing; a failed first statement leaves a transaction that the rollback ends."""
+    engine.open_pool(db_url, max_connections=2)
+    sent: list[str] = []
+    cursor = database.obj.cursor
+    monkeypatch.setattr(database.obj, "cursor", lambda *a: _Sent(cursor(*a), sent))
+    try:
+        with database.connection_context():
+            students.create_student(name="One", email="one@example.com")
+            assert sent[0].startswith("BEGIN; "), sent
+            assert not [sql for sql in sent if sql.strip().upper() == "BEGIN"], sent
+            assert sent[-1].endswith("; COMMIT"), sent  # the events' statement
+
+            sent.clear()
+            with database.atomic():
+                database.execute_sql("SELECT 1")
+            assert sent == ["BEGIN; SELECT 1", "COMMIT"]
+
+            sent.clear()
+            with database.atomic():
+                pass
+            assert sent == []
+
+            sent.clear()
+            with pytest.raises(pw.IntegrityError), database.atomic():
+                database.execute_sql(
+                    "INSERT INTO students (name, email) VALUES ('Two', 'one@example.com')"
+                )
+            assert sent[0].startswith("BEGIN; INSERT") and sent[-1] == "ROLLBACK", sent
+            assert database.connection().info.transaction_status == 0  # idle
+            # A statement outside a transaction runs alone.
+            sent.clear()
+            database.execute_sql("SELECT 1")
+            assert sent == ["SELECT 1"]
+    finally:
+        monkeypatch.undo()
+        engine.close_pool()
+    assert databases.query(db_url, "SELECT COUNT(*) FROM students")[0][0] == 1
+
+
 @pytest.mark.databases("postgresql", "mysql")
 def test_a_read_lost_at_commit_is_still_database_unavailable(db_url):
     """A read changes nothing whatever its COMMIT did: retrying it as it is stays safe."""

@@ -157,32 +157,86 @@ class MariaDBDatabase(_MySQLSession, pw.MySQLDatabase):
     """One unpooled connection with the same settings (health probes, tests)."""
 
 
-class _EndedByStatement(threading.local):
+class _TransactionEnds(threading.local):
+    """Per thread (peewee's connection state is): a BEGIN not sent yet, and a
+    transaction that a statement ended already."""
+
+    begin_pending = False
     ended = False
 
 
+_BEGIN = "BEGIN; "
+
+
 class PooledPostgresDatabase(PooledPostgresqlDatabase):
-    """The serving pool for postgresql:// URLs. A write's last statement may carry its
-    COMMIT (the outbox's numbered INSERT does, persistence/outbox.py says why):
-    committed_by_statement() then tells the unit of work's commit() that the transaction
-    has ended already, so it sends no second COMMIT."""
+    """The serving pool for postgresql:// URLs. Each round trip to the database costs
+    about as much CPU here as a small statement's own work, so a transaction's ends go
+    with its statements where they can:
+
+    - BEGIN goes in the same round trip as the transaction's first statement
+      ("BEGIN; <statement>", one simple query; a failure of the statement leaves the
+      transaction open and failed, as after a separate BEGIN, and the rollback ends it).
+      A transaction that ran no statement sends neither BEGIN nor COMMIT.
+    - A write's last statement may carry its COMMIT (the outbox's numbered INSERT does,
+      persistence/outbox.py says why): committed_by_statement() then tells commit()
+      that the transaction has ended already, so it sends no second COMMIT.
+
+    Every statement of a transaction comes through execute_sql or a cursor() (peewee's
+    own queries, peewee-migrate, ours): a cursor taken while the BEGIN is pending sends
+    it first, so nothing runs outside the transaction it belongs to."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self._ended = _EndedByStatement()
+        self._ends = _TransactionEnds()
+        # A BEGIN that names an isolation level is sent as it is (this pool is opened
+        # without one: PostgreSQL's READ COMMITTED).
+        self._isolated = kwargs.get("isolation_level") is not None
 
     def committed_by_statement(self) -> None:
-        self._ended.ended = True
+        self._ends.ended = True
 
-    def begin(self, *args: Any, **kwargs: Any) -> None:
-        self._ended.ended = False
-        super().begin(*args, **kwargs)
+    def begin(self, isolation_level: Any = None) -> None:
+        ends = self._ends
+        ends.ended = False
+        if isolation_level is None and not self._isolated:
+            ends.begin_pending = True
+            return
+        ends.begin_pending = False
+        super().begin(isolation_level)
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        ends = self._ends
+        if ends.begin_pending:
+            ends.begin_pending = False
+            if self.in_transaction():
+                sql = _BEGIN + sql
+        return super().execute_sql(sql, params)  # type: ignore[no-untyped-call]
+
+    def cursor(self, named_cursor: Any = None) -> Any:
+        cursor = super().cursor(named_cursor)  # type: ignore[no-untyped-call]
+        ends = self._ends
+        if ends.begin_pending:  # a statement not through execute_sql: BEGIN first
+            ends.begin_pending = False
+            if self.in_transaction():
+                cursor.execute("BEGIN")
+        return cursor
 
     def commit(self) -> None:
-        if self._ended.ended:
-            self._ended.ended = False
+        ends = self._ends
+        if ends.begin_pending:  # no statement ran: nothing began, nothing to end
+            ends.begin_pending = False
+            return
+        if ends.ended:
+            ends.ended = False
             return
         super().commit()
+
+    def rollback(self) -> None:
+        ends = self._ends
+        if ends.begin_pending:
+            ends.begin_pending = False
+            return
+        super().rollback()
 
 
 @dataclass(frozen=True)
