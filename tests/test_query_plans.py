@@ -182,23 +182,3 @@ def _nodes(node: dict):
     yield f"{node['Node Type']} {node.get('Relation Name', '')} {node.get('Index Name', '')}"
     for child in node.get("Plans", ()):
         yield from _nodes(child)
-
-
-def test_enroll_student_runs_in_no_savepoint(db, monkeypatch):
-    """EnrollStudent's INSERT needs no savepoint on any database: a duplicate inserts
-    nothing, and on PostgreSQL a missing student is told by the foreign key's error
-    (enrollments._insert). A savepoint there was two round trips on every call."""
-    sent: list[str] = []
-    execute_sql = db.execute_sql
-
-    def spy(sql, params=None, *args, **kwargs):
-        sent.append(sql)
-        return execute_sql(sql, params, *args, **kwargs)
-
-    monkeypatch.setattr(db, "execute_sql", spy)
-    try:
-        enrollments.enroll_student(student_id=3, course_id=3)
-    finally:
-        monkeypatch.undo()
-    assert sent
-    assert not [sql for sql in sent if sql.lstrip().upper().startswith("SAVEPOINT")], sent

@@ -27,11 +27,9 @@ from enrollment.server.errors import (
     CourseFull,
     CourseNotFound,
     NotEnrolled,
-    StudentNotFound,
     UnknownCourseArgument,
     WaitlistFull,
 )
-from enrollment.server.persistence.failures import missing_reference
 from enrollment.server.persistence.models import (
     ENROLLED,
     WAITLISTED,
@@ -40,10 +38,7 @@ from enrollment.server.persistence.models import (
     utcnow,
 )
 from enrollment.server.persistence.prepared import Prepared, writes_return_rows
-from enrollment.server.persistence.unit_of_work import (
-    failed_statement_ends_transaction,
-    transactional,
-)
+from enrollment.server.persistence.unit_of_work import statement_guard, transactional
 
 STATES = (ENROLLED, WAITLISTED)
 
@@ -235,24 +230,13 @@ def enroll_student(*, student_id: int, course_id: int, waitlist_if_full: bool = 
 
 
 def _insert(student_id: int, course_id: int, now: dt.datetime) -> None:
-    """The entry's row, ENROLLED; a duplicate or a missing student raises why. The
-    caller holds the course's row locked (it read it FOR UPDATE or took its seat)."""
+    """The entry's row, ENROLLED; a duplicate or a missing student raises why."""
     try:
-        # The primary key decides duplicates, enrolled or waiting: no row, no error.
-        inserted = _INSERT.execute(student_id, course_id, now)
-    except pw.IntegrityError as exc:
-        # No such student (the foreign key; MariaDB's INSERT IGNORE inserts none).
-        if not failed_statement_ends_transaction():
-            inserted = 0  # the transaction goes on: asked why below
-        elif missing_reference(exc):
-            # PostgreSQL: the transaction takes no more statements, and needs none to
-            # say why. A duplicate breaks nothing (ON CONFLICT DO NOTHING) and the
-            # course's row, locked by this transaction, cannot have gone: the missing
-            # row is the student's. (Without a savepoint around the INSERT: two round
-            # trips fewer on every EnrollStudent.)
-            raise StudentNotFound.of(student_id) from None
-        else:
-            raise
+        # The primary key decides duplicates, enrolled or waiting.
+        with statement_guard():
+            inserted = _INSERT.execute(student_id, course_id, now)
+    except pw.IntegrityError:
+        inserted = 0  # no such student (the foreign key; MariaDB's INSERT IGNORE inserts none)
     if inserted != 1:
         _raise_rejected_enrollment(student_id, course_id)
         # A constraint this code does not know: INTERNAL, with the traceback logged.

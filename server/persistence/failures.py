@@ -187,17 +187,6 @@ def lost_connection(exc: BaseException) -> bool:
     return False
 
 
-def missing_reference(exc: BaseException) -> bool:
-    """A statement broke a foreign key: the row it names does not exist (PostgreSQL's
-    23503, MariaDB's 1452, SQLite's "FOREIGN KEY constraint failed")."""
-    cause = _driver_error(exc)
-    if isinstance(cause, psycopg2.Error):
-        return getattr(cause, "pgcode", None) == "23503"
-    if isinstance(cause, pymysql.Error):
-        return _mysql_errno(cause) == 1452
-    return "foreign key constraint failed" in str(cause).lower()
-
-
 def may_have_committed(exc: BaseException) -> bool:
     """A statement that ended with COMMIT failed: whether the COMMIT may have run. The
     database answering with an error means it did not (the statement failed before
