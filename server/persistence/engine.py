@@ -204,21 +204,24 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
         ends.begin_pending = False
         super().begin(isolation_level)
 
-    def execute_sql(self, sql: str, params: Any = None) -> Any:
+    def _begin_due(self) -> bool:
+        """Whether the BEGIN goes with the statement about to be sent (then it is no
+        longer pending). A pending BEGIN outside any transaction is dropped."""
         ends = self._ends
-        if ends.begin_pending:
-            ends.begin_pending = False
-            if self.in_transaction():
-                sql = _BEGIN + sql
+        if not ends.begin_pending:
+            return False
+        ends.begin_pending = False
+        return self.in_transaction()
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        if self._begin_due():
+            sql = _BEGIN + sql
         return super().execute_sql(sql, params)  # type: ignore[no-untyped-call]
 
     def cursor(self, named_cursor: Any = None) -> Any:
         cursor = super().cursor(named_cursor)  # type: ignore[no-untyped-call]
-        ends = self._ends
-        if ends.begin_pending:  # a statement not through execute_sql: BEGIN first
-            ends.begin_pending = False
-            if self.in_transaction():
-                cursor.execute("BEGIN")
+        if self._begin_due():  # a statement not through execute_sql: BEGIN first
+            cursor.execute("BEGIN")
         return cursor
 
     def commit(self) -> None:
