@@ -368,7 +368,7 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
         ):
             # No COMMIT went out: the database rolled the transaction back with the
             # connection, and the call may run again on a new one.
-            raise _StaleConnection(found or Verdict.UNAVAILABLE) from exc
+            raise _StaleConnection(failure.verdict) from exc
         if failure is exc:
             raise
         raise failure from exc
