@@ -8,6 +8,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import subprocess
 
 import grpc
@@ -212,6 +213,58 @@ def test_begin_goes_with_the_first_statement(db_url, monkeypatch):
         monkeypatch.undo()
         engine.close_pool()
     assert databases.query(db_url, "SELECT COUNT(*) FROM students")[0][0] == 1
+
+
+@pytest.mark.databases("postgresql")
+def test_savepoints_go_with_the_next_statement(db_url, monkeypatch):
+    """On PostgreSQL a savepoint's SAVEPOINT, RELEASE and ROLLBACK TO go in the round
+    trip of the statement after them (engine.PooledPostgresDatabase): a failure inside
+    the savepoint still leaves its transaction usable, and one that ran no statement
+    sends nothing."""
+    engine.open_pool(db_url, max_connections=2)
+    sent: list[str] = []
+    cursor = database.obj.cursor
+    monkeypatch.setattr(database.obj, "cursor", lambda *a: _Sent(cursor(*a), sent))
+    insert = "INSERT INTO keys VALUES ('{0}')"
+    try:
+        with database.connection_context():
+            # CreateStudent: its unique insert in a savepoint, then the events' statement.
+            students.create_student(name="One", email="one@example.com")
+            assert len(sent) == 2, sent
+            assert re.fullmatch(r'BEGIN; SAVEPOINT "(\w+)"; INSERT .*', sent[0]), sent
+            assert re.fullmatch(r'RELEASE SAVEPOINT "\w+"; WITH .*; COMMIT', sent[1]), sent
+
+            database.execute_sql("CREATE TEMPORARY TABLE keys (k text PRIMARY KEY)")
+            database.execute_sql(insert.format("one"))
+            sent.clear()
+            with database.atomic():
+                with pytest.raises(pw.IntegrityError), database.atomic():
+                    database.execute_sql(insert.format("one"))  # taken
+                database.execute_sql(insert.format("two"))
+                with database.atomic():
+                    pass
+                with database.atomic():
+                    database.execute_sql("SELECT 1")
+            names = re.findall(r'SAVEPOINT "(\w+)"', " ".join(sent))
+            assert sent == [
+                f'BEGIN; SAVEPOINT "{names[0]}"; {insert.format("one")}',
+                f'ROLLBACK TO SAVEPOINT "{names[0]}"; {insert.format("two")}',
+                f'SAVEPOINT "{names[2]}"; SELECT 1',
+                f'RELEASE SAVEPOINT "{names[2]}"; COMMIT',
+            ], sent
+            assert database.connection().info.transaction_status == 0  # idle
+
+            sent.clear()  # a rollback drops what was not sent
+            with pytest.raises(RuntimeError), database.atomic():
+                with database.atomic():
+                    database.execute_sql(insert.format("three"))
+                raise RuntimeError("undo")
+            assert sent[1:] == ["ROLLBACK"], sent
+            keys = database.execute_sql("SELECT k FROM keys ORDER BY k").fetchall()
+            assert [k for (k,) in keys] == ["one", "two"]
+    finally:
+        monkeypatch.undo()
+        engine.close_pool()
 
 
 @pytest.mark.databases("postgresql", "mysql")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
 from dataclasses import dataclass
@@ -158,10 +159,12 @@ class MariaDBDatabase(_MySQLSession, pw.MySQLDatabase):
 
 
 class _TransactionEnds(threading.local):
-    """Per thread (peewee's connection state is): a BEGIN not sent yet, and a
-    transaction that a statement ended already."""
+    """Per thread (peewee's connection state is): the transaction control not sent yet
+    (a BEGIN, savepoints opened, released or rolled back to; each ending "; "), how many
+    times such text went out, and a transaction that a statement ended already."""
 
-    begin_pending = False
+    pending = ""
+    sent = 0
     ended = False
 
 
@@ -170,20 +173,26 @@ _BEGIN = "BEGIN; "
 
 class PooledPostgresDatabase(PooledPostgresqlDatabase):
     """The serving pool for postgresql:// URLs. Each round trip to the database costs
-    about as much CPU here as a small statement's own work, so a transaction's ends go
-    with its statements where they can:
+    about as much CPU here as a small statement's own work, so a transaction's control
+    statements go with its other statements where they can:
 
     - BEGIN goes in the same round trip as the transaction's first statement
       ("BEGIN; <statement>", one simple query; a failure of the statement leaves the
       transaction open and failed, as after a separate BEGIN, and the rollback ends it).
       A transaction that ran no statement sends neither BEGIN nor COMMIT.
+    - So do a savepoint's SAVEPOINT, RELEASE and ROLLBACK TO (savepoint()): each goes
+      before the next statement, or before the COMMIT. A savepoint whose block sent no
+      statement sends none of them; one whose transaction rolls back sends no RELEASE.
+      A failure in "SAVEPOINT s; <statement>" comes from the statement (SAVEPOINT
+      itself cannot fail in a transaction that is not failed already), so the
+      savepoint exists and ROLLBACK TO it leaves the transaction usable, as before.
     - A write's last statement may carry its COMMIT (the outbox's numbered INSERT does,
       persistence/outbox.py says why): committed_by_statement() then tells commit()
       that the transaction has ended already, so it sends no second COMMIT.
 
     Every statement of a transaction comes through execute_sql or a cursor() (peewee's
-    own queries, peewee-migrate, ours): a cursor taken while the BEGIN is pending sends
-    it first, so nothing runs outside the transaction it belongs to."""
+    own queries, peewee-migrate, ours): a cursor taken while control text is pending
+    sends it first, so nothing runs outside the transaction or savepoint it belongs to."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
@@ -199,47 +208,84 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
         ends = self._ends
         ends.ended = False
         if isolation_level is None and not self._isolated:
-            ends.begin_pending = True
+            ends.pending = _BEGIN
             return
-        ends.begin_pending = False
+        ends.pending = ""
         super().begin(isolation_level)
 
-    def _begin_due(self) -> bool:
-        """Whether the BEGIN goes with the statement about to be sent (then it is no
-        longer pending). A pending BEGIN outside any transaction is dropped."""
+    def savepoint(self) -> Any:  # what atomic() gives inside a transaction: a _Savepoint
+        return _Savepoint(self._ends)
+
+    def _due(self) -> str:
+        """The control text that goes before the statement about to be sent (then it is
+        no longer pending). Text pending outside any transaction is dropped."""
         ends = self._ends
-        if not ends.begin_pending:
-            return False
-        ends.begin_pending = False
-        return self.in_transaction()
+        due = ends.pending
+        if not due:
+            return ""
+        ends.pending = ""
+        ends.sent += 1
+        return due if self.in_transaction() else ""
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
-        if self._begin_due():
-            sql = _BEGIN + sql
-        return super().execute_sql(sql, params)  # type: ignore[no-untyped-call]
+        due = self._due()
+        return super().execute_sql(due + sql if due else sql, params)  # type: ignore[no-untyped-call]
 
     def cursor(self, named_cursor: Any = None) -> Any:
         cursor = super().cursor(named_cursor)  # type: ignore[no-untyped-call]
-        if self._begin_due():  # a statement not through execute_sql: BEGIN first
-            cursor.execute("BEGIN")
+        due = self._due()
+        if due:  # a statement not through execute_sql: the control text first
+            cursor.execute(due)
         return cursor
 
     def commit(self) -> None:
         ends = self._ends
-        if ends.begin_pending:  # no statement ran: nothing began, nothing to end
-            ends.begin_pending = False
+        pending, ends.pending = ends.pending, ""
+        if pending.startswith(_BEGIN):  # no statement ran: nothing began, nothing to end
             return
         if ends.ended:
             ends.ended = False
+            return
+        if pending:  # a RELEASE (or ROLLBACK TO) not sent yet goes with the COMMIT
+            with pw.__exception_wrapper__:  # type: ignore[attr-defined]
+                self.cursor().execute(pending + "COMMIT")
             return
         super().commit()
 
     def rollback(self) -> None:
         ends = self._ends
-        if ends.begin_pending:
-            ends.begin_pending = False
+        pending, ends.pending = ends.pending, ""
+        if pending.startswith(_BEGIN):
             return
         super().rollback()
+
+
+class _Savepoint:
+    """peewee's savepoint for PooledPostgresDatabase: its SAVEPOINT, RELEASE and
+    ROLLBACK TO are left pending, to go with the next statement sent (see there)."""
+
+    __slots__ = ("_ends", "_name", "_mark", "_sent")
+    _numbers = itertools.count(1)
+
+    def __init__(self, ends: _TransactionEnds) -> None:
+        self._ends = ends
+        self._name = f'"s{next(self._numbers)}"'
+
+    def __enter__(self) -> _Savepoint:
+        ends = self._ends
+        self._mark = len(ends.pending)
+        self._sent = ends.sent
+        ends.pending += f"SAVEPOINT {self._name}; "
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        ends = self._ends
+        if ends.sent == self._sent:  # nothing went out since: it never existed
+            ends.pending = ends.pending[: self._mark]
+        elif kind is None:
+            ends.pending += f"RELEASE SAVEPOINT {self._name}; "
+        else:
+            ends.pending += f"ROLLBACK TO SAVEPOINT {self._name}; "
 
 
 @dataclass(frozen=True)

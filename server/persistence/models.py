@@ -8,8 +8,18 @@ from typing import Any
 
 import peewee as pw
 
+
+class _Proxy(pw.DatabaseProxy):
+    """peewee's proxy, except that a savepoint is the database's own: peewee's proxy
+    makes its own, so PostgreSQL's serving pool would not see its savepoints to send
+    them with the next statement (engine.PooledPostgresDatabase)."""
+
+    def savepoint(self) -> Any:
+        return self.obj.savepoint()
+
+
 # The database every model uses: bound at start-up by engine.open_pool(), never at import.
-proxy = pw.DatabaseProxy()
+proxy = _Proxy()
 
 # Email and code uniqueness ignores case on every database, so it is decided by a
 # unique index on a lower-cased key column computed here, not by a collation.
