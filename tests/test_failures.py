@@ -216,11 +216,12 @@ def test_begin_goes_with_the_first_statement(db_url, monkeypatch):
 
 
 @pytest.mark.databases("postgresql")
-def test_savepoints_go_with_the_next_statement(db_url, monkeypatch):
-    """On PostgreSQL a savepoint's SAVEPOINT, RELEASE and ROLLBACK TO go in the round
-    trip of the statement after them (engine.PooledPostgresDatabase): a failure inside
-    the savepoint still leaves its transaction usable, and one that ran no statement
-    sends nothing."""
+def test_savepoints_and_deferred_statements_go_with_the_next_statement(db_url, monkeypatch):
+    """On PostgreSQL a savepoint's SAVEPOINT, RELEASE and ROLLBACK TO, and a statement
+    whose result is not read (execute_later), go in the round trip of the statement
+    after them (engine.PooledPostgresDatabase): a failure inside the savepoint still
+    leaves its transaction usable, one that ran no statement sends nothing, and a
+    deferred statement's failure fails its transaction."""
     engine.open_pool(db_url, max_connections=2)
     sent: list[str] = []
     cursor = database.obj.cursor
@@ -260,8 +261,36 @@ def test_savepoints_go_with_the_next_statement(db_url, monkeypatch):
                     database.execute_sql(insert.format("three"))
                 raise RuntimeError("undo")
             assert sent[1:] == ["ROLLBACK"], sent
+
+            later = "INSERT INTO keys VALUES (%s)"
+            sent.clear()
+            with database.atomic():
+                database.execute_later(later, ("four",))
+                found = database.execute_sql("SELECT k FROM keys WHERE k = %s", ("four",))
+                assert found.fetchall() == [("four",)]
+                database.execute_later(later, ("five",))
+            assert sent == [
+                f"BEGIN; {later}; SELECT k FROM keys WHERE k = %s",
+                f"{later}; COMMIT",
+            ], sent
+
+            sent.clear()  # deferred in a savepoint undone: never sent
+            with database.atomic():
+                database.execute_sql("SELECT 1")
+                with pytest.raises(RuntimeError), database.atomic():
+                    database.execute_later(later, ("six",))
+                    raise RuntimeError("undo")
+            assert sent == ["BEGIN; SELECT 1", "COMMIT"], sent
+
+            sent.clear()  # a deferred statement that fails fails the transaction
+            with pytest.raises(pw.IntegrityError), database.atomic():
+                database.execute_sql(later, ("seven",))
+                database.execute_later(later, ("one",))
+            assert sent == [f"BEGIN; {later}", f"{later}; COMMIT", "ROLLBACK"], sent
+            assert database.connection().info.transaction_status == 0  # idle
+
             keys = database.execute_sql("SELECT k FROM keys ORDER BY k").fetchall()
-            assert [k for (k,) in keys] == ["one", "two"]
+            assert [k for (k,) in keys] == ["five", "four", "one", "two"]
     finally:
         monkeypatch.undo()
         engine.close_pool()

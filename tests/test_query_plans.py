@@ -140,6 +140,14 @@ def _capture(db, monkeypatch, call) -> list[tuple[str, tuple]]:
         return execute_sql(sql, params, *args, **kwargs)
 
     monkeypatch.setattr(db, "execute_sql", spy)
+    if hasattr(db, "execute_later"):  # PostgreSQL's pool: sent with the next statement
+        later = db.execute_later
+
+        def spy_later(sql, params):
+            statements.append((sql, tuple(params)))
+            return later(sql, params)
+
+        monkeypatch.setattr(db, "execute_later", spy_later)
     try:
         call()
     finally:

@@ -332,14 +332,14 @@ def drop_entry(course: Course, student_id: int, now: dt.datetime) -> list[Entry]
         raise NotEnrolled.of(student_id, course.id)
     events.entry_changed(events.DROPPED, _shown(row))
     if row.state == ENROLLED:
-        _FREE_SEAT.execute(course.id)
+        _FREE_SEAT.execute_later(course.id)
         # Nobody waits while a seat is free, so the count read under the lock says
         # whether anyone is in line for this one.
         promoted = promote_next(course.id, 1, now) if course.waitlisted_count else []
         moved = len(promoted)
         events.course_after(course, enrolled=moved - 1, waitlisted=-moved)
         return promoted
-    _LEAVE_WAITLIST.execute(course.id)
+    _LEAVE_WAITLIST.execute_later(course.id)
     events.course_after(course, enrolled=0, waitlisted=-1)
     return []
 

@@ -158,7 +158,7 @@ def mutation(fn: Callable[P, R]) -> Callable[P, R]:
             # The claim stored an empty response: an empty one (DropCourse without a
             # promotion, the deletes) is recorded already, one UPDATE fewer.
             if call.response:
-                _RECORD_RESPONSE.execute(call.response, call.claimed)
+                _RECORD_RESPONSE.execute_later(call.response, call.claimed)
         return result
 
     return recorded

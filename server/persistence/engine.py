@@ -159,11 +159,13 @@ class MariaDBDatabase(_MySQLSession, pw.MySQLDatabase):
 
 
 class _TransactionEnds(threading.local):
-    """Per thread (peewee's connection state is): the transaction control not sent yet
-    (a BEGIN, savepoints opened, released or rolled back to; each ending "; "), how many
-    times such text went out, and a transaction that a statement ended already."""
+    """Per thread (peewee's connection state is): what goes before the next statement
+    (a BEGIN, savepoints opened, released or rolled back to, statements deferred; each
+    ending "; ") and the deferred statements' parameters, how many times such text went
+    out, and a transaction that a statement ended already."""
 
     pending = ""
+    params: tuple[Any, ...] = ()
     sent = 0
     ended = False
 
@@ -186,6 +188,11 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
       A failure in "SAVEPOINT s; <statement>" comes from the statement (SAVEPOINT
       itself cannot fail in a transaction that is not failed already), so the
       savepoint exists and ROLLBACK TO it leaves the transaction usable, as before.
+    - So do the statements whose result nobody reads (execute_later(): a count kept
+      up to date, a response recorded). A deferred statement's failure is the failure
+      of the statement it went with: the transaction fails either way, and the call
+      with it. Statements deferred in a savepoint that is rolled back before they went
+      out are never sent.
     - A write's last statement may carry its COMMIT (the outbox's numbered INSERT does,
       persistence/outbox.py says why): committed_by_statement() then tells commit()
       that the transaction has ended already, so it sends no second COMMIT.
@@ -207,54 +214,79 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
     def begin(self, isolation_level: Any = None) -> None:
         ends = self._ends
         ends.ended = False
+        ends.params = ()
         if isolation_level is None and not self._isolated:
             ends.pending = _BEGIN
             return
         ends.pending = ""
         super().begin(isolation_level)
 
+    def execute_later(self, sql: str, params: Any) -> None:
+        """Run sql (its result unread) with the next statement sent in this transaction;
+        outside a transaction, now."""
+        if not self.in_transaction():
+            self.execute_sql(sql, params)
+            return
+        ends = self._ends
+        ends.pending += sql + "; "
+        ends.params += tuple(params)
+
     def savepoint(self) -> Any:  # what atomic() gives inside a transaction: a _Savepoint
         return _Savepoint(self._ends)
 
-    def _due(self) -> str:
-        """The control text that goes before the statement about to be sent (then it is
-        no longer pending). Text pending outside any transaction is dropped."""
+    def _due(self) -> tuple[str, tuple[Any, ...]]:
+        """The text (and its parameters) that goes before the statement about to be
+        sent; then it is no longer pending. Text pending outside any transaction (a
+        BEGIN whose transaction ended without a statement) is dropped."""
         ends = self._ends
-        due = ends.pending
+        due, params = ends.pending, ends.params
         if not due:
-            return ""
-        ends.pending = ""
+            return "", ()
+        ends.pending, ends.params = "", ()
         ends.sent += 1
-        return due if self.in_transaction() else ""
+        return (due, params) if self.in_transaction() else ("", ())
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
-        due = self._due()
-        return super().execute_sql(due + sql if due else sql, params)  # type: ignore[no-untyped-call]
+        due, before = self._due()
+        if before and not params and "%" in sql:
+            # sql is not written for parameters (a literal %): the deferred go alone.
+            self._send(due, before)
+            due, before = "", ()
+        if due:
+            sql = due + sql
+            if before:
+                params = (*before, *params) if params else before
+        return super().execute_sql(sql, params)  # type: ignore[no-untyped-call]
 
     def cursor(self, named_cursor: Any = None) -> Any:
         cursor = super().cursor(named_cursor)  # type: ignore[no-untyped-call]
-        due = self._due()
-        if due:  # a statement not through execute_sql: the control text first
-            cursor.execute(due)
+        due, before = self._due()
+        if due:  # a statement not through execute_sql: what is pending goes first
+            cursor.execute(due, before or None)
         return cursor
 
     def commit(self) -> None:
         ends = self._ends
-        pending, ends.pending = ends.pending, ""
-        if pending.startswith(_BEGIN):  # no statement ran: nothing began, nothing to end
+        pending, params = ends.pending, ends.params
+        ends.pending, ends.params = "", ()
+        if pending == _BEGIN:  # no statement ran: nothing began, nothing to end
             return
         if ends.ended:
             ends.ended = False
             return
-        if pending:  # a RELEASE (or ROLLBACK TO) not sent yet goes with the COMMIT
-            with pw.__exception_wrapper__:  # type: ignore[attr-defined]
-                self.cursor().execute(pending + "COMMIT")
+        if pending:  # a RELEASE or a deferred statement not sent yet goes with the COMMIT
+            self._send(pending + "COMMIT", params)
             return
         super().commit()
 
+    def _send(self, sql: str, params: tuple[Any, ...]) -> None:
+        with pw.__exception_wrapper__:  # type: ignore[attr-defined]
+            self.cursor().execute(sql, params or None)
+
     def rollback(self) -> None:
         ends = self._ends
-        pending, ends.pending = ends.pending, ""
+        pending = ends.pending
+        ends.pending, ends.params = "", ()
         if pending.startswith(_BEGIN):
             return
         super().rollback()
@@ -264,7 +296,7 @@ class _Savepoint:
     """peewee's savepoint for PooledPostgresDatabase: its SAVEPOINT, RELEASE and
     ROLLBACK TO are left pending, to go with the next statement sent (see there)."""
 
-    __slots__ = ("_ends", "_name", "_mark", "_sent")
+    __slots__ = ("_ends", "_name", "_mark", "_params", "_opened", "_sent")
     _numbers = itertools.count(1)
 
     def __init__(self, ends: _TransactionEnds) -> None:
@@ -274,14 +306,19 @@ class _Savepoint:
     def __enter__(self) -> _Savepoint:
         ends = self._ends
         self._mark = len(ends.pending)
+        self._params = len(ends.params)
         self._sent = ends.sent
         ends.pending += f"SAVEPOINT {self._name}; "
+        self._opened = len(ends.pending)
         return self
 
     def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
         ends = self._ends
-        if ends.sent == self._sent:  # nothing went out since: it never existed
+        if ends.sent == self._sent and (kind is not None or len(ends.pending) == self._opened):
+            # Nothing went out since it opened, and it is undone or holds nothing: as
+            # though it never was (with anything deferred in it).
             ends.pending = ends.pending[: self._mark]
+            ends.params = ends.params[: self._params]
         elif kind is None:
             ends.pending += f"RELEASE SAVEPOINT {self._name}; "
         else:

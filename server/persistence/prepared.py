@@ -164,3 +164,14 @@ class Prepared(Generic[M]):
         cursor = proxy.execute_sql(sql, self._params(binding, values))
         count: int = cursor.rowcount
         return count
+
+    def execute_later(self, *values: Any) -> None:
+        """Run an INSERT, UPDATE or DELETE whose count nobody reads: on PostgreSQL's
+        serving pool it goes in the round trip of the transaction's next statement
+        (engine.PooledPostgresDatabase), elsewhere now."""
+        db, _, sql, binding, _ = self._compile()
+        later = getattr(db, "execute_later", None)
+        if later is None:
+            db.execute_sql(sql, self._params(binding, values))
+        else:
+            later(sql, self._params(binding, values))
