@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from playhouse.pool import PooledPostgresqlDatabase
 
-from enrollment.server.domain import students
+from enrollment.server.domain import courses, enrollments, students
 from enrollment.server.persistence import engine, migrator
 from enrollment.server.persistence.failures import Verdict, classify
 from enrollment.server.persistence.models import proxy as database
@@ -230,10 +230,23 @@ def test_savepoints_and_deferred_statements_go_with_the_next_statement(db_url, m
     try:
         with database.connection_context():
             # CreateStudent: its unique insert in a savepoint, then the events' statement.
-            students.create_student(name="One", email="one@example.com")
+            student = students.create_student(name="One", email="one@example.com")
             assert len(sent) == 2, sent
             assert re.fullmatch(r'BEGIN; SAVEPOINT "(\w+)"; INSERT .*', sent[0]), sent
             assert re.fullmatch(r'RELEASE SAVEPOINT "\w+"; WITH .*; COMMIT', sent[1]), sent
+            # EnrollStudent: the seat, the entry in a savepoint, the events; DropCourse:
+            # the course, the entry, the seat given back with the events.
+            course = courses.create_course(code="C-1", title="One", capacity=2)
+            sent.clear()
+            enrollments.enroll_student(student_id=student.id, course_id=course.id)
+            assert len(sent) == 3, sent
+            assert sent[0].startswith('BEGIN; UPDATE "courses"'), sent
+            assert re.fullmatch(r'SAVEPOINT "\w+"; INSERT INTO "student_courses" .*', sent[1])
+            assert re.fullmatch(r'RELEASE SAVEPOINT "\w+"; WITH .*; COMMIT', sent[2]), sent
+            sent.clear()
+            enrollments.drop_course(student_id=student.id, course_id=course.id)
+            assert len(sent) == 3, sent
+            assert re.fullmatch(r'UPDATE "courses" .*; WITH .*; COMMIT', sent[2]), sent
 
             database.execute_sql("CREATE TEMPORARY TABLE keys (k text PRIMARY KEY)")
             database.execute_sql(insert.format("one"))
