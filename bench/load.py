@@ -35,21 +35,29 @@ class LoadSpec:
     processes: int
     coroutines: int
     seed: int = 1
+    # Connections of this process, the coroutines spread over them: SO_REUSEPORT spreads
+    # connections, not calls, over `serve --workers N`, so one connection per load
+    # process can land every call on one worker.
+    channels: int = 1
+
+
+# Each channel its own connection (grpc shares one between channels of the same target).
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 class _Driver:
-    def __init__(self, spec: LoadSpec, stub, start_ns: int, end_ns: int) -> None:
+    def __init__(self, spec: LoadSpec, stubs: list, start_ns: int, end_ns: int) -> None:
         self.spec = spec
-        self.stub = stub
+        self.stubs = stubs
         self.start_ns = start_ns
         self.end_ns = end_ns
         self.latencies = {m: array("q") for m in METHODS}
         self.codes: Counter = Counter()
 
-    async def call(self, method: str, request) -> None:
+    async def call(self, stub, method: str, request) -> None:
         t0 = time.monotonic_ns()
         try:
-            await getattr(self.stub, method)(request, timeout=30)
+            await getattr(stub, method)(request, timeout=30)
             code = "OK"
         except grpc.aio.AioRpcError as error:
             code = error.code().name
@@ -68,6 +76,7 @@ class _Driver:
         owned = range(mine + 1, shape.students + 1, total)
         rng = random.Random(spec.seed * 1_000_003 + mine)
         write_share = WRITE_SHARE[spec.mix]
+        stub = self.stubs[slot % len(self.stubs)]
         while time.monotonic_ns() < self.end_ns:
             if write_share and rng.random() < write_share:
                 student = rng.choice(owned)
@@ -78,12 +87,14 @@ class _Driver:
                 # Each with a request_id, as enrollment.client sends every mutation: the
                 # server records it with the change (and its event) in one transaction.
                 await self.call(
+                    stub,
                     "EnrollStudent",
                     pb.EnrollStudentRequest(
                         student_id=student, course_id=course, request_id=str(uuid.uuid4())
                     ),
                 )
                 await self.call(
+                    stub,
                     "DropCourse",
                     pb.DropCourseRequest(
                         student_id=student, course_id=course, request_id=str(uuid.uuid4())
@@ -91,18 +102,26 @@ class _Driver:
                 )
             else:
                 student = rng.randint(1, shape.students)
-                await self.call("ListCourses", pb.ListCoursesRequest(student_id=student))
-                await self.call("GetStudent", pb.GetStudentRequest(student_id=student))
+                await self.call(stub, "ListCourses", pb.ListCoursesRequest(student_id=student))
+                await self.call(stub, "GetStudent", pb.GetStudentRequest(student_id=student))
 
 
 async def _drive(spec: LoadSpec, conn) -> None:
-    async with grpc.aio.insecure_channel(spec.address) as channel:
-        await channel.channel_ready()
-        stub = pb_grpc.EnrollmentServiceStub(channel)
+    options = OWN_CONNECTION if spec.channels > 1 else None
+    channels = [
+        grpc.aio.insecure_channel(spec.address, options=options) for _ in range(spec.channels)
+    ]
+    try:
+        for channel in channels:
+            await channel.channel_ready()
+        stubs = [pb_grpc.EnrollmentServiceStub(channel) for channel in channels]
         conn.send("ready")
         start_ns, end_ns = conn.recv()
-        driver = _Driver(spec, stub, start_ns, end_ns)
+        driver = _Driver(spec, stubs, start_ns, end_ns)
         await asyncio.gather(*(driver.loop(i) for i in range(spec.coroutines)))
+    finally:
+        for channel in channels:
+            await channel.close()
     conn.send(
         (
             {m: a.tobytes() for m, a in driver.latencies.items()},

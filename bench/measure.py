@@ -75,12 +75,15 @@ def drive(
     duration: float,
     warmup: float,
     seed: int = 1,
+    channels: int = 1,
 ) -> Round:
     ctx = mp.get_context("spawn")  # no grpc state is inherited by the load processes
     pipes, workers = [], []
     for index in range(processes):
         parent, child = ctx.Pipe()
-        spec = load.LoadSpec(server.address, mix, shape, index, processes, coroutines, seed)
+        spec = load.LoadSpec(
+            server.address, mix, shape, index, processes, coroutines, seed, channels
+        )
         worker = ctx.Process(target=load.worker, args=(spec, child), daemon=True)
         worker.start()
         pipes.append(parent)

@@ -36,7 +36,7 @@ from pathlib import Path
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from bench import measure, procs
+from bench import load, measure, procs
 from bench.measure import percentile
 from bench.seed import Shape, seed
 from enrollment.v1 import enrollment_pb2 as pb
@@ -51,6 +51,8 @@ WAITLIST = 20
 TRIES = 5
 # Courses 1..500 (capacity 0) carry the write mix; the rush's come after them.
 MIX_COURSES = 500
+# Connections per load process for each server process (see one_database).
+CHANNELS_PER_WORKER = 4
 MIN_SHARE = 0.70
 BAD_CODES = ("UNAVAILABLE", "INTERNAL")
 _ENROLLED, _WAITLISTED = 7, 8  # the event types (server/domain/events.py)
@@ -115,10 +117,13 @@ def _outcome(error: grpc.aio.AioRpcError) -> str:
     return code
 
 
-async def _rush(address: str, tries: list[Try], coroutines: int, conn) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        await channel.channel_ready()
-        stub = pb_grpc.EnrollmentServiceStub(channel)
+async def _rush(address: str, tries: list[Try], coroutines: int, channels: int, conn) -> None:
+    options = load.OWN_CONNECTION if channels > 1 else None
+    opened = [grpc.aio.insecure_channel(address, options=options) for _ in range(channels)]
+    try:
+        for channel in opened:
+            await channel.channel_ready()
+        stubs = [pb_grpc.EnrollmentServiceStub(channel) for channel in opened]
         conn.send("ready")
         start_ns = conn.recv()
         await asyncio.sleep(max(0.0, (start_ns - time.monotonic_ns()) / 1e9))
@@ -126,7 +131,7 @@ async def _rush(address: str, tries: list[Try], coroutines: int, conn) -> None:
         # Per try: sent and answered (monotonic ns, comparable across processes), outcome.
         sent, answered, outcomes = array("q"), array("q"), []
 
-        async def caller() -> None:
+        async def caller(stub) -> None:
             for attempt in todo:
                 request = pb.EnrollStudentRequest(
                     student_id=attempt.student_id,
@@ -144,13 +149,16 @@ async def _rush(address: str, tries: list[Try], coroutines: int, conn) -> None:
                 answered.append(t1)
                 outcomes.append((attempt.student_id, attempt.course_id, outcome))
 
-        await asyncio.gather(*(caller() for _ in range(coroutines)))
+        await asyncio.gather(*(caller(stubs[n % channels]) for n in range(coroutines)))
+    finally:
+        for channel in opened:
+            await channel.close()
     conn.send((sent.tobytes(), answered.tobytes(), outcomes))
 
 
-def rush_worker(address: str, tries: list[Try], coroutines: int, conn) -> None:
+def rush_worker(address: str, tries: list[Try], coroutines: int, channels: int, conn) -> None:
     """Entry point of one rush process: connect, say ready, send its tries, report."""
-    asyncio.run(_rush(address, tries, coroutines, conn))
+    asyncio.run(_rush(address, tries, coroutines, channels, conn))
     conn.close()
 
 
@@ -164,14 +172,18 @@ class RushResult:
     server_cpu_s: float
 
 
-def run_rush(server: procs.Server, tries: list[Try], processes: int, coroutines: int):
+def run_rush(
+    server: procs.Server, tries: list[Try], processes: int, coroutines: int, channels: int = 1
+):
     ctx = mp.get_context("spawn")
     pipes, workers = [], []
     for index in range(processes):
         parent, child = ctx.Pipe()
         share = tries[index::processes]
         worker = ctx.Process(
-            target=rush_worker, args=(server.address, share, coroutines, child), daemon=True
+            target=rush_worker,
+            args=(server.address, share, coroutines, channels, child),
+            daemon=True,
         )
         worker.start()
         pipes.append(parent)
@@ -345,6 +357,11 @@ def _create_courses(address: str) -> int:
 
 def one_database(kind: str, args: argparse.Namespace, tmpdir: Path) -> dict:
     workers = 1 if kind == "sqlite" else 2
+    # SO_REUSEPORT spreads connections, not calls, over the workers: with one connection
+    # per load process, both could land on one worker, and the rush or the write mix
+    # then runs on half the server (PostgreSQL's rush came out near 500 or near 800
+    # calls/s by that luck: bench/PROFILE.md, "ninth session").
+    channels = 1 if workers == 1 else CHANNELS_PER_WORKER * workers
     mix_shape = Shape(students=STUDENTS, courses=MIX_COURSES, per_student=0)
     with _database(kind, args, tmpdir) as url:
         procs.migrate(url)
@@ -370,8 +387,11 @@ def one_database(kind: str, args: argparse.Namespace, tmpdir: Path) -> dict:
                 coroutines=args.coroutines,
                 duration=args.mix_seconds,
                 warmup=2.0,
+                channels=channels,
             )
-            result = run_rush(server, choices(first, args.seed), args.processes, args.coroutines)
+            result = run_rush(
+                server, choices(first, args.seed), args.processes, args.coroutines, channels
+            )
             problems = check(url, server.address, first, result)
         finally:
             server.stop()
