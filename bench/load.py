@@ -7,11 +7,13 @@ calls that complete inside [start, end] are counted, so set-up never blurs the f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
 from array import array
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -42,7 +44,21 @@ class LoadSpec:
 
 
 # Each channel its own connection (grpc shares one between channels of the same target).
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+_OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+@contextlib.asynccontextmanager
+async def stubs(address: str, channels: int) -> AsyncIterator[list]:
+    """Stubs over `channels` connections of their own, each ready; closed on the way out."""
+    options = _OWN_CONNECTION if channels > 1 else None
+    opened = [grpc.aio.insecure_channel(address, options=options) for _ in range(channels)]
+    try:
+        for channel in opened:
+            await channel.channel_ready()
+        yield [pb_grpc.EnrollmentServiceStub(channel) for channel in opened]
+    finally:
+        for channel in opened:
+            await channel.close()
 
 
 class _Driver:
@@ -107,21 +123,11 @@ class _Driver:
 
 
 async def _drive(spec: LoadSpec, conn) -> None:
-    options = OWN_CONNECTION if spec.channels > 1 else None
-    channels = [
-        grpc.aio.insecure_channel(spec.address, options=options) for _ in range(spec.channels)
-    ]
-    try:
-        for channel in channels:
-            await channel.channel_ready()
-        stubs = [pb_grpc.EnrollmentServiceStub(channel) for channel in channels]
+    async with stubs(spec.address, spec.channels) as opened:
         conn.send("ready")
         start_ns, end_ns = conn.recv()
-        driver = _Driver(spec, stubs, start_ns, end_ns)
+        driver = _Driver(spec, opened, start_ns, end_ns)
         await asyncio.gather(*(driver.loop(i) for i in range(spec.coroutines)))
-    finally:
-        for channel in channels:
-            await channel.close()
     conn.send(
         (
             {m: a.tobytes() for m, a in driver.latencies.items()},

@@ -118,12 +118,7 @@ def _outcome(error: grpc.aio.AioRpcError) -> str:
 
 
 async def _rush(address: str, tries: list[Try], coroutines: int, channels: int, conn) -> None:
-    options = load.OWN_CONNECTION if channels > 1 else None
-    opened = [grpc.aio.insecure_channel(address, options=options) for _ in range(channels)]
-    try:
-        for channel in opened:
-            await channel.channel_ready()
-        stubs = [pb_grpc.EnrollmentServiceStub(channel) for channel in opened]
+    async with load.stubs(address, channels) as stubs:
         conn.send("ready")
         start_ns = conn.recv()
         await asyncio.sleep(max(0.0, (start_ns - time.monotonic_ns()) / 1e9))
@@ -150,9 +145,6 @@ async def _rush(address: str, tries: list[Try], coroutines: int, channels: int, 
                 outcomes.append((attempt.student_id, attempt.course_id, outcome))
 
         await asyncio.gather(*(caller(stubs[n % channels]) for n in range(coroutines)))
-    finally:
-        for channel in opened:
-            await channel.close()
     conn.send((sent.tobytes(), answered.tobytes(), outcomes))
 
 

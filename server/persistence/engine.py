@@ -287,7 +287,7 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
         ends = self._ends
         pending = ends.pending
         ends.pending, ends.params = "", ()
-        if pending.startswith(_BEGIN):
+        if pending.startswith(_BEGIN):  # nothing went out, deferred statements included
             return
         super().rollback()
 
