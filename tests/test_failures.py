@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from playhouse.pool import PooledPostgresqlDatabase
 
 from enrollment.server.domain import courses, enrollments, students
-from enrollment.server.persistence import engine, migrator
+from enrollment.server.persistence import engine, migrator, outbox, prepared
 from enrollment.server.persistence.failures import Verdict, classify
 from enrollment.server.persistence.models import proxy as database
 from enrollment.server.startup.config import ServerConfig
@@ -307,6 +307,70 @@ def test_savepoints_and_deferred_statements_go_with_the_next_statement(db_url, m
     finally:
         monkeypatch.undo()
         engine.close_pool()
+
+
+@pytest.mark.databases("postgresql")
+def test_hot_inserts_are_prepared_once_per_connection(db_url, monkeypatch, caplog):
+    """On PostgreSQL the serving pool PREPAREs the statements it is given on each
+    connection when it is checked out, then sends EXECUTE for them
+    (engine.PooledPostgresDatabase): the same rows, fewer parses. Only INSERTs are
+    given (prepared.to_prepare says why); a statement the database refuses is logged
+    and sent as it is; a new connection prepares again; prepare=false in the URL
+    prepares nothing."""
+    engine.open_pool(db_url, max_connections=2)
+    given = [*prepared.to_prepare(), *outbox.to_prepare()]
+    assert len(given) == 2 + outbox.PREPARED_ROWS, given
+    assert all(sql.startswith(("INSERT ", "WITH c AS (INSERT ")) for sql in given), given
+    refused = "SELECT %s + %s"  # PostgreSQL cannot tell its values' types
+    database.obj.prepare_statements([*given, refused])
+    sent: list[str] = []
+    cursor = database.obj.cursor
+    monkeypatch.setattr(database.obj, "cursor", lambda *a: _Sent(cursor(*a), sent))
+
+    def prepared_here() -> list[str]:
+        found = database.execute_sql("SELECT statement FROM pg_prepared_statements")
+        return [text for (text,) in found.fetchall()]
+
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="enrollment.db"),
+            database.connection_context(),
+        ):
+            assert len(prepared_here()) == len(given)
+            assert "cannot be prepared" in caplog.text
+            assert database.execute_sql(refused, (1, 2)).fetchone() == (3,)
+            assert sent[-1] == refused, sent
+            student = students.create_student(name="One", email="one@example.com")
+            course = courses.create_course(code="C-1", title="One", capacity=2)
+            sent.clear()
+            entry = enrollments.enroll_student(student_id=student.id, course_id=course.id)
+            assert len(sent) == 3, sent
+            values = r"\(%s(, %s)*\)"
+            assert re.fullmatch(rf'SAVEPOINT "\w+"; EXECUTE enrollment_\d+{values}', sent[1])
+            assert re.fullmatch(
+                rf'RELEASE SAVEPOINT "\w+"; EXECUTE enrollment_\d+{values}; COMMIT', sent[2]
+            ), sent
+        assert entry.course_id == course.id
+        rows = databases.query(db_url, "SELECT student_id, course_id FROM student_courses")
+        assert rows == [(student.id, course.id)]
+        events = databases.query(db_url, "SELECT sequence, course_id FROM events ORDER BY 1")
+        assert events == [(1, 0), (2, course.id), (3, course.id)]
+        database.obj.close_all()  # a new connection prepares again
+        with database.connection_context():
+            assert len(prepared_here()) == len(given)
+    finally:
+        monkeypatch.undo()
+        engine.close_pool()
+
+    engine.open_pool(f"{db_url}?prepare=false", max_connections=1)
+    try:
+        database.obj.prepare_statements(given)
+        with database.connection_context():
+            assert prepared_here() == []
+            students.create_student(name="Two", email="two@example.com")
+    finally:
+        engine.close_pool()
+    assert databases.query(db_url, "SELECT COUNT(*) FROM students")[0][0] == 2
 
 
 @pytest.mark.databases("postgresql", "mysql")

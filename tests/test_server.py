@@ -85,6 +85,8 @@ def test_serve_from_env_then_refuse_a_port_already_in_use(db_url, server_process
         ("mysql://localhost:port/x", "cannot be read"),
         ("sqlite:///no/such/dir/x.db", "does not exist"),
         ("sqlite:///:memory:", "must name a file"),
+        ("postgresql://localhost/db?prepare=sometimes", "prepare=true or prepare=false"),
+        ("sqlite:///x.db?prepare=false", "prepare option is for postgresql"),
     ],
 )
 def test_unusable_database_url_is_a_clear_error(url, expected):

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
+import re
 import threading
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import peewee as pw
+import psycopg2
 from playhouse.db_url import parse as parse_db_url
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase, PooledSqliteDatabase
 
 from enrollment.server.persistence.checkpoint import AUTOCHECKPOINT_PAGES
+from enrollment.server.persistence.failures import first_line
 from enrollment.server.persistence.models import proxy
+
+log = logging.getLogger("enrollment.db")
 
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
@@ -65,6 +73,13 @@ def parse(url: str, *, create: bool = False) -> Target:
         params = parse_db_url(url, unquote_password=True, unquote_user=True)
     except ValueError as exc:  # a port that is not a number
         raise DatabaseConfigError(f"the database URL cannot be read: {exc}") from None
+    if "prepare" in params:
+        # Ours, not the driver's: whether the serving pool prepares its hot statements.
+        value = params["prepare"]
+        if kind != "postgresql" or value not in (True, False):
+            raise DatabaseConfigError(
+                "the URL's prepare option is for postgresql:// URLs: prepare=true or prepare=false"
+            )
     if kind == "sqlite":
         _check_sqlite_path(params.get("database") or "", create=create)
     elif not params.get("database"):
@@ -99,6 +114,7 @@ def _driver_params(
         params.setdefault("pragmas", {**SQLITE_PRAGMAS, "busy_timeout": int(timeout * 1000)})
         params.setdefault("check_same_thread", False)
     elif target.kind == "postgresql":
+        params.pop("prepare", None)  # the pool's own (open_pool)
         options = [f"-c lock_timeout={int(timeout * 1000)}"]
         if statement_timeout is not None:
             options.append(f"-c statement_timeout={int(statement_timeout * 1000)}")
@@ -193,22 +209,97 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
       of the statement it went with: the transaction fails either way, and the call
       with it. Statements deferred in a savepoint that is rolled back before they went
       out are never sent.
-    - A write's last statement may carry its COMMIT (the outbox's numbered INSERT does,
-      persistence/outbox.py says why): committed_by_statement() then tells commit()
-      that the transaction has ended already, so it sends no second COMMIT.
+    - A write's last statement may carry its COMMIT (execute_and_commit(): the
+      outbox's numbered INSERT does, persistence/outbox.py says why); commit() then
+      knows that the transaction has ended already, so it sends no second COMMIT.
 
     Every statement of a transaction comes through execute_sql or a cursor() (peewee's
     own queries, peewee-migrate, ours): a cursor taken while control text is pending
-    sends it first, so nothing runs outside the transaction or savepoint it belongs to."""
+    sends it first, so nothing runs outside the transaction or savepoint it belongs to.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    The hot INSERTs are prepared on each connection (prepare_statements(); which ones
+    and why only INSERTs: prepared.to_prepare): the database then parses and plans
+    them once per connection instead of once per call, which was most of its CPU for
+    the change feed's numbered INSERT (bench/PROFILE.md, tenth session). A statement
+    registered there is PREPAREd when a connection is checked out of the
+    pool and has not prepared it yet (outside any transaction: the pool's connections
+    are in autocommit between transactions), and from then on goes out on that
+    connection as "EXECUTE name(values)", with the same values bound by the driver as
+    before. A statement the database refuses to prepare is logged once and sent as it
+    is. PREPARE lasts as long as the connection, whatever its transactions do; a
+    connection made again prepares again. `prepare=false` in the URL turns it off, for
+    a pooler that hands one session's connection to another between transactions
+    (PgBouncer's transaction pooling)."""
+
+    def __init__(self, *args: Any, prepare: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self._ends = _TransactionEnds()
         # A BEGIN that names an isolation level is sent as it is (this pool is opened
         # without one: PostgreSQL's READ COMMITTED).
         self._isolated = kwargs.get("isolation_level") is not None
+        self._prepares = prepare
+        self._statements: list[_Statement] = []  # registered, in order
+        self._by_sql: dict[str, _Statement] = {}  # the same, by the SQL they run
+        self._refused: set[int] = set()  # numbers of those the database would not prepare
+        # Per connection: how many registered statements it has been through (weak: a
+        # closed connection goes with its entry).
+        self._prepared_on: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
-    def committed_by_statement(self) -> None:
+    def prepare_statements(self, sqls: Iterable[str]) -> None:
+        """Register statements (SQL as execute_sql takes it, %s for each value) to be
+        prepared on each connection; call before serving (a connection checked out
+        before prepares them at its next checkout)."""
+        if not self._prepares:
+            return
+        for sql in sqls:
+            if sql not in self._by_sql:
+                statement = _Statement.of(len(self._statements), sql)
+                self._statements.append(statement)
+                self._by_sql[sql] = statement
+
+    def _initialize_connection(self, conn: Any) -> None:
+        # peewee calls this at every checkout from the pool, between transactions.
+        super()._initialize_connection(conn)  # type: ignore[misc]
+        done = self._prepared_on.get(conn, 0)
+        if done < len(self._statements):
+            upto = len(self._statements)
+            self._prepare(conn, self._statements[done:upto])
+            self._prepared_on[conn] = upto
+
+    def _prepare(self, conn: Any, statements: list[_Statement]) -> None:
+        with conn.cursor() as cursor:
+            for statement in statements:
+                if statement.number in self._refused:
+                    continue
+                try:
+                    cursor.execute(statement.prepare)
+                except psycopg2.Error as exc:
+                    if conn.closed:
+                        raise
+                    self._refused.add(statement.number)
+                    log.warning(
+                        "a statement cannot be prepared, it is sent as it is: %s (%s)",
+                        first_line(exc),
+                        statement.sql[:120],
+                    )
+
+    def _prepared(self, sql: str) -> str:
+        """What goes out for sql on this thread's connection: its EXECUTE where the
+        connection has prepared it, else sql itself."""
+        statement = self._by_sql.get(sql)
+        conn = self._state.conn  # type: ignore[attr-defined]
+        if (
+            statement is None
+            or conn is None
+            or statement.number in self._refused
+            or statement.number >= self._prepared_on.get(conn, 0)
+        ):
+            return sql
+        return statement.execute
+
+    def execute_and_commit(self, sql: str, params: Any) -> None:
+        """Run sql, the transaction's last statement, and COMMIT in the same round trip."""
+        self._execute(self._prepared(sql) + "; COMMIT", params)
         self._ends.ended = True
 
     def begin(self, isolation_level: Any = None) -> None:
@@ -228,7 +319,7 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
             self.execute_sql(sql, params)
             return
         ends = self._ends
-        ends.pending += sql + "; "
+        ends.pending += self._prepared(sql) + "; "
         ends.params += tuple(params)
 
     def savepoint(self) -> Any:  # what atomic() gives inside a transaction: a _Savepoint
@@ -247,6 +338,10 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
         return (due, params) if self.in_transaction() else ("", ())
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
+        return self._execute(self._prepared(sql) if self._by_sql else sql, params)
+
+    def _execute(self, sql: str, params: Any) -> Any:
+        """sql as it goes out, after what is pending."""
         due, before = self._due()
         if before and not params and "%" in sql:
             # sql is not written for parameters (a literal %): the deferred go alone.
@@ -290,6 +385,34 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
         if pending.startswith(_BEGIN):  # nothing went out, deferred statements included
             return
         super().rollback()
+
+
+_VALUE = re.compile("%%|%s")
+
+
+class _Statement(NamedTuple):
+    """A statement prepared on each connection of the PostgreSQL pool."""
+
+    number: int
+    sql: str  # as execute_sql takes it
+    prepare: str  # PREPARE name AS … ($1, $2, … for its values)
+    execute: str  # EXECUTE name(%s, …): what goes out instead of sql
+
+    @classmethod
+    def of(cls, number: int, sql: str) -> _Statement:
+        name = f"enrollment_{number}"
+        count = 0
+
+        def placeholder(found: re.Match[str]) -> str:
+            nonlocal count
+            if found.group() == "%%":
+                return "%"
+            count += 1
+            return f"${count}"
+
+        body = _VALUE.sub(placeholder, sql)
+        values = f"({', '.join(['%s'] * count)})" if count else ""
+        return cls(number, sql, f"PREPARE {name} AS {body}", f"EXECUTE {name}{values}")
 
 
 class _Savepoint:
@@ -378,11 +501,15 @@ def open_pool(
         pool=timeout if pool_timeout is None else pool_timeout,
         statement=statement_timeout,
     )
+    own: dict[str, Any] = {}
+    if target.kind == "postgresql":
+        own["prepare"] = target.params.get("prepare", True)
     db = _POOLED[target.kind](
         target.name,
         max_connections=max_connections,
         stale_timeout=None,
         timeout=waits.pool,
+        **own,
         **_driver_params(target, timeout, statement_timeout),
     )
     proxy.initialize(db)

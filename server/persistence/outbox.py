@@ -168,6 +168,11 @@ INSERT_ROWS = 500
 
 
 _COLUMNS = ("sequence", *Row._fields)
+# A numbered VALUES row's types on PostgreSQL: the event's place in the call, then Row's.
+_PG_TYPES = ("integer", "timestamp", "smallint", "bigint", "bigint", "text", "varchar", "varchar")
+# Prepared on each connection: the numbered INSERTs of 1 to this many events (an
+# enrollment or a drop writes 1, a promotion 2; a forced delete's many are not worth it).
+PREPARED_ROWS = 4
 
 
 class _Statements:
@@ -233,6 +238,9 @@ class _Statements:
         self.committing = db if isinstance(db, engine.PooledPostgresDatabase) else None
         if self.numbering:
             # v.k is the event's place in the call (1, 2, …), the VALUES' first column.
+            # Each value names its type: a prepared statement (engine.py) cannot tell
+            # a VALUES list's types from the columns its rows go to.
+            self._typed_row = "(" + ", ".join(f"{self.mark}::{t}" for t in _PG_TYPES) + ")"
             taken = ", ".join(f"v.{c}" for c in _COLUMNS[1:])
             self._numbered = (
                 f"WITH c AS (INSERT INTO {table} ({name}, {value}) "
@@ -240,18 +248,16 @@ class _Statements:
                 f"DO UPDATE SET {value} = {table}.{value} + EXCLUDED.{value} "
                 f"RETURNING {value}{sends}) "
                 f"INSERT INTO {q('events')} ({names}) "
-                f"SELECT c.{value} - {self.mark} + v.k, {taken} FROM c, (VALUES "
+                f"SELECT c.{value} - {self.mark}::bigint + v.k, {taken} FROM c, (VALUES "
             )
             self._numbered_as = f") AS v(k, {', '.join(_COLUMNS[1:])})"
-            if self.committing is not None:
-                self._numbered_as += "; COMMIT"
 
-    def _rows(self, kind: str, count: int, head: str, tail: str = "") -> str:
-        """head, count VALUES rows, tail: kept for the common sizes (a forced delete's
-        hundreds are not)."""
+    def _rows(self, kind: str, count: int, head: str, tail: str = "", row: str = "") -> str:
+        """head, count VALUES rows (row, or the plain one), tail: kept for the common
+        sizes (a forced delete's hundreds are not)."""
         found = self._sql.get((kind, count))
         if found is None:
-            found = head + ", ".join([self._row] * count) + tail
+            found = head + ", ".join([row or self._row] * count) + tail
             if count <= 16:
                 self._sql[(kind, count)] = found
         return found
@@ -264,14 +270,23 @@ class _Statements:
         """Raise the counter and insert the rows numbered from it, in one statement;
         on the serving pool of PostgreSQL, the transaction's COMMIT with it."""
         count = len(rows)
-        sql = self._rows("numbered", count, self._numbered, self._numbered_as)
+        sql = self._numbered_sql(count)
         values: list[Any] = [SEQUENCE, count, count, *_numbered(rows, 1)]
         if self.committing is None:
             proxy.execute_sql(sql, values)
             return
         _current().commit_sent = True
-        proxy.execute_sql(sql, values)
-        self.committing.committed_by_statement()
+        self.committing.execute_and_commit(sql, values)
+
+    def _numbered_sql(self, count: int) -> str:
+        return self._rows("numbered", count, self._numbered, self._numbered_as, self._typed_row)
+
+    def to_prepare(self) -> list[str]:
+        """The statements worth preparing on each connection (engine.py): PostgreSQL's
+        numbered INSERT for the event counts a call writes most (1 to PREPARED_ROWS)."""
+        if not self.numbering:
+            return []
+        return [self._numbered_sql(count) for count in range(1, PREPARED_ROWS + 1)]
 
     def raise_counter(self, name: str, by: int) -> int | None:
         """The counter's new value, or None when its row is not made yet."""
@@ -295,6 +310,11 @@ def _statements() -> _Statements:
     if _cached is None or _cached.db is not db:
         _cached = _Statements(db)
     return _cached
+
+
+def to_prepare() -> list[str]:
+    """The outbox's statements worth preparing on the serving pool's connections."""
+    return _statements().to_prepare()
 
 
 def advance(name: str, by: int) -> int:

@@ -21,6 +21,24 @@ _Converters = tuple[tuple[str, Callable[[Any], Any], frozenset[type]], ...]
 _Compiled = tuple[Any, Any, str, Any, _Converters]
 
 
+# Every Prepared made (they are module constants), for to_prepare().
+_made: list[Prepared[Any]] = []
+
+
+def to_prepare() -> list[str]:
+    """The statements worth preparing on the serving pool's connections (engine.py):
+    the SQL of every Prepared INSERT, for the database the models are bound to.
+
+    INSERTs only: PostgreSQL plans a prepared statement once for all values (a generic
+    plan) after a few runs, with the tables as they are then, and keeps that plan while
+    the connection lasts. A lookup planned while its table was nearly empty (a new
+    database's first minutes) then scans the whole table for every call as it grows:
+    seen here as a write mix growing slower round after round (bench/PROFILE.md, tenth
+    session). An INSERT … VALUES has no plan to choose."""
+    inserts = [q for q in _made if isinstance(q._build(*q._markers), pw.Insert)]
+    return [query._compile()[2] for query in inserts]
+
+
 def raw(value: object) -> pw.Value:
     """A parameter passed to the driver as it is: a text or blob field would otherwise turn
     the compile-time marker into text, and the call's value is already what the driver
@@ -84,6 +102,7 @@ class Prepared(Generic[M]):
         self._markers = tuple(_MARKER - i for i in range(arity))
         self._plain = plain
         self._compiled: _Compiled | None = None
+        _made.append(self)
 
     def _compile(self) -> _Compiled:
         db = proxy.obj

@@ -38,7 +38,7 @@ from enrollment.server.domain.retries import purge_expired as purge_old_request_
 from enrollment.server.operations import tracing
 from enrollment.server.operations.health import HealthMonitor
 from enrollment.server.operations.metrics import RpcMetrics
-from enrollment.server.persistence import engine, migrator, notify, unit_of_work
+from enrollment.server.persistence import engine, migrator, notify, outbox, prepared, unit_of_work
 from enrollment.server.persistence.checkpoint import Checkpointer
 from enrollment.server.persistence.models import proxy
 from enrollment.server.persistence.notify import CommitListener
@@ -287,10 +287,20 @@ def create_server(config: ServerConfig, *, schema_checked: bool = False) -> Runn
     try:
         if not schema_checked:
             checked_schema()
+        prepare_statements()
         return _start(config)
     except BaseException:
         engine.close_pool()
         raise
+
+
+def prepare_statements() -> None:
+    """Have the pool prepare the hot statements on its connections, where it can
+    (PostgreSQL's: engine.PooledPostgresDatabase); after the schema check, which
+    they need."""
+    register = getattr(proxy.obj, "prepare_statements", None)
+    if register is not None:
+        register([*prepared.to_prepare(), *outbox.to_prepare()])
 
 
 def checked_schema() -> None:
