@@ -338,7 +338,12 @@ def throughput(kind: str, url: str, tmpdir: Path, args: argparse.Namespace) -> l
         print(
             f"{kind:10} write mix {name:7} the event table: {s['calls_per_s']:7.0f} calls/s  "
             f"p99 {s['p99_ms']:6.2f} ms  server {s['server_cpu_us_per_call']:5.0f} us/call  "
-            f"codes {s['codes']}"
+            + (
+                f"database {s['database_cpu_us_per_call']:5.0f} us/call  "
+                if s["database_cpu_us_per_call"]
+                else ""
+            )
+            + f"codes {s['codes']}"
         )
 
     def us_per_call(name: str, thread: str) -> float:

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from bench import load
-from bench.procs import Server, cpu_seconds
+from bench.procs import Server, cpu_seconds, database_cpu_seconds
 from bench.seed import Shape
 
 CPUS = os.cpu_count() or 1
@@ -30,6 +30,8 @@ class Round:
     client_cpu_share: float
     server_rss_kib: float = 0.0  # at the end of the window
     methods: dict[str, dict[str, float]] = field(default_factory=dict)
+    # PostgreSQL's or MariaDB's processes (procs.database_cpu_seconds); 0 on SQLite.
+    database_cpu_us_per_call: float = 0.0
 
 
 def window_round(
@@ -42,6 +44,7 @@ def window_round(
     client_cpu_s: float,
     methods: dict[str, dict[str, float]],
     server_rss_kib: float = 0.0,
+    database_cpu_s: float = 0.0,
 ) -> Round:
     """The figures of one measured window; latencies_ns sorted, CPU times in seconds."""
     return Round(
@@ -56,6 +59,7 @@ def window_round(
         client_cpu_share=client_cpu_s / (duration * CPUS),
         server_rss_kib=server_rss_kib,
         methods=methods,
+        database_cpu_us_per_call=database_cpu_s / calls * 1e6 if calls else float("nan"),
     )
 
 
@@ -99,9 +103,11 @@ def drive(
         time.sleep(max(0.0, (start_ns - time.monotonic_ns()) / 1e9))
         server0 = server.cpu_seconds()
         client0 = sum(cpu_seconds(w.pid) for w in workers)
+        database0 = database_cpu_seconds()
         time.sleep(max(0.0, (end_ns - time.monotonic_ns()) / 1e9))
         server1 = server.cpu_seconds()
         client1 = sum(cpu_seconds(w.pid) for w in workers)
+        database1 = database_cpu_seconds()
         rss = server.rss_kib()
         reports = []
         for pipe in pipes:
@@ -142,6 +148,7 @@ def drive(
         client_cpu_s=client1 - client0,
         methods=methods,
         server_rss_kib=rss,
+        database_cpu_s=database1 - database0 if server.remote_database else 0.0,
     )
 
 
@@ -154,6 +161,7 @@ NUMBERS = (
     "server_cpu_share",
     "client_cpu_share",
     "server_rss_kib",
+    "database_cpu_us_per_call",
 )
 
 

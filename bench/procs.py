@@ -58,6 +58,25 @@ def tree_cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
 
 
+# The database servers' process names: their CPU is the database's share of a call.
+DATABASE_COMMANDS = ("postgres", "mariadbd", "mysqld")
+
+
+def database_cpu_seconds() -> float:
+    """User + system CPU time of every PostgreSQL and MariaDB process on the machine
+    (their backends, writers, vacuum): what a call costs the database, for a server
+    on either (SQLite's share is in the server's own CPU). Machine-wide: figures are
+    only meaningful when nothing else uses those databases."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                name = Path(f"/proc/{entry}/comm").read_text().strip()
+                if name in DATABASE_COMMANDS:
+                    total += cpu_seconds(int(entry))
+    return total
+
+
 def thread_names(pid: int) -> dict[int, str]:
     """The Python name of each thread of a process, by its native id, as py-spy (the
     bench extra) dumps them; {} where py-spy is missing or may not attach."""
@@ -117,6 +136,9 @@ class Server:
     process: subprocess.Popen | None = None
     env: dict[str, str] | None = None  # the whole environment (None: this process's)
     pids: list[int] = field(default_factory=list)
+    # Whether it serves from a database server (PostgreSQL, MariaDB): then a round
+    # measures the database's CPU too (measure.drive).
+    remote_database: bool = False
 
     @property
     def address(self) -> str:
@@ -195,7 +217,8 @@ def enrollment_server(
     ]
     if workers != 1:
         argv += ["--workers", str(workers)]
-    return Server("enrollment-server", argv, port, log_path)
+    remote = not database_url.startswith("sqlite:")
+    return Server("enrollment-server", argv, port, log_path, remote_database=remote)
 
 
 def ceiling_server(port: int, log_path: Path, *, threads: int, kind: str = "sync") -> Server:

@@ -361,7 +361,12 @@ def _run_rounds(servers, mixes, shape, args, tmpdir: Path) -> dict:
                     f"  {mix:5} round {index + 1}/{args.rounds} {name:12} "
                     f"{result.calls_per_s:8.0f} calls/s  p99 {result.p99_ms:6.2f} ms  "
                     f"server {result.server_cpu_us_per_call:6.0f} us/call  "
-                    f"codes {result.codes}",
+                    + (
+                        f"database {result.database_cpu_us_per_call:6.0f} us/call  "
+                        if result.database_cpu_us_per_call
+                        else ""
+                    )
+                    + f"codes {result.codes}",
                     file=sys.stderr,
                 )
         results[mix] = {name: measure.summarize(r) for name, r in rounds.items()}

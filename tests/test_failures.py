@@ -315,8 +315,8 @@ def test_hot_inserts_are_prepared_once_per_connection(db_url, monkeypatch, caplo
     connection when it is checked out, then sends EXECUTE for them
     (engine.PooledPostgresDatabase): the same rows, fewer parses. Only INSERTs are
     given (prepared.to_prepare says why); a statement the database refuses is logged
-    and sent as it is; a new connection prepares again; prepare=false in the URL
-    prepares nothing."""
+    and sent as it is; a new connection prepares again; a statement the session lost
+    costs no call and ends preparing; prepare=false in the URL prepares nothing."""
     engine.open_pool(db_url, max_connections=2)
     given = [*prepared.to_prepare(), *outbox.to_prepare()]
     assert len(given) == 2 + outbox.PREPARED_ROWS, given
@@ -358,6 +358,21 @@ def test_hot_inserts_are_prepared_once_per_connection(db_url, monkeypatch, caplo
         database.obj.close_all()  # a new connection prepares again
         with database.connection_context():
             assert len(prepared_here()) == len(given)
+            # A pooler in transaction mode hands the session to others, whose
+            # DISCARD ALL (or another server connection) loses what was prepared: the
+            # call still succeeds, run again unprepared, and preparing stops.
+            database.connection().cursor().execute("DEALLOCATE ALL")
+            sent.clear()
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="enrollment.db"):
+                students.create_student(name="Three", email="three@example.com")
+            assert "lost a statement" in caplog.text
+            assert "EXECUTE" in sent[1] and sent[2] == "ROLLBACK", sent
+            assert re.fullmatch(r'RELEASE SAVEPOINT "\w+"; WITH .*; COMMIT', sent[-1]), sent
+            assert len(sent) == 5, sent
+            sent.clear()
+            students.create_student(name="Four", email="four@example.com")
+            assert len(sent) == 2 and "EXECUTE" not in " ".join(sent), sent
     finally:
         monkeypatch.undo()
         engine.close_pool()
@@ -370,7 +385,7 @@ def test_hot_inserts_are_prepared_once_per_connection(db_url, monkeypatch, caplo
             students.create_student(name="Two", email="two@example.com")
     finally:
         engine.close_pool()
-    assert databases.query(db_url, "SELECT COUNT(*) FROM students")[0][0] == 2
+    assert databases.query(db_url, "SELECT COUNT(*) FROM students")[0][0] == 4
 
 
 @pytest.mark.databases("postgresql", "mysql")

@@ -148,13 +148,17 @@ def _capture(db, monkeypatch, call) -> list[tuple[str, tuple]]:
             return later(sql, params)
 
         monkeypatch.setattr(db, "execute_later", spy_later)
+        committing = db.execute_and_commit
+
+        def spy_committing(sql, params):  # the events' statement, with the COMMIT
+            statements.append((sql, tuple(params)))
+            return committing(sql, params)
+
+        monkeypatch.setattr(db, "execute_and_commit", spy_committing)
     try:
         call()
     finally:
         monkeypatch.undo()
-    # PostgreSQL's events statement carries its transaction's COMMIT (outbox.py): the
-    # statement before it is what is planned, the COMMIT is transaction control.
-    statements = [(sql.removesuffix("; COMMIT"), params) for sql, params in statements]
     return [s for s in statements if not s[0].lstrip().upper().startswith(_TRANSACTION)]
 
 

@@ -351,7 +351,11 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
             sql = due + sql
             if before:
                 params = (*before, *params) if params else before
-        return super().execute_sql(sql, params)  # type: ignore[no-untyped-call]
+        try:
+            return super().execute_sql(sql, params)  # type: ignore[no-untyped-call]
+        except pw.OperationalError as exc:
+            self._note_lost(exc)
+            raise
 
     def cursor(self, named_cursor: Any = None) -> Any:
         cursor = super().cursor(named_cursor)  # type: ignore[no-untyped-call]
@@ -375,8 +379,27 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
         super().commit()
 
     def _send(self, sql: str, params: tuple[Any, ...]) -> None:
-        with pw.__exception_wrapper__:  # type: ignore[attr-defined]
-            self.cursor().execute(sql, params or None)
+        try:
+            with pw.__exception_wrapper__:  # type: ignore[attr-defined]
+                self.cursor().execute(sql, params or None)
+        except pw.OperationalError as exc:
+            self._note_lost(exc)
+            raise
+
+    def _note_lost(self, exc: pw.OperationalError) -> None:
+        """A statement failed: where the database no longer knows a statement prepared
+        on this connection, something between us shares its sessions (a pooler in
+        transaction mode), so this process prepares nothing from now on. The failed
+        transaction is run again (failures.classify), now with the plain statements."""
+        cause = getattr(exc, "orig", None) or exc
+        if getattr(cause, "pgcode", None) != LOST_STATEMENT or not self._by_sql:
+            return
+        self._prepares, self._statements, self._by_sql = False, [], {}
+        log.warning(
+            "the database has lost a statement this process prepared (a pooler in "
+            "transaction mode between them?): statements go unprepared from now on; "
+            "add prepare=false to the database URL to say so at start-up"
+        )
 
     def rollback(self) -> None:
         ends = self._ends
@@ -388,6 +411,8 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
 
 
 _VALUE = re.compile("%%|%s")
+# PostgreSQL's invalid_sql_statement_name: EXECUTE of a name the session does not know.
+LOST_STATEMENT = "26000"
 
 
 class _Statement(NamedTuple):

@@ -30,7 +30,10 @@ _SQLITE_TRANSIENT = (
 _PG_TRANSIENT_CLASSES = ("08", "53", "57")
 _PG_TRANSIENT_CODES = ("55P03",)
 # A deadlock or a serialization failure: running the whole transaction again is safe.
-_PG_RETRY_CODES = ("40001", "40P01")
+# So is a prepared statement the session lost (invalid_sql_statement_name: a pooler in
+# transaction mode): the pool stops preparing when it sees one (engine.py), so the
+# transaction runs again with its statements plain.
+_PG_RETRY_CODES = ("40001", "40P01", "26000")
 # MySQL/MariaDB error numbers: the connection is gone (can't connect, server gone,
 # lost, killed, closed for inactivity), and the other "not now"s (too many connections,
 # shutting down, lock wait timeout, statement time limit).
