@@ -38,11 +38,10 @@ from pathlib import Path
 
 import grpc
 
-from bench import measure, procs
+from bench import load, measure, procs
 from bench.seed import Shape, seed
 from enrollment.server.startup.config import ServerConfig
 from enrollment.v1 import enrollment_pb2 as pb
-from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases
 from tests.servers import free_port
 
@@ -166,14 +165,8 @@ class _Latency:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
 
     async def run(self, pids: list[int], port: int) -> tuple[int, int, list[int]]:
-        channels = [
-            grpc.aio.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
-            for _ in range(self.args.watchers + self.args.writers)
-        ]
-        try:
-            for channel in channels:
-                await channel.channel_ready()
-            stubs = [pb_grpc.EnrollmentServiceStub(c) for c in channels]
+        # A connection of its own per watcher and writer, each ready before the first call.
+        async with load.stubs(self.address, self.args.watchers + self.args.writers) as stubs:
             watch_stubs, write_stubs = stubs[: self.args.watchers], stubs[self.args.watchers :]
             first = (
                 await write_stubs[0].ListEvents(pb.ListEventsRequest(page_size=1))
@@ -199,9 +192,6 @@ class _Latency:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
             return first, last, spread
-        finally:
-            for channel in channels:
-                await channel.close()
 
 
 def _workers(server: procs.Server, workers: int, timeout: float = 30) -> list[int]:
