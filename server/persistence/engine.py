@@ -239,8 +239,8 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
         self._isolated = kwargs.get("isolation_level") is not None
         self._prepares = prepare
         self._statements: list[_Statement] = []  # registered, in order
-        self._by_sql: dict[str, _Statement] = {}  # the same, by the SQL they run
-        self._refused: set[int] = set()  # numbers of those the database would not prepare
+        # The same by the SQL they run, less those the database would not prepare.
+        self._by_sql: dict[str, _Statement] = {}
         # Per connection: how many registered statements it has been through (weak: a
         # closed connection goes with its entry).
         self._prepared_on: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
@@ -269,14 +269,14 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
     def _prepare(self, conn: Any, statements: list[_Statement]) -> None:
         with conn.cursor() as cursor:
             for statement in statements:
-                if statement.number in self._refused:
-                    continue
+                if self._by_sql.get(statement.sql) is not statement:
+                    continue  # refused on another connection: sent as it is
                 try:
                     cursor.execute(statement.prepare)
                 except psycopg2.Error as exc:
                     if conn.closed:
                         raise
-                    self._refused.add(statement.number)
+                    self._by_sql.pop(statement.sql, None)
                     log.warning(
                         "a statement cannot be prepared, it is sent as it is: %s (%s)",
                         first_line(exc),
@@ -288,12 +288,7 @@ class PooledPostgresDatabase(PooledPostgresqlDatabase):
         connection has prepared it, else sql itself."""
         statement = self._by_sql.get(sql)
         conn = self._state.conn  # type: ignore[attr-defined]
-        if (
-            statement is None
-            or conn is None
-            or statement.number in self._refused
-            or statement.number >= self._prepared_on.get(conn, 0)
-        ):
+        if statement is None or conn is None or statement.number >= self._prepared_on.get(conn, 0):
             return sql
         return statement.execute
 
