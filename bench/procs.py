@@ -95,20 +95,36 @@ def thread_names(pid: int) -> dict[int, str]:
     return names
 
 
+PYTHON_THREADS = "Python threads"  # thread_cpu_seconds' name for them without py-spy
+
+
+def _comm(pid: int, task: int) -> str:
+    """A thread's command name ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def thread_cpu_seconds(pids: list[int], names: dict[int, str]) -> dict[str, float]:
     """User + system CPU time by thread: a Python thread by its name (names, from
-    thread_names), any other by its command name (grpc's own threads)."""
+    thread_names; without them all together as PYTHON_THREADS), any other by its
+    command name (grpc's own threads)."""
     seconds: dict[str, float] = {}
     for pid in pids:
         try:
             tasks = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
         except OSError:
             continue
+        main = _comm(pid, pid)
         for task in tasks:
             name = names.get(task)
             if name is None:
-                with contextlib.suppress(OSError):
-                    name = Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
+                name = _comm(pid, task)
+                if name == main:
+                    # Python's threads keep the process's command name, which differs
+                    # between `enrollment-server` and `python -m bench.nofeed`.
+                    name = PYTHON_THREADS
             key = name or str(task)
             seconds[key] = seconds.get(key, 0.0) + _cpu(_stat(pid, task))
     return seconds
