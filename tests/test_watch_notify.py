@@ -13,11 +13,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from enrollment.server.persistence.notify import CHANNEL, CommitListener
-from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases, watching
 from tests.proxy import TcpProxy, through
-from tests.rpc import TIMEOUT
 
 pytestmark = pytest.mark.databases("postgresql")
 
@@ -32,23 +30,6 @@ def _serve(server_process, url: str):
     )
 
 
-def _delivery_times(watcher: watching.Watcher, stub) -> list[float]:
-    """Write through stub WRITES times; for each, the seconds until the watcher got it."""
-    times = []
-    for i in range(WRITES):
-        student = stub.CreateStudent(
-            pb.CreateStudentRequest(name=f"N{i}", email=f"n{i}-{time.monotonic_ns()}@x.io"),
-            timeout=TIMEOUT,
-        ).student
-        committed = time.monotonic()
-        head = stub.ListEvents(pb.ListEventsRequest(student_id=student.id), timeout=TIMEOUT).events[
-            -1
-        ]
-        arrived = watcher.wait_for(head.sequence, timeout=15)
-        times.append(max(0.0, arrived - committed))
-    return times
-
-
 def _listeners(db_url: str) -> int:
     name = db_url.rsplit("/", 1)[1]
     return databases.query(
@@ -58,22 +39,13 @@ def _listeners(db_url: str) -> int:
     )[0][0]
 
 
-def _watched(server, stub) -> watching.Watcher:
-    """A watcher on server whose stream is open (it has received the backlog)."""
-    stub.CreateCourse(pb.CreateCourseRequest(code="W", title="W"), timeout=TIMEOUT)
-    watcher = watching.Watcher(server.address)
-    watcher.start()
-    watcher.wait_for(1, timeout=15)
-    return watcher
-
-
 def test_another_process_commit_reaches_a_watcher_at_once(db_url, server_process):
     here, there = _serve(server_process, db_url), _serve(server_process, db_url)
     with watching.channel(there.address) as channel:
         stub = pb_grpc.EnrollmentServiceStub(channel)
-        watcher = _watched(here, stub)
+        watcher = watching.watched(here, stub)
         try:
-            times = _delivery_times(watcher, stub)
+            times = watching.delivery_times(watcher, stub, WRITES)
         finally:
             watcher.close()
     print(f"\ncross-process delivery: {', '.join(f'{t * 1e3:.0f} ms' for t in times)}")
@@ -88,7 +60,7 @@ def test_the_listener_comes_back_after_the_database_line_is_cut(db_url, server_p
         there = _serve(server_process, db_url)
         with watching.channel(there.address) as channel:
             stub = pb_grpc.EnrollmentServiceStub(channel)
-            watcher = _watched(here, stub)
+            watcher = watching.watched(here, stub)
             try:
                 assert _listeners(db_url) == 2
                 proxy.cut()
@@ -101,7 +73,7 @@ def test_the_listener_comes_back_after_the_database_line_is_cut(db_url, server_p
                 while _listeners(db_url) != 2:
                     assert time.monotonic() < deadline + 15, "the listener did not come back"
                     time.sleep(0.1)
-                times = _delivery_times(watcher, stub)
+                times = watching.delivery_times(watcher, stub, WRITES)
             finally:
                 watcher.close()
         assert max(times) < FAST, times

@@ -70,6 +70,32 @@ class Watcher(threading.Thread):
         self.channel.close()
 
 
+def delivery_times(watcher: Watcher, stub, writes: int = 5) -> list[float]:
+    """Write through stub `writes` times; for each, the seconds until the watcher got it."""
+    times = []
+    for i in range(writes):
+        student = stub.CreateStudent(
+            pb.CreateStudentRequest(name=f"N{i}", email=f"n{i}-{time.monotonic_ns()}@x.io"),
+            timeout=TIMEOUT,
+        ).student
+        committed = time.monotonic()
+        head = stub.ListEvents(pb.ListEventsRequest(student_id=student.id), timeout=TIMEOUT).events[
+            -1
+        ]
+        arrived = watcher.wait_for(head.sequence, timeout=15)
+        times.append(max(0.0, arrived - committed))
+    return times
+
+
+def watched(server, stub) -> Watcher:
+    """A watcher on server whose stream is open (it has received the backlog)."""
+    stub.CreateCourse(pb.CreateCourseRequest(code="W", title="W"), timeout=TIMEOUT)
+    watcher = Watcher(server.address)
+    watcher.start()
+    watcher.wait_for(1, timeout=15)
+    return watcher
+
+
 def write(stub, people, rooms, rng: random.Random) -> None:
     """One round of the writers' mix: enroll (waitlisting when full), now and then a
     course update, then drop. Two writers on one pair: the loser fails, which is fine."""

@@ -1,15 +1,17 @@
-"""PostgreSQL LISTEN/NOTIFY for the change feed: commits of other processes wake this one.
+"""Commits of other server processes wake this one's watchers: PostgreSQL LISTEN/NOTIFY
+(CommitListener) and, on a SQLite file, a cheap look at the file's change counter
+(FileChanges). listener() gives the one for a database URL (MariaDB has none).
 
-A writing transaction with events sends NOTIFY on CHANNEL among its last statements
-(outbox.py), so PostgreSQL delivers it when, and only if, the transaction commits. Each
-server process keeps ONE connection of its own (not from the serving pool) LISTENing on
-CHANNEL, in a thread of its own (not one of the unary pool's): a notification of
-another process's commit only wakes the process's watch poller, which then reads what
-is new with its usual query (its own commits wake it directly; their notifications
-carry the process's token and are skipped).
+PostgreSQL. A writing transaction with events sends NOTIFY on CHANNEL among its last
+statements (outbox.py), so PostgreSQL delivers it when, and only if, the transaction
+commits. Each server process keeps ONE connection of its own (not from the serving
+pool) LISTENing on CHANNEL, in a thread of its own (not one of the unary pool's): a
+notification of another process's commit only wakes the process's watch poller, which
+then reads what is new with its usual query (its own commits wake it directly; their
+notifications carry the process's token and are skipped).
 So a notification carries nothing and losing one costs only latency: the poller still
 looks every --watch-poll-interval seconds, which is the fallback while this connection
-is down and the only way on SQLite and MariaDB.
+is down and the only way on MariaDB.
 
 The connection LISTENs only while the process has watchers (want(), called by the
 watch hub): a process with none would wake this thread for every commit anywhere, its
@@ -21,6 +23,14 @@ while nobody listened.
 The connection is re-made after it breaks (the database restarted, the line was cut,
 the backend was terminated), every `retry` seconds until it succeeds; each time it is
 (re)made the poller is woken once, for whatever committed while nobody listened.
+
+SQLite has no notifications, but it tells a connection whether any other connection
+has committed since it last asked (`PRAGMA data_version`), across processes: a look at
+the WAL's shared header, no table read. FileChanges asks every CHECK_EVERY seconds on a
+connection of its own, while the process has watchers (want(), as above), and wakes
+the poller when the answer moved. Its own process's commits move it too (they come
+from other connections); the poller was woken for those already and its extra query
+finds nothing new. The --watch-poll-interval poll stays the fallback.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import contextlib
 import logging
 import os
 import select
+import sqlite3
 import threading
 import time
 import uuid
@@ -38,6 +49,7 @@ from typing import Any
 import peewee as pw
 import psycopg2
 
+from enrollment.server.periodic import Periodic
 from enrollment.server.persistence import engine
 from enrollment.server.persistence.failures import first_line
 
@@ -61,9 +73,22 @@ def token() -> str:
     return _token[1]
 
 
-def wanted(url: str) -> bool:
-    """Whether the database of url can notify (PostgreSQL)."""
-    return engine.parse(url).kind == "postgresql"
+# Seconds between FileChanges' looks: another process's commit waits at most this long
+# for a watcher here (one PRAGMA on the looks' own connection, only while watchers are).
+CHECK_EVERY = 0.02
+
+
+def listener(
+    url: str, wake: Callable[[], None], *, timeout: float
+) -> CommitListener | FileChanges | None:
+    """What tells this process of other processes' commits on url's database, calling
+    wake (thread-safe, cheap) for them; None where only the poll does (MariaDB)."""
+    target = engine.parse(url)
+    if target.kind == "postgresql":
+        return CommitListener(url, wake, timeout=timeout)
+    if target.kind == "sqlite":
+        return FileChanges(target.name, wake, timeout=timeout)
+    return None
 
 
 class CommitListener:
@@ -161,3 +186,69 @@ class CommitListener:
             readable, _, _ = select.select([self._signal_read], [], [], left)
             if readable:  # want() (the pause goes on) or stop()
                 os.read(self._signal_read, 512)
+
+
+class FileChanges(Periodic):
+    """SQLite: wake() when another connection committed to the file (data_version moved),
+    looking every `interval` seconds while wanted."""
+
+    def __init__(
+        self,
+        path: str,
+        wake: Callable[[], None],
+        *,
+        timeout: float,
+        interval: float = CHECK_EVERY,
+    ) -> None:
+        super().__init__("feed-file-changes", interval)
+        self._path, self._wake, self._timeout = path, wake, timeout
+        self._wanted = threading.Event()  # the process has watchers (want())
+        self._connection: sqlite3.Connection | None = None
+        self._last: int | None = None  # the answer of the last look since wanted
+        self._failing = False
+
+    def want(self, wanted: bool) -> None:
+        """From any thread: look (True: the process has watchers) or not (False)."""
+        if wanted:
+            self._wanted.set()
+        else:
+            self._wanted.clear()
+
+    def stop(self) -> None:
+        self._wanted.set()  # out of tick()'s wait; the thread then sees it is stopping
+        super().stop()
+
+    def tick(self) -> None:
+        if not self._wanted.is_set():
+            self._last = None
+            self._wanted.wait()  # no looks, no wake-ups, while nobody watches
+            if self.stopping:
+                return
+        try:
+            if self._connection is None:
+                self._connection = sqlite3.connect(
+                    self._path, timeout=self._timeout, check_same_thread=False
+                )
+            version = self._connection.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error as exc:  # the poll still looks every --watch-poll-interval
+            if not self._failing:
+                log.warning(
+                    "change-feed file changes: %s; watchers here see other "
+                    "processes' events at the next poll until it works again",
+                    first_line(exc),
+                )
+            self._failing = True
+            self._last = None
+            self.finish()  # a new connection next round
+            return
+        self._failing = False
+        if version != self._last:
+            # The first look since wanted wakes too: for what committed before it.
+            self._wake()
+        self._last = version
+
+    def finish(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._connection.close()
+            self._connection = None

@@ -273,7 +273,8 @@ class ServerConfig:
     watch_poll_interval: float = setting(
         0.25, seconds(above_zero=True), "seconds between a server process's looks for "
         "change-feed events committed by other processes (on PostgreSQL LISTEN/NOTIFY "
-        "wakes it at once; the look stays as the fallback)", metavar="S",
+        "wakes it at once, on SQLite a look at the file's change counter every 20 ms; "
+        "this look stays as the fallback)", metavar="S",
     )  # fmt: skip
     watch_queue: int = setting(
         10_000, whole(1), "change-feed events held for one WatchEvents stream whose client "
