@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 
 import pytest
 
@@ -50,24 +49,9 @@ def test_the_file_is_looked_at_only_while_the_process_has_watchers(db_url):
             other.execute("INSERT INTO t VALUES (1)")
         other.close()
 
-    def woken(within: float) -> bool:
-        return wakes.acquire(timeout=within)
-
     changes.start()
     try:
-        commit()
-        assert not woken(0.5), "woken without watchers"
-        changes.want(True)  # the first watcher
-        assert woken(5.0), "not woken at the first look (for what committed before)"
-        assert not woken(0.5), "woken with nothing committed"
-        commit()
-        assert woken(5.0), "another connection's commit did not wake it"
-        changes.want(False)  # the last watcher went
-        time.sleep(0.2)
-        while woken(0):
-            pass
-        commit()
-        assert not woken(0.5), "woken after the last watcher went"
+        watching.wakes_only_while_wanted(changes, wakes, commit, settle=0.2)
     finally:
         changes.stop()
     assert not changes._thread.is_alive()

@@ -91,26 +91,12 @@ def test_a_process_listens_only_while_it_has_watchers(db_url):
     def notify() -> None:
         databases.query(db_url, f"NOTIFY {CHANNEL}, 'another-process'")
 
-    def woken(within: float) -> bool:
-        return wakes.acquire(timeout=within)
-
     listener.start()
     try:
         deadline = time.monotonic() + 15
         while _listeners(db_url) != 1:  # connected, not listening
             assert time.monotonic() < deadline, "the listener did not connect"
             time.sleep(0.05)
-        notify()
-        assert not woken(1.0), "woken without watchers"
-        listener.want(True)  # the first watcher
-        assert woken(5.0), "not woken when LISTEN started (for what committed before)"
-        notify()
-        assert woken(5.0), "a notification did not wake it"
-        listener.want(False)  # the last watcher went
-        time.sleep(0.5)  # UNLISTEN
-        while woken(0):
-            pass
-        notify()
-        assert not woken(1.0), "woken after the last watcher went"
+        watching.wakes_only_while_wanted(listener, wakes, notify, settle=0.5)  # UNLISTEN
     finally:
         listener.stop()

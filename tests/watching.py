@@ -96,6 +96,33 @@ def watched(server, stub) -> Watcher:
     return watcher
 
 
+def wakes_only_while_wanted(
+    listener, wakes: threading.Semaphore, commit: Callable[[], None], *, settle: float
+) -> None:
+    """What both listeners of persistence/notify.py must do, once started (listener.wake
+    is wakes.release): no wake-up for another process's commit (commit()) before the
+    process has watchers (want(True)); one when they come, for what committed before;
+    one per commit while they last; none after the last went (want(False)), once
+    `settle` seconds have let the listener see it."""
+
+    def woken(within: float) -> bool:
+        return wakes.acquire(timeout=within)
+
+    commit()
+    assert not woken(1.0), "woken without watchers"
+    listener.want(True)  # the first watcher
+    assert woken(5.0), "not woken when watchers came (for what committed before)"
+    assert not woken(0.5), "woken with nothing committed"
+    commit()
+    assert woken(5.0), "another process's commit did not wake it"
+    listener.want(False)  # the last watcher went
+    time.sleep(settle)
+    while woken(0):
+        pass
+    commit()
+    assert not woken(1.0), "woken after the last watcher went"
+
+
 def write(stub, people, rooms, rng: random.Random) -> None:
     """One round of the writers' mix: enroll (waitlisting when full), now and then a
     course update, then drop. Two writers on one pair: the loser fails, which is fine."""
