@@ -215,7 +215,8 @@ class FileChanges(Periodic):
             self._wanted.clear()
 
     def stop(self) -> None:
-        self._wanted.set()  # out of tick()'s wait; the thread then sees it is stopping
+        self._stopping.set()  # first: tick() sees it once out of its wait, and looks no more
+        self._wanted.set()  # out of tick()'s wait
         super().stop()
 
     def tick(self) -> None:
