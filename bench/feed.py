@@ -49,7 +49,11 @@ COST_TARGET = 0.15  # the outbox may cost the write mix this share of its throug
 CONTRACT_S = 1.0  # the contract: an event reaches watchers within 1 s of its commit
 POLL_S = ServerConfig().watch_poll_interval
 # What wakes a process for another's commits before its poll (persistence/notify.py).
-WAKES = {"postgresql": "LISTEN/NOTIFY wakes", "sqlite": "data_version looks"}
+WAKES = {
+    "postgresql": "LISTEN/NOTIFY wakes",
+    "sqlite": "data_version looks",
+    "mysql": "counter looks",
+}
 SHAPE = Shape(students=2000, courses=100, per_student=3)
 
 

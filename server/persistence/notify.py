@@ -1,6 +1,6 @@
 """Commits of other server processes wake this one's watchers: PostgreSQL LISTEN/NOTIFY
-(CommitListener) and, on a SQLite file, a cheap look at the file's change counter
-(FileChanges). listener() gives the one for a database URL (MariaDB has none).
+(CommitListener), and on SQLite and MariaDB a cheap look, repeated, at something every
+commit moves (Looks). listener() gives the one for a database URL.
 
 PostgreSQL. A writing transaction with events sends NOTIFY on CHANNEL among its last
 statements (outbox.py), so PostgreSQL delivers it when, and only if, the transaction
@@ -11,7 +11,7 @@ then reads what is new with its usual query (its own commits wake it directly; t
 notifications carry the process's token and are skipped).
 So a notification carries nothing and losing one costs only latency: the poller still
 looks every --watch-poll-interval seconds, which is the fallback while this connection
-is down and the only way on MariaDB.
+is down.
 
 The connection LISTENs only while the process has watchers (want(), called by the
 watch hub): a process with none would wake this thread for every commit anywhere, its
@@ -24,13 +24,15 @@ The connection is re-made after it breaks (the database restarted, the line was 
 the backend was terminated), every `retry` seconds until it succeeds; each time it is
 (re)made the poller is woken once, for whatever committed while nobody listened.
 
-SQLite has no notifications, but it tells a connection whether any other connection
-has committed since it last asked (`PRAGMA data_version`), across processes: a look at
-the WAL's shared header, no table read. FileChanges asks every CHECK_EVERY seconds on a
-connection of its own, while the process has watchers (want(), as above), and wakes
-the poller when the answer moved. Its own process's commits move it too (they come
-from other connections); the poller was woken for those already and its extra query
-finds nothing new. The --watch-poll-interval poll stays the fallback.
+SQLite and MariaDB have no notifications. SQLite tells a connection whether any other
+connection has committed since it last asked (`PRAGMA data_version`), across processes:
+a look at the WAL's shared header, no table read. On MariaDB every commit with events
+raises the feed's counter row (outbox.py): one primary-key read. Looks asks on a
+connection of its own, every few tens of milliseconds (_LOOKS), while the process has
+watchers (want(), as above), and wakes the poller when the answer moved, and once at
+its first look, for what committed before. Its own process's commits move it too (they
+come from other connections); the poller was woken for those already, and its extra
+query finds nothing new. The --watch-poll-interval poll stays the fallback.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ import contextlib
 import logging
 import os
 import select
-import sqlite3
 import threading
 import time
 import uuid
@@ -52,6 +53,7 @@ import psycopg2
 from enrollment.server.periodic import Periodic
 from enrollment.server.persistence import engine
 from enrollment.server.persistence.failures import first_line
+from enrollment.server.persistence.models import SEQUENCE
 
 CHANNEL = "enrollment_events"
 # Its connections can be told from the serving pool's (application_name "enrollment").
@@ -73,22 +75,25 @@ def token() -> str:
     return _token[1]
 
 
-# Seconds between FileChanges' looks: another process's commit waits at most this long
-# for a watcher here (one PRAGMA on the looks' own connection, only while watchers are).
-CHECK_EVERY = 0.02
+# A look of Looks, by kind of database: what it asks (an answer that moves when another
+# connection commits) and every how many seconds, at most what another process's commit
+# then waits for a watcher here. Only while the process has watchers.
+_LOOKS = {
+    # SQLite: the file's change counter, from the WAL's shared header; no table read.
+    "sqlite": ("PRAGMA data_version", 0.02),
+    # MariaDB: the feed's counter, which every commit with events raises (outbox.py);
+    # a primary-key read, a round trip away.
+    "mysql": (f"SELECT `value` FROM `event_counters` WHERE `name` = '{SEQUENCE}'", 0.05),
+}
+_UNSEEN = object()  # Looks' answer before its first look since wanted
 
 
-def listener(
-    url: str, wake: Callable[[], None], *, timeout: float
-) -> CommitListener | FileChanges | None:
+def listener(url: str, wake: Callable[[], None], *, timeout: float) -> CommitListener | Looks:
     """What tells this process of other processes' commits on url's database, calling
-    wake (thread-safe, cheap) for them; None where only the poll does (MariaDB)."""
-    target = engine.parse(url)
-    if target.kind == "postgresql":
+    wake (thread-safe, cheap) for them."""
+    if engine.parse(url).kind == "postgresql":
         return CommitListener(url, wake, timeout=timeout)
-    if target.kind == "sqlite":
-        return FileChanges(target.name, wake, timeout=timeout)
-    return None
+    return Looks(url, wake, timeout=timeout)
 
 
 class CommitListener:
@@ -188,23 +193,22 @@ class CommitListener:
                 os.read(self._signal_read, 512)
 
 
-class FileChanges(Periodic):
-    """SQLite: wake() when another connection committed to the file (data_version moved),
-    looking every `interval` seconds while wanted."""
+class Looks(Periodic):
+    """wake() when another connection (another process) has committed, told by a cheap
+    look (_LOOKS) on a connection of its own every `interval` seconds while wanted:
+    SQLite's data_version, MariaDB's event counter."""
 
     def __init__(
-        self,
-        path: str,
-        wake: Callable[[], None],
-        *,
-        timeout: float,
-        interval: float = CHECK_EVERY,
+        self, url: str, wake: Callable[[], None], *, timeout: float, interval: float | None = None
     ) -> None:
-        super().__init__("feed-file-changes", interval)
-        self._path, self._wake, self._timeout = path, wake, timeout
+        kind = engine.parse(url).kind
+        self._sql, every = _LOOKS[kind]
+        super().__init__(f"feed-looks-{kind}", every if interval is None else interval)
+        self._url, self._wake, self._timeout = url, wake, timeout
         self._wanted = threading.Event()  # the process has watchers (want())
-        self._connection: sqlite3.Connection | None = None
-        self._last: int | None = None  # the answer of the last look since wanted
+        self._db: pw.Database | None = None
+        self._cursor: Any = None  # the driver's, made once: a look runs one statement
+        self._last: Any = _UNSEEN  # the answer of the last look since wanted
         self._failing = False
 
     def want(self, wanted: bool) -> None:
@@ -221,35 +225,40 @@ class FileChanges(Periodic):
 
     def tick(self) -> None:
         if not self._wanted.is_set():
-            self._last = None
+            self._last = _UNSEEN
             self._wanted.wait()  # no looks, no wake-ups, while nobody watches
             if self.stopping:
                 return
         try:
-            if self._connection is None:
-                self._connection = sqlite3.connect(
-                    self._path, timeout=self._timeout, check_same_thread=False
-                )
-            version = self._connection.execute("PRAGMA data_version").fetchone()[0]
-        except sqlite3.Error as exc:  # the poll still looks every --watch-poll-interval
-            if not self._failing:
+            if self._cursor is None:
+                self._db = engine.open_probe(self._url, timeout=self._timeout)
+                self._cursor = self._db.cursor()  # connects
+            with pw.__exception_wrapper__:  # type: ignore[attr-defined]  # the driver's errors as peewee's
+                self._cursor.execute(self._sql)
+                found = self._cursor.fetchall()  # all: SQLite's statement then ends
+        except (pw.DatabaseError, pw.InterfaceError, OSError) as exc:
+            # The poll still looks every --watch-poll-interval.
+            if not self._failing:  # once per outage, not once per look
                 log.warning(
-                    "change-feed file changes: %s; watchers here see other "
-                    "processes' events at the next poll until it works again",
+                    "change-feed looks: %s; watchers here see other processes' events "
+                    "at the next poll until they work again",
                     first_line(exc),
                 )
             self._failing = True
-            self._last = None
+            self._last = _UNSEEN
             self.finish()  # a new connection next round
             return
+        if self._failing:
+            log.info("change-feed looks: working again")
         self._failing = False
-        if version != self._last:
+        answer = found[0][0] if found else None  # MariaDB: no counter row before the first event
+        if answer != self._last:
             # The first look since wanted wakes too: for what committed before it.
             self._wake()
-        self._last = version
+        self._last = answer
 
     def finish(self) -> None:
-        if self._connection is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._connection.close()
-            self._connection = None
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                self._db.close()
+        self._db = self._cursor = None

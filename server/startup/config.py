@@ -272,9 +272,9 @@ class ServerConfig:
     )  # fmt: skip
     watch_poll_interval: float = setting(
         0.25, seconds(above_zero=True), "seconds between a server process's looks for "
-        "change-feed events committed by other processes (on PostgreSQL LISTEN/NOTIFY "
-        "wakes it at once, on SQLite a look at the file's change counter every 20 ms; "
-        "this look stays as the fallback)", metavar="S",
+        "change-feed events committed by other processes (the fallback: PostgreSQL's "
+        "LISTEN/NOTIFY wakes it at once, and on SQLite and MariaDB a cheap look every "
+        "20 or 50 ms does)", metavar="S",
     )  # fmt: skip
     watch_queue: int = setting(
         10_000, whole(1), "change-feed events held for one WatchEvents stream whose client "

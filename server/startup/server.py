@@ -41,7 +41,7 @@ from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.persistence import engine, migrator, notify, outbox, prepared, unit_of_work
 from enrollment.server.persistence.checkpoint import Checkpointer
 from enrollment.server.persistence.models import proxy
-from enrollment.server.persistence.notify import CommitListener, FileChanges
+from enrollment.server.persistence.notify import CommitListener, Looks
 from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.startup.purging import Purger
 from enrollment.server.startup.quiet import quiet_bind
@@ -176,7 +176,7 @@ class RunningServer:
     purger: Purger | None = None
     request_purger: Purger | None = None
     hub: WatchHub | None = None
-    listener: CommitListener | FileChanges | None = None
+    listener: CommitListener | Looks | None = None
     checkpointer: Checkpointer | None = None  # SQLite's WAL checkpoints, off the write path
     metrics_port: int | None = None
     metrics_server: WSGIServer | None = None
@@ -395,15 +395,15 @@ def _serving(
             raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
         running.metrics_port = running.metrics_server.server_port
     events.run(server.start())
-    # Other processes' commits wake this one's watchers at once (PostgreSQL, SQLite).
+    # Other processes' commits wake this one's watchers at once, or within tens of
+    # milliseconds where the database has no notifications (persistence/notify.py).
     running.listener = notify.listener(
         config.database_url, hub.wake, timeout=config.database_timeout
     )
-    if running.listener is not None:
-        # It listens while the process has watchers; one may have come already.
-        hub.on_demand = running.listener.want
-        running.listener.want(hub.watchers > 0)
-        running.listener.start()
+    # It listens while the process has watchers; one may have come already.
+    hub.on_demand = running.listener.want
+    running.listener.want(hub.watchers > 0)
+    running.listener.start()
     if _sqlite(config):
         path = engine.parse(config.database_url).name
         running.checkpointer = Checkpointer(path, timeout=config.database_timeout)

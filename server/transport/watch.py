@@ -11,10 +11,10 @@ threads, and hands each watcher the events that match its filters. It wakes
 - at once after a commit of another server process on PostgreSQL (other --workers,
   other hosts): the process's one LISTENing connection (persistence/notify.py, started
   by startup/server.py, LISTENing while there are watchers: on_demand) calls wake();
-  on SQLite within notify.CHECK_EVERY of it (notify.FileChanges looks at the file's
-  change counter while there are watchers), and
-- every `interval` seconds otherwise (--watch-poll-interval), which is how commits of
-  other processes arrive on MariaDB, and on PostgreSQL or SQLite while the above fails.
+  on SQLite and MariaDB within a few tens of milliseconds of it (notify.Looks asks the
+  file's change counter or the feed's counter row while there are watchers), and
+- every `interval` seconds otherwise (--watch-poll-interval), the fallback while the
+  above fails.
 
 Order and exactly-once come from the feed's guarantee (persistence/outbox.py): the
 poller reads "after the last sequence I saw", and nothing at or below a seen sequence
