@@ -86,6 +86,7 @@ _LOOKS = {
     "mysql": (f"SELECT `value` FROM `event_counters` WHERE `name` = '{SEQUENCE}'", 0.05),
 }
 _UNSEEN = object()  # Looks' answer before its first look since wanted
+LOOKS_RETRY = 1.0  # seconds between Looks' tries to reconnect, as CommitListener's retry
 
 
 def listener(url: str, wake: Callable[[], None], *, timeout: float) -> CommitListener | Looks:
@@ -247,6 +248,7 @@ class Looks(Periodic):
             self._failing = True
             self._last = _UNSEEN
             self.finish()  # a new connection next round
+            self.pause(LOOKS_RETRY)  # not a connection attempt per look while it is down
             return
         if self._failing:
             log.info("change-feed looks: working again")
