@@ -21,6 +21,7 @@ class Periodic:
 
     def stop(self) -> None:
         self._stopping.set()
+        self.interrupt()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
@@ -34,6 +35,10 @@ class Periodic:
 
     def tick(self) -> None:
         raise NotImplementedError
+
+    def interrupt(self) -> None:
+        """Called by stop() once stopping is set: ends a wait of tick() other than
+        pause() (which stop() ends by itself)."""
 
     def finish(self) -> None:
         """After the last round (stop() was called)."""

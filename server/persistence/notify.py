@@ -28,7 +28,7 @@ SQLite and MariaDB have no notifications. SQLite tells a connection whether any 
 connection has committed since it last asked (`PRAGMA data_version`), across processes:
 a look at the WAL's shared header, no table read. On MariaDB every commit with events
 raises the feed's counter row (outbox.py): one primary-key read. Looks asks on a
-connection of its own, every few tens of milliseconds (_LOOKS), while the process has
+connection of its own, every few tens of milliseconds (_LOOK_EVERY), while the process has
 watchers (want(), as above), and wakes the poller when the answer moved, and once at
 its first look, for what committed before. Its own process's commits move it too (they
 come from other connections); the poller was woken for those already, and its extra
@@ -53,7 +53,7 @@ import psycopg2
 from enrollment.server.periodic import Periodic
 from enrollment.server.persistence import engine
 from enrollment.server.persistence.failures import first_line
-from enrollment.server.persistence.models import SEQUENCE
+from enrollment.server.persistence.models import SEQUENCE, EventCounter
 
 CHANNEL = "enrollment_events"
 # Its connections can be told from the serving pool's (application_name "enrollment").
@@ -75,18 +75,24 @@ def token() -> str:
     return _token[1]
 
 
-# A look of Looks, by kind of database: what it asks (an answer that moves when another
-# connection commits) and every how many seconds, at most what another process's commit
-# then waits for a watcher here. Only while the process has watchers.
-_LOOKS = {
-    # SQLite: the file's change counter, from the WAL's shared header; no table read.
-    "sqlite": ("PRAGMA data_version", 0.02),
-    # MariaDB: the feed's counter, which every commit with events raises (outbox.py);
-    # a primary-key read, a round trip away.
-    "mysql": (f"SELECT `value` FROM `event_counters` WHERE `name` = '{SEQUENCE}'", 0.05),
-}
+# Seconds between Looks' looks, by kind of database: at most what another process's
+# commit then waits for a watcher here (only while the process has watchers). MariaDB's
+# look is a round trip away (_look).
+_LOOK_EVERY = {"sqlite": 0.02, "mysql": 0.05}
 _UNSEEN = object()  # Looks' answer before its first look since wanted
-LOOKS_RETRY = 1.0  # seconds between Looks' tries to reconnect, as CommitListener's retry
+RETRY = 1.0  # seconds between tries to connect again, for CommitListener and Looks
+
+
+def _look(db: pw.Database) -> tuple[str, tuple[Any, ...]]:
+    """What Looks asks db (an answer that moves when another connection commits)."""
+    if isinstance(db, pw.SqliteDatabase):
+        # The file's change counter, from the WAL's shared header; no table read.
+        return "PRAGMA data_version", ()
+    # The feed's counter, which every commit with events raises (outbox.py): a
+    # primary-key read, compiled for db (the model is bound to the serving database).
+    query = EventCounter.select(EventCounter.value).where(EventCounter.name == SEQUENCE)
+    sql, params = db.get_sql_context().sql(query).query()
+    return sql, tuple(params)
 
 
 def listener(url: str, wake: Callable[[], None], *, timeout: float) -> CommitListener | Looks:
@@ -101,7 +107,7 @@ class CommitListener:
     """LISTEN on CHANNEL; wake() (thread-safe, cheap) after each notification."""
 
     def __init__(
-        self, url: str, wake: Callable[[], None], *, timeout: float, retry: float = 1.0
+        self, url: str, wake: Callable[[], None], *, timeout: float, retry: float = RETRY
     ) -> None:
         self._url, self._wake = url, wake
         self._timeout, self._retry = timeout, retry
@@ -196,19 +202,17 @@ class CommitListener:
 
 class Looks(Periodic):
     """wake() when another connection (another process) has committed, told by a cheap
-    look (_LOOKS) on a connection of its own every `interval` seconds while wanted:
+    look (_look) on a connection of its own every `interval` seconds while wanted:
     SQLite's data_version, MariaDB's event counter."""
 
-    def __init__(
-        self, url: str, wake: Callable[[], None], *, timeout: float, interval: float | None = None
-    ) -> None:
+    def __init__(self, url: str, wake: Callable[[], None], *, timeout: float) -> None:
         kind = engine.parse(url).kind
-        self._sql, every = _LOOKS[kind]
-        super().__init__(f"feed-looks-{kind}", every if interval is None else interval)
+        super().__init__(f"feed-looks-{kind}", _LOOK_EVERY[kind])
         self._url, self._wake, self._timeout = url, wake, timeout
         self._wanted = threading.Event()  # the process has watchers (want())
         self._db: pw.Database | None = None
         self._cursor: Any = None  # the driver's, made once: a look runs one statement
+        self._sql: tuple[str, tuple[Any, ...]] = ("", ())  # _look(self._db)
         self._last: Any = _UNSEEN  # the answer of the last look since wanted
         self._failing = False
 
@@ -219,10 +223,8 @@ class Looks(Periodic):
         else:
             self._wanted.clear()
 
-    def stop(self) -> None:
-        self._stopping.set()  # first: tick() sees it once out of its wait, and looks no more
-        self._wanted.set()  # out of tick()'s wait
-        super().stop()
+    def interrupt(self) -> None:
+        self._wanted.set()  # out of tick()'s wait: it sees it is stopping and looks no more
 
     def tick(self) -> None:
         if not self._wanted.is_set():
@@ -233,9 +235,10 @@ class Looks(Periodic):
         try:
             if self._cursor is None:
                 self._db = engine.open_probe(self._url, timeout=self._timeout)
+                self._sql = _look(self._db)
                 self._cursor = self._db.cursor()  # connects
             with pw.__exception_wrapper__:  # type: ignore[attr-defined]  # the driver's errors as peewee's
-                self._cursor.execute(self._sql)
+                self._cursor.execute(*self._sql)
                 found = self._cursor.fetchall()  # all: SQLite's statement then ends
         except (pw.DatabaseError, pw.InterfaceError, OSError) as exc:
             # The poll still looks every --watch-poll-interval.
@@ -248,7 +251,7 @@ class Looks(Periodic):
             self._failing = True
             self._last = _UNSEEN
             self.finish()  # a new connection next round
-            self.pause(LOOKS_RETRY)  # not a connection attempt per look while it is down
+            self.pause(RETRY)  # not a connection attempt per look while it is down
             return
         if self._failing:
             log.info("change-feed looks: working again")
