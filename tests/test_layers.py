@@ -1,8 +1,8 @@
 """Imports go one way: the layer rules of the style guide, read from the source with ast.
 
 startup > transport > domain > persistence; operations is used by transport and startup
-and uses persistence; errors.py, callstate.py, addresses.py and periodic.py are the
-base every layer may use. The client library never imports the server; migrations
+and uses persistence; errors.py, callstate.py, addresses.py, periodic.py and outage.py are
+the base every layer may use. The client library never imports the server; migrations
 import nothing of the application.
 """
 
@@ -27,6 +27,7 @@ BASE = (
     "enrollment.server.callstate",
     "enrollment.server.addresses",
     "enrollment.server.periodic",
+    "enrollment.server.outage",
 )
 ROOMS = ("transport", "domain", "persistence", "operations", "startup")
 

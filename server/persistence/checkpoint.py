@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 
+from enrollment.server.outage import Outage
 from enrollment.server.periodic import Periodic
 
 log = logging.getLogger("enrollment.server")
@@ -35,7 +36,7 @@ class Checkpointer(Periodic):
         self.path = path
         self.timeout = timeout
         self._connection: sqlite3.Connection | None = None
-        self._failing = False
+        self._outage = Outage(log, "WAL checkpoint", "retrying")
 
     def tick(self) -> None:
         try:
@@ -44,11 +45,9 @@ class Checkpointer(Periodic):
                     self.path, timeout=self.timeout, check_same_thread=False
                 )
             self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            self._failing = False
+            self._outage.worked()
         except sqlite3.Error as exc:  # the writers' own checkpoint still works
-            if not self._failing:
-                log.warning("WAL checkpoint failed (%s); retrying", type(exc).__name__)
-            self._failing = True
+            self._outage.failed(f"failed ({type(exc).__name__})")
             self._close()  # a new connection next round
 
     def finish(self) -> None:

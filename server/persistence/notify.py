@@ -50,6 +50,7 @@ from typing import Any
 import peewee as pw
 import psycopg2
 
+from enrollment.server.outage import Outage
 from enrollment.server.periodic import Periodic
 from enrollment.server.persistence import engine
 from enrollment.server.persistence.failures import first_line
@@ -81,6 +82,8 @@ def token() -> str:
 _LOOK_EVERY = {"sqlite": 0.02, "mysql": 0.05}
 _UNSEEN = object()  # Looks' answer before its first look since wanted
 RETRY = 1.0  # seconds between tries to connect again, for CommitListener and Looks
+# What their warning adds: what an outage of theirs costs.
+_MEANWHILE = "watchers here see other processes' events at the next poll until it works again"
 
 
 def _look(db: pw.Database) -> tuple[str, tuple[Any, ...]]:
@@ -115,6 +118,7 @@ class CommitListener:
         self._signal_read, self._signal_write = os.pipe()
         self._stopping = threading.Event()
         self.listening = threading.Event()  # set while a connection LISTENs
+        self._outage = Outage(log, "change-feed listener", _MEANWHILE)
         self._wanted = False  # whether this process has watchers (want())
         self._thread = threading.Thread(target=self._run, name="feed-listen", daemon=True)
 
@@ -138,7 +142,6 @@ class CommitListener:
                 os.close(fd)
 
     def _run(self) -> None:
-        failures = 0
         while not self._stopping.is_set():
             db = engine.open_probe(
                 self._url, timeout=self._timeout, application_name=APPLICATION_NAME
@@ -147,18 +150,10 @@ class CommitListener:
                 db.connect()
                 conn = db.connection()
                 conn.autocommit = True
-                if failures:
-                    log.info("change-feed listener: connected again")
-                failures = 0
+                self._outage.worked()
                 self._listen(conn)
             except (pw.DatabaseError, pw.InterfaceError, psycopg2.Error, OSError) as exc:
-                failures += 1
-                if failures == 1:  # once per outage, not once per retry
-                    log.warning(
-                        "change-feed listener: %s; watchers here see other processes' "
-                        "events at the next poll until it is back",
-                        first_line(exc),
-                    )
+                self._outage.failed(first_line(exc))
             finally:
                 self.listening.clear()
                 with contextlib.suppress(Exception):
@@ -214,7 +209,7 @@ class Looks(Periodic):
         self._cursor: Any = None  # the driver's, made once: a look runs one statement
         self._sql: tuple[str, tuple[Any, ...]] = ("", ())  # _look(self._db)
         self._last: Any = _UNSEEN  # the answer of the last look since wanted
-        self._failing = False
+        self._outage = Outage(log, "change-feed looks", _MEANWHILE)
 
     def want(self, wanted: bool) -> None:
         """From any thread: look (True: the process has watchers) or not (False)."""
@@ -241,21 +236,12 @@ class Looks(Periodic):
                 self._cursor.execute(*self._sql)
                 found = self._cursor.fetchall()  # all: SQLite's statement then ends
         except (pw.DatabaseError, pw.InterfaceError, OSError) as exc:
-            # The poll still looks every --watch-poll-interval.
-            if not self._failing:  # once per outage, not once per look
-                log.warning(
-                    "change-feed looks: %s; watchers here see other processes' events "
-                    "at the next poll until they work again",
-                    first_line(exc),
-                )
-            self._failing = True
+            self._outage.failed(first_line(exc))  # the poll still looks meanwhile
             self._last = _UNSEEN
             self.finish()  # a new connection next round
             self.pause(RETRY)  # not a connection attempt per look while it is down
             return
-        if self._failing:
-            log.info("change-feed looks: working again")
-        self._failing = False
+        self._outage.worked()
         answer = found[0][0] if found else None  # MariaDB: no counter row before the first event
         if answer != self._last:
             # The first look since wanted wakes too: for what committed before it.

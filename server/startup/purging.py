@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from enrollment.server.errors import EnrollmentError
+from enrollment.server.outage import Outage
 from enrollment.server.periodic import Periodic
 
 log = logging.getLogger("enrollment.server")
@@ -31,6 +32,7 @@ class Purger(Periodic):
             f"{what.replace(' ', '-')}-purger", min(60.0, max(1.0, retention_seconds / 10))
         )
         self.what = what
+        self._outage = Outage(log, f"purging {what}", "retrying later")
         self.retention = dt.timedelta(seconds=retention_seconds)
         self._purge_batch = purge_batch
 
@@ -49,10 +51,11 @@ class Purger(Periodic):
         try:
             purged = self.purge()
         except EnrollmentError as exc:  # the database is away: try again next round
-            log.warning("purging %s: %s; retrying later", self.what, exc)
+            self._outage.failed(str(exc))
             return
         except Exception:  # never let the thread die: the next round may work
-            log.exception("purging %s failed", self.what)
+            self._outage.failed("failed unexpectedly", unexpected=True)
             return
+        self._outage.worked()
         if purged:
             log.info("purged %d %s older than %s", purged, self.what, self.retention)

@@ -45,6 +45,7 @@ from enrollment.server.errors import (
     TooManyWatchers,
     WatcherTooSlow,
 )
+from enrollment.server.outage import Outage
 
 log = logging.getLogger("enrollment.watch")
 
@@ -86,6 +87,7 @@ class WatchHub:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._outage = Outage(log, "watch poller")  # the database away: logged once
         # Told True when the first watcher comes and False when the last goes (PostgreSQL:
         # the process LISTENs only while it has watchers, persistence/notify.py).
         self.on_demand: Callable[[bool], None] | None = None
@@ -152,11 +154,13 @@ class WatchHub:
             except EnrollmentError as exc:
                 # The database is away. The wake-up that brought us here is spent, and
                 # the next may be a long interval away: look again soon.
-                log.warning("watch poller: %s", exc)
+                self._outage.failed(str(exc))
                 wait = min(self.interval, RETRY)
             except Exception:
-                log.exception("watch poller failed unexpectedly")
+                self._outage.failed("failed unexpectedly", unexpected=True)
                 wait = min(self.interval, RETRY)
+            else:
+                self._outage.worked()
 
     def _deliver(self, found: list[EventRecord]) -> None:
         for watcher in list(self._watchers):

@@ -1,0 +1,33 @@
+"""Outage: what a part that keeps trying (a poller, a listener, a background thread)
+logs while its database is away: one WARNING when its failures start, one INFO when it
+works again, nothing per retry in between. An outage of a minute is two lines a part."""
+
+from __future__ import annotations
+
+import logging
+
+
+class Outage:
+    """failed(reason) after each failed try, worked() after each one that worked.
+    One instance per part, used from one thread (or one event loop)."""
+
+    def __init__(self, log: logging.Logger, part: str, meanwhile: str = "") -> None:
+        self._log, self._part, self._meanwhile = log, part, meanwhile
+        self.ongoing = False
+
+    def failed(self, reason: str, *, unexpected: bool = False) -> None:
+        """unexpected: called in an `except` for what is no database outage (a defect):
+        logged at ERROR with its traceback, still once."""
+        if self.ongoing:
+            return
+        self.ongoing = True
+        line = f"{self._part}: {reason}" + (f"; {self._meanwhile}" if self._meanwhile else "")
+        if unexpected:
+            self._log.exception("%s", line)
+        else:
+            self._log.warning("%s", line)
+
+    def worked(self) -> None:
+        if self.ongoing:
+            self.ongoing = False
+            self._log.info("%s: working again", self._part)

@@ -1,0 +1,66 @@
+"""The database goes away for a few seconds under a process with a watcher: every part
+that keeps trying (the watch poller, the change-feed listener or looks) says so once
+when its failures start and once when it works again, not once per retry. At 3 a.m. an
+outage of a minute must be two lines a part, not hundreds."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+
+import grpc
+import pytest
+
+from enrollment.v1 import enrollment_pb2 as pb
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+from tests import watching
+from tests.proxy import server_through_proxy
+from tests.rpc import TIMEOUT
+
+pytestmark = pytest.mark.databases("postgresql", "mysql")
+
+DOWN = 3.0  # seconds: a dozen polls at the default --watch-poll-interval of 0.25 s
+
+
+def _created_course(stub, code: str, within: float = 15.0) -> int:
+    """CreateCourse, tried again while the server's connections come back."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return stub.CreateCourse(
+                pb.CreateCourseRequest(code=code, title=code), timeout=TIMEOUT
+            ).course.id
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_an_outage_is_logged_when_it_starts_and_when_it_ends(db_url, caplog):
+    caplog.set_level(logging.INFO, logger="enrollment")
+    with server_through_proxy(db_url) as (proxy, address), watching.channel(address) as channel:
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        _created_course(stub, "BEFORE")
+        watcher = watching.Watcher(address)
+        watcher.start()
+        try:
+            watcher.wait_for(1, timeout=15)
+            caplog.clear()
+            proxy.cut()
+            time.sleep(DOWN)
+            proxy.restore()
+            course = _created_course(stub, "AFTER")
+            head = stub.ListEvents(pb.ListEventsRequest(course_id=course), timeout=TIMEOUT).events[
+                -1
+            ]
+            watcher.wait_for(head.sequence, timeout=15)
+            time.sleep(1.5)  # the listener's reconnection pause (notify.RETRY) and more
+        finally:
+            watcher.close()
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    warned = collections.Counter(m.split(":")[0] for level, m in lines if level >= logging.WARNING)
+    print("\n" + "\n".join(m for _, m in lines))
+    assert warned["watch poller"] == 1, lines
+    assert all(count == 1 for count in warned.values()), warned
+    assert any("watch poller: working again" in m for _, m in lines), lines
