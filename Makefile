@@ -15,7 +15,7 @@ CHAOS_SECONDS ?= 60
 SOAK_SECONDS ?= 600
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-rush bench-scale bench-compare bench-micro bench-icount bench-profile bench-migrate chaos soak bench-import
+.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-rush bench-scale bench-compare bench-micro bench-idle bench-icount bench-profile bench-migrate chaos soak bench-import
 
 # target: help - list the targets and what they do
 help:
@@ -118,6 +118,10 @@ bench-scale: $(STAMP)
 bench-compare: $(STAMP)
 	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make bench-compare A=old.json B=new.json"; exit 2; }
 	$(BIN)/python -m bench compare '$(A)' '$(B)'
+
+# target: bench-idle - CPU per second of an idle server process with 0, 1 and 100 unread WatchEvents streams, on SQLite, PostgreSQL and MariaDB (the database's CPU too)
+bench-idle: $(STAMP)
+	$(BIN)/python -m bench feed --sections idle --databases sqlite,postgresql,mysql $(BENCH_ARGS)
 
 # target: bench-micro - servicer CPU per call in-process (one thread, no gRPC): steadier than bench
 bench-micro: $(STAMP)

@@ -19,6 +19,15 @@
    judged on the median of the pairs, which the machine's drift over a run moves
    least. Target: the outbox costs writes at most 15%.
 
+3. (`--sections idle`, not in `make bench`: `make bench-idle`) What watchers cost a
+   process that serves no call: one server process, its CPU (and on PostgreSQL and
+   MariaDB the database's) in milliseconds per second over --idle-seconds, with no
+   watcher, with one, and with IDLE_MANY, every stream open and unread. With watchers
+   the process polls every --watch-poll-interval (the fallback) and, on SQLite and
+   MariaDB, looks every few tens of milliseconds (persistence/notify.py): that is the
+   price of their delivery figures above. The database's CPU is that of every
+   PostgreSQL and MariaDB process on the machine: the row with no watcher is its floor.
+
 Figures measured while other work loads the machine are provisional.
 """
 
@@ -42,6 +51,7 @@ from bench import load, measure, procs
 from bench.seed import Shape, seed
 from enrollment.server.startup.config import ServerConfig
 from enrollment.v1 import enrollment_pb2 as pb
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases
 from tests.servers import free_port
 
@@ -55,6 +65,7 @@ WAKES = {
     "mysql": "counter looks",
 }
 SHAPE = Shape(students=2000, courses=100, per_student=3)
+IDLE_MANY = 100  # the idle section's many watchers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,8 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=9, help="throughput: rounds per server")
     parser.add_argument("--duration", type=float, default=3.0, help="throughput: seconds/round")
     parser.add_argument("--warmup", type=float, default=0.5, help="throughput: unmeasured s")
+    parser.add_argument("--idle-seconds", type=float, default=10.0, help="idle: seconds/step")
     parser.add_argument(
-        "--sections", default="latency,throughput", help="comma-separated: latency,throughput"
+        "--sections",
+        default="latency,throughput",
+        help="comma-separated: latency,throughput,idle",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
 
@@ -379,6 +393,69 @@ def throughput(kind: str, url: str, tmpdir: Path, args: argparse.Namespace) -> l
     ]
 
 
+# -------------------------------------------------------------------------------- idle
+
+
+def _idle_watchers(address: str, count: int) -> tuple[grpc.Channel, list]:
+    """count WatchEvents streams on a channel, each open: it has received the newest
+    event (one this makes), and is then left unread."""
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.EnrollmentServiceStub(channel)
+    made = pb.CreateStudentRequest(name="Idle", email=f"idle-{uuid.uuid4().hex}@x.io")
+    stub.CreateStudent(made, timeout=30)  # an event: the seed writes none
+    head = stub.ListEvents(pb.ListEventsRequest(page_size=1), timeout=30).head_sequence
+    calls = [
+        stub.WatchEvents(pb.WatchEventsRequest(after_sequence=max(0, head - 1)))
+        for _ in range(count)
+    ]
+    for call in calls:
+        next(call)  # the newest event: this stream is served
+    return channel, calls
+
+
+def idle(kind: str, url: str, tmpdir: Path, args: argparse.Namespace) -> list[tuple]:
+    server = procs.enrollment_server(
+        free_port(),
+        url,
+        tmpdir / f"idle-{kind}.log",
+        threads=ServerConfig().threads,
+        workers=1,
+        log_level="WARNING",
+    ).start()
+    try:
+        for count in (0, 1, IDLE_MANY):
+            channel, calls = _idle_watchers(server.address, count)
+            try:
+                time.sleep(1.0)  # the streams' start-up out of the window
+                pids, database = procs.descendants(server.process.pid), procs.database_pids()
+                server0, database0 = (
+                    procs.scheduled_seconds(pids),
+                    procs.scheduled_seconds(database),
+                )
+                time.sleep(args.idle_seconds)
+                server1, database1 = (
+                    procs.scheduled_seconds(pids),
+                    procs.scheduled_seconds(database),
+                )
+            finally:
+                for call in calls:
+                    call.cancel()
+                channel.close()
+            per_s = 1e3 / args.idle_seconds
+            on_database = (
+                f"  database {(database1 - database0) * per_s:5.1f} ms/s"
+                if server.remote_database
+                else ""
+            )
+            print(
+                f"{kind:10} idle, {count:3} watchers: server {(server1 - server0) * per_s:5.1f} "
+                f"ms CPU/s{on_database}  ({args.idle_seconds:g}s)"
+            )
+    finally:
+        server.stop()
+    return []
+
+
 def main(args: argparse.Namespace) -> int:
     kinds = databases.selected(args.databases)
     print(
@@ -394,10 +471,13 @@ def main(args: argparse.Namespace) -> int:
                         verdicts += latency(kind, url, Path(tmp), args)
                     if "throughput" in args.sections:
                         verdicts += throughput(kind, url, Path(tmp), args)
+                    if "idle" in args.sections:
+                        verdicts += idle(kind, url, Path(tmp), args)
             except Exception as exc:  # noqa: BLE001 - one database's failure ends its lines only
                 print(f"{kind}: could not run: {exc!r}")
                 verdicts.append((f"{kind}: ran", False))
-    print("\nchange-feed targets:")
+    if verdicts:
+        print("\nchange-feed targets:")
     for name, ok in verdicts:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
     return 1 if args.strict and not all(ok for _, ok in verdicts) else 0
