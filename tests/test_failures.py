@@ -405,6 +405,34 @@ def test_a_read_lost_at_commit_is_still_database_unavailable(db_url):
         assert proxy.commits_cut == 1
 
 
+@pytest.mark.databases("postgresql")
+def test_an_id_collision_is_not_reported_as_a_taken_email_or_code(db_url, stub):
+    """After a restore or an import that wrote ids itself, PostgreSQL's id sequences can
+    lag behind the table: the next insert collides on its primary key. That is the
+    server's fault, not the caller's: INTERNAL, not ALREADY_EXISTS / EMAIL_TAKEN (which
+    would send whoever reads it after a duplicate that does not exist), and nothing
+    changes."""
+    student, course = new_student(stub), new_course(stub)
+    for table in ("students", "courses"):
+        databases.query(db_url, f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), 1, false)")
+    before = databases.query(db_url, "SELECT COUNT(*) FROM events")
+    for call, request in (
+        (stub.CreateStudent, pb.CreateStudentRequest(name="New", email="new-one@x.io")),
+        (stub.CreateCourse, pb.CreateCourseRequest(code="NEW-1", title="New")),
+    ):
+        expect_error(call, request, grpc.StatusCode.INTERNAL, "INTERNAL")
+    assert databases.query(db_url, "SELECT COUNT(*) FROM events") == before
+    assert databases.query(db_url, "SELECT COUNT(*) FROM students") == [(1,)], student
+    assert databases.query(db_url, "SELECT COUNT(*) FROM courses") == [(1,)], course
+    # The unique keys still answer for themselves.
+    expect_error(
+        stub.CreateStudent,
+        pb.CreateStudentRequest(name="Again", email=student.email),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "EMAIL_TAKEN",
+    )
+
+
 @pytest.mark.databases("postgresql", "mysql")
 def test_kept_connections_cut_by_the_database_cost_no_call(db_url):
     """The serving threads keep their connections between calls on PostgreSQL and

@@ -75,6 +75,7 @@ def create_course(*, code: str, title: str, capacity: int, waitlist_capacity: in
     now = utcnow()
     course = create_unique(
         Course,
+        Course.code_key,
         CourseCodeTaken.of,
         code=code,
         code_key=lowercase_key(code),

@@ -16,14 +16,23 @@ from enrollment.server.persistence.unit_of_work import savepoint
 M = TypeVar("M", bound=pw.Model)
 
 
-def create_unique(model: type[M], taken: Callable[[], EnrollmentError], **values: Any) -> M:
+def create_unique(
+    model: type[M], key: pw.Field, taken: Callable[[], EnrollmentError], **values: Any
+) -> M:
     """Insert one row; when its unique key is already held (the unique index decides, not
-    a look-up first) the insert is undone to its savepoint and taken() is raised."""
+    a look-up first) the insert is undone to its savepoint and taken() is raised.
+
+    Another constraint's refusal is no taken key: a primary key that collides because
+    PostgreSQL's id sequence lags behind the table (after a restore or an import that
+    wrote ids itself) goes up as it is, an internal error, not as taken(), which would
+    send the caller after a duplicate that does not exist."""
     try:
         with savepoint():
             return model.create(**values)
     except pw.IntegrityError:
-        raise taken() from None
+        if model.select().where(key == values[key.name]).exists():
+            raise taken() from None
+        raise
 
 
 def list_page(

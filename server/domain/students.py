@@ -70,6 +70,7 @@ def create_student(*, name: str, email: str) -> Student:
     now = utcnow()
     student = create_unique(
         Student,
+        Student.email_key,
         EmailTaken.of,
         name=name,
         email=email,
