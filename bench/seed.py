@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from enrollment.server.persistence import engine
+from enrollment.server.persistence import engine, migrator
 
 # Rows per multi-row INSERT (PostgreSQL, MariaDB).
 CHUNK = 5000
@@ -170,7 +170,7 @@ def seed(database_url: str, shape: Shape, *, events: bool = False) -> None:
             for sql in indexes:
                 db.execute_sql(sql)
             if target.kind == "postgresql":
-                _advance_serials(db)
+                migrator.sync_sequences(db)  # COPY wrote the ids itself
                 db.execute_sql("ANALYZE")  # what autovacuum would have done by now
     finally:
         engine.close_pool()
@@ -184,22 +184,6 @@ def _copy(db, table: str, columns: tuple[str, ...], rows: Iterable[tuple]) -> No
     for batch in _chunks(rows, 100_000):
         text = "".join("\t".join(map(str, row)) + "\n" for row in batch)
         cursor.copy_expert(sql, io.StringIO(text))
-
-
-def _advance_serials(db) -> None:
-    """COPY wrote the ids itself: move each id sequence past them, so that rows created
-    afterwards (by calls) get new ids, as MariaDB's and SQLite's auto-increment do."""
-    serials = db.execute_sql(
-        "SELECT table_name, pg_get_serial_sequence(table_name, column_name) "
-        "FROM information_schema.columns WHERE table_schema = current_schema() "
-        "AND column_name = 'id' AND table_name IN %s",
-        (_TABLES,),
-    ).fetchall()
-    for table, sequence in serials:
-        if sequence:
-            db.execute_sql(
-                f"SELECT setval(%s, GREATEST((SELECT max(id) FROM {table}), 1))", (sequence,)
-            )
 
 
 def _refuse_filled(db, database_url: str) -> None:
