@@ -1,10 +1,17 @@
 """Outage: what a part that keeps trying (a poller, a listener, a background thread)
 logs while its database is away: one WARNING when its failures start, one INFO when it
-works again, nothing per retry in between. An outage of a minute is two lines a part."""
+works again, nothing per retry in between. An outage of a minute is two lines a part.
+first_line: what such a line says of the error."""
 
 from __future__ import annotations
 
 import logging
+
+
+def first_line(exc: BaseException) -> str:
+    """What a log line says of an error (a database's, say): its first line, or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Outage:

@@ -19,8 +19,8 @@ import psycopg2
 from playhouse.db_url import parse as parse_db_url
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase, PooledSqliteDatabase
 
+from enrollment.server.outage import first_line
 from enrollment.server.persistence.checkpoint import AUTOCHECKPOINT_PAGES
-from enrollment.server.persistence.failures import first_line
 from enrollment.server.persistence.models import proxy
 
 log = logging.getLogger("enrollment.db")

@@ -198,9 +198,3 @@ def may_have_committed(exc: BaseException) -> bool:
     either outcome."""
     cause = _driver_error(exc)
     return lost_connection(exc) or getattr(cause, "pgcode", None) == "57014"
-
-
-def first_line(exc: BaseException) -> str:
-    """What a log line says of a database error: its first line, or its type."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

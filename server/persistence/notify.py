@@ -50,10 +50,9 @@ from typing import Any
 import peewee as pw
 import psycopg2
 
-from enrollment.server.outage import Outage
+from enrollment.server.outage import Outage, first_line
 from enrollment.server.periodic import Periodic
 from enrollment.server.persistence import engine
-from enrollment.server.persistence.failures import first_line
 from enrollment.server.persistence.models import SEQUENCE, EventCounter
 
 CHANNEL = "enrollment_events"

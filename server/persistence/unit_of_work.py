@@ -24,11 +24,11 @@ from playhouse.pool import MaxConnectionsExceeded
 
 from enrollment.server import callstate
 from enrollment.server.errors import CommitOutcomeUnknown, DatabaseUnavailable, StorageFull
+from enrollment.server.outage import first_line
 from enrollment.server.persistence import engine, outbox
 from enrollment.server.persistence.engine import discard_idle
 from enrollment.server.persistence.failures import (
     Verdict,
-    first_line,
     lost_connection,
     may_have_committed,
     sqlite_busy,
