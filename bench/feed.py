@@ -228,15 +228,15 @@ def _workers(server: procs.Server, workers: int, timeout: float = 30) -> list[in
         time.sleep(0.1)
 
 
-def latency(kind: str, url: str, tmpdir: Path, args: argparse.Namespace) -> list[tuple]:
-    server = procs.enrollment_server(
-        free_port(),
-        url,
-        tmpdir / f"feed-{kind}.log",
-        threads=ServerConfig().threads,
-        workers=2,
-        log_level="WARNING",
+def _started(url: str, log: Path, workers: int) -> procs.Server:
+    """This checkout's server on url, with its default threads, started."""
+    return procs.enrollment_server(
+        free_port(), url, log, threads=ServerConfig().threads, workers=workers, log_level="WARNING"
     ).start()
+
+
+def latency(kind: str, url: str, tmpdir: Path, args: argparse.Namespace) -> list[tuple]:
+    server = _started(url, tmpdir / f"feed-{kind}.log", workers=2)
     try:
         pids = _workers(server, 2)
         probe = _Latency(server.address, args)
@@ -414,14 +414,7 @@ def _idle_watchers(address: str, count: int) -> tuple[grpc.Channel, list]:
 
 
 def idle(kind: str, url: str, tmpdir: Path, args: argparse.Namespace) -> list[tuple]:
-    server = procs.enrollment_server(
-        free_port(),
-        url,
-        tmpdir / f"idle-{kind}.log",
-        threads=ServerConfig().threads,
-        workers=1,
-        log_level="WARNING",
-    ).start()
+    server = _started(url, tmpdir / f"idle-{kind}.log", workers=1)
     try:
         for count in (0, 1, IDLE_MANY):
             channel, calls = _idle_watchers(server.address, count)
