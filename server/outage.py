@@ -1,7 +1,7 @@
 """Outage: what a part that keeps trying (a poller, a listener, a background thread)
 logs while its database is away: one WARNING when its failures start, one INFO when it
 works again, nothing per retry in between. An outage of a minute is two lines a part.
-first_line: what such a line says of the error."""
+first_line, database_words: what such a line says of the error."""
 
 from __future__ import annotations
 
@@ -12,6 +12,13 @@ def first_line(exc: BaseException) -> str:
     """What a log line says of an error (a database's, say): its first line, or its type."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def database_words(exc: BaseException) -> str:
+    """What a log line says of an error raised for a database failure: the database's
+    (or driver's) own words when it carries them as its cause, since the message meant
+    for the caller ("retry the call") is no help in a log."""
+    return first_line(exc.__cause__) if exc.__cause__ is not None else first_line(exc)
 
 
 class Outage:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 
 from enrollment.server.errors import EnrollmentError
-from enrollment.server.outage import Outage
+from enrollment.server.outage import Outage, database_words
 from enrollment.server.periodic import Periodic
 
 log = logging.getLogger("enrollment.server")
@@ -51,7 +51,7 @@ class Purger(Periodic):
         try:
             purged = self.purge()
         except EnrollmentError as exc:  # the database is away: try again next round
-            self._outage.failed(str(exc))
+            self._outage.failed(database_words(exc))
             return
         except Exception:  # never let the thread die: the next round may work
             self._outage.failed("failed unexpectedly", unexpected=True)

@@ -45,7 +45,7 @@ from enrollment.server.errors import (
     TooManyWatchers,
     WatcherTooSlow,
 )
-from enrollment.server.outage import Outage, first_line
+from enrollment.server.outage import Outage, database_words
 
 log = logging.getLogger("enrollment.watch")
 
@@ -154,9 +154,7 @@ class WatchHub:
             except EnrollmentError as exc:
                 # The database is away. The wake-up that brought us here is spent, and
                 # the next may be a long interval away: look again soon.
-                # The database's own words where there are some (the caller's message
-                # says "retry the call": no help in a log).
-                self._outage.failed(first_line(exc.__cause__) if exc.__cause__ else str(exc))
+                self._outage.failed(database_words(exc))
                 wait = min(self.interval, RETRY)
             except Exception:
                 self._outage.failed("failed unexpectedly", unexpected=True)
