@@ -421,15 +421,9 @@ def idle(kind: str, url: str, tmpdir: Path, args: argparse.Namespace) -> list[tu
             try:
                 time.sleep(1.0)  # the streams' start-up out of the window
                 pids, database = procs.descendants(server.process.pid), procs.database_pids()
-                server0, database0 = (
-                    procs.scheduled_seconds(pids),
-                    procs.scheduled_seconds(database),
-                )
+                server0, database0 = map(procs.scheduled_seconds, (pids, database))
                 time.sleep(args.idle_seconds)
-                server1, database1 = (
-                    procs.scheduled_seconds(pids),
-                    procs.scheduled_seconds(database),
-                )
+                server1, database1 = map(procs.scheduled_seconds, (pids, database))
             finally:
                 for call in calls:
                     call.cancel()

@@ -40,7 +40,7 @@ def test_another_process_commit_reaches_a_watcher_at_once(db_url, server_process
     )
     with watching.channel(there.address) as channel:
         stub = pb_grpc.EnrollmentServiceStub(channel)
-        watcher = watching.watched(here, stub)
+        watcher = watching.watched(here.address, stub)
         try:
             times = watching.delivery_times(watcher, stub)
         finally:

@@ -43,7 +43,7 @@ def test_another_process_commit_reaches_a_watcher_at_once(db_url, server_process
     here, there = _serve(server_process, db_url), _serve(server_process, db_url)
     with watching.channel(there.address) as channel:
         stub = pb_grpc.EnrollmentServiceStub(channel)
-        watcher = watching.watched(here, stub)
+        watcher = watching.watched(here.address, stub)
         try:
             times = watching.delivery_times(watcher, stub, WRITES)
         finally:
@@ -60,7 +60,7 @@ def test_the_listener_comes_back_after_the_database_line_is_cut(db_url, server_p
         there = _serve(server_process, db_url)
         with watching.channel(there.address) as channel:
             stub = pb_grpc.EnrollmentServiceStub(channel)
-            watcher = watching.watched(here, stub)
+            watcher = watching.watched(here.address, stub)
             try:
                 assert _listeners(db_url) == 2
                 proxy.cut()

@@ -87,10 +87,11 @@ def delivery_times(watcher: Watcher, stub, writes: int = 5) -> list[float]:
     return times
 
 
-def watched(server, stub) -> Watcher:
-    """A watcher on server whose stream is open (it has received the backlog)."""
+def watched(address: str, stub) -> Watcher:
+    """A watcher on the server at address whose stream is open (it has received the
+    backlog: a course stub creates)."""
     stub.CreateCourse(pb.CreateCourseRequest(code="W", title="W"), timeout=TIMEOUT)
-    watcher = Watcher(server.address)
+    watcher = Watcher(address)
     watcher.start()
     watcher.wait_for(1, timeout=15)
     return watcher

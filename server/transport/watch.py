@@ -88,8 +88,9 @@ class WatchHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._outage = Outage(log, "watch poller")  # the database away: logged once
-        # Told True when the first watcher comes and False when the last goes (PostgreSQL:
-        # the process LISTENs only while it has watchers, persistence/notify.py).
+        # Told True when the first watcher comes and False when the last goes: the
+        # process listens or looks for other processes' commits only while it has
+        # watchers (persistence/notify.py).
         self.on_demand: Callable[[bool], None] | None = None
 
     def _demand(self) -> None:
