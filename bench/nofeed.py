@@ -49,10 +49,9 @@ def without_feed() -> Iterator[None]:
             setattr(events, name, recorder)
 
 
-def _flush_without_statements() -> int:
-    """outbox.flush as far as its statements: the domain's finishers make the snapshots
-    and their JSON, then the rows are dropped unwritten."""
-    outbox.take()
+def _write_nothing(rows: list[outbox.Row]) -> int:
+    """outbox.write without its statements: the domain's finishers made the snapshots
+    and their JSON (take()), and the rows are dropped unwritten."""
     return 0
 
 
@@ -60,12 +59,12 @@ def _flush_without_statements() -> int:
 def without_feed_statements() -> Iterator[None]:
     """In this process, the change feed does all its Python (recorders, snapshots, JSON)
     but runs none of its statements (no counter, no event row) until the block ends."""
-    saved = outbox.flush
-    outbox.flush = _flush_without_statements
+    saved = outbox.write
+    outbox.write = _write_nothing
     try:
         yield
     finally:
-        outbox.flush = saved
+        outbox.write = saved
 
 
 if __name__ == "__main__":

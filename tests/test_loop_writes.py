@@ -11,9 +11,10 @@ import time
 import pytest
 
 from enrollment.server.callstate import WouldWait
+from enrollment.server.domain import events
 from enrollment.server.errors import EnrollmentError, InvalidField
 from enrollment.server.persistence import engine, unit_of_work
-from enrollment.server.persistence.models import proxy
+from enrollment.server.persistence.models import Student, proxy
 from enrollment.server.transport.interceptors import LoopWrites
 from enrollment.v1 import enrollment_pb2 as pb
 from tests import databases
@@ -330,3 +331,42 @@ def test_a_group_whose_commit_fails_fails_every_write_and_commits_none(db_url):
     assert [code for kind, code in seen if kind == "finished"] == ["INTERNAL"] * 3
     assert _names(db_url) == []
     assert databases.query(db_url, "SELECT count(*) FROM student_courses") == [(0,)]
+
+
+def _recorded(name: str, then_fail: bool = False):
+    """A student inserted with its STUDENT_CREATED event recorded (then an error)."""
+
+    def insert() -> str:
+        _insert(name)()
+        events.student_created(Student.get(Student.name == name))
+        if then_fail:
+            raise InvalidField("no")
+        return name
+
+    return insert
+
+
+@pytest.mark.databases("sqlite")
+def test_a_group_numbers_and_inserts_its_members_events_at_once(db_url):
+    """The events of a group's writes go in with one counter raise and one INSERT
+    before its COMMIT, numbered in the members' order; a member that failed has none."""
+    seen: list = []
+    statements: list[str] = []
+    members = [
+        _Member(f, seen)
+        for f in (_recorded("a"), _recorded("lost", then_fail=True), _recorded("b"))
+    ]
+    answers = _together(db_url, members, statements)
+    assert answers == [("a", None), (None, ("status", "INVALID_ARGUMENT")), ("b", None)]
+    counter = [s for s in statements if s.upper().startswith("UPDATE") and "event_counters" in s]
+    inserts = [s for s in statements if s.upper().startswith('INSERT INTO "EVENTS"')]
+    assert len(counter) == 1 and len(inserts) == 1, statements
+    # After every member's work, and just before the COMMIT.
+    students = [i for i, s in enumerate(statements) if s.startswith("INSERT INTO students")]
+    assert statements.index(counter[0]) > students[-1]
+    assert statements[statements.index(inserts[0]) + 1 :] == ["COMMIT"]
+    rows = databases.query(db_url, "SELECT sequence, payload FROM events ORDER BY sequence")
+    assert [sequence for sequence, _ in rows] == [1, 2]
+    assert ['"name":"a"' in rows[0][1], '"name":"b"' in rows[1][1]] == [True, True]
+    assert databases.query(db_url, "SELECT value FROM event_counters") == [(2,)]
+    assert _names(db_url) == ["a", "b"]

@@ -133,7 +133,13 @@ def flush() -> int:
     """Number and insert the pending events; the last statements before the commit.
     On PostgreSQL the statement that does it carries the COMMIT too (see _Statements;
     commit_sent() tells). Returns how many events were written."""
-    rows = take()
+    return write(take())
+
+
+def write(rows: list[Row]) -> int:
+    """Number and insert these events (take()'s, of one transaction or of the several
+    writes that commit together on SQLite: unit_of_work's group commit). Returns how
+    many."""
     if not rows:
         return 0
     statements = _statements()

@@ -189,14 +189,22 @@ class LoopTurn:
         write's does (WouldWait, nothing done). A failed COMMIT raises the
         EnrollmentError that every member that had succeeded is answered with; nothing
         of the group is committed then, or, where the database cannot tell
-        (COMMIT_OUTCOME_UNKNOWN), no member is told that nothing changed."""
+        (COMMIT_OUTCOME_UNKNOWN), no member is told that nothing changed.
+
+        The members' events are numbered and inserted by the group, as the last
+        statements before its COMMIT: one counter raise and one INSERT for them all, in
+        the members' order (each member's were taken at its end, its snapshots showing
+        the state after it; a member that failed has none). bench/PROFILE.md has the
+        figures."""
         db = proxy.obj
         group = _Group(db)
         committing = False
+        written = 0
         try:
             connection = _KeptConnection(db) if _keeper.on else db.connection_context()
             with connection, _immediate_or_give_way(db):
                 yield group
+                written = outbox.write(group.rows)
                 committing = True
         except (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded) as exc:
             failure = _failure(db, exc, verdict(exc), committing=committing)
@@ -205,18 +213,18 @@ class LoopTurn:
             if failure is exc:
                 raise
             raise failure from exc
-        if group.wrote:
+        if written:
             outbox.committed()
 
 
 class _Group:
     """Several SQLite writes on the event loop in one transaction (LoopTurn.together)."""
 
-    __slots__ = ("db", "wrote")
+    __slots__ = ("db", "rows")
 
     def __init__(self, db: pw.Database) -> None:
         self.db = db
-        self.wrote = False  # a member's unit of work wrote events: wake watchers after
+        self.rows: list[outbox.Row] = []  # the events of the members that succeeded
 
     def run(self, fn: Callable[..., R], *args: object) -> R:
         """fn(*args) as a member of the group: its unit of work is a savepoint of the
@@ -327,7 +335,9 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
     callstate.ensure_active()
     db = proxy.obj
     pending = outbox.begin() if write else None
+    group = _grouped.get()
     written = 0
+    held: list[outbox.Row] = []  # a group member's events, for the group to write
     stage = "work"  # then "commit" while COMMIT runs, then "done"
     connection = _KeptConnection(db) if _keeper.on else db.connection_context()
     try:
@@ -335,18 +345,21 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
             with _transaction(db, write=write, snapshot=snapshot):
                 yield
                 callstate.ensure_active()
-                if write:
+                if write and group is None:
                     # The change's events, numbered: the last statements before the
                     # commit (on PostgreSQL the COMMIT goes with them: commit_sent()).
                     written = outbox.flush()
+                elif write:
+                    # A member of a group: its snapshots are taken now, at its end, and
+                    # the group numbers and inserts every member's events at once
+                    # before its COMMIT (LoopTurn.together).
+                    held = outbox.take()
                 stage = "commit"
             stage = "done"
+        if group is not None:
+            group.rows += held
         if written:
-            group = _grouped.get()
-            if group is None:
-                outbox.committed()  # wakes this process's watchers now, not at their next poll
-            else:
-                group.wrote = True  # at the group's COMMIT
+            outbox.committed()  # wakes this process's watchers now, not at their next poll
     except (pw.DatabaseError, pw.InterfaceError, MaxConnectionsExceeded) as exc:
         found = verdict(exc)
         if stage == "done":
