@@ -147,6 +147,28 @@ def test_writes_that_hold_the_loop_too_long_on_average_go_to_the_writer_thread()
     assert turn.entered == before  # paused: not tried on the loop at all
 
 
+def test_only_what_a_write_makes_the_loop_wait_counts_against_the_budget():
+    """The writer thread would not give the loop back a write's CPU (its Python holds
+    the GIL): writes that compute for 5 ms each stay on the loop; writes that wait
+    5 ms each (an fsync, say) go to the writer thread."""
+
+    def computes():
+        end = time.thread_time() + 0.005
+        while time.thread_time() < end:
+            pass
+        return "ran"
+
+    def waits():
+        time.sleep(0.005)
+        return "ran"
+
+    writes = LoopWrites(_Turn(), budget=0.002, pause=60)
+    ran = [asyncio.run(writes.run(_Work(), _Call(computes), None, None)) for _ in range(30)]
+    assert ran == ["ran"] * 30
+    ran = [asyncio.run(writes.run(_Work(), _Call(waits), None, None)) for _ in range(30)]
+    assert ran[0] == "ran" and ran[-1] is None
+
+
 def test_a_write_that_would_wait_is_handed_on_and_the_pause_ends():
     writes = LoopWrites(_Turn(), budget=0.002, pause=0.05)
 

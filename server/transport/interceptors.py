@@ -303,9 +303,16 @@ class LoopWrites:
     when another process holds that, BEGIN IMMEDIATE raises WouldWait before anything
     is done and every write of the group goes to the writer thread, which waits as
     before. The loop is held for the group's work and its COMMIT's fsync: when writes
-    have held it longer than `budget` seconds each on average (a slow disk; one slow
-    write among fast ones does not count for much), they go to the writer thread for
-    `pause` seconds, then are tried here again. Only on the event loop."""
+    have made it wait longer than `budget` seconds each on average (a slow disk; one
+    slow write among fast ones does not count for much), they go to the writer thread
+    for `pause` seconds, then are tried here again. Only on the event loop.
+
+    A write's wait is the time it held the loop less the loop thread's CPU over it
+    (time.thread_time): the fsync, a read from disk, and what the machine's other
+    processes took. Its CPU does not count, because the writer thread would not give
+    that back: its Python holds the GIL, which the loop needs too, and there it costs
+    more (above). Counting it sent a loaded 2-core VM's writes to the writer thread
+    every few seconds, where each cost more CPU still (bench/PROFILE.md)."""
 
     BUDGET = 0.002
     PAUSE = 1.0
@@ -351,7 +358,7 @@ class LoopWrites:
                 self._runner = None
                 if self._queue:  # more than a group: the next waits for the lock again
                     self._runner = asyncio.get_running_loop().create_task(self._drain())
-                start = time.monotonic()
+                start, cpu = time.monotonic(), time.thread_time()
                 try:
                     self._run(group)
                 except Exception:
@@ -364,7 +371,9 @@ class LoopWrites:
                             queued.call.finish(code, reason)
                             queued.future.set_result((None, status))
                 finally:
-                    self.held((time.monotonic() - start) / len(group), start)
+                    # Its wait: what a thread would have given back to the loop.
+                    waited = (time.monotonic() - start) - (time.thread_time() - cpu)
+                    self.held(waited / len(group), start)
         except asyncio.CancelledError:
             if not group:
                 # Cancelled while waiting for the lock (the server is stopping): the
@@ -423,7 +432,7 @@ class LoopWrites:
             _settle(queued, (response, status))
 
     def held(self, seconds: float, now: float) -> None:
-        """A write held the loop this long: pause here when they do so on average."""
+        """A write made the loop wait this long: pause here when they do so on average."""
         average = self.average + self.WEIGHT * (seconds - self.average)
         if average > self.budget:
             self._resume = now + seconds + self.pause
