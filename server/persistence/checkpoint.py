@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 
-from enrollment.server.outage import Outage
+from enrollment.server.outage import Outage, database_words
 from enrollment.server.periodic import Periodic
 
 log = logging.getLogger("enrollment.server")
@@ -47,7 +47,7 @@ class Checkpointer(Periodic):
             self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             self._outage.worked()
         except sqlite3.Error as exc:  # the writers' own checkpoint still works
-            self._outage.failed(f"failed ({type(exc).__name__})")
+            self._outage.failed(f"failed: {database_words(exc)}")
             self._close()  # a new connection next round
 
     def finish(self) -> None:
