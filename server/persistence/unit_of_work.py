@@ -335,7 +335,7 @@ def unit_of_work(*, write: bool, snapshot: bool = True) -> Iterator[None]:
     callstate.ensure_active()
     db = proxy.obj
     pending = outbox.begin() if write else None
-    group = _grouped.get()
+    group = _grouped.get() if write else None  # a member of LoopTurn.together's group
     written = 0
     held: list[outbox.Row] = []  # a group member's events, for the group to write
     stage = "work"  # then "commit" while COMMIT runs, then "done"
