@@ -279,9 +279,15 @@ def _names(url: str) -> list[str]:
     return [row[0] for row in databases.query(url, "SELECT name FROM students ORDER BY id")]
 
 
-def _together(db_url: str, members: list[_Member], statements: list[str] | None = None) -> list:
-    """The members' writes queued in one turn of the loop, the loop thread keeping its
-    connection as the server's does; their answers (statements: SQLite's, as run)."""
+def _together(
+    db_url: str,
+    members: list[_Member],
+    statements: list[str] | None = None,
+    turns: list[int] | None = None,
+) -> list:
+    """The members' writes queued in one turn of the loop (or each after its number of
+    turns), the loop thread keeping its connection as the server's does; their answers
+    (statements: SQLite's, as run)."""
     db = engine.open_pool(db_url, max_connections=2)
     if statements is not None:
         hooks = db._add_conn_hooks
@@ -292,11 +298,19 @@ def _together(db_url: str, members: list[_Member], statements: list[str] | None 
 
         db._add_conn_hooks = traced
 
+    async def arrive(writes: LoopWrites, member: _Member, after: int):
+        for _ in range(after):
+            await asyncio.sleep(0)
+        return await writes.run(_Work(), member, None, None)
+
     async def main():
         writes = LoopWrites(unit_of_work.LoopTurn())
         with unit_of_work.connection_kept():
             return await asyncio.gather(
-                *(writes.run(_Work(), member, None, None) for member in members)
+                *(
+                    arrive(writes, member, turns[index] if turns else 0)
+                    for index, member in enumerate(members)
+                )
             )
 
     try:
@@ -318,6 +332,33 @@ def test_writes_queued_together_commit_together_and_are_answered_after_the_commi
     assert kinds.count("SAVEPOINT") == 3 and kinds[-1] == "COMMIT"
     assert [kind for kind, _ in seen] == ["ran"] * 3 + ["finished"] * 3
     assert _names(db_url) == ["s0", "s1", "s2"]
+
+
+@pytest.mark.databases("sqlite")
+def test_writes_a_few_turns_behind_the_first_join_its_group(db_url):
+    """Under load the next calls' requests are still being read when the first write
+    queues: the group lets the loop run what is due first, and they join it."""
+    seen: list = []
+    statements: list[str] = []
+    members = [_Member(_insert(f"s{i}"), seen) for i in range(4)]
+    answers = _together(db_url, members, statements, turns=[0, 1, 3, 6])
+    assert answers == [(f"s{i}", None) for i in range(4)]
+    kinds = [s.split()[0].upper() for s in statements if not s.startswith("PRAGMA")]
+    assert kinds.count("BEGIN") == 1 and kinds.count("COMMIT") == 1, kinds
+    assert _names(db_url) == ["s0", "s1", "s2", "s3"]
+
+
+@pytest.mark.databases("sqlite")
+def test_a_group_takes_at_most_max_group_writes(db_url):
+    seen: list = []
+    statements: list[str] = []
+    members = [_Member(_insert(f"s{i}"), seen) for i in range(LoopWrites.MAX_GROUP + 1)]
+    answers = _together(db_url, members, statements)
+    assert answers == [(f"s{i}", None) for i in range(LoopWrites.MAX_GROUP + 1)]
+    kinds = [s.split()[0].upper() for s in statements if not s.startswith("PRAGMA")]
+    assert kinds.count("COMMIT") == 2
+    assert kinds.count("SAVEPOINT") == LoopWrites.MAX_GROUP  # the last one alone, without
+    assert _names(db_url) == [f"s{i}" for i in range(LoopWrites.MAX_GROUP + 1)]
 
 
 @pytest.mark.databases("sqlite")

@@ -298,6 +298,15 @@ class LoopWrites:
     that fails fails every write of the group that had succeeded, with its status. At
     most MAX_GROUP writes a group, so the loop is held for a few writes at a time.
 
+    Before it takes its group, the first write lets the loop run what else is due now
+    (up to TURNS turns, while the loop has callbacks ready and the group is not full):
+    under load those are other calls on their way here (a request being read, an
+    interceptor), which then join this group instead of starting the next one. Each
+    group costs a BEGIN, a COMMIT with its fsync, and its events' counter raise and
+    INSERT; at 64 writes in flight most groups held one or two writes without this
+    wait, and each write cost the process ~10% more CPU (bench/PROFILE.md). An idle
+    loop has nothing due: a lone write does not wait at all.
+
     The group waits for this process's writer lock as a coroutine (behind a batch in
     the writer thread, say), then runs holding it, without waiting for the file's lock:
     when another process holds that, BEGIN IMMEDIATE raises WouldWait before anything
@@ -317,7 +326,8 @@ class LoopWrites:
     BUDGET = 0.002
     PAUSE = 1.0
     WEIGHT = 0.1  # of the newest write in the average (an exponentially weighted one)
-    MAX_GROUP = 8
+    MAX_GROUP = 16
+    TURNS = 16  # of the loop, at most, that the first write of a group lets run first
 
     def __init__(self, turn: Turn, budget: float = BUDGET, pause: float = PAUSE) -> None:
         self.turn = turn
@@ -353,11 +363,19 @@ class LoopWrites:
     async def _drain(self) -> None:
         group: list[_Queued] = []
         try:
+            loop = asyncio.get_running_loop()
+            # CPython's asyncio keeps the callbacks due this turn in `_ready`; a loop
+            # without it (another implementation) takes the group at once, as before.
+            due = getattr(loop, "_ready", None)
+            for _ in range(self.TURNS):
+                if not due or len(self._queue) >= self.MAX_GROUP:
+                    break
+                await asyncio.sleep(0)
             async with self.turn:
                 group, self._queue = self._queue[: self.MAX_GROUP], self._queue[self.MAX_GROUP :]
                 self._runner = None
                 if self._queue:  # more than a group: the next waits for the lock again
-                    self._runner = asyncio.get_running_loop().create_task(self._drain())
+                    self._runner = loop.create_task(self._drain())
                 start, cpu = time.monotonic(), time.thread_time()
                 try:
                     self._run(group)
