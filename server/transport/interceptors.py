@@ -304,8 +304,8 @@ class LoopWrites:
     interceptor), which then join this group instead of starting the next one. Each
     group costs a BEGIN, a COMMIT with its fsync, and its events' counter raise and
     INSERT; at 64 writes in flight most groups held one or two writes without this
-    wait, and each write cost the process ~10% more CPU (bench/PROFILE.md). An idle
-    loop has nothing due: a lone write does not wait at all.
+    wait, and the write and mixed mixes cost more CPU a call (bench/PROFILE.md). An
+    idle loop has nothing due: a lone write does not wait at all.
 
     The group waits for this process's writer lock as a coroutine (behind a batch in
     the writer thread, say), then runs holding it, without waiting for the file's lock:
