@@ -327,7 +327,7 @@ class LoopWrites:
     PAUSE = 1.0
     WEIGHT = 0.1  # of the newest write in the average (an exponentially weighted one)
     MAX_GROUP = 16
-    TURNS = 16  # of the loop, at most, that the first write of a group lets run first
+    TURNS = 64  # of the loop, at most, that the first write of a group lets run first
 
     def __init__(self, turn: Turn, budget: float = BUDGET, pause: float = PAUSE) -> None:
         self.turn = turn
