@@ -357,7 +357,8 @@ def test_a_group_takes_at_most_max_group_writes(db_url):
     assert answers == [(f"s{i}", None) for i in range(LoopWrites.MAX_GROUP + 1)]
     kinds = [s.split()[0].upper() for s in statements if not s.startswith("PRAGMA")]
     assert kinds.count("COMMIT") == 2
-    assert kinds.count("SAVEPOINT") == LoopWrites.MAX_GROUP  # the last one alone, without
+    # The first MAX_GROUP are savepoints of one transaction; the last runs alone, without.
+    assert kinds.count("SAVEPOINT") == LoopWrites.MAX_GROUP
     assert _names(db_url) == [f"s{i}" for i in range(LoopWrites.MAX_GROUP + 1)]
 
 
