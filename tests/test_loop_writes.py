@@ -279,6 +279,11 @@ def _names(url: str) -> list[str]:
     return [row[0] for row in databases.query(url, "SELECT name FROM students ORDER BY id")]
 
 
+def _kinds(statements: list[str]) -> list[str]:
+    """Each statement's first word (BEGIN, SAVEPOINT, COMMIT...), PRAGMAs left out."""
+    return [s.split()[0].upper() for s in statements if not s.startswith("PRAGMA")]
+
+
 def _together(
     db_url: str,
     members: list[_Member],
@@ -327,7 +332,7 @@ def test_writes_queued_together_commit_together_and_are_answered_after_the_commi
     answers = _together(db_url, members, statements)
     assert answers == [(f"s{i}", None) for i in range(3)]
     # One transaction, each write a savepoint in it; all answered after its COMMIT.
-    kinds = [s.split()[0].upper() for s in statements if not s.startswith("PRAGMA")]
+    kinds = _kinds(statements)
     assert kinds.count("BEGIN") == 1 and kinds.count("COMMIT") == 1
     assert kinds.count("SAVEPOINT") == 3 and kinds[-1] == "COMMIT"
     assert [kind for kind, _ in seen] == ["ran"] * 3 + ["finished"] * 3
@@ -343,7 +348,7 @@ def test_writes_a_few_turns_behind_the_first_join_its_group(db_url):
     members = [_Member(_insert(f"s{i}"), seen) for i in range(4)]
     answers = _together(db_url, members, statements, turns=[0, 1, 3, 6])
     assert answers == [(f"s{i}", None) for i in range(4)]
-    kinds = [s.split()[0].upper() for s in statements if not s.startswith("PRAGMA")]
+    kinds = _kinds(statements)
     assert kinds.count("BEGIN") == 1 and kinds.count("COMMIT") == 1, kinds
     assert _names(db_url) == ["s0", "s1", "s2", "s3"]
 
@@ -355,7 +360,7 @@ def test_a_group_takes_at_most_max_group_writes(db_url):
     members = [_Member(_insert(f"s{i}"), seen) for i in range(LoopWrites.MAX_GROUP + 1)]
     answers = _together(db_url, members, statements)
     assert answers == [(f"s{i}", None) for i in range(LoopWrites.MAX_GROUP + 1)]
-    kinds = [s.split()[0].upper() for s in statements if not s.startswith("PRAGMA")]
+    kinds = _kinds(statements)
     assert kinds.count("COMMIT") == 2
     # The first MAX_GROUP are savepoints of one transaction; the last runs alone, without.
     assert kinds.count("SAVEPOINT") == LoopWrites.MAX_GROUP

@@ -298,14 +298,14 @@ class LoopWrites:
     that fails fails every write of the group that had succeeded, with its status. At
     most MAX_GROUP writes a group, so the loop is held for a few writes at a time.
 
-    Before it takes its group, the first write lets the loop run what else is due now
-    (up to TURNS turns, while the loop has callbacks ready and the group is not full):
-    under load those are other calls on their way here (a request being read, an
-    interceptor), which then join this group instead of starting the next one. Each
-    group costs a BEGIN, a COMMIT with its fsync, and its events' counter raise and
-    INSERT; at 64 writes in flight most groups held one or two writes without this
-    wait, and the write and mixed mixes cost more CPU a call (bench/PROFILE.md). An
-    idle loop has nothing due: a lone write does not wait at all.
+    Before the group is taken, the loop runs what else is due now (up to TURNS turns,
+    while it has callbacks ready and the group is not full): under load those are other
+    calls on their way here (a request being read, an interceptor), which then join
+    this group instead of starting the next one. Each group costs a BEGIN, a COMMIT
+    with its fsync, and its events' counter raise and INSERT; without this wait the
+    groups at 64 writes in flight were small, and the write and mixed mixes cost more
+    CPU a call (bench/PROFILE.md). An idle loop has nothing due: a lone write does not
+    wait at all.
 
     The group waits for this process's writer lock as a coroutine (behind a batch in
     the writer thread, say), then runs holding it, without waiting for the file's lock:
@@ -327,7 +327,7 @@ class LoopWrites:
     PAUSE = 1.0
     WEIGHT = 0.1  # of the newest write in the average (an exponentially weighted one)
     MAX_GROUP = 16
-    TURNS = 64  # of the loop, at most, that the first write of a group lets run first
+    TURNS = 64  # of the loop, at most, run before a group is taken
 
     def __init__(self, turn: Turn, budget: float = BUDGET, pause: float = PAUSE) -> None:
         self.turn = turn
