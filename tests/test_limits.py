@@ -13,6 +13,7 @@ import pytest
 from enrollment.server.persistence import engine
 from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.startup.server import create_server
+from enrollment.server.transport import interceptors
 from enrollment.v1 import enrollment_pb2 as pb
 from tests import databases
 from tests.databases import sqlite_path
@@ -162,7 +163,8 @@ def enroll_behind_the_lock(live, capacity: int, timeout: float):
     try:
         request = pb.EnrollStudentRequest(student_id=student.id, course_id=course.id)
         call = live.stub.EnrollStudent.future(request, timeout=timeout)
-        # The server has the call: its connection is out of the pool, waiting for the lock.
+        # The server has the call: a connection is out of the pool (the loop's, trying
+        # the lock, or the writer thread's, waiting for it).
         wait_for(lambda: engine.connections_in_use() == 1, what="the call in progress")
     except BaseException:
         blocker.execute("ROLLBACK")
@@ -171,19 +173,68 @@ def enroll_behind_the_lock(live, capacity: int, timeout: float):
     return course, student, blocker, call, request
 
 
+class Noted:
+    """Events the (in-process) server's transport is seen to pass (note_calls)."""
+
+    def __init__(self) -> None:
+        self.handed = threading.Event()  # a call's work handed to a pool thread
+        self.ended = threading.Event()  # a call ended before its answer, seen there
+
+
+def note_calls(monkeypatch) -> Noted:
+    """Watch the transport for Noted's events: grpc cancelling a call's coroutine tells
+    its _CallState (ended); a write that finds the file locked goes to the writer
+    thread (handed)."""
+    noted = Noted()
+    slot = interceptors._CallState.ended  # the slot's descriptor
+
+    class State(interceptors._CallState):
+        __slots__ = ()
+
+        @property
+        def ended(self) -> bool:
+            return slot.__get__(self)
+
+        @ended.setter
+        def ended(self, value: bool) -> None:
+            slot.__set__(self, value)
+            if value:
+                noted.ended.set()
+
+    in_pool = interceptors._Guard._in_pool
+
+    async def handed(self, *args):
+        noted.handed.set()
+        return await in_pool(self, *args)
+
+    monkeypatch.setattr(interceptors, "_CallState", State)
+    monkeypatch.setattr(interceptors._Guard, "_in_pool", handed)
+    return noted
+
+
 @pytest.mark.parametrize("how", ["deadline", "cancel"])
-def test_a_write_past_its_deadline_or_cancelled_is_rolled_back(start_server, caplog, how):
+def test_a_write_past_its_deadline_or_cancelled_is_rolled_back(
+    start_server, caplog, monkeypatch, how
+):
     caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    noted = note_calls(monkeypatch)
     live = start_server(database_timeout=30)
     timeout = 1.0 if how == "deadline" else 60
     course, _, blocker, call, request = enroll_behind_the_lock(live, 1, timeout)
     try:
+        # Its one connection in use may have been the loop's, trying the lock before
+        # handing the write on: wait for the writer thread's.
+        assert noted.handed.wait(TIMEOUT), "the write never went to the writer thread"
+        wait_for(lambda: engine.connections_in_use() == 1, what="the write waiting for the lock")
         if how == "cancel":
             assert call.cancel()
         with pytest.raises(grpc.FutureCancelledError if how == "cancel" else grpc.RpcError):
             call.result(timeout=TIMEOUT)
         if how == "deadline":
             assert call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The call's end is news the server gets a moment after the caller: a lock
+        # released before then lets the write commit as the live call it still is there.
+        assert noted.ended.wait(TIMEOUT), "the server never saw the call end"
         assert engine.connections_in_use() == 1  # the write is still waiting for the lock
     finally:
         blocker.execute("ROLLBACK")
@@ -209,11 +260,12 @@ def test_a_write_past_its_deadline_or_cancelled_is_rolled_back(start_server, cap
 
 
 def test_a_write_whose_deadline_passes_while_queued_behind_another_is_not_written(
-    start_server, caplog
+    start_server, caplog, monkeypatch
 ):
     # On SQLite the writes run one at a time (one writer thread): the second waits in
     # line behind the first, and its deadline passes there. It must not run late.
     caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    noted = note_calls(monkeypatch)
     live = start_server(database_timeout=30)
     course = live.stub.CreateCourse(
         pb.CreateCourseRequest(code="CS-1", title="Intro", capacity=5), timeout=TIMEOUT
@@ -231,6 +283,7 @@ def test_a_write_whose_deadline_passes_while_queued_behind_another_is_not_writte
         with pytest.raises(grpc.RpcError):
             queued.result(timeout=TIMEOUT)
         assert queued.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert noted.ended.wait(TIMEOUT), "the server never saw the deadline pass"
         # Reads (here one run by the pool's threads) are not in the writes' line.
         live.stub.ListEvents(pb.ListEventsRequest(), timeout=TIMEOUT)
     finally:
