@@ -138,6 +138,16 @@ def test_writes_that_hold_the_loop_too_long_on_average_go_to_the_writer_thread()
         writes.held(0.0005, now)
     writes.held(0.012, now)  # one slow write among fast ones: still here
     assert 0 < writes.average < 0.002
+    for _ in range(20):
+        writes.held(0.0005, now)
+    # However slow: a 25 ms fsync under the mixed mix's load once paused the loop's
+    # writes for a second of the writer thread's dearer ones.
+    writes.held(0.025, now)
+    assert 0 < writes.average < 0.002
+    for _ in range(20):
+        writes.held(0.0005, now)
+    writes.held(1.0, now)
+    assert 0 < writes.average < 0.002
     assert asyncio.run(writes.run(_Work(), _Call(lambda: "ran"), None, None)) == "ran"
     for _ in range(10):
         writes.held(0.004, time.monotonic())  # a slow disk: they all take long
