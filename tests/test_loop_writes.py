@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from enrollment.server.callstate import WouldWait
 from enrollment.server.domain import events
@@ -155,6 +156,18 @@ def test_writes_that_hold_the_loop_too_long_on_average_go_to_the_writer_thread()
     before = turn.entered
     assert asyncio.run(writes.run(_Work(), _Call(lambda: "ran"), None, None)) is None
     assert turn.entered == before  # paused: not tried on the loop at all
+
+
+def test_the_pauses_are_counted():
+    pauses = Counter("pauses", "", registry=CollectorRegistry())
+    sizes = Histogram("sizes", "", registry=CollectorRegistry())
+    writes = LoopWrites(_Turn(), budget=0.002, pause=60, metrics=(sizes, pauses))
+    for _ in range(10):
+        writes.held(0.0005, time.monotonic())
+    assert pauses._value.get() == 0
+    for _ in range(10):
+        writes.held(0.004, time.monotonic())  # a slow disk
+    assert pauses._value.get() == 1  # once: after a pause the average starts afresh
 
 
 def test_only_what_a_write_makes_the_loop_wait_counts_against_the_budget():

@@ -16,6 +16,7 @@ import pytest
 from enrollment.server.operations.logs import JsonFormatter
 from enrollment.server.startup.config import ServerConfig, StartupError
 from enrollment.server.startup.server import create_server
+from enrollment.server.transport.interceptors import LoopWrites
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests.databases import sqlite_path
@@ -75,6 +76,31 @@ def test_metrics_show_calls_in_flight_and_connections_in_use(start_server):
     after = scrape(port)
     assert after[("enrollment_rpcs_in_flight", ())] == 0
     assert after[("enrollment_db_connections_in_use", ())] == 0
+
+
+def test_metrics_count_the_sqlite_writes_committed_together(start_server, monkeypatch):
+    """Writes sent together commit in groups: their sizes add up to the writes. (No
+    pauses here: a loaded machine's slow fsyncs would send later writes to the writer
+    thread, which counts no group.)"""
+    monkeypatch.setattr(LoopWrites, "held", lambda self, seconds, now: None)
+    live = start_server(metrics_address="127.0.0.1:0")
+    port = live.running.metrics_port
+    sent = [
+        live.stub.CreateStudent.future(
+            pb.CreateStudentRequest(name=f"S{i}", email=f"s{i}@example.com"), timeout=TIMEOUT
+        )
+        for i in range(8)
+    ]
+    assert sorted(f.result(timeout=TIMEOUT).student.id for f in sent) == list(range(1, 9))
+    metrics = scrape(port)
+    assert metrics[("enrollment_sqlite_write_group_size_sum", ())] == 8
+    assert 1 <= metrics[("enrollment_sqlite_write_group_size_count", ())] <= 8
+    assert metrics[("enrollment_sqlite_write_pauses_total", ())] == 0
+    new_student(live.stub)  # alone: a group of one
+    after = scrape(port)
+    assert after[("enrollment_sqlite_write_group_size_sum", ())] == 9
+    one = ("enrollment_sqlite_write_group_size_bucket", (("le", "1.0"),))
+    assert after[one] == metrics.get(one, 0) + 1
 
 
 def test_a_busy_metrics_port_is_a_startup_error(db_url):

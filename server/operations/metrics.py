@@ -66,6 +66,27 @@ class RpcMetrics:
         self._peers: set[str] = set()
         self._children: dict[tuple[str, str], Counter] = {}
         self._lock = threading.Lock()
+        self._sqlite_writes: tuple[Histogram, Counter] | None = None
+
+    def sqlite_writes(self) -> tuple[Histogram, Counter]:
+        """The metrics of SQLite's writes on the event loop (transport's LoopWrites),
+        registered when the process has them: how many commit together, and how often
+        they went to the writer thread for a while."""
+        if self._sqlite_writes is None:
+            groups = Histogram(
+                "enrollment_sqlite_write_group_size",
+                "SQLite writes committed together in one transaction on the event loop",
+                buckets=(1, 2, 4, 8, 16),
+                registry=self.registry,
+            )
+            pauses = Counter(
+                "enrollment_sqlite_write_pauses",
+                "times the event loop's SQLite writes went to the writer thread for a "
+                "while, having held the loop too long on average (a slow disk)",
+                registry=self.registry,
+            )
+            self._sqlite_writes = (groups, pauses)
+        return self._sqlite_writes
 
     def latency(self, method: str) -> Histogram:
         """The histogram child of one method (looked up once per method, not per call)."""

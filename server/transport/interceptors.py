@@ -22,7 +22,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -41,6 +41,9 @@ from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.transport import error_status
 from enrollment.server.transport.auth import Authenticator, reads_only, required_role
 from enrollment.server.transport.pool import WorkerPool
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Histogram
 
 log = logging.getLogger("enrollment.rpc")
 
@@ -71,7 +74,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         holding loop_turn."""
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         self._on_loop = on_loop
-        self._loop_writes = LoopWrites(loop_turn) if loop_turn is not None else None
+        self._loop_writes = None
+        if loop_turn is not None:
+            self._loop_writes = LoopWrites(
+                loop_turn, metrics=metrics.sqlite_writes() if metrics is not None else None
+            )
         self._writes_on_loop = writes_on_loop
         self._pool = pool
         self._writer = writer
@@ -330,9 +337,21 @@ class LoopWrites:
     MAX_GROUP = 16
     TURNS = 64  # of the loop, at most, run before a group is taken
 
-    def __init__(self, turn: Turn, budget: float = BUDGET, pause: float = PAUSE) -> None:
+    def __init__(
+        self,
+        turn: Turn,
+        budget: float = BUDGET,
+        pause: float = PAUSE,
+        metrics: tuple[Histogram, Counter] | None = None,
+    ) -> None:
+        """metrics: the groups' sizes and the pauses are counted there
+        (RpcMetrics.sqlite_writes)."""
         self.turn = turn
         self.budget, self.pause = budget, pause
+        self._sizes: Histogram | None = None
+        self._pauses: Counter | None = None
+        if metrics is not None:
+            self._sizes, self._pauses = metrics
         self.average = 0.0  # seconds a write held the loop, lately (from none at all)
         self._resume = 0.0  # time.monotonic() from which writes run here again
         self._queue: list[_Queued] = []
@@ -393,6 +412,8 @@ class LoopWrites:
                     # Its wait: what a thread would have given back to the loop.
                     waited = (time.monotonic() - start) - (time.thread_time() - cpu)
                     self.held(waited / len(group), start)
+                    if self._sizes is not None:
+                        self._sizes.observe(len(group))
         except asyncio.CancelledError:
             if not group:
                 # Cancelled while waiting for the lock (the server is stopping): the
@@ -460,6 +481,8 @@ class LoopWrites:
         average = self.average + self.WEIGHT * (sample - self.average)
         if average > self.budget:
             self._resume = now + seconds + self.pause
+            if self._pauses is not None:
+                self._pauses.inc()
             average = 0.0  # measured afresh once writes run here again
         self.average = average
 
