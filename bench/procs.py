@@ -230,9 +230,11 @@ def enrollment_server(
     log_level: str,
     executable: str = "",
     command: tuple[str, ...] = (),
+    options: tuple[str, ...] = (),
 ) -> Server:
     """This checkout's server, or the `enrollment-server` executable of another one;
-    command: what runs this checkout's server CLI instead (`python -m bench.nofeed`)."""
+    command: what runs this checkout's server CLI instead (`python -m bench.nofeed`);
+    options: more of `serve`'s options."""
     argv = [
         *(command or (executable or str(BIN / "enrollment-server"),)),
         "--log-level",
@@ -251,6 +253,7 @@ def enrollment_server(
     ]
     if workers != 1:
         argv += ["--workers", str(workers)]
+    argv += options
     remote = not database_url.startswith("sqlite:")
     return Server("enrollment-server", argv, port, log_path, remote_database=remote)
 

@@ -14,7 +14,7 @@ from bench import load, measure, procs
 from bench.seed import Shape, seed
 from enrollment.server.startup.config import ServerConfig
 from tests import databases
-from tests.servers import free_port
+from tests.servers import free_port, scrape
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "where a Python server's CPU goes)",
     )
     parser.add_argument("--output", default="", help="keep py-spy's raw stacks in this file")
+    parser.add_argument(
+        "--write-groups",
+        action="store_true",
+        help="instead of a profile: the mix without py-spy (which stops the server for "
+        "each sample, and a stopped loop counts as waiting), the server's /metrics on, and "
+        "how many SQLite writes committed together on the event loop and how often they "
+        "went to the writer thread",
+    )
 
 
 def top_lines(raw: str, top: int) -> str:
@@ -62,6 +70,37 @@ def top_lines(raw: str, top: int) -> str:
     return "\n".join(out)
 
 
+def write_groups(metrics: dict[tuple[str, tuple], float]) -> str:
+    """What the server's /metrics say of its SQLite writes on the event loop, from its
+    start (the warm-up second included)."""
+    name = "enrollment_sqlite_write_group_size"
+    count = metrics.get((f"{name}_count", ()), 0)
+    if not count:
+        return "write groups: none (no writes on the event loop: not SQLite, or no writes)"
+    total = metrics[(f"{name}_sum", ())]
+    buckets = sorted(
+        (float(dict(labels)["le"]), value)
+        for (sample, labels), value in metrics.items()
+        if sample == f"{name}_bucket"
+    )
+    parts, below, previous = [], 0.0, 0.0  # the count and the bound of the bucket before
+    for bound, cumulative in buckets:
+        if cumulative > below:
+            low = int(previous) + 1  # sizes are whole numbers: (previous, bound]
+            if bound == float("inf"):
+                label = f"{low}+"
+            else:
+                label = f"{low}-{int(bound)}" if bound > low else f"{low}"
+            parts.append(f"{label}: {cumulative - below:.0f}")
+        below, previous = cumulative, bound
+    pauses = metrics.get(("enrollment_sqlite_write_pauses_total", ()), 0)
+    return (
+        f"write groups: {count:.0f} committed {total:.0f} writes ({total / count:.1f} a group); "
+        f"groups by size {', '.join(parts)}; pauses (writes sent to the writer thread "
+        f"for a while) {pauses:.0f}"
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     spy = Path(sys.executable).parent / "py-spy"
     if not spy.exists():
@@ -79,6 +118,7 @@ def main(args: argparse.Namespace) -> int:
             cleanup.callback(postgresql.drop, url)
         procs.migrate(url)
         seed(url, shape)
+        metrics_port = free_port() if args.write_groups else 0
         server = procs.enrollment_server(
             free_port(),
             url,
@@ -86,8 +126,26 @@ def main(args: argparse.Namespace) -> int:
             threads=ServerConfig().threads,
             workers=1,
             log_level=args.log_level,
+            options=("--metrics-address", f"127.0.0.1:{metrics_port}") if metrics_port else (),
         ).start()
         raw_path = Path(args.output) if args.output else tmpdir / "stacks.txt"
+        if metrics_port:
+            try:
+                result = measure.drive(
+                    server,
+                    args.mix,
+                    shape,
+                    processes=args.processes,
+                    coroutines=args.coroutines,
+                    duration=args.duration - 1,
+                    warmup=1.0,
+                )
+                groups = write_groups(scrape(metrics_port))
+            finally:
+                server.stop()
+            print(f"mix {args.mix}: {result.calls_per_s:.0f} calls/s, codes {result.codes}")
+            print(groups)
+            return 0
         try:
             # Samples start with the warm-up second, which is as hot as the rest.
             sampler = subprocess.Popen(
