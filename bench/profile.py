@@ -103,7 +103,7 @@ def write_groups(metrics: dict[tuple[str, tuple], float]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
+    if not spy.exists() and not args.write_groups:
         raise SystemExit("py-spy is missing: `make bench-profile` installs the bench extra")
     shape = Shape()
     with (
@@ -129,17 +129,21 @@ def main(args: argparse.Namespace) -> int:
             options=("--metrics-address", f"127.0.0.1:{metrics_port}") if metrics_port else (),
         ).start()
         raw_path = Path(args.output) if args.output else tmpdir / "stacks.txt"
+
+        def drive() -> measure.Round:
+            return measure.drive(
+                server,
+                args.mix,
+                shape,
+                processes=args.processes,
+                coroutines=args.coroutines,
+                duration=args.duration - 1,
+                warmup=1.0,
+            )
+
         if metrics_port:
             try:
-                result = measure.drive(
-                    server,
-                    args.mix,
-                    shape,
-                    processes=args.processes,
-                    coroutines=args.coroutines,
-                    duration=args.duration - 1,
-                    warmup=1.0,
-                )
+                result = drive()
                 groups = write_groups(scrape(metrics_port))
             finally:
                 server.stop()
@@ -170,15 +174,7 @@ def main(args: argparse.Namespace) -> int:
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            result = measure.drive(
-                server,
-                args.mix,
-                shape,
-                processes=args.processes,
-                coroutines=args.coroutines,
-                duration=args.duration - 1,
-                warmup=1.0,
-            )
+            result = drive()
             _, errors = sampler.communicate(timeout=60)
             if sampler.returncode:
                 raise SystemExit(f"py-spy failed: {errors.strip()}")
