@@ -169,6 +169,7 @@ def main(args: argparse.Namespace) -> int:
                     "--output",
                     str(raw_path),
                     *([] if args.all_threads else ["--gil"]),
+                    "--nonblocking",
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
