@@ -379,6 +379,21 @@ def test_writes_a_few_turns_behind_the_first_join_its_group(db_url):
 
 
 @pytest.mark.databases("sqlite")
+def test_a_group_waits_for_the_loop_at_most_turns_turns(db_url):
+    """A write TURNS / 2 turns behind joins the group; one 2 × TURNS turns behind comes
+    too late, though the loop had something due all along (its own wait)."""
+    for behind, groups in ((LoopWrites.TURNS // 2, 1), (2 * LoopWrites.TURNS, 2)):
+        seen: list = []
+        statements: list[str] = []
+        names = [f"b{behind}-{i}" for i in range(2)]
+        members = [_Member(_insert(name), seen) for name in names]
+        answers = _together(db_url, members, statements, turns=[0, behind])
+        assert answers == [(name, None) for name in names]
+        kinds = _kinds(statements)
+        assert kinds.count("BEGIN") == kinds.count("COMMIT") == groups, (behind, kinds)
+
+
+@pytest.mark.databases("sqlite")
 def test_a_group_takes_at_most_max_group_writes(db_url):
     seen: list = []
     statements: list[str] = []
