@@ -141,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
                 warmup=1.0,
             )
 
-        if metrics_port:
+        if args.write_groups:
             try:
                 result = drive()
                 groups = write_groups(scrape(metrics_port))
