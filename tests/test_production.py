@@ -174,18 +174,54 @@ def wait_for(predicate, timeout: float, step: float = 0.05):
     return predicate()
 
 
+def worker_serving(server, channel: grpc.Channel, probe: str) -> str:
+    """The pid of the worker that a channel's connection reached: the one whose log line
+    carries the request id of a call made on it."""
+    pb_grpc.EnrollmentServiceStub(channel).ListCourses(
+        pb.ListCoursesRequest(page_size=1), timeout=TIMEOUT, metadata=[("x-request-id", probe)]
+    )
+    line = re.compile(rf"\[(\d+)\] enrollment\.rpc rpc .* request_id={re.escape(probe)}$", re.M)
+    found = wait_for(lambda: line.search(server.log), 10)
+    assert found, f"no log line for the call {probe}"
+    return found.group(1)
+
+
+def channels_on_both_workers(server, count: int) -> list[grpc.Channel]:
+    """count channels, each its own TCP connection, at least one on each of two workers.
+    The kernel spreads new connections over the workers (SO_REUSEPORT) by a hash of their
+    addresses, so 8 connections all land on one worker once in 128 (seen in CI): while
+    they do, the last is swapped for a new one until one lands on the other."""
+    # A channel of its own subchannel pool: grpc would otherwise share one connection.
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    channels: list[grpc.Channel] = []
+    pids: list[str] = []
+    run = os.urandom(4).hex()  # the probes' request ids are this call's own
+    for n in range(64):
+        if len(channels) == count and len(set(pids)) == 2:
+            return channels
+        channel = grpc.insecure_channel(server.address, options=own_connection)
+        grpc.channel_ready_future(channel).result(timeout=30)
+        pid = worker_serving(server, channel, f"connection-probe-{run}-{n}")
+        if len(channels) == count:  # all on pids[0]
+            if pid == pids[0]:
+                channel.close()
+                continue
+            channels.pop().close()
+            pids.pop()
+        channels.append(channel)
+        pids.append(pid)
+    for channel in channels:
+        channel.close()
+    raise AssertionError(f"64 connections reached workers {set(pids)} only")
+
+
 def test_two_workers_race_exactly_once_and_within_capacity(db_url, server_process):
     server = server_process("--database-url", db_url, "--workers", "2")
     channels = []
     try:
-        # Every channel is its own TCP connection; the kernel spreads them over the workers.
-        # (A channel of its own subchannel pool: grpc would otherwise share one connection.)
-        own_connection = [("grpc.use_local_subchannel_pool", 1)]
-        channels = [grpc.insecure_channel(server.address, options=own_connection) for _ in range(8)]
-        for channel in channels:
-            grpc.channel_ready_future(channel).result(timeout=30)
-        stubs = [pb_grpc.EnrollmentServiceStub(c) for c in channels]
         assert len(wait_for(lambda: worker_pids(server.proc.pid), 10)) == 2
+        channels = channels_on_both_workers(server, 8)
+        stubs = [pb_grpc.EnrollmentServiceStub(c) for c in channels]
 
         capacity = 7
         course = new_course(stubs[0], capacity=capacity)
