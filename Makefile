@@ -135,7 +135,7 @@ bench-icount: $(STAMP)
 	  || echo "could not install valgrind"; }
 	$(BIN)/python -m bench icount $(BENCH_ARGS)
 
-# target: bench-profile - py-spy the server under one mix (MIX=read|write|mixed); top lines (BENCH_ARGS=--write-groups: instead, how many SQLite writes commit together)
+# target: bench-profile - py-spy the server under one mix (MIX=read|write|mixed); top lines (BENCH_ARGS=--threads-cpu: instead, CPU and context switches a call by thread; --write-groups: how many SQLite writes commit together)
 bench-profile: $(BENCH_STAMP)
 	$(BIN)/python -m bench profile --mix '$(MIX)' $(BENCH_ARGS)
 

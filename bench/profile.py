@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "where a Python server's CPU goes)",
     )
     parser.add_argument("--output", default="", help="keep py-spy's raw stacks in this file")
+    parser.add_argument(
+        "--threads-cpu",
+        action="store_true",
+        help="instead of a profile: the mix without py-spy, and the server's CPU and "
+        "context switches a call, in all and by thread (from /proc; the threads named by "
+        "one `py-spy dump`)",
+    )
     parser.add_argument(
         "--write-groups",
         action="store_true",
@@ -101,9 +110,88 @@ def write_groups(metrics: dict[tuple[str, tuple], float]) -> str:
     )
 
 
+# One thread's (name, CPU in clock ticks, voluntary and involuntary context switches).
+Thread = tuple[str, int, int, int]
+
+
+def thread_snapshot(pid: int) -> dict[int, Thread]:
+    """The process's live threads by id, read from /proc."""
+    threads: dict[int, Thread] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (task / "status").read_text().splitlines()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended meanwhile
+        switches = {
+            line.split(":")[0]: int(line.split()[1])
+            for line in status
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
+        }
+        threads[int(task.name)] = (
+            name,
+            int(fields[11]) + int(fields[12]),  # utime + stime
+            switches.get("voluntary_ctxt_switches", 0),
+            switches.get("nonvoluntary_ctxt_switches", 0),
+        )
+    return threads
+
+
+def process_times(pid: int) -> tuple[int, int]:
+    """The process's user and system CPU in clock ticks (its ended threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
+def python_thread_names(dump: str) -> dict[int, str]:
+    """Thread id: name, from `py-spy dump` ('Thread 8784 (idle): "grpc-loop"')."""
+    found = re.findall(r'^Thread (\d+) \(.*?\): "(.*)"$', dump, flags=re.MULTILINE)
+    return {int(tid): name for tid, name in found}
+
+
+def threads_cpu(
+    before: dict[int, Thread],
+    after: dict[int, Thread],
+    times: tuple[tuple[int, int], tuple[int, int]],
+    names: dict[int, str],
+    calls: int,
+    ticks_per_second: float,
+) -> str:
+    """The server's CPU and context switches a call over the window, in all and by
+    thread; threads of one name with a number (rpc_0, rpc_1) go together."""
+    per_call = 1e6 / ticks_per_second / calls  # µs a call for one clock tick
+    (user0, system0), (user1, system1) = times
+    groups: dict[str, list[float]] = {}
+    voluntary = involuntary = 0
+    for tid, (comm, cpu, vol, invol) in after.items():
+        _, cpu0, vol0, invol0 = before.get(tid, (comm, 0, 0, 0))
+        voluntary += vol - vol0
+        involuntary += invol - invol0
+        name = re.sub(r"_\d+$", "_*", names.get(tid, comm))
+        group = groups.setdefault(name, [0, 0.0, 0, 0])
+        group[0] += 1
+        group[1] += (cpu - cpu0) * per_call
+        group[2] += vol - vol0
+        group[3] += invol - invol0
+    out = [
+        f"server CPU a call: {(user1 - user0 + system1 - system0) * per_call:.0f} µs "
+        f"(user {(user1 - user0) * per_call:.0f}, system {(system1 - system0) * per_call:.0f}); "
+        f"context switches a call: {voluntary / calls:.1f} voluntary, "
+        f"{involuntary / calls:.1f} involuntary",
+        f"  {'thread':<36} {'µs a call':>9}  {'switches a call':>15}",
+    ]
+    for name, (count, cpu, vol, invol) in sorted(groups.items(), key=lambda g: -g[1][1]):
+        if cpu < 0.5 and vol + invol < calls / 20:
+            continue  # idle the whole window, or nearly
+        label = f"{name} ({count:.0f})" if count > 1 else name
+        out.append(f"  {label:<36} {cpu:9.0f}  {vol / calls:7.2f} + {invol / calls:.2f}")
+    return "\n".join(out)
+
+
 def main(args: argparse.Namespace) -> int:
     spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists() and not args.write_groups:
+    if not spy.exists() and not args.write_groups:  # --threads-cpu names threads with it
         raise SystemExit("py-spy is missing: `make bench-profile` installs the bench extra")
     shape = Shape()
     with (
@@ -130,7 +218,7 @@ def main(args: argparse.Namespace) -> int:
         ).start()
         raw_path = Path(args.output) if args.output else tmpdir / "stacks.txt"
 
-        def drive() -> measure.Round:
+        def drive(warmup: float = 1.0) -> measure.Round:
             return measure.drive(
                 server,
                 args.mix,
@@ -138,9 +226,37 @@ def main(args: argparse.Namespace) -> int:
                 processes=args.processes,
                 coroutines=args.coroutines,
                 duration=args.duration - 1,
-                warmup=1.0,
+                warmup=warmup,
             )
 
+        if args.threads_cpu:
+            try:
+                drive()  # warm; then the window measured, its calls and its CPU alone
+                pid = server.process.pid
+                before, times0 = thread_snapshot(pid), process_times(pid)
+                result = drive(warmup=0.0)
+                after, times1 = thread_snapshot(pid), process_times(pid)
+                dump = subprocess.run(
+                    [str(spy), "dump", "--pid", str(pid), "--nonblocking"],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                ).stdout
+            finally:
+                server.stop()
+            calls = sum(result.codes.values())
+            print(f"mix {args.mix}: {result.calls_per_s:.0f} calls/s, codes {result.codes}")
+            print(
+                threads_cpu(
+                    before,
+                    after,
+                    (times0, times1),
+                    python_thread_names(dump),
+                    calls,
+                    os.sysconf("SC_CLK_TCK"),
+                )
+            )
+            return 0
         if args.write_groups:
             try:
                 result = drive()
