@@ -124,11 +124,33 @@ def _comm(pid: int, task: int) -> str:
         return ""
 
 
-def thread_cpu_seconds(pids: list[int], names: dict[int, str]) -> dict[str, float]:
-    """User + system CPU time by thread: a Python thread by its name (names, from
+@dataclass
+class ThreadStats:
+    """What the threads of one name have spent so far: CPU (user + system, seconds),
+    context switches (voluntary: waits; involuntary: preempted), and how many threads."""
+
+    seconds: float = 0.0
+    voluntary: int = 0
+    involuntary: int = 0
+    threads: int = 0
+
+
+def _switches(pid: int, task: int) -> tuple[int, int]:
+    """A thread's voluntary and involuntary context switches ((0, 0) once it is gone)."""
+    counts = {"voluntary_ctxt_switches": 0, "nonvoluntary_ctxt_switches": 0}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in counts:
+                counts[key] = int(value)
+    return counts["voluntary_ctxt_switches"], counts["nonvoluntary_ctxt_switches"]
+
+
+def thread_stats(pids: list[int], names: dict[int, str]) -> dict[str, ThreadStats]:
+    """CPU and context switches by thread: a Python thread by its name (names, from
     thread_names; without them all together as PYTHON_THREADS), any other by its
-    command name (grpc's own threads)."""
-    seconds: dict[str, float] = {}
+    command name (grpc's own threads, several of one name together)."""
+    stats: dict[str, ThreadStats] = {}
     for pid in pids:
         try:
             tasks = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
@@ -143,9 +165,26 @@ def thread_cpu_seconds(pids: list[int], names: dict[int, str]) -> dict[str, floa
                     # Python's threads keep the process's command name, which differs
                     # between `enrollment-server` and `python -m bench.nofeed`.
                     name = PYTHON_THREADS
-            key = name or str(task)
-            seconds[key] = seconds.get(key, 0.0) + _cpu(_stat(pid, task))
-    return seconds
+            entry = stats.setdefault(name or str(task), ThreadStats())
+            voluntary, involuntary = _switches(pid, task)
+            entry.seconds += _cpu(_stat(pid, task))
+            entry.voluntary += voluntary
+            entry.involuntary += involuntary
+            entry.threads += 1
+    return stats
+
+
+def thread_cpu_seconds(pids: list[int], names: dict[int, str]) -> dict[str, float]:
+    """User + system CPU time by thread, named as thread_stats names them."""
+    return {name: entry.seconds for name, entry in thread_stats(pids, names).items()}
+
+
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """A process's user and system CPU time apart (all its threads; (0, 0) once gone)."""
+    fields = _stat(pid)
+    if fields is None:
+        return 0.0, 0.0
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
 def rss_kib(pid: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import subprocess
 import sys
@@ -110,70 +109,28 @@ def write_groups(metrics: dict[tuple[str, tuple], float]) -> str:
     )
 
 
-# One thread's (name, CPU in clock ticks, voluntary and involuntary context switches).
-Thread = tuple[str, int, int, int]
-
-
-def thread_snapshot(pid: int) -> dict[int, Thread]:
-    """The process's live threads by id, read from /proc."""
-    threads: dict[int, Thread] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            status = (task / "status").read_text().splitlines()
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # ended meanwhile
-        switches = {
-            line.split(":")[0]: int(line.split()[1])
-            for line in status
-            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
-        }
-        threads[int(task.name)] = (
-            name,
-            int(fields[11]) + int(fields[12]),  # utime + stime
-            switches.get("voluntary_ctxt_switches", 0),
-            switches.get("nonvoluntary_ctxt_switches", 0),
-        )
-    return threads
-
-
-def process_times(pid: int) -> tuple[int, int]:
-    """The process's user and system CPU in clock ticks (its ended threads included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]), int(fields[12])
-
-
-def python_thread_names(dump: str) -> dict[int, str]:
-    """Thread id: name, from `py-spy dump` ('Thread 8784 (idle): "grpc-loop"')."""
-    found = re.findall(r'^Thread (\d+) \(.*?\): "(.*)"$', dump, flags=re.MULTILINE)
-    return {int(tid): name for tid, name in found}
-
-
 def threads_cpu(
-    before: dict[int, Thread],
-    after: dict[int, Thread],
-    times: tuple[tuple[int, int], tuple[int, int]],
-    names: dict[int, str],
+    before: dict[str, procs.ThreadStats],
+    after: dict[str, procs.ThreadStats],
+    times: tuple[tuple[float, float], tuple[float, float]],
     calls: int,
-    ticks_per_second: float,
 ) -> str:
     """The server's CPU and context switches a call over the window, in all and by
-    thread; threads of one name with a number (rpc_0, rpc_1) go together."""
-    per_call = 1e6 / ticks_per_second / calls  # µs a call for one clock tick
+    thread (procs.thread_stats before and after; times: the process's user and system
+    seconds before and after); threads of one name with a number (rpc_0, rpc_1) go
+    together."""
+    per_call = 1e6 / calls  # µs a call for one second
     (user0, system0), (user1, system1) = times
-    groups: dict[str, list[float]] = {}
-    voluntary = involuntary = 0
-    for tid, (comm, cpu, vol, invol) in after.items():
-        _, cpu0, vol0, invol0 = before.get(tid, (comm, 0, 0, 0))
-        voluntary += vol - vol0
-        involuntary += invol - invol0
-        name = re.sub(r"_\d+$", "_*", names.get(tid, comm))
-        group = groups.setdefault(name, [0, 0.0, 0, 0])
-        group[0] += 1
-        group[1] += (cpu - cpu0) * per_call
-        group[2] += vol - vol0
-        group[3] += invol - invol0
+    groups: dict[str, procs.ThreadStats] = {}
+    for name, now in after.items():
+        then = before.get(name, procs.ThreadStats())
+        group = groups.setdefault(re.sub(r"_\d+$", "_*", name), procs.ThreadStats())
+        group.seconds += now.seconds - then.seconds
+        group.voluntary += now.voluntary - then.voluntary
+        group.involuntary += now.involuntary - then.involuntary
+        group.threads += now.threads
+    voluntary = sum(g.voluntary for g in groups.values())
+    involuntary = sum(g.involuntary for g in groups.values())
     out = [
         f"server CPU a call: {(user1 - user0 + system1 - system0) * per_call:.0f} µs "
         f"(user {(user1 - user0) * per_call:.0f}, system {(system1 - system0) * per_call:.0f}); "
@@ -181,11 +138,15 @@ def threads_cpu(
         f"{involuntary / calls:.1f} involuntary",
         f"  {'thread':<36} {'µs a call':>9}  {'switches a call':>15}",
     ]
-    for name, (count, cpu, vol, invol) in sorted(groups.items(), key=lambda g: -g[1][1]):
-        if cpu < 0.5 and vol + invol < calls / 20:
+    for name, group in sorted(groups.items(), key=lambda item: -item[1].seconds):
+        cpu = group.seconds * per_call
+        if cpu < 0.5 and group.voluntary + group.involuntary < calls / 20:
             continue  # idle the whole window, or nearly
-        label = f"{name} ({count:.0f})" if count > 1 else name
-        out.append(f"  {label:<36} {cpu:9.0f}  {vol / calls:7.2f} + {invol / calls:.2f}")
+        label = f"{name} ({group.threads})" if group.threads > 1 else name
+        out.append(
+            f"  {label:<36} {cpu:9.0f}  "
+            f"{group.voluntary / calls:7.2f} + {group.involuntary / calls:.2f}"
+        )
     return "\n".join(out)
 
 
@@ -233,29 +194,14 @@ def main(args: argparse.Namespace) -> int:
             try:
                 drive()  # warm; then the window measured, its calls and its CPU alone
                 pid = server.process.pid
-                before, times0 = thread_snapshot(pid), process_times(pid)
+                names = procs.thread_names(pid)  # the Python threads are all up by now
+                before, times0 = procs.thread_stats([pid], names), procs.user_system_seconds(pid)
                 result = drive(warmup=0.0)
-                after, times1 = thread_snapshot(pid), process_times(pid)
-                dump = subprocess.run(
-                    [str(spy), "dump", "--pid", str(pid), "--nonblocking"],
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                ).stdout
+                after, times1 = procs.thread_stats([pid], names), procs.user_system_seconds(pid)
             finally:
                 server.stop()
-            calls = sum(result.codes.values())
             print(f"mix {args.mix}: {result.calls_per_s:.0f} calls/s, codes {result.codes}")
-            print(
-                threads_cpu(
-                    before,
-                    after,
-                    (times0, times1),
-                    python_thread_names(dump),
-                    calls,
-                    os.sysconf("SC_CLK_TCK"),
-                )
-            )
+            print(threads_cpu(before, after, (times0, times1), sum(result.codes.values())))
             return 0
         if args.write_groups:
             try:

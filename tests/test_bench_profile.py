@@ -4,8 +4,10 @@ and its CPU and context switches by thread."""
 from __future__ import annotations
 
 import os
+import threading
 
-from bench.profile import python_thread_names, thread_snapshot, threads_cpu, write_groups
+from bench.procs import PYTHON_THREADS, ThreadStats, thread_stats
+from bench.profile import threads_cpu, write_groups
 
 NAME = "enrollment_sqlite_write_group_size"
 
@@ -35,38 +37,26 @@ def test_no_groups_are_said_to_be_none():
     assert write_groups({}).startswith("write groups: none")
 
 
-DUMP = """Process 8782: /work/main/.venv/bin/python .venv/bin/enrollment-server serve
-Python v3.11.7 (/root/.pyenv/versions/3.11.7/bin/python3.11)
-
-Thread 8784 (idle): "grpc-loop"
-    BaseEventLoop._run_once (asyncio/base_events.py:1922)
-Thread 8790 (active+gil): "rpc_0"
-    WorkerPool._serve (server/transport/pool.py:80)
-Thread 8791 (idle): "rpc_1"
-"""
-
-
-def test_python_threads_are_named_from_a_py_spy_dump():
-    assert python_thread_names(DUMP) == {8784: "grpc-loop", 8790: "rpc_0", 8791: "rpc_1"}
+def stats(seconds: float, voluntary: int, involuntary: int, threads: int = 1) -> ThreadStats:
+    return ThreadStats(seconds, voluntary, involuntary, threads)
 
 
 def test_cpu_and_switches_are_told_a_call_in_all_and_by_thread():
     before = {
-        8784: ("enrollment-serv", 100, 10, 1),
-        8790: ("enrollment-serv", 50, 20, 2),
-        8791: ("enrollment-serv", 50, 20, 2),
-        8800: ("event_engine", 10, 5, 0),
+        "grpc-loop": stats(1.0, 10, 1),
+        "rpc_0": stats(0.5, 20, 2),
+        "rpc_1": stats(0.5, 20, 2),
+        "health-probe": stats(0.1, 5, 0),
     }
     after = {
-        8784: ("enrollment-serv", 300, 110, 51),  # +2 s of CPU, 100 + 50 switches
-        8790: ("enrollment-serv", 150, 220, 2),  # +1 s, 200 + 0
-        8791: ("enrollment-serv", 150, 220, 152),  # +1 s, 200 + 150
-        8800: ("event_engine", 10, 5, 0),  # idle: left out
-        8801: ("event_engine", 10, 100, 0),  # new in the window: all of it counts
+        "grpc-loop": stats(3.0, 110, 51),  # +2 s of CPU, 100 + 50 switches
+        "rpc_0": stats(1.5, 220, 2),  # +1 s, 200 + 0
+        "rpc_1": stats(1.5, 220, 152),  # +1 s, 200 + 150
+        "health-probe": stats(0.1, 5, 0),  # idle: left out
+        "event_engine": stats(0.1, 95, 0, threads=2),  # new in the window: all of it counts
     }
-    times = ((1000, 500), (1300, 700))  # +3 s user, +2 s system: 5 s
-    text = threads_cpu(before, after, times, python_thread_names(DUMP), 1000, 100.0)
-    lines = text.splitlines()
+    times = ((10.0, 5.0), (13.0, 7.0))  # +3 s user, +2 s system: 5 s
+    lines = threads_cpu(before, after, times, 1000).splitlines()
     assert lines[0] == (
         "server CPU a call: 5000 µs (user 3000, system 2000); "
         "context switches a call: 0.6 voluntary, 0.2 involuntary"
@@ -78,8 +68,16 @@ def test_cpu_and_switches_are_told_a_call_in_all_and_by_thread():
     assert [line.split()[0] for line in lines[2:]] == ["grpc-loop", "rpc_*", "event_engine"]
 
 
-def test_a_live_process_has_its_threads_read():
-    threads = thread_snapshot(os.getpid())
-    assert os.getpid() in threads  # the main thread's id is the process's
-    name, cpu, voluntary, involuntary = threads[os.getpid()]
-    assert name and cpu >= 0 and voluntary >= 0 and involuntary >= 0
+def test_a_live_process_has_its_threads_cpu_and_switches_read():
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait, name="waiting_0")
+    worker.start()
+    try:
+        found = thread_stats([os.getpid()], {worker.native_id: worker.name})
+    finally:
+        stop.set()
+        worker.join()
+    assert found["waiting_0"].threads == 1
+    assert found[PYTHON_THREADS].threads >= 1  # the others, unnamed here
+    assert all(s.seconds >= 0 and s.voluntary >= 0 and s.involuntary >= 0 for s in found.values())
+    assert sum(s.voluntary for s in found.values()) > 0  # the test process has waited
