@@ -197,8 +197,6 @@ def channels_on_both_workers(server, count: int) -> list[grpc.Channel]:
     pids: list[str] = []
     run = os.urandom(4).hex()  # the probes' request ids are this call's own
     for n in range(64):
-        if len(channels) == count and len(set(pids)) == 2:
-            return channels
         channel = grpc.insecure_channel(server.address, options=own_connection)
         grpc.channel_ready_future(channel).result(timeout=30)
         pid = worker_serving(server, channel, f"connection-probe-{run}-{n}")
@@ -210,6 +208,8 @@ def channels_on_both_workers(server, count: int) -> list[grpc.Channel]:
             pids.pop()
         channels.append(channel)
         pids.append(pid)
+        if len(channels) == count and len(set(pids)) == 2:
+            return channels
     for channel in channels:
         channel.close()
     raise AssertionError(f"64 connections reached workers {set(pids)} only")
