@@ -15,7 +15,7 @@ CHAOS_SECONDS ?= 60
 SOAK_SECONDS ?= 600
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-rush bench-scale bench-compare bench-micro bench-idle bench-icount bench-profile bench-migrate chaos soak bench-import
+.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-rush bench-scale bench-compare bench-micro bench-idle bench-icount bench-profile bench-handoff bench-migrate chaos soak bench-import
 
 # target: help - list the targets and what they do
 help:
@@ -134,6 +134,10 @@ bench-icount: $(STAMP)
 	  { apt-get install -y -qq valgrind || { apt-get update -qq && apt-get install -y -qq valgrind; }; } >/dev/null 2>&1 \
 	  || echo "could not install valgrind"; }
 	$(BIN)/python -m bench icount $(BENCH_ARGS)
+
+# target: bench-handoff - CPU of a PostgreSQL read handed to a pool thread vs driven by the loop (psycopg2's asynchronous connections), in-process, rounds alternating
+bench-handoff: $(STAMP)
+	$(BIN)/python -m bench handoff $(BENCH_ARGS)
 
 # target: bench-profile - py-spy the server under one mix (MIX=read|write|mixed); top lines (BENCH_ARGS=--threads-cpu: instead, CPU and context switches a call by thread; --write-groups: how many SQLite writes commit together)
 bench-profile: $(BENCH_STAMP)

@@ -1,4 +1,5 @@
-"""python -m bench {run,bulk,scale,compare,profile,micro,icount,tracing,feed}: `make bench*`."""
+"""python -m bench {run,bulk,scale,compare,profile,micro,icount,tracing,feed,handoff}:
+`make bench*`."""
 
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ def main(argv: list[str] | None = None) -> int:
     from bench import scale
 
     scale.add_arguments(scale_parser)
-    from bench import feed, icount, micro, profile
+    from bench import feed, handoff, icount, micro, profile
 
     feed.add_arguments(
         commands.add_parser("feed", help="change-feed delivery latency and the outbox's cost")
     )
 
     micro.add_arguments(commands.add_parser("micro", help="servicer CPU per call, in-process"))
+    handoff.add_arguments(
+        commands.add_parser("handoff", help="a PostgreSQL read in a pool thread vs on the loop")
+    )
     icount.add_arguments(
         commands.add_parser("icount", help="servicer instructions per call, in-process")
     )
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return tracing.main(args)
     if args.command == "feed":
         return feed.main(args)
+    if args.command == "handoff":
+        return handoff.main(args)
     print(compare.compare(args.a, args.b))
     return 0
 
