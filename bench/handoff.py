@@ -41,6 +41,7 @@ SQL = "SELECT id, name, email FROM handoff WHERE id = %s"
 ROWS = 1000
 LANES = 4  # the pool's threads (--threads' default) and the loop's connections
 COROUTINES = 32
+CONNECT_TIMEOUT = 10  # seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,10 +92,13 @@ class _Lane:
 def _wait_connected(connection: Any) -> None:
     """An asynchronous connection's start, waited for here (before the rounds)."""
     while (state := connection.poll()) != psycopg2.extensions.POLL_OK:
+        socket = [connection.fileno()]
         if state == psycopg2.extensions.POLL_READ:
-            select.select([connection.fileno()], [], [])
+            ready = select.select(socket, [], [], CONNECT_TIMEOUT)[0]
         else:
-            select.select([], [connection.fileno()], [])
+            ready = select.select([], socket, [], CONNECT_TIMEOUT)[1]
+        if not ready:
+            raise TimeoutError(f"PostgreSQL did not answer within {CONNECT_TIMEOUT} s")
 
 
 class _LoopReads:
@@ -116,10 +120,16 @@ class _LoopReads:
     def _readable(self, lane: _Lane) -> None:
         if lane.answer is None:
             return
-        if lane.connection.poll() != psycopg2.extensions.POLL_OK:
-            return  # part of the answer: the rest comes with the next readable
+        try:
+            if lane.connection.poll() != psycopg2.extensions.POLL_OK:
+                return  # part of the answer: the rest comes with the next readable
+            rows = lane.cursor.fetchall()
+        except psycopg2.Error as exc:  # the round fails with it instead of waiting forever
+            lane.answer.set_exception(exc)
+            lane.answer = None
+            return
         answer, lane.answer = lane.answer, None
-        answer.set_result(lane.cursor.fetchall())
+        answer.set_result(rows)
         if self._waiting:
             self._waiting.popleft().set_result(lane)
         else:
