@@ -13,8 +13,9 @@ this process, the same one-row lookup by primary key both ways, 32 coroutines at
 
 It prints the process's CPU and context switches per read (the PostgreSQL server's own
 work is not in them), in alternating rounds, and the medians. It is what a read on
-PostgreSQL would save if the loop drove it (bench/PROFILE.md, "eighteenth session");
-the server does not do that (yet): its reads go through peewee, whose calls block.
+PostgreSQL saves when the loop drives it (bench/PROFILE.md, "eighteenth session"),
+which the server does since for its four one-statement reads
+(server/persistence/loop_reads.py, with 2 connections by default).
 """
 
 from __future__ import annotations

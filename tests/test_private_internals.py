@@ -101,6 +101,24 @@ def test_prepared_rows_are_the_instances_peewee_builds(db_url):
         engine.close_pool()
 
 
+def test_peewee_wraps_the_drivers_errors_keeping_them_as_orig():
+    """engine.py, notify.py and loop_reads.py raise psycopg2's errors as peewee's,
+    through peewee's module-level __exception_wrapper__ (its stubs do not declare it),
+    so that failures.py reads them as it reads a unit of work's."""
+    import peewee as pw
+    import psycopg2
+
+    from enrollment.server.persistence import failures
+
+    wrapper = vars(pw)["__exception_wrapper__"]
+    lost = psycopg2.OperationalError("server closed the connection unexpectedly")
+    with pytest.raises(pw.OperationalError) as raised, wrapper:
+        raise lost
+    assert raised.value.orig is lost
+    assert failures.lost_connection(raised.value)
+    assert failures.verdict(raised.value) is failures.Verdict.UNAVAILABLE
+
+
 def test_the_pool_counts_the_connections_in_use(db_url):
     """engine.connections_in_use reads the pool's private _in_use."""
     db = engine.open_pool(db_url, max_connections=2)

@@ -10,7 +10,7 @@ import peewee as pw
 
 from enrollment.server.domain import events, page_tokens
 from enrollment.server.domain.enrollments import drop_all_of_course, promote_next
-from enrollment.server.domain.lookups import find_course, find_student
+from enrollment.server.domain.lookups import course_found, find_course, student_found
 from enrollment.server.domain.retries import checked, mutation
 from enrollment.server.domain.rows import create_unique, list_page
 from enrollment.server.domain.updates import Updatable, update
@@ -29,7 +29,8 @@ from enrollment.server.persistence.models import (
     utcnow,
 )
 from enrollment.server.persistence.prepared import Prepared
-from enrollment.server.persistence.unit_of_work import savepoint, transactional
+from enrollment.server.persistence.steps import Steps, one_statement_read
+from enrollment.server.persistence.unit_of_work import savepoint
 
 # A page of the catalogue, and of one student's courses: keyset on the course id. A
 # student's courses are ordered by the join table's course_id, the same values, so that
@@ -178,17 +179,17 @@ _UPDATABLE = Updatable(
 )
 
 
-@transactional(write=False, snapshot=False)  # one statement
-def get_course(*, course_id: int) -> Course:
+@one_statement_read
+def get_course(*, course_id: int) -> Steps[Course]:
     fields = Fields()
     fields.required_id("course_id", course_id)
     fields.check()
-    return find_course(course_id)
+    return (yield from course_found(course_id))
 
 
-@transactional(write=False, snapshot=False)  # one statement
-def list_courses(*, student_id: int, page_size: int, page_token: str) -> CoursePage:
-    rows, token = list_page(
+@one_statement_read
+def list_courses(*, student_id: int, page_size: int, page_token: str) -> Steps[CoursePage]:
+    rows, token = yield from list_page(
         page_tokens.Kind.COURSES,
         filter_field="student_id",
         filter_id=student_id,
@@ -196,7 +197,7 @@ def list_courses(*, student_id: int, page_size: int, page_token: str) -> CourseP
         page_token=page_token,
         every_row=_CATALOGUE_PAGE,
         filtered=_STUDENT_COURSES_PAGE,
-        find_filter=find_student,  # no courses, or no such student?
+        find_filter=student_found,  # no courses, or no such student?
     )
     return CoursePage(rows, token)
 

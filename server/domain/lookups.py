@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from enrollment.server.errors import CourseNotFound, StudentNotFound
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
+
+import peewee as pw
+
+from enrollment.server.errors import CourseNotFound, EnrollmentError, StudentNotFound
 from enrollment.server.persistence.models import Course, Student
 from enrollment.server.persistence.prepared import Prepared
+from enrollment.server.persistence.steps import Step, drive, rows
 from enrollment.server.persistence.unit_of_work import locking
+
+M = TypeVar("M", bound=pw.Model)
 
 _STUDENT: Prepared[Student] = Prepared(
     lambda student_id: Student.select().where(Student.id == student_id), 1
@@ -32,15 +40,32 @@ def course_or_none(course_id: int, *, lock: bool = False) -> Course | None:
 def find_student(student_id: int, *, lock: bool = False) -> Student:
     """lock: hold the row until the transaction ends (SELECT … FOR UPDATE), so that no
     enrollment of this student can commit in between."""
-    student = (_STUDENT_LOCKED if lock else _STUDENT).first(student_id)
-    if student is None:
-        raise StudentNotFound.of(student_id)
-    return student
+    return drive(student_found(student_id, _STUDENT_LOCKED if lock else _STUDENT))
 
 
 def find_course(course_id: int, *, lock: bool = False) -> Course:
     """lock: see course_or_none."""
-    course = course_or_none(course_id, lock=lock)
-    if course is None:
-        raise CourseNotFound.of(course_id)
-    return course
+    return drive(course_found(course_id, _COURSE_LOCKED if lock else _COURSE))
+
+
+def student_found(
+    student_id: int, query: Prepared[Student] = _STUDENT
+) -> Generator[Step, list[Any], Student]:
+    """The steps (persistence/steps.py) of find_student: the student, or NOT_FOUND."""
+    return _one(query, student_id, StudentNotFound.of)
+
+
+def course_found(
+    course_id: int, query: Prepared[Course] = _COURSE
+) -> Generator[Step, list[Any], Course]:
+    """The steps of find_course: the course, or NOT_FOUND."""
+    return _one(query, course_id, CourseNotFound.of)
+
+
+def _one(
+    query: Prepared[M], key: int, missing: Callable[[int], EnrollmentError]
+) -> Generator[Step, list[Any], M]:
+    found = yield from rows(query, key)
+    if not found:
+        raise missing(key)
+    return found[0]

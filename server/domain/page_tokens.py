@@ -6,11 +6,13 @@ import base64
 import binascii
 import enum
 import struct
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import peewee as pw
 
+from enrollment.server.persistence import steps
 from enrollment.server.persistence.prepared import Prepared
 
 M = TypeVar("M", bound=pw.Model)
@@ -99,13 +101,16 @@ class PageRequest:
     size: int
     after_id: int
 
-    def fetch(self, query: Prepared[M], *filter_values: int) -> tuple[list[M], str]:
-        """One keyset query for size + 1 rows; the extra row says whether a next page exists.
+    def fetch(
+        self, query: Prepared[M], *filter_values: int
+    ) -> Generator[steps.Step, list[Any], tuple[list[M], str]]:
+        """`rows, token = yield from page.fetch(...)`: one keyset query for size + 1
+        rows; the extra row says whether a next page exists.
 
         query: a Prepared query taking the filter values (if any), the last id of the
         previous page, and the row limit.
         """
-        rows = query.rows(*filter_values, self.after_id, self.size + 1)
+        rows = yield from steps.rows(query, *filter_values, self.after_id, self.size + 1)
         if len(rows) <= self.size:
             return rows, ""
         rows = rows[: self.size]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
 import peewee as pw
@@ -11,6 +11,7 @@ from enrollment.server.domain import page_tokens
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import EnrollmentError
 from enrollment.server.persistence.prepared import Prepared
+from enrollment.server.persistence.steps import Step
 from enrollment.server.persistence.unit_of_work import savepoint
 
 M = TypeVar("M", bound=pw.Model)
@@ -44,12 +45,14 @@ def list_page(
     page_token: str,
     every_row: Prepared[M],
     filtered: Prepared[M],
-    find_filter: Callable[[int], object],
-) -> tuple[list[M], str]:
-    """One page of a List* call and the next page token.
+    find_filter: Callable[[int], Generator[Step, list[Any], object]],
+) -> Generator[Step, list[Any], tuple[list[M], str]]:
+    """The steps of one page of a List* call (persistence/steps.py): its rows and the
+    next page token.
 
     every_row: the keyset query without a filter (filter id 0); filtered: the one taking
-    the filter id first; find_filter: raises NOT_FOUND for a filter id that names nothing.
+    the filter id first; find_filter: the steps that raise NOT_FOUND for a filter id that
+    names nothing.
     """
     fields = Fields()
     page = fields.page_request(
@@ -61,10 +64,10 @@ def list_page(
     )
     fields.check()
     if page.filter_id:
-        rows, token = page.fetch(filtered, page.filter_id)
+        rows, token = yield from page.fetch(filtered, page.filter_id)
     else:
-        rows, token = page.fetch(every_row)
+        rows, token = yield from page.fetch(every_row)
     # An empty filtered page and a filter naming nothing look alike; only then ask which.
     if page.filter_id and not rows:
-        find_filter(page.filter_id)
+        yield from find_filter(page.filter_id)
     return rows, token

@@ -10,7 +10,7 @@ import peewee as pw
 
 from enrollment.server.domain import events, page_tokens
 from enrollment.server.domain.enrollments import drop_entry
-from enrollment.server.domain.lookups import find_course, find_student
+from enrollment.server.domain.lookups import course_found, find_student, student_found
 from enrollment.server.domain.retries import checked, mutation
 from enrollment.server.domain.rows import create_unique, list_page
 from enrollment.server.domain.updates import Updatable, update
@@ -25,7 +25,8 @@ from enrollment.server.persistence.models import (
     utcnow,
 )
 from enrollment.server.persistence.prepared import Prepared
-from enrollment.server.persistence.unit_of_work import locking, savepoint, transactional
+from enrollment.server.persistence.steps import Steps, one_statement_read
+from enrollment.server.persistence.unit_of_work import locking, savepoint
 
 # A page of all students, and of one course's roster: keyset on the student id. The roster
 # is ordered by the join table's student_id, the same values, so that SQLite reads the
@@ -118,17 +119,17 @@ _UPDATABLE = Updatable(
 )
 
 
-@transactional(write=False, snapshot=False)  # one statement
-def get_student(*, student_id: int) -> Student:
+@one_statement_read
+def get_student(*, student_id: int) -> Steps[Student]:
     fields = Fields()
     fields.required_id("student_id", student_id)
     fields.check()
-    return find_student(student_id)
+    return (yield from student_found(student_id))
 
 
-@transactional(write=False, snapshot=False)  # one statement
-def list_students(*, course_id: int, page_size: int, page_token: str) -> StudentPage:
-    rows, token = list_page(
+@one_statement_read
+def list_students(*, course_id: int, page_size: int, page_token: str) -> Steps[StudentPage]:
+    rows, token = yield from list_page(
         page_tokens.Kind.STUDENTS,
         filter_field="course_id",
         filter_id=course_id,
@@ -136,7 +137,7 @@ def list_students(*, course_id: int, page_size: int, page_token: str) -> Student
         page_token=page_token,
         every_row=_STUDENTS_PAGE,
         filtered=_ROSTER_PAGE,
-        find_filter=find_course,  # an empty roster, or no such course?
+        find_filter=course_found,  # an empty roster, or no such course?
     )
     return StudentPage(rows, token)
 

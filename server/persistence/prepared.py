@@ -146,8 +146,22 @@ class Prepared(Generic[M]):
         """The model instances a SELECT of one model's fields returns (named tuples of
         the same fields when plain, typed as the model: they are only read); or those
         an INSERT, UPDATE or DELETE … RETURNING of the model's fields gives back."""
-        _, model, sql, binding, converters = self._compile()
-        cursor = proxy.execute_sql(sql, self._params(binding, values))
+        compiled = self._compile()
+        cursor = proxy.execute_sql(compiled[2], self._params(compiled[3], values))
+        return self._made(compiled, cursor.fetchall())
+
+    def statement(self, values: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+        """The SQL and the driver's parameters for these values (for a connection of
+        the same database that is not peewee's: persistence/loop_reads.py)."""
+        _, _, sql, binding, _ = self._compile()
+        return sql, self._params(binding, values)
+
+    def made(self, fetched: list[tuple[Any, ...]]) -> list[M]:
+        """What rows() returns, of the driver's rows for statement()."""
+        return self._made(self._compile(), fetched)
+
+    def _made(self, compiled: _Compiled, fetched: list[tuple[Any, ...]]) -> list[M]:
+        _, model, _, _, converters = compiled
         if self._plain:
             convert = [(c, kept) for _, c, kept in converters]
             tuples: list[M] = [
@@ -157,11 +171,11 @@ class Prepared(Generic[M]):
                         for (f, kept), v in zip(convert, row, strict=True)
                     ]
                 )
-                for row in cursor.fetchall()
+                for row in fetched
             ]
             return tuples
         found: list[M] = []
-        for row in cursor.fetchall():
+        for row in fetched:
             # Private names of peewee (tests/test_private_internals.py guards them):
             # __no_default__ leaves the defaults uncomputed and nothing marked changed,
             # as peewee's own row wrapper does; the values then go in as the instance's

@@ -9,10 +9,17 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from enrollment.server.operations.logs import LOG_FORMATS
+from enrollment.server.persistence.engine import SCHEMES
 
 
 class StartupError(RuntimeError):
     """The server cannot start; the message says why and what fixes it."""
+
+
+# On PostgreSQL, the connections the event loop answers the cheap reads on, beside the
+# serving threads' (persistence/loop_reads.py). A read holds one only while its
+# statement is at the database (one thread cannot keep many busy).
+LOOP_READ_CONNECTIONS = 2
 
 
 @dataclass(frozen=True)
@@ -176,7 +183,7 @@ class ServerConfig:
     )  # fmt: skip
     pool_size: int | None = setting(
         None, whole(1), "database connections per process; at least --threads",
-        metavar="N", default_text="as many as --threads",
+        metavar="N", default_text="as many as --threads; on PostgreSQL, 2 more",
     )  # fmt: skip
     pool_timeout: float = setting(
         5.0, seconds(above_zero=True),
@@ -306,7 +313,23 @@ class ServerConfig:
 
     @property
     def connections(self) -> int:
-        return self.pool_size or self.threads
+        """Database connections per process: --pool-size; by default --threads and, on
+        PostgreSQL, LOOP_READ_CONNECTIONS more, for the event loop's reads."""
+        if self.pool_size is not None:
+            return self.pool_size
+        return self.threads + (LOOP_READ_CONNECTIONS if self._postgresql() else 0)
+
+    @property
+    def loop_read_connections(self) -> int:
+        """Of connections, those the event loop answers PostgreSQL's one-statement reads
+        on (persistence/loop_reads.py): LOOP_READ_CONNECTIONS, or what --pool-size leaves
+        beyond --threads when that is fewer (0: those reads run in the pool's threads)."""
+        if not self._postgresql():
+            return 0
+        return max(0, min(LOOP_READ_CONNECTIONS, self.connections - self.threads))
+
+    def _postgresql(self) -> bool:
+        return SCHEMES.get(self.database_url.split(":", 1)[0].lower()) == "postgresql"
 
     def check(self) -> None:
         """Raise StartupError naming every value no server can run with."""

@@ -40,6 +40,7 @@ from enrollment.server.operations.health import HealthMonitor
 from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.persistence import engine, migrator, notify, outbox, prepared, unit_of_work
 from enrollment.server.persistence.checkpoint import Checkpointer
+from enrollment.server.persistence.loop_reads import LoopReads
 from enrollment.server.persistence.models import proxy
 from enrollment.server.persistence.notify import CommitListener, Looks
 from enrollment.server.startup.config import ServerConfig, StartupError
@@ -55,7 +56,7 @@ from enrollment.server.transport.auth import (
 from enrollment.server.transport.interceptors import RpcInterceptor
 from enrollment.server.transport.pool import WorkerPool
 from enrollment.server.transport.reflection import add_reflection
-from enrollment.server.transport.servicer import EnrollmentServicer
+from enrollment.server.transport.servicer import READS, EnrollmentServicer
 from enrollment.server.transport.watch import WatchHub
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
@@ -75,6 +76,14 @@ READS_ON_LOOP = frozenset({"GetStudent", "GetCourse", "ListStudents", "ListCours
 
 def _reads_on_loop(config: ServerConfig) -> frozenset[str]:
     return READS_ON_LOOP if _sqlite(config) else frozenset()
+
+
+# On PostgreSQL the same reads run on the event loop too, driven there on connections
+# of its own in asynchronous mode (persistence/loop_reads.py says why and what they
+# keep of a unit of work); --pool-size counts them. Not with tracing on: there every
+# read's unit of work has its span (db.transaction), which only the pool's path has.
+def _loop_read_connections(config: ServerConfig) -> int:
+    return 0 if tracing.requested() else config.loop_read_connections
 
 
 # On a local SQLite file these writes (a few rows each) run on the event loop too when
@@ -182,6 +191,7 @@ class RunningServer:
     metrics_server: WSGIServer | None = None
     pool: WorkerPool | None = None
     writer: WorkerPool | None = None  # SQLite's one writer thread
+    loop_reads: LoopReads | None = None  # PostgreSQL's reads on the loop
     traces: tracing.Tracing | None = None  # None: tracing off
     terminated: threading.Event = field(default_factory=threading.Event)
 
@@ -231,6 +241,8 @@ class RunningServer:
             # SHUTTING_DOWN, so their clients resume elsewhere within the grace period.
             await self.hub.stop()
         await self.server.stop(grace)
+        if self.loop_reads is not None:
+            self.loop_reads.close()
 
     def wait_for_termination(self) -> None:
         # Woken now and then, so that signal handlers run promptly in the main thread.
@@ -271,8 +283,11 @@ def open_database(config: ServerConfig) -> None:
     """Bind the models to this process's pool (each worker opens its own after the fork)."""
     engine.open_pool(
         config.database_url,
-        # The loop thread's own, when reads run on it, and the writer thread's.
-        max_connections=config.connections + (2 if _sqlite(config) else 0),
+        # SQLite: the loop thread's own, when reads run on it, and the writer thread's.
+        # PostgreSQL: less the event loop's own, for its reads.
+        max_connections=config.connections
+        + (2 if _sqlite(config) else 0)
+        - _loop_read_connections(config),
         timeout=config.database_timeout,
         pool_timeout=config.pool_timeout,
         statement_timeout=config.database_timeout,
@@ -368,7 +383,7 @@ def _serving(
         unit_of_work.connection_kept if _reads_on_loop(config) else contextlib.nullcontext
     )
     try:
-        server, health_servicer, port, hub = events.run(
+        server, health_servicer, port, hub, loop_reads = events.run(
             _build(config, credentials, auth, metrics, (pool, writer), traced)
         )
     except BaseException:
@@ -382,7 +397,14 @@ def _serving(
             config.address,
         )
     running = RunningServer(
-        server, port, health_servicer, events, pool=pool, writer=writer, hub=hub
+        server,
+        port,
+        health_servicer,
+        events,
+        pool=pool,
+        writer=writer,
+        hub=hub,
+        loop_reads=loop_reads,
     )
     if metrics is not None and config.metrics_address is not None:
         try:
@@ -437,11 +459,19 @@ async def _build(
     metrics: RpcMetrics | None,
     pools: tuple[WorkerPool, WorkerPool | None],
     traced: tracing.Tracing | None,
-) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int, WatchHub]:
+) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int, WatchHub, LoopReads | None]:
     """On the loop (grpc.aio binds its objects to the running loop): the server, its
-    services and its port; not started."""
+    services and its port, not started; and the loop's PostgreSQL reads, if any (they
+    open their connections when first needed)."""
     pool, writer = pools
     writes_on_loop = _writes_on_loop(config)
+    loop_reads = None
+    driver: LoopReads | None
+    if _loop_read_connections(config):
+        driver = LoopReads(proxy.obj, _loop_read_connections(config), wait=config.pool_timeout)
+        loop_reads = (driver, {name: READS[name] for name in READS_ON_LOOP})
+    else:
+        driver = None
     interceptors: list[grpc.aio.ServerInterceptor] = [
         RpcInterceptor(
             pool=pool,
@@ -452,6 +482,7 @@ async def _build(
             on_loop=_reads_on_loop(config),
             writes_on_loop=writes_on_loop,
             loop_turn=unit_of_work.LoopTurn() if writes_on_loop else None,
+            loop_reads=loop_reads,
         )
     ]
     if traced is not None:
@@ -475,7 +506,7 @@ async def _build(
     )
     await hub.start()
     try:
-        return await _services(config, credentials, server, hub)
+        return (*await _services(config, credentials, server, hub), driver)
     except BaseException:
         await hub.stop()
         raise

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
@@ -66,14 +67,17 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         writer: WorkerPool | None = None,
         writes_on_loop: frozenset[str] = frozenset(),
         loop_turn: Turn | None = None,
+        loop_reads: tuple[LoopDriver, Mapping[str, Steps]] | None = None,
     ) -> None:
         """on_loop: names of methods whose work runs on the event loop itself rather than
         in the pool (start-up chooses the cheap reads of a local SQLite file). writer: when
         given, the pool (of one thread, for SQLite) where every method that may write runs.
         writes_on_loop: methods of the writer's run on the loop when they can (LoopWrites),
-        holding loop_turn."""
+        holding loop_turn. loop_reads: a driver of reads on the loop, and the methods it
+        answers, by name, as steps (PostgreSQL's cheap reads)."""
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         self._on_loop = on_loop
+        self._loop_reads = loop_reads
         self._loop_writes = None
         if loop_turn is not None:
             self._loop_writes = LoopWrites(
@@ -108,6 +112,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 metrics=self._metrics,
                 on_loop=name in self._on_loop,
                 loop_first=self._loop_writes if name in self._writes_on_loop else None,
+                loop_read=self._loop_read(name),
             )
             if handler.unary_unary is not None:
                 served = {"unary_unary": None, "stream_unary": guard.serve}
@@ -124,6 +129,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             wrapped = _bounded(handler, self._reads)
         self._wrapped[method] = wrapped
         return wrapped
+
+    def _loop_read(self, name: str) -> tuple[LoopDriver, Steps] | None:
+        if self._loop_reads is None:
+            return None
+        driver, reads = self._loop_reads
+        read = reads.get(name)
+        return None if read is None else (driver, read)
 
 
 class _Undecodable:
@@ -250,6 +262,18 @@ def _bounded(handler: grpc.RpcMethodHandler, reads: RequestReads) -> grpc.RpcMet
     return grpc.stream_stream_rpc_method_handler(
         stream, handler.request_deserializer, handler.response_serializer
     )
+
+
+class Steps(Protocol):
+    """A read as steps (persistence/steps.py), made of a request (servicer.ReadMethod)."""
+
+    def steps(self, request: Any) -> Any: ...
+
+
+class LoopDriver(Protocol):
+    """Drives reads' steps on the event loop (persistence/loop_reads.py, LoopReads)."""
+
+    async def run(self, steps_of: Callable[[], Any], is_active: Callable[[], bool]) -> Any: ...
 
 
 class Group(Protocol):
@@ -541,9 +565,11 @@ class _Guard:
         metrics: RpcMetrics | None,
         on_loop: bool = False,
         loop_first: LoopWrites | None = None,
+        loop_read: tuple[LoopDriver, Steps] | None = None,
     ) -> None:
         self._behavior = behavior
         self._on_loop = on_loop
+        self._loop_read = loop_read
         self._loop_first = loop_first
         self._name = method.rsplit("/", 1)[-1]
         self._needed = required_role(self._name)
@@ -599,6 +625,11 @@ class _Guard:
             # The caller went away (or its deadline passed) before its request arrived.
             call.finish(state.end(), "CALL_ENDED")
             raise
+        if self._loop_read is not None:
+            response, status = await self._read_on_loop(self._loop_read, call, request, state)
+            if status is not None:
+                await context.abort_with_status(status)
+            return response
         # The database work runs in the pool, in a copy of this context: the unit of work
         # asks callstate (bound here to this call's state) before it begins and commits.
         bound = callstate.bind(state.is_active)
@@ -623,6 +654,27 @@ class _Guard:
         if status is not None:
             await context.abort_with_status(status)
         return response
+
+    async def _read_on_loop(
+        self, loop_read: tuple[LoopDriver, Steps], call: _Call, request, state: _CallState
+    ) -> tuple[Any, Any]:
+        """A read driven by the loop on the database's asynchronous connections
+        (PostgreSQL's cheap reads; persistence/loop_reads.py)."""
+        driver, read = loop_read
+        try:
+            try:
+                steps = functools.partial(read.steps, _decoded(request))
+                outcome = await driver.run(steps, state.is_active), None, "OK", ""
+            except Exception as error:
+                outcome = call.caught(error, state)
+        except asyncio.CancelledError:
+            # The caller cancelled, its deadline passed, or the server stopped after
+            # its grace period: the statement's answer is thrown away when it comes.
+            call.finish(state.end(), "CALL_ENDED")
+            raise
+        response, status, code, reason = outcome
+        call.finish(code, reason)
+        return response, status
 
     async def _in_pool(self, work: contextvars.Context, call: _Call, request, state: _CallState):
         try:
@@ -662,6 +714,15 @@ class _Guard:
             await context.abort_with_status(status)
 
 
+def _decoded(request):
+    """The request, or INVALID_ARGUMENT for a body that was not valid protobuf."""
+    if isinstance(request, _Undecodable):
+        raise InvalidField(
+            f"the request is not a valid {request.type_name} (is every string field UTF-8?)"
+        )
+    return request
+
+
 class _Call:
     """One call's bookkeeping: its log line and metrics, written exactly once."""
 
@@ -693,23 +754,22 @@ class _Call:
     def attempt(self, request, state: _CallState) -> tuple[Any, Any, str, str]:
         """The service call, not yet finished: (response, None, "OK", "") or (None,
         status, code, reason). WouldWait: nothing was done, it runs again elsewhere."""
-        guard = self.guard
         try:
-            if isinstance(request, _Undecodable):
-                raise InvalidField(
-                    f"the request is not a valid {request.type_name} (is every string field UTF-8?)"
-                )
-            return guard._behavior(request, None), None, "OK", ""
+            return self.guard._behavior(_decoded(request), None), None, "OK", ""
         except WouldWait:
             raise  # nothing was done: the call runs again in the writer thread
-        except CallEnded as error:
+        except Exception as error:
+            return self.caught(error, state)
+
+    def caught(self, error: Exception, state: _CallState) -> tuple[Any, Any, str, str]:
+        """attempt()'s outcome for the error its service call raised (in its except block)."""
+        if isinstance(error, CallEnded):
             # The caller is gone; its answer is already decided. This is for logs and metrics.
             return None, self.status_of(error), state.why_ended(), error.reason
-        except EnrollmentError as error:
+        if isinstance(error, EnrollmentError):
             return self.failed(error)
-        except Exception:
-            log.exception("rpc %s failed unexpectedly", guard._name)
-            return self.failed(error_status.INTERNAL_ERROR)
+        log.exception("rpc %s failed unexpectedly", self.guard._name)
+        return self.failed(error_status.INTERNAL_ERROR)
 
     def finish(self, code: str, reason: str) -> None:
         """Called once per call: on the loop when the call ends before its work is handed

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -26,6 +26,19 @@ from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 # Events per WatchEventsResponse: a backlog page is split so no message grows large.
 STREAM_BATCH = 100
 R = TypeVar("R", bound=Message)
+Q = TypeVar("Q", bound=Message)
+A = TypeVar("A")
+A_co = TypeVar("A_co", covariant=True)
+
+
+class Read(Protocol[A_co]):
+    """A domain read (persistence/steps.py, Read): called, it runs in a unit of work;
+    steps(...) are its statements and rules, for a driver on the event loop."""
+
+    def __call__(self, *args: Any, **arguments: Any) -> A_co: ...
+
+    @property
+    def steps(self) -> Callable[..., Generator[Any, Any, A_co]]: ...
 
 
 def fingerprint(request: Message) -> str:
@@ -102,6 +115,80 @@ _enroll_results = _batch_results(
 _drop_results = _batch_results(pb.BatchDropCoursesResponse, pb.BatchDropCoursesResult, "promoted")
 
 
+class ReadMethod(Generic[Q, A, R]):
+    """A read method: its domain Read (persistence/steps.py), the read's arguments of a
+    request, and the response made of its result. Called, it answers in a pool thread;
+    steps(request) are the same read as steps, which the event loop drives on
+    PostgreSQL (persistence/loop_reads.py)."""
+
+    def __init__(
+        self, read: Read[A], arguments: Callable[[Q], dict[str, Any]], reply: Callable[[A], R]
+    ) -> None:
+        self.read, self.arguments, self.reply = read, arguments, reply
+
+    def __call__(self, request: Q) -> R:
+        return self.reply(self.read(**self.arguments(request)))
+
+    def steps(self, request: Q) -> Generator[Any, Any, R]:
+        found = yield from self.read.steps(**self.arguments(request))
+        return self.reply(found)
+
+
+ToProto = Callable[[Any], Message]  # a row's message (convert.py)
+
+
+def _get_method(
+    read: Read[Any], id_field: str, response: type[R], item: str, to_proto: ToProto
+) -> ReadMethod[Any, Any, R]:
+    """A Get* method: the id of the request, and the response of the row found."""
+    return ReadMethod(
+        read,
+        lambda request: {id_field: getattr(request, id_field)},
+        lambda row: response(**{item: to_proto(row)}),
+    )
+
+
+def _list_method(
+    read: Read[Any], filter_field: str, response: type[R], items: str, to_proto: ToProto
+) -> ReadMethod[Any, Any, R]:
+    """A List* method: filter_field and the page of the request, and the response of
+    a page whose rows (page.<items>, response.<items>) are turned by to_proto."""
+
+    def arguments(request: Any) -> dict[str, Any]:
+        return {
+            filter_field: getattr(request, filter_field),
+            "page_size": request.page_size,
+            "page_token": request.page_token,
+        }
+
+    def reply(page: Any) -> R:
+        rows = [to_proto(row) for row in getattr(page, items)]
+        return response(**{items: rows}, next_page_token=page.next_page_token)
+
+    return ReadMethod(read, arguments, reply)
+
+
+_GET_STUDENT = _get_method(
+    students.get_student, "student_id", pb.GetStudentResponse, "student", student_to_proto
+)
+_LIST_STUDENTS = _list_method(
+    students.list_students, "course_id", pb.ListStudentsResponse, "students", student_to_proto
+)
+_GET_COURSE = _get_method(
+    courses.get_course, "course_id", pb.GetCourseResponse, "course", course_to_proto
+)
+_LIST_COURSES = _list_method(
+    courses.list_courses, "student_id", pb.ListCoursesResponse, "courses", course_to_proto
+)
+# The methods whose answer is a read of one statement (two at most), by name.
+READS: dict[str, ReadMethod[Any, Any, Any]] = {
+    "GetStudent": _GET_STUDENT,
+    "ListStudents": _LIST_STUDENTS,
+    "GetCourse": _GET_COURSE,
+    "ListCourses": _LIST_COURSES,
+}
+
+
 class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
     def __init__(self, hub: WatchHub | None = None) -> None:
         self._hub = hub
@@ -118,21 +205,12 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
     def GetStudent(
         self, request: pb.GetStudentRequest, context: grpc.ServicerContext
     ) -> pb.GetStudentResponse:
-        student = students.get_student(student_id=request.student_id)
-        return pb.GetStudentResponse(student=student_to_proto(student))
+        return _GET_STUDENT(request)
 
     def ListStudents(
         self, request: pb.ListStudentsRequest, context: grpc.ServicerContext
     ) -> pb.ListStudentsResponse:
-        page = students.list_students(
-            course_id=request.course_id,
-            page_size=request.page_size,
-            page_token=request.page_token,
-        )
-        return pb.ListStudentsResponse(
-            students=[student_to_proto(s) for s in page.students],
-            next_page_token=page.next_page_token,
-        )
+        return _LIST_STUDENTS(request)
 
     def DeleteStudent(
         self, request: pb.DeleteStudentRequest, context: grpc.ServicerContext
@@ -160,21 +238,12 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
     def GetCourse(
         self, request: pb.GetCourseRequest, context: grpc.ServicerContext
     ) -> pb.GetCourseResponse:
-        course = courses.get_course(course_id=request.course_id)
-        return pb.GetCourseResponse(course=course_to_proto(course))
+        return _GET_COURSE(request)
 
     def ListCourses(
         self, request: pb.ListCoursesRequest, context: grpc.ServicerContext
     ) -> pb.ListCoursesResponse:
-        page = courses.list_courses(
-            student_id=request.student_id,
-            page_size=request.page_size,
-            page_token=request.page_token,
-        )
-        return pb.ListCoursesResponse(
-            courses=[course_to_proto(c) for c in page.courses],
-            next_page_token=page.next_page_token,
-        )
+        return _LIST_COURSES(request)
 
     def DeleteCourse(
         self, request: pb.DeleteCourseRequest, context: grpc.ServicerContext
