@@ -283,3 +283,27 @@ def test_the_server_answers_postgresql_reads_on_the_loop_within_its_pool_size(db
         running.wait_idle()
         engine.close_pool()
     assert running.loop_reads.open_connections() == 0
+
+
+def test_a_statement_the_driver_cannot_send_fails_alone_and_leaves_nothing_behind(pool, db_url):
+    """A value the driver cannot adapt fails the read before anything is sent: its
+    error goes up as it is (INTERNAL at the transport), the connection serves on, and
+    no answer is left for nobody to read (asyncio would log it at collection)."""
+    import gc
+
+    import peewee as pw
+
+    async def unsendable(reads):
+        loop = asyncio.get_running_loop()
+        unhandled: list[dict] = []
+        loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+        loop_reads = reads(size=1)
+        with pytest.raises(pw.ProgrammingError):
+            await loop_reads.run(lambda: one("SELECT %s", object()), always)
+        gc.collect()
+        await asyncio.sleep(0)
+        return unhandled, await loop_reads.run(lambda: one("SELECT 10"), always)
+
+    unhandled, after = run(unsendable)
+    assert after == [(10,)]
+    assert unhandled == []

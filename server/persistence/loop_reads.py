@@ -169,7 +169,12 @@ class LoopReads:
             with _AS_PEEWEE:
                 lane.cursor.execute(sql, params)
         except BaseException as exc:
-            self._failed(lane, exc)
+            # Nothing was sent (or the connection is gone): no answer to wait for.
+            lane.answer = None
+            if lane.connection.closed or lost_connection(exc):
+                self._drop(lane)
+            else:
+                self._release(lane)
             raise
         # The answer may be here already: libpq reads what has come while it flushes.
         self._advance(lane)
