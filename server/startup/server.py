@@ -69,8 +69,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnrollmentService"].full_name
 # On a local SQLite file these reads (an indexed lookup, a page of at most
 # 1000 rows) cost less CPU than handing them to a pool thread and back, and
 # never wait for a lock (WAL readers do not): they run on the event loop, with a
-# connection of their own (bench/PROFILE.md). Everything else, and every read of a
-# database across a connection, runs in the pool.
+# connection of their own (bench/PROFILE.md). On PostgreSQL the loop drives them too,
+# on asynchronous connections (below). Everything else runs in the pool.
 READS_ON_LOOP = frozenset({"GetStudent", "GetCourse", "ListStudents", "ListCourses"})
 
 

@@ -9,7 +9,8 @@ call whose message has not arrived by then is ended with DEADLINE_EXCEEDED /
 REQUEST_TIMEOUT. grpc's own unary handling would wait for the message without any
 bound. Only then does an EnrollmentService call go to the bounded thread pool, where
 the synchronous database work runs: one thread per call being served, none per call
-waiting.
+waiting. (Start-up names the calls that run on the loop instead: SQLite's cheap reads
+and small writes, and PostgreSQL's cheap reads, driven on asynchronous connections.)
 """
 
 from __future__ import annotations
