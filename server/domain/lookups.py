@@ -10,7 +10,7 @@ import peewee as pw
 from enrollment.server.errors import CourseNotFound, EnrollmentError, StudentNotFound
 from enrollment.server.persistence.models import Course, Student
 from enrollment.server.persistence.prepared import Prepared
-from enrollment.server.persistence.steps import Step, drive, rows
+from enrollment.server.persistence.steps import Step, drive
 from enrollment.server.persistence.unit_of_work import locking
 
 M = TypeVar("M", bound=pw.Model)
@@ -65,7 +65,7 @@ def course_found(
 def _one(
     query: Prepared[M], key: int, missing: Callable[[int], EnrollmentError]
 ) -> Generator[Step, list[Any], M]:
-    found = yield from rows(query, key)
+    found: list[M] = yield (query, (key,))  # steps.rows, one generator less
     if not found:
         raise missing(key)
     return found[0]

@@ -110,7 +110,8 @@ class PageRequest:
         query: a Prepared query taking the filter values (if any), the last id of the
         previous page, and the row limit.
         """
-        rows = yield from steps.rows(query, *filter_values, self.after_id, self.size + 1)
+        # steps.rows's step, yielded here: one generator less on every page.
+        rows: list[M] = yield (query, (*filter_values, self.after_id, self.size + 1))
         if len(rows) <= self.size:
             return rows, ""
         rows = rows[: self.size]

@@ -32,10 +32,11 @@ A_co = TypeVar("A_co", covariant=True)
 
 
 class Read(Protocol[A_co]):
-    """A domain read (persistence/steps.py, Read): called, it runs in a unit of work;
+    """A domain read (persistence/steps.py, Read): run(...) runs it in a unit of work;
     steps(...) are its statements and rules, for a driver on the event loop."""
 
-    def __call__(self, *args: Any, **arguments: Any) -> A_co: ...
+    @property
+    def run(self) -> Callable[..., A_co]: ...
 
     @property
     def steps(self) -> Callable[..., Generator[Any, Any, A_co]]: ...
@@ -125,9 +126,10 @@ class ReadMethod(Generic[Q, A, R]):
         self, read: Read[A], arguments: Callable[[Q], dict[str, Any]], reply: Callable[[A], R]
     ) -> None:
         self.read, self.arguments, self.reply = read, arguments, reply
+        self._run = read.run
 
     def __call__(self, request: Q) -> R:
-        return self.reply(self.read(**self.arguments(request)))
+        return self.reply(self._run(**self.arguments(request)))
 
     def steps(self, request: Q) -> Generator[Any, Any, R]:
         found = yield from self.read.steps(**self.arguments(request))
