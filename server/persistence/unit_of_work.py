@@ -399,9 +399,9 @@ def _discard_if_lost(exc: BaseException, found: Verdict | None) -> None:
 
 def failed_read(exc: BaseException) -> BaseException:
     """What a read's database failure outside a unit of work (persistence/loop_reads.py)
-    is raised as, as a unit of work would raise it: DatabaseUnavailable for a failure a
-    later call may not meet (the idle connections dropped with a lost one), or exc
-    itself (a bug or a schema mismatch: INTERNAL)."""
+    is raised as, as a unit of work would raise it: DatabaseUnavailable for a failure
+    that a later call may not meet (the pool's idle connections are dropped with a lost
+    one), StorageFull, or exc itself (a bug or a schema mismatch: INTERNAL)."""
     failure = _failure(proxy.obj, exc, verdict(exc), committing=False)
     if isinstance(failure, _Transient):
         return DatabaseUnavailable.of()

@@ -68,7 +68,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         writer: WorkerPool | None = None,
         writes_on_loop: frozenset[str] = frozenset(),
         loop_turn: Turn | None = None,
-        loop_reads: tuple[LoopDriver, Mapping[str, Steps]] | None = None,
+        loop_reads: tuple[LoopDriver, Mapping[str, ReadSteps]] | None = None,
     ) -> None:
         """on_loop: names of methods whose work runs on the event loop itself rather than
         in the pool (start-up chooses the cheap reads of a local SQLite file). writer: when
@@ -131,7 +131,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped[method] = wrapped
         return wrapped
 
-    def _loop_read(self, name: str) -> tuple[LoopDriver, Steps] | None:
+    def _loop_read(self, name: str) -> tuple[LoopDriver, ReadSteps] | None:
         if self._loop_reads is None:
             return None
         driver, reads = self._loop_reads
@@ -265,7 +265,7 @@ def _bounded(handler: grpc.RpcMethodHandler, reads: RequestReads) -> grpc.RpcMet
     )
 
 
-class Steps(Protocol):
+class ReadSteps(Protocol):
     """A read as steps (persistence/steps.py), made of a request (servicer.ReadMethod)."""
 
     def steps(self, request: Any) -> Any: ...
@@ -566,7 +566,7 @@ class _Guard:
         metrics: RpcMetrics | None,
         on_loop: bool = False,
         loop_first: LoopWrites | None = None,
-        loop_read: tuple[LoopDriver, Steps] | None = None,
+        loop_read: tuple[LoopDriver, ReadSteps] | None = None,
     ) -> None:
         self._behavior = behavior
         self._on_loop = on_loop
@@ -657,7 +657,7 @@ class _Guard:
         return response
 
     async def _read_on_loop(
-        self, loop_read: tuple[LoopDriver, Steps], call: _Call, request, state: _CallState
+        self, loop_read: tuple[LoopDriver, ReadSteps], call: _Call, request, state: _CallState
     ) -> tuple[Any, Any]:
         """A read driven by the loop on the database's asynchronous connections
         (PostgreSQL's cheap reads; persistence/loop_reads.py)."""
