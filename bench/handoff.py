@@ -14,7 +14,7 @@ this process, the same one-row lookup by primary key both ways, 32 coroutines at
 It prints the process's CPU and context switches per read (the PostgreSQL server's own
 work is not in them), in alternating rounds, and the medians. It is what a read on
 PostgreSQL saves when the loop drives it (bench/PROFILE.md, "eighteenth session"),
-which the server does since for its four one-statement reads
+as the server has done for its four one-statement reads since c64cd46
 (server/persistence/loop_reads.py, with 2 connections by default).
 """
 

@@ -13,7 +13,7 @@ from enrollment.server.errors import CallEnded, DatabaseUnavailable
 from enrollment.server.persistence import engine
 from enrollment.server.persistence.loop_reads import LoopReads
 from enrollment.server.persistence.models import proxy
-from enrollment.server.persistence.steps import Steps, rows
+from enrollment.server.persistence.steps import Steps
 from enrollment.server.startup.config import ServerConfig
 from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
@@ -38,7 +38,7 @@ class Raw:
 
 
 def one(sql: str, *values) -> Steps[list[tuple]]:
-    found = yield from rows(Raw(sql), *values)  # type: ignore[arg-type]
+    found: list[tuple] = yield (Raw(sql), values)  # type: ignore[misc]
     return found
 
 

@@ -29,7 +29,7 @@ from enrollment.server.persistence.models import (
     utcnow,
 )
 from enrollment.server.persistence.prepared import Prepared
-from enrollment.server.persistence.steps import Steps, one_statement_read
+from enrollment.server.persistence.steps import Read, Steps
 from enrollment.server.persistence.unit_of_work import savepoint
 
 # A page of the catalogue, and of one student's courses: keyset on the course id. A
@@ -179,7 +179,7 @@ _UPDATABLE = Updatable(
 )
 
 
-@one_statement_read
+@Read
 def get_course(*, course_id: int) -> Steps[Course]:
     fields = Fields()
     fields.required_id("course_id", course_id)
@@ -187,7 +187,7 @@ def get_course(*, course_id: int) -> Steps[Course]:
     return (yield from course_found(course_id))
 
 
-@one_statement_read
+@Read
 def list_courses(*, student_id: int, page_size: int, page_token: str) -> Steps[CoursePage]:
     rows, token = yield from list_page(
         page_tokens.Kind.COURSES,

@@ -65,7 +65,7 @@ def course_found(
 def _one(
     query: Prepared[M], key: int, missing: Callable[[int], EnrollmentError]
 ) -> Generator[Step, list[Any], M]:
-    found: list[M] = yield (query, (key,))  # steps.rows, one generator less
+    found: list[M] = yield (query, (key,))  # the rows of the query, for these values
     if not found:
         raise missing(key)
     return found[0]

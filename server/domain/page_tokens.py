@@ -104,13 +104,13 @@ class PageRequest:
     def fetch(
         self, query: Prepared[M], *filter_values: int
     ) -> Generator[steps.Step, list[Any], tuple[list[M], str]]:
-        """`rows, token = yield from page.fetch(...)`: one keyset query for size + 1
+        """`rows, token = yield from page.fetch(...)` (a step, persistence/steps.py): one
+        keyset query for size + 1
         rows; the extra row says whether a next page exists.
 
         query: a Prepared query taking the filter values (if any), the last id of the
         previous page, and the row limit.
         """
-        # steps.rows's step, yielded here: one generator less on every page.
         rows: list[M] = yield (query, (*filter_values, self.after_id, self.size + 1))
         if len(rows) <= self.size:
             return rows, ""

@@ -25,7 +25,7 @@ from enrollment.server.persistence.models import (
     utcnow,
 )
 from enrollment.server.persistence.prepared import Prepared
-from enrollment.server.persistence.steps import Steps, one_statement_read
+from enrollment.server.persistence.steps import Read, Steps
 from enrollment.server.persistence.unit_of_work import locking, savepoint
 
 # A page of all students, and of one course's roster: keyset on the student id. The roster
@@ -119,7 +119,7 @@ _UPDATABLE = Updatable(
 )
 
 
-@one_statement_read
+@Read
 def get_student(*, student_id: int) -> Steps[Student]:
     fields = Fields()
     fields.required_id("student_id", student_id)
@@ -127,7 +127,7 @@ def get_student(*, student_id: int) -> Steps[Student]:
     return (yield from student_found(student_id))
 
 
-@one_statement_read
+@Read
 def list_students(*, course_id: int, page_size: int, page_token: str) -> Steps[StudentPage]:
     rows, token = yield from list_page(
         page_tokens.Kind.STUDENTS,

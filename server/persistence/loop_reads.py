@@ -100,10 +100,6 @@ class LoopReads:
         self._connecting = 0
         self._closed = False
 
-    @property
-    def size(self) -> int:
-        return self._size
-
     def open_connections(self) -> int:
         return len(self._lanes)
 

@@ -16,26 +16,17 @@ import functools
 from collections.abc import Callable, Generator
 from typing import Any, Generic, ParamSpec, TypeVar
 
-import peewee as pw
-
 from enrollment.server.persistence.prepared import Prepared
 from enrollment.server.persistence.unit_of_work import transactional
 
 P = ParamSpec("P")
 R = TypeVar("R")
-M = TypeVar("M", bound=pw.Model)
 
-# One statement a read needs: the query and its values.
+# One statement a read needs: the query and its values. A step yields it, and is sent
+# the query's rows for those values (what query.rows(*values) returns).
 Step = tuple[Prepared[Any], tuple[Any, ...]]
 # A read's steps: yields Steps, is sent their rows, returns the read's answer.
 Steps = Generator[Step, list[Any], R]
-
-
-def rows(query: Prepared[M], *values: Any) -> Generator[Step, list[Any], list[M]]:
-    """`found = yield from rows(query, *values)`: what query.rows(*values) returns,
-    run by whoever drives the read."""
-    found: list[M] = yield (query, values)
-    return found
 
 
 def drive(steps: Steps[R]) -> R:
@@ -55,7 +46,8 @@ class Read(Generic[P, R]):
 
     Called, it runs as a unit of work without a transaction (each statement is its own
     snapshot; unit_of_work's snapshot=False), named after the steps' function for
-    tracing. read.steps(...) gives the steps themselves, for the event loop's driver."""
+    tracing. read.steps(...) gives the steps themselves, for the event loop's driver.
+    Used as the decorator of the domain's read steps."""
 
     def __init__(self, steps: Callable[P, Steps[R]]) -> None:
         self.steps = steps
@@ -69,8 +61,3 @@ class Read(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.run(*args, **kwargs)
-
-
-def one_statement_read(steps: Callable[P, Steps[R]]) -> Read[P, R]:
-    """Decorator: the domain's read steps as a Read."""
-    return Read(steps)

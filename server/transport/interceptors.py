@@ -628,9 +628,15 @@ class _Guard:
             raise
         if self._loop_read is not None:
             response, status = await self._read_on_loop(self._loop_read, call, request, state)
-            if status is not None:
-                await context.abort_with_status(status)
-            return response
+        else:
+            response, status = await self._work(call, request, state)
+        if status is not None:
+            await context.abort_with_status(status)
+        return response
+
+    async def _work(self, call: _Call, request, state: _CallState) -> tuple[Any, Any]:
+        """The call's service work on the loop (SQLite's cheap reads), as a loop write,
+        or in the pool: (response, None) or (None, status)."""
         # The database work runs in the pool, in a copy of this context: the unit of work
         # asks callstate (bound here to this call's state) before it begins and commits.
         bound = callstate.bind(state.is_active)
@@ -643,18 +649,14 @@ class _Guard:
             callstate.unbind(bound)
         if self._on_loop:
             # Less work than the hand-over to a pool thread and back (bench/PROFILE.md).
-            response, status = work.run(call.run, request, state)
-        else:
-            done = None
-            if self._loop_first is not None:
-                # Cancelled meanwhile, the call is finished there (LoopWrites.run).
-                done = await self._loop_first.run(work, call, request, state)
-            if done is None:
-                done = await self._in_pool(work, call, request, state)
-            response, status = done
-        if status is not None:
-            await context.abort_with_status(status)
-        return response
+            return work.run(call.run, request, state)
+        done = None
+        if self._loop_first is not None:
+            # Cancelled meanwhile, the call is finished there (LoopWrites.run).
+            done = await self._loop_first.run(work, call, request, state)
+        if done is None:
+            done = await self._in_pool(work, call, request, state)
+        return done
 
     async def _read_on_loop(
         self, loop_read: tuple[LoopDriver, ReadSteps], call: _Call, request, state: _CallState

@@ -31,7 +31,7 @@ A = TypeVar("A")
 A_co = TypeVar("A_co", covariant=True)
 
 
-class Read(Protocol[A_co]):
+class DomainRead(Protocol[A_co]):
     """A domain read (persistence/steps.py, Read): run(...) runs it in a unit of work;
     steps(...) are its statements and rules, for a driver on the event loop."""
 
@@ -123,7 +123,7 @@ class ReadMethod(Generic[Q, A, R]):
     PostgreSQL (persistence/loop_reads.py)."""
 
     def __init__(
-        self, read: Read[A], arguments: Callable[[Q], dict[str, Any]], reply: Callable[[A], R]
+        self, read: DomainRead[A], arguments: Callable[[Q], dict[str, Any]], reply: Callable[[A], R]
     ) -> None:
         self.read, self.arguments, self.reply = read, arguments, reply
         self._run = read.run
@@ -140,7 +140,7 @@ ToProto = Callable[[Any], Message]  # a row's message (convert.py)
 
 
 def _get_method(
-    read: Read[Any], id_field: str, response: type[R], item: str, to_proto: ToProto
+    read: DomainRead[Any], id_field: str, response: type[R], item: str, to_proto: ToProto
 ) -> ReadMethod[Any, Any, R]:
     """A Get* method: the id of the request, and the response of the row found."""
     return ReadMethod(
@@ -151,7 +151,7 @@ def _get_method(
 
 
 def _list_method(
-    read: Read[Any], filter_field: str, response: type[R], items: str, to_proto: ToProto
+    read: DomainRead[Any], filter_field: str, response: type[R], items: str, to_proto: ToProto
 ) -> ReadMethod[Any, Any, R]:
     """A List* method: filter_field and the page of the request, and the response of
     a page whose rows (page.<items>, response.<items>) are turned by to_proto."""
