@@ -444,6 +444,7 @@ def list_enrollments(
     in_line = course_id > 0 and state == WAITLISTED
     kind = page_tokens.Kind.WAITLIST if in_line else page_tokens.Kind.ENROLLMENTS
     filters = (max(student_id, 0), max(course_id, 0), state if state in STATES else 0)
+    page_token = fields.token("page_token", page_token)
     try:
         after = page_tokens.decode_pair(page_token, kind=kind, filters=filters)
     except page_tokens.BadToken as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import re
 import struct
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ class Kind(enum.IntEnum):
 _PAIR_LAYOUT = struct.Struct(">BBqqBqq")
 
 
+_ALPHABET = re.compile(r"[A-Za-z0-9_-]+")
+
+
 class BadToken(ValueError):
     """The token is not one this method issued for this filter."""
 
@@ -51,12 +55,20 @@ def encode(*, kind: Kind, filter_id: int, after_id: int) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
+def _raw(token: str) -> bytes:
+    """The bytes of a token as encode() made it: unpadded URL-safe base64 and nothing
+    else (base64's decoder would skip any other character and decode the rest)."""
+    if not _ALPHABET.fullmatch(token):
+        raise ValueError("not URL-safe base64")
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+
+
 def decode(token: str, *, kind: Kind, filter_id: int) -> int:
     """The last id of the previous page; 0 for an empty token (the first page)."""
     if not token:
         return 0
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        raw = _raw(token)
         version, token_kind, token_filter, after_id = _LAYOUT.unpack(raw)
         assert isinstance(after_id, int)  # the layout's last field is a q
     except (binascii.Error, ValueError, struct.error, UnicodeEncodeError):
@@ -78,7 +90,7 @@ def decode_pair(token: str, *, kind: Kind, filters: tuple[int, int, int]) -> tup
     if not token:
         return None
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        raw = _raw(token)
         version, token_kind, *rest = _PAIR_LAYOUT.unpack(raw)
     except (binascii.Error, ValueError, struct.error, UnicodeEncodeError):
         raise BadToken("is not a page token issued by this method") from None

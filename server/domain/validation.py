@@ -64,6 +64,14 @@ class Fields:
         self.invalid(field, problem)
         return value
 
+    def token(self, field: str, value: str) -> str:
+        """A token the server issued (a page token), as text: a violation when it holds
+        control characters ("" then, as if none was sent), else the trimmed value."""
+        if _CONTROL.search(value):
+            self.invalid(field, "must not contain control characters")
+            return ""
+        return value.strip()
+
     def name(self, field: str, value: str) -> str:
         return self._text(field, value, NAME_MAX)
 
@@ -100,6 +108,7 @@ class Fields:
         filter_id = self.optional_id(filter_field, filter_id)
         if page_size < 0:
             self.invalid("page_size", "must be 0 (the default) or more")
+        page_token = self.token("page_token", page_token)
         try:
             after_id = page_tokens.decode(page_token, kind=kind, filter_id=filter_id)
         except page_tokens.BadToken as exc:
