@@ -161,3 +161,39 @@ def test_anything_else_listening_gets_logging_records(text_logging, caplog):
         assert logs._direct(logger, handler)
     logs.setup("INFO", "json")
     assert logs._text_handler is None  # JSON lines always go through logging
+
+
+@pytest.mark.databases("sqlite")
+def test_answers_to_calls_that_ended_first_are_no_error_lines(server_process, db_url):
+    """A caller whose deadline passes just as its answer goes out: grpc's core has ended
+    the call, and grpc.aio logs the answer it could not send as an ERROR with a
+    traceback. The call's own line says how it ended; what is left of grpc's is one
+    INFO line naming the method, without a traceback (an operator's alerts count ERRORs)."""
+    port = free_port()
+    argv = [SERVER, "serve", "--address", f"127.0.0.1:{port}", "--database-url", db_url]
+    server = server_process(argv=argv, port=port)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        course = stub.CreateCourse(pb.CreateCourseRequest(code="C-1", title="T"), timeout=TIMEOUT)
+        student = stub.CreateStudent(
+            pb.CreateStudentRequest(name="N", email="n@example.com"), timeout=TIMEOUT
+        )
+        pair = {"student_id": student.student.id, "course_id": course.course.id}
+        ended = 0
+        for attempt in range(400):
+            for method, request in (
+                (stub.EnrollStudent, pb.EnrollStudentRequest(**pair)),
+                (stub.DropCourse, pb.DropCourseRequest(**pair)),
+            ):
+                with contextlib.suppress(grpc.RpcError):
+                    method(request, timeout=0.001 + (attempt % 3) / 1000)
+            ended = server.log.count("was not sent")
+            if ended and attempt >= 100:
+                break
+    assert server.stop() == 0, server.log
+    log = server.log
+    assert " ERROR " not in log and "Traceback" not in log, log
+    # And the lines that stand for grpc's say what happened (when the race was met).
+    for line in log.splitlines():
+        if "was not sent" in line:
+            assert " INFO " in line and "EnrollmentService/" in line, line

@@ -48,6 +48,32 @@ class _WithoutSqlValues(logging.Filter):
 
 
 _sql_filter = _WithoutSqlValues()
+
+
+class _AnswersToEndedCalls(logging.Filter):
+    """grpc.aio logs an ERROR with a traceback when the status or response of a call
+    cannot be sent because grpc's core has already ended the call: its deadline passed,
+    or its caller went away, a moment before the answer was ready. That is the caller's
+    doing, and the call's own line already says how it ended (DEADLINE_EXCEEDED or
+    CANCELLED, CALL_ENDED): one INFO line without the traceback stands for it, so that
+    alerts on ERROR lines are not set off by callers with short deadlines."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method ["
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.ERROR or not str(record.msg).startswith(self.PREFIX):
+            return True
+        method = record.getMessage().removeprefix(self.PREFIX).removesuffix("]")
+        record.msg = "the answer to %s was not sent: grpc had ended the call (%s)"
+        record.args = (method, "its deadline passed or its caller went away")
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info, record.exc_text = None, None
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
+_ended_calls_filter = _AnswersToEndedCalls()
+# Where grpc.aio logs the answers it could not send (grpc/_cython/_cygrpc/aio/server.pyx.pxi).
+GRPC_AIO_LOGGER = "grpc._cython.cygrpc"
 _structured = False
 # The handler setup() made for text lines: while it is the only one a record of a
 # logger would reach, that logger's per-call lines are written to it directly (rpc()).
@@ -77,6 +103,7 @@ def setup(level: str, log_format: str = "text", *, sql_values: bool = False) -> 
     handler.setFormatter(JsonFormatter() if log_format == "json" else text)
     _text_handler = None if _structured else handler
     logging.basicConfig(level=level, handlers=[handler])
+    logging.getLogger(GRPC_AIO_LOGGER).addFilter(_ended_calls_filter)
     statements = logging.getLogger("peewee")
     if sql_values:
         statements.removeFilter(_sql_filter)
