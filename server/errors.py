@@ -234,13 +234,33 @@ class PermissionDenied(EnrollmentError):
 
 
 class CallEnded(EnrollmentError):
-    """The caller's deadline passed or it cancelled; the work so far is rolled back."""
+    """The caller's deadline passed or it cancelled; the work so far is rolled back.
+
+    Raised where the database work finds it (callstate), which does not know which of
+    the two it was: the transport answers with because(...), whose code says which. A
+    caller that cancelled never reads its answer; one whose deadline passed may, when
+    the server's answer arrives before its own grpc gives up."""
 
     code, reason = "CANCELLED", "CALL_ENDED"
 
     @classmethod
     def of(cls) -> CallEnded:
-        return cls("the call ended (deadline passed or cancelled) before its work committed")
+        return cls("the call was cancelled before its work committed; nothing changed")
+
+    @staticmethod
+    def because(code: str) -> CallEnded:
+        """The error a call that ended this way (its status code's name) is answered with."""
+        return DeadlinePassed.of() if code == "DEADLINE_EXCEEDED" else CallEnded.of()
+
+
+class DeadlinePassed(CallEnded):
+    """A CallEnded whose caller's deadline passed: answered as its grpc would answer."""
+
+    code = "DEADLINE_EXCEEDED"
+
+    @classmethod
+    def of(cls) -> DeadlinePassed:
+        return cls("the call's deadline passed before its work committed; nothing changed")
 
 
 class RequestTimeout(EnrollmentError):

@@ -767,8 +767,12 @@ class _Call:
     def caught(self, error: Exception, state: _CallState) -> tuple[Any, Any, str, str]:
         """attempt()'s outcome for the error its service call raised (in its except block)."""
         if isinstance(error, CallEnded):
-            # The caller is gone; its answer is already decided. This is for logs and metrics.
-            return None, self.status_of(error), state.why_ended(), error.reason
+            # Its deadline passed, or its caller cancelled: answered (and logged) as the
+            # one it was. The caller's grpc may have answered it already; when not, as
+            # when the deadline passed a moment before the caller's grpc noticed, the
+            # caller reads this: DEADLINE_EXCEEDED, never a CANCELLED it did not ask for.
+            ended = CallEnded.because(state.why_ended())
+            return None, self.status_of(ended), ended.code, ended.reason
         if isinstance(error, EnrollmentError):
             return self.failed(error)
         log.exception("rpc %s failed unexpectedly", self.guard._name)

@@ -107,6 +107,19 @@ first that applies decides the answer:
                                            arrive within the server's bound
                                            (5 s by default) of the call's
                                            start; nothing was done
+  DEADLINE_EXCEEDED   CALL_ENDED           the call's deadline passed
+                                           before its work committed;
+                                           nothing changed. Usually the
+                                           caller's own grpc answers first
+                                           (DEADLINE_EXCEEDED, no details);
+                                           this is the server's answer when
+                                           it finds the deadline passed
+                                           first. Not in the 1.1 contract's
+                                           table: it gives no reason for a
+                                           passed deadline. A call its
+                                           caller cancelled is logged
+                                           CANCELLED CALL_ENDED; the caller
+                                           reads no answer
   INTERNAL            INTERNAL             anything unexpected; the server
                                            logs the details
 
@@ -120,7 +133,12 @@ server made up; the server's log line for the call names it.
 Text rules shared by every request field of type string: control
 characters (U+0000-U+001F and U+007F) are rejected, and surrounding
 whitespace is trimmed before any other check; the trimmed value is what is
-stored and returned.
+stored and returned. page_token follows them too (a token with a control
+character anywhere is INVALID_FIELD, not decoded without it). Two fields
+are identifiers compared as sent, neither trimmed nor cleaned: request_id
+(a UUID in canonical form, so one with surrounding spaces is
+INVALID_FIELD) and etag (opaque: anything but the current one is
+ETAG_MISMATCH).
 
 Every call runs in one database transaction: a call that fails changes
 nothing, except one answered COMMIT_OUTCOME_UNKNOWN, whose change may have
