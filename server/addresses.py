@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 def split(address: str) -> tuple[str, str]:
     """The host and the port text of HOST:PORT, an IPv6 host without its brackets:
@@ -13,3 +15,13 @@ def split(address: str) -> tuple[str, str]:
 def join(host: str, port: int | str) -> str:
     """HOST:PORT, with an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def well_formed(address: str) -> bool:
+    """Whether address is HOST:PORT with a host and a port of 0-65535 (0: any free port).
+    grpc itself takes a port beyond 65535 modulo 65536, and an empty one as 443."""
+    host, port = split(address)
+    return bool(host) and bool(_PORT.fullmatch(port)) and int(port) <= 65535

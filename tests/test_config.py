@@ -42,13 +42,26 @@ def one_line_exit_2(result: subprocess.CompletedProcess, *expected: str) -> str:
 # before that, so a hang is a failure too (the timeout).
 BAD_VALUES = [
     ("workers", "abc", "a whole number"),
-    ("workers", "0", "1 or more"),
+    ("workers", "0", "1 to 256"),
+    ("workers", "1000", "1 to 256"),
     ("threads", "many", "a whole number"),
+    # 22,000 threads started before the process gave up, with a traceback, and hung.
+    ("threads", "100000", "1 to 1024"),
     ("grace", "soon", "a number of seconds"),
     ("database_timeout", "0", "above 0"),
     ("pool_size", "1.5", "a whole number"),
     ("max_message_bytes", "10", "1024 or more"),
     ("keepalive_time", "nan", "a number of seconds"),
+    # grpc takes these as int32 milliseconds: 30 days crashed the start-up.
+    ("keepalive_time", "2592000", "at most 2147483"),
+    ("max_connection_age", "2592000", "0 to 2147483"),
+    # grpc takes a port beyond 65535 modulo 65536, and an empty one as 443: it served
+    # on another port than the one asked for.
+    ("address", "127.0.0.1:99999", "a port of 0-65535"),
+    ("address", "127.0.0.1:", "a port of 0-65535"),
+    ("address", "127.0.0.1:-5", "a port of 0-65535"),
+    ("address", "50051", "HOST:PORT with a host"),
+    ("metrics_address", "127.0.0.1:65536", "a port of 0-65535"),
     ("log_format", "xml", "text, json"),
     ("log_level", "LOUD", "DEBUG, INFO, WARNING, ERROR"),
 ]
@@ -165,7 +178,7 @@ def test_an_empty_variable_counts_as_unset():
 def test_a_config_built_in_code_is_checked_the_same_way():
     with pytest.raises(StartupError, match=r"--pool-size 2 is below --threads 4"):
         ServerConfig(pool_size=2).check()
-    with pytest.raises(StartupError, match=r"--workers must be 1 or more, not 0"):
+    with pytest.raises(StartupError, match=r"--workers must be 1 to 256, not 0"):
         ServerConfig(workers=0).check()
     with pytest.raises(StartupError, match=r"ENROLLMENT_POOL_SIZE 2 is below --threads 4"):
         load({}, {"ENROLLMENT_POOL_SIZE": "2"})

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from enrollment.server import addresses
 from enrollment.server.operations.logs import LOG_FORMATS
 from enrollment.server.persistence.engine import SCHEMES
 
@@ -41,8 +42,15 @@ class Kind:
         return self.bound
 
 
-def whole(minimum: int) -> Kind:
-    return Kind("a whole number", int, f"{minimum} or more", lambda value: value >= minimum)
+def whole(minimum: int, maximum: int | None = None) -> Kind:
+    if maximum is None:
+        return Kind("a whole number", int, f"{minimum} or more", lambda value: value >= minimum)
+    return Kind(
+        "a whole number",
+        int,
+        f"{minimum} to {maximum}",
+        lambda value: minimum <= value <= maximum,
+    )
 
 
 def _seconds(text: str) -> float:
@@ -52,10 +60,25 @@ def _seconds(text: str) -> float:
     return value
 
 
+# The longest wait a setting may name: grpc and the databases take them as int32
+# milliseconds (2**31 - 1 ms, about 24.8 days); a longer one crashed the start-up.
+MAX_SECONDS = 2_147_483
+
+
 def seconds(*, above_zero: bool) -> Kind:
     if above_zero:
-        return Kind("a number of seconds", _seconds, "above 0", lambda value: value > 0)
-    return Kind("a number of seconds", _seconds, "0 or more", lambda value: value >= 0)
+        return Kind(
+            "a number of seconds",
+            _seconds,
+            f"above 0 and at most {MAX_SECONDS} (about 24 days)",
+            lambda value: 0 < value <= MAX_SECONDS,
+        )
+    return Kind(
+        "a number of seconds",
+        _seconds,
+        f"0 to {MAX_SECONDS} (about 24 days)",
+        lambda value: 0 <= value <= MAX_SECONDS,
+    )
 
 
 def one_of(*choices: str) -> Kind:
@@ -68,6 +91,12 @@ def one_of(*choices: str) -> Kind:
 
 
 TEXT = Kind("text", str)
+ADDRESS = Kind(
+    "HOST:PORT",
+    str,
+    "HOST:PORT with a host and a port of 0-65535 ([::1]:50051 for IPv6)",
+    addresses.well_formed,
+)
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -158,7 +187,7 @@ def setting(
 @dataclass(frozen=True)
 class ServerConfig:
     address: str = setting(
-        "127.0.0.1:50051", TEXT, "HOST:PORT to listen on; a port in use is refused",
+        "127.0.0.1:50051", ADDRESS, "HOST:PORT to listen on; a port in use is refused",
         metavar="HOST:PORT",
     )  # fmt: skip
     database_url: str = setting(
@@ -173,7 +202,7 @@ class ServerConfig:
     # than the extra thread gains (figures: bench/PROFILE.md, "Figures behind code
     # comments"). More cores: serve more processes.
     threads: int = setting(
-        4, whole(1), "threads serving calls at once, per process; more calls wait in line, "
+        4, whole(1, 1024), "threads serving calls at once, per process; more calls wait in line, "
         "up to --max-concurrent-rpcs", metavar="N", deprecated_flags=("--max-workers",),
     )  # fmt: skip
     database_timeout: float = setting(
@@ -191,7 +220,7 @@ class ServerConfig:
         metavar="S",
     )  # fmt: skip
     workers: int = setting(
-        1, whole(1), "server processes sharing the port (SO_REUSEPORT)", metavar="N"
+        1, whole(1, 256), "server processes sharing the port (SO_REUSEPORT)", metavar="N"
     )
     # Security, limits and operations (see README "Security" and "Operations").
     tls_cert: str | None = setting(
@@ -288,7 +317,7 @@ class ServerConfig:
         "does not read; beyond, the stream ends with WATCHER_TOO_SLOW", metavar="N",
     )  # fmt: skip
     metrics_address: str | None = setting(
-        None, TEXT, "serve Prometheus metrics at http://HOST:PORT/metrics",
+        None, ADDRESS, "serve Prometheus metrics at http://HOST:PORT/metrics",
         metavar="HOST:PORT", default_text="off",
     )  # fmt: skip
     log_format: str = setting(
