@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -93,6 +94,17 @@ def _integer(bits: int) -> Callable[[str], int]:
 
 int64 = _integer(64)
 int32 = _integer(32)
+
+
+def address(text: str) -> str:
+    """A server address. Where it ends in :PORT, the port must be 0-65535: grpc takes
+    99999 modulo 65536 and an empty port as 443, and would dial another server than the
+    one named. Other target forms grpc knows (unix:/path, dns:///host) pass as given."""
+    _, colon, port = text.rpartition(":")
+    well_formed = re.fullmatch(r"[0-9]{1,5}", port) and int(port) <= 65535
+    if colon and re.fullmatch(r"-?[0-9]*", port) and not well_formed:
+        raise argparse.ArgumentTypeError(f"the port of {text!r} must be 0-65535")
+    return text
 
 
 def seconds(text: str) -> float:
@@ -253,6 +265,7 @@ def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> 
     parser.add_argument(
         "--address",
         metavar="HOST:PORT",
+        type=address,
         default=default(os.environ.get("ENROLLMENT_ADDRESS", DEFAULT_ADDRESS)),
         help=described(f"server address (env ENROLLMENT_ADDRESS; default {DEFAULT_ADDRESS})"),
     )

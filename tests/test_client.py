@@ -211,6 +211,16 @@ def test_usage_errors_exit_2(args):
     assert "usage: enrollment-client" in done.stderr
 
 
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:", "127.0.0.1:-5"])
+def test_a_port_out_of_range_is_a_usage_error_not_another_server(address):
+    # grpc dials 99999 modulo 65536 (34463), an empty port as 443 and -5 as 65531.
+    done = run("--address", address, "student", "--id", "1")
+    assert done.returncode == 2, done.stderr
+    assert "must be 0-65535" in done.stderr
+    from_env = run("student", "--id", "1", env=_env(ENROLLMENT_ADDRESS=address))
+    assert from_env.returncode == 2 and "must be 0-65535" in from_env.stderr
+
+
 @pytest.mark.parametrize(
     "argv",
     [
