@@ -3,9 +3,9 @@
 An import file has a header and either the columns student_id,course_id or
 email,course_code (other columns are ignored). Rows go to the server in batches of up
 to 500, in file order, each with a request_id derived (uuid5) from the file's content
-hash, the batch size and the batch's position: a re-run of the same file sends the
-same batches with the same ids, so the batches that committed before a crash are
-answered from the server's records and only the rest run.
+hash, the batch size, the batch's position and --waitlist: a re-run of the same file
+with the same options sends the same batches with the same ids, so the batches that
+committed before a crash are answered from the server's records and only the rest run.
 """
 
 from __future__ import annotations
@@ -71,8 +71,13 @@ class Summary:
         return line
 
 
-def batch_request_id(content_hash: str, size: int, index: int) -> str:
-    return str(uuid.uuid5(NAMESPACE, f"{content_hash}:{size}:{index}"))
+def batch_request_id(content_hash: str, size: int, index: int, waitlist_if_full: bool) -> str:
+    """The batch's id: the same for the same file, batch size, position and options. With
+    the options left out, the file run again with --waitlist was the first run's request
+    id on another request: refused whole as REQUEST_ID_REUSED. (Without --waitlist the
+    id is what it was before the option counted, so a re-run after an upgrade replays.)"""
+    options = ":waitlist" if waitlist_if_full else ""
+    return str(uuid.uuid5(NAMESPACE, f"{content_hash}:{size}:{index}{options}"))
 
 
 def read_rows(data: bytes) -> tuple[list[str], list[Row]]:
@@ -199,7 +204,7 @@ def _import_rows(
             [row.pair for row in batch if row.pair is not None],
             allow_partial_success=True,
             waitlist_if_full=waitlist_if_full,
-            request_id=batch_request_id(content_hash, batch_size, index),
+            request_id=batch_request_id(content_hash, batch_size, index, waitlist_if_full),
         )
         for row, result in zip(batch, results, strict=True):
             if result.error is not None:

@@ -203,3 +203,28 @@ def test_dry_run_checks_without_applying_and_export_round_trips(live, tmp_path):
     run = _import(live.address, tmp_path / "roster.csv")
     out, _ = run.communicate(timeout=60)
     assert "2 rows: 0 enrolled, 2 rejected" in out, out
+
+
+def test_the_same_file_again_with_waitlist_runs_its_batches_anew(live, tmp_path):
+    # A batch's request_id names its options too: the file again with --waitlist is
+    # another request, not a replay of the first run's batches (it was refused whole as
+    # REQUEST_ID_REUSED, with no row's result), while the same run again is a replay.
+    with EnrollmentClient(live.address) as client:
+        a, b = client.create_student("A", "a@example.com"), client.create_student("B", "b@x.io")
+        course = client.create_course("W-1", "W", capacity=1, waitlist_capacity=5)
+    path = tmp_path / "wl.csv"
+    path.write_text(f"student_id,course_id\n{a.id},{course.id}\n{b.id},{course.id}\n")
+    out, err = _import(live.address, path).communicate(timeout=60)
+    assert "2 rows: 1 enrolled, 1 rejected" in out, (out, err)
+    run = _import(live.address, path, "--waitlist")
+    out, err = run.communicate(timeout=60)
+    assert "1 of them waitlisted" in out and "REQUEST_ID_REUSED" not in err, (out, err)
+    assert databases.query(
+        live.database_url, "SELECT enrolled_count, waitlisted_count FROM courses"
+    ) == [(1, 1)]
+    # The first run's options again: its batch answered from its record, nothing new.
+    out, err = _import(live.address, path).communicate(timeout=60)
+    assert "2 rows: 1 enrolled, 1 rejected" in out, (out, err)
+    assert databases.query(
+        live.database_url, "SELECT enrolled_count, waitlisted_count FROM courses"
+    ) == [(1, 1)]
