@@ -525,6 +525,16 @@ def _import(client: EnrollmentClient, args: argparse.Namespace) -> Finished:
     except OSError as exc:
         print(f"enrollment-client: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return Finished(2)
+    path = args.rejects or f"{args.file}.rejects.csv"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        # Found before anything is sent, not after the batches committed.
+        print(
+            f"enrollment-client: cannot write the rejects to {path}: "
+            "its folder is missing or not writable (--rejects PATH)",
+            file=sys.stderr,
+        )
+        return Finished(2)
     try:
         summary = bulk.import_file(
             client,
@@ -537,10 +547,17 @@ def _import(client: EnrollmentClient, args: argparse.Namespace) -> Finished:
     except (bulk.ImportFileError, ValueError) as exc:
         print(f"enrollment-client: {args.file}: {exc}", file=sys.stderr)
         return Finished(2)
-    path = args.rejects or f"{args.file}.rejects.csv"
     if summary.rejects:
-        with open(path, "w", encoding="utf-8", newline="") as out:
-            bulk.write_rejects(out, summary)
+        try:
+            with open(path, "w", encoding="utf-8", newline="") as out:
+                bulk.write_rejects(out, summary)
+        except OSError as exc:
+            print(summary.text(None))
+            print(
+                f"enrollment-client: cannot write the rejects to {path}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return Finished(1)
     print(summary.text(path))
     return Finished(1 if summary.rejects else 0)
 

@@ -228,3 +228,19 @@ def test_the_same_file_again_with_waitlist_runs_its_batches_anew(live, tmp_path)
     assert databases.query(
         live.database_url, "SELECT enrolled_count, waitlisted_count FROM courses"
     ) == [(1, 1)]
+
+
+def test_rejects_to_a_missing_folder_is_refused_before_anything_is_sent(live, tmp_path):
+    # It was a traceback after the batches had committed.
+    with EnrollmentClient(live.address) as client:
+        a = client.create_student("A", "a@example.com")
+        course = client.create_course("R-1", "R")
+    path = tmp_path / "ok.csv"
+    path.write_text(f"student_id,course_id\n{a.id},{course.id}\n")
+    run = _import(live.address, path, "--rejects", str(tmp_path / "missing" / "r.csv"))
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 2, (out, err)
+    assert err.startswith("enrollment-client: cannot write the rejects to "), err
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err and out == ""
+    assert databases.query(live.database_url, "SELECT COUNT(*) FROM student_courses") == [(0,)]
