@@ -4,6 +4,7 @@ columns mean v1.0; the migrated schema equals the models' on PostgreSQL and Mari
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
 
 import peewee as pw
 import pytest
@@ -13,6 +14,7 @@ from enrollment.migrations import MIGRATIONS_DIR
 from enrollment.server.persistence import engine, migrator
 from enrollment.server.persistence.models import MODELS
 from tests import databases
+from tests.servers import SERVER
 
 M003 = "003_mysql_utf8mb4_and_microseconds"
 M004 = "004_waitlists_updates_and_etags"
@@ -125,8 +127,47 @@ def test_004_rollback_is_refused_while_anyone_waits(backend, new_database):
         with pytest.raises(Exception, match="waitlisted entries"):
             migrator.rollback(db)
         assert migrator.applied_migrations(db)[-1] == M004
+        # The command says so in one line, exit 2 (it was two peewee-migrate tracebacks).
+        done = _command("rollback", url)
+        assert done.returncode == 2, done.stderr
+        assert _failure_lines(done.stderr) == [
+            "enrollment-server: rolling back 004 would turn 1 waitlisted entries into "
+            "enrollments; drop them (DropCourse) first. Nothing was changed."
+        ], done.stderr
+        assert migrator.applied_migrations(db)[-1] == M004
         assert "state" in _columns(db, "student_courses")
         assert databases.sql(db, "SELECT COUNT(*) FROM student_courses WHERE state = 2") == [(1,)]
+    finally:
+        db.close()
+
+
+def _failure_lines(stderr: str) -> list[str]:
+    """What a schema command wrote besides its INFO progress lines."""
+    return [line for line in stderr.splitlines() if " INFO " not in line]
+
+
+def _command(*args: str) -> subprocess.CompletedProcess[str]:
+    *command, url = args
+    return subprocess.run(
+        [SERVER, *command, "--database-url", url], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_rollback_of_a_newer_versions_migration_is_refused_in_one_line(backend, new_database):
+    # Rolled back with the older binary after a deploy was reverted: it was a traceback
+    # ending in FileNotFoundError, with the path of the file it looked for.
+    url = new_database()
+    db = _open(url)
+    try:
+        migrator.migrate(db)
+        databases.sql(db, "INSERT INTO migratehistory (name, migrated_at) VALUES (?, ?)",
+                      ("999_future_thing", BASE))  # fmt: skip
+        done = _command("rollback", url)
+        assert done.returncode == 2, done.stderr
+        (line,) = _failure_lines(done.stderr)
+        assert "999_future_thing" in line and "newer version" in line, done.stderr
+        assert "/" not in line, line  # no path of a file it looked for
+        assert migrator.applied_migrations(db)[-1] == "999_future_thing"
     finally:
         db.close()
 

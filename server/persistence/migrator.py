@@ -110,7 +110,12 @@ def sync_sequences(db: pw.PostgresqlDatabase) -> None:
 
 
 class DataLossRefused(RuntimeError):
-    """A rollback would drop tables that hold rows."""
+    """A rollback would drop tables that hold rows, or its migration refuses for a reason
+    of its own (004's: waitlisted entries would become enrollments)."""
+
+
+class UnknownMigration(RuntimeError):
+    """The last applied migration is not one this code has: a newer version applied it."""
 
 
 def rollback(db: pw.Database, *, allow_data_loss: bool = False) -> str | None:
@@ -125,10 +130,20 @@ def rollback(db: pw.Database, *, allow_data_loss: bool = False) -> str | None:
         done = applied_migrations(db)
         if not done:
             return None
+        if done[-1] not in known_migrations():
+            raise UnknownMigration(
+                f"the last applied migration, {done[-1]}, is not one this version has (a "
+                "newer version applied it): roll it back with that version; nothing was changed"
+            )
         holding_rows = {t for t in db.get_tables() if t != MIGRATE_TABLE and _has_rows(db, t)}
         planned = _tables_dropped_by_rollback(router(db), done[-1])
         _refuse_loss(done[-1], holding_rows & planned, allow_data_loss)
-        router(db).rollback()
+        try:
+            router(db).rollback()
+        except RuntimeError as exc:
+            # The migration's own refusal (a DatabaseError is not a RuntimeError): it says
+            # why, before it changed anything.
+            raise DataLossRefused(str(exc)) from exc
         _refuse_loss(done[-1], holding_rows - set(db.get_tables()), allow_data_loss)
         return done[-1]
 

@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         # peewee-migrate logs every step at INFO through its own logger.
         logging.getLogger("peewee_migrate").setLevel(logging.WARNING)
+        if not log.isEnabledFor(logging.DEBUG):
+            logging.getLogger(migrator.__name__).addFilter(_failures_said_once)
         if args.command == "serve":
             serve(config)
             return 0
@@ -223,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.DatabaseConfigError,
         migrator.DataLossRefused,
         migrator.MigrationLockTimeout,
+        migrator.UnknownMigration,
     ) as exc:
         print(f"enrollment-server: {exc}", file=sys.stderr)
         return 2
@@ -230,6 +233,18 @@ def main(argv: list[str] | None = None) -> int:
         # Operators see the database's own words; the migration (if any) was rolled back.
         print(f"enrollment-server: {args.command} failed: {exc}", file=sys.stderr)
         return 1
+
+
+class _FailuresSaidOnce(logging.Filter):
+    """peewee-migrate logs a failed migration or rollback with its traceback, then raises
+    it again: the command says it in one line (main), the migration's transaction undone.
+    At --log-level DEBUG the traceback is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.msg == "%s failed: %s")
+
+
+_failures_said_once = _FailuresSaidOnce()
 
 
 def health_check(args: argparse.Namespace, address: str) -> int:
