@@ -575,7 +575,16 @@ def serve(config: ServerConfig) -> None:
 
 
 def serve_until_signalled(running: RunningServer, config: ServerConfig) -> None:
+    signalled: list[int] = []
+
     def shutdown(signum: int, _frame: FrameType | None) -> None:
+        if signalled:
+            # Already draining. A worker of `serve --workers N` gets its parent's SIGTERM
+            # besides its own signal when the whole process group is signalled (Ctrl-C,
+            # `timeout`, systemd); run again, this handler ran inside the first one's
+            # stop() (in a join of a thread) and stopping took seconds longer.
+            return
+        signalled.append(signum)
         log.info(
             "%s: draining in-flight calls (grace %.1fs)",
             signal.Signals(signum).name,

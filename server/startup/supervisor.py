@@ -60,12 +60,15 @@ def serve_workers(config: ServerConfig) -> int:
     ]
     stopping = threading.Event()
 
-    def shutdown(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s: stopping %d workers", signal.Signals(signum).name, len(workers))
+    def stop_workers(why: str) -> None:
+        log.info("%s: stopping %d workers", why, len(workers))
         stopping.set()
         for worker in workers:
             if worker.is_alive() and worker.pid is not None:
                 os.kill(worker.pid, signal.SIGTERM)
+
+    def shutdown(signum: int, _frame: FrameType | None) -> None:
+        stop_workers(signal.Signals(signum).name)
 
     for worker in workers:
         worker.start()
@@ -94,7 +97,7 @@ def serve_workers(config: ServerConfig) -> int:
                     )
                     status = 1
                     if not stopping.is_set():
-                        shutdown(signal.SIGTERM, None)
+                        stop_workers("a worker exited")
     finally:
         reserved.close()
     log.info("stopped")
