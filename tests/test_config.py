@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 
 import peewee as pw
@@ -253,3 +254,16 @@ def test_start_up_says_whether_tls_and_tokens_are_on(db_url, server_process):
     server = server_process("--database-url", db_url)
     assert server.stop() == 0, server.log
     assert "; security: TLS off, mutual TLS off, tokens off" in server.log, server.log
+
+
+@pytest.mark.parametrize("command", ["migrate", "status", "rollback"])
+def test_schema_commands_say_an_unreachable_database_in_one_line(command):
+    # psycopg2's message carries a hint on lines of its own ("Is the server running…").
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there
+        result = run(command, "--database-url", f"postgresql://postgres:pw@127.0.0.1:{port}/x")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"enrollment-server: {command} failed: "), lines
+    assert "pw" not in lines[0].replace("postgres", "")

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from enrollment.client.api import connection_hint, open_channel
 from enrollment.server import addresses
 from enrollment.server.operations import logs
+from enrollment.server.outage import first_line
 from enrollment.server.persistence import engine, migrator
 from enrollment.server.startup.config import (
     BY_NAME,
@@ -231,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (pw.DatabaseError, pw.InterfaceError) as exc:
         # Operators see the database's own words; the migration (if any) was rolled back.
-        print(f"enrollment-server: {args.command} failed: {exc}", file=sys.stderr)
+        # One line: psycopg2 adds a hint on lines of its own ("Is the server running…").
+        print(f"enrollment-server: {args.command} failed: {first_line(exc)}", file=sys.stderr)
         return 1
 
 
