@@ -101,8 +101,9 @@ def address(text: str) -> str:
     99999 modulo 65536 and an empty port as 443, and would dial another server than the
     one named. Other target forms grpc knows (unix:/path, dns:///host) pass as given."""
     _, colon, port = text.rpartition(":")
-    well_formed = re.fullmatch(r"[0-9]{1,5}", port) and int(port) <= 65535
-    if colon and re.fullmatch(r"-?[0-9]*", port) and not well_formed:
+    if not colon or not re.fullmatch(r"-?[0-9]*", port):
+        return text  # no :PORT at its end ([::1], unix:/path)
+    if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"the port of {text!r} must be 0-65535")
     return text
 

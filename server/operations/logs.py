@@ -50,6 +50,10 @@ class _WithoutSqlValues(logging.Filter):
 _sql_filter = _WithoutSqlValues()
 
 
+# Where grpc.aio logs the answers it could not send (grpc/_cython/_cygrpc/aio/server.pyx.pxi).
+GRPC_AIO_LOGGER = "grpc._cython.cygrpc"
+
+
 class _AnswersToEndedCalls(logging.Filter):
     """grpc.aio logs an ERROR with a traceback when the status or response of a call
     cannot be sent because grpc's core has already ended the call: its deadline passed,
@@ -72,8 +76,6 @@ class _AnswersToEndedCalls(logging.Filter):
 
 
 _ended_calls_filter = _AnswersToEndedCalls()
-# Where grpc.aio logs the answers it could not send (grpc/_cython/_cygrpc/aio/server.pyx.pxi).
-GRPC_AIO_LOGGER = "grpc._cython.cygrpc"
 _structured = False
 # The handler setup() made for text lines: while it is the only one a record of a
 # logger would reach, that logger's per-call lines are written to it directly (rpc()).
