@@ -76,6 +76,18 @@ def migrate(migrator: Migrator, database: pw.Database, *, fake=False):
     migrator.add_index("student_courses", "course", "state", "join_number")
 
 
+# What rolling 004 back loses that v1.0 has no column for, each with the query that
+# counts it: the rollback command refuses while a count is above zero unless told
+# --allow-data-loss (server/persistence/migrator.py reads this before anything runs).
+# Versions (etags) and update times are not listed: going up again gives every student
+# and course a first version, updated when created, as for any v1.0 row.
+LOST_BY_ROLLBACK = {
+    "the waitlist capacity of {} courses": (
+        "SELECT COUNT(*) FROM courses WHERE waitlist_capacity <> 0"
+    ),
+}
+
+
 def rollback(migrator: Migrator, database: pw.Database, *, fake=False):
     # v1.0 would read a waitlisted entry as an enrollment (and its course's counts
     # would no longer match): refuse while anyone waits, before anything changes.

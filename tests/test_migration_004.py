@@ -141,6 +141,34 @@ def test_004_rollback_is_refused_while_anyone_waits(backend, new_database):
         db.close()
 
 
+def test_004_rollback_keeps_waitlist_capacities_unless_told(backend, new_database):
+    # A course's waitlist capacity is a setting someone chose; v1.0 has no column for it,
+    # so rolling 004 back would lose it. It was dropped without a word.
+    url = new_database()
+    db = _open(url)
+    try:
+        Router(db, migrate_dir=MIGRATIONS_DIR).run(M003)
+        _fill_v1(db)
+        Router(db, migrate_dir=MIGRATIONS_DIR).run(M004)
+        databases.sql(db, "UPDATE courses SET waitlist_capacity = 5 WHERE id IN (2, 4)")
+        with pytest.raises(migrator.DataLossRefused, match="waitlist capacity of 2 courses"):
+            migrator.rollback(db)
+        done = _command("rollback", url)
+        assert done.returncode == 2, done.stderr
+        assert _failure_lines(done.stderr) == [
+            f"enrollment-server: rolling back {M004} would lose the waitlist capacity of 2 "
+            "courses; nothing was changed (pass --allow-data-loss to lose it)"
+        ], done.stderr
+        assert migrator.applied_migrations(db)[-1] == M004
+        assert databases.sql(db, "SELECT COUNT(*) FROM courses WHERE waitlist_capacity = 5") == [
+            (2,)
+        ]
+        assert migrator.rollback(db, allow_data_loss=True) == M004
+        assert "waitlist_capacity" not in _columns(db, "courses")
+    finally:
+        db.close()
+
+
 def _failure_lines(stderr: str) -> list[str]:
     """What a schema command wrote besides its INFO progress lines."""
     return [line for line in stderr.splitlines() if " INFO " not in line]

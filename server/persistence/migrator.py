@@ -138,6 +138,7 @@ def rollback(db: pw.Database, *, allow_data_loss: bool = False) -> str | None:
         holding_rows = {t for t in db.get_tables() if t != MIGRATE_TABLE and _has_rows(db, t)}
         planned = _tables_dropped_by_rollback(router(db), done[-1])
         _refuse_loss(done[-1], holding_rows & planned, allow_data_loss)
+        _refuse_lost_values(db, done[-1], allow_data_loss)
         try:
             router(db).rollback()
         except RuntimeError as exc:
@@ -153,6 +154,27 @@ def _refuse_loss(name: str, dropped: set[str], allow_data_loss: bool) -> None:
         raise DataLossRefused(
             f"rolling back {name} would drop {', '.join(sorted(dropped))}, which hold rows; "
             "nothing was changed (pass --allow-data-loss to drop them)"
+        )
+
+
+def _refuse_lost_values(db: pw.Database, name: str, allow_data_loss: bool) -> None:
+    """Refuse a rollback that drops columns holding values someone chose.
+
+    A migration lists them in LOST_BY_ROLLBACK: a description with {} for the count, and
+    the query that counts them. Its rollback function's module scope holds that name.
+    """
+    if allow_data_loss:
+        return
+    _, undo = router(db).read(name)
+    lost = [
+        what.format(count)
+        for what, query in getattr(undo, "__globals__", {}).get("LOST_BY_ROLLBACK", {}).items()
+        if (count := db.execute_sql(query).fetchone()[0])
+    ]
+    if lost:
+        raise DataLossRefused(
+            f"rolling back {name} would lose {', '.join(lost)}; "
+            "nothing was changed (pass --allow-data-loss to lose it)"
         )
 
 
