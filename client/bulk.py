@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -69,6 +70,20 @@ class Summary:
         if self.rejects and reject_path:
             line += f" (see {reject_path})"
         return line
+
+    def as_json(self, reject_path: str | None) -> dict[str, Any]:
+        """The summary for --json, lowerCamelCase as the rest: accepted rows were sent
+        (with dry_run: would be), each now enrolled or waitlisted; rejectsFile is null
+        when no row failed or the file could not be written."""
+        return {
+            "rows": self.rows,
+            "accepted": self.rows - len(self.rejects),
+            "enrolled": 0 if self.dry_run else self.enrolled - self.waitlisted,
+            "waitlisted": self.waitlisted,
+            "rejected": len(self.rejects),
+            "rejectsFile": reject_path if self.rejects else None,
+            "dryRun": self.dry_run,
+        }
 
 
 def batch_request_id(content_hash: str, size: int, index: int, waitlist_if_full: bool) -> str:
@@ -260,10 +275,14 @@ EXPORT_COLUMNS = ("student_id", "course_id", "state", "waitlist_position", "crea
 
 def export(client: EnrollmentClient, out: IO[str], course_id: int = 0) -> int:
     """Every enrollment (of one course, or all) as CSV that `import` reads back; rows."""
+    entries = client.iter_enrollments(course_id=course_id, page_size=1000)
+    # The first page is asked for before the header is written: a failing first call
+    # leaves the output empty, not a header that reads as an export of nothing.
+    first = next(entries, None)
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(EXPORT_COLUMNS)
     count = 0
-    for entry in client.iter_enrollments(course_id=course_id, page_size=1000):
+    for entry in entries if first is None else itertools.chain([first], entries):
         writer.writerow(_export_row(entry))
         count += 1
     return count

@@ -43,7 +43,9 @@ with --json the error goes to stdout as {"error": {"code", "reason", "message",
 "fields"}}. When a connection fails in a way that looks like a TLS/plaintext
 mismatch, the message says so in brackets. Usage errors exit with status 2; with
 --json they go to stdout as {"error": {"code": "USAGE", "reason": "", "message",
-"fields": [], "usage"}}.
+"fields": [], "usage"}}; so do import's local failures (a file it cannot read,
+a rejects folder it cannot write), without "usage". import --json prints
+{"rows", "accepted", "enrolled", "waitlisted", "rejected", "rejectsFile", "dryRun"}.
 
 global options may also follow the subcommand."""
 
@@ -524,18 +526,16 @@ def _import(client: EnrollmentClient, args: argparse.Namespace) -> Finished:
         with open(args.file, "rb") as file:
             data = file.read()
     except OSError as exc:
-        print(f"enrollment-client: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return Finished(2)
+        return _local_failure(args, f"cannot read {args.file}: {exc.strerror}")
     path = args.rejects or f"{args.file}.rejects.csv"
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         # Found before anything is sent, not after the batches committed.
-        print(
-            f"enrollment-client: cannot write the rejects to {path}: "
+        return _local_failure(
+            args,
+            f"cannot write the rejects to {path}: "
             "its folder is missing or not writable (--rejects PATH)",
-            file=sys.stderr,
         )
-        return Finished(2)
     try:
         summary = bulk.import_file(
             client,
@@ -546,21 +546,35 @@ def _import(client: EnrollmentClient, args: argparse.Namespace) -> Finished:
             progress=bulk.progress_bar,
         )
     except (bulk.ImportFileError, ValueError) as exc:
-        print(f"enrollment-client: {args.file}: {exc}", file=sys.stderr)
-        return Finished(2)
+        return _local_failure(args, f"{args.file}: {exc}")
+    written: str | None = path
     if summary.rejects:
         try:
             with open(path, "w", encoding="utf-8", newline="") as out:
                 bulk.write_rejects(out, summary)
         except OSError as exc:
-            print(summary.text(None))
+            # The rows are applied: the summary still goes to stdout, the failure to stderr.
+            written = None
             print(
                 f"enrollment-client: cannot write the rejects to {path}: {exc.strerror}",
                 file=sys.stderr,
             )
-            return Finished(1)
-    print(summary.text(path))
+    if args.json:
+        print(json.dumps(summary.as_json(written), indent=2, ensure_ascii=False))
+    else:
+        print(summary.text(written))
     return Finished(1 if summary.rejects else 0)
+
+
+def _local_failure(args: argparse.Namespace, message: str) -> Finished:
+    """A failure before any call (a file, an option): exit 2 and one line on stderr, or
+    with --json the usage error object on stdout."""
+    if args.json:
+        body = {"code": "USAGE", "reason": "", "message": message, "fields": []}
+        print(json.dumps({"error": body}, indent=2, ensure_ascii=False))
+    else:
+        print(f"enrollment-client: {message}", file=sys.stderr)
+    return Finished(2)
 
 
 def _export(client: EnrollmentClient, args: argparse.Namespace) -> Finished:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import random
 import signal
 import subprocess
@@ -244,3 +245,44 @@ def test_rejects_to_a_missing_folder_is_refused_before_anything_is_sent(live, tm
     assert err.count("\n") == 1, err
     assert "Traceback" not in err and out == ""
     assert databases.query(live.database_url, "SELECT COUNT(*) FROM student_courses") == [(0,)]
+
+
+def test_import_with_json_prints_its_summary_as_json(live, tmp_path):
+    # --json was ignored: the readable summary line, which a script cannot parse.
+    with EnrollmentClient(live.address) as client:
+        a, b = client.create_student("A", "a@example.com"), client.create_student("B", "b@x.io")
+        course = client.create_course("J-1", "J", capacity=1, waitlist_capacity=1)
+    path = tmp_path / "j.csv"
+    path.write_text(f"student_id,course_id\n{a.id},{course.id}\n{b.id},{course.id}\nx,1\n")
+    run = _import(live.address, path, "--waitlist", "--json")
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 1, (out, err)
+    assert json.loads(out) == {
+        "rows": 3,
+        "accepted": 2,
+        "enrolled": 1,
+        "waitlisted": 1,
+        "rejected": 1,
+        "rejectsFile": str(tmp_path / "j.csv.rejects.csv"),
+        "dryRun": False,
+    }, out
+    # A local failure is the JSON error object on stdout, as a usage error is.
+    run = _import(live.address, tmp_path / "missing.csv", "--json")
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 2, (out, err)
+    body = json.loads(out)["error"]
+    assert body["code"] == "USAGE" and "cannot read" in body["message"], out
+
+
+def test_export_with_the_server_down_writes_no_header(tmp_path):
+    # It wrote the CSV header, then the error: a half-made file that looks like an
+    # export of nothing.
+    done = subprocess.run(
+        [CLIENT, "--address", f"127.0.0.1:{servers.free_port()}", "--timeout", "2", "export"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done
+    assert done.stdout == "", done.stdout
+    assert "UNAVAILABLE" in done.stderr, done.stderr
