@@ -353,6 +353,12 @@ class TooManyWatchers(EnrollmentError):
 
     @classmethod
     def of(cls, limit: int) -> TooManyWatchers:
+        if limit == 0:
+            return cls(
+                "this server serves no WatchEvents streams (--max-watchers 0); "
+                "read the change feed with ListEvents",
+                {"max_watchers": "0"},
+            )
         return cls(
             f"this server already serves {limit} WatchEvents streams; retry later",
             {"max_watchers": str(limit)},

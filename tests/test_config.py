@@ -256,6 +256,20 @@ def test_start_up_says_whether_tls_and_tokens_are_on(db_url, server_process):
     assert "; security: TLS off, mutual TLS off, tokens off" in server.log, server.log
 
 
+def test_a_request_id_retention_below_a_day_is_served_with_a_warning(db_url, server_process):
+    # The contract promises a replay for at least 24 hours; a shorter retention was
+    # taken without a word, so retries after it quietly ran twice.
+    server = server_process("--database-url", db_url, "--request-id-retention", "90m")
+    assert server.stop() == 0, server.log
+    assert (
+        "--request-id-retention is 5400 s, below the 24 hours the API promises: a retry "
+        "after that runs again instead of getting the first answer" in server.log
+    ), server.log
+    server = server_process("--database-url", db_url)
+    assert server.stop() == 0, server.log
+    assert "--request-id-retention" not in server.log, server.log
+
+
 @pytest.mark.parametrize("command", ["migrate", "status", "rollback"])
 def test_schema_commands_say_an_unreachable_database_in_one_line(command):
     # psycopg2's message carries a hint on lines of its own ("Is the server running…").

@@ -64,6 +64,26 @@ def test_a_watcher_too_many_is_refused(db_url, server_process):
             made.close()
 
 
+def test_max_watchers_0_turns_watching_off_and_says_so(db_url, server_process):
+    # It said "this server already serves 0 WatchEvents streams; retry later": a retry
+    # that can never succeed.
+    server = server_process("--database-url", db_url, "--max-watchers", "0")
+    made, call = _stream(server.address)
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            next(call)
+        got = failure(refused.value)
+        assert (got.code, got.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS")
+        assert got.metadata == {"max_watchers": "0"}
+        assert got.message == (
+            "this server serves no WatchEvents streams (--max-watchers 0); "
+            "read the change feed with ListEvents"
+        ), got.message
+    finally:
+        call.cancel()
+        made.close()
+
+
 def test_a_watcher_that_does_not_read_is_ended_and_resumes(db_url, server_process):
     server = server_process("--database-url", db_url, "--watch-queue", str(QUEUE))
     with watching.channel(server.address) as channel:

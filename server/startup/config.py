@@ -110,6 +110,10 @@ def parse_duration(text: str) -> float:
     return float(found[1]) * _UNIT[found[2]]
 
 
+# The API promises a replay of a request_id for at least a day (the contract, AIP-155);
+# a shorter --request-id-retention is served, with a warning at start-up.
+PROMISED_REQUEST_ID_RETENTION = 24 * 3600.0
+
 DURATION = Kind("a duration such as 30d, 12h, 90m or 3600 (seconds)", parse_duration)
 RATE = Kind("a number", _seconds, "above 0", lambda value: value > 0)
 
@@ -299,12 +303,14 @@ class ServerConfig:
         "batches", metavar="DURATION", default_text="forever",
     )  # fmt: skip
     request_id_retention: float = setting(
-        24 * 3600.0, DURATION, "how long a successful call's request_id is remembered for "
-        "safe retries (AIP-155: at least a day)", metavar="DURATION", default_text="24h",
+        PROMISED_REQUEST_ID_RETENTION, DURATION, "how long a successful call's request_id "
+        "is remembered for safe retries (AIP-155 and the API promise at least a day; less "
+        "is served with a warning)", metavar="DURATION", default_text="24h",
     )  # fmt: skip
     max_watchers: int = setting(
         1000, whole(0), "WatchEvents streams at once per server process; more are refused "
-        "with TOO_MANY_WATCHERS", metavar="N",
+        "with TOO_MANY_WATCHERS (0 turns WatchEvents off: every stream is refused)",
+        metavar="N",
     )  # fmt: skip
     watch_poll_interval: float = setting(
         0.25, seconds(above_zero=True), "seconds between a server process's looks for "

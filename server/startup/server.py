@@ -43,7 +43,11 @@ from enrollment.server.persistence.checkpoint import Checkpointer
 from enrollment.server.persistence.loop_reads import LoopReads
 from enrollment.server.persistence.models import proxy
 from enrollment.server.persistence.notify import CommitListener, Looks
-from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.config import (
+    PROMISED_REQUEST_ID_RETENTION,
+    ServerConfig,
+    StartupError,
+)
 from enrollment.server.startup.purging import Purger
 from enrollment.server.startup.quiet import quiet_bind
 from enrollment.server.transport import options, tls
@@ -559,6 +563,12 @@ def serve(config: ServerConfig) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight calls and close the database."""
     config.check()
     check_tracing()
+    if config.request_id_retention < PROMISED_REQUEST_ID_RETENTION:
+        log.warning(
+            "--request-id-retention is %g s, below the 24 hours the API promises: a retry "
+            "after that runs again instead of getting the first answer",
+            config.request_id_retention,
+        )
     if config.workers > 1:
         from enrollment.server.startup.supervisor import serve_workers
 

@@ -76,6 +76,7 @@ first that applies decides the answer:
                                            kept event (see ListEvents)
   RESOURCE_EXHAUSTED  TOO_MANY_WATCHERS    WatchEvents, the server process
                                            already serves --max-watchers
+                                           (0: it serves none; not retryable)
   RESOURCE_EXHAUSTED  WATCHER_TOO_SLOW     WatchEvents, the stream fell too
                                            far behind; resume from the last
                                            sequence received
