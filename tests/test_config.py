@@ -3,6 +3,7 @@ its environment variable, bad values as one line and exit 2, help that says what
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -281,3 +282,38 @@ def test_schema_commands_say_an_unreachable_database_in_one_line(command):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"enrollment-server: {command} failed: "), lines
     assert "pw" not in lines[0].replace("postgres", "")
+
+
+def _json_lines(stderr: str) -> list[dict]:
+    return [json.loads(line) for line in stderr.splitlines()]
+
+
+def test_with_json_logs_a_failure_to_start_is_a_json_line_too(tmp_path):
+    # It was the plain "enrollment-server: …" line, which a JSON log pipeline cannot read.
+    missing = tmp_path / "missing.db"
+    result = run("serve", "--database-url", f"sqlite:///{missing}", "--log-format", "json")
+    assert result.returncode == 2, result.stderr
+    (entry,) = _json_lines(result.stderr)
+    assert entry["level"] == "ERROR" and "does not exist" in entry["message"], entry
+    # A bad flag value too, given through the environment.
+    result = run("serve", env={"ENROLLMENT_LOG_FORMAT": "json", "ENROLLMENT_THREADS": "0"})
+    assert result.returncode == 2, result.stderr
+    (entry,) = _json_lines(result.stderr)
+    assert entry["level"] == "ERROR" and "ENROLLMENT_THREADS" in entry["message"], entry
+
+
+def test_schema_commands_follow_enrollment_log_format(tmp_path):
+    # migrate, status and rollback logged text lines whatever ENROLLMENT_LOG_FORMAT said.
+    url = f"sqlite:///{tmp_path / 'json.db'}"
+    env = {"ENROLLMENT_LOG_FORMAT": "json"}
+    result = run("migrate", "--database-url", url, env=env)
+    assert result.returncode == 0, result.stderr
+    entries = _json_lines(result.stderr)
+    assert entries and {entry["level"] for entry in entries} == {"INFO"}, result.stderr
+    done = run("rollback", "--database-url", url, env=env)
+    assert done.returncode == 0, done.stderr
+    assert all(entry["level"] for entry in _json_lines(done.stderr)), done.stderr
+    result = run("status", "--database-url", f"sqlite:///{tmp_path / 'none.db'}", env=env)
+    assert result.returncode == 2, result.stderr
+    (entry,) = _json_lines(result.stderr)
+    assert entry["level"] == "ERROR", entry

@@ -88,6 +88,11 @@ def structured() -> bool:
     return _structured
 
 
+def configured() -> bool:
+    """Whether setup() has run in this process (the root logger has its handler)."""
+    return bool(logging.getLogger().handlers)
+
+
 def setup(level: str, log_format: str = "text", *, sql_values: bool = False) -> None:
     """Configure the root logger once, at process start.
 

@@ -190,6 +190,7 @@ def serve_config(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     flags = _flags(args)
+    log_format = _log_format(flags)
     try:
         if args.command == "serve":
             config = serve_config(args)
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             logs.setup(
                 read("log_level", flags, os.environ),
+                log_format,
                 sql_values=read("log_sql_values", flags, os.environ),
             )
         # peewee-migrate logs every step at INFO through its own logger.
@@ -228,13 +230,33 @@ def main(argv: list[str] | None = None) -> int:
         migrator.MigrationLockTimeout,
         migrator.UnknownMigration,
     ) as exc:
-        print(f"enrollment-server: {exc}", file=sys.stderr)
+        _say_failure(str(exc), log_format)
         return 2
     except (pw.DatabaseError, pw.InterfaceError) as exc:
         # Operators see the database's own words; the migration (if any) was rolled back.
         # One line: psycopg2 adds a hint on lines of its own ("Is the server running…").
-        print(f"enrollment-server: {args.command} failed: {first_line(exc)}", file=sys.stderr)
+        _say_failure(f"{args.command} failed: {first_line(exc)}", log_format)
         return 1
+
+
+def _log_format(flags: dict[str, str | None]) -> str:
+    """--log-format or ENROLLMENT_LOG_FORMAT, read before anything else can fail; a bad
+    value is reported later, as text, with the rest of serve's settings."""
+    try:
+        return str(read("log_format", flags, os.environ))
+    except StartupError:
+        return "text"
+
+
+def _say_failure(message: str, log_format: str) -> None:
+    """The one line a failed command ends with: "enrollment-server: …" on stderr, or with
+    JSON logs a JSON object at ERROR like every other line (a pipeline reads them all)."""
+    if log_format != "json":
+        print(f"enrollment-server: {message}", file=sys.stderr)
+        return
+    if not logs.configured():  # failed before its settings were read
+        logs.setup("INFO", "json")
+    log.error(message)
 
 
 class _FailuresSaidOnce(logging.Filter):
