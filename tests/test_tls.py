@@ -227,6 +227,12 @@ def test_start_up_logs_tls_mutual_tls_and_tokens(db_url, pki, tmp_path, server_p
     "case, expected",
     [
         ("cert-only", "--tls-cert and --tls-key go together"),
+        # It said "--tls-cert and --tls-key go together", naming two flags not given.
+        (
+            "client-ca-only",
+            "--tls-client-ca turns on mutual TLS, which needs TLS: give "
+            "--tls-cert and --tls-key too",
+        ),
         ("wrong-key", "are not a PEM certificate and its private key"),
         ("bad-ca", "--tls-client-ca"),
         ("missing-ca", "--tls-client-ca"),
@@ -236,6 +242,8 @@ def test_unusable_tls_files_are_clear_startup_errors(db_url, pki, tmp_path, case
     options = tls_options(pki, mutual=True)
     if case == "cert-only":
         del options["tls_key"]
+    elif case == "client-ca-only":
+        del options["tls_key"], options["tls_cert"]
     elif case == "wrong-key":
         options["tls_key"] = str(pki.client.key)
     elif case == "bad-ca":

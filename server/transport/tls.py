@@ -28,6 +28,11 @@ def server_credentials(
     """None without --tls-cert (plaintext); TLS, or mTLS when client_ca is given."""
     if not cert and not key and not client_ca:
         return None
+    if not cert and not key:
+        raise TlsConfigError(
+            "--tls-client-ca turns on mutual TLS, which needs TLS: give --tls-cert and "
+            "--tls-key too"
+        )
     if not cert or not key:
         raise TlsConfigError("--tls-cert and --tls-key go together")
     # Let OpenSSL judge the files now, so a wrong file is a clear start-up error
