@@ -306,7 +306,7 @@ class EnrollmentClient:
 
         Without follow: until the head at the time of the walk. With follow: forever,
         through WatchEvents where the server has it and by polling ListEvents where it
-        does not, resuming by itself from the last sequence after UNAVAILABLE (a server
+        does not or refuses the stream (TOO_MANY_WATCHERS), resuming by itself from the last sequence after UNAVAILABLE (a server
         restarting or shutting down) or WATCHER_TOO_SLOW; other errors are raised."""
         feed = calls.Feed(after, student_id, course_id, follow)
         while True:

@@ -303,8 +303,10 @@ class Feed:
 
     def pause_after(self, error: ClientError, poll_interval: float) -> float:
         """How long to wait before going on after error (0: poll ListEvents now, for a
-        server without WatchEvents); the error itself when it ends the walk."""
-        if error.code == "UNIMPLEMENTED" and self.watching:
+        server without WatchEvents or with no stream to spare: TOO_MANY_WATCHERS, which
+        --max-watchers 0 always answers); the error itself when it ends the walk."""
+        refused = error.code == "UNIMPLEMENTED" or error.reason == "TOO_MANY_WATCHERS"
+        if refused and self.watching:
             self.watching = False
             return 0.0
         resumable = error.code == "UNAVAILABLE" or error.reason == "WATCHER_TOO_SLOW"

@@ -111,3 +111,25 @@ def test_the_async_client_walks_and_follows_the_feed(live):
     walked, followed, late = asyncio.run(scenario())
     assert walked == [p.id for p in people]
     assert followed == [*walked, late.id]
+
+
+def test_follow_polls_list_events_on_a_server_that_serves_no_watchers(db_url, server_process):
+    # With --max-watchers 0 the server refuses every WatchEvents stream with
+    # RESOURCE_EXHAUSTED TOO_MANY_WATCHERS; follow raised it instead of reading the feed
+    # with ListEvents, as it does on a server without WatchEvents.
+    from enrollment.client.aio import AsyncEnrollmentClient
+
+    server = server_process("--database-url", db_url, "--max-watchers", "0")
+    with EnrollmentClient(server.address) as client:
+        first = client.create_student("Ada Lovelace", "ada@example.com")
+        followed = client.iter_events(follow=True, poll_interval=0.05)
+        assert next(followed).student.id == first.id
+        second = client.create_student("Alan Turing", "alan@example.com")
+        assert next(followed).student.id == second.id
+
+    async def scenario():
+        async with AsyncEnrollmentClient(server.address) as client:
+            stream = client.iter_events(follow=True, poll_interval=0.05)
+            return [(await stream.__anext__()).sequence for _ in range(2)]
+
+    assert asyncio.run(scenario()) == [1, 2]
