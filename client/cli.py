@@ -98,13 +98,23 @@ int64 = _integer(64)
 int32 = _integer(32)
 
 
+# gRPC target forms other than HOST:PORT, passed as given (gRPC's naming doc).
+_TARGET_SCHEMES = re.compile(r"(dns|unix|unix-abstract|ipv4|ipv6|vsock):")
+_GIVE = f"give HOST:PORT, e.g. {DEFAULT_ADDRESS}"
+
+
 def address(text: str) -> str:
-    """A server address. Where it ends in :PORT, the port must be 0-65535: grpc takes
-    99999 modulo 65536 and an empty port as 443, and would dial another server than the
-    one named. Other target forms grpc knows (unix:/path, dns:///host) pass as given."""
-    _, colon, port = text.rpartition(":")
-    if not colon or not re.fullmatch(r"-?[0-9]*", port):
-        return text  # no :PORT at its end ([::1], unix:/path)
+    """A server address: HOST:PORT with a port of 0-65535, or another gRPC target form
+    (unix:/path, dns:///host:port), passed as given. grpc would dial 443 for a host
+    without a port, take 99999 modulo 65536 and an empty port as 443: another server
+    than the one named."""
+    if _TARGET_SCHEMES.match(text):
+        return text
+    if not text:
+        raise argparse.ArgumentTypeError(f"the address is empty: {_GIVE}")
+    host, colon, port = text.rpartition(":")
+    if not colon or not re.fullmatch(r"-?[0-9]*", port) or host.endswith(":"):
+        raise argparse.ArgumentTypeError(f"{text!r} has no port: {_GIVE}")
     if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"the port of {text!r} must be 0-65535")
     return text
@@ -269,7 +279,7 @@ def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> 
         "--address",
         metavar="HOST:PORT",
         type=address,
-        default=default(os.environ.get("ENROLLMENT_ADDRESS", DEFAULT_ADDRESS)),
+        default=default(os.environ.get("ENROLLMENT_ADDRESS") or DEFAULT_ADDRESS),
         help=described(f"server address (env ENROLLMENT_ADDRESS; default {DEFAULT_ADDRESS})"),
     )
     parser.add_argument(

@@ -222,6 +222,37 @@ def test_a_port_out_of_range_is_a_usage_error_not_another_server(address):
 
 
 @pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        # grpc dialled 443 for a host without a port: another service than the one meant.
+        ("127.0.0.1", "'127.0.0.1' has no port: give HOST:PORT, e.g. 127.0.0.1:50051"),
+        ("[::1]", "'[::1]' has no port: give HOST:PORT, e.g. 127.0.0.1:50051"),
+        ("localhost", "'localhost' has no port: give HOST:PORT, e.g. 127.0.0.1:50051"),
+        # grpc's core logged lines and the call failed UNKNOWN.
+        ("", "the address is empty: give HOST:PORT, e.g. 127.0.0.1:50051"),
+    ],
+)
+def test_an_address_without_a_port_is_a_usage_error(address, expected):
+    done = run("--address", address, "student", "--id", "1")
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.splitlines()[-1].endswith(f"argument --address: {expected}"), done.stderr
+
+
+def test_an_empty_enrollment_address_is_the_default():
+    # An empty variable is unset (the default address), not an empty address.
+    # (Whether a server answers on the default address depends on the machine.)
+    done = run("student", "--id", "1", "--timeout", "2", env=_env(ENROLLMENT_ADDRESS=""))
+    assert done.returncode != 2 and not done.stderr.startswith("error: UNKNOWN"), done.stderr
+    assert "address is empty" not in done.stderr and "target uri" not in done.stderr
+
+
+@pytest.mark.parametrize("target", ["unix:/tmp/enrollment.sock", "dns:///localhost:1"])
+def test_other_grpc_target_forms_pass(target):
+    done = run("--address", target, "--timeout", "1", "student", "--id", "1")
+    assert done.returncode == 1 and done.stderr.startswith("error: UNAVAILABLE"), done.stderr
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         ["--json", "enroll", "--student", "1"],
