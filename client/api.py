@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import grpc
 
@@ -306,8 +308,9 @@ class EnrollmentClient:
 
         Without follow: until the head at the time of the walk. With follow: forever,
         through WatchEvents where the server has it and by polling ListEvents where it
-        does not or refuses the stream (TOO_MANY_WATCHERS), resuming by itself from the last sequence after UNAVAILABLE (a server
-        restarting or shutting down) or WATCHER_TOO_SLOW; other errors are raised."""
+        does not or refuses the stream (TOO_MANY_WATCHERS), resuming by itself from the
+        last sequence after UNAVAILABLE (a server restarting or shutting down) or
+        WATCHER_TOO_SLOW; other errors are raised."""
         feed = calls.Feed(after, student_id, course_id, follow)
         while True:
             try:
@@ -345,8 +348,8 @@ def open_channel(
 ) -> grpc.Channel:
     """A channel to HOST:PORT: TLS when tls_ca (the server's CA; system roots otherwise) or
     tls_cert is given, with tls_cert/tls_key as the client certificate for mutual TLS;
-    plaintext otherwise. Raises ValueError for a certificate without its key (or the
-    reverse) and OSError for a file that cannot be read. lb_policy: see channel_options."""
+    plaintext otherwise. Raises ValueError for TLS files it cannot use (read_tls_files).
+    lb_policy: see channel_options."""
     options = channel_options(lb_policy)
     credentials = channel_credentials(tls_ca, tls_cert, tls_key)
     if credentials is None:
@@ -358,15 +361,54 @@ def channel_credentials(
     tls_ca: str | None, tls_cert: str | None, tls_key: str | None
 ) -> grpc.ChannelCredentials | None:
     """TLS credentials when tls_ca or tls_cert is given (see open_channel), else None."""
-    if bool(tls_cert) != bool(tls_key):
-        raise ValueError("tls_cert and tls_key go together")
-    if not (tls_ca or tls_cert):
+    files = read_tls_files(tls_ca, tls_cert, tls_key)
+    if files is None:
         return None
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(tls_ca),
-        private_key=_read(tls_key),
-        certificate_chain=_read(tls_cert),
+        root_certificates=files.ca, private_key=files.key, certificate_chain=files.cert
     )
+
+
+class TlsFiles(NamedTuple):
+    ca: bytes | None
+    cert: bytes | None
+    key: bytes | None
+
+
+def read_tls_files(
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    *,
+    spelled: Callable[[str], str] = str,
+) -> TlsFiles | None:
+    """The PEM files' bytes, checked by OpenSSL now: gRPC's core would only log lines
+    and fail every call UNAVAILABLE. None without tls_ca and tls_cert (plaintext).
+    Raises ValueError naming the file and what is wrong with it; spelled(name) is how
+    the message names a parameter (a command line: its flag)."""
+    ca, cert, key = spelled("tls_ca"), spelled("tls_cert"), spelled("tls_key")
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError(f"{cert} and {key} go together: give both")
+    if not (tls_ca or tls_cert):
+        return None
+    files = TlsFiles(_read(tls_ca, ca), _read(tls_cert, cert), _read(tls_key, key))
+    check = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls_ca:
+        try:
+            check.load_verify_locations(cafile=tls_ca)
+        except OSError as exc:  # ssl.SSLError is one
+            raise ValueError(f"{ca} {tls_ca!r} is not a PEM CA certificate: {exc}") from None
+    if tls_cert:
+        try:
+            # A key that asks for a password gets none (gRPC takes no password either),
+            # rather than OpenSSL prompting on the terminal.
+            check.load_cert_chain(tls_cert, tls_key, password=_no_password)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ValueError(
+                f"{cert} {tls_cert!r} and {key} {tls_key!r} are not a PEM certificate and "
+                f"its private key: {exc}"
+            ) from None
+    return files
 
 
 def channel_options(lb_policy: str | None = None) -> list[tuple[str, str]]:
@@ -383,8 +425,20 @@ def channel_options(lb_policy: str | None = None) -> list[tuple[str, str]]:
     return [("grpc.service_config", json.dumps(config))]
 
 
-def _read(path: str | None) -> bytes | None:
+def tls_flag(name: str) -> str:
+    """A parameter of read_tls_files as the command lines spell it: tls_ca -> --tls-ca."""
+    return "--" + name.replace("_", "-")
+
+
+def _read(path: str | None, name: str) -> bytes | None:
     if not path:
         return None
-    with open(path, "rb") as file:
-        return file.read()
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {name} {path!r}: {exc.strerror}") from None
+
+
+def _no_password() -> bytes:
+    raise ValueError("an encrypted private key (gRPC takes none)")

@@ -21,7 +21,13 @@ from google.protobuf.message import Message  # noqa: E402
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
 from enrollment.client import bulk  # noqa: E402
-from enrollment.client.api import DEFAULT_TIMEOUT, ClientError, EnrollmentClient  # noqa: E402
+from enrollment.client.api import (  # noqa: E402
+    DEFAULT_TIMEOUT,
+    ClientError,
+    EnrollmentClient,
+    read_tls_files,
+    tls_flag,
+)
 from enrollment.v1 import enrollment_pb2 as pb  # noqa: E402
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -703,6 +709,8 @@ def render_error(error: ClientError, *, as_json: bool) -> str:
 
 
 def _connect(args: argparse.Namespace) -> EnrollmentClient:
+    # Checked here too, so that a message names the flag rather than the parameter.
+    read_tls_files(args.tls_ca, args.tls_cert, args.tls_key, spelled=tls_flag)
     return EnrollmentClient(
         args.address,
         timeout=args.timeout,
@@ -722,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             client = _connect(args)
         except (OSError, ValueError) as exc:
-            # A missing PEM file or a lone --tls-cert is a usage error, before any call.
+            # An unusable PEM file or a lone --tls-cert is a usage error, before any call.
             parser.error(str(exc))
         with client:
             result = args.run(client, args)

@@ -317,3 +317,14 @@ def test_schema_commands_follow_enrollment_log_format(tmp_path):
     assert result.returncode == 2, result.stderr
     (entry,) = _json_lines(result.stderr)
     assert entry["level"] == "ERROR", entry
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "abc", "1e9"])
+def test_health_timeout_must_be_above_0(value):
+    # --timeout 0 meant no deadline at all and -1 one already past.
+    result = run("health", "--address", "127.0.0.1:1", "--timeout", value)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.splitlines()[-1] == (
+        "enrollment-server health: error: argument --timeout: must be above 0 and at most "
+        f"2147483 (about 24 days), not {value!r}"
+    ), result.stderr

@@ -274,3 +274,60 @@ def test_plaintext_on_a_non_loopback_address_warns(db_url, pki, caplog, address,
         running.stop(None).wait(10)
         engine.close_pool()
     assert ("PLAINTEXT" in caplog.text) == warns, caplog.text
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        # grpc's core logged lines and the call failed UNAVAILABLE, exit 1.
+        ("ca-not-pem", "--tls-ca '{dir}/hello.pem' is not a PEM CA certificate"),
+        (
+            "cert-not-pem",
+            "--tls-cert '{dir}/hello.pem' and --tls-key '{key}' are not a PEM "
+            "certificate and its private key",
+        ),
+        (
+            "wrong-key",
+            "--tls-cert '{cert}' and --tls-key '{dir}/other.key' are not a PEM "
+            "certificate and its private key",
+        ),
+        # It said "[Errno 2] No such file or directory: '...'", naming no option.
+        ("ca-missing", "cannot read --tls-ca '{dir}/missing.pem': No such file or directory"),
+        ("key-missing", "cannot read --tls-key '{dir}/missing.pem': No such file or directory"),
+        # It said "tls_cert and tls_key go together": the library's names.
+        ("cert-only", "--tls-cert and --tls-key go together: give both"),
+    ],
+)
+def test_unusable_client_tls_files_are_usage_errors_naming_the_flag(pki, tmp_path, case, expected):
+    (tmp_path / "hello.pem").write_text("hello\n")
+    other = Authority(tmp_path / "more", "more-ca").issue("x", server=False)
+    (tmp_path / "other.key").write_bytes(other.key_bytes)
+    files = {"--tls-ca": str(pki.ca.ca_file), "--tls-cert": str(pki.client.cert),
+             "--tls-key": str(pki.client.key)}  # fmt: skip
+    if case == "ca-not-pem":
+        files["--tls-ca"] = str(tmp_path / "hello.pem")
+    elif case == "cert-not-pem":
+        files["--tls-cert"] = str(tmp_path / "hello.pem")
+    elif case == "wrong-key":
+        files["--tls-key"] = str(tmp_path / "other.key")
+    elif case == "ca-missing":
+        files["--tls-ca"] = str(tmp_path / "missing.pem")
+    elif case == "key-missing":
+        files["--tls-key"] = str(tmp_path / "missing.pem")
+    else:
+        del files["--tls-key"]
+    message = expected.format(dir=tmp_path, key=pki.client.key, cert=pki.client.cert)
+    flags = [part for pair in files.items() for part in pair]
+    client = [str(BIN / "enrollment-client"), "--address", "127.0.0.1:1", *flags]
+    health = [str(BIN / "enrollment-server"), "health", "--address", "127.0.0.1:1", *flags]
+    for argv, prefix in ((client, "enrollment-client"), (health, "enrollment-server")):
+        done = subprocess.run(
+            [*argv, *(["student", "--id", "1"] if argv is client else [])],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert (done.returncode, done.stdout) == (2, ""), (argv, done.stderr)
+        assert done.stderr.splitlines()[-1].startswith(f"{prefix}: "), done.stderr
+        assert message in done.stderr.splitlines()[-1], done.stderr
+    # The library names its own parameters.
+    with pytest.raises(ValueError, match=re.escape(message.replace("--tls-", "tls_"))):
+        EnrollmentClient("127.0.0.1:1", **{k[2:].replace("-", "_"): v for k, v in files.items()})

@@ -12,7 +12,7 @@ import grpc
 import peewee as pw
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from enrollment.client.api import connection_hint, open_channel
+from enrollment.client.api import connection_hint, open_channel, read_tls_files, tls_flag
 from enrollment.server import addresses
 from enrollment.server.operations import logs
 from enrollment.server.outage import first_line
@@ -26,6 +26,7 @@ from enrollment.server.startup.config import (
     StartupError,
     load,
     read,
+    seconds,
 )
 from enrollment.server.startup.quiet import quiet_core
 from enrollment.server.startup.server import serve
@@ -136,7 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         BY_NAME["address"],
         text="HOST:PORT of the server; 0.0.0.0 or [::] means this host",
     )
-    probe.add_argument("--timeout", type=float, default=3.0, help="seconds (default %(default)s)")
+    probe.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_probe_timeout,
+        default=3.0,
+        help="deadline of the check (default %(default)s)",
+    )
     probe.add_argument(
         "--tls-ca", metavar="PEM", help="CA of a TLS server's certificate (turns TLS on)"
     )
@@ -271,20 +278,31 @@ class _FailuresSaidOnce(logging.Filter):
 _failures_said_once = _FailuresSaidOnce()
 
 
+def _probe_timeout(text: str) -> float:
+    """health --timeout: above 0 (grpc took 0 as no deadline and -1 as one past)."""
+    kind = seconds(above_zero=True)
+    try:
+        value = kind.convert(text)
+    except ValueError:
+        value = None
+    if value is None or kind.problem(value):
+        raise argparse.ArgumentTypeError(f"must be {kind.bound}, not {text!r}")
+    return float(value)
+
+
 def health_check(args: argparse.Namespace, address: str) -> int:
     """The container's HEALTHCHECK: one grpc.health.v1 Check of the whole server."""
     host, port = addresses.split(address)
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     target = addresses.join(host, port)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        print("enrollment-server: --tls-cert and --tls-key go together", file=sys.stderr)
-        return 2
     try:
+        # Checked first, so that a message names the flag rather than the parameter.
+        read_tls_files(args.tls_ca, args.tls_cert, args.tls_key, spelled=tls_flag)
         channel = open_channel(
             target, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
         )
-    except OSError as exc:
+    except ValueError as exc:
         print(f"enrollment-server: {exc}", file=sys.stderr)
         return 2
     with channel:
