@@ -620,6 +620,10 @@ def _capacity(capacity: int) -> str:
     return "unlimited" if capacity == 0 else str(capacity)
 
 
+def _waitlist(capacity: int) -> str:
+    return "none" if capacity == 0 else str(capacity)
+
+
 @dataclass(frozen=True)
 class Field:
     """One field of a readable item: "key: value" alone, a column (header) in a table."""
@@ -628,6 +632,7 @@ class Field:
     header: str
     value: Callable[[Any], str]
     right: bool = False  # right-aligned in a table
+    in_table: bool = True  # a column of a list's table too, not only shown alone
 
 
 # The one description of each message's readable form.
@@ -637,6 +642,8 @@ FIELDS: dict[type[Message], list[Field]] = {
         Field("name", "NAME", lambda s: s.name),
         Field("email", "EMAIL", lambda s: s.email),
         Field("create_time", "CREATED", lambda s: _time(s.create_time)),
+        Field("update_time", "UPDATED", lambda s: _time(s.update_time), in_table=False),
+        Field("etag", "ETAG", lambda s: s.etag, in_table=False),
     ],
     pb.Course: [
         Field("id", "ID", lambda c: str(c.id), right=True),
@@ -644,7 +651,11 @@ FIELDS: dict[type[Message], list[Field]] = {
         Field("title", "TITLE", lambda c: c.title),
         Field("capacity", "CAPACITY", lambda c: _capacity(c.capacity), right=True),
         Field("enrolled_count", "ENROLLED", lambda c: str(c.enrolled_count), right=True),
+        Field("waitlist_capacity", "WAITLIST", lambda c: _waitlist(c.waitlist_capacity), True),
+        Field("waitlisted_count", "WAITING", lambda c: str(c.waitlisted_count), right=True),
         Field("create_time", "CREATED", lambda c: _time(c.create_time)),
+        Field("update_time", "UPDATED", lambda c: _time(c.update_time), in_table=False),
+        Field("etag", "ETAG", lambda c: c.etag, in_table=False),
     ],
     pb.Enrollment: [
         Field("course_id", "COURSE", lambda e: str(e.course_id), right=True),
@@ -652,6 +663,7 @@ FIELDS: dict[type[Message], list[Field]] = {
         Field("state", "STATE", lambda e: _state(e.state)),
         Field("waitlist_position", "POSITION", lambda e: str(e.waitlist_position or "-"), True),
         Field("enroll_time", "ENROLLED", lambda e: _time(e.enroll_time)),
+        Field("create_time", "SINCE", lambda e: _time(e.create_time), in_table=False),
     ],
 }
 
@@ -668,7 +680,7 @@ def _pairs(message: Message) -> list[tuple[str, str]]:
 
 
 def _table(items: Sequence[Message]) -> list[str]:
-    columns = _fields(items[0])
+    columns = [field for field in _fields(items[0]) if field.in_table]
     rows = [[column.header for column in columns]]
     rows += [[column.value(item) for column in columns] for item in items]
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]

@@ -51,17 +51,27 @@ def test_enroll_list_and_drop(live):
         ok(live, "create-course", "--code", "CS-101", "--title", "Intro", "--capacity", "2")
     )
     assert (course["code"], course["capacity"], course["enrolled_count"]) == ("CS-101", "2", "0")
+    # Alone, an item shows every field: the etag an update's --etag takes among them.
+    assert list(student) == ["id", "name", "email", "create_time", "update_time", "etag"]
+    assert list(course) == [
+        "id", "code", "title", "capacity", "enrolled_count", "waitlist_capacity",
+        "waitlisted_count", "create_time", "update_time", "etag",
+    ]  # fmt: skip
+    assert (course["waitlist_capacity"], course["waitlisted_count"]) == ("none", "0")
+    assert course["etag"] == ok_json(live, "course", "--id", course["id"])["etag"]
+    assert course["update_time"] == course["create_time"]
     other = new_course(live.stub, code="MA-1")
     sid, cid = student["id"], course["id"]
 
     enrollment = key_values(ok(live, "enroll", "--student", sid, "--course", cid))
     assert (enrollment["student_id"], enrollment["course_id"]) == (sid, cid)
     assert enrollment["enroll_time"].endswith("Z")
+    assert enrollment["create_time"] == enrollment["enroll_time"]
 
     plain = ok(live, "courses", "--student", sid)
     assert table(plain) == [
-        ["ID", "CODE", "TITLE", "CAPACITY", "ENROLLED", "CREATED"],
-        [cid, "CS-101", "Intro", "2", "1", course["create_time"]],
+        ["ID", "CODE", "TITLE", "CAPACITY", "ENROLLED", "WAITLIST", "WAITING", "CREATED"],
+        [cid, "CS-101", "Intro", "2", "1", "none", "0", course["create_time"]],
     ]
     assert "next page" not in plain
 

@@ -53,7 +53,11 @@ def test_cli_subcommands(live):
     assert [e["studentId"] for e in listed["enrollments"]] == [s1, s2]
     assert "took the seat" in ok(live, "drop", "--student", s1, "--course", cid)
     updated = key_values(ok(live, "update-course", "--id", cid, "--capacity", "40"))
-    assert updated["capacity"] == "40"
+    assert (updated["capacity"], updated["waitlist_capacity"]) == ("40", "1")
+    # The etag shown is the one an update takes.
+    ok(live, "update-course", "--id", cid, "--title", "U", "--etag", updated["etag"])
+    stale = cli(live, "update-course", "--id", cid, "--title", "V", "--etag", updated["etag"])
+    assert stale.returncode == 1 and "ETAG_MISMATCH" in stale.stderr
     refused = cli(live, "update-course", "--id", cid, "--capacity", "-1")
     assert refused.returncode == 1 and "course.capacity" in refused.stderr
     ok(live, "update-student", "--id", s1, "--email", "new@example.org")
