@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import itertools
+import os
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -267,6 +268,19 @@ def write_rejects(out: IO[str], summary: Summary) -> None:
     for reject in summary.rejects:
         values = [reject.row.values.get(c, "") for c in summary.columns]
         writer.writerow([*values, reject.row.line, reject.code, reject.reason, reject.message])
+
+
+def remove_old_rejects(path: str) -> None:
+    """For a run without rejects: removes an earlier run's rejects file at path, so what
+    lies there never reads as this run's failures. A file whose header does not end in
+    REJECT_COLUMNS is someone else's and stays, as does one that cannot be read."""
+    try:
+        with open(path, encoding="utf-8", newline="") as file:
+            header = next(csv.reader([file.readline()]), [])
+        if tuple(header[-len(REJECT_COLUMNS) :]) == REJECT_COLUMNS:
+            os.remove(path)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        pass
 
 
 EXPORT_COLUMNS = ("student_id", "course_id", "state", "waitlist_position", "create_time",

@@ -564,7 +564,9 @@ def _import(client: EnrollmentClient, args: argparse.Namespace) -> Finished:
     except (bulk.ImportFileError, ValueError) as exc:
         return _local_failure(args, f"{args.file}: {exc}")
     written: str | None = path
-    if summary.rejects:
+    if not summary.rejects:
+        bulk.remove_old_rejects(path)
+    else:
         try:
             with open(path, "w", encoding="utf-8", newline="") as out:
                 bulk.write_rejects(out, summary)

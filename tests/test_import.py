@@ -286,3 +286,28 @@ def test_export_with_the_server_down_writes_no_header(tmp_path):
     assert done.returncode == 1, done
     assert done.stdout == "", done.stdout
     assert "UNAVAILABLE" in done.stderr, done.stderr
+
+
+def test_a_run_without_rejects_removes_an_earlier_runs_rejects_file(live, tmp_path):
+    # The earlier run's rejects stayed beside a file that now imports cleanly, read as
+    # this run's failures.
+    with EnrollmentClient(live.address) as client:
+        a, b = client.create_student("A", "a@example.com"), client.create_student("B", "b@x.io")
+        course = client.create_course("C-1", "C")
+    path = tmp_path / "c.csv"
+    rejects = tmp_path / "c.csv.rejects.csv"
+    path.write_text(f"student_id,course_id\n{a.id},{course.id}\nx,1\n")
+    out, err = _import(live.address, path).communicate(timeout=60)
+    assert "1 rejected" in out and rejects.exists(), (out, err)
+    path.write_text(f"student_id,course_id\n{b.id},{course.id}\n")
+    run = _import(live.address, path)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0 and "0 rejected" in out, (out, err)
+    assert not rejects.exists()
+    # A file at --rejects that is not a rejects file is left alone.
+    other = tmp_path / "notes.csv"
+    other.write_text("my,own\nnotes,here\n")
+    run = _import(live.address, path, "--rejects", str(other))  # the same run: a replay
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, (out, err)
+    assert other.read_text() == "my,own\nnotes,here\n"
