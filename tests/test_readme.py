@@ -62,7 +62,7 @@ def test_readme_waitlist_story_runs_as_written(live, tmp_path):
         assert (result.returncode != 0) == ('"course_id": 99' in line), (line, result.stderr)
         outputs.append(result.stdout)
     story = outputs[len(walkthrough_commands()) :]
-    assert len(story) == 10
+    assert len(story) == 11
     assert '"state": "ENROLLMENT_STATE_WAITLISTED"' in story[5]
     assert '"waitlistPosition": 2' in story[5]
     line = json.loads(story[6])["enrollments"]
@@ -73,6 +73,8 @@ def test_readme_waitlist_story_runs_as_written(live, tmp_path):
     course = json.loads(story[9])["course"]
     assert (course["capacity"], course["enrolledCount"]) == (2, 2)
     assert "waitlistedCount" not in course  # 0: grpcurl leaves zero values out
+    renamed = json.loads(story[10])["course"]
+    assert (renamed["title"], renamed["capacity"]) == ("Compilers", 2)  # the mask's only
 
 
 def section(title: str) -> str:
