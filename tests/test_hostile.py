@@ -302,6 +302,34 @@ def test_one_connection_carries_at_most_max_streams_per_connection_calls(start_s
             call.cancel()
 
 
+def test_calls_beyond_max_streams_per_connection_wait_in_the_client_not_fail(start_server):
+    # The server counted a stream until grpc freed it, after the client had seen it end:
+    # a client keeping the connection near the limit had its next calls refused
+    # (RST_STREAM REFUSED_STREAM: UNAVAILABLE with no details), not queued.
+    live = start_server(max_streams_per_connection=4)
+    student = new_student(live.stub)
+    outcomes: dict[str, int] = {}
+    lock = threading.Lock()
+    stop = time.monotonic() + 2
+
+    def caller() -> None:
+        while time.monotonic() < stop:
+            try:
+                live.stub.GetStudent(pb.GetStudentRequest(student_id=student.id), timeout=10)
+                code = "OK"
+            except grpc.RpcError as error:
+                code = f"{error.code().name}: {error.details()}"
+            with lock:
+                outcomes[code] = outcomes.get(code, 0) + 1
+
+    callers = [threading.Thread(target=caller) for _ in range(24)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join()
+    assert list(outcomes) == ["OK"], outcomes
+
+
 @pytest.mark.parametrize(
     "override, flag",
     [
