@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -154,6 +156,84 @@ def test_sixty_race_for_five_seats_and_ten_places_then_a_storm(db_url, server_pr
             pb.ListEnrollmentsRequest(course_id=course.id, state=WAITLISTED)
         ).enrollments
         assert [e.waitlist_position for e in line] == list(range(1, len(line) + 1))
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def test_positions_read_while_the_line_moves_run_1_to_n(db_url, server_process):
+    # Each waiting entry's position was counted in a statement of its own: under READ
+    # COMMITTED (PostgreSQL, MariaDB) a page read while others joined and left showed
+    # positions such as [1, 2, 2] or [1, 1, 3]; GetEnrollment paired its row with a
+    # later count.
+    address = server_process("--database-url", db_url, "--workers", "2").address
+    channels = []
+    try:
+        channels, stubs = _stubs(address)
+        course = stubs[0].CreateCourse(
+            pb.CreateCourseRequest(code="LINE", title="Line", capacity=2, waitlist_capacity=30),
+            timeout=TIMEOUT,
+        ).course
+        students = [
+            stubs[0].CreateStudent(
+                pb.CreateStudentRequest(name=f"L{i}", email=f"line{i}@example.com"),
+                timeout=TIMEOUT,
+            ).student.id
+            for i in range(24)
+        ]
+        stop = time.monotonic() + 4
+        wrong: list[object] = []
+        reads = [0]
+
+        def writer(i: int) -> None:
+            rng = random.Random(i)
+            while time.monotonic() < stop:
+                student = rng.choice(students)
+                try:
+                    if rng.random() < 0.5:
+                        stubs[i % CONNECTIONS].EnrollStudent(
+                            pb.EnrollStudentRequest(
+                                student_id=student, course_id=course.id, waitlist_if_full=True
+                            ),
+                            timeout=TIMEOUT,
+                        )
+                    else:
+                        stubs[i % CONNECTIONS].DropCourse(
+                            pb.DropCourseRequest(student_id=student, course_id=course.id),
+                            timeout=TIMEOUT,
+                        )
+                except grpc.RpcError as error:
+                    assert error.code() in (
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        grpc.StatusCode.NOT_FOUND,
+                    ), error
+
+        def reader(i: int) -> None:
+            stub = stubs[i % CONNECTIONS]
+            while time.monotonic() < stop:
+                line = stub.ListEnrollments(
+                    pb.ListEnrollmentsRequest(course_id=course.id, state=WAITLISTED),
+                    timeout=TIMEOUT,
+                ).enrollments
+                everyone = stub.ListEnrollments(
+                    pb.ListEnrollmentsRequest(course_id=course.id), timeout=TIMEOUT
+                ).enrollments
+                waiting = sorted(e.waitlist_position for e in everyone if e.state == WAITLISTED)
+                for positions in ([e.waitlist_position for e in line], waiting):
+                    if positions != list(range(1, len(positions) + 1)):
+                        wrong.append(positions)
+                reads[0] += 2
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(12)]
+        threads += [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert reads[0] > 20
+        assert wrong == [], f"{len(wrong)} of {reads[0]} pages, such as {wrong[:3]}"
+        check_invariants(db_url)
     finally:
         for channel in channels:
             channel.close()

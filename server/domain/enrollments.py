@@ -204,9 +204,34 @@ def position_of(course_id: int, join_number: int) -> int:
 
 
 def _shown(row: StudentCourse) -> Entry:
+    """An entry read under its course's lock, with its place in line."""
     if row.state == WAITLISTED:
         return _entry(row, position_of(row.course_id, row.join_number))
     return _entry(row)
+
+
+_AHEAD = StudentCourse.alias("ahead")
+
+
+def _with_places(query: pw.ModelSelect) -> pw.ModelSelect:
+    """query's entries, each waiting one with the entries ahead of it in its course's
+    line counted by the same statement (as `ahead`; None for an enrolled one): a read
+    without the course's lock. Under READ COMMITTED (PostgreSQL, MariaDB) each statement
+    sees what is committed when it starts, so a count of its own paired a row with a
+    later line: pages such as [1, 2, 2] or [1, 1, 3] while others joined and left."""
+    ahead = _AHEAD.select(pw.fn.COUNT(pw.SQL("*"))).where(
+        (_AHEAD.course == StudentCourse.course)
+        & (_AHEAD.state == WAITLISTED)
+        & (_AHEAD.join_number < StudentCourse.join_number)
+    )
+    place = pw.Case(None, [(StudentCourse.state == WAITLISTED, ahead)], None)
+    return query.select_extend(place.alias("ahead"))
+
+
+def _placed(row: StudentCourse) -> Entry:
+    """An entry of _with_places."""
+    ahead = row.ahead  # type: ignore[attr-defined]
+    return _entry(row, 0 if ahead is None else ahead + 1)
 
 
 @mutation
@@ -417,10 +442,13 @@ def promote_next(course_id: int, seats: int, now: dt.datetime) -> list[Entry]:
 @transactional(write=False)
 def get_enrollment(*, student_id: int, course_id: int) -> Entry:
     _validate_pair(student_id, course_id, lock=False, missing_course=CourseNotFound)
-    row = _ENTRY.first(student_id, course_id)
+    query = StudentCourse.select().where(
+        (StudentCourse.student == student_id) & (StudentCourse.course == course_id)
+    )
+    row = _with_places(query).first()
     if row is None:
         raise NotEnrolled.of(student_id, course_id)
-    return _shown(row)
+    return _placed(row)
 
 
 @dataclass(frozen=True)
@@ -472,7 +500,7 @@ def list_enrollments(
                 | ((StudentCourse.course == last_course) & (StudentCourse.student > last_student))
             )
         query = query.order_by(StudentCourse.course, StudentCourse.student)
-    rows = list(query.limit(size + 1))
+    rows = list(_with_places(query).limit(size + 1))
     token = ""
     if len(rows) > size:
         rows = rows[:size]
@@ -485,4 +513,4 @@ def list_enrollments(
             find_course(course_id)
         if student_id:
             find_student(student_id)
-    return EnrollmentPage([_shown(row) for row in rows], token)
+    return EnrollmentPage([_placed(row) for row in rows], token)
