@@ -287,7 +287,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """DeleteCourse: course holds the course as it was last (counts 0 after a
     forced delete). A forced delete first emits DROPPED for each entry, the
     waitlist (in line order) before the roster (by student id), and promotes
-    nobody.
+    nobody. The whole course goes at once, so each waiting entry's DROPPED
+    shows its position in the line before the call (1, 2, 3, ...).
     """
     EVENT_TYPE_ENROLLED: _EventType.ValueType  # 7
     """EnrollStudent took a seat: enrollment holds the entry (ENROLLED)."""
@@ -328,7 +329,8 @@ EVENT_TYPE_COURSE_DELETED: EventType.ValueType  # 6
 """DeleteCourse: course holds the course as it was last (counts 0 after a
 forced delete). A forced delete first emits DROPPED for each entry, the
 waitlist (in line order) before the roster (by student id), and promotes
-nobody.
+nobody. The whole course goes at once, so each waiting entry's DROPPED
+shows its position in the line before the call (1, 2, 3, ...).
 """
 EVENT_TYPE_ENROLLED: EventType.ValueType  # 7
 """EnrollStudent took a seat: enrollment holds the entry (ENROLLED)."""
