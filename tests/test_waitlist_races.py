@@ -170,15 +170,21 @@ def test_positions_read_while_the_line_moves_run_1_to_n(db_url, server_process):
     channels = []
     try:
         channels, stubs = _stubs(address)
-        course = stubs[0].CreateCourse(
-            pb.CreateCourseRequest(code="LINE", title="Line", capacity=2, waitlist_capacity=30),
-            timeout=TIMEOUT,
-        ).course
+        course = (
+            stubs[0]
+            .CreateCourse(
+                pb.CreateCourseRequest(code="LINE", title="Line", capacity=2, waitlist_capacity=30),
+                timeout=TIMEOUT,
+            )
+            .course
+        )
         students = [
-            stubs[0].CreateStudent(
+            stubs[0]
+            .CreateStudent(
                 pb.CreateStudentRequest(name=f"L{i}", email=f"line{i}@example.com"),
                 timeout=TIMEOUT,
-            ).student.id
+            )
+            .student.id
             for i in range(24)
         ]
         stop = time.monotonic() + 4

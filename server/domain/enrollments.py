@@ -213,7 +213,9 @@ def _shown(row: StudentCourse) -> Entry:
 _AHEAD = StudentCourse.alias("ahead")
 
 
-def _with_places(query: pw.ModelSelect) -> pw.ModelSelect:
+def _with_places(
+    query: pw.ModelSelect[StudentCourse],
+) -> pw.ModelSelect[StudentCourse]:
     """query's entries, each waiting one with the entries ahead of it in its course's
     line counted by the same statement (as `ahead`; None for an enrolled one): a read
     without the course's lock. Under READ COMMITTED (PostgreSQL, MariaDB) each statement
