@@ -147,18 +147,23 @@ def delete_student(*, student_id: int, force: bool) -> None:
     fields = Fields()
     fields.required_id("student_id", student_id)
     checked(fields)
-    # Locked first: an enrollment of this student racing the delete either committed
-    # before (and is counted below) or waits and then finds no student.
+    # The order every writer of entries keeps: course rows first, in id order, then the
+    # student's (an entry's insert takes its key lock through the foreign key). Locking
+    # the student first deadlocked with a batch enrolling it in one course while holding
+    # another of its courses.
+    locked = _lock_courses(_courses_of(student_id), {})
+    # With the student's row ours, no entry of it can be added: an enrollment racing
+    # the delete either committed before (and is read below) or waits and then finds
+    # no student.
     student = find_student(student_id, lock=True)
+    # Read again: a drop may have committed before its course was locked here, an
+    # enroll before the student was. The latter's course is locked now, out of order
+    # (a deadlock that may cause is retried whole, as any), and the entries read once
+    # more: that course may have dropped the student or gone since. Then they are still.
     courses = _courses_of(student_id)
-    locked: dict[int, Course] = {}
-    if courses:
-        # Every enroll and drop locks its course first, so with these courses locked
-        # (in id order, as enrollment writers do) none of the student's entries can
-        # change under us; read them again, as a drop may have just committed. (None
-        # can have been added: the student's row is ours.)
-        query = Course.select().where(Course.id.in_(courses)).order_by(Course.id)
-        locked = {course.id: course for course in locking(query)}
+    added = [course_id for course_id in courses if course_id not in locked]
+    if added:
+        locked = _lock_courses(added, locked)
         courses = _courses_of(student_id)
     if courses and not force:
         # Waitlist entries count too.
@@ -169,6 +174,15 @@ def delete_student(*, student_id: int, force: bool) -> None:
         drop_entry(locked[course_id], student_id, now)
     Student.delete().where(Student.id == student_id).execute()
     events.student_deleted(student)
+
+
+def _lock_courses(ids: list[int], locked: dict[int, Course]) -> dict[int, Course]:
+    """locked and the courses of ids, their rows locked in id order (a course that is
+    gone is left out: its entries went with it)."""
+    if not ids:
+        return locked
+    query = Course.select().where(Course.id.in_(ids)).order_by(Course.id)
+    return {**locked, **{course.id: course for course in locking(query)}}
 
 
 def _courses_of(student_id: int) -> list[int]:
