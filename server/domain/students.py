@@ -26,7 +26,12 @@ from enrollment.server.persistence.models import (
 )
 from enrollment.server.persistence.prepared import Prepared
 from enrollment.server.persistence.steps import Read, Steps
-from enrollment.server.persistence.unit_of_work import locking, savepoint
+from enrollment.server.persistence.unit_of_work import (
+    RunAgain,
+    final_attempt,
+    locking,
+    savepoint,
+)
 
 # A page of all students, and of one course's roster: keyset on the student id. The roster
 # is ordered by the join table's student_id, the same values, so that SQLite reads the
@@ -157,12 +162,15 @@ def delete_student(*, student_id: int, force: bool) -> None:
     # no student.
     student = find_student(student_id, lock=True)
     # Read again: a drop may have committed before its course was locked here, an
-    # enroll before the student was. The latter's course is locked now, out of order
-    # (a deadlock that may cause is retried whole, as any), and the entries read once
-    # more: that course may have dropped the student or gone since. Then they are still.
+    # enroll before the student was. The latter's course is not locked: the delete runs
+    # again from the start, which locks it in order. On the last attempt it is locked
+    # now, out of order (a deadlock that may cause fails the call UNAVAILABLE), and the
+    # entries read once more: that course may have dropped the student or gone since.
     courses = _courses_of(student_id)
     added = [course_id for course_id in courses if course_id not in locked]
     if added:
+        if not final_attempt():
+            raise RunAgain
         locked = _lock_courses(added, locked)
         courses = _courses_of(student_id)
     if courses and not force:

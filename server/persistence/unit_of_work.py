@@ -44,6 +44,20 @@ log = logging.getLogger("enrollment.db")
 
 # A transaction chosen as a deadlock victim is run again this many times in all.
 ATTEMPTS = 3
+# The attempt of the unit of work running on this thread (transactional), from 1.
+_attempt: ContextVar[int] = ContextVar("attempt", default=ATTEMPTS)
+
+
+class RunAgain(Exception):
+    """Raised by a transactional function that found what it read move under it before
+    it could lock it in order: its transaction is rolled back and it runs again from the
+    start, as a deadlock victim does but without the deadlock. Raise it only while
+    final_attempt() is False."""
+
+
+def final_attempt() -> bool:
+    """Whether the running unit of work may no longer raise RunAgain."""
+    return _attempt.get() >= ATTEMPTS
 
 
 class _Waiter(Protocol):
@@ -564,6 +578,7 @@ def transactional(
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             for attempt in range(1, ATTEMPTS + 1):
+                counted = _attempt.set(attempt)
                 try:
                     if _observer is None:
                         with unit_of_work(write=write, snapshot=snapshot):
@@ -573,6 +588,10 @@ def transactional(
                         unit_of_work(write=write, snapshot=snapshot),
                     ):
                         return fn(*args, **kwargs)
+                except RunAgain:
+                    if attempt == ATTEMPTS:
+                        raise AssertionError(f"{fn.__name__} asked to run again") from None
+                    log.debug("%s: run again, attempt %d", fn.__name__, attempt)
                 except _StaleConnection as exc:
                     if attempt > 1:  # a new connection lost too: the database is away
                         raise DatabaseUnavailable.of() from exc.__cause__
@@ -582,6 +601,8 @@ def transactional(
                         raise DatabaseUnavailable.of() from exc.__cause__
                     log.debug("%s: deadlock, attempt %d, running again", fn.__name__, attempt)
                     time.sleep(random.uniform(0.001, 0.01 * attempt))
+                finally:
+                    _attempt.reset(counted)
             raise AssertionError("unreachable")
 
         return wrapper
