@@ -10,6 +10,7 @@ committed before a crash are answered from the server's records and only the res
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -274,13 +275,11 @@ def remove_old_rejects(path: str) -> None:
     """For a run without rejects: removes an earlier run's rejects file at path, so what
     lies there never reads as this run's failures. A file whose header does not end in
     REJECT_COLUMNS is someone else's and stays, as does one that cannot be read."""
-    try:
+    with contextlib.suppress(OSError, UnicodeDecodeError, csv.Error):
         with open(path, encoding="utf-8", newline="") as file:
             header = next(csv.reader([file.readline()]), [])
         if tuple(header[-len(REJECT_COLUMNS) :]) == REJECT_COLUMNS:
             os.remove(path)
-    except (OSError, UnicodeDecodeError, csv.Error):
-        pass
 
 
 EXPORT_COLUMNS = ("student_id", "course_id", "state", "waitlist_position", "create_time",
