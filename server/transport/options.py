@@ -81,7 +81,7 @@ def grpc_options(config: Limits) -> list[tuple[str, int]]:
         # default ("overload protection") counts a stream until grpc frees it, after the
         # client has seen it end, and refuses the client's next one with RST_STREAM
         # REFUSED_STREAM: UNAVAILABLE with no status details, to a client within its
-        # limit (about 1 call in 20 at 95 calls at once on one connection of the 100).
+        # limit (tests/test_hostile.py: 24 callers on a connection of 4 streams).
         ("grpc.http.overload_protection", 0),
         # A connection that has not finished its TLS handshake and sent the HTTP/2
         # preface and SETTINGS within this is closed (grpc's default is 120 s).
