@@ -618,12 +618,9 @@ def _state(state: pb.EnrollmentState.ValueType) -> str:
     return pb.EnrollmentState.Name(state).removeprefix("ENROLLMENT_STATE_").lower()
 
 
-def _capacity(capacity: int) -> str:
-    return "unlimited" if capacity == 0 else str(capacity)
-
-
-def _waitlist(capacity: int) -> str:
-    return "none" if capacity == 0 else str(capacity)
+def _limit(value: int, zero: str) -> str:
+    """A capacity: its number, or what 0 means for it ("unlimited" seats, "none" waiting)."""
+    return zero if value == 0 else str(value)
 
 
 @dataclass(frozen=True)
@@ -651,9 +648,9 @@ FIELDS: dict[type[Message], list[Field]] = {
         Field("id", "ID", lambda c: str(c.id), right=True),
         Field("code", "CODE", lambda c: c.code),
         Field("title", "TITLE", lambda c: c.title),
-        Field("capacity", "CAPACITY", lambda c: _capacity(c.capacity), right=True),
+        Field("capacity", "CAPACITY", lambda c: _limit(c.capacity, "unlimited"), right=True),
         Field("enrolled_count", "ENROLLED", lambda c: str(c.enrolled_count), right=True),
-        Field("waitlist_capacity", "WAITLIST", lambda c: _waitlist(c.waitlist_capacity), True),
+        Field("waitlist_capacity", "WAITLIST", lambda c: _limit(c.waitlist_capacity, "none"), True),
         Field("waitlisted_count", "WAITING", lambda c: str(c.waitlisted_count), right=True),
         Field("create_time", "CREATED", lambda c: _time(c.create_time)),
         Field("update_time", "UPDATED", lambda c: _time(c.update_time), in_table=False),
@@ -743,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             client = _connect(args)
-        except (OSError, ValueError) as exc:
+        except ValueError as exc:
             # An unusable PEM file or a lone --tls-cert is a usage error, before any call.
             parser.error(str(exc))
         with client:
