@@ -319,12 +319,23 @@ def test_schema_commands_follow_enrollment_log_format(tmp_path):
     assert entry["level"] == "ERROR", entry
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "nan", "abc", "1e9"])
-def test_health_timeout_must_be_above_0(value):
+@pytest.mark.parametrize(
+    "value, wanted",
+    [
+        ("0", "above 0 and at most 2147483 (about 24 days)"),
+        ("-1", "above 0 and at most 2147483 (about 24 days)"),
+        ("1e9", "above 0 and at most 2147483 (about 24 days)"),
+        # Not a number: said as serve says it of its own seconds settings.
+        ("nan", "a number of seconds"),
+        ("abc", "a number of seconds"),
+    ],
+)
+def test_health_timeout_must_be_above_0(value, wanted):
     # --timeout 0 meant no deadline at all and -1 one already past.
     result = run("health", "--address", "127.0.0.1:1", "--timeout", value)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert result.stderr.splitlines()[-1] == (
-        "enrollment-server health: error: argument --timeout: must be above 0 and at most "
-        f"2147483 (about 24 days), not {value!r}"
+        f"enrollment-server health: error: argument --timeout: must be {wanted}, not {value!r}"
     ), result.stderr
+    serve = run("serve", "--database-timeout", value)
+    assert f"--database-timeout must be {wanted}, not {value!r}" in serve.stderr, serve.stderr

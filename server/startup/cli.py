@@ -280,14 +280,10 @@ _failures_said_once = _FailuresSaidOnce()
 
 def _probe_timeout(text: str) -> float:
     """health --timeout: above 0 (grpc took 0 as no deadline and -1 as one past)."""
-    kind = seconds(above_zero=True)
     try:
-        value = kind.convert(text)
-    except ValueError:
-        value = None
-    if value is None or kind.problem(value):
-        raise argparse.ArgumentTypeError(f"must be {kind.bound}, not {text!r}")
-    return float(value)
+        return float(seconds(above_zero=True).parse(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def health_check(args: argparse.Namespace, address: str) -> int:

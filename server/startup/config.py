@@ -41,6 +41,17 @@ class Kind:
             return None
         return self.bound
 
+    def parse(self, text: str) -> Any:
+        """text's value; ValueError("must be <word or bound>, not 'text'") otherwise."""
+        try:
+            value = self.convert(text.strip())
+        except ValueError:
+            raise ValueError(f"must be {self.word}, not {text!r}") from None
+        bound = self.problem(value)
+        if bound:
+            raise ValueError(f"must be {bound}, not {text!r}")
+        return value
+
 
 def whole(minimum: int, maximum: int | None = None) -> Kind:
     if maximum is None:
@@ -431,11 +442,9 @@ def _given(
         return None
     label, text = found
     try:
-        value = each.kind.convert(text.strip())
-    except ValueError:
-        return label, None, f"{label} must be {each.kind.word}, not {text!r}"
-    bound = each.kind.problem(value)
-    return label, value, f"{label} must be {bound}, not {text!r}" if bound else ""
+        return label, each.kind.parse(text), ""
+    except ValueError as exc:
+        return label, None, f"{label} {exc}"
 
 
 def _problems(config: ServerConfig) -> list[str]:
