@@ -159,6 +159,11 @@ class DatabaseUnavailable(EnrollmentError):
     def of(cls) -> DatabaseUnavailable:
         return cls("the database is unavailable; retry the call")
 
+    @classmethod
+    def read_only(cls) -> DatabaseUnavailable:
+        """The database accepts no writes now (a failover in progress, a replica)."""
+        return cls("the database is read-only now; nothing was changed, retry the call later")
+
 
 class CommitOutcomeUnknown(EnrollmentError):
     """The COMMIT's answer was lost (the connection failed, or a timeout struck while it

@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from playhouse.pool import PooledPostgresqlDatabase
 
 from enrollment.server.domain import courses, enrollments, students
-from enrollment.server.persistence import engine, migrator, outbox, prepared
-from enrollment.server.persistence.failures import Verdict, classify
+from enrollment.server.persistence import engine, migrator, outbox, prepared, unit_of_work
+from enrollment.server.persistence.failures import Occurrences, Verdict, classify
 from enrollment.server.persistence.models import proxy as database
 from enrollment.server.startup.config import ServerConfig
 from enrollment.server.startup.server import create_server
@@ -599,3 +599,123 @@ def test_mariadb_table_full_is_recognised(new_database):
                 db.execute_sql("INSERT INTO t VALUES (REPEAT('x', 255))")
     assert raised.value.orig.args[0] == 1114, raised.value
     assert classify(raised.value) is Verdict.FULL
+
+
+# ------------------------------------------------------------------- read-only database
+
+
+@contextlib.contextmanager
+def read_only(url: str):
+    """Yield the URL the server should use and a switch that makes the database refuse
+    writes, as a demoted primary or a replica does; writable again on exit.
+
+    PostgreSQL: default_transaction_read_only for the database, its sessions ended so the
+    server's next connections get it. MariaDB: read_only for the whole server, which
+    holds back every account without READ_ONLY ADMIN: the server connects as such an
+    account (root has it)."""
+    kind = databases.kind_of(url)
+    name = url.rsplit("/", 1)[1]
+    admin = engine.open_probe(databases.admin_url(kind), timeout=10)
+    admin.connect()
+    if kind == "postgresql":
+        admin.connection().autocommit = True
+
+        def switch(on: bool) -> None:
+            admin.execute_sql(
+                f"ALTER DATABASE {name} SET default_transaction_read_only = {'on' if on else 'off'}"
+            )
+            admin.execute_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+
+        try:
+            yield url, switch
+        finally:
+            switch(False)
+            admin.close()
+        return
+    user = f"ro_{os.getpid()}"
+    admin.execute_sql(f"CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY 'ro-secret'")
+    admin.execute_sql(f"GRANT ALL ON {name}.* TO '{user}'@'127.0.0.1'")
+
+    def switch(on: bool) -> None:
+        admin.execute_sql(f"SET GLOBAL read_only = {1 if on else 0}")
+
+    try:
+        yield url.replace("root@", f"{user}:ro-secret@"), switch
+    finally:
+        switch(False)
+        admin.execute_sql(f"DROP USER '{user}'@'127.0.0.1'")
+        admin.close()
+
+
+@pytest.mark.own_database
+@pytest.mark.databases("postgresql", "mysql")
+def test_a_read_only_database_refuses_writes_as_unavailable_and_they_resume(
+    db_url, caplog, monkeypatch
+):
+    """A database that accepts no writes (a demoted primary during a failover, a replica
+    the URL points at by mistake) answers a write UNAVAILABLE DATABASE_UNAVAILABLE saying
+    so, changes nothing, logs one line and no traceback; reads go on, and writes resume
+    without a restart."""
+    caplog.set_level(logging.INFO)
+    # A count of this test's own: the log line is once per 10 s per process.
+    monkeypatch.setattr(unit_of_work, "read_only_events", Occurrences(every=10.0))
+    with contextlib.ExitStack() as stack:
+        url, switch = stack.enter_context(read_only(db_url))
+        running = create_server(ServerConfig(address="127.0.0.1:0", database_url=url))
+        channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+        stack.callback(engine.close_pool)
+        stack.callback(running.wait_idle)
+        stack.callback(lambda: running.stop(None).wait(10))
+        stack.callback(channel.close)
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        kept = new_student(stub, name="Kept")
+        course = new_course(stub, capacity=5)
+        before = databases.snapshot(db_url)
+
+        switch(True)
+        for attempt in range(3):
+            got = expect_error(
+                stub.CreateStudent,
+                pb.CreateStudentRequest(name="No", email=f"no{attempt}@example.com"),
+                UNAVAILABLE,
+                "DATABASE_UNAVAILABLE",
+            )
+            assert "read-only" in got.message, got.message
+            assert "nothing was changed" in got.message, got.message
+        expect_error(
+            stub.EnrollStudent,
+            pb.EnrollStudentRequest(student_id=kept.id, course_id=course.id),
+            UNAVAILABLE,
+            "DATABASE_UNAVAILABLE",
+        )
+        again = stub.GetStudent(pb.GetStudentRequest(student_id=kept.id), timeout=10)
+        assert again.student.name == "Kept"
+        lines = [r.getMessage() for r in caplog.records if "read-only" in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert not [r for r in caplog.records if r.exc_info], "no traceback"
+
+        switch(False)
+        assert databases.snapshot(db_url) == before
+        new_student(stub, name="After")
+        stub.EnrollStudent(
+            pb.EnrollStudentRequest(student_id=kept.id, course_id=course.id), timeout=10
+        )
+
+
+def test_sqlite_read_only_is_recognised(tmp_path):
+    """SQLite's SQLITE_READONLY (a file system remounted read-only after a disk error; here
+    a connection opened read-only) is READ_ONLY, as PostgreSQL's 25006 and MariaDB's
+    1290 and 1792 are (test above)."""
+    path = tmp_path / "ro.db"
+    writable = pw.SqliteDatabase(str(path))
+    writable.execute_sql("CREATE TABLE t (x INTEGER)")
+    writable.close()
+    sqlite = pw.SqliteDatabase(f"file:{path}?mode=ro", uri=True)
+    with pytest.raises(pw.OperationalError) as raised:
+        sqlite.execute_sql("INSERT INTO t VALUES (1)")
+    sqlite.close()
+    assert classify(raised.value) is Verdict.READ_ONLY, raised.value

@@ -10,7 +10,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily
 
 from enrollment.server import addresses
-from enrollment.server.persistence.failures import Occurrences, storage_full_events
+from enrollment.server.persistence.failures import (
+    Occurrences,
+    read_only_events,
+    storage_full_events,
+)
 
 # Unary calls on a local database: most finish in milliseconds.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -54,6 +58,14 @@ class RpcMetrics:
                 "enrollment_storage_full",
                 "writes the database refused for want of space (STORAGE_FULL answers)",
                 storage_full_events,
+            )
+        )
+        self.registry.register(
+            _OccurrencesCollector(
+                "enrollment_database_read_only",
+                "writes refused by a database that accepts none now (read-only: a "
+                "failover, a replica); answered DATABASE_UNAVAILABLE",
+                read_only_events,
             )
         )
         self._auth_failures = Counter(

@@ -45,6 +45,13 @@ _MYSQL_RETRY = {1213}  # deadlock found when trying to get lock
 _SQLITE_FULL = 13
 _PG_FULL_CODES = ("53100",)
 _MYSQL_FULL = {1021, 1114}
+# The database accepts no writes: PostgreSQL's read_only_sql_transaction (a hot standby,
+# default_transaction_read_only), MariaDB's "running with --read-only" (1290), "in a
+# READ ONLY transaction" (1792) and "table is read only" (1036, innodb_read_only),
+# SQLite's SQLITE_READONLY (a file system remounted read-only, a read-only file).
+_PG_READ_ONLY_CODES = ("25006",)
+_MYSQL_READ_ONLY = {1036, 1290, 1792}
+_SQLITE_READONLY = 8
 
 
 class Verdict(enum.Enum):
@@ -53,6 +60,7 @@ class Verdict(enum.Enum):
     RETRY = "retry"  # a deadlock victim: its transaction was rolled back whole, run it again
     UNAVAILABLE = "unavailable"  # down, locked or out of time: the caller may retry
     FULL = "full"  # no space left for the write: nothing changed, retry once space is freed
+    READ_ONLY = "read-only"  # the database accepts no writes now (a failover, a replica)
 
 
 def _driver_error(exc: BaseException) -> BaseException:
@@ -61,9 +69,9 @@ def _driver_error(exc: BaseException) -> BaseException:
 
 
 def classify(exc: BaseException) -> Verdict | None:
-    """RETRY for a deadlock victim, FULL for storage with no space left, UNAVAILABLE for
-    a database that is down, locked or out of time, None for anything else (a bug or a
-    schema mismatch)."""
+    """RETRY for a deadlock victim, FULL for storage with no space left, READ_ONLY for a
+    database that accepts no writes, UNAVAILABLE for a database that is down, locked or
+    out of time, None for anything else (a bug or a schema mismatch)."""
     if isinstance(exc, MaxConnectionsExceeded | pw.InterfaceError):
         return Verdict.UNAVAILABLE
     if not isinstance(exc, pw.DatabaseError | sqlite3.Error):
@@ -73,6 +81,8 @@ def classify(exc: BaseException) -> Verdict | None:
     cause = _driver_error(exc)
     pgcode = getattr(cause, "pgcode", None)
     if isinstance(cause, psycopg2.Error):
+        if pgcode in _PG_READ_ONLY_CODES:
+            return Verdict.READ_ONLY
         if pgcode in _PG_RETRY_CODES:
             return Verdict.RETRY
         if pgcode is None:
@@ -83,11 +93,15 @@ def classify(exc: BaseException) -> Verdict | None:
         return None
     if isinstance(cause, pymysql.Error):
         errno = _mysql_errno(cause)
+        if errno in _MYSQL_READ_ONLY:
+            return Verdict.READ_ONLY
         if errno in _MYSQL_RETRY:
             return Verdict.RETRY
         if errno in _MYSQL_TRANSIENT or isinstance(cause, pymysql.InterfaceError):
             return Verdict.UNAVAILABLE
         return None
+    if _sqlite_code(cause) == _SQLITE_READONLY:
+        return Verdict.READ_ONLY
     if isinstance(exc, pw.OperationalError | sqlite3.OperationalError):
         text = str(exc).lower()
         if any(marker in text for marker in _SQLITE_TRANSIENT):
@@ -170,6 +184,8 @@ class Occurrences:
 
 # Writes refused for want of space, since the process started (metrics read .total).
 storage_full_events = Occurrences(every=10.0)
+# Writes refused by a database that accepts none (read-only), likewise.
+read_only_events = Occurrences(every=10.0)
 
 
 def _mysql_errno(cause: BaseException) -> int | None:

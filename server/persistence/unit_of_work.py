@@ -31,6 +31,7 @@ from enrollment.server.persistence.failures import (
     Verdict,
     lost_connection,
     may_have_committed,
+    read_only_events,
     sqlite_busy,
     storage_full_events,
     verdict,
@@ -436,6 +437,9 @@ def _failure(
     if found is Verdict.FULL:  # refused, at COMMIT too: the database said so
         _storage_full(exc)
         return StorageFull.of()
+    if found is Verdict.READ_ONLY:  # refused: the database said so
+        _read_only(exc)
+        return DatabaseUnavailable.read_only()
     if committing and _outcome_unknown(db, exc):
         return CommitOutcomeUnknown.of()
     if commit_sent and may_have_committed(exc):
@@ -497,6 +501,19 @@ def _storage_full(exc: BaseException) -> None:
         log.warning(
             "storage full: the database refused %d write(s) for want of space "
             "(reads still work; writes resume once space is freed): %s",
+            count,
+            first_line(exc),
+        )
+
+
+def _read_only(exc: BaseException) -> None:
+    """Count a write refused by a database that accepts none; one log line (no
+    traceback) at most every few seconds, as for a full disk."""
+    count = read_only_events.record()
+    if count is not None:
+        log.warning(
+            "database read-only: it refused %d write(s) (a failover in progress, or the "
+            "URL names a replica; reads still work, writes resume once it accepts them): %s",
             count,
             first_line(exc),
         )

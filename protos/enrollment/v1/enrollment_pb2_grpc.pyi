@@ -84,9 +84,11 @@ first that applies decides the answer:
                                            stopping; resume elsewhere or
                                            later from the last sequence
   UNAVAILABLE         DATABASE_UNAVAILABLE the database is unreachable,
-                                           locked or timed out; nothing
-                                           changed, and retrying the same
-                                           call can help
+                                           locked or timed out, or accepts
+                                           no writes now (read-only, as in
+                                           a failover); nothing changed,
+                                           and retrying the same call can
+                                           help
   UNAVAILABLE         STORAGE_FULL         the database has no space left
                                            for the write; nothing changed,
                                            reads keep working, and writes
