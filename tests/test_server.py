@@ -87,6 +87,15 @@ def test_serve_from_env_then_refuse_a_port_already_in_use(db_url, server_process
         ("sqlite:///:memory:", "must name a file"),
         ("postgresql://localhost/db?prepare=sometimes", "prepare=true or prepare=false"),
         ("sqlite:///x.db?prepare=false", "prepare option is for postgresql"),
+        ("sqlite:///x.db?bogus=1", "the SQLite URL takes no options"),
+        ("sqlite:///x.db?timeout=abc", "the SQLite URL takes no options"),
+        ("mysql://root@127.0.0.1:3306/test?sslca=x", "unknown option 'sslca'"),
+        ("mysql://root@127.0.0.1:3306/test?ssl_ca=/no/such/ca.pem", "ssl_ca names no file"),
+        ("mysql://root@127.0.0.1:3306/test?charset=utf8", "charset must be utf8mb4"),
+        ("mysql://root@127.0.0.1:3306/test?charset=latin9", "charset must be utf8mb4"),
+        ("mysql://root@127.0.0.1:3306/test?autocommit=true", "option 'autocommit' is the server's"),
+        ("mysql://root@127.0.0.1:3306/test?connect_timeout=abc", "options cannot be used"),
+        ("postgresql://localhost/db?client_encoding=latin1", "client_encoding must be UTF8"),
     ],
 )
 def test_unusable_database_url_is_a_clear_error(url, expected):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import math
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple
 
 import peewee as pw
 import psycopg2
+import pymysql
 from playhouse.db_url import parse as parse_db_url
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase, PooledSqliteDatabase
 
@@ -81,12 +83,68 @@ def parse(url: str, *, create: bool = False) -> Target:
                 "the URL's prepare option is for postgresql:// URLs: prepare=true or prepare=false"
             )
     if kind == "sqlite":
+        if set(params) - {"database"}:
+            raise DatabaseConfigError(
+                "the SQLite URL takes no options: the server sets SQLite's own (WAL, "
+                "synchronous=FULL, a busy timeout of --database-timeout)"
+            )
         _check_sqlite_path(params.get("database") or "", create=create)
     elif not params.get("database"):
         raise DatabaseConfigError(f"the {kind} URL must name a database, as in {scheme}://HOST/DB")
     if "passwd" in params:
         params["password"] = params.pop("passwd")
+    if kind == "postgresql":
+        _check_postgresql_options(params)
+    elif kind == "mysql":
+        _check_mysql_options(params)
     return Target(kind, params)
+
+
+def _check_postgresql_options(params: dict[str, Any]) -> None:
+    """libpq checks the names and values of its options when it connects, and says
+    what is wrong; the client encoding is the server's to choose."""
+    encoding = params.get("client_encoding")
+    if encoding is not None and str(encoding).replace("-", "").upper() != "UTF8":
+        raise DatabaseConfigError(
+            "the postgresql URL's client_encoding must be UTF8 (or be left out): names "
+            "and emails may hold any Unicode character"
+        )
+
+
+# PyMySQL options that the server's code depends on: not for the URL to change.
+_MYSQL_OWN = ("autocommit", "client_flag", "conv", "cursorclass", "db", "defer_connect")
+_MYSQL_FILES = ("ssl_ca", "ssl_cert", "ssl_key", "read_default_file")
+
+
+def _check_mysql_options(params: dict[str, Any]) -> None:
+    """The URL's options for PyMySQL: known names, utf8mb4, files that exist, and values
+    the driver accepts (checked by making a connection object that does not connect)."""
+    known = set(inspect.signature(pymysql.connections.Connection.__init__).parameters)
+    for name in params:
+        if name in _MYSQL_OWN:
+            raise DatabaseConfigError(
+                f"the mysql URL's option {name!r} is the server's to set; leave it out"
+            )
+        if name not in known:
+            raise DatabaseConfigError(
+                f"the mysql URL has an unknown option {name!r}; options go to PyMySQL, "
+                "as in ?ssl_ca=/path/to/ca.pem"
+            )
+    charset = params.get("charset")
+    if charset is not None and str(charset).lower() != "utf8mb4":
+        raise DatabaseConfigError(
+            "the mysql URL's charset must be utf8mb4 (or be left out): utf8 and the "
+            "others cannot hold every character a name or an email may have"
+        )
+    for name in _MYSQL_FILES:
+        if name in params and not Path(str(params[name])).is_file():
+            raise DatabaseConfigError(f"the mysql URL's {name} names no file: {params[name]!r}")
+    try:
+        pymysql.connections.Connection(**params, defer_connect=True)
+    except Exception as exc:  # noqa: BLE001 - any refusal of the values is the URL's fault
+        raise DatabaseConfigError(
+            f"the mysql URL's options cannot be used: {first_line(exc)}"
+        ) from None
 
 
 def _check_sqlite_path(path: str, *, create: bool) -> None:
@@ -115,13 +173,15 @@ def _driver_params(
         params.setdefault("check_same_thread", False)
     elif target.kind == "postgresql":
         params.pop("prepare", None)  # the pool's own (open_pool)
-        options = [f"-c lock_timeout={int(timeout * 1000)}"]
+        # The URL's own options first: where both set something, the last -c wins.
+        options = [str(params.pop("options", "") or "")]
+        options.append(f"-c lock_timeout={int(timeout * 1000)}")
         if statement_timeout is not None:
             options.append(f"-c statement_timeout={int(statement_timeout * 1000)}")
         params.pop("database")
         params.setdefault("connect_timeout", whole_seconds)
         params.setdefault("application_name", "enrollment")
-        params.setdefault("options", " ".join(options))
+        params["options"] = " ".join(filter(None, options))
         # A peer that vanishes without a word (a cut cable, a dead host) is noticed
         # within a few seconds rather than after the kernel's 15-minute default.
         params.setdefault("keepalives_idle", whole_seconds)
@@ -129,16 +189,24 @@ def _driver_params(
         params.setdefault("keepalives_count", 3)
         params.setdefault("tcp_user_timeout", int(whole_seconds * 2000))
     else:
-        # READ COMMITTED, as on PostgreSQL: every statement sees what is committed, and
-        # the locking statements decide races the same way on both databases.
-        session = f"SET SESSION innodb_lock_wait_timeout = {whole_seconds}"
+        # Row locks and metadata locks (a schema change behind a running transaction)
+        # wait as long as a call may; MariaDB's default for the latter is a day.
+        session = (
+            f"SET SESSION innodb_lock_wait_timeout = {whole_seconds}, "
+            f"SESSION lock_wait_timeout = {whole_seconds}"
+        )
         if statement_timeout is not None:
             session += f", SESSION max_statement_time = {statement_timeout:.3f}"
         params.pop("database")
         params.setdefault("charset", "utf8mb4")
         params.setdefault("connect_timeout", whole_seconds)
-        params.setdefault("init_command", "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        params["session_sql"] = session
+        # READ COMMITTED, as on PostgreSQL: every statement sees what is committed, and
+        # the locking statements decide races the same way on both databases. A URL's
+        # init_command runs first (PyMySQL runs it on connecting), these after it.
+        params["session_sql"] = (
+            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            session,
+        )
         # A server that stops answering mid-query is given up on.
         limit = whole_seconds * 2 + (statement_timeout or 0)
         params.setdefault("read_timeout", limit if statement_timeout is not None else None)
@@ -147,10 +215,11 @@ def _driver_params(
 
 
 class _MySQLSession:
-    """Runs session settings on every new connection (pymysql's init_command takes one
-    statement, and the isolation level needs its own)."""
+    """Runs session settings on every new connection, after the URL's init_command if it
+    has one (PyMySQL's init_command takes one statement, and the isolation level needs
+    its own)."""
 
-    def __init__(self, *args: Any, session_sql: str = "", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, session_sql: tuple[str, ...] = (), **kwargs: Any) -> None:
         self._session_sql = session_sql
         super().__init__(*args, **kwargs)
 
@@ -161,7 +230,8 @@ class _MySQLSession:
         super()._initialize_connection(conn)  # type: ignore[misc]
         if self._session_sql and not getattr(conn, "enrollment_session", False):
             with conn.cursor() as cursor:
-                cursor.execute(self._session_sql)
+                for statement in self._session_sql:
+                    cursor.execute(statement)
             conn.enrollment_session = True
 
 
