@@ -66,14 +66,36 @@ def _fields():
     }
 
 
+INDEX_COLUMNS = ["course_id", "state", "join_number"]
+
+
 def migrate(migrator: Migrator, database: pw.Database, *, fake=False):
+    # fake: peewee-migrate replays the plan without a database (its queries are mocked).
+    done = set() if fake else _done_before(database)
     for table, fields in _fields().items():
+        missing = {name: field for name, field in fields.items() if (table, name) not in done}
         # allow_not_null: ADD COLUMN … NOT NULL DEFAULT <constant> in one statement,
         # instead of playhouse's add-nullable, UPDATE every row, then SET NOT NULL.
-        migrator.add_fields(table, allow_not_null=True, **fields)
+        if missing:
+            migrator.add_fields(table, allow_not_null=True, **missing)
     migrator.sql("UPDATE students SET update_time = create_time WHERE update_time IS NULL")
     migrator.sql("UPDATE courses SET update_time = create_time WHERE update_time IS NULL")
-    migrator.add_index("student_courses", "course", "state", "join_number")
+    if ("student_courses", "index") not in done:
+        migrator.add_index("student_courses", "course", "state", "join_number")
+
+
+def _done_before(database: pw.Database) -> set[tuple[str, str]]:
+    """On MariaDB, what an earlier run of 004 that stopped part way (a lock wait that ran
+    out, a lost connection) left behind: MariaDB commits each ALTER TABLE by itself, so
+    such a run keeps the columns it added; running 004 again adds only the rest. Empty
+    on SQLite and PostgreSQL, where 004 runs in one transaction and a stopped run
+    leaves nothing."""
+    if not _is_mysql(database):
+        return set()
+    done = {(table, column.name) for table in _fields() for column in database.get_columns(table)}
+    if any(index.columns == INDEX_COLUMNS for index in database.get_indexes("student_courses")):
+        done.add(("student_courses", "index"))
+    return done
 
 
 # What rolling 004 back loses that v1.0 has no column for, each with the query that
