@@ -3,9 +3,11 @@
 An import file has a header and either the columns student_id,course_id or
 email,course_code (other columns are ignored). Rows go to the server in batches of up
 to 500, in file order, each with a request_id derived (uuid5) from the file's content
-hash, the batch size, the batch's position and --waitlist: a re-run of the same file
-with the same options sends the same batches with the same ids, so the batches that
-committed before a crash are answered from the server's records and only the rest run.
+hash, the batch's position, its (student_id, course_id) pairs and --waitlist: a re-run
+of the same file with the same options sends the same batches with the same ids, so the
+batches that committed before a crash are answered from the server's records and only
+the rest run; a batch that differs (names that resolve now and did not before) is a new
+request.
 """
 
 from __future__ import annotations
@@ -88,13 +90,20 @@ class Summary:
         }
 
 
-def batch_request_id(content_hash: str, size: int, index: int, waitlist_if_full: bool) -> str:
-    """The batch's id: the same for the same file, batch size, position and options. With
-    the options left out, the file run again with --waitlist was the first run's request
-    id on another request: refused whole as REQUEST_ID_REUSED. (Without --waitlist the
-    id is what it was before the option counted, so a re-run after an upgrade replays.)"""
+def batch_request_id(
+    file_hash: str, index: int, pairs: list[tuple[int, int]], waitlist_if_full: bool
+) -> str:
+    """The batch's id: the same for the same file, position, (student_id, course_id)
+    pairs and options, another for any other batch. The pairs are what the rows resolved
+    to: a file of emails and course codes run again after a missing student was created
+    sends another batch, under another id (with an id from the file alone it was
+    refused whole as REQUEST_ID_REUSED); with the options left out, the file again with
+    --waitlist would be the same id on another request."""
+    digest = hashlib.sha256(
+        ";".join(f"{student},{course}" for student, course in pairs).encode()
+    ).hexdigest()
     options = ":waitlist" if waitlist_if_full else ""
-    return str(uuid.uuid5(NAMESPACE, f"{content_hash}:{size}:{index}{options}"))
+    return str(uuid.uuid5(NAMESPACE, f"{file_hash}:{index}:{digest}{options}"))
 
 
 def read_rows(data: bytes) -> tuple[list[str], list[Row]]:
@@ -215,13 +224,14 @@ def _import_rows(
         if progress is not None:
             progress.update(len(valid))
         return
-    content_hash = hashlib.sha256(data).hexdigest()
+    file_hash = hashlib.sha256(data).hexdigest()
     for index, batch in enumerate(chunks(valid, batch_size)):
+        pairs = [row.pair for row in batch if row.pair is not None]
         results = client.batch_enroll(
-            [row.pair for row in batch if row.pair is not None],
+            pairs,
             allow_partial_success=True,
             waitlist_if_full=waitlist_if_full,
-            request_id=batch_request_id(content_hash, batch_size, index, waitlist_if_full),
+            request_id=batch_request_id(file_hash, index, pairs, waitlist_if_full),
         )
         for row, result in zip(batch, results, strict=True):
             if result.error is not None:

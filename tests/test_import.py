@@ -231,6 +231,34 @@ def test_the_same_file_again_with_waitlist_runs_its_batches_anew(live, tmp_path)
     ) == [(1, 1)]
 
 
+def test_the_same_names_file_after_adding_a_missing_student_runs(live, tmp_path):
+    # A batch's request_id came from the file, but its pairs from the names as they
+    # resolved then: the file run again after creating the missing student resolved to
+    # another batch under the same id, refused whole as REQUEST_ID_REUSED.
+    with EnrollmentClient(live.address) as client:
+        client.create_student("A", "a@example.com")
+        course = client.create_course("N-1", "N")
+    path = tmp_path / "names.csv"
+    path.write_text("email,course_code\na@example.com,N-1\nb@example.com,N-1\n")
+    out, err = _import(live.address, path).communicate(timeout=60)
+    assert "2 rows: 1 enrolled, 1 rejected" in out, (out, err)
+    with EnrollmentClient(live.address) as client:
+        client.create_student("B", "b@example.com")
+    run = _import(live.address, path)
+    out, err = run.communicate(timeout=60)
+    assert "REQUEST_ID_REUSED" not in out + err, (out, err)
+    # A's row went out again (the batch is another now): already enrolled, B enrolled.
+    assert "2 rows: 1 enrolled, 1 rejected" in out, (out, err)
+    rejects = (tmp_path / "names.csv.rejects.csv").read_text()
+    assert "a@example.com" in rejects and "ALREADY_ENROLLED" in rejects, rejects
+    assert databases.query(
+        live.database_url, "SELECT enrolled_count FROM courses WHERE id = ?", (course.id,)
+    ) == [(2,)]
+    # The same again: its batch is now the one just sent, answered from its record.
+    out, err = _import(live.address, path).communicate(timeout=60)
+    assert "2 rows: 1 enrolled, 1 rejected" in out, (out, err)
+
+
 def test_rejects_to_a_missing_folder_is_refused_before_anything_is_sent(live, tmp_path):
     # It was a traceback after the batches had committed.
     with EnrollmentClient(live.address) as client:
