@@ -112,27 +112,43 @@ def read_rows(data: bytes) -> tuple[list[str], list[Row]]:
     except UnicodeDecodeError:
         raise ImportFileError("the file is not UTF-8 text") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = [c.strip() for c in (reader.fieldnames or [])]
-    if not columns:
-        raise ImportFileError("the file is empty: a header line is required")
-    reader.fieldnames = columns
-    if not (set(ID_COLUMNS) <= set(columns) or set(NAME_COLUMNS) <= set(columns)):
-        raise ImportFileError(
-            "the header must name the columns student_id,course_id or email,course_code; "
-            f"it has {','.join(columns)}"
-        )
-    rows = []
-    for record in reader:
-        values = {k: (v or "").strip() for k, v in record.items() if k is not None}
-        rows.append(Row(reader.line_num, values))
+    try:
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        if not columns:
+            raise ImportFileError("the file is empty: a header line is required")
+        twice = sorted({c for c in columns if c and columns.count(c) > 1})
+        if twice:
+            raise ImportFileError(f"the header names the column {twice[0]!r} twice")
+        reader.fieldnames = columns
+        if not (set(ID_COLUMNS) <= set(columns) or set(NAME_COLUMNS) <= set(columns)):
+            raise ImportFileError(
+                "the header must name the columns student_id,course_id or email,course_code; "
+                f"it has {','.join(columns)}"
+            )
+        rows = []
+        for record in reader:
+            values = {k: (v or "").strip() for k, v in record.items() if k is not None}
+            rows.append(Row(reader.line_num, values))
+    except csv.Error as exc:
+        # A field longer than csv's limit (131072 characters): no row of such a file is
+        # sent, as for a bad header.
+        raise ImportFileError(f"line {reader.reader.line_num}: {_csv_problem(exc)}") from None
     return columns, rows
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    text = str(exc)
+    if "field larger than field limit" in text:
+        return f"a field is longer than {csv.field_size_limit()} characters"
+    return text
 
 
 def _ids(row: Row) -> tuple[int, int] | str:
     out = []
     for column in ID_COLUMNS:
         text = row.values.get(column, "")
-        if not text.isdigit() or int(text) < 1 or int(text) > 2**63 - 1:
+        # ASCII digits only: str.isdigit takes "²" (which int() refuses) and "１２".
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 2**63 - 1:
             return f"{column} must be a whole number of 1 or more, not {text!r}"
         out.append(int(text))
     return out[0], out[1]

@@ -339,3 +339,45 @@ def test_a_run_without_rejects_removes_an_earlier_runs_rejects_file(live, tmp_pa
     out, err = run.communicate(timeout=60)
     assert run.returncode == 0, (out, err)
     assert other.read_text() == "my,own\nnotes,here\n"
+
+
+def test_ids_that_are_not_ascii_digits_are_rejected_row_by_row(live, tmp_path):
+    # "²" passed str.isdigit and failed int(): the whole file stopped at that row; "１２"
+    # (fullwidth) was read as 12 and imported.
+    with EnrollmentClient(live.address) as client:
+        a = client.create_student("A", "a@example.com")
+        course = client.create_course("D-1", "D")
+    path = tmp_path / "digits.csv"
+    path.write_text(
+        f"student_id,course_id\n{a.id},{course.id}\n²,{course.id}\n"
+        f"{''.join(chr(0xFF10 + int(d)) for d in str(a.id))},{course.id}\n"
+    )
+    run = _import(live.address, path)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 1 and "3 rows: 1 enrolled, 2 rejected" in out, (out, err)
+    rejects = list(csv.DictReader((tmp_path / "digits.csv.rejects.csv").open()))
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        ("3", "INVALID_FIELD"),
+        ("4", "INVALID_FIELD"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("student_id,course_id\n1," + "9" * 200_000 + "\n", "line 2: a field is longer"),
+        ("student_id,course_id,student_id\n1,2,3\n", "names the column 'student_id' twice"),
+    ],
+)
+def test_a_file_the_import_cannot_read_is_one_line_before_anything_is_sent(
+    live, tmp_path, content, expected
+):
+    # A field over csv's limit was a traceback; a column named twice was
+    # read from its last copy without a word.
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    run = _import(live.address, path)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 2, (out, err)
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert databases.query(live.database_url, "SELECT COUNT(*) FROM student_courses") == [(0,)]
