@@ -313,15 +313,29 @@ EXPORT_COLUMNS = ("student_id", "course_id", "state", "waitlist_position", "crea
 
 
 def export(client: EnrollmentClient, out: IO[str], course_id: int = 0) -> int:
-    """Every enrollment (of one course, or all) as CSV that `import` reads back; rows."""
-    entries = client.iter_enrollments(course_id=course_id, page_size=1000)
+    """Every enrollment (of one course, or all) as CSV that `import` reads back; rows.
+
+    The seats come first, then each course's waitlist in line order: imported with
+    --waitlist into the same courses, empty, the same students get the seats and wait
+    in the same order. (In ListEnrollments' order, by student id, a waiting student
+    with a lower id took a seat before one who had it.)"""
+    enrolled = client.iter_enrollments(
+        course_id=course_id, state=pb.ENROLLMENT_STATE_ENROLLED, page_size=1000
+    )
     # The first page is asked for before the header is written: a failing first call
     # leaves the output empty, not a header that reads as an export of nothing.
-    first = next(entries, None)
+    first = next(enrolled, None)
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(EXPORT_COLUMNS)
     count = 0
-    for entry in entries if first is None else itertools.chain([first], entries):
+    for entry in enrolled if first is None else itertools.chain([first], enrolled):
+        writer.writerow(_export_row(entry))
+        count += 1
+    # Waitlists are short (each at most its course's waitlist capacity): sorted here.
+    waiting = client.iter_enrollments(
+        course_id=course_id, state=pb.ENROLLMENT_STATE_WAITLISTED, page_size=1000
+    )
+    for entry in sorted(waiting, key=lambda e: (e.course_id, e.waitlist_position)):
         writer.writerow(_export_row(entry))
         count += 1
     return count

@@ -381,3 +381,39 @@ def test_a_file_the_import_cannot_read_is_one_line_before_anything_is_sent(
     assert run.returncode == 2, (out, err)
     assert expected in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert databases.query(live.database_url, "SELECT COUNT(*) FROM student_courses") == [(0,)]
+
+
+def test_an_export_imported_with_waitlist_gives_the_same_seats_and_line(live, tmp_path):
+    # The export was in (course_id, student_id) order: imported again, a waiting
+    # student with a lower id than a seated one took the seat.
+    with EnrollmentClient(live.address) as client:
+        first, second, third, fourth = (
+            client.create_student(name, f"{name}@example.com") for name in "abcd"
+        )
+        course = client.create_course("L-1", "L", capacity=1, waitlist_capacity=3)
+        for student in (fourth, second, first, third):  # d seated; b, a, c wait in that order
+            client.enroll(student.id, course.id, waitlist_if_full=True)
+        before = [
+            (e.student_id, e.state, e.waitlist_position)
+            for e in client.iter_enrollments(course_id=course.id)
+        ]
+    exported = subprocess.run(
+        [CLIENT, "--address", live.address, "export"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert exported.returncode == 0, exported.stderr
+    path = tmp_path / "export.csv"
+    path.write_text(exported.stdout)
+    with EnrollmentClient(live.address) as client:
+        for student in (first, second, third, fourth):
+            client.drop(student.id, course.id)
+    out, err = _import(live.address, path, "--waitlist").communicate(timeout=60)
+    assert "4 rows: 4 enrolled, 3 of them waitlisted, 0 rejected" in out, (out, err)
+    with EnrollmentClient(live.address) as client:
+        after = [
+            (e.student_id, e.state, e.waitlist_position)
+            for e in client.iter_enrollments(course_id=course.id)
+        ]
+    assert after == before
