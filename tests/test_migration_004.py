@@ -200,6 +200,30 @@ def test_rollback_of_a_newer_versions_migration_is_refused_in_one_line(backend, 
         db.close()
 
 
+@pytest.mark.databases("sqlite")
+def test_status_and_migrate_name_a_newer_versions_migration(backend, new_database):
+    # status listed it as a plain "applied" line and migrate said "schema is up to
+    # date": an operator running the older binary was not told the schema is newer.
+    url = new_database()
+    db = _open(url)
+    try:
+        migrator.migrate(db)
+        databases.sql(db, "INSERT INTO migratehistory (name, migrated_at) VALUES (?, ?)",
+                      ("999_future_thing", BASE))  # fmt: skip
+    finally:
+        db.close()
+    status = _command("status", url)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[-1] == (
+        "applied  999_future_thing (unknown to this version: a newer version applied it)"
+    ), status.stdout
+    done = _command("migrate", url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "nothing to apply; the schema is newer than this version (999_future_thing)"
+    ), done.stdout
+
+
 def _schema(db: pw.Database) -> dict[str, list[tuple]]:
     """Per table: (column, type, nullable, default) and (index columns, unique)."""
     out = {}

@@ -327,7 +327,16 @@ def _schema_command(args: argparse.Namespace, db: pw.Database) -> int:
     try:
         if command == "migrate":
             applied = migrator.migrate(db)
-            print(f"applied {', '.join(applied)}" if applied else "schema is up to date")
+            if applied:
+                print(f"applied {', '.join(applied)}")
+            else:
+                with db.connection_context():
+                    newer = migrator.unknown_migrations(db)
+                print(
+                    f"nothing to apply; the schema is newer than this version ({', '.join(newer)})"
+                    if newer
+                    else "schema is up to date"
+                )
         elif command == "rollback":
             undone = migrator.rollback(db, allow_data_loss=args.allow_data_loss)
             print(f"rolled back {undone}" if undone else "nothing to roll back")
@@ -335,8 +344,10 @@ def _schema_command(args: argparse.Namespace, db: pw.Database) -> int:
             with db.connection_context():
                 done = migrator.applied_migrations(db)
                 pending = migrator.pending_migrations(db)
+                newer = set(migrator.unknown_migrations(db))
             for name in done:
-                print(f"applied  {name}")
+                unknown = " (unknown to this version: a newer version applied it)"
+                print(f"applied  {name}{unknown if name in newer else ''}")
             for name in pending:
                 print(f"pending  {name}")
     finally:
