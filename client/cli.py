@@ -118,6 +118,8 @@ def address(text: str) -> str:
         return text
     if not text:
         raise argparse.ArgumentTypeError(f"the address is empty: {_GIVE}")
+    if "/" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is a URL: {_GIVE}")
     host, colon, port = text.rpartition(":")
     if not colon or not re.fullmatch(r"-?[0-9]*", port) or host.endswith(":"):
         raise argparse.ArgumentTypeError(f"{text!r} has no port: {_GIVE}")

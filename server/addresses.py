@@ -24,4 +24,5 @@ def well_formed(address: str) -> bool:
     """Whether address is HOST:PORT with a host and a port of 0-65535 (0: any free port).
     grpc itself takes a port beyond 65535 modulo 65536, and an empty one as 443."""
     host, port = split(address)
-    return bool(host) and bool(_PORT.fullmatch(port)) and int(port) <= 65535
+    # A host never holds a "/": "http://host:50051" is a URL, not an address.
+    return bool(host) and "/" not in host and bool(_PORT.fullmatch(port)) and int(port) <= 65535

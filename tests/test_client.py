@@ -240,6 +240,11 @@ def test_a_port_out_of_range_is_a_usage_error_not_another_server(address):
         ("localhost", "'localhost' has no port: give HOST:PORT, e.g. 127.0.0.1:50051"),
         # grpc's core logged lines and the call failed UNKNOWN.
         ("", "the address is empty: give HOST:PORT, e.g. 127.0.0.1:50051"),
+        # A URL: grpc failed to resolve "http://127.0.0.1" as a host name.
+        (
+            "http://127.0.0.1:50051",
+            "'http://127.0.0.1:50051' is a URL: give HOST:PORT, e.g. 127.0.0.1:50051",
+        ),
     ],
 )
 def test_an_address_without_a_port_is_a_usage_error(address, expected):

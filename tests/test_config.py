@@ -63,6 +63,7 @@ BAD_VALUES = [
     ("address", "127.0.0.1:", "a port of 0-65535"),
     ("address", "127.0.0.1:-5", "a port of 0-65535"),
     ("address", "50051", "HOST:PORT with a host"),
+    ("address", "http://127.0.0.1:50051", "HOST:PORT with a host"),
     ("metrics_address", "127.0.0.1:65536", "a port of 0-65535"),
     ("log_format", "xml", "text, json"),
     ("log_level", "LOUD", "DEBUG, INFO, WARNING, ERROR"),
