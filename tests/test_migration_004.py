@@ -181,15 +181,21 @@ def _command(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _with_a_newer_versions_migration(url: str) -> pw.Database:
+    """The database at url migrated, plus a migration only a newer version has; open."""
+    db = _open(url)
+    migrator.migrate(db)
+    databases.sql(db, "INSERT INTO migratehistory (name, migrated_at) VALUES (?, ?)",
+                  ("999_future_thing", BASE))  # fmt: skip
+    return db
+
+
 def test_rollback_of_a_newer_versions_migration_is_refused_in_one_line(backend, new_database):
     # Rolled back with the older binary after a deploy was reverted: it was a traceback
     # ending in FileNotFoundError, with the path of the file it looked for.
     url = new_database()
-    db = _open(url)
+    db = _with_a_newer_versions_migration(url)
     try:
-        migrator.migrate(db)
-        databases.sql(db, "INSERT INTO migratehistory (name, migrated_at) VALUES (?, ?)",
-                      ("999_future_thing", BASE))  # fmt: skip
         done = _command("rollback", url)
         assert done.returncode == 2, done.stderr
         (line,) = _failure_lines(done.stderr)
@@ -205,13 +211,7 @@ def test_status_and_migrate_name_a_newer_versions_migration(backend, new_databas
     # status listed it as a plain "applied" line and migrate said "schema is up to
     # date": an operator running the older binary was not told the schema is newer.
     url = new_database()
-    db = _open(url)
-    try:
-        migrator.migrate(db)
-        databases.sql(db, "INSERT INTO migratehistory (name, migrated_at) VALUES (?, ?)",
-                      ("999_future_thing", BASE))  # fmt: skip
-    finally:
-        db.close()
+    _with_a_newer_versions_migration(url).close()
     status = _command("status", url)
     assert status.returncode == 0, status.stderr
     assert status.stdout.splitlines()[-1] == (
