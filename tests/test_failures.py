@@ -637,7 +637,7 @@ def read_only(url: str):
             admin.close()
         return
     user = f"ro_{os.getpid()}"
-    admin.execute_sql(f"CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY 'ro-secret'")
+    admin.execute_sql(f"CREATE OR REPLACE USER '{user}'@'127.0.0.1' IDENTIFIED BY 'ro-secret'")
     admin.execute_sql(f"GRANT ALL ON {name}.* TO '{user}'@'127.0.0.1'")
 
     def switch(on: bool) -> None:
