@@ -344,10 +344,10 @@ def _schema_command(args: argparse.Namespace, db: pw.Database) -> int:
             with db.connection_context():
                 done = migrator.applied_migrations(db)
                 pending = migrator.pending_migrations(db)
-                newer = set(migrator.unknown_migrations(db))
+                unknown = set(migrator.unknown_migrations(db))
             for name in done:
-                unknown = " (unknown to this version: a newer version applied it)"
-                print(f"applied  {name}{unknown if name in newer else ''}")
+                note = " (unknown to this version: a newer version applied it)"
+                print(f"applied  {name}{note if name in unknown else ''}")
             for name in pending:
                 print(f"pending  {name}")
     finally:
