@@ -340,3 +340,34 @@ def test_health_timeout_must_be_above_0(value, wanted):
     ), result.stderr
     serve = run("serve", "--database-timeout", value)
     assert f"--database-timeout must be {wanted}, not {value!r}" in serve.stderr, serve.stderr
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder on a read-only file system (a bind mount remounted read-only), holding a
+    migrated database: what a volume mounted read-only by mistake looks like."""
+    source, folder = tmp_path / "source", tmp_path / "read-only"
+    source.mkdir(), folder.mkdir()
+    assert run("migrate", "--database-url", f"sqlite:///{source / 'x.db'}").returncode == 0
+    for suffix in ("-wal", "-shm"):
+        (source / f"x.db{suffix}").unlink(missing_ok=True)
+    mount = subprocess.run(["mount", "--bind", str(source), str(folder)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"a read-only bind mount needs root: {mount.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], check=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("command", ["serve", "status", "migrate", "rollback"])
+def test_a_sqlite_file_on_a_read_only_file_system_is_named_at_start_up(read_only_folder, command):
+    # It was "unable to open database file" (exit 1 after a start), which names no cause.
+    for name in ("x.db", "new.db"):
+        path = read_only_folder / name
+        if command != "migrate" and not path.exists():
+            continue
+        result = run(command, "--database-url", f"sqlite:///{path}")
+        one_line_exit_2(result, f"the SQLite file '{path}' is on a read-only file system")
+        assert not path.exists() or name == "x.db"

@@ -7,6 +7,7 @@ import inspect
 import itertools
 import logging
 import math
+import os
 import re
 import threading
 import weakref
@@ -155,6 +156,28 @@ def _check_sqlite_path(path: str, *, create: bool) -> None:
     if not create and not Path(path).exists():
         raise DatabaseConfigError(
             f"the SQLite file {path!r} does not exist; `enrollment-server migrate` creates it"
+        )
+    _check_sqlite_writable(Path(path))
+
+
+def _check_sqlite_writable(path: Path) -> None:
+    """In WAL mode SQLite writes the file and creates its -wal and -shm files beside it,
+    even to read: a folder it cannot write fails every call with "unable to open
+    database file". Said here, at start-up, in words an operator can act on."""
+    folder = path.parent
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise DatabaseConfigError(
+            f"the SQLite file {str(path)!r} is on a read-only file system; SQLite writes "
+            "the file and its -wal and -shm files in that directory"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DatabaseConfigError(
+            f"the directory of the SQLite file {str(path)!r} is not writable by this user; "
+            "SQLite creates its -wal and -shm files there"
+        )
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise DatabaseConfigError(
+            f"the SQLite file {str(path)!r} is not readable and writable by this user"
         )
 
 
