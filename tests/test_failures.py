@@ -9,7 +9,6 @@ import errno
 import logging
 import os
 import re
-import subprocess
 
 import grpc
 import peewee as pw
@@ -27,6 +26,7 @@ from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases
+from tests.mounts import small_tmpfs
 from tests.proxy import stub_through_proxy
 from tests.rpc import expect_error, new_course, new_student
 from tests.servers import scrape
@@ -471,28 +471,6 @@ def test_kept_connections_cut_by_the_database_cost_no_call(db_url):
 
 
 # ------------------------------------------------------------------------- storage full
-
-
-@contextlib.contextmanager
-def small_tmpfs(where, size: str):
-    """A tmpfs of `size` mounted at where; skipped (with the reason) where mounting is
-    not allowed, except under CI=true, where the suite runs as root and must cover it."""
-    where.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        reason = f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason} (CI=true requires this test)")
-        pytest.skip(reason)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(path) -> None:

@@ -151,33 +151,30 @@ def _check_mysql_options(params: dict[str, Any]) -> None:
 def _check_sqlite_path(path: str, *, create: bool) -> None:
     if not path or path == ":memory:" or path.startswith("file:"):
         raise DatabaseConfigError("the SQLite URL must name a file, as in sqlite:///enrollment.db")
-    if not Path(path).parent.is_dir():
+    file = Path(path)
+    folder = file.parent
+    if not folder.is_dir():
         raise DatabaseConfigError(f"the directory of the SQLite file {path!r} does not exist")
-    if not create and not Path(path).exists():
+    if not create and not file.exists():
         raise DatabaseConfigError(
             f"the SQLite file {path!r} does not exist; `enrollment-server migrate` creates it"
         )
-    _check_sqlite_writable(Path(path))
-
-
-def _check_sqlite_writable(path: Path) -> None:
-    """In WAL mode SQLite writes the file and creates its -wal and -shm files beside it,
-    even to read: a folder it cannot write fails every call with "unable to open
-    database file". Said here, at start-up, in words an operator can act on."""
-    folder = path.parent
+    # In WAL mode SQLite writes the file and creates its -wal and -shm files beside it,
+    # even to read: a folder it cannot write fails every call with "unable to open
+    # database file". Said here, at start-up, in words an operator can act on.
     if os.statvfs(folder).f_flag & os.ST_RDONLY:
         raise DatabaseConfigError(
-            f"the SQLite file {str(path)!r} is on a read-only file system; SQLite writes "
+            f"the SQLite file {path!r} is on a read-only file system; SQLite writes "
             "the file and its -wal and -shm files in that directory"
         )
     if not os.access(folder, os.W_OK | os.X_OK):
         raise DatabaseConfigError(
-            f"the directory of the SQLite file {str(path)!r} is not writable by this user; "
+            f"the directory of the SQLite file {path!r} is not writable by this user; "
             "SQLite creates its -wal and -shm files there"
         )
-    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+    if file.exists() and not os.access(file, os.R_OK | os.W_OK):
         raise DatabaseConfigError(
-            f"the SQLite file {str(path)!r} is not readable and writable by this user"
+            f"the SQLite file {path!r} is not readable and writable by this user"
         )
 
 
