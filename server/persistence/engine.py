@@ -63,6 +63,16 @@ class Target:
         return str(self.params.get("database", ""))
 
 
+def url_kind(url: str) -> str:
+    """The kind of database a URL names ("sqlite", "postgresql" or "mysql"): its scheme
+    only, none of parse()'s checks (nor the SQLite file's system calls), for callers
+    holding a URL that start-up has already parsed."""
+    kind = SCHEMES.get(url.split(":", 1)[0].lower())
+    if kind is None:
+        return parse(url).kind  # raises DatabaseConfigError, with parse()'s words
+    return kind
+
+
 def parse(url: str, *, create: bool = False) -> Target:
     """Check a database URL and split it into kind and driver parameters."""
     scheme = url.split(":", 1)[0].lower()

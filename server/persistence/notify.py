@@ -100,7 +100,7 @@ def _look(db: pw.Database) -> tuple[str, tuple[Any, ...]]:
 def listener(url: str, wake: Callable[[], None], *, timeout: float) -> CommitListener | Looks:
     """What tells this process of other processes' commits on url's database, calling
     wake (thread-safe, cheap) for them."""
-    if engine.parse(url).kind == "postgresql":
+    if engine.url_kind(url) == "postgresql":
         return CommitListener(url, wake, timeout=timeout)
     return Looks(url, wake, timeout=timeout)
 
@@ -200,7 +200,7 @@ class Looks(Periodic):
     SQLite's data_version, MariaDB's event counter."""
 
     def __init__(self, url: str, wake: Callable[[], None], *, timeout: float) -> None:
-        kind = engine.parse(url).kind
+        kind = engine.url_kind(url)
         super().__init__(f"feed-looks-{kind}", _LOOK_EVERY[kind])
         self._url, self._wake, self._timeout = url, wake, timeout
         self._wanted = threading.Event()  # the process has watchers (want())

@@ -112,7 +112,7 @@ def _writes_on_loop(config: ServerConfig) -> frozenset[str]:
 
 
 def _sqlite(config: ServerConfig) -> bool:
-    return engine.parse(config.database_url).kind == "sqlite"
+    return engine.url_kind(config.database_url) == "sqlite"
 
 
 # SQLite has one writer at a time: writes spread over the pool's threads each hold a
