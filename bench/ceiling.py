@@ -4,6 +4,13 @@ Two of them, as the performance issue asks: grpcio's sync server (a thread pool)
 grpc.aio (an event loop), neither with a database, validation or logging. `make bench`
 measures both in the same rounds and compares the enrollment server with the cheaper
 per call of the two.
+
+A third kind, "aio-bounded", is not a ceiling but a measure of one cost the enrollment
+server cannot drop: grpc.aio with every single-message method registered
+request-streaming and its message read under the server's own bound on its arrival
+(transport/interceptors.py, RequestReads; the "Hostile clients" issue's
+--request-timeout), then an empty answer. `python -m bench run --bound-check` runs it
+in the same rounds; its "cpu x" is the price of that bound on a bare server.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import grpc
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
-KINDS = ("sync", "aio")
+KINDS = ("sync", "aio", "aio-bounded")
 # Built as startup/server.py builds the real one, where it matters for a call's cost.
 OPTIONS = [("grpc.so_reuseport", 0)]
 _METHODS = pb.DESCRIPTOR.services_by_name["EnrollmentService"].methods
@@ -52,6 +59,31 @@ for _method in _METHODS:
     setattr(EmptyAioServicer, _method.name, _empty_async(_response))
 
 
+def _bounded_handlers() -> grpc.GenericRpcHandler:
+    """EnrollmentService's single-message methods as the enrollment server registers
+    them: request-streaming, the one message read with RequestReads' bound."""
+    from enrollment.server.transport.interceptors import RequestReads
+
+    reads = RequestReads(timeout=30.0)
+    handlers = {}
+    for method in _METHODS:
+        if method.client_streaming or method.server_streaming:
+            continue
+        request = getattr(pb, method.input_type.name)
+        response = getattr(pb, method.output_type.name)
+
+        async def handler(request_iterator, context, response=response):
+            await reads.read(context)
+            return response()
+
+        handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+            handler,
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler("enrollment.v1.EnrollmentService", handlers)
+
+
 def _serve_sync(address: str, threads: int) -> None:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
@@ -65,9 +97,12 @@ def _serve_sync(address: str, threads: int) -> None:
     server.wait_for_termination()
 
 
-async def _serve_aio(address: str) -> None:
+async def _serve_aio(address: str, *, bounded: bool = False) -> None:
     server = grpc.aio.server(options=OPTIONS)
-    pb_grpc.add_EnrollmentServiceServicer_to_server(EmptyAioServicer(), server)
+    if bounded:
+        server.add_generic_rpc_handlers((_bounded_handlers(),))
+    else:
+        pb_grpc.add_EnrollmentServiceServicer_to_server(EmptyAioServicer(), server)
     if not server.add_insecure_port(address):
         raise SystemExit(f"cannot listen on {address}")
     await server.start()
@@ -83,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kind", choices=KINDS, default="sync")
     parser.add_argument("--threads", type=int, default=16, help="the sync server's pool")
     args = parser.parse_args(argv)
-    if args.kind == "aio":
-        asyncio.run(_serve_aio(args.address))
+    if args.kind != "sync":
+        asyncio.run(_serve_aio(args.address, bounded=args.kind == "aio-bounded"))
     else:
         _serve_sync(args.address, args.threads)
 

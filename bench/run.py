@@ -30,6 +30,7 @@ from tests.servers import free_port
 PROJECT, WORKERS, THREADS = "enrollment", "enrollment-w", "enrollment-t"
 CEILING, CEILING_AIO = "ceiling", "ceiling-aio"  # grpcio's sync server; grpc.aio
 CEILINGS = (CEILING, CEILING_AIO)
+BOUNDED = "aio-bounded"  # --bound-check: grpc.aio with the request-arrival bound (ceiling.py)
 POSTGRESQL = "enrollment-pg"  # the same server on a PostgreSQL database, in `mixed`
 OTHER = "other"
 # `read` driven by h2load: one student per round, ListCourses and GetStudent in turn.
@@ -84,6 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="also run every mix against a server with --threads N, in the same rounds",
+    )
+    parser.add_argument(
+        "--bound-check",
+        action="store_true",
+        help="also run every mix against grpc.aio's bare server with the methods "
+        "registered as the enrollment server registers them, request-streaming with "
+        "the bound on a request's arrival (bench/ceiling.py, aio-bounded): what that "
+        "bound costs before any of the server's own work",
     )
     parser.add_argument(
         "--other-server",
@@ -211,6 +220,10 @@ def main(args: argparse.Namespace) -> int:
             servers[THREADS] = project(
                 "server-threads.log", threads=args.threads_check, workers=args.workers
             )
+        if args.bound_check:
+            servers[BOUNDED] = procs.ceiling_server(
+                free_port(), tmpdir / f"{BOUNDED}.log", threads=args.threads, kind=BOUNDED
+            )
         if args.other_server:
             servers[OTHER] = project(
                 "server-other.log",
@@ -326,6 +339,8 @@ def _run_rounds(servers, mixes, shape, args, tmpdir: Path) -> dict:
             names.append(THREADS)
         if OTHER in servers:
             names.append(OTHER)
+        if BOUNDED in servers:
+            names.append(BOUNDED)
         rounds: dict[str, list] = {name: [] for name in names}
         for index in range(args.rounds):
             # Alternate which server goes first, so drift on a shared machine hits both.
@@ -343,7 +358,7 @@ def _run_rounds(servers, mixes, shape, args, tmpdir: Path) -> dict:
                         duration=args.duration,
                         warmup=args.warmup,
                         student=1 + (index * 7919) % shape.students,
-                        log_path=None if name in CEILINGS else server.log_path,
+                        log_path=None if name in (*CEILINGS, BOUNDED) else server.log_path,
                     )
                 else:
                     result = measure.drive(
