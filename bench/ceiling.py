@@ -29,6 +29,7 @@ KINDS = ("sync", "aio", "aio-bounded")
 # Built as startup/server.py builds the real one, where it matters for a call's cost.
 OPTIONS = [("grpc.so_reuseport", 0)]
 _METHODS = pb.DESCRIPTOR.services_by_name["EnrollmentService"].methods
+SERVICE = pb.DESCRIPTOR.services_by_name["EnrollmentService"].full_name
 
 
 class EmptyServicer(pb_grpc.EnrollmentServiceServicer):
@@ -59,7 +60,7 @@ for _method in _METHODS:
     setattr(EmptyAioServicer, _method.name, _empty_async(_response))
 
 
-def _bounded_handlers() -> grpc.GenericRpcHandler:
+def _bounded_handlers() -> dict[str, grpc.RpcMethodHandler]:
     """EnrollmentService's single-message methods as the enrollment server registers
     them: request-streaming, the one message read with RequestReads' bound."""
     from enrollment.server.transport.interceptors import RequestReads
@@ -81,7 +82,7 @@ def _bounded_handlers() -> grpc.GenericRpcHandler:
             request_deserializer=request.FromString,
             response_serializer=response.SerializeToString,
         )
-    return grpc.method_handlers_generic_handler("enrollment.v1.EnrollmentService", handlers)
+    return handlers
 
 
 def _serve_sync(address: str, threads: int) -> None:
@@ -100,7 +101,8 @@ def _serve_sync(address: str, threads: int) -> None:
 async def _serve_aio(address: str, *, bounded: bool = False) -> None:
     server = grpc.aio.server(options=OPTIONS)
     if bounded:
-        server.add_generic_rpc_handlers((_bounded_handlers(),))
+        # Registered methods, as the generated add_…_to_server registers them.
+        server.add_registered_method_handlers(SERVICE, _bounded_handlers())
     else:
         pb_grpc.add_EnrollmentServiceServicer_to_server(EmptyAioServicer(), server)
     if not server.add_insecure_port(address):
