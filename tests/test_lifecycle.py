@@ -9,7 +9,7 @@ from google.protobuf import field_mask_pb2
 
 from enrollment.v1 import enrollment_pb2 as pb
 from tests import databases
-from tests.rpc import TIMEOUT, expect_error, new_student
+from tests.rpc import TIMEOUT, expect_error, failure, new_student
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -431,3 +431,21 @@ def test_capacities_negative_or_above_int32_change_nothing(live, stub, field, va
         INVALID, "INVALID_FIELD", [field],
     )  # fmt: skip
     assert snapshot(live) == before
+
+
+def test_a_long_or_many_times_wrong_update_mask_reaches_a_grpcio_client_whole(live):
+    # A status's violations, in its message and its BadRequest, stop where grpcio's
+    # C-core client would refuse the trailers (8 KiB) and answer RESOURCE_EXHAUSTED
+    # without details: here unknown mask paths, many and one very long.
+    student = new_student(live.stub)
+    for paths in ([f"p{i}" for i in range(400)], ["x" * 40_000]):
+        request = pb.UpdateStudentRequest(
+            student=pb.Student(id=student.id, name="B"),
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+        )
+        with pytest.raises(grpc.RpcError) as raised:
+            live.stub.UpdateStudent(request, timeout=TIMEOUT)
+        got = failure(raised.value)
+        assert (got.code, got.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
+        assert got.fields and set(got.fields) == {"update_mask"}
+        assert len(got.message) <= 1536

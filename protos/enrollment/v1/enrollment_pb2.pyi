@@ -133,6 +133,13 @@ answer carries the trailing metadata "x-request-id": the caller's own, when
 it sent one of 1-128 characters of A-Z a-z 0-9 . _ : / + = -, else one the
 server made up; the server's log line for the call names it.
 
+A status with many field violations (a batch of many bad items, say) lists
+them in order in its message and its BadRequest only as far as fits in
+about 6 KiB of trailers, and then its message ends "… (N field violations
+in all)": grpc's C-core clients (grpcio, C++, Ruby, PHP) refuse trailers
+past 8 KiB and would report RESOURCE_EXHAUSTED without the status. The
+results of a partial batch, in the response message, list every one.
+
 Text rules shared by every request field of type string: control
 characters (U+0000-U+001F and U+007F) are rejected, and surrounding
 whitespace is trimmed before any other check; the trimmed value is what is
