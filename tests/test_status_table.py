@@ -427,10 +427,27 @@ def test_schema_mismatch_is_internal_without_leaking_details(stub, live, caplog)
     assert "student_courses" in caplog.text
 
 
-@pytest.mark.parametrize("body", [b"\x0a\x02\xff\xfe", b"\xff\xff\xff", b"\x0a\x05ab"])
-def test_undecodable_request_body_is_invalid_argument(live, body):
-    raw = live.channel.unary_unary("/enrollment.v1.EnrollmentService/CreateStudent")
-    got = expect_error(raw, body, INVALID, "INVALID_FIELD", fields=[])
-    assert "enrollment.v1.CreateStudentRequest" in got.message
+@pytest.mark.parametrize(
+    ("method", "body", "fields"),
+    [
+        ("CreateStudent", b"\x0a\x02\xff\xfe", ["name"]),  # a string not in UTF-8
+        ("CreateStudent", b"\x0a\x01a\x12\x01\xe9", ["email"]),  # Latin-1's é
+        ("UpdateStudent", b"\x0a\x04\x12\x02\xc3\x28", ["student.name"]),
+        # requests[1].request_id: the second item's field 4.
+        (
+            "BatchEnrollStudents",
+            b"\x0a\x02\x08\x01\x0a\x03\x22\x01\xff",
+            ["requests[1].request_id"],
+        ),
+        ("CreateStudent", b"\xff\xff\xff", []),  # not protobuf at all: no field to name
+        ("CreateStudent", b"\x0a\x05ab", []),  # cut short
+    ],
+)
+def test_undecodable_request_body_is_invalid_argument(live, method, body, fields):
+    raw = live.channel.unary_unary(f"/enrollment.v1.EnrollmentService/{method}")
+    got = expect_error(raw, body, INVALID, "INVALID_FIELD", fields=fields)
+    assert f"enrollment.v1.{method}Request" in got.message
+    for field in fields:
+        assert f"{field} is not valid UTF-8" in got.message
     assert databases.table_counts(live.database_url) == (0, 0, 0)
     new_student(live.stub)  # and the server keeps serving

@@ -35,6 +35,7 @@ from enrollment.server.errors import (
     CallEnded,
     DatabaseUnavailable,
     EnrollmentError,
+    FieldViolation,
     InvalidField,
     RequestTimeout,
 )
@@ -43,6 +44,7 @@ from enrollment.server.operations.metrics import RpcMetrics
 from enrollment.server.transport import error_status
 from enrollment.server.transport.auth import Authenticator, reads_only, required_role
 from enrollment.server.transport.pool import WorkerPool
+from enrollment.server.transport.wire import bad_utf8_field
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
@@ -142,20 +144,28 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 class _Undecodable:
     """Stands in for a request body that is not valid protobuf (say, a string not in UTF-8)."""
 
-    def __init__(self, type_name: str) -> None:
+    def __init__(self, type_name: str, bad_field: str | None) -> None:
         self.type_name = type_name
+        self.bad_field = bad_field  # the string field not in UTF-8, when that is the fault
+
+    def error(self) -> InvalidField:
+        text = f"the request is not a valid {self.type_name}"
+        if self.bad_field is None:
+            return InvalidField(f"{text} (is every string field UTF-8?)")
+        violation = FieldViolation(self.bad_field, "is not valid UTF-8")
+        return InvalidField(f"{text}: {self.bad_field} is not valid UTF-8", violations=(violation,))
 
 
 def _tolerant(deserialize):
     # grpc answers a body it cannot parse with a bare INTERNAL; it is the caller's
     # mistake, so hand it to the guard, which answers INVALID_ARGUMENT.
-    type_name = deserialize.__self__.DESCRIPTOR.full_name
+    descriptor = deserialize.__self__.DESCRIPTOR
 
     def parse(data: bytes):
         try:
             return deserialize(data)
         except DecodeError:
-            return _Undecodable(type_name)
+            return _Undecodable(descriptor.full_name, bad_utf8_field(descriptor, data))
 
     return parse
 
@@ -700,7 +710,7 @@ class _Guard:
         try:
             request = await self._request(call, authorizations, context)
             if isinstance(request, _Undecodable):
-                raise InvalidField(f"the request is not a valid {request.type_name}")
+                raise request.error()
             async for reply in self._behavior(request, context):
                 await context.write(reply)
         except EnrollmentError as error:
@@ -720,9 +730,7 @@ class _Guard:
 def _decoded(request):
     """The request, or INVALID_ARGUMENT for a body that was not valid protobuf."""
     if isinstance(request, _Undecodable):
-        raise InvalidField(
-            f"the request is not a valid {request.type_name} (is every string field UTF-8?)"
-        )
+        raise request.error()
     return request
 
 

@@ -140,6 +140,11 @@ in all)": grpc's C-core clients (grpcio, C++, Ruby, PHP) refuse trailers
 past 8 KiB and would report RESOURCE_EXHAUSTED without the status. The
 results of a partial batch, in the response message, list every one.
 
+A request body that is not valid protobuf is INVALID_ARGUMENT INVALID_FIELD.
+When the fault is a string field that is not UTF-8, BadRequest names it
+("name", "student.email", "requests[3].request_id"). A body that cannot be
+read at all (cut short, not protobuf) names no field.
+
 Text rules shared by every request field of type string: control
 characters (U+0000-U+001F and U+007F) are rejected, and surrounding
 whitespace is trimmed before any other check; the trimmed value is what is
