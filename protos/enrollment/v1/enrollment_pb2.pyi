@@ -385,7 +385,9 @@ class Student(_message.Message):
     """Opaque version of the mutable fields (name, email). It changes whenever
     one of them changes, never otherwise. In UpdateStudent a non-empty etag
     that is not the current one is ABORTED (ETAG_MISMATCH), whatever it holds;
-    an empty etag skips the check.
+    an empty etag skips the check. It versions this student only: two
+    resources may have equal etags, so it guards against a lost update of the
+    student the request's id names, not against naming the wrong one.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -456,7 +458,8 @@ class Course(_message.Message):
     waitlist_capacity); changes whenever one of them changes, not when the
     counts move. In UpdateCourse a non-empty etag that is not the current one
     is ABORTED (ETAG_MISMATCH), whatever it holds; an empty etag skips the
-    check.
+    check. Like a student's, it versions this course only; two resources may
+    have equal etags.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
