@@ -175,3 +175,23 @@ def test_too_many_watchers_and_shutting_down(pool):
             await hub.watch(after_sequence=0, student_id=0, course_id=0).__anext__()
 
     asyncio.run(scenario())
+
+
+def test_a_burst_of_watchers_into_an_empty_hub_is_held_to_max_watchers(pool):
+    # The first watcher of an empty hub reads the feed's head (an await) before it is
+    # counted; every watcher arriving meanwhile passed the check too, so a burst into
+    # a process with no watchers was let in far past --max-watchers.
+    async def scenario():
+        hub = WatchHub(pool, max_watchers=3)
+        await hub.start()
+        streams = [hub.watch(after_sequence=0, student_id=0, course_id=0) for _ in range(20)]
+        tasks = [asyncio.create_task(s.__anext__()) for s in streams]
+        await asyncio.sleep(0.5)
+        refused = [t for t in tasks if t.done() and isinstance(t.exception(), TooManyWatchers)]
+        assert hub.watchers == 3 and len(refused) == 17, (hub.watchers, len(refused))
+        await hub.stop()
+        for task in tasks:
+            with pytest.raises((ShuttingDown, TooManyWatchers)):
+                await task
+
+    asyncio.run(scenario())

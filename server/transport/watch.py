@@ -188,6 +188,12 @@ class WatchHub:
             _, head = await self._run(events.read_after, 2**62, 1)
             if not self._watchers:
                 self._head = max(self._head, head)
+            # Others may have come in during that read: the checks again, with no await
+            # between them and the registration below.
+            if self._stopping:
+                raise ShuttingDown.of()
+            if len(self._watchers) >= self.max_watchers:
+                raise TooManyWatchers.of(self.max_watchers)
         watcher = _Watcher(student_id, course_id)
         self._watchers.add(watcher)  # first: from here on nothing after the head is missed
         self._demand()
