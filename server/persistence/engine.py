@@ -63,11 +63,17 @@ class Target:
         return str(self.params.get("database", ""))
 
 
+def scheme_kind(url: str) -> str | None:
+    """The kind of database a URL's scheme names ("sqlite", "postgresql" or "mysql"),
+    None for a scheme not supported; nothing else of the URL is checked."""
+    return SCHEMES.get(url.split(":", 1)[0].lower())
+
+
 def url_kind(url: str) -> str:
-    """The kind of database a URL names ("sqlite", "postgresql" or "mysql"): its scheme
-    only, none of parse()'s checks (nor the SQLite file's system calls), for callers
-    holding a URL that start-up has already parsed."""
-    kind = SCHEMES.get(url.split(":", 1)[0].lower())
+    """The kind of database a URL names: its scheme only, none of parse()'s checks (nor
+    the SQLite file's system calls), for callers holding a URL that start-up has
+    already parsed."""
+    kind = scheme_kind(url)
     if kind is None:
         return parse(url).kind  # raises DatabaseConfigError, with parse()'s words
     return kind

@@ -10,7 +10,7 @@ from typing import Any
 
 from enrollment.server import addresses
 from enrollment.server.operations.logs import LOG_FORMATS
-from enrollment.server.persistence.engine import SCHEMES
+from enrollment.server.persistence.engine import scheme_kind
 
 
 class StartupError(RuntimeError):
@@ -375,7 +375,7 @@ class ServerConfig:
         return max(0, min(LOOP_READ_CONNECTIONS, self.connections - self.threads))
 
     def _postgresql(self) -> bool:
-        return SCHEMES.get(self.database_url.split(":", 1)[0].lower()) == "postgresql"
+        return scheme_kind(self.database_url) == "postgresql"
 
     def check(self) -> None:
         """Raise StartupError naming every value no server can run with."""

@@ -174,26 +174,26 @@ class WatchHub:
             watcher.queued += len(matching)
             watcher.queue.put_nowait(matching)
 
-    async def watch(
-        self, *, after_sequence: int, student_id: int, course_id: int
-    ) -> AsyncIterator[list[EventRecord]]:
-        """Lists of events, ascending, each event once: the backlog, then live ones."""
+    def _check_room(self) -> None:
         if self._stopping:
             raise ShuttingDown.of()
         if len(self._watchers) >= self.max_watchers:
             raise TooManyWatchers.of(self.max_watchers)
+
+    async def watch(
+        self, *, after_sequence: int, student_id: int, course_id: int
+    ) -> AsyncIterator[list[EventRecord]]:
+        """Lists of events, ascending, each event once: the backlog, then live ones."""
+        self._check_room()
         if not self._watchers:
             # The poller reads nothing while nobody watches: catch its head up first,
             # so the first poll does not fetch everything written meanwhile.
             _, head = await self._run(events.read_after, 2**62, 1)
             if not self._watchers:
                 self._head = max(self._head, head)
-            # Others may have come in during that read: the checks again, with no await
-            # between them and the registration below.
-            if self._stopping:
-                raise ShuttingDown.of()
-            if len(self._watchers) >= self.max_watchers:
-                raise TooManyWatchers.of(self.max_watchers)
+            # Others may have come in during that read: checked again, with no await
+            # between the check and the registration below.
+            self._check_room()
         watcher = _Watcher(student_id, course_id)
         self._watchers.add(watcher)  # first: from here on nothing after the head is missed
         self._demand()
