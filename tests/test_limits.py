@@ -9,6 +9,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from enrollment.server.persistence import engine
 from enrollment.server.startup.config import ServerConfig, StartupError
@@ -16,9 +17,10 @@ from enrollment.server.startup.server import create_server
 from enrollment.server.transport import interceptors
 from enrollment.server.transport.error_status import reason_of
 from enrollment.v1 import enrollment_pb2 as pb
-from tests import databases
+from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
+from tests import databases, watching
 from tests.databases import sqlite_path
-from tests.rpc import TIMEOUT, expect_error, new_student
+from tests.rpc import TIMEOUT, expect_error, failure, new_student
 from tests.servers import scrape
 
 # Limits and deadlines are the transport's, the same on every database; the deadline
@@ -90,6 +92,58 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once(start_server):
         blocker.close()
     assert sorted(f.result(timeout=TIMEOUT).student.id for f in held) == [1, 2]
     live.stub.ListCourses(pb.ListCoursesRequest(), timeout=TIMEOUT)  # room again
+
+
+def test_watchers_leave_max_concurrent_rpcs_to_the_other_calls(start_server):
+    # Each WatchEvents stream held one of grpc's concurrent-call slots: with as many
+    # watchers open as --max-concurrent-rpcs, every other call, health checks too, got
+    # grpc's bare RESOURCE_EXHAUSTED, and so did one watcher more, without its reason.
+    live = start_server(
+        max_concurrent_rpcs=2, max_watchers=2, database_timeout=30, metrics_address="127.0.0.1:0"
+    )
+    live.stub.CreateCourse(pb.CreateCourseRequest(code="W", title="W"), timeout=TIMEOUT)
+    watchers = [watching.Watcher(live.address) for _ in range(2)]
+    extra = watching.channel(live.address)
+    blocker = sqlite3.connect(sqlite_path(live), isolation_level=None)
+    try:
+        for watcher in watchers:
+            watcher.start()
+            watcher.wait_for(1, TIMEOUT)  # open: its backlog came
+        assert live.stub.ListCourses(pb.ListCoursesRequest(), timeout=TIMEOUT).courses
+        health = health_pb2_grpc.HealthStub(live.channel)
+        served = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT)
+        assert served.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            next(
+                pb_grpc.EnrollmentServiceStub(extra).WatchEvents(
+                    pb.WatchEventsRequest(), timeout=TIMEOUT
+                )
+            )
+        assert failure(refused.value).reason == "TOO_MANY_WATCHERS"
+        # The other calls are still held to --max-concurrent-rpcs while watchers are open.
+        blocker.execute("BEGIN IMMEDIATE")
+        held = [
+            live.stub.CreateStudent.future(
+                pb.CreateStudentRequest(name="Held", email=f"held{i}@example.com"), timeout=60
+            )
+            for i in range(2)
+        ]
+        wait_for(  # the watchers are calls in progress too
+            lambda: scrape(live.running.metrics_port)[("enrollment_rpcs_in_flight", ())] == 4,
+            what="two calls in progress",
+        )
+        with pytest.raises(grpc.RpcError) as raised:
+            live.stub.ListCourses(pb.ListCoursesRequest(), timeout=TIMEOUT)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        blocker.execute("ROLLBACK")
+        assert sorted(f.result(timeout=TIMEOUT).student.id for f in held) == [1, 2]
+    finally:
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+        extra.close()
+        for watcher in watchers:
+            watcher.close()
 
 
 def test_more_calls_than_workers_queue_rather_than_fail(start_server):

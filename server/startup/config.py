@@ -266,7 +266,8 @@ class ServerConfig:
     )
     max_concurrent_rpcs: int = setting(
         1000, whole(1),
-        "calls accepted at once, queued beyond --threads; more are RESOURCE_EXHAUSTED",
+        "calls accepted at once, queued beyond --threads; more are RESOURCE_EXHAUSTED "
+        "(WatchEvents streams are not counted: --max-watchers bounds them)",
         metavar="N",
     )  # fmt: skip
     keepalive_time: float = setting(

@@ -70,6 +70,10 @@ log = logging.getLogger("enrollment.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnrollmentService"].full_name
 
+# Calls grpc lets in beyond --max-concurrent-rpcs and --max-watchers together: those
+# on their way to being refused by one of them, or answered UNIMPLEMENTED.
+_REFUSING = 64
+
 # On a local SQLite file these reads (an indexed lookup, a page of at most
 # 1000 rows) cost less CPU than handing them to a pool thread and back, and
 # never wait for a lock (WAL readers do not): they run on the event loop, with a
@@ -487,6 +491,7 @@ async def _build(
             writes_on_loop=writes_on_loop,
             loop_turn=unit_of_work.LoopTurn() if writes_on_loop else None,
             loop_reads=loop_reads,
+            max_calls=config.max_concurrent_rpcs,
         )
     ]
     if traced is not None:
@@ -497,9 +502,12 @@ async def _build(
     server = grpc.aio.server(
         interceptors=interceptors,
         options=options.grpc_options(config),
-        # Beyond this many calls at once grpc answers RESOURCE_EXHAUSTED at once;
-        # up to it, calls beyond config.threads wait for a thread of the pool.
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        # The interceptor holds the calls to --max-concurrent-rpcs and the hub holds
+        # WatchEvents streams to --max-watchers (interceptors.CallSlots); grpc's own
+        # limit, above both, bounds what neither counts: calls on their way to being
+        # refused, or to a method that does not exist. Up to the limits, calls beyond
+        # config.threads wait for a thread of the pool.
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs + config.max_watchers + _REFUSING,
     )
     # WatchEvents: one poller for every watcher of this process (transport/watch.py).
     hub = WatchHub(

@@ -71,8 +71,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         writes_on_loop: frozenset[str] = frozenset(),
         loop_turn: Turn | None = None,
         loop_reads: tuple[LoopDriver, Mapping[str, ReadSteps]] | None = None,
+        max_calls: int | None = None,
     ) -> None:
-        """on_loop: names of methods whose work runs on the event loop itself rather than
+        """max_calls: calls other than WatchEvents served at once (CallSlots). on_loop:
+        names of methods whose work runs on the event loop itself rather than
         in the pool (start-up chooses the cheap reads of a local SQLite file). writer: when
         given, the pool (of one thread, for SQLite) where every method that may write runs.
         writes_on_loop: methods of the writer's run on the loop when they can (LoopWrites),
@@ -90,6 +92,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         self._pool = pool
         self._writer = writer
         self._reads = RequestReads(request_timeout)
+        self._slots = CallSlots(max_calls)
         self._auth = authenticator
         self._metrics = metrics
         if authenticator is not None and metrics is not None:
@@ -101,9 +104,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         if wrapped is not None:
             return wrapped
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
+        if handler is None:
             return handler
-        if method.startswith(SERVICE_PREFIX):
+        if handler.request_streaming:
+            # Reflection: counted among the calls at once, as every call but WatchEvents.
+            wrapped = _counted(handler, self._slots)
+        elif method.startswith(SERVICE_PREFIX):
             name = method.rsplit("/", 1)[-1]
             writes = self._writer is not None and not reads_only(name)
             guard = _Guard(
@@ -116,6 +122,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 on_loop=name in self._on_loop,
                 loop_first=self._loop_writes if name in self._writes_on_loop else None,
                 loop_read=self._loop_read(name),
+                slots=None if handler.unary_stream is not None else self._slots,
             )
             if handler.unary_unary is not None:
                 served = {"unary_unary": None, "stream_unary": guard.serve}
@@ -129,7 +136,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             )
         else:
             # Health Check and Watch: the same bound on the request's arrival.
-            wrapped = _bounded(handler, self._reads)
+            wrapped = _bounded(handler, self._reads, self._slots)
         self._wrapped[method] = wrapped
         return wrapped
 
@@ -232,9 +239,51 @@ class RequestReads:
             task.cancel()
 
 
-def _bounded(handler: grpc.RpcMethodHandler, reads: RequestReads) -> grpc.RpcMethodHandler:
+class CallSlots:
+    """--max-concurrent-rpcs, counted by the server for every call but WatchEvents.
+
+    grpc's own limit (maximum_concurrent_rpcs) counts every call, so each open
+    WatchEvents stream would hold one of its slots: as many watchers as the limit shut
+    out every other call, health checks too. WatchEvents streams are bounded apart, by
+    --max-watchers (transport/watch.py); the other calls are bounded here, and grpc's
+    limit is set above the two together (startup/server.py). A call beyond the limit is
+    answered RESOURCE_EXHAUSTED at once, as grpc answered it: no details, and nothing
+    done. Only on the event loop (one counter, no lock)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit if limit is not None else 1 << 62  # None: no bound of ours
+        self.in_use = 0
+        self.message = f"the server is serving its limit of {limit} calls at once; retry later"
+
+    async def refuse(self, context) -> None:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.message)
+
+
+def _counted(handler: Any, slots: CallSlots) -> grpc.RpcMethodHandler:
+    """A request-streaming handler (reflection: grpc's RpcMethodHandler namedtuple)
+    holding one of slots while it runs."""
+    behavior: Any = handler.stream_stream
+    if behavior is None:  # no such method of ours: nothing to count
+        return handler
+
+    async def stream(request_iterator, context):
+        if slots.in_use >= slots.limit:
+            await slots.refuse(context)
+        slots.in_use += 1
+        try:
+            async for reply in behavior(request_iterator, context):
+                yield reply
+        finally:
+            slots.in_use -= 1
+
+    return handler._replace(stream_stream=stream)
+
+
+def _bounded(
+    handler: grpc.RpcMethodHandler, reads: RequestReads, slots: CallSlots
+) -> grpc.RpcMethodHandler:
     """A unary-request handler of another service (health), run as request-streaming so
-    that its request's arrival is bounded too."""
+    that its request's arrival is bounded too, holding one of slots while it runs."""
 
     async def abort(context, error: EnrollmentError):
         await context.abort_with_status(error_status.to_status(error))
@@ -243,11 +292,17 @@ def _bounded(handler: grpc.RpcMethodHandler, reads: RequestReads) -> grpc.RpcMet
         behavior = handler.unary_unary
 
         async def unary(request_iterator, context):
+            if slots.in_use >= slots.limit:
+                await slots.refuse(context)
+            slots.in_use += 1
             try:
-                request = await reads.read(context)
-            except EnrollmentError as error:
-                await abort(context, error)
-            return await behavior(request, context)
+                try:
+                    request = await reads.read(context)
+                except EnrollmentError as error:
+                    await abort(context, error)
+                return await behavior(request, context)
+            finally:
+                slots.in_use -= 1
 
         return grpc.stream_unary_rpc_method_handler(
             unary, handler.request_deserializer, handler.response_serializer
@@ -258,17 +313,23 @@ def _bounded(handler: grpc.RpcMethodHandler, reads: RequestReads) -> grpc.RpcMet
         return handler
 
     async def stream(request_iterator, context):
+        if slots.in_use >= slots.limit:
+            await slots.refuse(context)
+        slots.in_use += 1
         try:
-            request = await reads.read(context)
-        except EnrollmentError as error:
-            await abort(context, error)
-        # Either an async generator (the service writes as it goes) or a coroutine.
-        replies: Any = streaming(request, context)
-        if hasattr(replies, "__aiter__"):
-            async for reply in replies:
-                await context.write(reply)
-        else:
-            await replies
+            try:
+                request = await reads.read(context)
+            except EnrollmentError as error:
+                await abort(context, error)
+            # Either an async generator (the service writes as it goes) or a coroutine.
+            replies: Any = streaming(request, context)
+            if hasattr(replies, "__aiter__"):
+                async for reply in replies:
+                    await context.write(reply)
+            else:
+                await replies
+        finally:
+            slots.in_use -= 1
 
     return grpc.stream_stream_rpc_method_handler(
         stream, handler.request_deserializer, handler.response_serializer
@@ -577,8 +638,11 @@ class _Guard:
         on_loop: bool = False,
         loop_first: LoopWrites | None = None,
         loop_read: tuple[LoopDriver, ReadSteps] | None = None,
+        slots: CallSlots | None = None,
     ) -> None:
+        """slots: held by each call while it runs (WatchEvents: None, bounded apart)."""
         self._behavior = behavior
+        self._slots = slots
         self._on_loop = on_loop
         self._loop_read = loop_read
         self._loop_first = loop_first
@@ -625,21 +689,29 @@ class _Guard:
         return await self._reads.read(context)
 
     async def serve(self, request_iterator, context: grpc.aio.ServicerContext):
-        call, authorizations = self._open(context)
-        state = _CallState(context.time_remaining())
+        slots = self._slots
+        assert slots is not None  # a unary method's guard has them
+        if slots.in_use >= slots.limit:
+            await slots.refuse(context)
+        slots.in_use += 1
         try:
-            request = await self._request(call, authorizations, context)
-        except EnrollmentError as error:
-            call.finish(error.code, error.reason)
-            await context.abort_with_status(call.status_of(error))
-        except asyncio.CancelledError:
-            # The caller went away (or its deadline passed) before its request arrived.
-            call.finish(state.end(), "CALL_ENDED")
-            raise
-        if self._loop_read is not None:
-            response, status = await self._read_on_loop(self._loop_read, call, request, state)
-        else:
-            response, status = await self._work(call, request, state)
+            call, authorizations = self._open(context)
+            state = _CallState(context.time_remaining())
+            try:
+                request = await self._request(call, authorizations, context)
+            except EnrollmentError as error:
+                call.finish(error.code, error.reason)
+                await context.abort_with_status(call.status_of(error))
+            except asyncio.CancelledError:
+                # The caller went away (or its deadline passed) before its request arrived.
+                call.finish(state.end(), "CALL_ENDED")
+                raise
+            if self._loop_read is not None:
+                response, status = await self._read_on_loop(self._loop_read, call, request, state)
+            else:
+                response, status = await self._work(call, request, state)
+        finally:
+            slots.in_use -= 1
         if status is not None:
             await context.abort_with_status(status)
         return response

@@ -127,8 +127,11 @@ first that applies decides the answer:
                                            logs the details
 
 grpc itself answers RESOURCE_EXHAUSTED, without details, to a request larger
-than the server's limit (64 KiB by default) and to a call beyond its limit
-of concurrent calls. Health checks and reflection need no token. Every
+than the server's limit (64 KiB by default); so does the server to a call
+beyond its limit of concurrent calls (1000 by default). WatchEvents streams
+are not counted in that limit, only in their own (TOO_MANY_WATCHERS), so open
+watchers never shut out other calls. Health checks and reflection need no
+token. Every
 answer carries the trailing metadata "x-request-id": the caller's own, when
 it sent one of 1-128 characters of A-Z a-z 0-9 . _ : / + = -, else one the
 server made up; the server's log line for the call names it.
