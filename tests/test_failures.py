@@ -697,3 +697,95 @@ def test_sqlite_read_only_is_recognised(tmp_path):
         sqlite.execute_sql("INSERT INTO t VALUES (1)")
     sqlite.close()
     assert classify(raised.value) is Verdict.READ_ONLY, raised.value
+
+
+# ------------------------------------------------------------------- login refused
+
+
+@contextlib.contextmanager
+def login_switch(url: str):
+    """Yield the URL of an account of this test's own and a switch that makes the
+    database refuse that account's logins and end its sessions (a rotated password or a
+    locked account, as an operator's mistake does while the server runs)."""
+    kind = databases.kind_of(url)
+    name = url.rsplit("/", 1)[1]
+    user = f"login_{os.getpid()}"
+    admin = engine.open_probe(databases.admin_url(kind), timeout=10)
+    admin.connect()
+    if kind == "postgresql":
+        admin.connection().autocommit = True
+        admin.execute_sql(f"CREATE ROLE {user} LOGIN")
+        with databases.connection(url) as db:
+            db.execute_sql(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {user}")
+            db.execute_sql(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {user}")
+
+        def switch(refused: bool) -> None:
+            admin.execute_sql(f"ALTER ROLE {user} {'NOLOGIN' if refused else 'LOGIN'}")
+            if refused:
+                admin.execute_sql(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                    (user,),
+                )
+
+        def drop() -> None:
+            with databases.connection(url) as db:
+                db.execute_sql(f"DROP OWNED BY {user}")
+            admin.execute_sql(f"DROP ROLE {user}")
+
+        their_url = url.replace("postgres@", f"{user}@")
+    else:
+        admin.execute_sql(f"CREATE OR REPLACE USER '{user}'@'127.0.0.1' IDENTIFIED BY 'secret'")
+        admin.execute_sql(f"GRANT ALL ON {name}.* TO '{user}'@'127.0.0.1'")
+
+        def switch(refused: bool) -> None:
+            admin.execute_sql(
+                f"ALTER USER '{user}'@'127.0.0.1' ACCOUNT {'LOCK' if refused else 'UNLOCK'}"
+            )
+            if refused:
+                for (session,) in admin.execute_sql(
+                    "SELECT id FROM information_schema.processlist WHERE user = %s", (user,)
+                ).fetchall():
+                    with contextlib.suppress(pw.DatabaseError):
+                        admin.execute_sql(f"KILL {int(session)}")
+
+        def drop() -> None:
+            admin.execute_sql(f"DROP USER '{user}'@'127.0.0.1'")
+
+        their_url = url.replace("root@", f"{user}:secret@")
+    try:
+        yield their_url, switch
+    finally:
+        switch(False)
+        drop()
+        admin.close()
+
+
+@pytest.mark.own_database
+@pytest.mark.databases("postgresql", "mysql")
+def test_a_login_refused_while_serving_is_unavailable_and_calls_resume(db_url, caplog):
+    """On MariaDB a refused login (1045, 4151 ...) was answered INTERNAL, with a traceback
+    a call: the server's account is locked, or its password rotated, while it serves."""
+    caplog.set_level(logging.INFO)
+    with contextlib.ExitStack() as stack:
+        url, switch = stack.enter_context(login_switch(db_url))
+        running = create_server(
+            ServerConfig(address="127.0.0.1:0", database_url=url, metrics_address="127.0.0.1:0")
+        )
+        channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+        stack.callback(engine.close_pool)
+        stack.callback(running.wait_idle)
+        stack.callback(lambda: running.stop(None).wait(10))
+        stack.callback(channel.close)
+        stub = pb_grpc.EnrollmentServiceStub(channel)
+        kept = new_student(stub, name="Kept")
+        switch(True)
+        for _ in range(3):
+            expect_error(
+                stub.GetStudent,
+                pb.GetStudentRequest(student_id=kept.id),
+                grpc.StatusCode.UNAVAILABLE,
+                "DATABASE_UNAVAILABLE",
+            )
+        assert not [r for r in caplog.records if r.exc_info], "no traceback for a refused login"
+        switch(False)
+        assert stub.GetStudent(pb.GetStudentRequest(student_id=kept.id), timeout=10).student.name

@@ -38,7 +38,13 @@ _PG_RETRY_CODES = ("40001", "40P01", "26000")
 # lost, killed, closed for inactivity), and the other "not now"s (too many connections,
 # shutting down, lock wait timeout, statement time limit).
 _MYSQL_LOST = {1927, 2002, 2003, 2006, 2013, 2055, 4031}
-_MYSQL_TRANSIENT = _MYSQL_LOST | {1040, 1053, 1205, 1969, 3024}
+# A new connection's login refused while serving: access denied (1044, 1045, 1698), unknown
+# database (1049), host blocked or not allowed (1129, 1130), the account's connection
+# or resource limits (1203, 1226), its password expired (1820, 1862), the account
+# locked (4151). An operator's change (a rotated password, a locked account) that the
+# operator can undo: PostgreSQL's refused login is a connection failure too.
+_MYSQL_LOGIN_REFUSED = {1044, 1045, 1049, 1129, 1130, 1203, 1226, 1698, 1820, 1862, 4151}
+_MYSQL_TRANSIENT = _MYSQL_LOST | _MYSQL_LOGIN_REFUSED | {1040, 1053, 1205, 1969, 3024}
 _MYSQL_RETRY = {1213}  # deadlock found when trying to get lock
 # No space left for the write: SQLite's SQLITE_FULL ("database or disk is full"),
 # PostgreSQL's disk_full, MariaDB's "disk full" (1021) and "table is full" (1114).
