@@ -53,7 +53,13 @@ BAD_VALUES = [
     ("grace", "soon", "a number of seconds"),
     ("database_timeout", "0", "above 0"),
     ("pool_size", "1.5", "a whole number"),
-    ("max_message_bytes", "10", "1024 or more"),
+    ("max_message_bytes", "10", "1024 to 2147483647"),
+    # grpc takes these as C ints: past 2**31 - 1 the start-up crashed (OverflowError).
+    ("max_message_bytes", "2147483648", "1024 to 2147483647"),
+    ("max_streams_per_connection", "2147483648", "1 to 2147483647"),
+    ("max_connections", "2147483648", "1 to 2147483647"),
+    ("max_concurrent_rpcs", "2147483648", "1 to 1000000"),
+    ("max_watchers", "1000001", "0 to 1000000"),
     ("keepalive_time", "nan", "a number of seconds"),
     # grpc takes these as int32 milliseconds: 30 days crashed the start-up.
     ("keepalive_time", "2592000", "at most 2147483"),

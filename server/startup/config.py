@@ -53,9 +53,13 @@ class Kind:
         return value
 
 
-def whole(minimum: int, maximum: int | None = None) -> Kind:
-    if maximum is None:
-        return Kind("a whole number", int, f"{minimum} or more", lambda value: value >= minimum)
+# grpc takes its whole-number settings as C ints: a larger one crashed the start-up.
+INT32_MAX = 2**31 - 1
+# Calls and watchers at once, each: grpc's limit of calls is their sum (startup/server.py).
+MAX_AT_ONCE = 1_000_000
+
+
+def whole(minimum: int, maximum: int = INT32_MAX) -> Kind:
     return Kind(
         "a whole number",
         int,
@@ -265,7 +269,7 @@ class ServerConfig:
         64 * 1024, whole(1024), "largest request accepted", metavar="N"
     )
     max_concurrent_rpcs: int = setting(
-        1000, whole(1),
+        1000, whole(1, MAX_AT_ONCE),
         "calls accepted at once, queued beyond --threads; more are RESOURCE_EXHAUSTED "
         "(WatchEvents streams are not counted: --max-watchers bounds them)",
         metavar="N",
@@ -320,8 +324,8 @@ class ServerConfig:
         "is served with a warning)", metavar="DURATION", default_text="24h",
     )  # fmt: skip
     max_watchers: int = setting(
-        1000, whole(0), "WatchEvents streams at once per server process; more are refused "
-        "with TOO_MANY_WATCHERS (0 turns WatchEvents off: every stream is refused)",
+        1000, whole(0, MAX_AT_ONCE), "WatchEvents streams at once per server process; more "
+        "are refused with TOO_MANY_WATCHERS (0 turns WatchEvents off: every stream is refused)",
         metavar="N",
     )  # fmt: skip
     watch_poll_interval: float = setting(
