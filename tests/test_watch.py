@@ -5,11 +5,13 @@ process leave unary calls served (the latency figure is printed for the report).
 
 from __future__ import annotations
 
+import signal
 import statistics
 import threading
 import time
 
 import grpc
+import pytest
 
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
@@ -100,3 +102,33 @@ def test_500_idle_watchers_leave_unary_calls_served(db_url, tmp_path):
         for c in channels:
             c.close()
         server.stop()
+
+
+def test_sigterm_ends_a_stream_still_reading_its_backlog_with_shutting_down(db_url, tmp_path):
+    # A stream still sending stored events kept sending them until the grace period
+    # ran out, and grpc then cancelled it: UNAVAILABLE "Cancelling all calls", no reason.
+    server = servers.start(tmp_path / "server.log", "--database-url", db_url, "--grace", "2")
+    try:
+        with watching.channel(server.address) as channel:
+            watching.enroll_many(pb_grpc.EnrollmentServiceStub(channel), 400, 5)
+        # A client that reads slowly and takes no more than HTTP/2's first window ahead
+        # (no BDP probes): the 2,405 events take about 25 messages, 4 s at this pace.
+        slow = grpc.insecure_channel(
+            server.address,
+            options=[("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0)],
+        )
+        stream = pb_grpc.EnrollmentServiceStub(slow).WatchEvents(pb.WatchEventsRequest())
+        seen: list[int] = []
+        with pytest.raises(grpc.RpcError) as ended:
+            for n, response in enumerate(stream):
+                seen += [e.sequence for e in response.events]
+                if n == 1:
+                    server.proc.send_signal(signal.SIGTERM)
+                time.sleep(0.15)
+        slow.close()
+        assert server.wait() == 0
+    finally:
+        server.stop()
+    got = failure(ended.value)
+    assert (got.code, got.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+    assert seen == list(range(1, len(seen) + 1)) and len(seen) < 2405

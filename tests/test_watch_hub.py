@@ -143,18 +143,14 @@ def test_a_watcher_too_slow_is_ended_and_told_where_to_resume(db_url, pool):
         delivered = list(first)
         with pytest.raises(WatcherTooSlow) as ended:
             while True:
-                delivered += await stream.__anext__()  # what was queued before the end
+                delivered += await stream.__anext__()
         await hub.stop()
         return delivered, ended.value
 
     delivered, error = asyncio.run(scenario())
-    assert delivered[0].student_id == s
-    # The queue held at most 5 of the 10 (fewer when the poller read several commits
-    # in one look, on a loaded machine); the stream ends after them, naming where to
-    # resume.
-    assert 1 + 1 <= len(delivered) <= 1 + 5
-    sequences = [e.sequence for e in delivered]
-    assert sequences == list(range(sequences[0], sequences[0] + len(sequences)))
+    # Its queue overflowed: what it held is dropped (the memory it took is given back at
+    # once), and the stream ends after what it had sent, naming where to resume.
+    assert [e.student_id for e in delivered] == [s]
     assert error.metadata["last_sequence"] == str(delivered[-1].sequence)
 
 

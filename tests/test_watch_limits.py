@@ -5,13 +5,18 @@ last sequence it delivered, and a stream resumed from there gets every later eve
 
 from __future__ import annotations
 
+import logging
+import time
+
 import grpc
 import pytest
 
+from enrollment.server.transport import watch
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import watching
 from tests.rpc import TIMEOUT, failure
+from tests.servers import scrape
 
 QUEUE = 50  # --watch-queue: events held for one stream whose client does not read
 STUDENTS = 400
@@ -132,3 +137,55 @@ def test_a_watcher_that_does_not_read_is_ended_and_resumes(db_url, server_proces
             made.close()
     assert received == watching.expected(db_url), "every event once, in order"
     assert head == COURSES + STUDENTS + STUDENTS * COURSES
+
+
+def test_a_watcher_ended_too_slow_that_never_reads_is_cut(start_server, monkeypatch, caplog):
+    # Its stream waited for ever on a write its client never took, holding its buffers
+    # (about 5 MB) and no longer counted in --max-watchers: one client kept 45 such
+    # streams at --max-watchers 5. Now it counts until it is gone, and is cut CUT_AFTER
+    # seconds after it was ended.
+    monkeypatch.setattr(watch, "CUT_AFTER", 3.0, raising=False)
+    caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    live = start_server(watch_queue=500, max_watchers=1, metrics_address="127.0.0.1:0")
+    live.stub.CreateCourse(pb.CreateCourseRequest(code="M", title="M"), timeout=TIMEOUT)
+    # A client that takes no more than HTTP/2's first window (64 KiB) without reading:
+    # no BDP probes to widen it. The events below are several times that.
+    made = grpc.insecure_channel(
+        live.address,
+        options=[("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0)],
+    )
+    stuck = pb_grpc.EnrollmentServiceStub(made).WatchEvents(pb.WatchEventsRequest())
+    opened = [(made, stuck)]
+    try:
+        next(stuck)  # open; then its client reads nothing more
+        watching.enroll_many(live.stub, STUDENTS, COURSES)
+        hub = live.running.hub
+        assert hub is not None
+        deadline = time.monotonic() + TIMEOUT
+        while hub.watchers and time.monotonic() < deadline:  # until the hub ends it
+            time.sleep(0.01)
+        assert hub.watchers == 0, "the stream was not ended as too slow"
+        # Ended but still open, it holds its place.
+        opened.append(_stream(live.address))
+        with pytest.raises(grpc.RpcError) as refused:
+            next(opened[-1][1])
+        assert failure(refused.value).reason == "TOO_MANY_WATCHERS"
+
+        def in_flight() -> float:
+            return scrape(live.running.metrics_port)[("enrollment_rpcs_in_flight", ())]
+
+        deadline = time.monotonic() + watch.CUT_AFTER + TIMEOUT
+        while in_flight() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert in_flight() == 0, "the stream that reads nothing was not cut"
+        assert any(
+            "method=WatchEvents code=RESOURCE_EXHAUSTED reason=WATCHER_TOO_SLOW" in r.getMessage()
+            for r in caplog.records
+        ), "its log line names why it was cut"
+        # Its place is free again: a stream resumes and is served.
+        opened.append(_stream(live.address, after=1))
+        assert next(opened[-1][1]).events[0].sequence == 2
+    finally:
+        for channel, call in opened:
+            call.cancel()
+            channel.close()

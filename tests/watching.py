@@ -223,3 +223,27 @@ def expected(db_url: str, *, student_id: int = 0, course_id: int = 0) -> list[in
         tuple(values),
     )
     return [row[0] for row in rows]
+
+
+def enroll_many(stub, students: int, courses: int) -> None:
+    """students x courses enrollment events (after courses + students creations),
+    written in one batch a course."""
+    rooms = [
+        stub.CreateCourse(
+            pb.CreateCourseRequest(code=f"C{i}", title="C"), timeout=TIMEOUT
+        ).course.id
+        for i in range(courses)
+    ]
+    people = [
+        stub.CreateStudent(
+            pb.CreateStudentRequest(name=f"S{i}", email=f"s{i}@x.io"), timeout=TIMEOUT
+        ).student.id
+        for i in range(students)
+    ]
+    for course in rooms:
+        stub.BatchEnrollStudents(
+            pb.BatchEnrollStudentsRequest(
+                requests=[pb.EnrollStudentRequest(student_id=s, course_id=course) for s in people]
+            ),
+            timeout=60,
+        )

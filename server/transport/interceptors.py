@@ -41,7 +41,7 @@ from enrollment.server.errors import (
 )
 from enrollment.server.operations import logs
 from enrollment.server.operations.metrics import RpcMetrics
-from enrollment.server.transport import error_status
+from enrollment.server.transport import error_status, watch
 from enrollment.server.transport.auth import Authenticator, reads_only, required_role
 from enrollment.server.transport.pool import WorkerPool
 from enrollment.server.transport.wire import bad_utf8_field
@@ -787,8 +787,10 @@ class _Guard:
                 await context.write(reply)
         except EnrollmentError as error:
             _, status, code, reason = call.failed(error)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as cancelled:
             code, reason = "CANCELLED", "CALL_ENDED"  # the client went away: the usual end
+            if cancelled.args == (watch.CUT,):  # or the hub cut a stream ended too slow
+                code, reason = "RESOURCE_EXHAUSTED", watch.CUT
             raise
         except Exception:
             log.exception("rpc %s failed unexpectedly", self._name)

@@ -24,9 +24,12 @@ query up to at least H, then drains its queue; anything at or below the last seq
 it sent is skipped, so the hand-over neither loses nor repeats an event.
 
 Memory is bounded: a watcher whose queue holds more than `max_queued` events is ended
-with RESOURCE_EXHAUSTED WATCHER_TOO_SLOW (it resumes from the last sequence it got);
-more than `max_watchers` at once are refused with TOO_MANY_WATCHERS; stop() ends every
-stream with UNAVAILABLE SHUTTING_DOWN.
+with RESOURCE_EXHAUSTED WATCHER_TOO_SLOW (it resumes from the last sequence it got): its
+queued events are dropped at once, and a stream that has still not taken its status
+CUT_AFTER seconds later (a client that reads nothing holds it behind a write that never
+completes) is cut, its task cancelled, so that it gives back its buffers. More than
+`max_watchers` streams open at once (an ended one counts until it is gone) are refused
+with TOO_MANY_WATCHERS; stop() ends every stream with UNAVAILABLE SHUTTING_DOWN.
 """
 
 from __future__ import annotations
@@ -51,14 +54,18 @@ log = logging.getLogger("enrollment.watch")
 
 BATCH = 1000  # events per poll query and per backlog page
 RETRY = 0.5  # seconds before the poller looks again after a failed look
+CUT_AFTER = 10.0  # seconds a stream ended too slow gets to take its status, then is cut
+CUT = "WATCHER_TOO_SLOW"  # the cancel message of a stream cut (the interceptor logs it)
 RunInPool = Callable[..., Awaitable[Any]]
 
 
 class _Watcher:
-    __slots__ = ("course_id", "queue", "queued", "student_id")
+    __slots__ = ("course_id", "ended", "queue", "queued", "student_id", "task")
 
     def __init__(self, student_id: int, course_id: int) -> None:
         self.student_id, self.course_id = student_id, course_id
+        self.task = asyncio.current_task()  # the stream's: grpc's task for the call
+        self.ended: EnrollmentError | None = None  # why the hub ended it, once it has
         self.queue: asyncio.Queue[list[EventRecord] | EnrollmentError] = asyncio.Queue()
         self.queued = 0
 
@@ -81,7 +88,8 @@ class WatchHub:
         self.max_watchers = max_watchers
         self.max_queued = max_queued
         self.interval = interval
-        self._watchers: set[_Watcher] = set()
+        self._watchers: set[_Watcher] = set()  # those fed
+        self._open = 0  # streams open, those ended and not yet gone too
         self._head = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -131,6 +139,7 @@ class WatchHub:
                 await self._task
 
     def _end(self, watcher: _Watcher, error: EnrollmentError) -> None:
+        watcher.ended = error
         self._watchers.discard(watcher)
         self._demand()
         watcher.queue.put_nowait(error)
@@ -169,15 +178,27 @@ class WatchHub:
             if not matching:
                 continue
             if watcher.queued + len(matching) > self.max_queued:
-                self._end(watcher, WatcherTooSlow.of(0))
+                self._too_slow(watcher)
                 continue
             watcher.queued += len(matching)
             watcher.queue.put_nowait(matching)
 
+    def _gone(self, _: object = None) -> None:
+        self._open -= 1
+
+    def _too_slow(self, watcher: _Watcher) -> None:
+        # What it has not been sent is dropped: it resumes after the last event it got.
+        while not watcher.queue.empty():
+            watcher.queue.get_nowait()
+        watcher.queued = 0
+        self._end(watcher, WatcherTooSlow.of(0))
+        if watcher.task is not None:
+            asyncio.get_running_loop().call_later(CUT_AFTER, _cut, watcher.task)
+
     def _check_room(self) -> None:
         if self._stopping:
             raise ShuttingDown.of()
-        if len(self._watchers) >= self.max_watchers:
+        if self._open >= self.max_watchers:
             raise TooManyWatchers.of(self.max_watchers)
 
     async def watch(
@@ -196,6 +217,11 @@ class WatchHub:
             self._check_room()
         watcher = _Watcher(student_id, course_id)
         self._watchers.add(watcher)  # first: from here on nothing after the head is missed
+        # Open until its call's task is done: after this generator, the call may still
+        # wait to send its status to a client that reads nothing.
+        self._open += 1
+        if watcher.task is not None:
+            watcher.task.add_done_callback(self._gone)
         self._demand()
         registered_at = self._head
         last = after_sequence
@@ -206,23 +232,35 @@ class WatchHub:
                 if page.events:
                     yield page.events
                     last = page.events[-1].sequence
+                if watcher.ended is not None:  # stopping, or its queue overflowed meanwhile
+                    raise _why(watcher.ended, last)
                 if len(page.events) < BATCH and page.head_sequence >= registered_at:
                     last = max(last, min(page.head_sequence, registered_at))
                     break
             while True:
                 item = await watcher.queue.get()
                 if isinstance(item, EnrollmentError):
-                    if isinstance(item, WatcherTooSlow):
-                        raise WatcherTooSlow.of(last)
-                    raise item
+                    raise _why(item, last)
                 watcher.queued -= len(item)
                 fresh = [e for e in item if e.sequence > last]
                 if fresh:
                     last = fresh[-1].sequence
                     yield fresh
         finally:
+            if watcher.task is None:
+                self._gone()
             self._watchers.discard(watcher)
             self._demand()
+
+
+def _why(ended: EnrollmentError, last: int) -> EnrollmentError:
+    """The error a stream ended by the hub raises, having sent up to sequence last."""
+    return WatcherTooSlow.of(last) if isinstance(ended, WatcherTooSlow) else ended
+
+
+def _cut(task: asyncio.Task[Any]) -> None:
+    if not task.done():
+        task.cancel(CUT)
 
 
 def _page(after: int, student_id: int, course_id: int) -> events.EventPage:

@@ -467,8 +467,12 @@ class EnrollmentServiceStub:
     events. The stream ends with UNAVAILABLE (SHUTTING_DOWN) when the server
     stops, and with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW) when the client
     reads too slowly for the server's bounded buffer: in both cases resume
-    with after_sequence = the last sequence received. At most --max-watchers
-    streams per server process.
+    with after_sequence = the last sequence received. A stream ended as too
+    slow gets no more events (those it was not yet sent are dropped), and one
+    whose client has still not read up to the status 10 s later is cut
+    (the client may then see CANCELLED rather than the status): either way
+    resume the same way. At most --max-watchers streams per server process,
+    an ended stream counted until it is gone.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, student_id,
     course_id), OUT_OF_RANGE (EVENTS_EXPIRED), RESOURCE_EXHAUSTED
@@ -715,8 +719,12 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     events. The stream ends with UNAVAILABLE (SHUTTING_DOWN) when the server
     stops, and with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW) when the client
     reads too slowly for the server's bounded buffer: in both cases resume
-    with after_sequence = the last sequence received. At most --max-watchers
-    streams per server process.
+    with after_sequence = the last sequence received. A stream ended as too
+    slow gets no more events (those it was not yet sent are dropped), and one
+    whose client has still not read up to the status 10 s later is cut
+    (the client may then see CANCELLED rather than the status): either way
+    resume the same way. At most --max-watchers streams per server process,
+    an ended stream counted until it is gone.
 
     Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, student_id,
     course_id), OUT_OF_RANGE (EVENTS_EXPIRED), RESOURCE_EXHAUSTED
@@ -1056,8 +1064,12 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         events. The stream ends with UNAVAILABLE (SHUTTING_DOWN) when the server
         stops, and with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW) when the client
         reads too slowly for the server's bounded buffer: in both cases resume
-        with after_sequence = the last sequence received. At most --max-watchers
-        streams per server process.
+        with after_sequence = the last sequence received. A stream ended as too
+        slow gets no more events (those it was not yet sent are dropped), and one
+        whose client has still not read up to the status 10 s later is cut
+        (the client may then see CANCELLED rather than the status): either way
+        resume the same way. At most --max-watchers streams per server process,
+        an ended stream counted until it is gone.
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, student_id,
         course_id), OUT_OF_RANGE (EVENTS_EXPIRED), RESOURCE_EXHAUSTED
