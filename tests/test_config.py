@@ -327,6 +327,17 @@ def test_schema_commands_follow_enrollment_log_format(tmp_path):
     assert entry["level"] == "ERROR", entry
 
 
+@pytest.mark.parametrize("command", ["migrate", "status", "rollback"])
+def test_schema_commands_refuse_a_bad_enrollment_log_format(tmp_path, command):
+    # They logged text and went on, where serve refuses the same variable.
+    database = tmp_path / "x.db"
+    result = run(
+        command, "--database-url", f"sqlite:///{database}", env={"ENROLLMENT_LOG_FORMAT": "xml"}
+    )
+    one_line_exit_2(result, "ENROLLMENT_LOG_FORMAT", "text, json", "'xml'")
+    assert not database.exists(), "nothing done"
+
+
 @pytest.mark.parametrize(
     "value, wanted",
     [

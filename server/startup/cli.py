@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             logs.setup(
                 read("log_level", flags, os.environ),
-                log_format,
+                read("log_format", flags, os.environ),  # a bad one refused, as serve does
                 sql_values=read("log_sql_values", flags, os.environ),
             )
         # peewee-migrate logs every step at INFO through its own logger.
