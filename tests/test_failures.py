@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 import re
+import time
 
 import grpc
 import peewee as pw
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from playhouse.pool import PooledPostgresqlDatabase
 
 from enrollment.server.domain import courses, enrollments, students
+from enrollment.server.operations.health import HealthMonitor
 from enrollment.server.persistence import engine, migrator, outbox, prepared, unit_of_work
 from enrollment.server.persistence.failures import Occurrences, Verdict, classify
 from enrollment.server.persistence.models import proxy as database
@@ -789,3 +791,35 @@ def test_a_login_refused_while_serving_is_unavailable_and_calls_resume(db_url, c
         assert not [r for r in caplog.records if r.exc_info], "no traceback for a refused login"
         switch(False)
         assert stub.GetStudent(pb.GetStudentRequest(student_id=kept.id), timeout=10).student.name
+
+
+@pytest.mark.databases("postgresql")
+def test_health_stays_serving_when_only_the_probes_connection_is_ended(start_server, db_url):
+    """Health went NOT_SERVING for an interval when the probe's own connection was ended
+    (pg_terminate_backend, a pooler's recycling) while calls were served: a Kubernetes
+    readiness probe with failureThreshold 1 took the pod out. The probe now tries a
+    fresh connection before it reports the database unreachable."""
+    live = start_server(health_interval=0.1)
+    health = health_pb2_grpc.HealthStub(live.channel)
+    admin = engine.open_probe(databases.admin_url("postgresql"), timeout=10)
+    admin.connect()
+    admin.connection().autocommit = True
+    seen = set()
+    try:
+        for _ in range(30):
+            admin.execute_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (HealthMonitor.APPLICATION_NAME,),
+            )
+            for _ in range(4):
+                seen.add(health.Check(health_pb2.HealthCheckRequest(), timeout=10).status)
+                time.sleep(0.03)
+        ended = admin.execute_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (HealthMonitor.APPLICATION_NAME,),
+        ).fetchone()
+    finally:
+        admin.close()
+    assert ended == (1,), "the probe connected again"
+    assert seen == {health_pb2.HealthCheckResponse.SERVING}
