@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import re
+import socket
 
 
 def split(address: str) -> tuple[str, str]:
@@ -26,3 +29,46 @@ def well_formed(address: str) -> bool:
     host, port = split(address)
     # A host never holds a "/": "http://host:50051" is a URL, not an address.
     return bool(host) and "/" not in host and bool(_PORT.fullmatch(port)) and int(port) <= 65535
+
+
+def _assignable(host: str) -> bool:
+    """Whether this machine has the address host (a socket can bind it, on any port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except OSError as exc:
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            return False
+        raise
+    return True
+
+
+def bind_targets(address: str) -> list[str]:
+    """The HOST:PORT addresses to listen on for address, each of which must bind.
+
+    grpc binds a name's addresses itself but serves when any one of them binds:
+    "localhost:50051" served on [::1] alone while 127.0.0.1:50051 was another
+    program's. So: an IP address as given; "localhost" as 127.0.0.1 and ::1, as grpc
+    takes it; another name as each address it resolves to. Addresses this machine does
+    not have (::1 where IPv6 is off) are left out; when none is left, or the name does
+    not resolve, the address as given (grpc then says it cannot bind it)."""
+    host, port = split(address)
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+        return [address]
+    except ValueError:
+        pass
+    if host == "localhost":
+        found = ["127.0.0.1", "::1"]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return [address]
+        found = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    try:
+        local = [found_host for found_host in found if _assignable(found_host)]
+    except OSError:
+        return [address]
+    return [join(local_host, port) for local_host in local] or [address]

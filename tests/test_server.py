@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -75,6 +76,28 @@ def test_serve_from_env_then_refuse_a_port_already_in_use(db_url, server_process
         assert not re.search(r"^[IWE]\d{4} ", out, re.M), out
         # The first server is unharmed.
         stub.GetStudent(pb.GetStudentRequest(student_id=student.id), timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_localhost_is_refused_when_its_ipv4_port_is_taken(db_url, workers):
+    # grpc binds "localhost" as 127.0.0.1 and [::1] and serves when either binds: with
+    # 127.0.0.1:PORT another program's, the server started on [::1] alone, and clients
+    # dialling 127.0.0.1 reached that other program.
+    port = free_port()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        result = subprocess.run(
+            [SERVER, "serve", "--address", f"localhost:{port}", "--database-url", db_url,
+             "--workers", workers],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=30,
+        )  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 2, out
+    assert f"cannot listen on localhost:{port}" in out and "Traceback" not in out
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ import peewee as pw
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from enrollment.server import addresses
 from enrollment.server.domain.events import purge_oldest as purge_old_events
 from enrollment.server.domain.retries import purge_expired as purge_old_request_records
 from enrollment.server.operations import tracing
@@ -538,19 +539,37 @@ async def _services(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     add_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
-    try:
-        # grpc's core logs a failed bind itself (E... add_port.cc); the StartupError
-        # below says it once, in our words.
-        with quiet_bind():
-            if credentials is None:
-                port = server.add_insecure_port(config.address)
-            else:
-                port = server.add_secure_port(config.address, credentials)
-    except RuntimeError:
-        port = 0
-    if not port:
-        raise StartupError(f"cannot listen on {config.address}: in use or not a local address")
+    port = _listen(server, config.address, credentials)
     return server, health_servicer, port, hub
+
+
+def _listen(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Bind every address the flag's HOST:PORT stands for (addresses.bind_targets), all
+    on one port; its number, or StartupError when any one cannot be bound."""
+    port = 0
+    for target in addresses.bind_targets(address):
+        if port:  # port 0 asked for: the rest on the port the first was given
+            host, _ = addresses.split(target)
+            target = addresses.join(host, port)
+        try:
+            # grpc's core logs a failed bind itself (E... add_port.cc); the StartupError
+            # below says it once, in our words.
+            with quiet_bind():
+                if credentials is None:
+                    bound = server.add_insecure_port(target)
+                else:
+                    bound = server.add_secure_port(target, credentials)
+        except RuntimeError:
+            bound = 0
+        if not bound or (port and bound != port):
+            why = "in use or not a local address"
+            if target != address:
+                why = f"{target} is in use or not a local address"
+            raise StartupError(f"cannot listen on {address}: {why}")
+        port = bound
+    return port
 
 
 def security_summary(config: ServerConfig) -> str:
