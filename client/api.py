@@ -33,6 +33,7 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
+MAX_RECONNECT_BACKOFF_MS = 5000
 # gRPC's load-balancing policies that need nothing but the addresses the target resolves
 # to: pick_first (gRPC's default) sends every call to one of them, round_robin spreads
 # calls over all of them (every pod behind a headless Service, say).
@@ -411,7 +412,7 @@ def read_tls_files(
     return files
 
 
-def channel_options(lb_policy: str | None = None) -> list[tuple[str, str]]:
+def channel_options(lb_policy: str | None = None) -> list[tuple[str, str | int]]:
     """Channel options: a service config retrying UNAVAILABLE (RETRY_POLICY), and gRPC's
     load-balancing policy lb_policy (one of LB_POLICIES; None leaves gRPC's default,
     pick_first). Raises ValueError for another policy."""
@@ -422,7 +423,14 @@ def channel_options(lb_policy: str | None = None) -> list[tuple[str, str]]:
         if lb_policy not in LB_POLICIES:
             raise ValueError(f"lb_policy must be one of {', '.join(LB_POLICIES)}")
         config["loadBalancingConfig"] = [{lb_policy: {}}]
-    return [("grpc.service_config", json.dumps(config))]
+    return [
+        ("grpc.service_config", json.dumps(config)),
+        # gRPC waits up to 120 s between attempts to reconnect to a server that was down
+        # (1 s, then 1.6 times longer each time): after an outage of a minute or more,
+        # every call of the process (channels share their connections) failed, and a
+        # followed feed stayed silent, for up to two minutes after the server was back.
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    ]
 
 
 def tls_flag(name: str) -> str:

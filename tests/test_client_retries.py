@@ -10,8 +10,11 @@ end to end: a real server whose database connection is cut under the first attem
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -21,7 +24,13 @@ import grpc
 import pytest
 
 from enrollment.client.aio import AsyncEnrollmentClient
-from enrollment.client.api import RETRY_POLICY, ClientError, EnrollmentClient
+from enrollment.client.api import (
+    MAX_RECONNECT_BACKOFF_MS,
+    RETRY_POLICY,
+    ClientError,
+    EnrollmentClient,
+    open_channel,
+)
 from enrollment.v1 import enrollment_pb2 as pb
 from tests import databases
 from tests.proxy import server_through_proxy
@@ -232,3 +241,36 @@ def one_effect(url: str, student_id: int, course_id: int) -> bool:
     (enrolled,) = databases.query(url, "SELECT enrolled_count FROM courses")[0]
     enrolls = databases.query(url, "SELECT COUNT(*) FROM events WHERE type = 7")[0][0]
     return rows == [(student_id, course_id)] and enrolled == 1 and enrolls == 1
+
+
+def test_the_client_tries_a_server_that_was_down_again_within_seconds():
+    # gRPC's own reconnect backoff grows to 120 s: after an outage of a minute or more,
+    # every call of the process failed, and a followed feed stayed silent, for up to two
+    # minutes after the server was back. A listener that closes every connection at
+    # once is a server that is not there yet: the client's attempts, 30 s of them, come
+    # at most MAX_RECONNECT_BACKOFF_MS (with gRPC's 20% jitter) apart.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    attempts: list[float] = []
+
+    def refuse() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = listener.accept()
+                attempts.append(time.monotonic())
+                connection.close()
+
+    threading.Thread(target=refuse, daemon=True).start()
+    channel = open_channel(f"127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        channel.subscribe(lambda _: None, try_to_connect=True)
+        time.sleep(30)
+    finally:
+        channel.close()
+        listener.close()
+    gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:], strict=False)]
+    # 1 s, then 1.6 times longer each time: 1, 1.6, 2.6, 4.1, 5, 5 ... in 30 s, where
+    # gRPC's default goes on to 6.6, 10.5, 16.8 ...
+    assert len(attempts) >= 8, gaps
+    assert max(gaps) <= MAX_RECONNECT_BACKOFF_MS / 1000 * 1.3, gaps
