@@ -112,6 +112,9 @@ def test_localhost_is_refused_when_its_ipv4_port_is_taken(db_url, workers):
         ("sqlite:///x.db?prepare=false", "prepare option is for postgresql"),
         ("sqlite:///x.db?bogus=1", "the SQLite URL takes no options"),
         ("sqlite:///x.db?timeout=abc", "the SQLite URL takes no options"),
+        # Two slashes make "relative.db" the URL's host: it was told "takes no options".
+        ("sqlite://relative.db", "sqlite:///relative.db for a file relative"),
+        ("sqlite://localhost/x.db", "sqlite:///x.db for a file relative"),
         ("mysql://root@127.0.0.1:3306/test?sslca=x", "unknown option 'sslca'"),
         ("mysql://root@127.0.0.1:3306/test?ssl_ca=/no/such/ca.pem", "ssl_ca names no file"),
         ("mysql://root@127.0.0.1:3306/test?charset=utf8", "charset must be utf8mb4"),

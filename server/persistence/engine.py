@@ -100,6 +100,15 @@ def parse(url: str, *, create: bool = False) -> Target:
                 "the URL's prepare option is for postgresql:// URLs: prepare=true or prepare=false"
             )
     if kind == "sqlite":
+        if params.get("host"):
+            # sqlite://relative.db: two slashes, so playhouse reads "relative.db" as a host.
+            path = url.split("://", 1)[1].partition("?")[0]
+            named = path.rpartition("/")[2].rpartition("@")[2]  # never a user or password
+            raise DatabaseConfigError(
+                f"a SQLite URL has three slashes and no host: sqlite:///{named} for a file "
+                f"relative to the working folder, sqlite:////abs/path/{named} for an "
+                "absolute one"
+            )
         if set(params) - {"database"}:
             raise DatabaseConfigError(
                 "the SQLite URL takes no options: the server sets SQLite's own (WAL, "
