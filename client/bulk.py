@@ -149,7 +149,7 @@ def _ids(row: Row) -> tuple[int, int] | str:
         text = row.values.get(column, "")
         # ASCII digits only: str.isdigit takes "²" (which int() refuses) and "１２".
         if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 2**63 - 1:
-            return f"{column} must be a whole number of 1 or more, not {text!r}"
+            return f"{column} must be a whole number from 1 to {2**63 - 1}, not {text!r}"
         out.append(int(text))
     return out[0], out[1]
 

@@ -351,15 +351,21 @@ def test_ids_that_are_not_ascii_digits_are_rejected_row_by_row(live, tmp_path):
     path.write_text(
         f"student_id,course_id\n{a.id},{course.id}\n²,{course.id}\n"
         f"{''.join(chr(0xFF10 + int(d)) for d in str(a.id))},{course.id}\n"
+        f"{2**63},{course.id}\n"
     )
     run = _import(live.address, path)
     out, err = run.communicate(timeout=60)
-    assert run.returncode == 1 and "3 rows: 1 enrolled, 2 rejected" in out, (out, err)
+    assert run.returncode == 1 and "4 rows: 1 enrolled, 3 rejected" in out, (out, err)
     rejects = list(csv.DictReader((tmp_path / "digits.csv.rejects.csv").open()))
     assert [(r["line"], r["reason"]) for r in rejects] == [
         ("3", "INVALID_FIELD"),
         ("4", "INVALID_FIELD"),
+        ("5", "INVALID_FIELD"),
     ]
+    # An id past int64 was told "must be a whole number of 1 or more".
+    assert rejects[2]["message"] == (
+        f"student_id must be a whole number from 1 to {2**63 - 1}, not '{2**63}'"
+    )
 
 
 @pytest.mark.parametrize(
