@@ -203,3 +203,23 @@ def test_the_server_process_helper_fails_with_the_log_when_the_server_exits(tmp_
     with pytest.raises(AssertionError, match=r"exited \(2\) before serving") as raised:
         servers.start(tmp_path / "server.log", "--database-url", "oracle://localhost/test")
     assert "unsupported database URL scheme" in str(raised.value)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_metrics_port_in_use_exits_2_however_many_workers(db_url, workers):
+    # One process exited 2 (cannot start), two workers 1 (a worker crashed).
+    port = free_port()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        result = subprocess.run(
+            [SERVER, "serve", "--address", "127.0.0.1:0", "--database-url", db_url,
+             "--metrics-address", f"127.0.0.1:{port}", "--workers", workers],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stdout
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stdout
+    assert "Traceback" not in result.stdout

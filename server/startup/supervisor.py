@@ -38,7 +38,8 @@ def serve_workers(config: ServerConfig) -> int:
     SIGTERM/SIGINT to the parent drains and stops every worker (exit 0). A worker
     that dies on its own is reported, the others are stopped, and the parent exits 1:
     the supervisor (systemd, Docker, Kubernetes) restarts the whole server, rather
-    than this process hiding a crash loop.
+    than this process hiding a crash loop. When the first to die could not start (exit
+    2: its metrics port in use, say), the parent exits 2, as one process would.
     """
     # The schema is checked once, here, so a database behind the code is one clear error.
     open_database(config)
@@ -95,9 +96,11 @@ def serve_workers(config: ServerConfig) -> int:
                         worker.pid,
                         _describe_exit(worker.exitcode),
                     )
-                    status = 1
                     if not stopping.is_set():
+                        status = 2 if worker.exitcode == 2 else 1
                         stop_workers("a worker exited")
+                    else:
+                        status = status or 1
     finally:
         reserved.close()
     log.info("stopped")
