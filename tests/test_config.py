@@ -192,6 +192,12 @@ def test_a_config_built_in_code_is_checked_the_same_way():
         ServerConfig(workers=0).check()
     with pytest.raises(StartupError, match=r"ENROLLMENT_POOL_SIZE 2 is below --threads 4"):
         load({}, {"ENROLLMENT_POOL_SIZE": "2"})
+    # The one missing is spelled as the one given was ("ENROLLMENT_TLS_CERT and
+    # --tls-key go together" named a variable and a flag side by side).
+    with pytest.raises(StartupError, match=r"ENROLLMENT_TLS_CERT and ENROLLMENT_TLS_KEY go"):
+        load({}, {"ENROLLMENT_TLS_CERT": "cert.pem"})
+    with pytest.raises(StartupError, match=r"--tls-key and --tls-cert go together"):
+        load({"--tls-key": "key.pem"}, {})
 
 
 def test_threads_is_the_name_and_max_workers_an_old_alias():

@@ -484,5 +484,8 @@ def _conflicts(config: ServerConfig, labels: Mapping[str, str], bad: set[str]) -
             f"{config.threads}: every serving thread needs a connection"
         )
     if bool(config.tls_cert) != bool(config.tls_key):
-        problems.append(f"{label('tls_cert')} and {label('tls_key')} go together")
+        given, missing = ("tls_cert", "tls_key") if config.tls_cert else ("tls_key", "tls_cert")
+        # The one missing spelled as the one given was: both variables, or both flags.
+        spelled = BY_NAME[missing].env if label(given).startswith("ENROLLMENT_") else None
+        problems.append(f"{label(given)} and {spelled or label(missing)} go together")
     return problems
