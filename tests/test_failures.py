@@ -584,6 +584,18 @@ def test_mariadb_table_full_is_recognised(new_database):
 # ------------------------------------------------------------------- read-only database
 
 
+def _serve_in(stack: contextlib.ExitStack, url: str) -> pb_grpc.EnrollmentServiceStub:
+    """A server on url in this process, stopped (and its pool closed) when stack ends;
+    a stub of its."""
+    running = create_server(ServerConfig(address="127.0.0.1:0", database_url=url))
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    stack.callback(engine.close_pool)
+    stack.callback(running.wait_idle)
+    stack.callback(lambda: running.stop(None).wait(10))
+    stack.callback(channel.close)
+    return pb_grpc.EnrollmentServiceStub(channel)
+
+
 @contextlib.contextmanager
 def read_only(url: str):
     """Yield the URL the server should use and a switch that makes the database refuse
@@ -645,13 +657,7 @@ def test_a_read_only_database_refuses_writes_as_unavailable_and_they_resume(
     monkeypatch.setattr(unit_of_work, "read_only_events", Occurrences(every=10.0))
     with contextlib.ExitStack() as stack:
         url, switch = stack.enter_context(read_only(db_url))
-        running = create_server(ServerConfig(address="127.0.0.1:0", database_url=url))
-        channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-        stack.callback(engine.close_pool)
-        stack.callback(running.wait_idle)
-        stack.callback(lambda: running.stop(None).wait(10))
-        stack.callback(channel.close)
-        stub = pb_grpc.EnrollmentServiceStub(channel)
+        stub = _serve_in(stack, url)
         kept = new_student(stub, name="Kept")
         course = new_course(stub, capacity=5)
         before = databases.snapshot(db_url)
@@ -770,15 +776,7 @@ def test_a_login_refused_while_serving_is_unavailable_and_calls_resume(db_url, c
     caplog.set_level(logging.INFO)
     with contextlib.ExitStack() as stack:
         url, switch = stack.enter_context(login_switch(db_url))
-        running = create_server(
-            ServerConfig(address="127.0.0.1:0", database_url=url, metrics_address="127.0.0.1:0")
-        )
-        channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-        stack.callback(engine.close_pool)
-        stack.callback(running.wait_idle)
-        stack.callback(lambda: running.stop(None).wait(10))
-        stack.callback(channel.close)
-        stub = pb_grpc.EnrollmentServiceStub(channel)
+        stub = _serve_in(stack, url)
         kept = new_student(stub, name="Kept")
         switch(True)
         for _ in range(3):

@@ -78,23 +78,30 @@ def test_serve_from_env_then_refuse_a_port_already_in_use(db_url, server_process
         stub.GetStudent(pb.GetStudentRequest(student_id=student.id), timeout=TIMEOUT)
 
 
+def _serve_beside_a_listener(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """`enrollment-server serve *args` while another program listens on 127.0.0.1:port;
+    its output, stdout and stderr together."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        return subprocess.run(
+            [SERVER, "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=30,
+        )
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_localhost_is_refused_when_its_ipv4_port_is_taken(db_url, workers):
     # grpc binds "localhost" as 127.0.0.1 and [::1] and serves when either binds: with
     # 127.0.0.1:PORT another program's, the server started on [::1] alone, and clients
     # dialling 127.0.0.1 reached that other program.
     port = free_port()
-    with socket.socket() as other:
-        other.bind(("127.0.0.1", port))
-        other.listen()
-        result = subprocess.run(
-            [SERVER, "serve", "--address", f"localhost:{port}", "--database-url", db_url,
-             "--workers", workers],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=30,
-        )  # fmt: skip
+    result = _serve_beside_a_listener(
+        port, "--address", f"localhost:{port}", "--database-url", db_url, "--workers", workers
+    )
     out = result.stdout
     assert result.returncode == 2, out
     assert f"cannot listen on localhost:{port}" in out and "Traceback" not in out
@@ -209,17 +216,10 @@ def test_the_server_process_helper_fails_with_the_log_when_the_server_exits(tmp_
 def test_a_metrics_port_in_use_exits_2_however_many_workers(db_url, workers):
     # One process exited 2 (cannot start), two workers 1 (a worker crashed).
     port = free_port()
-    with socket.socket() as other:
-        other.bind(("127.0.0.1", port))
-        other.listen()
-        result = subprocess.run(
-            [SERVER, "serve", "--address", "127.0.0.1:0", "--database-url", db_url,
-             "--metrics-address", f"127.0.0.1:{port}", "--workers", workers],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=30,
-        )  # fmt: skip
+    result = _serve_beside_a_listener(
+        port, "--address", "127.0.0.1:0", "--database-url", db_url,
+        "--metrics-address", f"127.0.0.1:{port}", "--workers", workers,
+    )  # fmt: skip
     assert result.returncode == 2, result.stdout
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stdout
     assert "Traceback" not in result.stdout

@@ -93,29 +93,10 @@ def test_a_watcher_that_does_not_read_is_ended_and_resumes(db_url, server_proces
     server = server_process("--database-url", db_url, "--watch-queue", str(QUEUE))
     with watching.channel(server.address) as channel:
         stub = pb_grpc.EnrollmentServiceStub(channel)
-        courses = [
-            stub.CreateCourse(
-                pb.CreateCourseRequest(code=f"S{i}", title="S"), timeout=TIMEOUT
-            ).course.id
-            for i in range(COURSES)
-        ]
+        stub.CreateCourse(pb.CreateCourseRequest(code="M", title="M"), timeout=TIMEOUT)
         made, slow = _stream(server.address)
         received = [e.sequence for e in next(slow).events]  # open; then it stops reading
-        students = [
-            stub.CreateStudent(
-                pb.CreateStudentRequest(name=f"S{i}", email=f"s{i}@x.io"), timeout=TIMEOUT
-            ).student.id
-            for i in range(STUDENTS)
-        ]
-        for course in courses:
-            stub.BatchEnrollStudents(
-                pb.BatchEnrollStudentsRequest(
-                    requests=[
-                        pb.EnrollStudentRequest(student_id=s, course_id=course) for s in students
-                    ]
-                ),
-                timeout=60,
-            )
+        watching.enroll_many(stub, STUDENTS, COURSES)
         head = stub.ListEvents(pb.ListEventsRequest(page_size=1), timeout=TIMEOUT).head_sequence
         # Now it reads: what was sent or queued before it was ended, then the end.
         with pytest.raises(grpc.RpcError) as ended:
@@ -136,7 +117,7 @@ def test_a_watcher_that_does_not_read_is_ended_and_resumes(db_url, server_proces
             resumed.cancel()
             made.close()
     assert received == watching.expected(db_url), "every event once, in order"
-    assert head == COURSES + STUDENTS + STUDENTS * COURSES
+    assert head == 1 + COURSES + STUDENTS + STUDENTS * COURSES
 
 
 def test_a_watcher_ended_too_slow_that_never_reads_is_cut(start_server, monkeypatch, caplog):

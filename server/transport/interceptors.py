@@ -258,6 +258,18 @@ class CallSlots:
     async def refuse(self, context) -> None:
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.message)
 
+    @contextlib.asynccontextmanager
+    async def held(self, context):
+        """One slot for the call while the block runs, or the call refused. (_Guard.serve,
+        on every call's path, does the same inline: no context manager's coroutines.)"""
+        if self.in_use >= self.limit:
+            await self.refuse(context)
+        self.in_use += 1
+        try:
+            yield
+        finally:
+            self.in_use -= 1
+
 
 def _counted(handler: Any, slots: CallSlots) -> grpc.RpcMethodHandler:
     """A request-streaming handler (reflection: grpc's RpcMethodHandler namedtuple)
@@ -267,14 +279,9 @@ def _counted(handler: Any, slots: CallSlots) -> grpc.RpcMethodHandler:
         return handler
 
     async def stream(request_iterator, context):
-        if slots.in_use >= slots.limit:
-            await slots.refuse(context)
-        slots.in_use += 1
-        try:
+        async with slots.held(context):
             async for reply in behavior(request_iterator, context):
                 yield reply
-        finally:
-            slots.in_use -= 1
 
     return handler._replace(stream_stream=stream)
 
@@ -292,17 +299,12 @@ def _bounded(
         behavior = handler.unary_unary
 
         async def unary(request_iterator, context):
-            if slots.in_use >= slots.limit:
-                await slots.refuse(context)
-            slots.in_use += 1
-            try:
+            async with slots.held(context):
                 try:
                     request = await reads.read(context)
                 except EnrollmentError as error:
                     await abort(context, error)
                 return await behavior(request, context)
-            finally:
-                slots.in_use -= 1
 
         return grpc.stream_unary_rpc_method_handler(
             unary, handler.request_deserializer, handler.response_serializer
@@ -313,10 +315,7 @@ def _bounded(
         return handler
 
     async def stream(request_iterator, context):
-        if slots.in_use >= slots.limit:
-            await slots.refuse(context)
-        slots.in_use += 1
-        try:
+        async with slots.held(context):
             try:
                 request = await reads.read(context)
             except EnrollmentError as error:
@@ -328,8 +327,6 @@ def _bounded(
                     await context.write(reply)
             else:
                 await replies
-        finally:
-            slots.in_use -= 1
 
     return grpc.stream_stream_rpc_method_handler(
         stream, handler.request_deserializer, handler.response_serializer
