@@ -430,6 +430,11 @@ def channel_options(lb_policy: str | None = None) -> list[tuple[str, str | int]]
         # every call of the process (channels share their connections) failed, and a
         # followed feed stayed silent, for up to two minutes after the server was back.
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        # Connections of this channel's own: gRPC shares them between a process's
+        # channels with the same settings, so a client made just after the server came
+        # back inherited another's wait before its next reconnect and failed at once
+        # ("Connection refused"), however long the server had been up again.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 

@@ -32,7 +32,7 @@ from enrollment.client.api import (
     open_channel,
 )
 from enrollment.v1 import enrollment_pb2 as pb
-from tests import databases
+from tests import databases, servers
 from tests.proxy import server_through_proxy
 
 SERVICE = pb.DESCRIPTOR.services_by_name["EnrollmentService"]
@@ -243,34 +243,72 @@ def one_effect(url: str, student_id: int, course_id: int) -> bool:
     return rows == [(student_id, course_id)] and enrolled == 1 and enrolls == 1
 
 
+class _Refusing:
+    """A listener on a free port of 127.0.0.1 that closes every connection at once (a
+    server that is not there yet), noting when each came: a client's connection
+    attempts."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(16)
+        self.port = self.socket.getsockname()[1]
+        self.attempts: list[float] = []
+        threading.Thread(target=self._refuse, daemon=True).start()
+
+    def _refuse(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self.socket.accept()
+                self.attempts.append(time.monotonic())
+                connection.close()
+
+    def wait_for(self, attempts: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.attempts) < attempts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.attempts) >= attempts, self.attempts
+
+
 def test_the_client_tries_a_server_that_was_down_again_within_seconds():
     # gRPC's own reconnect backoff grows to 120 s: after an outage of a minute or more,
     # every call of the process failed, and a followed feed stayed silent, for up to two
-    # minutes after the server was back. A listener that closes every connection at
-    # once is a server that is not there yet: the client's attempts, 30 s of them, come
-    # at most MAX_RECONNECT_BACKOFF_MS (with gRPC's 20% jitter) apart.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    attempts: list[float] = []
-
-    def refuse() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                connection, _ = listener.accept()
-                attempts.append(time.monotonic())
-                connection.close()
-
-    threading.Thread(target=refuse, daemon=True).start()
-    channel = open_channel(f"127.0.0.1:{listener.getsockname()[1]}")
+    # minutes after the server was back. The client's attempts, 30 s of them, come at
+    # most MAX_RECONNECT_BACKOFF_MS (with gRPC's 20% jitter) apart.
+    refusing = _Refusing()
+    channel = open_channel(f"127.0.0.1:{refusing.port}")
     try:
         channel.subscribe(lambda _: None, try_to_connect=True)
         time.sleep(30)
     finally:
         channel.close()
-        listener.close()
+        refusing.socket.close()
+    attempts = refusing.attempts
     gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:], strict=False)]
     # 1 s, then 1.6 times longer each time: 1, 1.6, 2.6, 4.1, 5, 5 ... in 30 s, where
     # gRPC's default goes on to 6.6, 10.5, 16.8 ...
     assert len(attempts) >= 8, gaps
     assert max(gaps) <= MAX_RECONNECT_BACKOFF_MS / 1000 * 1.3, gaps
+
+
+def test_a_new_client_connects_at_once_while_another_waits_to_reconnect(db_url, tmp_path):
+    # gRPC shares connections between a process's channels of the same settings: a
+    # client made right after the server came back took over another client's wait
+    # before its next reconnect, and failed at once ("Connection refused") while the
+    # server served.
+    refusing = _Refusing()
+    address = f"127.0.0.1:{refusing.port}"
+    waiting = EnrollmentClient(address)
+    server = None
+    try:
+        waiting._channel.subscribe(lambda _: None, try_to_connect=True)
+        refusing.wait_for(4)  # its next attempt is 4 s or more away (1, 1.6, 2.6, 4.1, 5 ...)
+        refusing.socket.close()
+        server = servers.start(tmp_path / "server.log", "--database-url", db_url,
+                               port=refusing.port)  # fmt: skip
+        with EnrollmentClient(address) as fresh:
+            assert fresh.list_courses().courses == []
+    finally:
+        waiting.close()
+        if server is not None:
+            server.stop()
