@@ -64,7 +64,9 @@ class _Watcher:
 
     def __init__(self, student_id: int, course_id: int) -> None:
         self.student_id, self.course_id = student_id, course_id
-        self.task = asyncio.current_task()  # the stream's: grpc's task for the call
+        # The task that iterates the stream: grpc's task for the call, which holds it to
+        # its end. The stream counts as open (max_watchers) until that task is done.
+        self.task = asyncio.current_task()
         self.ended: EnrollmentError | None = None  # why the hub ended it, once it has
         self.queue: asyncio.Queue[list[EventRecord] | EnrollmentError] = asyncio.Queue()
         self.queued = 0
