@@ -31,6 +31,15 @@ def well_formed(address: str) -> bool:
     return bool(host) and "/" not in host and bool(_PORT.fullmatch(port)) and int(port) <= 65535
 
 
+def _is_ip(host: str) -> bool:
+    """Whether host is an IP address (an IPv6 one may carry a %zone), not a name."""
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
 def _assignable(host: str) -> bool:
     """Whether this machine has the address host (a socket can bind it, on any port)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -54,11 +63,8 @@ def bind_targets(address: str) -> list[str]:
     not have (::1 where IPv6 is off) are left out; when none is left, or the name does
     not resolve, the address as given (grpc then says it cannot bind it)."""
     host, port = split(address)
-    try:
-        ipaddress.ip_address(host.partition("%")[0])
+    if _is_ip(host):
         return [address]
-    except ValueError:
-        pass
     if host == "localhost":
         found = ["127.0.0.1", "::1"]
     else:
