@@ -94,7 +94,8 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once(start_server):
     live.stub.ListCourses(pb.ListCoursesRequest(), timeout=TIMEOUT)  # room again
 
 
-def test_watchers_leave_max_concurrent_rpcs_to_the_other_calls(start_server):
+def test_watchers_leave_max_concurrent_rpcs_to_the_other_calls(start_server, caplog):
+    caplog.set_level(logging.INFO, logger="enrollment.rpc")
     # Each WatchEvents stream held one of grpc's concurrent-call slots: with as many
     # watchers open as --max-concurrent-rpcs, every other call, health checks too, got
     # grpc's bare RESOURCE_EXHAUSTED, and so did one watcher more, without its reason.
@@ -133,8 +134,20 @@ def test_watchers_leave_max_concurrent_rpcs_to_the_other_calls(start_server):
             what="two calls in progress",
         )
         with pytest.raises(grpc.RpcError) as raised:
-            live.stub.ListCourses(pb.ListCoursesRequest(), timeout=TIMEOUT)
+            live.stub.ListCourses(
+                pb.ListCoursesRequest(),
+                metadata=(("x-request-id", "over-the-limit"),),
+                timeout=TIMEOUT,
+            )
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Refused, it is still a call the operator can see: its request id sent back,
+        # its log line, and its count.
+        assert ("x-request-id", "over-the-limit") in raised.value.trailing_metadata()
+        lines = [r.getMessage() for r in caplog.records if "method=ListCourses" in r.getMessage()]
+        assert "code=RESOURCE_EXHAUSTED reason=MAX_CONCURRENT_RPCS" in lines[-1]
+        assert "request_id=over-the-limit" in lines[-1]
+        counted = ("code", "RESOURCE_EXHAUSTED"), ("method", "ListCourses")
+        assert scrape(live.running.metrics_port)[("enrollment_rpc_requests_total", counted)] == 1
         blocker.execute("ROLLBACK")
         assert sorted(f.result(timeout=TIMEOUT).student.id for f in held) == [1, 2]
     finally:

@@ -689,7 +689,7 @@ class _Guard:
         slots = self._slots
         assert slots is not None  # a unary method's guard has them
         if slots.in_use >= slots.limit:
-            await slots.refuse(context)
+            await self._refuse(slots, context)
         slots.in_use += 1
         try:
             call, authorizations = self._open(context)
@@ -712,6 +712,14 @@ class _Guard:
         if status is not None:
             await context.abort_with_status(status)
         return response
+
+    async def _refuse(self, slots: CallSlots, context) -> None:
+        """A call beyond --max-concurrent-rpcs: refused at once, nothing done, yet a call
+        like any other to the operator and its caller: its x-request-id sent back, its
+        log line (reason MAX_CONCURRENT_RPCS, the flag to look at) and its count."""
+        call, _ = self._open(context)
+        call.finish("RESOURCE_EXHAUSTED", "MAX_CONCURRENT_RPCS")
+        await slots.refuse(context)
 
     async def _work(self, call: _Call, request, state: _CallState) -> tuple[Any, Any]:
         """The call's service work on the loop (SQLite's cheap reads), as a loop write,
