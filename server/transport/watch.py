@@ -66,7 +66,10 @@ class _Watcher:
         self.student_id, self.course_id = student_id, course_id
         # The task that iterates the stream: grpc's task for the call, which holds it to
         # its end. The stream counts as open (max_watchers) until that task is done.
-        self.task = asyncio.current_task()
+        task = asyncio.current_task()
+        if task is None:  # an async generator is only ever iterated by a task
+            raise RuntimeError("WatchHub.watch is iterated outside an asyncio task")
+        self.task: asyncio.Task[Any] = task
         self.ended: EnrollmentError | None = None  # why the hub ended it, once it has
         self.queue: asyncio.Queue[list[EventRecord] | EnrollmentError] = asyncio.Queue()
         self.queued = 0
@@ -185,7 +188,7 @@ class WatchHub:
             watcher.queued += len(matching)
             watcher.queue.put_nowait(matching)
 
-    def _gone(self, _: object = None) -> None:
+    def _gone(self, _: object) -> None:
         self._open -= 1
 
     def _too_slow(self, watcher: _Watcher) -> None:
@@ -194,8 +197,7 @@ class WatchHub:
             watcher.queue.get_nowait()
         watcher.queued = 0
         self._end(watcher, WatcherTooSlow.of(0))
-        if watcher.task is not None:
-            asyncio.get_running_loop().call_later(CUT_AFTER, _cut, watcher.task)
+        asyncio.get_running_loop().call_later(CUT_AFTER, _cut, watcher.task)
 
     def _check_room(self) -> None:
         if self._stopping:
@@ -222,8 +224,7 @@ class WatchHub:
         # Open until its call's task is done: after this generator, the call may still
         # wait to send its status to a client that reads nothing.
         self._open += 1
-        if watcher.task is not None:
-            watcher.task.add_done_callback(self._gone)
+        watcher.task.add_done_callback(self._gone)
         self._demand()
         registered_at = self._head
         last = after_sequence
@@ -249,8 +250,6 @@ class WatchHub:
                     last = fresh[-1].sequence
                     yield fresh
         finally:
-            if watcher.task is None:
-                self._gone()
             self._watchers.discard(watcher)
             self._demand()
 
