@@ -157,6 +157,41 @@ def test_an_item_request_id_fails_the_whole_call_in_either_mode(live):
     assert databases.query(url, "SELECT COUNT(*) FROM student_courses") == [(0,)]
 
 
+REQUEST_ID = "123e4567-e89b-12d3-a456-426614174000"
+
+
+def test_an_item_request_id_is_named_in_item_order_and_index_is_the_first_failing_item(live):
+    # The item request_id violations were listed before every malformed id, and "index"
+    # counted only the malformed items: missing, or naming a later item.
+    stub, url = live.stub, live.database_url
+    student, course = new_student(stub), new_course(stub)
+    cases = [
+        # (pairs, the items with a request_id, partial, the fields in order, index)
+        ([(student.id, course.id)] * 2, [1], False, ["requests[1].request_id"], "1"),
+        ([(student.id, course.id)] * 2, [1], True, ["requests[1].request_id"], "1"),
+        (
+            [(student.id, course.id), (student.id, course.id), (0, course.id)],
+            [1], False, ["requests[1].request_id", "requests[2].student_id"], "1",
+        ),
+        (
+            [(0, course.id), (student.id, course.id)],
+            [1], False, ["requests[0].student_id", "requests[1].request_id"], "0",
+        ),
+        # Allowed partial success, a malformed item is its own outcome: the call fails
+        # for the item request_id alone.
+        ([(0, course.id), (student.id, course.id)], [1], True, ["requests[1].request_id"], "1"),
+    ]  # fmt: skip
+    for pairs, named, partial, fields, index in cases:
+        for build, call in ((enrolls, stub.BatchEnrollStudents), (drops, stub.BatchDropCourses)):
+            request = build(pairs, allow_partial_success=partial)
+            for i in named:
+                request.requests[i].request_id = REQUEST_ID
+            got = expect_error(call, request, *INVALID, fields)
+            assert (got.fields, got.metadata.get("index")) == (fields, index), (pairs, partial)
+            assert got.message.index(fields[0]) <= got.message.index(fields[-1])
+    assert databases.query(url, "SELECT COUNT(*) FROM student_courses") == [(0,)]
+
+
 def test_batches_waitlist_and_their_drops_promote(live):
     stub, url = live.stub, live.database_url
     course = stub.CreateCourse(

@@ -230,23 +230,23 @@ def _run(
     fields = Fields()
     if not 1 <= len(items) <= MAX_ITEMS:
         fields.invalid("requests", f"must hold 1 to {MAX_ITEMS} requests, not {len(items)}")
-    for i, item in enumerate(items):
-        if item.request_id:
-            fields.invalid(
-                f"requests[{i}].request_id",
-                "must be empty: the batch's own request_id covers its items",
-            )
     # Malformed ids are INVALID_FIELD before anything else: of the call when all or
-    # nothing (every malformed item listed, "index" the first), else of the item.
+    # nothing, else of the item. An item's own request_id fails the call in either mode.
+    # The call's violations are listed in item order, "index" the first failing item.
     malformed: dict[int, InvalidField] = {}
     for i, item in enumerate(items[:MAX_ITEMS]):
         violations = _item_violations(item)
         if violations:
             malformed[i] = in_batch(InvalidField.of(violations), i, call=False)
-    if malformed and not partial:
-        for error in malformed.values():
-            fields.violations.extend(error.violations)
-        fields.metadata["index"] = str(min(malformed))
+            if not partial:
+                fields.violations.extend(malformed[i].violations)
+        if item.request_id:
+            fields.invalid(
+                f"requests[{i}].request_id",
+                "must be empty: the batch's own request_id covers its items",
+            )
+        if item.request_id or (violations and not partial):
+            fields.metadata.setdefault("index", str(i))
     checked(fields)
 
     batch = _read([item for i, item in enumerate(items) if i not in malformed], waitlists)
