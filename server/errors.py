@@ -289,7 +289,9 @@ class EtagMismatch(EnrollmentError):
     @classmethod
     def of(cls, what: str, ident: int) -> EtagMismatch:
         return cls(
-            f"{what} {ident} has changed since this etag was read; read it again and retry",
+            # Not "it has changed": the etag may never have been one of its.
+            f"the etag is not {what} {ident}'s current one (it changed since that etag was "
+            "read, or the etag was never its); read it again and retry",
             {f"{what}_id": str(ident)},
         )
 

@@ -261,6 +261,13 @@ def test_update_student_mask_etag_and_update_time(stub):
         pb.UpdateStudentRequest(student=pb.Student(id=s.id, name="Old", etag=s.etag)),
         ABORTED, "ETAG_MISMATCH",
     )  # fmt: skip
+    # An etag it never had: the message does not claim the student changed.
+    never = expect_error(
+        stub.UpdateStudent,
+        pb.UpdateStudentRequest(student=pb.Student(id=s.id, name="Old", etag='W/"999"')),
+        ABORTED, "ETAG_MISMATCH",
+    )  # fmt: skip
+    assert f"the etag is not student {s.id}'s current one" in never.message
     other = new_student(stub)
     expect_error(
         stub.UpdateStudent,
