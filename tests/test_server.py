@@ -142,6 +142,27 @@ def test_unusable_database_url_is_a_clear_error(url, expected):
     assert expected in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("scheme", ["postgresql", "mysql"])
+@pytest.mark.parametrize(
+    "password",
+    ["q7Vx3kP9/Lm2+Zt8", "8841/Lm2+Zt8", "q7Vx3kP9?Lm2", "8841?Lm2", "q7Vx#Lm2", "8841#Lm2"],
+)
+def test_a_password_that_is_not_percent_encoded_is_never_echoed(scheme, password):
+    # The URL parser ends the host part at "/", "?" or "#": the password's head was read
+    # as a port and echoed ("Port could not be cast to integer value as 'q7Vx3kP9'"), or,
+    # all digits, made the user a host name and the rest of the password part of the
+    # database name or the options.
+    url = f"{scheme}://enrollment:{password}@127.0.0.1:1/enrollment"
+    for command in (["serve", "--address", "127.0.0.1:0"], ["status"], ["migrate"]):
+        result = subprocess.run(
+            [SERVER, *command, "--database-url", url], capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 2, result.stderr
+        assert "percent-encoded" in result.stderr and "Traceback" not in result.stderr
+        for part in re.split(r"[/?#]", password):
+            assert part not in result.stderr, result.stderr
+
+
 def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
     path = tmp_path / "notes.db"
     path.write_text("this is not SQLite\n" * 100)

@@ -79,6 +79,9 @@ def url_kind(url: str) -> str:
     return kind
 
 
+_ENCODED = "%2F, %3F, %23; '@' as %40, '%' as %25"
+
+
 def parse(url: str, *, create: bool = False) -> Target:
     """Check a database URL and split it into kind and driver parameters."""
     scheme = url.split(":", 1)[0].lower()
@@ -88,10 +91,22 @@ def parse(url: str, *, create: bool = False) -> Target:
             f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH, "
             "postgresql://USER@HOST:PORT/DB or mysql://USER@HOST:PORT/DB"
         )
+    # The host part ends at the first "/", "?" or "#": one in a password cuts it there,
+    # so the rest of the URL holds the "@". Never echoed: it holds part of the password.
+    rest = url.split("://", 1)[-1]
+    ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+    if kind != "sqlite" and "@" in rest[min(ends, default=len(rest)) :]:
+        raise DatabaseConfigError(
+            f"the database URL cannot be read: its user or password holds '/', '?' or '#'; "
+            f"they must be percent-encoded there ({_ENCODED})"
+        )
     try:
         params = parse_db_url(url, unquote_password=True, unquote_user=True)
-    except ValueError as exc:  # a port that is not a number
-        raise DatabaseConfigError(f"the database URL cannot be read: {exc}") from None
+    except ValueError:  # a port that is not a number; the driver's words would echo it
+        raise DatabaseConfigError(
+            "the database URL cannot be read: its port is not a number (a password holding "
+            f"'/', '?' or '#' must be percent-encoded: {_ENCODED})"
+        ) from None
     if "prepare" in params:
         # Ours, not the driver's: whether the serving pool prepares its hot statements.
         value = params["prepare"]
