@@ -821,3 +821,28 @@ def test_health_stays_serving_when_only_the_probes_connection_is_ended(start_ser
         admin.close()
     assert ended == (1,), "the probe connected again"
     assert seen == {health_pb2.HealthCheckResponse.SERVING}
+
+
+@pytest.mark.databases("postgresql")
+def test_a_database_timeout_below_a_millisecond_is_not_turned_into_no_limit(db_url):
+    # lock_timeout and statement_timeout were int(timeout * 1000) ms: 0 for
+    # --database-timeout 0.0005, which PostgreSQL reads as no limit at all, so a call
+    # waited for a lock as long as it was held. Now at least 1 ms.
+    db = engine.open_probe(db_url, timeout=0.0005)
+    db.connect()
+    try:
+        shown = [
+            db.execute_sql(f"SHOW {name}").fetchone()[0]
+            for name in ("lock_timeout", "statement_timeout")
+        ]
+    finally:
+        db.close()
+    assert shown == ["1ms", "1ms"]
+
+
+@pytest.mark.databases("postgresql", "mysql")
+def test_a_database_timeout_of_hours_still_connects(start_server):
+    # keepalives_idle was the whole timeout: past 32767 s Linux refused the socket option
+    # and PostgreSQL could not be reached at all.
+    live = start_server(database_timeout=40000)
+    assert live.stub.CreateCourse(pb.CreateCourseRequest(code="LONG", title="Long")).course.id

@@ -227,27 +227,30 @@ def _driver_params(
     """
     params = dict(target.params)
     whole_seconds = max(1, math.ceil(timeout))
+    # In whole milliseconds, never 0: to PostgreSQL a timeout of 0 is no limit at all.
+    millis = max(1, math.ceil(timeout * 1000))
     if target.kind == "sqlite":
         params.pop("database")
-        params.setdefault("pragmas", {**SQLITE_PRAGMAS, "busy_timeout": int(timeout * 1000)})
+        params.setdefault("pragmas", {**SQLITE_PRAGMAS, "busy_timeout": millis})
         params.setdefault("check_same_thread", False)
     elif target.kind == "postgresql":
         params.pop("prepare", None)  # the pool's own (open_pool)
         # The URL's own options first: where both set something, the last -c wins.
         options = [str(params.pop("options", "") or "")]
-        options.append(f"-c lock_timeout={int(timeout * 1000)}")
+        options.append(f"-c lock_timeout={millis}")
         if statement_timeout is not None:
-            options.append(f"-c statement_timeout={int(statement_timeout * 1000)}")
+            options.append(f"-c statement_timeout={max(1, math.ceil(statement_timeout * 1000))}")
         params.pop("database")
         params.setdefault("connect_timeout", whole_seconds)
         params.setdefault("application_name", "enrollment")
         params["options"] = " ".join(filter(None, options))
         # A peer that vanishes without a word (a cut cable, a dead host) is noticed
         # within a few seconds rather than after the kernel's 15-minute default.
-        params.setdefault("keepalives_idle", whole_seconds)
+        # Linux takes an idle time of at most 32767 s, and libpq a C int of milliseconds.
+        params.setdefault("keepalives_idle", min(whole_seconds, 32767))
         params.setdefault("keepalives_interval", 1)
         params.setdefault("keepalives_count", 3)
-        params.setdefault("tcp_user_timeout", int(whole_seconds * 2000))
+        params.setdefault("tcp_user_timeout", min(whole_seconds * 2000, 2**31 - 1))
     else:
         # Row locks and metadata locks (a schema change behind a running transaction)
         # wait as long as a call may; MariaDB's default for the latter is a day.
