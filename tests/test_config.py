@@ -64,6 +64,11 @@ BAD_VALUES = [
     # grpc takes these as int32 milliseconds: 30 days crashed the start-up.
     ("keepalive_time", "2592000", "at most 2147483"),
     ("max_connection_age", "2592000", "0 to 2147483"),
+    # Past what a date can hold: the server started, then crashed (OverflowError), or
+    # its purgers failed with a traceback every minute.
+    ("event_retention", "1000000000d", "at most 36500d (100 years)"),
+    ("event_retention", "800000d", "at most 36500d (100 years)"),
+    ("request_id_retention", "999999d", "at most 36500d (100 years)"),
     # grpc takes a port beyond 65535 modulo 65536, and an empty one as 443: it served
     # on another port than the one asked for.
     ("address", "127.0.0.1:99999", "a port of 0-65535"),

@@ -129,7 +129,14 @@ def parse_duration(text: str) -> float:
 # a shorter --request-id-retention is served, with a warning at start-up.
 PROMISED_REQUEST_ID_RETENTION = 24 * 3600.0
 
-DURATION = Kind("a duration such as 30d, 12h, 90m or 3600 (seconds)", parse_duration)
+# The purgers' cutoff (now minus the retention) must stay a date.
+MAX_RETENTION = 36500 * 86400.0
+DURATION = Kind(
+    "a duration such as 30d, 12h, 90m or 3600 (seconds)",
+    parse_duration,
+    "above 0 and at most 36500d (100 years)",
+    lambda value: 0 < value <= MAX_RETENTION,
+)
 RATE = Kind("a number", _seconds, "above 0", lambda value: value > 0)
 
 
