@@ -244,3 +244,23 @@ def test_a_metrics_port_in_use_exits_2_however_many_workers(db_url, workers):
     assert result.returncode == 2, result.stdout
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stdout
     assert "Traceback" not in result.stdout
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate", "status"])
+def test_ctrl_c_while_the_database_does_not_answer_is_one_line(command):
+    # KeyboardInterrupt left every command of enrollment-server as a 40-line traceback.
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/test"
+        args = ["--address", "127.0.0.1:0"] if command == "serve" else []
+        process = subprocess.Popen(
+            [SERVER, command, *args, "--database-url", url],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2)  # started, and waiting for the database's first answer
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    assert process.returncode == 130, err
+    assert err.strip() == f"enrollment-server: {command} interrupted", err

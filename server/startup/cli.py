@@ -239,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         _say_failure(str(exc), log_format)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C before serve's own signal handling (a database slow to answer at
+        # start-up) or during a schema command; 130 as a shell reports it.
+        _say_failure(f"{args.command} interrupted", log_format)
+        return 130
     except (pw.DatabaseError, pw.InterfaceError) as exc:
         # Operators see the database's own words; the migration (if any) was rolled back.
         # One line: psycopg2 adds a hint on lines of its own ("Is the server running…").
