@@ -640,3 +640,46 @@ def test_the_image_commands_migrate_then_serve_against_postgresql(
         stub = pb_grpc.EnrollmentServiceStub(channel)
         assert new_student(stub).id >= 1
     assert server.stop() == 0, server.log
+
+
+def _alive(pid: int) -> bool:
+    """pid runs (a zombie no one has reaped yet does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.databases("sqlite")
+def test_workers_stop_when_their_parent_is_killed(db_url, server_process):
+    # SIGKILL to the supervisor left its workers serving the port, orphaned: a restart
+    # then failed with "Address already in use".
+    server = server_process("--database-url", db_url, "--workers", "2")
+    pids = sorted(wait_for(lambda: worker_pids(server.proc.pid), 10))
+    assert len(pids) == 2
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(timeout=10)
+    assert wait_for(lambda: not any(_alive(pid) for pid in pids), 15), server.log
+    again = server_process("--database-url", db_url, "--workers", "2", port=server.port)
+    assert again.proc.poll() is None
+
+
+@pytest.mark.databases("sqlite")
+def test_sigterm_as_the_workers_start_is_a_clean_stop(db_url):
+    # A worker got its parent's SIGTERM before it had its own handler, died of it, and
+    # the parent logged it as a crash and exited 1.
+    process = subprocess.Popen(
+        [SERVER, "serve", "--address", "127.0.0.1:0", "--database-url", db_url, "--workers", "2"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if "with 2 workers" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    lines.extend(process.stderr)
+    assert process.wait(timeout=60) == 0, "".join(lines)
+    assert not [line for line in lines if "ERROR" in line], "".join(lines)

@@ -21,7 +21,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from types import FrameType
@@ -611,7 +611,11 @@ def serve(config: ServerConfig) -> None:
     serve_until_signalled(running, config)
 
 
-def serve_until_signalled(running: RunningServer, config: ServerConfig) -> None:
+def serve_until_signalled(
+    running: RunningServer, config: ServerConfig, pending: Sequence[int] = ()
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; pending: such signals that came while
+    the server was being built (a worker of --workers), answered at once."""
     signalled: list[int] = []
 
     def shutdown(signum: int, _frame: FrameType | None) -> None:
@@ -631,6 +635,8 @@ def serve_until_signalled(running: RunningServer, config: ServerConfig) -> None:
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
+    if pending:
+        shutdown(pending[0], None)
     running.wait_for_termination()
     running.wait_idle()
     engine.close_pool()

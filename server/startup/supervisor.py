@@ -4,6 +4,7 @@ thread pool and database pool."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import multiprocessing
@@ -12,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import replace
 from multiprocessing.connection import wait as wait_for_exit
 from types import FrameType
@@ -54,7 +56,7 @@ def serve_workers(config: ServerConfig) -> int:
     workers = [
         context.Process(
             target=_worker_main,
-            args=(_for_worker(worker_config, n), n),
+            args=(_for_worker(worker_config, n), n, os.getpid()),
             name=f"worker-{n}",
         )
         for n in range(1, config.workers + 1)
@@ -71,10 +73,16 @@ def serve_workers(config: ServerConfig) -> int:
     def shutdown(signum: int, _frame: FrameType | None) -> None:
         stop_workers(signal.Signals(signum).name)
 
-    for worker in workers:
-        worker.start()
-    signal.signal(signal.SIGTERM, shutdown)
-    signal.signal(signal.SIGINT, shutdown)
+    # Blocked until each side has its handler: the workers are forked with the mask,
+    # so a SIGTERM as they start waits for theirs rather than killing them outright.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        for worker in workers:
+            worker.start()
+        signal.signal(signal.SIGTERM, shutdown)
+        signal.signal(signal.SIGINT, shutdown)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
     log.info(
         "serving %s on port %d with %d workers; security: %s",
         SERVICE_NAME,
@@ -118,16 +126,46 @@ def _for_worker(config: ServerConfig, number: int) -> ServerConfig:
     return replace(config, metrics_address=addresses.join(host, int(port) + number - 1))
 
 
-def _worker_main(config: ServerConfig, number: int) -> None:
+_STOPS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _worker_main(config: ServerConfig, number: int, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which decides
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A SIGTERM while the worker starts (its parent stopping at once) is kept, and
+    # answered as soon as the worker has a server to drain: not a death by signal.
+    pending: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: pending.append(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # blocked by the parent to fork
+    _stop_with(parent)
     try:
         running = create_server(config, schema_checked=True)  # the parent checked it
     except StartupError as exc:
         log.error("worker %d cannot start: %s", number, exc)
         sys.exit(2)
     log.info("worker %d (pid %d) serving on %s", number, os.getpid(), config.address)
-    serve_until_signalled(running, config)
+    serve_until_signalled(running, config, pending)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with(parent: int) -> None:
+    """SIGTERM to this worker when its parent dies, killed too (SIGKILL, OOM) to stop its
+    workers itself: orphans would keep the port, and a restart could not listen."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent's pid is watched instead
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _describe_exit(code: int | None) -> str:
