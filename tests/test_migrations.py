@@ -7,6 +7,7 @@ use the proxy (server.db.connect) close it in a fixture teardown.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
@@ -827,3 +828,31 @@ def test_serve_refuses_a_database_behind_the_code(tmp_path, open_db, applied):
     db.connect()
     assert master(db) == before
     assert migrator.applied_migrations(db) == applied
+
+
+@pytest.mark.databases("sqlite", "postgresql", "mysql")
+def test_a_second_migrate_waits_for_the_first(db_url):
+    # On SQLite the second migrate waited only its 5 s busy timeout, then failed with
+    # "database is locked"; the README says it waits, then finds nothing to do.
+    with closing(engine.open_probe(db_url, timeout=10)) as holder:
+        holder.connect()
+        if isinstance(holder, pw.SqliteDatabase):
+            holder.execute_sql("BEGIN EXCLUSIVE")
+        elif isinstance(holder, pw.PostgresqlDatabase):
+            holder.execute_sql("SELECT pg_advisory_lock(%s)", (migrator.LOCK_KEY,))
+        else:
+            holder.execute_sql("SELECT GET_LOCK(%s, 0)", (migrator.LOCK_NAME,))
+        second = subprocess.Popen(
+            [str(BIN_DIR / "enrollment-server"), "migrate", "--database-url", db_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            second.wait(timeout=8)  # longer than the 5 s of any of its timeouts
+        waiting = second.poll() is None
+        if isinstance(holder, pw.SqliteDatabase):
+            holder.execute_sql("ROLLBACK")
+    out, _ = second.communicate(timeout=60)
+    assert waiting, out
+    assert second.returncode == 0, out

@@ -78,7 +78,21 @@ def schema_lock(db: pw.Database) -> Iterator[None]:
             db.execute_sql("SELECT RELEASE_LOCK(%s)", (LOCK_NAME,))
     else:
         # SQLite: the whole run in one exclusive transaction (DDL rolls back with it).
-        with db.atomic("EXCLUSIVE"):
+        # Its BEGIN waits the busy timeout (seconds), then tried again up to the same
+        # LOCK_WAIT_SECONDS as the other databases.
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        with contextlib.ExitStack() as held:
+            while True:
+                try:
+                    held.enter_context(db.atomic("EXCLUSIVE"))
+                    break
+                except pw.OperationalError as exc:
+                    if "database is locked" not in str(exc):
+                        raise
+                    if time.monotonic() > deadline:
+                        raise MigrationLockTimeout(
+                            "another schema change holds the database"
+                        ) from None
             yield
 
 
