@@ -229,6 +229,36 @@ def test_an_exporter_that_is_not_installed_refuses_to_start(server_process, db_u
     assert "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf" in result.stderr
 
 
+@pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({"OTEL_PROPAGATORS": "tracecontext,bogus"}, "OTEL_PROPAGATORS: no propagator 'bogus'"),
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "-1"}, "OTEL_BSP_MAX_QUEUE_SIZE must be a whole number"),
+        ({"OTEL_BSP_SCHEDULE_DELAY": "abc"}, "OTEL_BSP_SCHEDULE_DELAY must be a whole number"),
+        (
+            {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "5000"},
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE (5000) must be at most OTEL_BSP_MAX_QUEUE_SIZE (2048)",
+        ),
+    ],
+)
+def test_unusable_otel_settings_refuse_to_start_in_one_line(db_url, workers, variables, expected):
+    # The SDK's own checks raised in each worker as it started: a traceback and exit 1,
+    # or (a value that is not a number) a traceback logged and the default used.
+    result = subprocess.run(
+        [SERVER, "serve", "--address", f"127.0.0.1:{free_port()}", "--database-url", db_url]
+        + ["--workers", workers],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**_environ(), "OTEL_TRACES_EXPORTER": "console", **variables},
+    )
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert expected in result.stderr, result.stderr
+
+
 # A server in a process of its own, serving one call with tracing off: which
 # OpenTelemetry modules it has imported, and whether it has a tracing interceptor.
 _OFF_PROBE = """

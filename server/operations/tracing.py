@@ -104,11 +104,59 @@ def _installed(module: str) -> bool:
         return False
 
 
+# The batch span processor's settings, with the SDK's defaults. Read here, not by the
+# SDK: it raises on a value below 1 in each worker as it starts, and on one that is not
+# a number logs a traceback and serves with its default.
+_QUEUE, _BATCH = "OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"
+_BSP = {
+    _QUEUE: ("max_queue_size", 2048),
+    "OTEL_BSP_SCHEDULE_DELAY": ("schedule_delay_millis", 5000),
+    _BATCH: ("max_export_batch_size", 512),
+    "OTEL_BSP_EXPORT_TIMEOUT": ("export_timeout_millis", 30000),
+}
+PROPAGATORS = "opentelemetry_propagator"  # the API's entry point group
+
+
+def batch_settings(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
+    """BatchSpanProcessor's keyword arguments from OTEL_BSP_*; raises TracingError."""
+    settings, given = {}, {}
+    for name, (argument, default) in _BSP.items():
+        text = environ.get(name, "").strip()
+        try:
+            value = int(text) if text else default
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise TracingError(f"{name} must be a whole number above 0, not {text!r}")
+        settings[argument], given[name] = value, value
+    if given[_BATCH] > given[_QUEUE]:
+        raise TracingError(f"{_BATCH} ({given[_BATCH]}) must be at most {_QUEUE} ({given[_QUEUE]})")
+    return settings
+
+
+def _check_propagators(environ: Mapping[str, str]) -> None:
+    """OTEL_PROPAGATORS names installed propagators (the API raises on import otherwise)."""
+    configured = environ.get("OTEL_PROPAGATORS", "").strip()
+    if not configured:
+        return
+    installed = {entry.name for entry in importlib.metadata.entry_points(group=PROPAGATORS)}
+    for name in (part.strip() for part in configured.split(",")):
+        if name.lower() == "none":
+            return  # the API's rule: none anywhere turns every propagator off
+        if name not in installed:
+            raise TracingError(
+                f"OTEL_PROPAGATORS: no propagator {name!r} is installed (installed: "
+                f"{', '.join(sorted(installed)) or 'none'})"
+            )
+
+
 def check(environ: Mapping[str, str] = os.environ) -> None:
     """Before serving (and before forking workers): raise TracingError when the
     environment asks for tracing that cannot start. Imports nothing of OpenTelemetry."""
     if requested(environ):
         exporter_names(environ)
+        batch_settings(environ)
+        _check_propagators(environ)
 
 
 @dataclass
@@ -128,6 +176,8 @@ def start(environ: Mapping[str, str] = os.environ) -> Tracing:
     """Build this process's tracer provider from the environment and hook the unit of
     work's spans in. Call it only when requested(); once per process (after a fork)."""
     names = exporter_names(environ)
+    batching = batch_settings(environ)
+    _check_propagators(environ)
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -145,7 +195,7 @@ def start(environ: Mapping[str, str] = os.environ) -> Tracing:
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     for name in names:
         (entry,) = importlib.metadata.entry_points(group=EXPORTERS, name=name)
-        provider.add_span_processor(BatchSpanProcessor(entry.load()()))
+        provider.add_span_processor(BatchSpanProcessor(entry.load()(), **batching))
     tracer = provider.get_tracer("enrollment.server", version)
     unit_of_work.observe_transactions(_TransactionSpans(tracer).span)
     return Tracing(provider, tracer)
