@@ -195,7 +195,14 @@ def start(environ: Mapping[str, str] = os.environ) -> Tracing:
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     for name in names:
         (entry,) = importlib.metadata.entry_points(group=EXPORTERS, name=name)
-        provider.add_span_processor(BatchSpanProcessor(entry.load()(), **batching))
+        processor = BatchSpanProcessor(
+            entry.load()(),
+            max_queue_size=batching["max_queue_size"],
+            schedule_delay_millis=batching["schedule_delay_millis"],
+            max_export_batch_size=batching["max_export_batch_size"],
+            export_timeout_millis=batching["export_timeout_millis"],
+        )
+        provider.add_span_processor(processor)
     tracer = provider.get_tracer("enrollment.server", version)
     unit_of_work.observe_transactions(_TransactionSpans(tracer).span)
     return Tracing(provider, tracer)
