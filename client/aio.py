@@ -10,7 +10,13 @@ import grpc
 from grpc import aio
 
 from enrollment.client import calls
-from enrollment.client.api import DEFAULT_TIMEOUT, channel_credentials, channel_options
+from enrollment.client.api import (
+    DEFAULT_TIMEOUT,
+    channel_credentials,
+    channel_options,
+    check_timeout,
+    check_token,
+)
 from enrollment.client.calls import Call, P, T
 from enrollment.client.errors import BatchResult, ClientError, call_failure
 from enrollment.client.tracecontext import call_metadata
@@ -39,8 +45,8 @@ class AsyncEnrollmentClient:
     ) -> None:
         """As EnrollmentClient: TLS when tls_ca or tls_cert is given, token sent as
         'authorization: Bearer <token>', lb_policy "round_robin" to spread calls."""
-        if timeout <= 0:
-            raise ValueError("timeout must be more than 0 seconds")
+        check_timeout(timeout)
+        check_token(token)
         options = channel_options(lb_policy)
         credentials = channel_credentials(tls_ca, tls_cert, tls_key)
         self.address = address
@@ -282,24 +288,28 @@ class AsyncEnrollmentClient:
         follow: bool = False,
         poll_interval: float = 1.0,
         page_size: int = 0,
+        on_outage: calls.OnOutage | None = None,
     ) -> AsyncIterator[pb.Event]:
         """As EnrollmentClient.iter_events: the events after `after`, each once, in
         order; with follow, forever (WatchEvents, else polling), resuming by itself from
-        the last sequence after UNAVAILABLE or WATCHER_TOO_SLOW."""
-        feed = calls.Feed(after, student_id, course_id, follow)
+        the last sequence after UNAVAILABLE or WATCHER_TOO_SLOW, calling on_outage with
+        the error once when the server stops answering and with None when it is back."""
+        feed = calls.Feed(after, student_id, course_id, follow, on_outage)
         while True:
             try:
-                if feed.watching:
+                if feed.streams:
                     async for event in self._watch(feed.watch_request()):
                         yield feed.delivered(event)
                     continue  # the stream ended without an error: watch again
                 page = await self._run(feed.list_call(page_size))
+                feed.answered()
                 for event in page.events:
                     yield event
                 if feed.caught_up(page):
                     if not follow:
                         return
-                    await asyncio.sleep(poll_interval)
+                    if not feed.watching:
+                        await asyncio.sleep(poll_interval)
             except ClientError as error:
                 await asyncio.sleep(feed.pause_after(error, poll_interval))
 
@@ -310,6 +320,6 @@ class AsyncEnrollmentClient:
                 for event in response.events:
                     yield event
         except grpc.RpcError as error:
-            raise ClientError.from_rpc_error(error) from None
+            raise call_failure(error, tls=self._tls, client_cert=self._client_cert) from None
         finally:
             stream.cancel()

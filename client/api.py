@@ -22,6 +22,11 @@ from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT = 5.0
+# The longest deadline: grpc keeps one as int32 milliseconds (2**31 - 1 ms, about 24.8
+# days) and took a longer one as already past, failing every call DEADLINE_EXCEEDED
+# without sending it. The server's own settings and `health --timeout` have this bound.
+MAX_TIMEOUT = 2_147_483
+TIMEOUT_RANGE = f"above 0 and at most {MAX_TIMEOUT} seconds (about 24 days)"
 SERVICE = "enrollment.v1.EnrollmentService"
 # The channel retries a call that failed UNAVAILABLE (the server or its database was
 # away), and only that: every mutation carries a request_id, so a retry of one that
@@ -60,8 +65,8 @@ class EnrollmentClient:
         calls over every address the target resolves to, e.g.
         "dns:///enrollment-headless.NAMESPACE.svc.cluster.local:50051" or
         "ipv4:10.0.0.1:50051,10.0.0.2:50051"; gRPC's default is "pick_first"."""
-        if timeout <= 0:
-            raise ValueError("timeout must be more than 0 seconds")
+        check_timeout(timeout)
+        check_token(token)
         self.address = address
         self.timeout = timeout
         self._tls, self._client_cert = bool(tls_ca or tls_cert), bool(tls_cert)
@@ -304,27 +309,33 @@ class EnrollmentClient:
         follow: bool = False,
         poll_interval: float = 1.0,
         page_size: int = 0,
+        on_outage: calls.OnOutage | None = None,
     ) -> Iterator[pb.Event]:
         """The events after sequence `after`, in order, each once.
 
         Without follow: until the head at the time of the walk. With follow: forever,
         through WatchEvents where the server has it and by polling ListEvents where it
         does not or refuses the stream (TOO_MANY_WATCHERS), resuming by itself from the
-        last sequence after UNAVAILABLE (a server restarting or shutting down) or
-        WATCHER_TOO_SLOW; other errors are raised."""
-        feed = calls.Feed(after, student_id, course_id, follow)
+        last sequence after UNAVAILABLE (a server restarting or shutting down, or not
+        reached at all) or WATCHER_TOO_SLOW; other errors are raised. While the server
+        cannot be reached it tries again every poll_interval, and on_outage, if given,
+        is called once with the error (its hint included) when it stops answering and
+        once with None when it answers again."""
+        feed = calls.Feed(after, student_id, course_id, follow, on_outage)
         while True:
             try:
-                if feed.watching:
+                if feed.streams:
                     for event in self._watch(feed.watch_request()):
                         yield feed.delivered(event)
                     continue  # the stream ended without an error: watch again
                 page = self._run(feed.list_call(page_size))
+                feed.answered()
                 yield from page.events
                 if feed.caught_up(page):
                     if not follow:
                         return
-                    time.sleep(poll_interval)
+                    if not feed.watching:
+                        time.sleep(poll_interval)
             except ClientError as error:
                 time.sleep(feed.pause_after(error, poll_interval))
 
@@ -334,7 +345,7 @@ class EnrollmentClient:
             for response in stream:
                 yield from response.events
         except grpc.RpcError as error:
-            raise ClientError.from_rpc_error(error) from None
+            raise call_failure(error, tls=self._tls, client_cert=self._client_cert) from None
         finally:
             stream.cancel()
 
@@ -410,6 +421,22 @@ def read_tls_files(
                 f"its private key: {exc}"
             ) from None
     return files
+
+
+def check_timeout(timeout: float) -> None:
+    """Raises ValueError unless timeout is a deadline grpc can keep (TIMEOUT_RANGE)."""
+    if not 0 < timeout <= MAX_TIMEOUT:  # NaN too
+        raise ValueError(f"timeout must be {TIMEOUT_RANGE}")
+
+
+def check_token(token: str | None, *, name: str = "token") -> None:
+    """Raises ValueError, naming the token as name and never quoting it (a secret), when
+    it cannot be a header value: grpc's core logged "Metadata value ... is invalid" and
+    failed every call INTERNAL, as if the server had."""
+    for position, char in enumerate(token or "", start=1):
+        if not " " <= char <= "~":
+            kind = "not ASCII" if char > "\x7f" else "a control character"
+            raise ValueError(f"{name} must be printable ASCII: its character {position} is {kind}")
 
 
 def channel_options(lb_policy: str | None = None) -> list[tuple[str, str | int]]:

@@ -268,16 +268,46 @@ def list_events(
     return Call("ListEvents", request, _same)
 
 
-class Feed:
-    """Where iter_events stands: the last sequence delivered, and whether it watches
-    (WatchEvents) or polls (ListEvents). Both clients run the same loop around it."""
+# iter_events' on_outage: the error when a followed feed loses the server, None when it
+# answers again.
+OnOutage = Callable[[ClientError | None], None]
 
-    def __init__(self, after: int, student_id: int, course_id: int, follow: bool) -> None:
+
+class Feed:
+    """Where iter_events stands: the last sequence delivered, whether it watches
+    (WatchEvents) or polls (ListEvents), and the outage it waits out, if any. Both
+    clients run the same loop around it."""
+
+    def __init__(
+        self,
+        after: int,
+        student_id: int,
+        course_id: int,
+        follow: bool,
+        on_outage: OnOutage | None = None,
+    ) -> None:
         self.last = after
         self.student_id = student_id
         self.course_id = course_id
         self.follow = follow
         self.watching = follow
+        self.on_outage = on_outage
+        # The error that began the outage being waited out; meanwhile the feed asks with
+        # ListEvents, whose answer (a watch stream sends none until an event) says the
+        # server is back.
+        self.outage: ClientError | None = None
+
+    @property
+    def streams(self) -> bool:
+        """Whether the next call is a WatchEvents stream rather than ListEvents."""
+        return self.watching and self.outage is None
+
+    def answered(self) -> None:
+        """After a call the server answered: the outage, if any, is over."""
+        if self.outage is not None:
+            self.outage = None
+            if self.on_outage is not None:
+                self.on_outage(None)
 
     def watch_request(self) -> pb.WatchEventsRequest:
         return pb.WatchEventsRequest(
@@ -310,6 +340,13 @@ class Feed:
             self.watching = False
             return 0.0
         resumable = error.code == "UNAVAILABLE" or error.reason == "WATCHER_TOO_SLOW"
+        # A call timing out while the server is away is the same outage (one still starting).
+        resumable = resumable or (self.outage is not None and error.code == "DEADLINE_EXCEEDED")
         if not (self.follow and resumable):
             raise error
+        if error.code == "UNAVAILABLE" and self.outage is None:
+            # Said once per outage, not on every attempt.
+            self.outage = error
+            if self.on_outage is not None:
+                self.on_outage(error)
         return poll_interval

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import io
 import json
-import math
 import os
 import re
 import sys
@@ -23,8 +24,11 @@ from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 from enrollment.client import bulk  # noqa: E402
 from enrollment.client.api import (  # noqa: E402
     DEFAULT_TIMEOUT,
+    MAX_TIMEOUT,
+    TIMEOUT_RANGE,
     ClientError,
     EnrollmentClient,
+    check_token,
     read_tls_files,
     tls_flag,
 )
@@ -50,7 +54,7 @@ with --json the error goes to stdout as {"error": {"code", "reason", "message",
 mismatch, the message says so in brackets. Usage errors exit with status 2; with
 --json they go to stdout as {"error": {"code": "USAGE", "reason": "", "message",
 "fields": [], "usage"}}; so do import's local failures (a file it cannot read,
-a rejects folder it cannot write), without "usage". import --json prints
+a rejects path it cannot write), without "usage". import --json prints
 {"rows", "accepted", "enrolled", "waitlisted", "rejected", "rejectsFile", "dryRun"}.
 
 global options may also follow the subcommand."""
@@ -133,9 +137,18 @@ def seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    if not 0 < value <= MAX_TIMEOUT:  # NaN and infinity too
+        raise argparse.ArgumentTypeError(f"must be {TIMEOUT_RANGE}")
     return value
+
+
+def token(text: str) -> str:
+    """A bearer token; the message about one never quotes it."""
+    try:
+        check_token(text, name="the token")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 # Subcommands.
@@ -269,7 +282,7 @@ class _Parser(argparse.ArgumentParser):
             "fields": [],
             "usage": " ".join(self.format_usage().split()),
         }
-        print(json.dumps({"error": body}, indent=2, ensure_ascii=False))
+        print(_dumps({"error": body}, indent=2))
         self.exit(2)
 
 
@@ -283,11 +296,14 @@ def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> 
     def described(text: str) -> str:  # help text too
         return argparse.SUPPRESS if in_subcommand else text
 
+    # --address and --token default to None, filled from the environment after the parse
+    # (_from_environment): argparse would check a variable's value as the flag's and name
+    # the flag in its message.
     parser.add_argument(
         "--address",
         metavar="HOST:PORT",
         type=address,
-        default=default(os.environ.get("ENROLLMENT_ADDRESS") or DEFAULT_ADDRESS),
+        default=default(None),
         help=described(f"server address (env ENROLLMENT_ADDRESS; default {DEFAULT_ADDRESS})"),
     )
     parser.add_argument(
@@ -305,7 +321,8 @@ def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> 
     )
     parser.add_argument(
         "--token",
-        default=default(os.environ.get("ENROLLMENT_TOKEN")),
+        type=token,
+        default=default(None),
         help=described("bearer token sent with every call (env ENROLLMENT_TOKEN)"),
     )
     # No environment variables here: ENROLLMENT_TLS_CERT/KEY name the server's own files.
@@ -315,6 +332,20 @@ def _global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> 
         ("--tls-key", "private key (PEM) of --tls-cert"),
     ):
         parser.add_argument(flag, metavar="PEM", default=default(None), help=described(text))
+
+
+def _from_environment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--address and --token from ENROLLMENT_ADDRESS and ENROLLMENT_TOKEN (empty: unset)
+    where not given; a value that will not do is a usage error naming the variable."""
+    try:
+        if args.address is None:
+            variable = "ENROLLMENT_ADDRESS"
+            args.address = address(os.environ.get(variable) or DEFAULT_ADDRESS)
+        if args.token is None:
+            variable = "ENROLLMENT_TOKEN"
+            args.token = token(os.environ.get(variable) or "") or None
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"environment variable {variable}: {exc}")
 
 
 def _page_options(parser: argparse.ArgumentParser) -> None:
@@ -505,13 +536,23 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
 
 def _events(client: EnrollmentClient, args: argparse.Namespace) -> None:
     """Prints as it goes (JSON lines with --json), flushing each line for a pipe."""
-    for event in client.iter_events(
-        args.after, student_id=args.student, course_id=args.course, follow=args.follow
-    ):
-        if args.json:
-            line = json.dumps(_to_json(event), ensure_ascii=False, separators=(",", ":"))
+
+    def on_outage(error: ClientError | None) -> None:
+        # On stderr, once an outage: a follow that retries in silence looks like a quiet feed.
+        if error is None:
+            said = f"reached the server at {client.address}, following"
         else:
-            line = event_line(event)
+            said = f"cannot reach the server at {client.address}, retrying: {error}"
+        print(f"enrollment-client: {said}", file=sys.stderr, flush=True)
+
+    for event in client.iter_events(
+        args.after,
+        student_id=args.student,
+        course_id=args.course,
+        follow=args.follow,
+        on_outage=on_outage,
+    ):
+        line = _dumps(_to_json(event), separators=(",", ":")) if args.json else event_line(event)
         print(line, flush=True)
 
 
@@ -546,13 +587,11 @@ def _import(client: EnrollmentClient, args: argparse.Namespace) -> Finished:
     except OSError as exc:
         return _local_failure(args, f"cannot read {args.file}: {exc.strerror}")
     path = args.rejects or f"{args.file}.rejects.csv"
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        # Found before anything is sent, not after the batches committed.
+    # Found before anything is sent, not after the batches committed.
+    unwritable = _unwritable(path)
+    if unwritable:
         return _local_failure(
-            args,
-            f"cannot write the rejects to {path}: "
-            "its folder is missing or not writable (--rejects PATH)",
+            args, f"cannot write the rejects to {path}: {unwritable} (--rejects PATH)"
         )
     try:
         summary = bulk.import_file(
@@ -580,10 +619,23 @@ def _import(client: EnrollmentClient, args: argparse.Namespace) -> Finished:
                 file=sys.stderr,
             )
     if args.json:
-        print(json.dumps(summary.as_json(written), indent=2, ensure_ascii=False))
+        print(_dumps(summary.as_json(written), indent=2))
     else:
         print(summary.text(written))
     return Finished(1 if summary.rejects else 0)
+
+
+def _unwritable(path: str) -> str:
+    """Why a file cannot be written at path, as far as can be told without writing it; ""."""
+    # A trailing "/" names a folder: open() refuses it even where none exists yet.
+    if path.endswith(os.sep) or os.path.isdir(path):
+        return "is a folder"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        return "its folder is missing or not writable"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "it is not writable"
+    return ""
 
 
 def _local_failure(args: argparse.Namespace, message: str) -> Finished:
@@ -591,7 +643,7 @@ def _local_failure(args: argparse.Namespace, message: str) -> Finished:
     with --json the usage error object on stdout."""
     if args.json:
         body = {"code": "USAGE", "reason": "", "message": message, "fields": []}
-        print(json.dumps({"error": body}, indent=2, ensure_ascii=False))
+        print(_dumps({"error": body}, indent=2))
     else:
         print(f"enrollment-client: {message}", file=sys.stderr)
     return Finished(2)
@@ -603,6 +655,14 @@ def _export(client: EnrollmentClient, args: argparse.Namespace) -> Finished:
 
 
 # Rendering.
+
+
+def _dumps(value: object, **options: Any) -> str:
+    """JSON for stdout: characters as they are where stdout takes every character, else
+    \\u escapes, so that the backslashreplace of main() never makes it invalid JSON."""
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    whole = codecs.lookup(encoding).name.startswith(("utf-8", "utf-16", "utf-32"))
+    return json.dumps(value, ensure_ascii=not whole, **options)
 
 
 def _to_json(message: Message) -> dict[str, Any]:
@@ -698,7 +758,7 @@ def _table(items: Sequence[Message]) -> list[str]:
 def render(result: Item | Listing | Done, *, as_json: bool) -> str:
     if as_json:
         message = result.response if isinstance(result, Listing) else result.message
-        return json.dumps(_to_json(message), indent=2, ensure_ascii=False)
+        return _dumps(_to_json(message), indent=2)
     if isinstance(result, Item):
         return "\n".join(f"{key}: {value}" for key, value in _pairs(result.message))
     if isinstance(result, Done):
@@ -717,7 +777,7 @@ def render_error(error: ClientError, *, as_json: bool) -> str:
             "message": error.explained,
             "fields": error.fields,
         }
-        return json.dumps({"error": body}, indent=2, ensure_ascii=False)
+        return _dumps({"error": body}, indent=2)
     return "\n".join([f"error: {error}"] + [f"  field: {name}" for name in error.fields])
 
 
@@ -734,11 +794,22 @@ def _connect(args: argparse.Namespace) -> EnrollmentClient:
     )
 
 
+def _escape_what_cannot_be_encoded() -> None:
+    # Output the terminal's encoding cannot take (PYTHONIOENCODING=ascii, a C locale) is
+    # written escaped: a result raising UnicodeEncodeError after the call succeeded made
+    # a write look like a crash.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _escape_what_cannot_be_encoded()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Before the parse: a usage error is reported as JSON when --json is anywhere.
     parser = build_parser(json_errors="--json" in argv)
     args = parser.parse_args(argv)
+    _from_environment(parser, args)
     try:
         try:
             client = _connect(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -435,3 +436,109 @@ def test_library_connection_failure_and_close(closed_port):
     assert raised.value.reason == ""
     with pytest.raises(ValueError, match="closed channel"):
         client.get_course(1)
+
+
+@pytest.mark.parametrize(
+    ("token", "where", "env"),
+    [
+        ("sécret", ["--token", "sécret"], {}),
+        ("s3cret\r", [], {"ENROLLMENT_TOKEN": "s3cret\r"}),
+        # The flag wins over the variable, so the flag is named.
+        ("s3cr\tet", ["--token", "s3cr\tet"], {"ENROLLMENT_TOKEN": "fine"}),
+    ],
+)
+def test_a_token_that_cannot_be_a_header_is_a_usage_error(live, token, where, env):
+    # gRPC's core logged "Metadata value for key authorization is invalid" and every
+    # call failed INTERNAL, as if the server had.
+    named = "--token" if where else "ENROLLMENT_TOKEN"
+    for json_flag in ([], ["--json"]):
+        done = run(
+            "--address", live.address, *where, *json_flag, "student", "--id", "1",
+            env=_env(**env),
+        )  # fmt: skip
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        said = json.loads(done.stdout)["error"]["message"] if json_flag else done.stderr
+        assert named in said and "printable ASCII" in said, said
+        assert "etadata" not in said and "INTERNAL" not in said, said
+        assert token.strip() not in done.stdout + done.stderr
+        if not json_flag:
+            assert done.stdout == "" and done.stderr.splitlines()[-1].startswith(
+                "enrollment-client: error: "
+            ), done.stderr
+
+
+def test_the_libraries_refuse_a_token_that_cannot_be_a_header(live):
+    from enrollment.client.aio import AsyncEnrollmentClient
+
+    for token in ("é", "abc\r", "a\nb", "\x7f"):
+        with pytest.raises(ValueError, match="token must be printable ASCII") as raised:
+            EnrollmentClient(live.address, token=token)
+        assert token not in str(raised.value)
+
+        async def make(token: str = token) -> None:
+            AsyncEnrollmentClient(live.address, token=token)
+
+        with pytest.raises(ValueError, match="token must be printable ASCII"):
+            asyncio.run(make())
+    # Printable ASCII, spaces included, still goes out as it is.
+    with EnrollmentClient(live.address, token="a b~!") as client:
+        assert client.get_course(new_course(live.stub).id).id
+
+
+@pytest.mark.parametrize("value", ["2147484", "1e10", "inf"])
+def test_a_timeout_past_grpcs_longest_deadline_is_a_usage_error(live, value):
+    # grpc took 1e10 s as a deadline already past: DEADLINE_EXCEEDED without a call.
+    course = new_course(live.stub)
+    done = run("--address", live.address, "--timeout", value, "course", "--id", str(course.id))
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr.splitlines()[-1].endswith(
+        "argument --timeout: must be above 0 and at most 2147483 seconds (about 24 days)"
+    ), done.stderr
+    # The longest one allowed works.
+    done = run("--address", live.address, "--timeout", "2147483", "course", "--id", str(course.id))
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(ValueError, match="at most 2147483"):
+        EnrollmentClient(live.address, timeout=1e10)
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("bogus", "'bogus' has no port: give HOST:PORT, e.g. 127.0.0.1:50051"),
+        ("127.0.0.1:99999", "the port of '127.0.0.1:99999' must be 0-65535"),
+    ],
+)
+def test_a_bad_enrollment_address_names_the_variable_not_the_flag(address, expected):
+    # The message said "argument --address" to someone who had set no such flag.
+    done = run("student", "--id", "1", env=_env(ENROLLMENT_ADDRESS=address))
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"enrollment-client: error: environment variable ENROLLMENT_ADDRESS: {expected}"
+    ), done.stderr
+    done = run("--json", "student", "--id", "1", env=_env(ENROLLMENT_ADDRESS=address))
+    message = json.loads(done.stdout)["error"]["message"]
+    assert message == f"environment variable ENROLLMENT_ADDRESS: {expected}", message
+    # A flag given as well wins, and the variable is not looked at.
+    done = run("--address", "127.0.0.1:1", "--timeout", "1", "student", "--id", "1",
+               env=_env(ENROLLMENT_ADDRESS=address))  # fmt: skip
+    assert done.returncode == 1 and "UNAVAILABLE" in done.stderr, done.stderr
+
+
+def test_output_that_the_terminal_cannot_encode_is_written_escaped_not_a_crash(live):
+    # The student was created, then printing "Zoë" to an ASCII stdout was a
+    # UnicodeEncodeError traceback and exit status 1: a success reported as a crash.
+    ascii_only = _env(PYTHONIOENCODING="ascii")
+    done = run("--address", live.address, "create-student", "--name", "Zoë",
+               "--email", "zoe@x.org", env=ascii_only)  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert key_values(done.stdout)["name"] == "Zo\\xeb"
+    # JSON stays JSON: escaped the JSON way.
+    done = run("--address", live.address, "--json", "create-student", "--name", "Zoë ☃ 𝄞",
+               "--email", "zoe2@x.org", env=ascii_only)  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert json.loads(done.stdout)["name"] == "Zoë ☃ 𝄞"
+    # An error that quotes the input too.
+    done = run("--address", live.address, "create-student", "--name", "Zoë",
+               "--email", "zoe@x.org", env=ascii_only)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: ALREADY_EXISTS"), done.stderr

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import subprocess
 import threading
 import time
 
-from enrollment.client.api import EnrollmentClient
+from enrollment.client.api import ClientError, EnrollmentClient
 from enrollment.v1 import enrollment_pb2 as pb
 from tests import servers
-from tests.client_cli import ok
+from tests.certs import Authority
+from tests.client_cli import CLIENT, _env, ok
 from tests.rpc import TIMEOUT, new_course, new_student
 
 
@@ -133,3 +136,120 @@ def test_follow_polls_list_events_on_a_server_that_serves_no_watchers(db_url, se
             return [(await stream.__anext__()).sequence for _ in range(2)]
 
     assert asyncio.run(scenario()) == [1, 2]
+
+
+class _Follower:
+    """`enrollment-client events --follow` in the background, its stdout and stderr
+    lines in queues as they come."""
+
+    def __init__(self, address: str, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [str(CLIENT), "--address", address, "--timeout", "2", *extra, "events", "--follow"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        self.out: queue.Queue[str] = queue.Queue()
+        self.err: queue.Queue[str] = queue.Queue()
+        for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._read, args=(stream, lines), daemon=True).start()
+
+    @staticmethod
+    def _read(stream, lines: queue.Queue[str]) -> None:
+        for line in stream:
+            lines.put(line)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def test_follow_says_once_an_outage_that_it_is_retrying_and_when_the_server_is_back(
+    db_url, tmp_path
+):
+    # With the server down it retried forever without a word: a wrong port looked
+    # like a quiet feed.
+    port = servers.free_port()
+    address = f"127.0.0.1:{port}"
+    down = f"enrollment-client: cannot reach the server at {address}, retrying: UNAVAILABLE"
+    back = f"enrollment-client: reached the server at {address}, following\n"
+    follower = _Follower(address)
+    try:
+        for n in (1, 2):  # not reached from the start, then lost after a restart
+            assert follower.err.get(timeout=20).startswith(down)
+            time.sleep(3)  # attempts a second apart: said once, not per attempt
+            assert follower.err.empty()
+            server = servers.start(tmp_path / f"server{n}.log", "--database-url", db_url, port=port)
+            try:
+                assert follower.err.get(timeout=20) == back
+                with EnrollmentClient(address) as client:
+                    client.create_student(f"S{n}", f"s{n}@example.com")
+                line = follower.out.get(timeout=20)
+                assert line.split()[0] == str(n) and "STUDENT_CREATED" in line, line
+            finally:
+                server.stop()
+        assert follower.err.get(timeout=20).startswith(down)  # the last stop's outage
+    finally:
+        follower.stop()
+    assert follower.out.empty() and follower.err.empty()
+
+
+def test_follow_over_tls_to_a_plaintext_server_says_why_it_cannot_reach_it(live, tmp_path):
+    ca = Authority(tmp_path / "pki", "test-ca")
+    follower = _Follower(live.address, "--tls-ca", str(ca.ca_file))
+    try:
+        said = follower.err.get(timeout=20)
+        assert "(the server may not speak TLS: connect without --tls-ca" in said, said
+        time.sleep(2.5)
+    finally:
+        follower.stop()
+    assert follower.out.empty() and follower.err.empty()
+
+
+def test_both_clients_tell_a_follower_of_an_outage_once_and_of_its_end(db_url, tmp_path):
+    from enrollment.client.aio import AsyncEnrollmentClient
+
+    port = servers.free_port()
+    address = f"127.0.0.1:{port}"
+    told: dict[str, list[str]] = {"sync": [], "async": []}
+    seen: dict[str, list[int]] = {"sync": [], "async": []}
+
+    def tell(who: str):
+        def on_outage(error: ClientError | None) -> None:
+            told[who].append("back" if error is None else error.code)
+
+        return on_outage
+
+    def follow_sync() -> None:
+        with EnrollmentClient(address, timeout=2) as client:
+            for event in client.iter_events(follow=True, poll_interval=0.1, on_outage=tell("sync")):
+                seen["sync"].append(event.sequence)
+                return
+
+    async def follow_async() -> None:
+        async with AsyncEnrollmentClient(address, timeout=2) as client:
+            async for event in client.iter_events(
+                follow=True, poll_interval=0.1, on_outage=tell("async")
+            ):
+                seen["async"].append(event.sequence)
+                return
+
+    followers = [
+        threading.Thread(target=follow_sync, daemon=True),
+        threading.Thread(target=lambda: asyncio.run(follow_async()), daemon=True),
+    ]
+    for follower in followers:
+        follower.start()
+    time.sleep(2)  # many attempts 0.1 s apart
+    assert told == {"sync": ["UNAVAILABLE"], "async": ["UNAVAILABLE"]}
+    server = servers.start(tmp_path / "server.log", "--database-url", db_url, port=port)
+    try:
+        with EnrollmentClient(address) as client:
+            client.create_student("S", "s@example.com")
+        for follower in followers:
+            follower.join(20)
+    finally:
+        server.stop()
+    assert seen == {"sync": [1], "async": [1]}
+    assert told == {"sync": ["UNAVAILABLE", "back"], "async": ["UNAVAILABLE", "back"]}

@@ -275,6 +275,37 @@ def test_rejects_to_a_missing_folder_is_refused_before_anything_is_sent(live, tm
     assert databases.query(live.database_url, "SELECT COUNT(*) FROM student_courses") == [(0,)]
 
 
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("folder", "is a folder"),  # an existing folder: it was the rows, then "Is a directory"
+        ("folder/", "is a folder"),
+        ("new/", "is a folder"),  # a trailing "/" names a folder, which open() refuses
+        ("file.txt/r.csv", "its folder is missing or not writable"),  # the parent is a file
+    ],
+)
+def test_rejects_that_cannot_be_written_are_refused_before_anything_is_sent(
+    live, tmp_path, target, expected
+):
+    # An existing folder at --rejects passed the check of its parent: the batches
+    # committed, then the rejects could not be written and their reasons were lost.
+    with EnrollmentClient(live.address) as client:
+        a = client.create_student("A", "a@example.com")
+        course = client.create_course("R-1", "R")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("not a folder\n")
+    path = tmp_path / "ok.csv"
+    path.write_text(f"student_id,course_id\n{a.id},{course.id}\nx,1\n")
+    rejects = str(tmp_path) + "/" + target
+    run = _import(live.address, path, "--rejects", rejects)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 2, (out, err)
+    said = f"enrollment-client: cannot write the rejects to {rejects}: {expected} (--rejects PATH)"
+    assert err == said + "\n", err
+    assert out == ""
+    assert databases.query(live.database_url, "SELECT COUNT(*) FROM student_courses") == [(0,)]
+
+
 def test_import_with_json_prints_its_summary_as_json(live, tmp_path):
     # --json was ignored: the readable summary line, which a script cannot parse.
     with EnrollmentClient(live.address) as client:
