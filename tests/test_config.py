@@ -203,6 +203,24 @@ def test_a_config_built_in_code_is_checked_the_same_way():
         load({}, {"ENROLLMENT_TLS_CERT": "cert.pem"})
     with pytest.raises(StartupError, match=r"--tls-key and --tls-cert go together"):
         load({"--tls-key": "key.pem"}, {})
+    # Found at start-up by the TLS code, which knows no variables: it named the flag.
+    with pytest.raises(
+        StartupError,
+        match=r"ENROLLMENT_TLS_CLIENT_CA turns on mutual TLS, which needs TLS: give "
+        r"ENROLLMENT_TLS_CERT and ENROLLMENT_TLS_KEY too",
+    ):
+        load({}, {"ENROLLMENT_TLS_CLIENT_CA": "ca.pem"})
+    with pytest.raises(StartupError, match=r"--tls-client-ca turns on mutual TLS"):
+        load({"--tls-client-ca": "ca.pem"}, {})
+    # Worker N serves metrics on the port + N - 1: it failed after start-up, naming a
+    # port past 65535 that nobody gave.
+    with pytest.raises(
+        StartupError,
+        match=r"--metrics-address 127.0.0.1:65535 with --workers 2 needs ports 65535 to "
+        r"65536 \(one per worker\), past 65535",
+    ):
+        load({"--metrics-address": "127.0.0.1:65535", "--workers": "2"}, {})
+    assert load({"--metrics-address": "127.0.0.1:65534", "--workers": "2"}, {}).workers == 2
 
 
 def test_threads_is_the_name_and_max_workers_an_old_alias():
@@ -336,6 +354,14 @@ def test_schema_commands_follow_enrollment_log_format(tmp_path):
     assert result.returncode == 2, result.stderr
     (entry,) = _json_lines(result.stderr)
     assert entry["level"] == "ERROR", entry
+    # --log-format too, before or after the command, as --log-level: it was refused as
+    # an unrecognized argument.
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    for args in (["status", "--log-format", "json"], ["--log-format", "json", "status"]):
+        result = run(*args, "--database-url", missing)
+        assert result.returncode == 2, result.stderr
+        (entry,) = _json_lines(result.stderr)
+        assert entry["level"] == "ERROR", entry
 
 
 @pytest.mark.parametrize("command", ["migrate", "status", "rollback"])

@@ -38,7 +38,7 @@ DESCRIPTION = """\
 The enrollment server (serve) and its operations: health checks, migrations, tokens.
 `enrollment-server COMMAND --help` describes each command.
 
---log-level goes before or after the command. Every serve flag has an environment
+--log-level and --log-format go before or after the command. Every serve flag has an environment
 variable (see `enrollment-server serve --help`); a flag wins over its variable. A bad
 value stops the command with one line on stderr and exit status 2."""
 
@@ -50,7 +50,7 @@ SERVE_DESCRIPTION = (
 
 
 # Settings every command takes, before or after its name.
-GLOBAL_SETTINGS = ("log_level", "log_sql_values")
+GLOBAL_SETTINGS = ("log_level", "log_format", "log_sql_values")
 
 
 def _default_text(setting: Setting) -> str:

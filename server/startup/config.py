@@ -495,4 +495,19 @@ def _conflicts(config: ServerConfig, labels: Mapping[str, str], bad: set[str]) -
         # The one missing spelled as the one given was: both variables, or both flags.
         spelled = BY_NAME[missing].env if label(given).startswith("ENROLLMENT_") else None
         problems.append(f"{label(given)} and {spelled or label(missing)} go together")
+    if config.tls_client_ca and not config.tls_cert and not config.tls_key:
+        via_env = label("tls_client_ca").startswith("ENROLLMENT_")
+        cert, key = (BY_NAME[n].env if via_env else label(n) for n in ("tls_cert", "tls_key"))
+        problems.append(
+            f"{label('tls_client_ca')} turns on mutual TLS, which needs TLS: give {cert} "
+            f"and {key} too"
+        )
+    if config.metrics_address and config.workers > 1 and not {"metrics_address", "workers"} & bad:
+        _, port = addresses.split(config.metrics_address)
+        last = int(port) + config.workers - 1 if port.isdigit() and int(port) else 0
+        if last > 65535:
+            problems.append(
+                f"{label('metrics_address')} {config.metrics_address} with {label('workers')} "
+                f"{config.workers} needs ports {port} to {last} (one per worker), past 65535"
+            )
     return problems

@@ -282,7 +282,8 @@ def check_schema() -> None:
         raise StartupError(
             f"database schema is behind this server ({len(pending)} pending migration(s), "
             f"first {pending[0]}); run `enrollment-server migrate` with the same "
-            "--database-url (or `make migrate`), then start again"
+            "database URL (--database-url or ENROLLMENT_DATABASE_URL; or `make migrate`), "
+            "then start again"
         )
     if unknown:
         log.warning("database has migrations this server does not know: %s", ", ".join(unknown))
