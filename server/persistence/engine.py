@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import peewee as pw
 import psycopg2
+import psycopg2.extensions
 import pymysql
 from playhouse.db_url import parse as parse_db_url
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase, PooledSqliteDatabase
@@ -142,8 +143,19 @@ def parse(url: str, *, create: bool = False) -> Target:
 
 
 def _check_postgresql_options(params: dict[str, Any]) -> None:
-    """libpq checks the names and values of its options when it connects, and says
-    what is wrong; the client encoding is the server's to choose."""
+    """Option names libpq knows (its values it checks when it connects, and says what
+    is wrong); the client encoding is the server's to choose."""
+    options = {k: str(v) for k, v in params.items() if k != "prepare" and v is not None}
+    try:
+        psycopg2.extensions.make_dsn(**options)
+    except psycopg2.ProgrammingError as exc:
+        # libpq names the option ('invalid connection option "bogus"'), not its value.
+        found = re.search(r'option "([^"]+)"', str(exc))
+        named = f"option {found[1]!r}" if found else "options"
+        raise DatabaseConfigError(
+            f"the postgresql URL has an unknown {named}; options go to libpq, as in "
+            "?sslmode=require"
+        ) from None
     encoding = params.get("client_encoding")
     if encoding is not None and str(encoding).replace("-", "").upper() != "UTF8":
         raise DatabaseConfigError(
@@ -184,14 +196,31 @@ def _check_mysql_options(params: dict[str, Any]) -> None:
         pymysql.connections.Connection(**params, defer_connect=True)
     except Exception as exc:  # noqa: BLE001 - any refusal of the values is the URL's fault
         raise DatabaseConfigError(
-            f"the mysql URL's options cannot be used: {first_line(exc)}"
+            f"the mysql URL's {_refused_mysql_option(params) or 'options'} cannot be used: "
+            f"{first_line(exc)}"
         ) from None
+
+
+def _refused_mysql_option(params: dict[str, Any]) -> str:
+    """Which of the URL's options PyMySQL refuses alone ("option 'connect_timeout'"), its
+    value not repeated; "" when none does alone."""
+    base = {k: params[k] for k in ("host", "user", "database") if k in params}
+    for name in params:
+        if name in base or name in ("password", "port"):
+            continue
+        try:
+            pymysql.connections.Connection(**base, **{name: params[name]}, defer_connect=True)
+        except Exception:  # noqa: BLE001 - this one is refused
+            return f"option {name!r}"
+    return ""
 
 
 def _check_sqlite_path(path: str, *, create: bool) -> None:
     if not path or path == ":memory:" or path.startswith("file:"):
         raise DatabaseConfigError("the SQLite URL must name a file, as in sqlite:///enrollment.db")
     file = Path(path)
+    if file.is_dir():
+        raise DatabaseConfigError(f"the SQLite URL names a folder, not a file: {path!r}")
     folder = file.parent
     if not folder.is_dir():
         raise DatabaseConfigError(f"the directory of the SQLite file {path!r} does not exist")
