@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -267,3 +270,34 @@ def test_ctrl_c_while_the_database_does_not_answer_is_one_line(command):
         _, err = process.communicate(timeout=20)
     assert process.returncode == 130, err
     assert err.strip() == f"enrollment-server: {command} interrupted", err
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to serve as nobody")
+@pytest.mark.parametrize("mode", [0o644, 0o600])
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+def test_sqlite_side_files_this_user_cannot_write_are_refused_at_start_up(suffix, mode):
+    # Left by a crash of a server run as another user (root): the server started and
+    # said SERVING, then refused every write, its log blaming a failover or a replica.
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))  # not under pytest's root-only folder
+    try:
+        folder.chmod(0o777)
+        database = folder / "x.db"
+        url = f"sqlite:///{database}"
+        assert (
+            subprocess.run([SERVER, "migrate", "--database-url", url], timeout=60).returncode == 0
+        )
+        database.chmod(0o666)
+        side = folder / f"x.db{suffix}"
+        side.touch()
+        side.chmod(mode)  # root's: readable by others or not
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            + [SERVER, "serve", "--address", "127.0.0.1:0", "--database-url", url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2, result.stderr
+        assert f"x.db{suffix}" in result.stderr and "not writable by this user" in result.stderr
+    finally:
+        shutil.rmtree(folder)

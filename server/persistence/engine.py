@@ -245,6 +245,14 @@ def _check_sqlite_path(path: str, *, create: bool) -> None:
         raise DatabaseConfigError(
             f"the SQLite file {path!r} is not readable and writable by this user"
         )
+    # Left by a crash of a process run as another user: readable, SQLite opens the
+    # database read-only and every write fails; not even readable, nothing opens.
+    for side in (f"{path}-wal", f"{path}-shm"):
+        if os.path.exists(side) and not os.access(side, os.R_OK | os.W_OK):
+            raise DatabaseConfigError(
+                f"SQLite's {side!r} is not writable by this user (left by another user's "
+                "server that stopped uncleanly?): give it to this user"
+            )
 
 
 def _driver_params(

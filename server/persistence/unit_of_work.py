@@ -511,12 +511,22 @@ def _read_only(exc: BaseException) -> None:
     traceback) at most every few seconds, as for a full disk."""
     count = read_only_events.record()
     if count is not None:
+        why = _READ_ONLY_CAUSES.get(engine.kind(), _READ_ONLY_CAUSES["postgresql"])
         log.warning(
-            "database read-only: it refused %d write(s) (a failover in progress, or the "
-            "URL names a replica; reads still work, writes resume once it accepts them): %s",
+            "database read-only: it refused %d write(s) (%s; reads still work, writes "
+            "resume once it accepts them): %s",
             count,
+            why,
             first_line(exc),
         )
+
+
+_READ_ONLY_CAUSES = {
+    "sqlite": "the file system is read-only, or the file or its -wal/-shm files are not "
+    "writable by this user",
+    "postgresql": "a failover in progress, or the URL names a replica",
+    "mysql": "a failover in progress, the server runs --read-only, or the URL names a replica",
+}
 
 
 class _Transient(Exception):
