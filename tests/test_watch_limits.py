@@ -11,7 +11,6 @@ import time
 import grpc
 import pytest
 
-from enrollment.server.transport import watch
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import watching
@@ -120,14 +119,24 @@ def test_a_watcher_that_does_not_read_is_ended_and_resumes(db_url, server_proces
     assert head == 1 + COURSES + STUDENTS + STUDENTS * COURSES
 
 
-def test_a_watcher_ended_too_slow_that_never_reads_is_cut(start_server, monkeypatch, caplog):
-    # Its stream waited for ever on a write its client never took, holding its buffers
-    # (about 5 MB) and no longer counted in --max-watchers: one client kept 45 such
-    # streams at --max-watchers 5. Now it counts until it is gone, and is cut CUT_AFTER
-    # seconds after it was ended.
-    monkeypatch.setattr(watch, "CUT_AFTER", 3.0, raising=False)
+@pytest.mark.parametrize("ended_by", ["client_cancels", "connection_age"])
+def test_a_watcher_ended_too_slow_that_never_reads_holds_its_place_until_grpc_ends_it(
+    start_server, caplog, ended_by
+):
+    # Its stream waited on a write its client never took. The hub then cut it (cancelled
+    # its task) 10 s later and stopped counting it, but that freed nothing of grpc's: the
+    # call stayed open on the wire with its slot and buffered message, and every 10 s a
+    # client could open --max-watchers more, until grpc's own limit refused every call.
+    # Now it counts until grpc has ended the call: its client goes away, or
+    # --max-connection-age closes its connection.
     caplog.set_level(logging.INFO, logger="enrollment.rpc")
-    live = start_server(watch_queue=500, max_watchers=1, metrics_address="127.0.0.1:0")
+    aged = {"max_connection_age": 4.0, "max_connection_age_grace": 1.0}
+    live = start_server(
+        watch_queue=500,
+        max_watchers=1,
+        metrics_address="127.0.0.1:0",
+        **(aged if ended_by == "connection_age" else {}),
+    )
     live.stub.CreateCourse(pb.CreateCourseRequest(code="M", title="M"), timeout=TIMEOUT)
     # A client that takes no more than HTTP/2's first window (64 KiB) without reading:
     # no BDP probes to widen it. The events below are several times that.
@@ -137,6 +146,10 @@ def test_a_watcher_ended_too_slow_that_never_reads_is_cut(start_server, monkeypa
     )
     stuck = pb_grpc.EnrollmentServiceStub(made).WatchEvents(pb.WatchEventsRequest())
     opened = [(made, stuck)]
+
+    def in_flight() -> float:
+        return scrape(live.running.metrics_port)[("enrollment_rpcs_in_flight", ())]
+
     try:
         next(stuck)  # open; then its client reads nothing more
         watching.enroll_many(live.stub, STUDENTS, COURSES)
@@ -146,23 +159,28 @@ def test_a_watcher_ended_too_slow_that_never_reads_is_cut(start_server, monkeypa
         while hub.watchers and time.monotonic() < deadline:  # until the hub ends it
             time.sleep(0.01)
         assert hub.watchers == 0, "the stream was not ended as too slow"
-        # Ended but still open, it holds its place.
+        if ended_by == "client_cancels":
+            time.sleep(12)  # past the 10 s after which it used to be cut
+        # Ended but still open on the wire, it holds its place.
+        assert in_flight() == 1
         opened.append(_stream(live.address))
         with pytest.raises(grpc.RpcError) as refused:
             next(opened[-1][1])
         assert failure(refused.value).reason == "TOO_MANY_WATCHERS"
-
-        def in_flight() -> float:
-            return scrape(live.running.metrics_port)[("enrollment_rpcs_in_flight", ())]
-
-        deadline = time.monotonic() + watch.CUT_AFTER + TIMEOUT
+        if ended_by == "client_cancels":
+            stuck.cancel()
+        else:  # the connection is closed under it: the client sees its stream end
+            with pytest.raises(grpc.RpcError):
+                for _ in stuck:
+                    pass
+        deadline = time.monotonic() + TIMEOUT
         while in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert in_flight() == 0, "the stream that reads nothing was not cut"
+        assert in_flight() == 0, "grpc's end of the call was not seen"
         assert any(
             "method=WatchEvents code=RESOURCE_EXHAUSTED reason=WATCHER_TOO_SLOW" in r.getMessage()
             for r in caplog.records
-        ), "its log line names why it was cut"
+        ), "its log line names why it was ended"
         # Its place is free again: a stream resumes and is served.
         opened.append(_stream(live.address, after=1))
         assert next(opened[-1][1]).events[0].sequence == 2

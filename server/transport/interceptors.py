@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # no stubs for it
 
 from enrollment.server import callstate
 from enrollment.server.callstate import WouldWait
@@ -792,11 +793,13 @@ class _Guard:
                 await context.write(reply)
         except EnrollmentError as error:
             _, status, code, reason = call.failed(error)
-        except asyncio.CancelledError as cancelled:
-            code, reason = "CANCELLED", "CALL_ENDED"  # the client went away: the usual end
-            if cancelled.args == (watch.CUT,):  # or the hub cut a stream ended too slow
-                code, reason = "RESOURCE_EXHAUSTED", watch.CUT
+        except asyncio.CancelledError:
+            code, reason = _stream_gone()  # the client went away: the usual end
             raise
+        except _WRITE_REFUSED:
+            # grpc failed a write it held for a client that then went away (it cancels
+            # the task as well, a moment later): the same end, nothing to answer.
+            code, reason = _stream_gone()
         except Exception:
             log.exception("rpc %s failed unexpectedly", self._name)
             _, status, code, reason = call.failed(error_status.INTERNAL_ERROR)
@@ -804,6 +807,19 @@ class _Guard:
             call.finish(code, reason)
         if status is not None:
             await context.abort_with_status(status)
+
+
+# grpc.aio's error for a batch of operations core failed (the call was over): private
+# to grpc, hence looked up, and nothing caught where a grpc has no such class.
+_WRITE_REFUSED: Any = getattr(cygrpc, "ExecuteBatchError", ())
+
+
+def _stream_gone() -> tuple[str, str]:
+    """How a stream whose client went away is logged: CANCELLED CALL_ENDED, or, for one
+    the hub had ended as too slow that never read up to its status, that reason."""
+    if watch.ended_too_slow(asyncio.current_task()):
+        return "RESOURCE_EXHAUSTED", "WATCHER_TOO_SLOW"
+    return "CANCELLED", "CALL_ENDED"
 
 
 def _decoded(request):

@@ -25,11 +25,14 @@ it sent is skipped, so the hand-over neither loses nor repeats an event.
 
 Memory is bounded: a watcher whose queue holds more than `max_queued` events is ended
 with RESOURCE_EXHAUSTED WATCHER_TOO_SLOW (it resumes from the last sequence it got): its
-queued events are dropped at once, and a stream that has still not taken its status
-CUT_AFTER seconds later (a client that reads nothing holds it behind a write that never
-completes) is cut, its task cancelled, so that it gives back its buffers. More than
-`max_watchers` streams open at once (an ended one counts until it is gone) are refused
-with TOO_MANY_WATCHERS; stop() ends every stream with UNAVAILABLE SHUTTING_DOWN.
+queued events are dropped at once. A client that reads nothing at all holds its stream
+behind a write that never completes, and grpc.aio gives a server no way to reset one
+stream: cancelling the call's task frees nothing of grpc's (the call, its slot and its
+buffered message stay until the client reads, cancels or loses its connection). So
+such a stream stays counted: more than `max_watchers` streams open at once (an ended
+one counts until grpc has ended its call: its client read the status or went away, or
+--max-connection-age closed its connection) are refused with TOO_MANY_WATCHERS; stop()
+ends every stream with UNAVAILABLE SHUTTING_DOWN.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -54,8 +58,6 @@ log = logging.getLogger("enrollment.watch")
 
 BATCH = 1000  # events per poll query and per backlog page
 RETRY = 0.5  # seconds before the poller looks again after a failed look
-CUT_AFTER = 10.0  # seconds a stream ended too slow gets to take its status, then is cut
-CUT = "WATCHER_TOO_SLOW"  # the cancel message of a stream cut (the interceptor logs it)
 RunInPool = Callable[..., Awaitable[Any]]
 
 
@@ -197,7 +199,7 @@ class WatchHub:
             watcher.queue.get_nowait()
         watcher.queued = 0
         self._end(watcher, WatcherTooSlow.of(0))
-        asyncio.get_running_loop().call_later(CUT_AFTER, _cut, watcher.task)
+        _too_slow.add(watcher.task)
 
     def _check_room(self) -> None:
         if self._stopping:
@@ -259,9 +261,14 @@ def _why(ended: EnrollmentError, last: int) -> EnrollmentError:
     return WatcherTooSlow.of(last) if isinstance(ended, WatcherTooSlow) else ended
 
 
-def _cut(task: asyncio.Task[Any]) -> None:
-    if not task.done():
-        task.cancel(CUT)
+# The tasks of streams ended too slow: one whose client never reads ends only when grpc
+# cancels it (the client went away at last), and is logged WATCHER_TOO_SLOW all the same.
+_too_slow: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+
+def ended_too_slow(task: asyncio.Task[Any] | None) -> bool:
+    """Whether the hub ended the stream that task serves as too slow."""
+    return task is not None and task in _too_slow
 
 
 def _page(after: int, student_id: int, course_id: int) -> events.EventPage:

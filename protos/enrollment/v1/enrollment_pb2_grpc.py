@@ -394,11 +394,11 @@ class EnrollmentServiceServicer:
         stops, and with RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW) when the client
         reads too slowly for the server's bounded buffer: in both cases resume
         with after_sequence = the last sequence received. A stream ended as too
-        slow gets no more events (those it was not yet sent are dropped), and one
-        whose client has still not read up to the status 10 s later is cut
-        (the client may then see CANCELLED rather than the status): either way
-        resume the same way. At most --max-watchers streams per server process,
-        an ended stream counted until it is gone.
+        slow gets no more events (those it was not yet sent are dropped); its
+        client reads the status after the events already on their way. At most
+        --max-watchers streams per server process, an ended stream counted until
+        its call is over (a client that reads nothing holds it until it cancels
+        or its connection reaches the server's maximum age).
 
         Errors: INVALID_ARGUMENT (INVALID_FIELD: after_sequence, student_id,
         course_id), OUT_OF_RANGE (EVENTS_EXPIRED), RESOURCE_EXHAUSTED
