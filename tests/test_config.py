@@ -152,6 +152,7 @@ def test_each_variable_reaches_the_config_and_its_flag_wins():
         "max_connections": ("50", 50),
         "event_retention": ("12h", 43200.0),
         "max_watchers": ("7", 7),
+        "max_open_streams": ("9", 9),
         "watch_poll_interval": ("0.5", 0.5),
         "watch_queue": ("99", 99),
         "request_id_retention": ("2d", 172800.0),

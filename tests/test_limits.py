@@ -10,6 +10,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from enrollment.server.persistence import engine
 from enrollment.server.startup.config import ServerConfig, StartupError
@@ -157,6 +158,44 @@ def test_watchers_leave_max_concurrent_rpcs_to_the_other_calls(start_server, cap
         extra.close()
         for watcher in watchers:
             watcher.close()
+
+
+def test_streams_that_need_no_token_cannot_take_the_room_of_calls(start_server):
+    # Health Watch and reflection streams need no token and last as long as their client
+    # keeps them: counted in --max-concurrent-rpcs, anyone could open that many and
+    # every call, health checks too, was refused.
+    live = start_server(max_concurrent_rpcs=1, max_open_streams=2)
+    health = health_pb2_grpc.HealthStub(live.channel)
+    reflect = reflection_pb2_grpc.ServerReflectionStub(live.channel)
+    held: list = []
+    try:
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        held.append(watch)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        asking = iter_forever(
+            reflection_pb2.ServerReflectionRequest(list_services=""), stop=threading.Event()
+        )
+        listing = reflect.ServerReflectionInfo(asking, timeout=60)
+        held.append(listing)
+        assert next(listing).list_services_response.service
+        # Their own room is full: one more is refused at once.
+        with pytest.raises(grpc.RpcError) as refused:
+            next(health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-open-streams" not in (refused.value.details() or "")
+        # The calls' room is untouched: a call is served, a health check too.
+        assert live.stub.ListCourses(pb.ListCoursesRequest(), timeout=TIMEOUT) is not None
+        checked = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT)
+        assert checked.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        for call in held:
+            call.cancel()
+
+
+def iter_forever(request, stop: threading.Event):
+    """A request stream that sends request once, then stays open until stop is set."""
+    yield request
+    stop.wait(60)
 
 
 def test_more_calls_than_workers_queue_rather_than_fail(start_server):

@@ -335,6 +335,11 @@ class ServerConfig:
         "are refused with TOO_MANY_WATCHERS (0 turns WatchEvents off: every stream is refused)",
         metavar="N",
     )  # fmt: skip
+    max_open_streams: int = setting(
+        100, whole(1, MAX_AT_ONCE), "health Watch and reflection streams at once per server "
+        "process, apart from --max-concurrent-rpcs (they need no token, so they cannot take "
+        "the calls' room); more are refused with RESOURCE_EXHAUSTED", metavar="N",
+    )  # fmt: skip
     watch_poll_interval: float = setting(
         0.25, seconds(above_zero=True), "seconds between a server process's looks for "
         "change-feed events committed by other processes (the fallback: PostgreSQL's "

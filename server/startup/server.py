@@ -494,6 +494,7 @@ async def _build(
             loop_turn=unit_of_work.LoopTurn() if writes_on_loop else None,
             loop_reads=loop_reads,
             max_calls=config.max_concurrent_rpcs,
+            max_streams=config.max_open_streams,
         )
     ]
     if traced is not None:
@@ -504,12 +505,16 @@ async def _build(
     server = grpc.aio.server(
         interceptors=interceptors,
         options=options.grpc_options(config),
-        # The interceptor holds the calls to --max-concurrent-rpcs and the hub holds
-        # WatchEvents streams to --max-watchers (interceptors.CallSlots); grpc's own
-        # limit, above both, bounds what neither counts: calls on their way to being
+        # The interceptor holds the calls to --max-concurrent-rpcs and the health Watch
+        # and reflection streams to --max-open-streams, the hub holds WatchEvents streams
+        # to --max-watchers (interceptors.CallSlots); grpc's own limit, above all three,
+        # bounds what neither counts: calls on their way to being
         # refused, or to a method that does not exist. Up to the limits, calls beyond
         # config.threads wait for a thread of the pool.
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs + config.max_watchers + _REFUSING,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs
+        + config.max_open_streams
+        + config.max_watchers
+        + _REFUSING,
     )
     # WatchEvents: one poller for every watcher of this process (transport/watch.py).
     hub = WatchHub(

@@ -73,8 +73,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         loop_turn: Turn | None = None,
         loop_reads: tuple[LoopDriver, Mapping[str, ReadSteps]] | None = None,
         max_calls: int | None = None,
+        max_streams: int | None = None,
     ) -> None:
-        """max_calls: calls other than WatchEvents served at once (CallSlots). on_loop:
+        """max_calls: calls other than streams served at once, max_streams: health Watch
+        and reflection streams (CallSlots; WatchEvents are the hub's). on_loop:
         names of methods whose work runs on the event loop itself rather than
         in the pool (start-up chooses the cheap reads of a local SQLite file). writer: when
         given, the pool (of one thread, for SQLite) where every method that may write runs.
@@ -94,6 +96,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         self._writer = writer
         self._reads = RequestReads(request_timeout)
         self._slots = CallSlots(max_calls)
+        self._streams = CallSlots(max_streams, "health Watch and reflection streams")
         self._auth = authenticator
         self._metrics = metrics
         if authenticator is not None and metrics is not None:
@@ -108,8 +111,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         if handler.request_streaming:
-            # Reflection: counted among the calls at once, as every call but WatchEvents.
-            wrapped = _counted(handler, self._slots)
+            # Reflection: a token-free stream, counted apart from the calls.
+            wrapped = _counted(handler, self._streams)
         elif method.startswith(SERVICE_PREFIX):
             name = method.rsplit("/", 1)[-1]
             writes = self._writer is not None and not reads_only(name)
@@ -136,8 +139,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 **served,
             )
         else:
-            # Health Check and Watch: the same bound on the request's arrival.
-            wrapped = _bounded(handler, self._reads, self._slots)
+            # Health Check and Watch: the same bound on the request's arrival; Watch, a
+            # token-free stream, counted apart from the calls.
+            slots = self._slots if handler.unary_unary is not None else self._streams
+            wrapped = _bounded(handler, self._reads, slots)
         self._wrapped[method] = wrapped
         return wrapped
 
@@ -241,20 +246,22 @@ class RequestReads:
 
 
 class CallSlots:
-    """--max-concurrent-rpcs, counted by the server for every call but WatchEvents.
+    """Calls at once, counted by the server: --max-concurrent-rpcs for every call but the
+    streams, --max-open-streams for health Watch and reflection streams.
 
-    grpc's own limit (maximum_concurrent_rpcs) counts every call, so each open
-    WatchEvents stream would hold one of its slots: as many watchers as the limit shut
-    out every other call, health checks too. WatchEvents streams are bounded apart, by
-    --max-watchers (transport/watch.py); the other calls are bounded here, and grpc's
-    limit is set above the two together (startup/server.py). A call beyond the limit is
-    answered RESOURCE_EXHAUSTED at once, as grpc answered it: no details, and nothing
-    done. Only on the event loop (one counter, no lock)."""
+    grpc's own limit (maximum_concurrent_rpcs) counts every call, so each open stream
+    would hold one of its slots: as many watchers as the limit shut out every other
+    call, health checks too, and health Watch and reflection streams need no token.
+    WatchEvents streams are bounded by --max-watchers (transport/watch.py), the token-free
+    streams and the other calls each by a CallSlots of their own; grpc's limit is set
+    above the three together (startup/server.py). A call beyond its limit is answered
+    RESOURCE_EXHAUSTED at once, as grpc answered it: no details, and nothing done. Only
+    on the event loop (one counter, no lock)."""
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, what: str = "calls") -> None:
         self.limit = limit if limit is not None else 1 << 62  # None: no bound of ours
         self.in_use = 0
-        self.message = f"the server is serving its limit of {limit} calls at once; retry later"
+        self.message = f"the server is serving its limit of {limit} {what} at once; retry later"
 
     async def refuse(self, context) -> None:
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.message)

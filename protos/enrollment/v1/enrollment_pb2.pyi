@@ -129,7 +129,9 @@ first that applies decides the answer:
 grpc itself answers RESOURCE_EXHAUSTED, without details, to a request larger
 than the server's limit (64 KiB by default); so does the server to a call
 beyond its limit of concurrent calls (1000 by default; the server logs and
-counts such a call with reason MAX_CONCURRENT_RPCS). WatchEvents streams
+counts such a call with reason MAX_CONCURRENT_RPCS). Health Watch and
+reflection streams, which need no token, have a limit of their own (100 by
+default) and never take the calls' room. WatchEvents streams
 are not counted in that limit, only in their own (TOO_MANY_WATCHERS), so open
 watchers never shut out other calls. Health checks and reflection need no
 token. Every
