@@ -119,7 +119,7 @@ PROPAGATORS = "opentelemetry_propagator"  # the API's entry point group
 
 def batch_settings(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
     """BatchSpanProcessor's keyword arguments from OTEL_BSP_*; raises TracingError."""
-    settings, given = {}, {}
+    settings = {}
     for name, (argument, default) in _BSP.items():
         text = environ.get(name, "").strip()
         try:
@@ -128,9 +128,10 @@ def batch_settings(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
             value = 0
         if value < 1:
             raise TracingError(f"{name} must be a whole number above 0, not {text!r}")
-        settings[argument], given[name] = value, value
-    if given[_BATCH] > given[_QUEUE]:
-        raise TracingError(f"{_BATCH} ({given[_BATCH]}) must be at most {_QUEUE} ({given[_QUEUE]})")
+        settings[argument] = value
+    batch, queue = settings["max_export_batch_size"], settings["max_queue_size"]
+    if batch > queue:
+        raise TracingError(f"{_BATCH} ({batch}) must be at most {_QUEUE} ({queue})")
     return settings
 
 
