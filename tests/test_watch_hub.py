@@ -191,3 +191,27 @@ def test_a_burst_of_watchers_into_an_empty_hub_is_held_to_max_watchers(pool):
                 await task
 
     asyncio.run(scenario())
+
+
+def test_stop_ends_the_poller_even_when_a_wake_up_comes_with_it(pool):
+    # A commit's wake-up landing in the same turn of the loop as stop(): Python 3.11's
+    # asyncio.wait_for returned the wake-up and swallowed the poller's cancellation, so
+    # stop() waited on it forever and the server never stopped (SIGTERM hung until
+    # SIGKILL).
+    async def scenario():
+        hub = WatchHub(pool, interval=30)
+        await hub.start()
+        stream = hub.watch(after_sequence=0, student_id=0, course_id=0)
+        waiting = asyncio.create_task(stream.__anext__())
+        await asyncio.sleep(0.2)  # registered; the poller waits for a wake-up
+        hub.wake()
+        await asyncio.sleep(0)  # the wake-up is delivered: the poller's wait is done ...
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(5):
+            await hub.stop()  # ... in the turn stop() cancels it (inline, no task between)
+        took = asyncio.get_running_loop().time() - started
+        assert took < 4, f"stop() waited {took:.1f} s for the poller"
+        with pytest.raises(ShuttingDown):
+            await waiting
+
+    asyncio.run(scenario())

@@ -140,10 +140,15 @@ class WatchHub:
         events.remove_listener(self.wake)
         for watcher in list(self._watchers):
             self._end(watcher, ShuttingDown.of())
+        self._wake.set()  # the poller sees _stopping at once, besides its cancellation
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # stop() itself was cancelled: not the poller's end to swallow
 
     def _end(self, watcher: _Watcher, error: EnrollmentError) -> None:
         watcher.ended = error
@@ -153,9 +158,15 @@ class WatchHub:
 
     async def _poll(self) -> None:
         wait = self.interval
-        while True:
+        while not self._stopping:
+            # Not asyncio.wait_for: on Python 3.11 it returns a wait that ended in the
+            # very turn the poller is cancelled and swallows the cancellation, so a
+            # commit's wake-up with stop() left stop() waiting here forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            if self._stopping:
+                return
             self._wake.clear()
             wait = self.interval
             if not self._watchers:
