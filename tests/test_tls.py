@@ -15,7 +15,7 @@ import pytest
 
 from enrollment.client.api import ClientError, EnrollmentClient
 from enrollment.server.persistence import engine
-from enrollment.server.startup.config import ServerConfig, StartupError
+from enrollment.server.startup.config import ServerConfig, StartupError, load
 from enrollment.server.startup.server import create_server
 from enrollment.v1 import enrollment_pb2 as pb
 from tests.certs import Authority, Pem
@@ -331,3 +331,22 @@ def test_unusable_client_tls_files_are_usage_errors_naming_the_flag(pki, tmp_pat
     # The library names its own parameters.
     with pytest.raises(ValueError, match=re.escape(message.replace("--tls-", "tls_"))):
         EnrollmentClient("127.0.0.1:1", **{k[2:].replace("-", "_"): v for k, v in files.items()})
+
+
+@pytest.mark.parametrize("case", ["wrong-key", "bad-ca"])
+def test_unusable_tls_files_given_by_variable_are_named_by_variable(db_url, pki, tmp_path, case):
+    # Given as ENROLLMENT_TLS_*, the error still said --tls-cert/--tls-key: an operator
+    # looking at a systemd unit or a compose file found no such flag.
+    options = tls_options(pki, mutual=True)
+    if case == "wrong-key":
+        options["tls_key"] = str(pki.client.key)
+        expected = r"ENROLLMENT_TLS_CERT '.*' and ENROLLMENT_TLS_KEY '.*' are not a PEM"
+    else:
+        (tmp_path / "not-a-ca.pem").write_text("hello\n")
+        options["tls_client_ca"] = str(tmp_path / "not-a-ca.pem")
+        expected = r"ENROLLMENT_TLS_CLIENT_CA '.*' is not a PEM CA certificate"
+    environ = {f"ENROLLMENT_{name.upper()}": value for name, value in options.items()}
+    config = load({"--address": "127.0.0.1:0", "--database-url": db_url}, environ)
+    with pytest.raises(StartupError, match=expected) as raised:
+        create_server(config)
+    assert "--tls" not in str(raised.value)

@@ -373,6 +373,13 @@ class ServerConfig:
     health_interval: float = 1.0
     # Set in worker processes: share the port with the other workers.
     reuse_port: bool = False
+    # How each setting given was spelled, flag or variable, by field name (load() fills
+    # it): errors found after loading, such as an unreadable TLS file, name it that way.
+    given_as: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def label(self, name: str) -> str:
+        """The flag or variable the setting `name` was given by; its flag if neither."""
+        return self.given_as.get(name) or BY_NAME[name].flag
 
     @property
     def connections(self) -> int:
@@ -431,8 +438,8 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> ServerC
             bad.add(each.name)
         else:
             values[each.name] = value
-    config = ServerConfig(**values)
-    problems += _conflicts(config, labels, bad)
+    config = ServerConfig(**values, given_as=labels)
+    problems += _conflicts(config, bad)
     if problems:
         raise StartupError("; ".join(problems))
     return config
@@ -473,16 +480,14 @@ def _problems(config: ServerConfig) -> list[str]:
         if bound:
             problems.append(f"{each.flag} must be {bound}, not {value}")
             bad.add(each.name)
-    return problems + _conflicts(config, {}, bad)
+    return problems + _conflicts(config, bad)
 
 
-def _conflicts(config: ServerConfig, labels: Mapping[str, str], bad: set[str]) -> list[str]:
+def _conflicts(config: ServerConfig, bad: set[str]) -> list[str]:
     """Settings that contradict each other, named as given (flag or variable); those
     already found bad are left out."""
 
-    def label(name: str) -> str:
-        return labels.get(name) or BY_NAME[name].flag
-
+    label = config.label
     problems = []
     if config.health_interval <= 0:
         problems.append("the health interval must be above 0")

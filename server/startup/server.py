@@ -338,7 +338,16 @@ def checked_schema() -> None:
 
 def _start(config: ServerConfig) -> RunningServer:
     try:
-        credentials = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        credentials = tls.server_credentials(
+            config.tls_cert,
+            config.tls_key,
+            config.tls_client_ca,
+            named=(
+                config.label("tls_cert"),
+                config.label("tls_key"),
+                config.label("tls_client_ca"),
+            ),
+        )
         auth = None
         if config.auth_tokens:
             buckets = FailureBuckets(config.auth_failure_burst, config.auth_failure_rate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import ssl
 from pathlib import Path
 
@@ -22,19 +23,32 @@ def _read(path: str, what: str) -> bytes:
         raise TlsConfigError(f"cannot read the {what} {path!r}: {exc.strerror}") from exc
 
 
+def _said(exc: ssl.SSLError | OSError) -> str:
+    """OpenSSL's words without the "(_ssl.c:3926)" of CPython's source."""
+    return _SOURCE_LINE.sub("", str(exc))
+
+
+_SOURCE_LINE = re.compile(r" \(_ssl\.c:\d+\)$")
+
+
 def server_credentials(
-    cert: str | None, key: str | None, client_ca: str | None
+    cert: str | None,
+    key: str | None,
+    client_ca: str | None,
+    *,
+    named: tuple[str, str, str] = ("--tls-cert", "--tls-key", "--tls-client-ca"),
 ) -> grpc.ServerCredentials | None:
-    """None without --tls-cert (plaintext); TLS, or mTLS when client_ca is given."""
+    """None without a certificate (plaintext); TLS, or mTLS when client_ca is given.
+    named: how the three were given (flags, or ENROLLMENT_* variables), for errors."""
+    cert_is, key_is, client_ca_is = named
     if not cert and not key and not client_ca:
         return None
     if not cert and not key:
         raise TlsConfigError(
-            "--tls-client-ca turns on mutual TLS, which needs TLS: give --tls-cert and "
-            "--tls-key too"
+            f"{client_ca_is} turns on mutual TLS, which needs TLS: give {cert_is} and {key_is} too"
         )
     if not cert or not key:
-        raise TlsConfigError("--tls-cert and --tls-key go together")
+        raise TlsConfigError(f"{cert_is} and {key_is} go together")
     # Let OpenSSL judge the files now, so a wrong file is a clear start-up error
     # rather than failed handshakes later.
     check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -42,8 +56,8 @@ def server_credentials(
         check.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise TlsConfigError(
-            f"--tls-cert {cert!r} and --tls-key {key!r} are not a PEM certificate and its "
-            f"private key: {exc}"
+            f"{cert_is} {cert!r} and {key_is} {key!r} are not a PEM certificate and its "
+            f"private key: {_said(exc)}"
         ) from exc
     root = None
     if client_ca:
@@ -51,7 +65,7 @@ def server_credentials(
             check.load_verify_locations(cafile=client_ca)
         except (OSError, ssl.SSLError) as exc:
             raise TlsConfigError(
-                f"--tls-client-ca {client_ca!r} is not a PEM CA certificate: {exc}"
+                f"{client_ca_is} {client_ca!r} is not a PEM CA certificate: {_said(exc)}"
             ) from exc
         root = _read(client_ca, "client CA file")
     return grpc.ssl_server_credentials(
