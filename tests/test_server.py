@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import shutil
 import signal
@@ -301,3 +303,22 @@ def test_sqlite_side_files_this_user_cannot_write_are_refused_at_start_up(suffix
         assert f"x.db{suffix}" in result.stderr and "not writable by this user" in result.stderr
     finally:
         shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_signal_after_the_drain_does_not_kill_the_exiting_server(db_url, server_process, workers):
+    # A supervisor's second SIGTERM (or a second Ctrl-C) landing after "stopped", while
+    # the interpreter exited, killed it: exit -15 instead of 0, for a clean stop.
+    server = server_process("--database-url", db_url, "--grace", "1", "--workers", workers)
+    if workers == "2":
+        server.wait_workers(2)
+    server.proc.send_signal(signal.SIGTERM)
+    pid = server.proc.pid
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and f"[{pid}] enrollment.server stopped" not in server.log:
+        time.sleep(0.001)
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # again and again until it has exited
+        time.sleep(0.002)
+    assert server.wait(timeout=5) == 0, server.log

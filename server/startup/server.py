@@ -655,4 +655,13 @@ def serve_until_signalled(
     running.wait_for_termination()
     running.wait_idle()
     engine.close_pool()
+    stopped()
+
+
+def stopped() -> None:
+    """Say so, once the drain is over. A stop signal from here on (a supervisor's
+    second SIGTERM, a second Ctrl-C) is ignored: Python gives its default action back
+    to a handled signal as it exits, and it killed a process that had stopped cleanly."""
+    for each in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(each, signal.SIG_IGN)
     log.info("stopped")

@@ -29,6 +29,7 @@ from enrollment.server.startup.server import (
     open_database,
     security_summary,
     serve_until_signalled,
+    stopped,
 )
 
 log = logging.getLogger("enrollment.server")
@@ -111,7 +112,7 @@ def serve_workers(config: ServerConfig) -> int:
                         status = status or 1
     finally:
         reserved.close()
-    log.info("stopped")
+    stopped()
     return status
 
 
