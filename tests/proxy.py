@@ -7,6 +7,7 @@ import re
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,9 +28,10 @@ class TcpProxy:
 
     cut(): closes every open connection and refuses new ones, as a database that
     went away would. restore(): accepts connections again on the same port.
-    cut_at_commit(): the next COMMIT a client sends reaches the database, and its
-    connection is then dropped before the database's answer gets back: the client
-    cannot know whether the transaction committed. cut_before(marker): the next
+    freeze(): nothing passes any more, yet connections stay open, as with a database
+    that hangs. cut_at_commit(): the next COMMIT a client sends reaches the database,
+    and its connection is then dropped before the database's answer gets back: the
+    client cannot know whether the transaction committed. cut_before(marker): the next
     statement a client sends with marker in it (b"INSERT", say) never reaches the
     database; its connection is dropped instead: nothing of its transaction commits.
     """
@@ -44,6 +46,7 @@ class TcpProxy:
         self.commits_cut = 0
         self._before: bytes | None = None
         self.statements_cut = 0
+        self._frozen = threading.Event()
         self.port = self._listen(0)
 
     def _listen(self, port: int) -> int:
@@ -77,6 +80,9 @@ class TcpProxy:
         committing = False  # a COMMIT went upstream; its answer is not passed back
         try:
             while True:
+                if self._frozen.is_set():  # nothing passes; TCP still acknowledges
+                    time.sleep(0.05)
+                    continue
                 for key, _ in selector.select(timeout=1):
                     data = key.fileobj.recv(65536)
                     if not data:
@@ -95,6 +101,12 @@ class TcpProxy:
         finally:
             selector.close()
             self._drop(a, b)
+
+    def freeze(self) -> None:
+        """From now on nothing passes either way, yet every connection stays open (and
+        new ones are accepted): a database, pooler or proxy that hangs. Its statement
+        timeouts are its own, so nothing it enforces ends a wait for it."""
+        self._frozen.set()
 
     def cut_at_commit(self) -> None:
         self._commit_trap.set()

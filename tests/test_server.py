@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -15,6 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -23,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases, servers
+from tests.proxy import TcpProxy, through
 from tests.rpc import TIMEOUT, new_student
 from tests.servers import SERVER, free_port
 
@@ -322,3 +325,69 @@ def test_a_signal_after_the_drain_does_not_kill_the_exiting_server(db_url, serve
             os.kill(pid, signal.SIGTERM)  # again and again until it has exited
         time.sleep(0.002)
     assert server.wait(timeout=5) == 0, server.log
+
+
+@pytest.mark.databases("postgresql", "mysql")
+def test_a_stop_is_bounded_when_the_database_hangs(db_url, server_process):
+    # A database (or pooler, or proxy) that keeps its connections open but never
+    # answers: its statement timeouts are its own, so nothing ended the wait, and
+    # SIGTERM never stopped a PostgreSQL server (a pool thread inside a read, the feed
+    # listener inside UNLISTEN). The README promises --grace + --database-timeout.
+    target = urlsplit(db_url)
+    proxy = TcpProxy((target.hostname, target.port))
+    try:
+        server = server_process(
+            "--database-url", through(proxy, db_url), "--grace", "1", "--database-timeout", "1"
+        )  # fmt: skip
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.EnrollmentServiceStub(channel)
+            student = new_student(stub)
+            watch = stub.WatchEvents(pb.WatchEventsRequest(), timeout=30)  # LISTENs on PG
+            stub.GetStudent(pb.GetStudentRequest(student_id=student.id), timeout=TIMEOUT)
+            proxy.freeze()
+            hung = stub.GetStudent.future(pb.GetStudentRequest(student_id=student.id), timeout=30)
+            time.sleep(0.5)  # the read is inside the database
+            started = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            code = server.wait(timeout=30)
+            took = time.monotonic() - started
+            hung.cancel()
+            watch.cancel()
+        # --grace 1 + --database-timeout 1 + the 3 s margin, and a second for slow CI
+        assert took < 6, (took, server.log)
+        assert "Traceback" not in server.log
+        if code != 0:  # it could not finish cleanly: it says why, and fails the exit
+            assert code == 1, server.log
+            assert "stop overdue" in server.log, server.log
+    finally:
+        proxy.close()
+
+
+def test_the_event_loop_closes_async_generators_left_suspended(caplog):
+    # A WatchEvents stream grpc dropped at the end of the grace leaves its generator
+    # suspended; the loop was stopped without closing it, so its clean-up never ran
+    # and each was logged "Task was destroyed but it is pending!".
+    from enrollment.server.startup.server import EventLoopThread
+
+    cleaned = threading.Event()
+    kept = []
+
+    async def stream():
+        try:
+            yield 1
+            await asyncio.sleep(60)
+        finally:
+            cleaned.set()
+
+    async def start():
+        generator = stream()
+        await generator.__anext__()
+        kept.append(generator)
+
+    events = EventLoopThread()
+    events.run(start())
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        events.close()
+        kept.clear()
+    assert cleaned.is_set()
+    assert "destroyed" not in caplog.text

@@ -168,7 +168,9 @@ class Tracing:
     tracer: Any
 
     def shutdown(self) -> None:
-        """Export what is still queued (within OTEL_BSP_EXPORT_TIMEOUT) and stop."""
+        """Export what is still queued and stop. For a collector that does not answer
+        the SDK waits up to 30 s, whatever OTEL_BSP_EXPORT_TIMEOUT says; a server's stop
+        ends sooner than that when it is overdue (startup/server.py)."""
         unit_of_work.observe_transactions(None)
         self.provider.shutdown()
 

@@ -113,8 +113,12 @@ class CommitListener:
     ) -> None:
         self._url, self._wake = url, wake
         self._timeout, self._retry = timeout, retry
-        # Written by want() and stop(): wakes the thread out of its select().
+        # Written by want() and stop(): wakes the thread out of its select(). Closed by
+        # stop() under the lock, so that a late want() never writes to its number
+        # reused by then (a connection grpc accepted, a database socket).
         self._signal_read, self._signal_write = os.pipe()
+        self._pipe_lock = threading.Lock()
+        self._pipe_closed = False
         self._stopping = threading.Event()
         self.listening = threading.Event()  # set while a connection LISTENs
         self._outage = Outage(log, "change-feed listener", _MEANWHILE)
@@ -125,20 +129,34 @@ class CommitListener:
         """From any thread: LISTEN (True: the process has watchers) or not (False)."""
         if wanted != self._wanted:
             self._wanted = wanted
-            with contextlib.suppress(OSError):
-                os.write(self._signal_write, b"w")  # wakes the thread to LISTEN or UNLISTEN
+            self._poke(b"w")  # wakes the thread to LISTEN or UNLISTEN
+
+    def _poke(self, byte: bytes) -> None:
+        with self._pipe_lock, contextlib.suppress(OSError):
+            if not self._pipe_closed:
+                os.write(self._signal_write, byte)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
-        with contextlib.suppress(OSError):
-            os.write(self._signal_write, b"x")
-        self._thread.join()
-        for fd in (self._signal_read, self._signal_write):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._poke(b"x")
+        # A database that hangs holds the thread inside LISTEN or UNLISTEN for good (its
+        # statement timeout is its own): it is a daemon thread, left behind after this.
+        self._thread.join(self._timeout + 1)
+        if self._thread.is_alive():
+            log.warning(
+                "change-feed listener: the database has not answered for %g s; not "
+                "waiting for it any longer",
+                self._timeout + 1,
+            )
+            return  # its pipe stays open: the thread still selects on it
+        with self._pipe_lock:
+            self._pipe_closed = True
+            for fd in (self._signal_read, self._signal_write):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _run(self) -> None:
         while not self._stopping.is_set():

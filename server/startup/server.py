@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -179,9 +180,30 @@ class EventLoopThread:
     def close(self) -> None:
         if self.loop.is_closed():
             return
+        with contextlib.suppress(Exception):
+            self.submit(_finish_tasks()).result(timeout=_FINISH_SECONDS * 2 + 1)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+_FINISH_SECONDS = 1.0
+
+
+async def _finish_tasks() -> None:
+    """What asyncio.run does before it closes its loop: the tasks still pending are
+    given a moment, then cancelled, and async generators left suspended are closed.
+    A WatchEvents stream grpc dropped at the end of the grace leaves its generator's
+    close() as such a task; with the loop simply stopped, each was logged as
+    "Task was destroyed but it is pending!"."""
+    loop = asyncio.get_running_loop()
+    for _ in range(2):
+        pending = asyncio.all_tasks() - {asyncio.current_task()}
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=_FINISH_SECONDS)
+            for task in late:
+                task.cancel()
+        await loop.shutdown_asyncgens()
 
 
 @dataclass
@@ -203,40 +225,48 @@ class RunningServer:
     loop_reads: LoopReads | None = None  # PostgreSQL's reads on the loop
     traces: tracing.Tracing | None = None  # None: tracing off
     terminated: threading.Event = field(default_factory=threading.Event)
+    # What stopping waits for now, for the log when a stop is overdue.
+    waiting_for: str = "the calls in flight to finish"
 
     def wait_idle(self) -> None:
         """After stop: wait until no pool thread runs any more, then end the loop. grpc
         stops answering at the end of the grace period, but a call still inside its
         transaction runs on; the database is closed only after it has finished (or
         rolled back)."""
+        self.waiting_for = "the calls inside the database to finish"
         _shut(self.pool, self.writer)
+        self.waiting_for = "the event loop to end"
         self.events.close()
         if self.traces is not None:
-            self.traces.shutdown()  # exports the last spans
+            self.waiting_for = "the last spans to be exported"
+            self.traces.shutdown()
+        self.waiting_for = "the database to close"
 
     def stop(self, grace: float | None) -> threading.Event:
         """Report NOT_SERVING, stop taking calls, and let in-flight ones finish within
         grace; the event returned is set once the server has stopped."""
-        if self.monitor is not None:
-            self.monitor.stop()
-        if self.purger is not None:
-            self.purger.stop()
-        if self.request_purger is not None:
-            self.request_purger.stop()
-        if self.listener is not None:
-            self.listener.stop()
-        if self.checkpointer is not None:
-            self.checkpointer.stop()
         stopped = threading.Event()
         if self.events.loop.is_closed():
             stopped.set()
-            return stopped
+        else:
 
-        def done(_future: futures.Future[None]) -> None:
-            stopped.set()
-            self.terminated.set()
+            def done(_future: futures.Future[None]) -> None:
+                stopped.set()
+                self.terminated.set()
 
-        self.events.submit(self._stop(grace)).add_done_callback(done)
+            # First: NOT_SERVING and the drain begin at once. The threads below may take
+            # a while to end (a purge waiting its turn for a pool thread behind queued
+            # calls), and load balancers must not send calls meanwhile.
+            self.events.submit(self._stop(grace)).add_done_callback(done)
+        for each in (
+            self.monitor,
+            self.purger,
+            self.request_purger,
+            self.listener,
+            self.checkpointer,
+        ):
+            if each is not None:
+                each.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
@@ -646,6 +676,7 @@ def serve_until_signalled(
             signal.Signals(signum).name,
             config.grace_seconds,
         )
+        _exit_when_overdue(running, config)
         running.stop(config.grace_seconds)
 
     signal.signal(signal.SIGTERM, shutdown)
@@ -656,6 +687,40 @@ def serve_until_signalled(
     running.wait_idle()
     engine.close_pool()
     stopped()
+
+
+# Seconds past --grace + --database-timeout (what the README tells operators to expect)
+# before a stop that has not finished is ended anyway: within compose's
+# stop_grace_period of 20 s at the defaults, so the supervisor's SIGKILL is not needed.
+OVERDUE_MARGIN = 3.0
+
+
+def _exit_when_overdue(running: RunningServer, config: ServerConfig) -> None:
+    """From the first stop signal on: a stop not finished by --grace + --database-timeout
+    + OVERDUE_MARGIN exits the process with code 1, saying what it still waited for.
+    Only a database that keeps its connections open but never answers (a hung server,
+    pooler or proxy) gets there: its statement timeouts are its own, and the driver
+    waits for it without end. Whatever it held uncommitted is rolled back when the
+    connections close with the process."""
+    limit = config.grace_seconds + config.database_timeout + OVERDUE_MARGIN
+
+    def overdue() -> None:
+        log.error(
+            "stop overdue: still waiting for %s %.0f s after the signal (--grace %g + "
+            "--database-timeout %g + %g); a database that never answers? exiting with 1",
+            running.waiting_for,
+            limit,
+            config.grace_seconds,
+            config.database_timeout,
+            OVERDUE_MARGIN,
+        )
+        logging.shutdown()  # flushes the log
+        os._exit(1)
+
+    timer = threading.Timer(limit, overdue)
+    timer.daemon = True
+    timer.name = "stop-overdue"
+    timer.start()
 
 
 def stopped() -> None:
