@@ -292,8 +292,9 @@ class AsyncEnrollmentClient:
     ) -> AsyncIterator[pb.Event]:
         """As EnrollmentClient.iter_events: the events after `after`, each once, in
         order; with follow, forever (WatchEvents, else polling), resuming by itself from
-        the last sequence after UNAVAILABLE or WATCHER_TOO_SLOW, calling on_outage with
-        the error once when the server stops answering and with None when it is back."""
+        the last sequence after UNAVAILABLE, WATCHER_TOO_SLOW or the server's CANCELLED,
+        calling on_outage with the error once when the server stops answering and with
+        None when it is back."""
         feed = calls.Feed(after, student_id, course_id, follow, on_outage)
         while True:
             try:

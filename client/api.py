@@ -29,14 +29,18 @@ MAX_TIMEOUT = 2_147_483
 TIMEOUT_RANGE = f"above 0 and at most {MAX_TIMEOUT} seconds (about 24 days)"
 SERVICE = "enrollment.v1.EnrollmentService"
 # The channel retries a call that failed UNAVAILABLE (the server or its database was
-# away), and only that: every mutation carries a request_id, so a retry of one that
-# did commit gets the first answer back instead of running twice.
+# away), or CANCELLED by the server (this process never retries its own cancel: a call
+# it cancelled is over). grpc's server cancels the calls it has taken in but not yet
+# handed to the service when it stops, so a restart under load answered a few calls
+# CANCELLED that the service never saw. Only those two: every mutation carries a
+# request_id, so a retry of one that did commit gets the first answer back instead of
+# running twice.
 RETRY_POLICY = {
     "maxAttempts": 4,
     "initialBackoff": "0.1s",
     "maxBackoff": "2s",
     "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
+    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
 }
 MAX_RECONNECT_BACKOFF_MS = 5000
 # gRPC's load-balancing policies that need nothing but the addresses the target resolves
@@ -317,10 +321,11 @@ class EnrollmentClient:
         through WatchEvents where the server has it and by polling ListEvents where it
         does not or refuses the stream (TOO_MANY_WATCHERS), resuming by itself from the
         last sequence after UNAVAILABLE (a server restarting or shutting down, or not
-        reached at all) or WATCHER_TOO_SLOW; other errors are raised. While the server
-        cannot be reached it tries again every poll_interval, and on_outage, if given,
-        is called once with the error (its hint included) when it stops answering and
-        once with None when it answers again."""
+        reached at all), WATCHER_TOO_SLOW or CANCELLED (the server's: a stopping server
+        ends its streams); other errors are raised. While the server cannot be reached
+        it tries again every poll_interval, and on_outage, if given, is called once with
+        the error (its hint included) when it stops answering and once with None when
+        it answers again."""
         feed = calls.Feed(after, student_id, course_id, follow, on_outage)
         while True:
             try:

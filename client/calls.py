@@ -340,6 +340,9 @@ class Feed:
             self.watching = False
             return 0.0
         resumable = error.code == "UNAVAILABLE" or error.reason == "WATCHER_TOO_SLOW"
+        # A follow never cancels its own calls while it runs: CANCELLED is the server's,
+        # ending its streams as it stops (those still running at the end of its grace).
+        resumable = resumable or error.code == "CANCELLED"
         # A call timing out while the server is away is the same outage (one still starting).
         resumable = resumable or (self.outage is not None and error.code == "DEADLINE_EXCEEDED")
         if not (self.follow and resumable):

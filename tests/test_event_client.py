@@ -9,6 +9,9 @@ import queue
 import subprocess
 import threading
 import time
+from concurrent import futures
+
+import grpc
 
 from enrollment.client.api import ClientError, EnrollmentClient
 from enrollment.v1 import enrollment_pb2 as pb
@@ -253,3 +256,49 @@ def test_both_clients_tell_a_follower_of_an_outage_once_and_of_its_end(db_url, t
         server.stop()
     assert seen == {"sync": [1], "async": [1]}
     assert told == {"sync": ["UNAVAILABLE", "back"], "async": ["UNAVAILABLE", "back"]}
+
+
+def test_follow_resumes_after_a_stream_the_server_cancelled():
+    # grpc's server cancels the streams it has taken in but not yet handed to the
+    # service when it stops, and those still running at the end of the grace: a
+    # follower got CANCELLED, a cancel it never made, and its follow ended with that
+    # error at a restart.
+    attempts = []
+
+    def list_events(request, context):
+        return pb.ListEventsResponse(head_sequence=0)
+
+    def watch_events(request, context):
+        attempts.append(request.after_sequence)
+        if len(attempts) == 1:  # before any event: the channel's retry
+            context.abort(grpc.StatusCode.CANCELLED, "Cancelled")
+        sequence = len(attempts) - 1
+        yield pb.WatchEventsResponse(events=[pb.Event(sequence=sequence, student_id=7)])
+        if len(attempts) == 2:  # after an event: the follow resumes after it
+            context.abort(grpc.StatusCode.CANCELLED, "Cancelled")
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    handlers = {
+        "ListEvents": grpc.unary_unary_rpc_method_handler(
+            list_events,
+            request_deserializer=pb.ListEventsRequest.FromString,
+            response_serializer=pb.ListEventsResponse.SerializeToString,
+        ),
+        "WatchEvents": grpc.unary_stream_rpc_method_handler(
+            watch_events,
+            request_deserializer=pb.WatchEventsRequest.FromString,
+            response_serializer=pb.WatchEventsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("enrollment.v1.EnrollmentService", handlers),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with EnrollmentClient(f"127.0.0.1:{port}") as client:
+            followed = client.iter_events(follow=True, poll_interval=0.05)
+            assert [next(followed).sequence for _ in range(2)] == [1, 2]
+        assert attempts == [0, 0, 1]
+    finally:
+        server.stop(None)

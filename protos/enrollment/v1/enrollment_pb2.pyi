@@ -167,6 +167,11 @@ been made. Besides the reasons listed under each method, every write
 (Create*, Delete*, EnrollStudent, DropCourse) may answer UNAVAILABLE with
 STORAGE_FULL or COMMIT_OUTCOME_UNKNOWN.
 
+A server that is stopping cancels the calls grpc has taken in but not yet
+handed to the service: they answer CANCELLED without having run. Retry a
+CANCELLED your client did not cause as you retry UNAVAILABLE (a mutation's
+request_id makes the retry safe), and resume a WatchEvents stream after it.
+
 Pagination (AIP-158): ListStudents and ListCourses return rows ordered by
 id; ListEnrollments by (course_id, student_id), or in waitlist order (see
 there). page_size 0
