@@ -20,10 +20,17 @@ class Periodic:
         self._thread.start()
 
     def stop(self) -> None:
+        self.stop_soon()
+        self.join(10)
+
+    def stop_soon(self) -> None:
+        """Tell the thread to stop after its round, without waiting for it (join())."""
         self._stopping.set()
         self.interrupt()
+
+    def join(self, timeout: float) -> None:
         if self._thread.is_alive():
-            self._thread.join(timeout=10)
+            self._thread.join(max(0.0, timeout))
 
     @property
     def stopping(self) -> bool:

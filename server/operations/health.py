@@ -72,8 +72,15 @@ class HealthMonitor:
         return failure is None, failure or ""
 
     def stop(self) -> None:
+        self.stop_soon()
+        self.join(self._interval + 5)
+
+    def stop_soon(self) -> None:
+        """Tell the probe to stop, without waiting for it (join())."""
         self._stopped.set()
-        self._thread.join(timeout=self._interval + 5)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(max(0.0, timeout))
 
 
 def _ping(db: pw.Database) -> str | None:

@@ -140,16 +140,21 @@ class CommitListener:
         self._thread.start()
 
     def stop(self) -> None:
+        self.stop_soon()
+        self.join(self._timeout + 1)
+
+    def stop_soon(self) -> None:
+        """Tell the thread to stop, without waiting for it (join())."""
         self._stopping.set()
         self._poke(b"x")
+
+    def join(self, timeout: float) -> None:
         # A database that hangs holds the thread inside LISTEN or UNLISTEN for good (its
         # statement timeout is its own): it is a daemon thread, left behind after this.
-        self._thread.join(self._timeout + 1)
+        self._thread.join(max(0.0, timeout))
         if self._thread.is_alive():
             log.warning(
-                "change-feed listener: the database has not answered for %g s; not "
-                "waiting for it any longer",
-                self._timeout + 1,
+                "change-feed listener: the database does not answer; not waiting for it any longer"
             )
             return  # its pipe stays open: the thread still selects on it
         with self._pipe_lock:

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -258,15 +259,26 @@ class RunningServer:
             # a while to end (a purge waiting its turn for a pool thread behind queued
             # calls), and load balancers must not send calls meanwhile.
             self.events.submit(self._stop(grace)).add_done_callback(done)
-        for each in (
-            self.monitor,
-            self.purger,
-            self.request_purger,
-            self.listener,
-            self.checkpointer,
-        ):
-            if each is not None:
-                each.stop()
+        background = [
+            each
+            for each in (
+                self.monitor,
+                self.purger,
+                self.request_purger,
+                self.listener,
+                self.checkpointer,
+            )
+            if each is not None
+        ]
+        # All told at once, then waited for together: one by one, a database that does
+        # not answer held each of them for its own timeout in turn.
+        for each in background:
+            each.stop_soon()
+        self.waiting_for = "the health probe, purgers and feed listener to end"
+        deadline = time.monotonic() + BACKGROUND_STOP_SECONDS
+        for each in background:
+            each.join(deadline - time.monotonic())
+        self.waiting_for = "the calls in flight to finish"
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
@@ -688,6 +700,11 @@ def serve_until_signalled(
     engine.close_pool()
     stopped()
 
+
+# Seconds a stop waits for its background threads (the health probe, the purgers, the
+# feed listener, the WAL checkpointer) to end their rounds: a purge may wait its turn for
+# a pool thread behind the calls queued there.
+BACKGROUND_STOP_SECONDS = 10.0
 
 # Seconds past --grace + --database-timeout (what the README tells operators to expect)
 # before a stop that has not finished is ended anyway: within compose's
