@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -303,3 +305,33 @@ def test_tracing_off_imports_nothing_of_opentelemetry(db_url, exporter):
 
 def _environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+
+
+@pytest.mark.databases("sqlite")
+def test_a_collector_that_never_answers_does_not_hold_the_stop(server_process, db_url):
+    # The SDK waits up to 30 s for the last export whatever OTEL_BSP_EXPORT_TIMEOUT
+    # says: a stop with a collector that accepts connections and never answers took
+    # 30 s, past the overdue limit (exit 1).
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # accepts (the backlog), never reads or answers
+    try:
+        env = {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}",
+            "OTEL_BSP_SCHEDULE_DELAY": "600000",
+            "OTEL_SDK_DISABLED": "",
+        }
+        server = server_process("--database-url", db_url, "--grace", "1", env=env)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.EnrollmentServiceStub(channel)
+            for _ in range(5):
+                stub.ListCourses(pb.ListCoursesRequest(), timeout=TIMEOUT)
+        started = time.monotonic()
+        assert server.stop() == 0, server.log
+        took = time.monotonic() - started
+        assert took < 10, (took, server.log)
+        assert "the last spans were not exported" in server.log, server.log
+    finally:
+        silent.close()

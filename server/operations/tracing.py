@@ -25,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +43,10 @@ EXTRA = "pip install 'enrollment-server[tracing]'"
 TRANSACTION_SPAN = "db.transaction"
 REASON = "enrollment.error.reason"
 REQUEST_ID = "enrollment.request_id"
+# Seconds a stop waits for the last spans to be exported.
+SHUTDOWN_SECONDS = 5.0
+
+log = logging.getLogger("enrollment.server")
 
 
 class TracingError(Exception):
@@ -167,12 +173,22 @@ class Tracing:
     provider: Any
     tracer: Any
 
-    def shutdown(self) -> None:
-        """Export what is still queued and stop. For a collector that does not answer
-        the SDK waits up to 30 s, whatever OTEL_BSP_EXPORT_TIMEOUT says; a server's stop
-        ends sooner than that when it is overdue (startup/server.py)."""
+    def shutdown(self, timeout: float = SHUTDOWN_SECONDS) -> None:
+        """Export what is still queued and stop, waiting at most timeout seconds: for a
+        collector that does not answer, the SDK waits 30 s whatever
+        OTEL_BSP_EXPORT_TIMEOUT says, and held the server's stop that long."""
         unit_of_work.observe_transactions(None)
-        self.provider.shutdown()
+        exporting = threading.Thread(
+            target=self.provider.shutdown, name="trace-export", daemon=True
+        )
+        exporting.start()
+        exporting.join(timeout)
+        if exporting.is_alive():
+            log.warning(
+                "tracing: the last spans were not exported within %g s (the collector "
+                "does not answer); stopping without them",
+                timeout,
+            )
 
 
 def start(environ: Mapping[str, str] = os.environ) -> Tracing:

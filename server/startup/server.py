@@ -724,7 +724,7 @@ def _exit_when_overdue(running: RunningServer, config: ServerConfig) -> None:
     def overdue() -> None:
         log.error(
             "stop overdue: still waiting for %s %.0f s after the signal (--grace %g + "
-            "--database-timeout %g + %g); a database that never answers? exiting with 1",
+            "--database-timeout %g + %g); exiting with 1",
             running.waiting_for,
             limit,
             config.grace_seconds,
