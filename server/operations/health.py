@@ -71,10 +71,6 @@ class HealthMonitor:
             failure = _ping(self._probe)
         return failure is None, failure or ""
 
-    def stop(self) -> None:
-        self.stop_soon()
-        self.join(self._interval + 5)
-
     def stop_soon(self) -> None:
         """Tell the probe to stop, without waiting for it (join())."""
         self._stopped.set()

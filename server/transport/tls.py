@@ -23,12 +23,12 @@ def _read(path: str, what: str) -> bytes:
         raise TlsConfigError(f"cannot read the {what} {path!r}: {exc.strerror}") from exc
 
 
+_SOURCE_LINE = re.compile(r" \(_ssl\.c:\d+\)$")
+
+
 def _said(exc: ssl.SSLError | OSError) -> str:
     """OpenSSL's words without the "(_ssl.c:3926)" of CPython's source."""
     return _SOURCE_LINE.sub("", str(exc))
-
-
-_SOURCE_LINE = re.compile(r" \(_ssl\.c:\d+\)$")
 
 
 def server_credentials(
@@ -39,16 +39,12 @@ def server_credentials(
     named: tuple[str, str, str] = ("--tls-cert", "--tls-key", "--tls-client-ca"),
 ) -> grpc.ServerCredentials | None:
     """None without a certificate (plaintext); TLS, or mTLS when client_ca is given.
-    named: how the three were given (flags, or ENROLLMENT_* variables), for errors."""
+    The settings are consistent (ServerConfig.check() refuses a key, or a client CA,
+    without a certificate); named: how the three were given (flags, or ENROLLMENT_*
+    variables), for the errors about the files."""
     cert_is, key_is, client_ca_is = named
-    if not cert and not key and not client_ca:
-        return None
-    if not cert and not key:
-        raise TlsConfigError(
-            f"{client_ca_is} turns on mutual TLS, which needs TLS: give {cert_is} and {key_is} too"
-        )
     if not cert or not key:
-        raise TlsConfigError(f"{cert_is} and {key_is} go together")
+        return None
     # Let OpenSSL judge the files now, so a wrong file is a clear start-up error
     # rather than failed handshakes later.
     check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
