@@ -15,7 +15,7 @@ CHAOS_SECONDS ?= 60
 SOAK_SECONDS ?= 600
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-rush bench-scale bench-compare bench-micro bench-idle bench-icount bench-profile bench-handoff bench-migrate chaos soak bench-import
+.PHONY: help install proto lint test interop interop-tools migrate run clean bench bench-rush bench-scale bench-compare bench-micro bench-idle bench-icount bench-profile bench-handoff bench-migrate bench-reset chaos soak bench-import
 
 # target: help - list the targets and what they do
 help:
@@ -146,6 +146,10 @@ bench-profile: $(BENCH_STAMP)
 # target: bench-migrate - time `migrate` of the newest migration over 1,000,000 v1.0 enrollments (DATABASE_URL: a new SQLite file or an empty database)
 bench-migrate: $(STAMP)
 	$(BIN)/python -m bench.migration --database-url '$(DATABASE_URL)' $(BENCH_ARGS)
+
+# target: bench-reset - a rapid-reset flood (HTTP/2 streams opened and reset at once) against another client's calls, and callers at a connection's stream limit with and without the client library's retries
+bench-reset: $(STAMP)
+	$(BIN)/python -m bench.reset $(BENCH_ARGS)
 
 # target: bench-import - enrollments/s of a 20,000-row CSV import, and single-call p50/p99 alone vs during batches of 1000 (DATABASE_URL: an empty database; default a new SQLite file)
 bench-import: $(STAMP)

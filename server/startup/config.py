@@ -307,7 +307,7 @@ class ServerConfig:
     )  # fmt: skip
     max_streams_per_connection: int = setting(
         100, whole(1), "calls at once on one connection (HTTP/2 MAX_CONCURRENT_STREAMS); more "
-        "wait in the client", metavar="N",
+        "wait in the client, and at the limit a few are refused UNAVAILABLE unrun", metavar="N",
     )  # fmt: skip
     handshake_timeout: float = setting(
         5.0, seconds(above_zero=True), "close a new connection that has not finished its TLS "

@@ -172,6 +172,13 @@ handed to the service: they answer CANCELLED without having run. Retry a
 CANCELLED your client did not cause as you retry UNAVAILABLE (a mutation's
 request_id makes the retry safe), and resume a WatchEvents stream after it.
 
+One connection carries at most the server's --max-streams-per-connection
+calls at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS, 100 by default); more
+wait in the client. The server counts a call until it has freed it, a little
+after the client has seen it end, so a client that keeps its connection at
+that limit has a few calls refused before they run (HTTP/2 REFUSED_STREAM:
+UNAVAILABLE, "Stream removed"): retry them as any UNAVAILABLE.
+
 Pagination (AIP-158): ListStudents and ListCourses return rows ordered by
 id; ListEnrollments by (course_id, student_id), or in waitlist order (see
 there). page_size 0
