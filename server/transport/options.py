@@ -81,11 +81,10 @@ def grpc_options(config: Limits) -> list[tuple[str, int]]:
         # default): a stream the client opens and resets at once (HTTP/2 rapid reset,
         # CVE-2023-44487) leaves HTTP/2's count but is still work here. Counted as HTTP/2
         # counts them (0), a 4-connection flood filled grpc's queue of calls not yet
-        # started, and grpc cancelled other clients' calls: 109 of 190 failed CANCELLED,
-        # none with this (tests/test_hostile.py). The price: a client keeping its
-        # connection at the limit has a few calls refused, RST_STREAM REFUSED_STREAM,
-        # UNAVAILABLE without having run (3.7% of calls at 150 at once on one connection),
-        # which the client library's retry policy takes up.
+        # started, and grpc cancelled other clients' calls (tests/test_hostile.py). The
+        # price: a client keeping its connection at the limit has a few calls refused,
+        # RST_STREAM REFUSED_STREAM, UNAVAILABLE without having run, which the client
+        # library's retry policy takes up. Figures: bench/PROFILE.md, `make bench-reset`.
         ("grpc.http.overload_protection", 1),
         # A connection that has not finished its TLS handshake and sent the HTTP/2
         # preface and SETTINGS within this is closed (grpc's default is 120 s).
