@@ -35,23 +35,12 @@ from enrollment.client.api import channel_options
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import servers
+from tests.rpc import new_student
 
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
-def _outcome(error: grpc.RpcError) -> str:
-    return error.code().name
-
-
-def _student(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.EnrollmentServiceStub(channel)
-        request = pb.CreateStudentRequest(name="Ada", email=f"ada{time.time_ns()}@example.com")
-        return stub.CreateStudent(request, timeout=10).student.id
-
-
-def flood(server: servers.ServerProcess, connections: int, seconds: float) -> None:
-    student = _student(server.address)
+def flood(server: servers.ServerProcess, student: int, connections: int, seconds: float) -> None:
     host, port = server.address.rsplit(":", 1)
     before = procs.cpu_seconds(server.proc.pid)
     sender = subprocess.Popen(
@@ -69,7 +58,7 @@ def flood(server: servers.ServerProcess, connections: int, seconds: float) -> No
                 stub.GetStudent(request, timeout=5)
                 outcomes["OK"] += 1
             except grpc.RpcError as error:
-                outcomes[_outcome(error)] += 1
+                outcomes[error.code().name] += 1
             latencies.append((time.perf_counter() - start) * 1000)
             time.sleep(0.02)
     sent = int(sender.communicate()[0] or 0)
@@ -86,15 +75,14 @@ def flood(server: servers.ServerProcess, connections: int, seconds: float) -> No
     )
 
 
-async def _callers(address: str, callers: int, seconds: float, retrying: bool) -> Counter[str]:
+async def _callers(
+    address: str, student: int, callers: int, seconds: float, retrying: bool
+) -> Counter[str]:
     options = [*OWN_CONNECTION, *(channel_options() if retrying else [])]
     outcomes: Counter[str] = Counter()
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = pb_grpc.EnrollmentServiceStub(channel)
-        reply = await stub.CreateStudent(
-            pb.CreateStudentRequest(name="Ada", email=f"ada{time.time_ns()}@example.com")
-        )
-        request = pb.GetStudentRequest(student_id=reply.student.id)
+        request = pb.GetStudentRequest(student_id=student)
         end = time.monotonic() + seconds
 
         async def caller() -> None:
@@ -103,17 +91,19 @@ async def _callers(address: str, callers: int, seconds: float, retrying: bool) -
                     await stub.GetStudent(request, timeout=10)
                     outcomes["OK"] += 1
                 except grpc.RpcError as error:
-                    outcomes[_outcome(error)] += 1
+                    outcomes[error.code().name] += 1
 
         await asyncio.gather(*(caller() for _ in range(callers)))
     return outcomes
 
 
-def at_the_limit(server: servers.ServerProcess, callers: list[int], seconds: float) -> None:
+def at_the_limit(
+    server: servers.ServerProcess, student: int, callers: list[int], seconds: float
+) -> None:
     print("at the limit (100 streams on one connection):")
     for count in callers:
         for retrying in (False, True):
-            outcomes = asyncio.run(_callers(server.address, count, seconds, retrying))
+            outcomes = asyncio.run(_callers(server.address, student, count, seconds, retrying))
             total = sum(outcomes.values())
             refused = total - outcomes["OK"]
             channel = "client library" if retrying else "plain channel "
@@ -144,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         try:
             print(f"server: {args.server}")
+            with grpc.insecure_channel(server.address) as channel:
+                student = new_student(pb_grpc.EnrollmentServiceStub(channel)).id
             # The limit first: a flood's backlog can outlast the flood.
-            at_the_limit(server, [int(c) for c in args.callers.split(",")], args.seconds)
-            flood(server, args.flood_connections, args.flood_seconds)
+            callers = [int(c) for c in args.callers.split(",")]
+            at_the_limit(server, student, callers, args.seconds)
+            flood(server, student, args.flood_connections, args.flood_seconds)
         finally:
             server.stop()
     return 0
