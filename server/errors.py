@@ -58,6 +58,19 @@ class InvalidField(EnrollmentError):
         return cls(message, metadata=dict(metadata or {}), violations=tuple(violations))
 
 
+class RequestTooLarge(EnrollmentError):
+    """A request message over --max-message-bytes (its size once decompressed)."""
+
+    code, reason = "RESOURCE_EXHAUSTED", "REQUEST_TOO_LARGE"
+
+    @classmethod
+    def of(cls, size: int, limit: int) -> RequestTooLarge:
+        return cls(
+            f"the request message is {size} bytes; this server accepts at most {limit}",
+            {"max_message_bytes": str(limit), "message_bytes": str(size)},
+        )
+
+
 class UnknownCourseArgument(EnrollmentError):
     """A course named in EnrollStudent/DropCourse that does not exist: the request is wrong."""
 

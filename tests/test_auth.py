@@ -174,9 +174,14 @@ def test_tokens_are_never_logged_but_their_names_are(secured, caplog):
         assert secret not in caplog.text
 
 
-def test_an_undecodable_body_without_a_token_is_unauthenticated(secured):
+@pytest.mark.parametrize(
+    "body",
+    # Not protobuf; a name of 80,000 bytes, over the 64 KiB limit (within grpc's own).
+    [b"\xff\xff\xff", b"\x0a\x80\xf1\x04" + b"x" * 80_000],
+)
+def test_an_undecodable_or_oversized_body_without_a_token_is_unauthenticated(secured, body):
     raw = secured.channel.unary_unary(f"/{SERVICE}/CreateStudent")
-    expect_error(raw, b"\xff\xff\xff", grpc.StatusCode.UNAUTHENTICATED, "MISSING_TOKEN")
+    expect_error(raw, body, grpc.StatusCode.UNAUTHENTICATED, "MISSING_TOKEN")
 
 
 def test_hash_token_prints_a_usable_line_and_the_token(start_server, tmp_path):

@@ -67,6 +67,81 @@ def test_max_message_bytes_is_configurable(start_server):
     assert new_student(live.stub).id == 1
 
 
+def unknown_field(size: int) -> bytes:
+    """A protobuf field no request declares (number 15, length-delimited) of size bytes:
+    every request message parses with it, so it makes any request as large as wanted."""
+    length, varint = size, b""
+    while length > 0x7F:
+        varint += bytes([length & 0x7F | 0x80])
+        length >>= 7
+    return b"\x7a" + varint + bytes([length]) + b"x" * size
+
+
+def test_a_request_over_the_limit_is_refused_with_a_reason_and_a_request_id(start_server, caplog):
+    # grpc refused it itself: RESOURCE_EXHAUSTED without details or x-request-id, and the
+    # server logged the call CANCELLED CALL_ENDED, as if its caller had gone away.
+    caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    live = start_server(max_message_bytes=2048)
+    request = pb.CreateStudentRequest(name="x" * 3000, email="big@example.com")
+    size = request.ByteSize()
+    for compression in (None, grpc.Compression.Gzip):  # the limit is on the message itself
+        with pytest.raises(grpc.RpcError) as raised:
+            live.stub.CreateStudent(
+                request,
+                timeout=TIMEOUT,
+                compression=compression,
+                metadata=(("x-request-id", f"big-{compression}"),),
+            )
+        got = failure(raised.value)
+        assert (got.code, got.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "REQUEST_TOO_LARGE")
+        assert got.metadata == {"max_message_bytes": "2048", "message_bytes": str(size)}
+        assert got.message == (
+            f"the request message is {size} bytes; this server accepts at most 2048"
+        )
+        assert ("x-request-id", f"big-{compression}") in raised.value.trailing_metadata()
+        [line] = [r.getMessage() for r in caplog.records if f"=big-{compression}" in r.getMessage()]
+        assert "rpc method=CreateStudent code=RESOURCE_EXHAUSTED reason=REQUEST_TOO_LARGE" in line
+    # A server-streaming call, and a call of a message without strings, alike.
+    watch = live.channel.unary_stream("/enrollment.v1.EnrollmentService/WatchEvents")
+    with pytest.raises(grpc.RpcError) as raised:
+        next(watch(unknown_field(2100), timeout=TIMEOUT))
+    assert failure(raised.value).reason == "REQUEST_TOO_LARGE"
+    # Beyond twice the limit, grpc refuses the body before it is read at all.
+    with pytest.raises(grpc.RpcError) as raised:
+        create(live.stub, "x" * 5000, timeout=TIMEOUT)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert databases.table_counts(live.database_url) == (0, 0, 0)
+    assert new_student(live.stub).id == 1
+
+
+def test_health_and_reflection_refuse_large_and_undecodable_requests_with_reasons(start_server):
+    # Health answered a body that was not protobuf with a bare INTERNAL, and neither
+    # service said why a request was too large.
+    live = start_server(max_message_bytes=2048)
+    check = live.channel.unary_unary("/grpc.health.v1.Health/Check")
+    watch = live.channel.unary_stream("/grpc.health.v1.Health/Watch")
+    reflect = live.channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    )
+    for body, code, reason in [
+        (unknown_field(3000), grpc.StatusCode.RESOURCE_EXHAUSTED, "REQUEST_TOO_LARGE"),
+        (b"\xff\xff\xff", INVALID, "INVALID_FIELD"),
+    ]:
+        with pytest.raises(grpc.RpcError) as raised:
+            check(body, timeout=TIMEOUT)
+        assert (failure(raised.value).code, failure(raised.value).reason) == (code, reason)
+        with pytest.raises(grpc.RpcError) as raised:
+            next(watch(body, timeout=TIMEOUT))
+        assert (failure(raised.value).code, failure(raised.value).reason) == (code, reason)
+        with pytest.raises(grpc.RpcError) as raised:
+            next(reflect(iter([body]), timeout=TIMEOUT))
+        assert (failure(raised.value).code, failure(raised.value).reason) == (code, reason)
+    served = health_pb2_grpc.HealthStub(live.channel).Check(
+        health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT
+    )
+    assert served.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once(start_server):
     live = start_server(max_concurrent_rpcs=2, database_timeout=30, metrics_address="127.0.0.1:0")
     blocker = sqlite3.connect(sqlite_path(live), isolation_level=None)

@@ -273,8 +273,11 @@ class ServerConfig:
         2.0, RATE, "wrong tokens per second one address may send after the burst", metavar="R"
     )
     max_message_bytes: int = setting(
-        64 * 1024, whole(1024), "largest request accepted", metavar="N"
-    )
+        64 * 1024, whole(1024),
+        "largest request message accepted, once decompressed; larger ones are "
+        "RESOURCE_EXHAUSTED REQUEST_TOO_LARGE, and grpc refuses those over twice N itself",
+        metavar="N",
+    )  # fmt: skip
     max_concurrent_rpcs: int = setting(
         1000, whole(1, MAX_AT_ONCE),
         "calls accepted at once, queued beyond --threads; more are RESOURCE_EXHAUSTED "

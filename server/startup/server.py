@@ -546,6 +546,7 @@ async def _build(
             loop_reads=loop_reads,
             max_calls=config.max_concurrent_rpcs,
             max_streams=config.max_open_streams,
+            max_message_bytes=config.max_message_bytes,
         )
     ]
     if traced is not None:

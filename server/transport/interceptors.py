@@ -39,6 +39,7 @@ from enrollment.server.errors import (
     FieldViolation,
     InvalidField,
     RequestTimeout,
+    RequestTooLarge,
 )
 from enrollment.server.operations import logs
 from enrollment.server.operations.metrics import RpcMetrics
@@ -74,6 +75,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         loop_reads: tuple[LoopDriver, Mapping[str, ReadSteps]] | None = None,
         max_calls: int | None = None,
         max_streams: int | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         """max_calls: calls other than streams served at once, max_streams: health Watch
         and reflection streams (CallSlots; WatchEvents are the hub's). on_loop:
@@ -82,7 +84,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         given, the pool (of one thread, for SQLite) where every method that may write runs.
         writes_on_loop: methods of the writer's run on the loop when they can (LoopWrites),
         holding loop_turn. loop_reads: a driver of reads on the loop, and the methods it
-        answers, by name, as steps (PostgreSQL's cheap reads)."""
+        answers, by name, as steps (PostgreSQL's cheap reads). max_message_bytes: the
+        largest request message taken (--max-message-bytes; see _tolerant)."""
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         self._on_loop = on_loop
         self._loop_reads = loop_reads
@@ -97,6 +100,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         self._reads = RequestReads(request_timeout)
         self._slots = CallSlots(max_calls)
         self._streams = CallSlots(max_streams, "health Watch and reflection streams")
+        self._max_message_bytes = max_message_bytes
         self._auth = authenticator
         self._metrics = metrics
         if authenticator is not None and metrics is not None:
@@ -112,7 +116,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.request_streaming:
             # Reflection: a token-free stream, counted apart from the calls.
-            wrapped = _counted(handler, self._streams)
+            wrapped = _counted(handler, self._streams, self._max_message_bytes)
         elif method.startswith(SERVICE_PREFIX):
             name = method.rsplit("/", 1)[-1]
             writes = self._writer is not None and not reads_only(name)
@@ -135,14 +139,16 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 served = {"unary_stream": None, "stream_stream": guard.serve_stream}
             wrapped = handler._replace(
                 request_streaming=True,
-                request_deserializer=_tolerant(handler.request_deserializer),
+                request_deserializer=_tolerant(
+                    handler.request_deserializer, self._max_message_bytes
+                ),
                 **served,
             )
         else:
             # Health Check and Watch: the same bound on the request's arrival; Watch, a
             # token-free stream, counted apart from the calls.
             slots = self._slots if handler.unary_unary is not None else self._streams
-            wrapped = _bounded(handler, self._reads, slots)
+            wrapped = _bounded(handler, self._reads, slots, self._max_message_bytes)
         self._wrapped[method] = wrapped
         return wrapped
 
@@ -154,8 +160,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         return None if read is None else (driver, read)
 
 
-class _Undecodable:
-    """Stands in for a request body that is not valid protobuf (say, a string not in UTF-8)."""
+class _Refused:
+    """Stands in for a request body the service does not take; error() says why."""
+
+    def error(self) -> EnrollmentError:
+        raise NotImplementedError
+
+
+class _Undecodable(_Refused):
+    """A request body that is not valid protobuf (say, a string not in UTF-8)."""
 
     def __init__(self, type_name: str, bad_field: str | None) -> None:
         self.type_name = type_name
@@ -169,12 +182,32 @@ class _Undecodable:
         return InvalidField(f"{text}: {self.bad_field} is not valid UTF-8", violations=(violation,))
 
 
-def _tolerant(deserialize):
-    # grpc answers a body it cannot parse with a bare INTERNAL; it is the caller's
-    # mistake, so hand it to the guard, which answers INVALID_ARGUMENT.
+class _TooLarge(_Refused):
+    """A request message over --max-message-bytes (grpc's own limit is twice that)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size, self.limit = size, limit
+
+    def error(self) -> RequestTooLarge:
+        return RequestTooLarge.of(self.size, self.limit)
+
+
+def _tolerant(deserialize, max_bytes: int | None):
+    """deserialize, handing what the service does not take to the handler as a _Refused.
+
+    grpc answers a body it cannot parse with a bare INTERNAL or UNKNOWN; it is the
+    caller's mistake, and the handler answers INVALID_ARGUMENT. A message larger than
+    grpc's limit grpc refuses itself, with a bare RESOURCE_EXHAUSTED, before any handler
+    runs (the call's task is cancelled, as when its caller goes away): its limit is set
+    at twice max_bytes (transport/options.py), so that a message a little too large is
+    refused here, with its reason, its x-request-id and its true log line. data is the
+    message as grpc decompressed it, so the limit is on the message, as grpc's is."""
     descriptor = deserialize.__self__.DESCRIPTOR
+    limit = max_bytes if max_bytes is not None else 1 << 62
 
     def parse(data: bytes):
+        if len(data) > limit:
+            return _TooLarge(len(data), limit)
         try:
             return deserialize(data)
         except DecodeError:
@@ -279,43 +312,59 @@ class CallSlots:
             self.in_use -= 1
 
 
-def _counted(handler: Any, slots: CallSlots) -> grpc.RpcMethodHandler:
+def _counted(handler: Any, slots: CallSlots, max_bytes: int | None) -> grpc.RpcMethodHandler:
     """A request-streaming handler (reflection: grpc's RpcMethodHandler namedtuple)
-    holding one of slots while it runs."""
+    holding one of slots while it runs; a request it does not take (_tolerant) ends the
+    stream with its status."""
     behavior: Any = handler.stream_stream
     if behavior is None:  # no such method of ours: nothing to count
         return handler
 
+    async def taken(request_iterator):
+        async for request in request_iterator:
+            yield _decoded(request)
+
     async def stream(request_iterator, context):
         async with slots.held(context):
-            async for reply in behavior(request_iterator, context):
-                yield reply
+            try:
+                async for reply in behavior(taken(request_iterator), context):
+                    yield reply
+            except EnrollmentError as error:  # only _decoded's
+                await _abort(context, error)
 
-    return handler._replace(stream_stream=stream)
+    return handler._replace(
+        stream_stream=stream,
+        request_deserializer=_tolerant(handler.request_deserializer, max_bytes),
+    )
+
+
+async def _abort(context, error: EnrollmentError):
+    await context.abort_with_status(error_status.to_status(error))
 
 
 def _bounded(
-    handler: grpc.RpcMethodHandler, reads: RequestReads, slots: CallSlots
+    handler: grpc.RpcMethodHandler, reads: RequestReads, slots: CallSlots, max_bytes: int | None
 ) -> grpc.RpcMethodHandler:
     """A unary-request handler of another service (health), run as request-streaming so
-    that its request's arrival is bounded too, holding one of slots while it runs."""
+    that its request's arrival is bounded too, holding one of slots while it runs; a
+    request it does not take (_tolerant) is answered with its status."""
+    deserializer = _tolerant(handler.request_deserializer, max_bytes)
 
-    async def abort(context, error: EnrollmentError):
-        await context.abort_with_status(error_status.to_status(error))
+    async def request_of(context):
+        try:
+            return _decoded(await reads.read(context))
+        except EnrollmentError as error:
+            await _abort(context, error)
 
     if handler.unary_unary is not None:
         behavior = handler.unary_unary
 
         async def unary(request_iterator, context):
             async with slots.held(context):
-                try:
-                    request = await reads.read(context)
-                except EnrollmentError as error:
-                    await abort(context, error)
-                return await behavior(request, context)
+                return await behavior(await request_of(context), context)
 
         return grpc.stream_unary_rpc_method_handler(
-            unary, handler.request_deserializer, handler.response_serializer
+            unary, deserializer, handler.response_serializer
         )
 
     streaming = handler.unary_stream
@@ -324,21 +373,15 @@ def _bounded(
 
     async def stream(request_iterator, context):
         async with slots.held(context):
-            try:
-                request = await reads.read(context)
-            except EnrollmentError as error:
-                await abort(context, error)
             # Either an async generator (the service writes as it goes) or a coroutine.
-            replies: Any = streaming(request, context)
+            replies: Any = streaming(await request_of(context), context)
             if hasattr(replies, "__aiter__"):
                 async for reply in replies:
                     await context.write(reply)
             else:
                 await replies
 
-    return grpc.stream_stream_rpc_method_handler(
-        stream, handler.request_deserializer, handler.response_serializer
-    )
+    return grpc.stream_stream_rpc_method_handler(stream, deserializer, handler.response_serializer)
 
 
 class ReadSteps(Protocol):
@@ -794,7 +837,7 @@ class _Guard:
         code, reason, status = "OK", "", None
         try:
             request = await self._request(call, authorizations, context)
-            if isinstance(request, _Undecodable):
+            if isinstance(request, _Refused):
                 raise request.error()
             async for reply in self._behavior(request, context):
                 await context.write(reply)
@@ -830,8 +873,8 @@ def _stream_gone() -> tuple[str, str]:
 
 
 def _decoded(request):
-    """The request, or INVALID_ARGUMENT for a body that was not valid protobuf."""
-    if isinstance(request, _Undecodable):
+    """The request, or the error of a body the service does not take (_tolerant)."""
+    if isinstance(request, _Refused):
         raise request.error()
     return request
 

@@ -62,8 +62,10 @@ def grpc_options(config: Limits) -> list[tuple[str, int]]:
         # A second server on a busy port must fail, not silently share it; only the
         # workers of one `serve --workers N` share theirs.
         ("grpc.so_reuseport", 1 if config.reuse_port else 0),
-        # Larger requests are refused by grpc itself with RESOURCE_EXHAUSTED.
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Requests up to twice --max-message-bytes reach the service's handlers, which
+        # refuse those over it with their reason (interceptors._tolerant); larger ones
+        # grpc refuses itself, with a bare RESOURCE_EXHAUSTED.
+        ("grpc.max_receive_message_length", min(2 * config.max_message_bytes, 2**31 - 1)),
         # The server pings idle connections to find dead peers (half-open TCP).
         ("grpc.keepalive_time_ms", _ms(config.keepalive_time)),
         ("grpc.keepalive_timeout_ms", _ms(config.keepalive_timeout)),

@@ -38,6 +38,13 @@ first that applies decides the answer:
                                            and UpdateCourse included)
                                            (BatchEnrollStudents and
                                            BatchDropCourses: writer)
+  RESOURCE_EXHAUSTED  REQUEST_TOO_LARGE    the request message, decompressed,
+                                           is larger than the server's limit
+                                           (64 KiB by default; ErrorInfo
+                                           metadata "max_message_bytes",
+                                           "message_bytes"); nothing done.
+                                           Not in the 1.1 contract's table,
+                                           which names no reason for it
   INVALID_ARGUMENT    INVALID_FIELD        a malformed field (every malformed
                                            field is listed in BadRequest)
   INVALID_ARGUMENT    REQUEST_ID_REUSED    the request_id was used before by
@@ -126,10 +133,13 @@ first that applies decides the answer:
   INTERNAL            INTERNAL             anything unexpected; the server
                                            logs the details
 
-grpc itself answers RESOURCE_EXHAUSTED, without details, to a request larger
-than the server's limit (64 KiB by default); so does the server to a call
-beyond its limit of concurrent calls (1000 by default; the server logs and
-counts such a call with reason MAX_CONCURRENT_RPCS). Health Watch and
+grpc itself answers RESOURCE_EXHAUSTED, without details or "x-request-id", to
+a request message more than twice the server's limit: it refuses it before
+the server reads it, and the server logs the call CANCELLED CALL_ENDED, as it
+cannot tell it from one its caller cancelled. The server answers
+RESOURCE_EXHAUSTED without details to a call beyond its limit of concurrent
+calls (1000 by default; the server logs and counts such a call with reason
+MAX_CONCURRENT_RPCS). Health Watch and
 reflection streams, which need no token, have a limit of their own (100 by
 default) and never take the calls' room. WatchEvents streams
 are not counted in that limit, only in their own (TOO_MANY_WATCHERS), so open
@@ -150,6 +160,8 @@ A request body that is not valid protobuf is INVALID_ARGUMENT INVALID_FIELD.
 When the fault is a string field that is not UTF-8, BadRequest names it
 ("name", "student.email", "requests[3].request_id"). A body that cannot be
 read at all (cut short, not protobuf) names no field.
+Health checks and reflection answer such a body, and one over the size
+limit, as the service does (with ErrorInfo, without "x-request-id").
 
 Text rules shared by every request field of type string: control
 characters (U+0000-U+001F and U+007F) are rejected, and surrounding
