@@ -6,6 +6,7 @@ import logging
 import sqlite3
 import threading
 import time
+import uuid
 
 import grpc
 import pytest
@@ -112,6 +113,32 @@ def test_a_request_over_the_limit_is_refused_with_a_reason_and_a_request_id(star
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert databases.table_counts(live.database_url) == (0, 0, 0)
     assert new_student(live.stub).id == 1
+
+
+def test_the_largest_valid_requests_fit_the_default_limit(live):
+    # The largest requests a caller can validly make: batches of the most items, each
+    # with the widest ids (an item has no request id of its own, the batch has one).
+    top = 2**63 - 1
+    enrolls = pb.BatchEnrollStudentsRequest(
+        requests=[
+            pb.EnrollStudentRequest(student_id=top, course_id=top, waitlist_if_full=True)
+            for _ in range(1000)
+        ],
+        allow_partial_success=True,
+        request_id=str(uuid.uuid4()),
+    )
+    drops = pb.BatchDropCoursesRequest(
+        requests=[pb.DropCourseRequest(student_id=top, course_id=top) for _ in range(1000)],
+        allow_partial_success=True,
+        request_id=str(uuid.uuid4()),
+    )
+    assert enrolls.ByteSize() == 24_040  # of the 65,536 a request may have by default
+    for call, request in [
+        (live.stub.BatchEnrollStudents, enrolls),
+        (live.stub.BatchDropCourses, drops),
+    ]:
+        results = call(request, timeout=60).results
+        assert len(results) == 1000 and all(r.status.code != 0 for r in results)
 
 
 def test_health_and_reflection_refuse_large_and_undecodable_requests_with_reasons(start_server):
