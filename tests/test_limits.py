@@ -115,6 +115,22 @@ def test_a_request_over_the_limit_is_refused_with_a_reason_and_a_request_id(star
     assert new_student(live.stub).id == 1
 
 
+def test_metadata_over_grpcs_limit_is_refused_and_changes_nothing(live, caplog):
+    # grpc's own limit (16 KiB): the call is refused before the service reads it.
+    caplog.set_level(logging.INFO, logger="enrollment.rpc")
+    with pytest.raises(grpc.RpcError) as raised:
+        live.stub.CreateStudent(
+            pb.CreateStudentRequest(name="Big", email="big@example.com"),
+            metadata=(("x-pad", "a" * 20_000),),
+            timeout=TIMEOUT,
+        )
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert databases.table_counts(live.database_url) == (0, 0, 0)
+    # Logged as the proto's comment says: the service cannot tell it from a cancel.
+    wait_for(lambda: "method=CreateStudent code=CANCELLED reason=CALL_ENDED" in caplog.text)
+    assert new_student(live.stub).id == 1
+
+
 def test_the_largest_valid_requests_fit_the_default_limit(live):
     # The largest requests a caller can validly make: batches of the most items, each
     # with the widest ids (an item has no request id of its own, the batch has one).

@@ -134,9 +134,10 @@ first that applies decides the answer:
                                            logs the details
 
 grpc itself answers RESOURCE_EXHAUSTED, without details or "x-request-id", to
-a request message more than twice the server's limit: it refuses it before
-the server reads it, and the server logs the call CANCELLED CALL_ENDED, as it
-cannot tell it from one its caller cancelled. The server answers
+a request message more than twice the server's limit, and to metadata over
+16 KiB: it refuses them before the server reads them, and the server logs
+the call CANCELLED CALL_ENDED, as it cannot tell it from one its caller
+cancelled. The server answers
 RESOURCE_EXHAUSTED without details to a call beyond its limit of concurrent
 calls (1000 by default; the server logs and counts such a call with reason
 MAX_CONCURRENT_RPCS). Health Watch and
