@@ -119,3 +119,20 @@ def test_health_check_through_grpcurl(grpcurl):
         assert json.loads(out) == {"status": "SERVING"}
     unknown = grpcurl("grpc.health.v1.Health/Check", data={"service": "nope"}, check=False)
     assert unknown.returncode != 0 and "NotFound" in unknown.stderr
+
+
+def test_a_request_too_large_says_so_through_grpcurl(grpcurl):
+    # A person pasting too much gets the limit and the size, not grpc's bare refusal.
+    big = grpcurl(
+        "-format-error",
+        f"{SERVICE}/CreateStudent",
+        data={"name": "x" * 70_000, "email": "big@example.com"},
+        check=False,
+    )
+    assert big.returncode != 0
+    error = json.loads(big.stderr)
+    assert error["code"] == 8  # RESOURCE_EXHAUSTED
+    assert error["message"].endswith("this server accepts at most 65536")
+    [info] = error["details"]
+    assert info["reason"] == "REQUEST_TOO_LARGE"
+    assert info["metadata"]["max_message_bytes"] == "65536"
