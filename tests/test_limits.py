@@ -158,8 +158,8 @@ def test_the_largest_valid_requests_fit_the_default_limit(live):
 
 
 def test_health_and_reflection_refuse_large_and_undecodable_requests_with_reasons(start_server):
-    # Health answered a body that was not protobuf with a bare INTERNAL, and neither
-    # service said why a request was too large.
+    # Health and reflection answered a body that was not protobuf with UNKNOWN
+    # ("Unexpected DecodeError"), and grpc refused a large one without saying why.
     live = start_server(max_message_bytes=2048)
     check = live.channel.unary_unary("/grpc.health.v1.Health/Check")
     watch = live.channel.unary_stream("/grpc.health.v1.Health/Watch")
