@@ -99,3 +99,18 @@ def new_course(stub, code=None, title="Introduction", capacity=0) -> pb.Course:
 def enroll(stub, student_id: int, course_id: int) -> pb.Enrollment:
     request = pb.EnrollStudentRequest(student_id=student_id, course_id=course_id)
     return stub.EnrollStudent(request, timeout=TIMEOUT).enrollment
+
+
+def varint(value: int) -> bytes:
+    """value as a protobuf varint (negative ones as their 64-bit two's complement), for
+    request bodies written by hand."""
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

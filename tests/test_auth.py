@@ -22,7 +22,7 @@ from enrollment.server.startup.server import create_server
 from enrollment.server.transport.auth import FailureBuckets, peer_host
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
-from tests.rpc import TIMEOUT, expect_error, failure
+from tests.rpc import TIMEOUT, expect_error, failure, varint
 from tests.servers import SERVER, scrape
 
 # Tokens and roles are checked before any database work.
@@ -177,7 +177,7 @@ def test_tokens_are_never_logged_but_their_names_are(secured, caplog):
 @pytest.mark.parametrize(
     "body",
     # Not protobuf; a name of 80,000 bytes, over the 64 KiB limit (within grpc's own).
-    [b"\xff\xff\xff", b"\x0a\x80\xf1\x04" + b"x" * 80_000],
+    [b"\xff\xff\xff", b"\x0a" + varint(80_000) + b"x" * 80_000],
 )
 def test_an_undecodable_or_oversized_body_without_a_token_is_unauthenticated(secured, body):
     raw = secured.channel.unary_unary(f"/{SERVICE}/CreateStudent")

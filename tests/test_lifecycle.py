@@ -10,7 +10,7 @@ from google.protobuf import field_mask_pb2
 from enrollment.server.transport import error_status
 from enrollment.v1 import enrollment_pb2 as pb
 from tests import databases
-from tests.rpc import TIMEOUT, expect_error, failure, new_student
+from tests.rpc import TIMEOUT, expect_error, failure, new_student, varint
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -400,19 +400,6 @@ def test_garbage_etags_are_aborted_and_change_nothing(live, stub, etag):
     assert snapshot(live) == before
 
 
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 @pytest.mark.parametrize("field", ["capacity", "waitlist_capacity"])
 @pytest.mark.parametrize("value", [-1, -(2**31), 2**31, 2**32 - 1, 2**63 - 1])
 def test_capacities_negative_or_above_int32_change_nothing(live, stub, field, value):
@@ -422,9 +409,9 @@ def test_capacities_negative_or_above_int32_change_nothing(live, stub, field, va
     # Course{id, <field>} encoded by hand: a varint wider than int32 reaches the server,
     # which reads its low 32 bits as a two's-complement int32 (negative here, or else
     # a value the client could not have meant).
-    inner = b"\x08" + _varint(c.id) + bytes([number << 3]) + _varint(value)
-    raw = b"\x0a" + _varint(len(inner)) + inner + b"\x12" + _varint(len(field) + 2)
-    raw += b"\x0a" + _varint(len(field)) + field.encode()
+    inner = b"\x08" + varint(c.id) + bytes([number << 3]) + varint(value)
+    raw = b"\x0a" + varint(len(inner)) + inner + b"\x12" + varint(len(field) + 2)
+    raw += b"\x0a" + varint(len(field)) + field.encode()
     call = live.channel.unary_unary(
         "/enrollment.v1.EnrollmentService/UpdateCourse",
         request_serializer=lambda b: b,

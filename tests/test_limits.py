@@ -22,7 +22,7 @@ from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases, watching
 from tests.databases import sqlite_path
-from tests.rpc import TIMEOUT, expect_error, failure, new_student
+from tests.rpc import TIMEOUT, expect_error, failure, new_student, varint
 from tests.servers import scrape
 
 # Limits and deadlines are the transport's, the same on every database; the deadline
@@ -71,11 +71,7 @@ def test_max_message_bytes_is_configurable(start_server):
 def unknown_field(size: int) -> bytes:
     """A protobuf field no request declares (number 15, length-delimited) of size bytes:
     every request message parses with it, so it makes any request as large as wanted."""
-    length, varint = size, b""
-    while length > 0x7F:
-        varint += bytes([length & 0x7F | 0x80])
-        length >>= 7
-    return b"\x7a" + varint + bytes([length]) + b"x" * size
+    return b"\x7a" + varint(size) + b"x" * size
 
 
 def test_a_request_over_the_limit_is_refused_with_a_reason_and_a_request_id(start_server, caplog):
