@@ -1,5 +1,7 @@
 """AIP-158 pagination: sizes, tokens, full walks, and rows created during a walk."""
 
+import time
+
 import grpc
 import pytest
 
@@ -112,6 +114,83 @@ def test_rows_created_during_a_walk_are_neither_skipped_nor_repeated(stub):
             break
     assert seen == sorted(set(seen))
     assert seen == before + created
+
+
+_HELD = {  # a row of each kind inserted by hand, uncommitted: its unique key is held
+    "student": (
+        "INSERT INTO students (name, email, email_key, create_time, update_time, version)"
+        " VALUES ('Held', 'late@example.com', 'late@example.com', ?, ?, 0)"
+    ),
+    "course": (
+        "INSERT INTO courses (code, code_key, title, capacity, enrolled_count,"
+        " waitlist_capacity, waitlisted_count, create_time, update_time, version)"
+        " VALUES ('LATE-1', 'late-1', 'Held', 0, 0, 0, 0, ?, ?, 0)"
+    ),
+}
+
+
+def _create(stub, kind: str, key: str):
+    """A create of kind under key (an email's local part or a code), as a future."""
+    if kind == "student":
+        request = pb.CreateStudentRequest(name=key, email=f"{key}@example.com")
+        return stub.CreateStudent.future(request, timeout=TIMEOUT)
+    return stub.CreateCourse.future(pb.CreateCourseRequest(code=key, title=key), timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("kind", ["student", "course"])
+def test_a_create_that_commits_late_is_not_left_behind_a_walk(backend, live, stub, kind):
+    """PostgreSQL's sequences and InnoDB's AUTO_INCREMENT hand out an id at the INSERT,
+    and the row appears at the COMMIT: unless creates take turns, a create that has its
+    id and then waits lets later creates commit higher ids, a walk passes them, and the
+    first row commits behind the walk's position, never to be listed.
+
+    The first create here waits on a unique key another connection holds uncommitted;
+    two plain creates follow. A walk goes to the end of what is visible, keeping the
+    token before its last page (as a client that follows new rows does); then the other
+    connection rolls back, every create finishes, and the walk goes on from that token:
+    every created row must be in the walk."""
+    if backend == "sqlite":
+        pytest.skip("SQLite has one writer at a time: ids are taken in commit order")
+    list_rpc, request_type = (
+        (stub.ListStudents, pb.ListStudentsRequest)
+        if kind == "student"
+        else (stub.ListCourses, pb.ListCoursesRequest)
+    )
+
+    def ids(page):
+        return [r.id for r in (page.students if kind == "student" else page.courses)]
+
+    _create(stub, kind, "first-1").result(timeout=TIMEOUT)  # a row before the position
+    with databases.connection(live.database_url) as db:
+        db.begin()
+        try:
+            db.execute_sql(_HELD[kind].replace("?", db.param), ("2026-01-01",) * 2)
+            late = _create(stub, kind, "late" if kind == "student" else "LATE-1")
+            time.sleep(0.5)
+            assert not late.done(), "the held key did not make the create wait"
+            others = [_create(stub, kind, name) for name in ("next-1", "next-2")]
+            time.sleep(1.0)  # unordered, the others commit now; taking turns, they wait
+            seen, token = [], ""
+            while True:
+                page = list_rpc(request_type(page_size=1, page_token=token), timeout=TIMEOUT)
+                seen += ids(page)
+                if not page.next_page_token:
+                    break  # token stays the one before the last page
+                token = page.next_page_token
+        finally:
+            db.rollback()
+    created = [ids_of(future.result(timeout=TIMEOUT), kind) for future in (late, *others)]
+    while True:
+        page = list_rpc(request_type(page_size=10, page_token=token), timeout=TIMEOUT)
+        seen += ids(page)
+        if not page.next_page_token:
+            break
+        token = page.next_page_token
+    assert set(created) <= set(seen), f"created {created}, walked {seen}"
+
+
+def ids_of(response, kind: str) -> int:
+    return (response.student if kind == "student" else response.course).id
 
 
 def test_a_row_deleted_during_a_walk_does_not_break_it(stub):

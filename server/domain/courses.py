@@ -22,6 +22,7 @@ from enrollment.server.errors import (
     WaitlistBelowWaiting,
 )
 from enrollment.server.persistence.models import (
+    COURSE_CREATES,
     ENROLLED,
     Course,
     StudentCourse,
@@ -78,6 +79,7 @@ def create_course(*, code: str, title: str, capacity: int, waitlist_capacity: in
         Course,
         Course.code_key,
         CourseCodeTaken.of,
+        COURSE_CREATES,
         code=code,
         code_key=lowercase_key(code),
         title=title,

@@ -10,6 +10,7 @@ import peewee as pw
 from enrollment.server.domain import page_tokens
 from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import EnrollmentError
+from enrollment.server.persistence import outbox
 from enrollment.server.persistence.prepared import Prepared
 from enrollment.server.persistence.steps import Step
 from enrollment.server.persistence.unit_of_work import savepoint
@@ -18,15 +19,19 @@ M = TypeVar("M", bound=pw.Model)
 
 
 def create_unique(
-    model: type[M], key: pw.Field, taken: Callable[[], EnrollmentError], **values: Any
+    model: type[M], key: pw.Field, taken: Callable[[], EnrollmentError], turn: str, **values: Any
 ) -> M:
     """Insert one row; when its unique key is already held (the unique index decides, not
     a look-up first) the insert is undone to its savepoint and taken() is raised.
+
+    Creates of one kind take turn `turn` (outbox.take_turn) first, so that ids are in
+    commit order and a keyset walk never passes a row that is still to appear.
 
     Another constraint's refusal is no taken key: a primary key that collides because
     PostgreSQL's id sequence lags behind the table (after a restore or an import that
     wrote ids itself) goes up as it is, an internal error, not as taken(), which would
     send the caller after a duplicate that does not exist."""
+    outbox.take_turn(turn)
     try:
         with savepoint():
             return model.create(**values)

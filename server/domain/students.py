@@ -18,6 +18,7 @@ from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import EmailTaken, HasEnrollments
 from enrollment.server.persistence.models import (
     ENROLLED,
+    STUDENT_CREATES,
     Course,
     Student,
     StudentCourse,
@@ -78,6 +79,7 @@ def create_student(*, name: str, email: str) -> Student:
         Student,
         Student.email_key,
         EmailTaken.of,
+        STUDENT_CREATES,
         name=name,
         email=email,
         email_key=lowercase_key(email),

@@ -191,6 +191,10 @@ class StudentCourse(BaseModel):
 # EventCounter rows, each made by its first use; a missing one means 0.
 SEQUENCE = "sequence"  # the highest sequence handed out (and committed)
 PURGED = "purged"  # the highest sequence --event-retention has deleted; 0 = none
+# Creates committed through the API, counted where their row lock makes creates of one
+# kind take turns on PostgreSQL and MariaDB (outbox.take_turn): ids in commit order.
+STUDENT_CREATES = "student_creates"
+COURSE_CREATES = "course_creates"
 
 
 class Event(BaseModel):

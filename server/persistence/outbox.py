@@ -38,6 +38,7 @@ import peewee as pw
 
 from enrollment.server.persistence import engine, notify
 from enrollment.server.persistence.models import SEQUENCE, EventCounter, proxy
+from enrollment.server.persistence.prepared import Prepared, raw
 
 
 class Row(NamedTuple):
@@ -343,6 +344,35 @@ def advance(name: str, by: int) -> int:
     if statements.notifies:
         proxy.execute_sql(f"NOTIFY {notify.CHANNEL}, '{notify.token()}'")
     return by
+
+
+# Raise a counter of creates by one, making it at its first use: either way its row
+# stays locked until the transaction ends (PostgreSQL and MariaDB only; take_turn).
+def _take_turn(name: Any) -> pw.Insert:
+    # MariaDB's ON DUPLICATE KEY UPDATE names no conflict target; PostgreSQL's needs one.
+    target = None if isinstance(proxy.obj, pw.MySQLDatabase) else [EventCounter.name]
+    return EventCounter.insert({EventCounter.name: raw(name), EventCounter.value: 1}).on_conflict(
+        conflict_target=target, update={EventCounter.value: EventCounter.value + 1}
+    )
+
+
+_TAKE_TURN: Prepared[EventCounter] = Prepared(_take_turn, 1)
+
+
+def take_turn(name: str) -> None:
+    """Wait until no other transaction is between its take_turn(name) and its end, and
+    hold the turn until this one ends: a create's INSERT comes after every earlier
+    create's COMMIT, so ids (taken at the INSERT) are in the order rows become visible.
+
+    Without it, PostgreSQL's sequences and InnoDB's AUTO_INCREMENT let a create that
+    has its id and then waits (on a unique key another transaction holds, on a slow
+    disk) commit after a later create with a higher id: a keyset walk that has passed
+    the higher id never lists the lower one, and the contract says rows created during
+    a walk are not skipped. The turn is the row lock of a counter of creates, taken by
+    an upsert whose count nobody reads: on PostgreSQL it goes in the round trip of the
+    INSERT after it. SQLite has one writer at a time already."""
+    if engine.kind() != "sqlite":
+        _TAKE_TURN.execute_later(name)
 
 
 def set_at_least(name: str, value: int) -> None:

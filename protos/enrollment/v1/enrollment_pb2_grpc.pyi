@@ -198,9 +198,11 @@ there). page_size 0
 means 50, values above 1000 are treated as 1000, negative values are
 INVALID_ARGUMENT. next_page_token is empty on the page holding the last row.
 A page token is only valid for the same method and the same filter it was
-issued with; page_size may change between pages. Rows created during a walk
-with ids after the current position appear on a later page; no row is
-returned twice.
+issued with; page_size may change between pages. No row is returned twice.
+A student or course created during a walk of all of them appears on a later
+page: ids are given in the order creates commit, on every database. A row
+that joins a filtered list (an enrollment) with a key behind the walk's
+position is not on a later page.
 
 Safe retries (AIP-155): every mutating request has an optional request_id.
 Empty means no deduplication. Otherwise it must be a UUID in canonical text
