@@ -18,7 +18,7 @@ from google.protobuf import field_mask_pb2
 from enrollment.v1 import enrollment_pb2 as pb
 from enrollment.v1 import enrollment_pb2_grpc as pb_grpc
 from tests import databases, servers
-from tests.rpc import TIMEOUT, expect_error, new_course, new_student
+from tests.rpc import TIMEOUT, expect_error, failure, new_course, new_student
 
 REUSED = (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")
 
@@ -213,6 +213,60 @@ def test_sixteen_connections_over_two_processes_create_one_student(db_url, tmp_p
             email = f"once{round_}@example.com"
             rows = databases.query(db_url, f"SELECT id FROM students WHERE email = '{email}'")
             assert rows == [(got[0].id,)]
+    finally:
+        for channel in channels:
+            channel.close()
+        server.stop()
+
+
+def test_sixteen_callers_of_one_failing_request_all_get_its_failure(db_url, tmp_path):
+    """Sixteen calls at once with one request_id, into a full course: each gets
+    COURSE_FULL, as it would alone. The first claims the id, the rest wait in line on
+    its record; at its rollback InnoDB deadlocks the waiters' inserts of the record (each
+    holds a shared lock on the key and needs an exclusive one), again at each one that
+    fails, so a caller can be a victim many times: that is waiting in line, and it must
+    not end the call UNAVAILABLE once three deadlocks are spent (unit_of_work.in_line)."""
+    server = servers.start(
+        tmp_path / "server.log", "--database-url", db_url, "--workers", "2", "--threads", "8"
+    )
+    channels = [grpc.insecure_channel(server.address)]
+    try:
+        stub = pb_grpc.EnrollmentServiceStub(channels[0])
+        course = stub.CreateCourse(
+            pb.CreateCourseRequest(code="FULL-1", title="Full", capacity=1), timeout=TIMEOUT
+        ).course
+        first, late = new_student(stub), new_student(stub)
+        stub.EnrollStudent(
+            pb.EnrollStudentRequest(student_id=first.id, course_id=course.id), timeout=TIMEOUT
+        )
+        for _ in range(CONNECTIONS):
+            channel = grpc.insecure_channel(
+                server.address, options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            grpc.channel_ready_future(channel).result(timeout=20)
+            channels.append(channel)
+        stubs = [pb_grpc.EnrollmentServiceStub(c) for c in channels[1:]]
+        outcomes: dict[tuple[str, str], int] = {}
+        for _ in range(8):
+            request = pb.EnrollStudentRequest(
+                student_id=late.id, course_id=course.id, request_id=rid()
+            )
+            barrier = threading.Barrier(CONNECTIONS)
+
+            def call(stub, request=request, barrier=barrier):
+                barrier.wait()
+                try:
+                    stub.EnrollStudent(request, timeout=30)
+                    return ("OK", "")
+                except grpc.RpcError as error:
+                    got = failure(error)
+                    return (got.code.name, got.reason)
+
+            with ThreadPoolExecutor(CONNECTIONS) as pool:
+                for outcome in pool.map(call, stubs):
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        assert outcomes == {("FAILED_PRECONDITION", "COURSE_FULL"): 8 * CONNECTIONS}
+        assert databases.query(db_url, "SELECT COUNT(*) FROM request_records") == [(0,)]
     finally:
         for channel in channels:
             channel.close()

@@ -26,7 +26,7 @@ from enrollment.server.domain.validation import Fields
 from enrollment.server.errors import RequestIdReused
 from enrollment.server.persistence.models import RequestRecord, utcnow
 from enrollment.server.persistence.prepared import Prepared, raw
-from enrollment.server.persistence.unit_of_work import sharing, transactional
+from enrollment.server.persistence.unit_of_work import in_line, sharing, transactional
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -131,7 +131,9 @@ def _claim(call: _Call, request_id: str) -> None:
     key = call.key
     for _ in range(3):
         # Insert first: a concurrent call with this id waits here for ours to end.
-        if _CLAIM.execute(request_id, key.method, key.fingerprint, utcnow()) != 1:
+        with in_line():
+            claimed = _CLAIM.execute(request_id, key.method, key.fingerprint, utcnow())
+        if claimed != 1:
             query = RequestRecord.select().where(RequestRecord.request_id == request_id)
             found = sharing(query).first()
             if found is None:
