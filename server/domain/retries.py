@@ -131,8 +131,7 @@ def _claim(call: _Call, request_id: str) -> None:
     key = call.key
     for _ in range(3):
         # Insert first: a concurrent call with this id waits here for ours to end.
-        with in_line():
-            claimed = _CLAIM.execute(request_id, key.method, key.fingerprint, utcnow())
+        claimed = in_line(_CLAIM.execute, request_id, key.method, key.fingerprint, utcnow())
         if claimed != 1:
             query = RequestRecord.select().where(RequestRecord.request_id == request_id)
             found = sharing(query).first()
